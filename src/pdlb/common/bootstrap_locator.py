@@ -1,0 +1,57 @@
+"""Finds the bootstrap server: a fixed address, or whichever one is registered in etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
+from pdlb.common.membership import Change, PrefixWatch, bootstrap_prefix
+from pdlb.v1 import bootstrap_pb2_grpc
+
+DISCOVERY_TIMEOUT_S = 10.0
+
+
+class BootstrapLocator:
+    def __init__(self, address: str, etcd: str, etcd_prefix: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._watch = (
+            PrefixWatch(etcd, bootstrap_prefix(etcd_prefix), self._on_change) if etcd and not address else None
+        )
+
+    async def start(self) -> None:
+        if self._watch:
+            self._watch.start()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._watch.synced.wait(), timeout=DISCOVERY_TIMEOUT_S)
+
+    def _on_change(self, change: Change) -> None:
+        if change.value is not None and change.value.get("address"):
+            self._use(str(change.value["address"]))
+        elif self._watch is not None and not self._watch.known:
+            self._use("")
+
+    def _use(self, address: str) -> None:
+        if address == self.address:
+            return
+        self.address = address
+        if self._channel is not None:
+            asyncio.get_running_loop().create_task(self._channel.close())
+        self._channel = None
+
+    def stub(self) -> bootstrap_pb2_grpc.BootstrapStub | None:
+        """A stub for the current bootstrap server, or None when none is known."""
+        if not self.address:
+            return None
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return bootstrap_pb2_grpc.BootstrapStub(self._channel)
+
+    async def close(self) -> None:
+        if self._watch:
+            await self._watch.close()
+        if self._channel is not None:
+            await self._channel.close()

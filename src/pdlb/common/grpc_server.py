@@ -1,0 +1,103 @@
+"""gRPC server hosting shared by every service: health, reflection, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Generous bounds: KV hand-off chunks stay well below this; anything larger is a client bug.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class ServiceHost:
+    """One grpc.aio server with standard health checking and reflection for the given services."""
+
+    def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.service_names = list(service_names)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.host = host
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, let running ones finish for up to `grace` seconds, then cancel them."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+def shutdown_event() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (installed on the running loop)."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+async def run_until_signal(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]], stop_event: asyncio.Event
+) -> None:
+    """Start a service, wait for the shutdown event, then stop it (drain, deregister, exit)."""
+    await start()
+    await stop_event.wait()
+    log.info("shutdown requested: draining")
+    await stop()
+    log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def advertised(host_flag: str, bound_port: int, advertise_flag: str) -> str:
+    """The address other components should dial: the explicit flag, else host:bound port."""
+    if advertise_flag:
+        return advertise_flag
+    host = "127.0.0.1" if host_flag in ("0.0.0.0", "::", "") else host_flag
+    return f"{host}:{bound_port}"

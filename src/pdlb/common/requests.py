@@ -1,0 +1,50 @@
+"""Validation of InferenceRequest, shared by the dispatcher and the scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdlb.common.tokenizer import encode
+from pdlb.v1 import common_pb2
+
+MAX_REQUEST_ID_LEN = 128
+MAX_NEW_TOKENS_LIMIT = 16_384
+DEFAULT_MAX_NEW_TOKENS = 16
+MAX_PROMPT_TOKENS_LIMIT = 1_000_000
+MAX_RANK = 1 << 20
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    request_id: str
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+
+
+def check_request(req: common_pb2.InferenceRequest, max_prompt_tokens: int = MAX_PROMPT_TOKENS_LIMIT) -> CheckedRequest:
+    rid = req.request_id
+    if not rid or len(rid) > MAX_REQUEST_ID_LEN or not rid.isascii() or not rid.isprintable():
+        raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_LEN} printable ASCII characters, got {rid[:40]!r}")
+    input_ids = list(req.input_ids) if req.input_ids else encode(req.text)
+    if not input_ids:
+        raise InvalidRequest(f"request {rid}: empty prompt: set input_ids or text")
+    if len(input_ids) > max_prompt_tokens:
+        raise InvalidRequest(f"request {rid}: prompt of {len(input_ids)} tokens exceeds the limit {max_prompt_tokens}")
+    if min(input_ids) < 0:
+        raise InvalidRequest(f"request {rid}: negative token id {min(input_ids)}")
+    sampling = req.sampling
+    max_new = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if max_new > MAX_NEW_TOKENS_LIMIT:
+        raise InvalidRequest(f"request {rid}: max_new_tokens {max_new} exceeds {MAX_NEW_TOKENS_LIMIT}")
+    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+        raise InvalidRequest(f"request {rid}: temperature must be a finite number >= 0")
+    for field in ("prefill_dp_rank", "decode_dp_rank"):
+        if req.HasField(field) and not 0 <= getattr(req, field) < MAX_RANK:
+            raise InvalidRequest(f"request {rid}: {field} {getattr(req, field)} is out of range")
+    return CheckedRequest(rid, input_ids, max_new, sampling.temperature)

@@ -1,0 +1,1 @@
+"""The three pdlb services: dispatcher, bootstrap and scheduler."""

@@ -1,0 +1,1 @@
+"""Bootstrap service: room -> prefill rank records for PD disaggregation."""

@@ -1,0 +1,1 @@
+"""Dispatcher service: the DP controller."""

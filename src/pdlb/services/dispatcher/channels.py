@@ -1,0 +1,33 @@
+"""One gRPC channel per worker address, closed when the address leaves."""
+
+from __future__ import annotations
+
+import grpc
+
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
+from pdlb.v1 import scheduler_pb2_grpc
+
+
+class ChannelPool:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def scheduler(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return scheduler_pb2_grpc.SchedulerStub(channel)
+
+    async def discard(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
+
+    def retain(self, addresses: set[str]) -> list[str]:
+        """Addresses whose channels should be discarded (no longer used by any worker)."""
+        return [a for a in self._channels if a not in addresses]
+
+    async def close(self) -> None:
+        for address in list(self._channels):
+            await self.discard(address)

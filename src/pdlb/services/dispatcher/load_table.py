@@ -1,0 +1,248 @@
+"""The dispatcher's view of every worker's load: reported load plus exact in-flight accounting.
+
+Each dispatch to a worker gets the next per-worker sequence number and is kept as in flight. A
+worker's report carries the highest sequence it has received; the report's load already includes
+those requests, so in-flight entries up to that sequence are dropped and the reported load replaces
+the old one. Entries after it stay counted, so a late report never forgets a request in flight. A
+report whose acknowledged sequence is lower than one already applied is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    MIXED = "mixed"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class MemberState(str, Enum):
+    LIVE = "live"
+    STALE = "stale"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Worker:
+    worker_id: str
+    role: Role
+    dp_rank: int
+    address: str
+
+
+@dataclass
+class ReportedLoad:
+    running_requests: int = 0
+    waiting_requests: int = 0
+    running_tokens: int = 0
+    waiting_tokens: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    cache_hit_tokens: int = 0
+    prompt_tokens_total: int = 0
+
+
+@dataclass
+class InFlight:
+    tokens: int
+    expires_at: float
+
+
+@dataclass
+class WorkerEntry:
+    """One worker's row: membership, last report and requests in flight to it."""
+
+    worker: Worker
+    reported: ReportedLoad = field(default_factory=ReportedLoad)
+    incarnation: str = ""
+    acked_seq: int = 0
+    next_seq: int = 0
+    inflight: OrderedDict[int, InFlight] = field(default_factory=OrderedDict)
+    inflight_tokens: int = 0
+    last_report_at: float | None = None
+    registered_at: float = 0.0
+    dispatched_total: int = 0
+    state: MemberState = MemberState.LIVE
+
+    @property
+    def dp_rank(self) -> int:
+        return self.worker.dp_rank
+
+    @property
+    def inflight_requests(self) -> int:
+        return len(self.inflight)
+
+    @property
+    def total_requests(self) -> int:
+        r = self.reported
+        return r.running_requests + r.waiting_requests + len(self.inflight)
+
+    @property
+    def total_tokens(self) -> int:
+        r = self.reported
+        return r.running_tokens + r.waiting_tokens + self.inflight_tokens
+
+    @property
+    def kv_used(self) -> int:
+        """KV tokens in use plus those the in-flight requests will need."""
+        return self.reported.kv_tokens_used + self.inflight_tokens
+
+    @property
+    def kv_free(self) -> int:
+        return self.reported.kv_tokens_capacity - self.kv_used
+
+    def drop_through(self, seq: int) -> None:
+        while self.inflight:
+            first_seq = next(iter(self.inflight))
+            if first_seq > seq:
+                break
+            self.inflight_tokens -= self.inflight.popitem(last=False)[1].tokens
+
+
+class UnknownWorker(KeyError):
+    pass
+
+
+class LoadTable:
+    """Workers of one role keyed by id, with their load. Not thread-safe: one asyncio loop owns it."""
+
+    def __init__(
+        self,
+        inflight_timeout_s: float = 60.0,
+        stale_after_s: float = 5.0,
+        max_inflight_per_worker: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inflight_timeout_s = inflight_timeout_s
+        self.stale_after_s = stale_after_s
+        self.max_inflight_per_worker = max_inflight_per_worker
+        self.clock = clock
+        self.entries: dict[str, WorkerEntry] = {}
+        self.version = 0  # bumped on every change, for watchers
+
+    # membership ------------------------------------------------------------------------------
+    def upsert(self, worker: Worker) -> WorkerEntry:
+        entry = self.entries.get(worker.worker_id)
+        if entry is None or entry.worker != worker:
+            previous = entry
+            entry = WorkerEntry(worker=worker, registered_at=self.clock())
+            if previous is not None:  # same id, new address or rank: keep the counters
+                entry.next_seq = previous.next_seq
+            self.entries[worker.worker_id] = entry
+        entry.state = MemberState.LIVE
+        self.version += 1
+        return entry
+
+    def remove(self, worker_id: str) -> WorkerEntry | None:
+        entry = self.entries.pop(worker_id, None)
+        if entry is not None:
+            entry.state = MemberState.GONE
+            self.version += 1
+        return entry
+
+    def get(self, worker_id: str) -> WorkerEntry:
+        try:
+            return self.entries[worker_id]
+        except KeyError:
+            raise UnknownWorker(worker_id) from None
+
+    # load ------------------------------------------------------------------------------------
+    def apply_report(self, worker_id: str, load: ReportedLoad, acked_seq: int, incarnation: str = "") -> bool:
+        """Set the worker's load from a report. Returns False when the report was stale and ignored."""
+        entry = self.get(worker_id)
+        if incarnation != entry.incarnation:
+            # A restarted worker acknowledges afresh; what it never received is cancelled by the
+            # forwarder's error path or expires by the in-flight timeout.
+            entry.incarnation = incarnation
+            entry.acked_seq = 0
+        elif acked_seq < entry.acked_seq:
+            return False
+        entry.acked_seq = acked_seq
+        entry.drop_through(acked_seq)
+        entry.reported = load
+        entry.last_report_at = self.clock()
+        if entry.state is MemberState.STALE:
+            entry.state = MemberState.LIVE
+        self.version += 1
+        return True
+
+    def record_dispatch(self, worker_id: str, tokens: int) -> int:
+        """Count one request of `tokens` prompt tokens as in flight; returns its sequence number."""
+        entry = self.get(worker_id)
+        self._expire(entry)
+        if len(entry.inflight) >= self.max_inflight_per_worker:
+            raise OverflowError(
+                f"worker {worker_id} has {len(entry.inflight)} unacknowledged requests; it is not reporting"
+            )
+        entry.next_seq += 1
+        entry.inflight[entry.next_seq] = InFlight(tokens, self.clock() + self.inflight_timeout_s)
+        entry.inflight_tokens += tokens
+        entry.dispatched_total += 1
+        self.version += 1
+        return entry.next_seq
+
+    def cancel_dispatch(self, worker_id: str, seq: int) -> None:
+        """Forget an in-flight request the worker never received (forwarding failed)."""
+        entry = self.entries.get(worker_id)
+        if entry is None:
+            return
+        item = entry.inflight.pop(seq, None)
+        if item is not None:
+            entry.inflight_tokens -= item.tokens
+            self.version += 1
+
+    def _expire(self, entry: WorkerEntry) -> None:
+        now = self.clock()
+        while entry.inflight:
+            item = next(iter(entry.inflight.values()))
+            if item.expires_at > now:
+                break
+            entry.inflight.popitem(last=False)
+            entry.inflight_tokens -= item.tokens
+
+    def refresh_states(self) -> None:
+        """Mark workers without a recent report STALE (and back to LIVE when they report)."""
+        now = self.clock()
+        for entry in self.entries.values():
+            self._expire(entry)
+            # A worker that never reported counts from its registration.
+            seen_at = entry.last_report_at if entry.last_report_at is not None else entry.registered_at
+            silent = now - seen_at > self.stale_after_s
+            if silent and entry.state is MemberState.LIVE:
+                entry.state = MemberState.STALE
+                self.version += 1
+
+    # selection helpers ---------------------------------------------------------------------------
+    def candidates(self) -> list[WorkerEntry]:
+        """One worker per DP rank, LIVE preferred over STALE, newest registration on a tie.
+
+        If no worker of any rank is LIVE, STALE ones are returned so requests still flow.
+        """
+        self.refresh_states()
+        by_rank: dict[int, WorkerEntry] = {}
+        for entry in self.entries.values():
+            best = by_rank.get(entry.dp_rank)
+            if best is None or _preference(entry) > _preference(best):
+                by_rank[entry.dp_rank] = entry
+        ranked = [by_rank[r] for r in sorted(by_rank)]
+        live = [e for e in ranked if e.state is MemberState.LIVE]
+        return live or ranked
+
+    def for_rank(self, dp_rank: int) -> WorkerEntry | None:
+        for entry in self.candidates():
+            if entry.dp_rank == dp_rank:
+                return entry
+        return None
+
+    def ordered(self) -> Iterable[WorkerEntry]:
+        return sorted(self.entries.values(), key=lambda e: (e.dp_rank, e.worker.worker_id))
+
+
+def _preference(entry: WorkerEntry) -> tuple[int, float]:
+    return (1 if entry.state is MemberState.LIVE else 0, entry.last_report_at or 0.0)

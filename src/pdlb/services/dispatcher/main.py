@@ -1,0 +1,164 @@
+"""`pdlb-dispatcher`: the DP controller of one role."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.grpc_server import (
+    ServiceHost,
+    advertised,
+    configure_logging,
+    run_until_signal,
+    shutdown_event,
+)
+from pdlb.common.membership import LeasedRegistration, PrefixWatch, dispatchers_prefix, workers_prefix
+from pdlb.common.modes import role_of_mode
+from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
+from pdlb.services.dispatcher.load_table import LoadTable, Role
+from pdlb.services.dispatcher.members import Members, parse_static_workers
+from pdlb.services.dispatcher.metrics import DispatcherMetrics
+from pdlb.services.dispatcher.policies import PolicyOptions, create_policy, method_names
+from pdlb.services.dispatcher.router import Router
+from pdlb.services.dispatcher.service import DispatchCore, DispatchServicer, LoadReportServicer
+from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
+
+log = logging.getLogger("pdlb.dispatcher")
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser("dispatcher", "Chooses the DP rank of each request and forwards it to that worker.")
+    add_common_flags(parser, default_port=50051)
+    parser.flag(
+        "--disaggregation-mode",
+        default="null",
+        help="null (non-PD, mixed workers), prefill or decode",
+        choices=["null", "prefill", "decode"],
+    )
+    parser.flag(
+        "--load-balance-method",
+        default="auto",
+        help=f"one of {', '.join(method_names())}",
+        choices=method_names(),
+    )
+    parser.flag("--dp-size", default=0, type=int, help="number of DP ranks (0: highest known rank + 1)")
+    parser.flag("--workers", default="", help="static workers, comma separated [rank@]host:port (no etcd needed)")
+    parser.flag("--bootstrap", default="", help="prefill: bootstrap server host:port where rooms are recorded")
+    parser.flag("--metrics-port", default=0, type=int, help="Prometheus /metrics HTTP port (0: disabled)")
+    parser.flag("--request-timeout", default=600.0, type=float, help="longest a forwarded request may run, seconds")
+    parser.flag(
+        "--inflight-timeout",
+        default=60.0,
+        type=float,
+        help="seconds an unacknowledged dispatch stays counted as in flight",
+    )
+    parser.flag("--stale-after", default=5.0, type=float, help="seconds without a report before a worker is STALE")
+    parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")
+    parser.flag("--max-prompt-tokens", default=131_072, type=int, help="longest prompt accepted, in tokens")
+    return parser
+
+
+@dataclass
+class Dispatcher:
+    """A running dispatcher (also used by tests and the local cluster in-process)."""
+
+    core: DispatchCore
+    host: ServiceHost
+    address: str
+    metrics_port: int = 0
+
+
+async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = None) -> None:
+    role = Role(role_of_mode(args.disaggregation_mode))
+    table = LoadTable(inflight_timeout_s=args.inflight_timeout, stale_after_s=args.stale_after)
+    policy = create_policy(args.load_balance_method, role, PolicyOptions(dp_size=args.dp_size))
+    router = Router(role, table, policy, dp_size=args.dp_size)
+    dispatcher_id = f"dispatcher-{role.value}-{uuid.uuid4().hex[:8]}"
+    metrics = DispatcherMetrics(table)
+    static = parse_static_workers(csv_list(args.workers), role)
+    members = Members(table, role, static=not args.etcd, on_removed=policy.on_worker_removed)
+    members.add_static(static)
+    core = DispatchCore(
+        dispatcher_id,
+        router,
+        members,
+        metrics,
+        args.request_timeout,
+        args.max_prompt_tokens,
+        args.report_interval_ms,
+    )
+    host = ServiceHost(
+        args.host,
+        args.port,
+        [
+            dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name,
+            load_report_pb2.DESCRIPTOR.services_by_name["LoadReport"].full_name,
+        ],
+    )
+    dispatch_pb2_grpc.add_DispatchServicer_to_server(DispatchServicer(core), host.server)
+    load_report_pb2_grpc.add_LoadReportServicer_to_server(LoadReportServicer(core), host.server)
+    address = advertised(args.host, host.port, args.advertise_address)
+    recorder = BootstrapRecorder(args.bootstrap, args.etcd, args.etcd_prefix) if role is Role.PREFILL else None
+    if recorder:
+        core.room_recorder = recorder.record
+    watch = (
+        PrefixWatch(args.etcd, workers_prefix(args.etcd_prefix, role.value), members.on_etcd_change)
+        if args.etcd
+        else None
+    )
+    registration = (
+        LeasedRegistration(
+            args.etcd,
+            dispatchers_prefix(args.etcd_prefix, role.value) + dispatcher_id,
+            {"dispatcher_id": dispatcher_id, "role": role.value, "address": address},
+            args.lease_ttl,
+        )
+        if args.etcd
+        else None
+    )
+    running = Dispatcher(core, host, address)
+
+    async def start() -> None:
+        await host.start()
+        if recorder:
+            await recorder.start()
+        if watch:
+            watch.start()
+            await asyncio.wait_for(watch.synced.wait(), timeout=30)
+        if registration:
+            await registration.start()
+        if args.metrics_port:
+            running.metrics_port = metrics.serve(args.metrics_port, args.host)
+        print(f"pdlb-dispatcher ({role.value}, {policy.name}) listening on {address}", flush=True)
+        if ready is not None:
+            ready.set_result(running)
+
+    async def stop() -> None:
+        core.draining = True
+        if registration:
+            await registration.close()  # deregister first: schedulers stop reporting here
+        await host.stop(args.shutdown_grace)
+        if watch:
+            await watch.close()
+        if recorder:
+            await recorder.close()
+        await core.channels.close()
+
+    await run_until_signal(start, stop, stop_event)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+
+    async def run() -> None:
+        await serve(args, shutdown_event())
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

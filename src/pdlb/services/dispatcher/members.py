@@ -1,0 +1,92 @@
+"""Keeps the load table's membership in step with etcd (or a static worker list)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from pdlb.common.membership import Change
+from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
+
+log = logging.getLogger(__name__)
+MAX_PENDING_REPORTS = 4096
+
+
+def parse_static_workers(spec: list[str], role: Role) -> list[Worker]:
+    """'host:port' (rank = position) or 'rank@host:port' items into workers."""
+    workers = []
+    for position, item in enumerate(spec):
+        rank_text, sep, address = item.rpartition("@")
+        rank = int(rank_text) if sep else position
+        address = address if sep else item
+        if rank < 0 or ":" not in address:
+            raise ValueError(f"static worker {item!r} is not [rank@]host:port")
+        workers.append(Worker(worker_id=f"static-{rank}-{address}", role=role, dp_rank=rank, address=address))
+    return workers
+
+
+def worker_from_value(value: dict, role: Role) -> Worker | None:
+    """A worker from its etcd JSON value, or None when the value is malformed or of another role."""
+    try:
+        worker = Worker(str(value["worker_id"]), Role(value["role"]), int(value["dp_rank"]), str(value["address"]))
+    except (KeyError, ValueError, TypeError):
+        return None
+    if worker.role is not role or worker.dp_rank < 0 or not worker.worker_id:
+        return None
+    return worker
+
+
+class Members:
+    """Applies membership changes and holds reports that arrive before the worker's registration."""
+
+    def __init__(self, table: LoadTable, role: Role, static: bool, on_removed: Callable[[str], None]) -> None:
+        self.table, self.role, self.static, self.on_removed = table, role, static, on_removed
+        self._pending: OrderedDict[str, tuple[Worker, ReportedLoad, int, str]] = OrderedDict()
+        self._ids_by_key: dict[str, str] = {}
+
+    def on_etcd_change(self, change: Change) -> None:
+        if change.value is None:
+            worker_id = self._ids_by_key.pop(change.key, None)
+            if worker_id and self.table.remove(worker_id):
+                log.info("worker %s left (key %s)", worker_id, change.key)
+                self.on_removed(worker_id)
+            return
+        worker = worker_from_value(change.value, self.role)
+        if worker is None:
+            log.warning("ignoring malformed or foreign membership value at %s", change.key)
+            return
+        self._ids_by_key[change.key] = worker.worker_id
+        self.table.upsert(worker)
+        log.info("worker %s joined: rank %d at %s", worker.worker_id, worker.dp_rank, worker.address)
+        pending = self._pending.pop(worker.worker_id, None)
+        if pending is not None:
+            _, load, acked, incarnation = pending
+            self.table.apply_report(worker.worker_id, load, acked, incarnation)
+
+    def add_static(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            self.table.upsert(worker)
+
+    def on_report(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> bool | None:
+        """Apply a report. Returns None when the worker is unknown (report held until it registers)."""
+        if worker.worker_id not in self.table.entries:
+            if not self.static:
+                self._hold(worker, load, acked, incarnation)
+                return None
+            self._adopt(worker)
+        return self.table.apply_report(worker.worker_id, load, acked, incarnation)
+
+    def _adopt(self, worker: Worker) -> None:
+        """Static mode: a reporting worker replaces the static entry of its address, or joins."""
+        for entry in list(self.table.entries.values()):
+            if entry.worker.address == worker.address and entry.worker.worker_id != worker.worker_id:
+                self.table.remove(entry.worker.worker_id)
+                self.on_removed(entry.worker.worker_id)
+        self.table.upsert(worker)
+
+    def _hold(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> None:
+        self._pending[worker.worker_id] = (worker, load, acked, incarnation)
+        self._pending.move_to_end(worker.worker_id)
+        while len(self._pending) > MAX_PENDING_REPORTS:
+            self._pending.popitem(last=False)

@@ -1,0 +1,65 @@
+"""Prometheus metrics of one dispatcher, on a registry of its own."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pdlb.services.dispatcher.load_table import LoadTable
+
+
+class DispatcherMetrics:
+    def __init__(self, table: LoadTable) -> None:
+        self.registry = CollectorRegistry()
+        self.dispatches = Counter(
+            "pdlb_dispatches", "Requests dispatched", ["method", "dp_rank"], registry=self.registry
+        )
+        self.redispatches = Counter(
+            "pdlb_redispatches",
+            "Requests re-dispatched after a worker failed before the first token",
+            registry=self.registry,
+        )
+        self.failures = Counter("pdlb_request_failures", "Requests failed, by status", ["code"], registry=self.registry)
+        self.stale_reports = Counter(
+            "pdlb_stale_reports",
+            "Load reports ignored as older than one already applied",
+            registry=self.registry,
+        )
+        self.registry.register(LoadCollector(table))
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose /metrics over HTTP; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+
+class LoadCollector(Collector):
+    """Reads the load table at scrape time, so the gauges are never out of date."""
+
+    def __init__(self, table: LoadTable) -> None:
+        self.table = table
+
+    def collect(self):
+        requests = GaugeMetricFamily("pdlb_rank_requests", "Effective requests per rank", labels=["dp_rank"])
+        tokens = GaugeMetricFamily("pdlb_rank_tokens", "Effective tokens per rank", labels=["dp_rank"])
+        inflight = GaugeMetricFamily("pdlb_rank_inflight", "Unacknowledged dispatches per rank", labels=["dp_rank"])
+        kv = GaugeMetricFamily("pdlb_rank_kv_used_ratio", "KV tokens used over capacity", labels=["dp_rank"])
+        age = GaugeMetricFamily("pdlb_report_age_seconds", "Seconds since the last load report", labels=["dp_rank"])
+        now = self.table.clock()
+        for entry in list(self.table.entries.values()):  # a copy: the scrape runs on another thread
+            rank = str(entry.dp_rank)
+            requests.add_metric([rank], entry.total_requests)
+            tokens.add_metric([rank], entry.total_tokens)
+            inflight.add_metric([rank], entry.inflight_requests)
+            capacity = entry.reported.kv_tokens_capacity
+            kv.add_metric([rank], entry.kv_used / capacity if capacity else 0.0)
+            if entry.last_report_at is not None:
+                age.add_metric([rank], now - entry.last_report_at)
+        yield from (requests, tokens, inflight, kv, age)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,179 @@
+"""Load-balancing methods: small classes behind one interface, registered by name.
+
+A policy sees the routing context of one request and the candidate workers (one per DP rank,
+ordered by rank, never empty) and returns one of them. Policies that learn from their own
+decisions (a cache-aware method, say) override `on_dispatch` / `on_worker_removed`; the others
+ignore them, so a new method never touches the existing ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdlb.services.dispatcher.load_table import Role, WorkerEntry
+
+
+class RoutingError(Exception):
+    """A request that cannot be placed; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What a policy may read of a request."""
+
+    request_id: str
+    num_tokens: int
+    bootstrap_room: int | None = None
+    routing_key: str = ""
+    input_ids: Sequence[int] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Cluster facts some policies need."""
+
+    dp_size: int = 0  # 0: derived from the highest known rank + 1
+
+
+class Policy(ABC):
+    name: str = ""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        """Pick one of `candidates` (non-empty, ordered by dp_rank)."""
+
+    def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:  # noqa: B027 - optional hook
+        """Called after a decision is recorded."""
+
+    def on_worker_removed(self, worker_id: str) -> None:  # noqa: B027 - optional hook
+        """Called when a worker leaves the cluster."""
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    if not cls.name or cls.name in POLICIES:
+        raise ValueError(f"policy name {cls.name!r} missing or taken")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+class RotatingPolicy(Policy):
+    """Base for methods whose ties rotate over ranks, so equal loads are shared fairly."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(options)
+        self._last_rank = -1
+
+    def _rotate(self, tied: Sequence[WorkerEntry]) -> WorkerEntry:
+        """The first of `tied` (ordered by rank) after the last chosen rank, cyclically."""
+        pick = next((e for e in tied if e.dp_rank > self._last_rank), tied[0])
+        self._last_rank = pick.dp_rank
+        return pick
+
+    def _least(self, candidates: Sequence[WorkerEntry], key: Callable[[WorkerEntry], float]) -> WorkerEntry:
+        best = min(key(e) for e in candidates)
+        return self._rotate([e for e in candidates if key(e) == best])
+
+
+@register
+class RoundRobin(RotatingPolicy):
+    """Each rank in turn, skipping ranks with no live worker."""
+
+    name = "round_robin"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        return self._rotate(candidates)
+
+
+@register
+class TotalRequests(RotatingPolicy):
+    """Fewest running + waiting + in-flight requests."""
+
+    name = "total_requests"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        return self._least(candidates, lambda e: e.total_requests)
+
+
+@register
+class TotalTokens(RotatingPolicy):
+    """Fewest running + waiting + in-flight tokens."""
+
+    name = "total_tokens"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        return self._least(candidates, lambda e: e.total_tokens)
+
+
+@register
+class FollowBootstrapRoom(Policy):
+    """Rank = bootstrap_room % dp_size (the legacy PD prefill placement, router-predictable)."""
+
+    name = "follow_bootstrap_room"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        if ctx.bootstrap_room is None:
+            raise RoutingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {ctx.request_id}: method follow_bootstrap_room needs bootstrap_room",
+            )
+        dp_size = self.options.dp_size or (max(e.dp_rank for e in candidates) + 1)
+        rank = ctx.bootstrap_room % dp_size
+        for entry in candidates:
+            if entry.dp_rank == rank:
+                return entry
+        raise RoutingError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"request {ctx.request_id}: room {ctx.bootstrap_room} maps to rank {rank}, which has no live worker",
+        )
+
+
+@register
+class KVAware(RotatingPolicy):
+    """Lowest KV utilisation (used + in-flight over capacity); a rank without room for the
+    request's tokens gets nothing while another rank has room."""
+
+    name = "kv_aware"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        fitting = [e for e in candidates if e.kv_free >= ctx.num_tokens]
+        return self._least(fitting or candidates, _kv_utilisation)
+
+
+def _kv_utilisation(entry: WorkerEntry) -> float:
+    capacity = entry.reported.kv_tokens_capacity
+    if capacity <= 0:  # not reported yet: rank it by in-flight tokens after any reported rank
+        return 1.0 + entry.inflight_tokens
+    return entry.kv_used / capacity
+
+
+AUTO_BY_ROLE = {Role.MIXED: "round_robin", Role.PREFILL: "follow_bootstrap_room", Role.DECODE: "round_robin"}
+
+
+def method_names() -> list[str]:
+    return ["auto", *sorted(POLICIES)]
+
+
+def resolve_method(method: str, role: Role) -> str:
+    """`auto` becomes the role's default; other names are checked."""
+    name = AUTO_BY_ROLE[role] if method == "auto" else method
+    if name not in POLICIES:
+        raise ValueError(f"unknown load-balance method {method!r}; choose from {', '.join(method_names())}")
+    return name
+
+
+def create_policy(method: str, role: Role, options: PolicyOptions) -> Policy:
+    return POLICIES[resolve_method(method, role)](options)

@@ -1,0 +1,66 @@
+"""Routing decisions: an external rank wins, else the policy picks; every decision is counted."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import grpc
+
+from pdlb.services.dispatcher.load_table import LoadTable, Role, WorkerEntry
+from pdlb.services.dispatcher.policies import Policy, RouteContext, RoutingError
+
+EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class Decision:
+    entry: WorkerEntry
+    method: str
+    seq: int
+
+
+class Router:
+    def __init__(self, role: Role, table: LoadTable, policy: Policy, dp_size: int = 0) -> None:
+        self.role, self.table, self.policy, self.dp_size = role, table, policy, dp_size
+
+    def external_rank(self, prefill_rank: int | None, decode_rank: int | None) -> int | None:
+        """The rank a router assigned for this dispatcher's role, if any."""
+        if self.role is Role.PREFILL:
+            return prefill_rank
+        if self.role is Role.DECODE:
+            return decode_rank
+        return decode_rank if decode_rank is not None else prefill_rank
+
+    def decide(self, ctx: RouteContext, external: int | None = None, exclude: Collection[str] = ()) -> Decision:
+        """Pick a worker and count the request as in flight on it."""
+        if external is not None:
+            entry, method = self._external(ctx, external), EXTERNAL
+        else:
+            candidates = [e for e in self.table.candidates() if e.worker.worker_id not in exclude]
+            if not candidates:
+                raise RoutingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"request {ctx.request_id}: no live {self.role.value} worker"
+                    + (" other than the one that failed" if exclude else ""),
+                )
+            entry, method = self.policy.select(ctx, candidates), self.policy.name
+        try:
+            seq = self.table.record_dispatch(entry.worker.worker_id, ctx.num_tokens)
+        except OverflowError as exc:
+            raise RoutingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {ctx.request_id}: {exc}") from None
+        self.policy.on_dispatch(ctx, entry)
+        return Decision(entry, method, seq)
+
+    def _external(self, ctx: RouteContext, rank: int) -> WorkerEntry:
+        if rank < 0 or (self.dp_size and rank >= self.dp_size):
+            raise RoutingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {ctx.request_id}: dp rank {rank} is outside 0..{max(self.dp_size - 1, 0)}",
+            )
+        entry = self.table.for_rank(rank)
+        if entry is None:
+            raise RoutingError(
+                grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: dp rank {rank} has no live worker"
+            )
+        return entry

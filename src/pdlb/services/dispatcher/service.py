@@ -1,0 +1,306 @@
+"""Dispatch and LoadReport servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.roles import role_from_proto, role_to_proto
+from pdlb.common.tokenizer import StreamDecoder
+from pdlb.services.dispatcher.channels import ChannelPool
+from pdlb.services.dispatcher.load_table import (
+    LoadTable,
+    MemberState,
+    ReportedLoad,
+    Role,
+    Worker,
+    WorkerEntry,
+)
+from pdlb.services.dispatcher.members import Members
+from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
+from pdlb.services.dispatcher.policies import RouteContext, RoutingError
+from pdlb.services.dispatcher.router import Decision, Router
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
+from pdlb.v1 import scheduler_pb2 as sched_pb
+
+log = logging.getLogger(__name__)
+
+MIN_WATCH_INTERVAL_MS = 50
+MAX_WATCH_INTERVAL_MS = 60_000
+# Worker statuses that mean "this worker could not take the request": safe to try another rank.
+RETRYABLE_BEFORE_FIRST_TOKEN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION}
+# Worker statuses that describe the request itself: passed to the client unchanged.
+CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+_STATE = {
+    MemberState.LIVE: dispatch_pb2.MEMBER_STATE_LIVE,
+    MemberState.STALE: dispatch_pb2.MEMBER_STATE_STALE,
+    MemberState.GONE: dispatch_pb2.MEMBER_STATE_GONE,
+}
+
+# Called after a prefill decision with (room, decision); records the room in Bootstrap.
+RoomRecorder = Callable[[int, Decision], Awaitable[None]]
+
+
+def worker_info(worker: Worker) -> common_pb2.WorkerInfo:
+    return common_pb2.WorkerInfo(
+        worker_id=worker.worker_id,
+        role=role_to_proto(worker.role.value),
+        dp_rank=worker.dp_rank,
+        address=worker.address,
+    )
+
+
+def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
+    return ReportedLoad(
+        running_requests=load.running_requests,
+        waiting_requests=load.waiting_requests,
+        running_tokens=load.running_tokens,
+        waiting_tokens=load.waiting_tokens,
+        kv_tokens_used=load.kv_tokens_used,
+        kv_tokens_capacity=load.kv_tokens_capacity,
+        cache_hit_tokens=load.cache_hit_tokens,
+        prompt_tokens_total=load.prompt_tokens_total,
+    )
+
+
+def load_to_proto(load: ReportedLoad) -> common_pb2.WorkerLoad:
+    return common_pb2.WorkerLoad(**load.__dict__)
+
+
+class DispatchCore:
+    """What both servicers share: the table, the router, membership, channels and metrics."""
+
+    def __init__(
+        self,
+        dispatcher_id: str,
+        router: Router,
+        members: Members,
+        metrics: DispatcherMetrics,
+        request_timeout_s: float,
+        max_prompt_tokens: int,
+        report_interval_ms: int,
+    ) -> None:
+        self.dispatcher_id = dispatcher_id
+        self.router = router
+        self.table: LoadTable = router.table
+        self.members = members
+        self.metrics = metrics
+        self.channels = ChannelPool()
+        self.request_timeout_s = request_timeout_s
+        self.max_prompt_tokens = max_prompt_tokens
+        self.report_interval_ms = report_interval_ms
+        self.room_recorder: RoomRecorder | None = None
+        self.draining = False
+
+
+class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
+    def __init__(self, core: DispatchCore) -> None:
+        self.core = core
+
+    def _context_of(self, request: common_pb2.InferenceRequest) -> tuple[RouteContext, int | None]:
+        checked = check_request(request, self.core.max_prompt_tokens)
+        ctx = RouteContext(
+            request_id=checked.request_id,
+            num_tokens=len(checked.input_ids),
+            bootstrap_room=request.bootstrap_room if request.HasField("bootstrap_room") else None,
+            routing_key=request.routing_key,
+            input_ids=checked.input_ids,
+        )
+        external = self.core.router.external_rank(
+            request.prefill_dp_rank if request.HasField("prefill_dp_rank") else None,
+            request.decode_dp_rank if request.HasField("decode_dp_rank") else None,
+        )
+        return ctx, external
+
+    async def _decide(self, ctx: RouteContext, external: int | None, exclude: set[str], context) -> Decision:
+        try:
+            decision = self.core.router.decide(ctx, external, exclude)
+        except RoutingError as exc:
+            self.core.metrics.failures.labels(exc.code.name).inc()
+            await context.abort(exc.code, str(exc))
+        self.core.metrics.dispatches.labels(decision.method, str(decision.entry.dp_rank)).inc()
+        return decision
+
+    async def _record_room(self, ctx: RouteContext, decision: Decision, context) -> None:
+        """Prefill: tell Bootstrap which rank took the room, so the decode worker can find the KV."""
+        if self.core.router.role is not Role.PREFILL or ctx.bootstrap_room is None or not self.core.room_recorder:
+            return
+        try:
+            await self.core.room_recorder(ctx.bootstrap_room, decision)
+        except grpc.aio.AioRpcError as err:
+            self.core.table.cancel_dispatch(decision.entry.worker.worker_id, decision.seq)
+            code = err.code() if err.code() in CLIENT_ERRORS else grpc.StatusCode.UNAVAILABLE
+            self.core.metrics.failures.labels(code.name).inc()
+            await context.abort(code, f"request {ctx.request_id}: bootstrap: {err.details()}")
+
+    async def Route(self, request: dispatch_pb2.RouteRequest, context) -> dispatch_pb2.RouteResponse:
+        ctx, external = await self._checked(request.request, context)
+        decision = await self._decide(ctx, external, set(), context)
+        await self._record_room(ctx, decision, context)
+        return dispatch_pb2.RouteResponse(
+            request_id=ctx.request_id,
+            dp_rank=decision.entry.dp_rank,
+            worker=worker_info(decision.entry.worker),
+            method=decision.method,
+            dispatch_seq=decision.seq,
+            dispatcher_id=self.core.dispatcher_id,
+        )
+
+    async def _checked(self, request: common_pb2.InferenceRequest, context) -> tuple[RouteContext, int | None]:
+        if self.core.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is shutting down; use another one")
+        try:
+            return self._context_of(request)
+        except InvalidRequest as exc:
+            self.core.metrics.failures.labels("INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Generate(
+        self, request: dispatch_pb2.GenerateRequest, context
+    ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+        ctx, external = await self._checked(request.request, context)
+        deadline = time.monotonic() + min(
+            context.time_remaining() or self.core.request_timeout_s, self.core.request_timeout_s
+        )
+        excluded: set[str] = set()
+        while True:
+            decision = await self._decide(ctx, external, excluded, context)
+            worker = decision.entry.worker
+            forwarded = sched_pb.SchedulerGenerateRequest(
+                request=request.request, dispatch_seq=decision.seq, dispatcher_id=self.core.dispatcher_id
+            )
+            stub = self.core.channels.scheduler(worker.address)
+            call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
+            decoder = StreamDecoder()
+            sent_any = False
+            try:
+                async for chunk in call:
+                    sent_any = True
+                    if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
+                        # Recorded once the KV is held, so a re-dispatch never conflicts with it.
+                        await self._record_room(ctx, decision, context)
+                    yield dispatch_pb2.GenerateResponse(
+                        request_id=ctx.request_id,
+                        token_ids=chunk.token_ids,
+                        text=decoder.push(list(chunk.token_ids)),
+                        finish_reason=chunk.finish_reason,
+                        dp_rank=worker.dp_rank,
+                        worker_id=worker.worker_id,
+                        prompt_tokens=chunk.prompt_tokens,
+                        cached_tokens=chunk.cached_tokens,
+                    )
+                return
+            except grpc.aio.AioRpcError as err:
+                if not sent_any:
+                    # Whether or not the worker took it, the request is not running there now.
+                    self.core.table.cancel_dispatch(worker.worker_id, decision.seq)
+                code = err.code()
+                retry = not sent_any and code in RETRYABLE_BEFORE_FIRST_TOKEN and external is None and not excluded
+                if retry:
+                    log.warning(
+                        "request %s: worker %s failed before its first token (%s); re-dispatching",
+                        ctx.request_id,
+                        worker.worker_id,
+                        code.name,
+                    )
+                    self.core.metrics.redispatches.inc()
+                    excluded.add(worker.worker_id)
+                    continue
+                await self._fail(context, ctx.request_id, worker, err, sent_any)
+            finally:
+                call.cancel()
+
+    async def _fail(self, context, request_id: str, worker: Worker, err: grpc.aio.AioRpcError, sent_any: bool) -> None:
+        code = err.code()
+        if code not in CLIENT_ERRORS:
+            code = grpc.StatusCode.UNAVAILABLE
+        stage = "after streaming started" if sent_any else "before the first token"
+        self.core.metrics.failures.labels(code.name).inc()
+        await context.abort(
+            code,
+            f"request {request_id}: worker {worker.worker_id} (rank {worker.dp_rank}) failed {stage}: "
+            f"{err.code().name}: {err.details()}",
+        )
+
+    async def WatchLoad(
+        self, request: dispatch_pb2.WatchLoadRequest, context
+    ) -> AsyncIterator[dispatch_pb2.WatchLoadResponse]:
+        interval_ms = min(max(request.interval_ms, MIN_WATCH_INTERVAL_MS), MAX_WATCH_INTERVAL_MS)
+        while not self.core.draining:
+            yield self.snapshot()
+            await asyncio.sleep(interval_ms / 1000)  # pacing the stream, not waiting for an event
+
+    def snapshot(self) -> dispatch_pb2.WatchLoadResponse:
+        table = self.core.table
+        table.refresh_states()
+        now = table.clock()
+        rows = [_entry_row(entry, now) for entry in table.ordered()]
+        return dispatch_pb2.WatchLoadResponse(
+            timestamp_ms=wall_ms(),
+            role=role_to_proto(self.core.router.role.value),
+            method=self.core.router.policy.name,
+            workers=rows,
+        )
+
+    async def ListWorkers(self, request: dispatch_pb2.ListWorkersRequest, context) -> dispatch_pb2.ListWorkersResponse:
+        self.core.table.refresh_states()
+        return dispatch_pb2.ListWorkersResponse(
+            workers=[worker_info(e.worker) for e in self.core.table.ordered() if e.state is not MemberState.GONE]
+        )
+
+
+def _entry_row(entry: WorkerEntry, now: float) -> dispatch_pb2.WorkerLoadEntry:
+    age = -1 if entry.last_report_at is None else int((now - entry.last_report_at) * 1000)
+    return dispatch_pb2.WorkerLoadEntry(
+        worker=worker_info(entry.worker),
+        reported=load_to_proto(entry.reported),
+        inflight_requests=entry.inflight_requests,
+        inflight_tokens=entry.inflight_tokens,
+        report_age_ms=age,
+        state=_STATE[entry.state],
+        dispatched_total=entry.dispatched_total,
+    )
+
+
+class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
+    def __init__(self, core: DispatchCore) -> None:
+        self.core = core
+
+    async def Report(self, request_iterator, context) -> AsyncIterator[load_report_pb2.ReportResponse]:
+        yield load_report_pb2.ReportResponse(
+            dispatcher_id=self.core.dispatcher_id, report_interval_ms=self.core.report_interval_ms
+        )
+        async for report in request_iterator:
+            worker = await self._worker_of(report, context)
+            applied = self.core.members.on_report(
+                worker, load_from_proto(report.load), report.acked_dispatch_seq, report.incarnation
+            )
+            if applied is False:
+                self.core.metrics.stale_reports.inc()
+
+    async def _worker_of(self, report: load_report_pb2.ReportRequest, context) -> Worker:
+        info = report.worker
+        role = role_from_proto(info.role)
+        if not info.worker_id or role is None or info.dp_rank < 0 or not info.address:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "report needs worker.worker_id, worker.role, worker.dp_rank >= 0 and worker.address",
+            )
+        if role != self.core.router.role.value:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this dispatcher routes {self.core.router.role.value} workers; worker {info.worker_id} is {role}",
+            )
+        return Worker(info.worker_id, Role(role), info.dp_rank, info.address)

@@ -1,0 +1,1 @@
+"""Scheduler service: one DP worker with continuous batching over a real torch model."""

@@ -1,0 +1,399 @@
+"""Continuous batching over a KV-token budget.
+
+Admission is FIFO: a request joins the running batch when `--max-running-requests` allows and its
+reservation (prompt + max_new_tokens) fits the KV budget beside those already running; the head of
+the queue is never overtaken, so a long request is not starved by short ones. Every running
+request is guaranteed its KV, so nothing is preempted. Each step runs, in one forward pass, one
+decode token of every decoding request and prefill chunks of at most `--chunked-prefill-size`
+tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from pdlb.services.scheduler.model import SeqChunk
+from pdlb.services.scheduler.runners import Runner, StepItem
+from pdlb.v1 import common_pb2
+
+LENGTH, STOP, ABORT, PREFILL_DONE = (
+    common_pb2.FINISH_REASON_LENGTH,
+    common_pb2.FINISH_REASON_STOP,
+    common_pb2.FINISH_REASON_ABORT,
+    common_pb2.FINISH_REASON_PREFILL_DONE,
+)
+
+
+MAX_ROOM_WAITS = 10_000
+
+
+class AdmissionError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Output:
+    """What a request's stream receives: new tokens, and the finish reason on the last one."""
+
+    token_ids: list[int]
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass
+class PreloadedKV:
+    """PD decode: the prompt's KV pulled from the prefill worker, and its first token."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    first_token: int
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    stop_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    generator: torch.Generator | None = None
+    prefill_only: bool = False
+    bootstrap_room: int | None = None
+    preloaded: PreloadedKV | None = None
+    outbox: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
+    slots: list[int] = field(default_factory=list)
+    computed: int = 0
+    output: list[int] = field(default_factory=list)
+    finish_reason: int | None = None
+    aborted: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this request may ever hold."""
+        return len(self.prompt) + (1 if self.prefill_only else self.max_new_tokens)
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+@dataclass
+class HeldKV:
+    """Prefill role: KV kept for a room until the decode side pulls it or it expires."""
+
+    room: int
+    request_id: str
+    prompt: list[int]
+    first_token: int
+    slots: list[int]
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_total_tokens: int
+    max_running_requests: int
+    chunked_prefill_size: int
+    max_waiting_requests: int
+    max_prompt_tokens: int
+
+
+class Engine:
+    def __init__(self, runner: Runner, limits: EngineLimits, kv_hold_ttl_s: float = 60.0) -> None:
+        self.runner, self.limits, self.kv_hold_ttl_s = runner, limits, kv_hold_ttl_s
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_id: dict[str, Sequence] = {}
+        self.held: dict[int, HeldKV] = {}
+        self.reserved = 0  # KV tokens promised to running requests and held rooms
+        self.draining = False
+        self.steps = 0
+        self.prompt_tokens_total = 0
+        self.listeners: list[Callable[[], None]] = []
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self._room_events: dict[int, asyncio.Event] = {}
+
+    # admission ---------------------------------------------------------------------------------
+    def check(self, seq: Sequence) -> None:
+        """Raise AdmissionError for a request that can never run here."""
+        config, limits = self.runner.config, self.limits
+        if self.draining:
+            raise AdmissionError(grpc.StatusCode.FAILED_PRECONDITION, "worker is shutting down; send it elsewhere")
+        if seq.request_id in self.by_id:
+            raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
+        bad = next((t for t in seq.prompt if not 0 <= t < config.vocab_size), None)
+        if bad is not None:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{config.vocab_size - 1}",
+            )
+        if len(seq.prompt) > limits.max_prompt_tokens:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {limits.max_prompt_tokens}",
+            )
+        if seq.reserve > config.max_position:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: prompt + max_new_tokens = {seq.reserve} exceeds the model's "
+                f"context of {config.max_position}",
+            )
+        if seq.reserve > limits.max_total_tokens:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {seq.request_id}: needs {seq.reserve} KV tokens, more than this worker's budget of "
+                f"{limits.max_total_tokens} (--max-total-tokens)",
+            )
+        if len(self.waiting) >= limits.max_waiting_requests:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {seq.request_id}: {len(self.waiting)} requests already waiting; retry later",
+            )
+
+    def submit(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+        self.prompt_tokens_total += len(seq.prompt)
+        self._idle.clear()
+        self._wake()
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.by_id.get(request_id)
+        if seq is None or seq.finish_reason is not None:
+            return False
+        seq.aborted = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self._finish(seq, ABORT, reserved=False)
+        self._wake()
+        return True
+
+    def _admit(self) -> None:
+        limits = self.limits
+        while self.waiting and len(self.running) < limits.max_running_requests:
+            seq = self.waiting[0]
+            if self.reserved + seq.reserve > limits.max_total_tokens:
+                break  # FIFO: the head waits for room, nobody overtakes it
+            self.waiting.popleft()
+            self.reserved += seq.reserve
+            self.running.append(seq)
+            if seq.preloaded is not None:
+                self._load_preloaded(seq)
+
+    def _load_preloaded(self, seq: Sequence) -> None:
+        preloaded, seq.preloaded = seq.preloaded, None
+        seq.slots = self.runner.allocate(len(seq.prompt))
+        self.runner.write_kv(seq.slots, preloaded.k, preloaded.v)
+        seq.computed = len(seq.prompt)
+        self._emit(seq, preloaded.first_token)
+
+    # the loop ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine")
+
+    async def _run(self) -> None:
+        while True:
+            await self._work.wait()
+            self._reap_aborted()
+            self._expire_held()
+            self._admit()
+            items = self._plan()
+            if not items:
+                self._work.clear()
+                self._update_idle()
+                continue
+            tokens = await asyncio.to_thread(self.runner.step, [item for _, item in items])
+            self.steps += 1
+            self._apply(items, tokens)
+            self._notify()
+
+    def _plan(self) -> list[tuple[Sequence, StepItem]]:
+        budget = self.limits.chunked_prefill_size
+        items = []
+        for seq in self.running:
+            if seq.computed < len(seq.prompt):
+                if budget <= 0:
+                    continue
+                n = min(len(seq.prompt) - seq.computed, budget)
+                budget -= n
+                new = seq.prompt[seq.computed : seq.computed + n]
+            else:
+                new = [seq.output[-1]]
+            self._grow(seq, seq.computed + len(new))
+            done_prompt = seq.computed + len(new) >= len(seq.prompt)
+            chunk = SeqChunk(new_tokens=new, start_pos=seq.computed, slots=seq.slots)
+            items.append(
+                (
+                    seq,
+                    StepItem(chunk, sample=done_prompt, temperature=seq.temperature, generator=seq.generator),
+                )
+            )
+        return items
+
+    def _grow(self, seq: Sequence, length: int) -> None:
+        if length > len(seq.slots):
+            seq.slots.extend(self.runner.allocate(length - len(seq.slots)))
+
+    def _apply(self, items: list[tuple[Sequence, StepItem]], tokens: list[int | None]) -> None:
+        for (seq, item), token in zip(items, tokens, strict=True):
+            seq.computed += len(item.chunk.new_tokens)
+            if token is not None and not seq.aborted:
+                self._emit(seq, token)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.output.append(token)
+        reason = self._finish_reason(seq, token)
+        if reason is None:
+            seq.outbox.put_nowait(Output([token]))
+            return
+        self.running.remove(seq)
+        if reason == PREFILL_DONE and seq.bootstrap_room is not None:
+            self._hold(seq, token)
+            seq.outbox.put_nowait(Output([token], reason))
+            self._retire(seq, reason, release_slots=False)
+            return
+        seq.outbox.put_nowait(Output([token], reason))
+        self._retire(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> int | None:
+        if seq.prefill_only:
+            return PREFILL_DONE
+        if token in seq.stop_ids or (token == self.runner.eos_token_id and not seq.ignore_eos):
+            return STOP
+        if len(seq.output) >= seq.max_new_tokens:
+            return LENGTH
+        return None
+
+    def _reap_aborted(self) -> None:
+        for seq in [s for s in self.running if s.aborted]:
+            self.running.remove(seq)
+            self._finish(seq, ABORT, reserved=True)
+
+    def _finish(self, seq: Sequence, reason: int, reserved: bool) -> None:
+        seq.outbox.put_nowait(Output([], reason))
+        self._retire(seq, reason, reserved=reserved)
+
+    def _retire(self, seq: Sequence, reason: int, release_slots: bool = True, reserved: bool = True) -> None:
+        seq.finish_reason = reason
+        if reserved:
+            self.reserved -= seq.reserve
+        if release_slots and seq.slots:
+            self.runner.release(seq.slots)
+        seq.slots = [] if release_slots else seq.slots
+        self.by_id.pop(seq.request_id, None)
+        self._wake()
+
+    # held KV (prefill role) ------------------------------------------------------------------
+    def _hold(self, seq: Sequence, first_token: int) -> None:
+        room = seq.bootstrap_room
+        assert room is not None
+        stale = self.held.pop(room, None)
+        if stale is not None:
+            self._free_held(stale)
+        prompt_slots = seq.slots[: len(seq.prompt)]
+        extra = seq.slots[len(seq.prompt) :]
+        if extra:
+            self.runner.release(extra)
+        self.held[room] = HeldKV(
+            room, seq.request_id, seq.prompt, first_token, prompt_slots, time.monotonic() + self.kv_hold_ttl_s
+        )
+        self.reserved += len(prompt_slots)
+        event = self._room_events.pop(room, None)
+        if event is not None:
+            event.set()
+
+    async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
+        """Take a room's KV, waiting up to `timeout` for its prefill to finish here."""
+        held = self.take_held(room)
+        if held is not None or timeout <= 0:
+            return held
+        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+            return None
+        event = self._room_events.setdefault(room, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
+                del self._room_events[room]
+        return self.take_held(room)
+
+    def take_held(self, room: int) -> HeldKV | None:
+        """Hand a room's KV to a transfer; the caller must `free_held` it afterwards."""
+        self._expire_held()
+        return self.held.pop(room, None)
+
+    def free_held(self, held: HeldKV) -> None:
+        self._free_held(held)
+        self._notify()
+
+    def _free_held(self, held: HeldKV) -> None:
+        self.runner.release(held.slots)
+        self.reserved -= len(held.slots)
+        held.slots = []
+        self._wake()
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        for room in [r for r, h in self.held.items() if h.expires_at <= now]:
+            self._free_held(self.held.pop(room))
+
+    # state ---------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._work.set()
+        self._notify()
+
+    def _update_idle(self) -> None:
+        if not self.waiting and not self.running:
+            self._idle.set()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def load(self) -> common_pb2.WorkerLoad:
+        return common_pb2.WorkerLoad(
+            running_requests=len(self.running),
+            waiting_requests=len(self.waiting),
+            running_tokens=sum(s.context_len for s in self.running),
+            waiting_tokens=sum(len(s.prompt) for s in self.waiting),
+            kv_tokens_used=self.runner.kv_used,
+            kv_tokens_capacity=self.limits.max_total_tokens,
+            prompt_tokens_total=self.prompt_tokens_total,
+        )
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, let the admitted ones finish for up to `timeout`, abort the rest."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            for seq in list(self.by_id.values()):
+                self.abort(seq.request_id)
+            await asyncio.wait_for(self._idle.wait(), 30)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for held in list(self.held.values()):
+            self._free_held(held)
+        self.held.clear()

@@ -1,0 +1,186 @@
+"""`pdlb-scheduler`: one DP worker (continuous batching over a torch model or a cost model)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import torch
+
+from pdlb.common.bootstrap_locator import BootstrapLocator
+from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.grpc_server import (
+    ServiceHost,
+    advertised,
+    configure_logging,
+    run_until_signal,
+    shutdown_event,
+)
+from pdlb.common.membership import LeasedRegistration, workers_prefix
+from pdlb.common.modes import role_of_mode
+from pdlb.common.roles import role_to_proto
+from pdlb.services.scheduler.batching import Engine, EngineLimits
+from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
+from pdlb.services.scheduler.reporter import LoadReporter
+from pdlb.services.scheduler.runners import Runner, SimRunner, TorchRunner
+from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
+from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("pdlb.scheduler")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser("scheduler", "One DP worker: continuous batching over a KV-token budget, streaming load reports.")
+    add_common_flags(p, default_port=50070)
+    p.flag(
+        "--disaggregation-mode",
+        default="null",
+        choices=["null", "prefill", "decode"],
+        help="null (non-PD, mixed), prefill or decode",
+    )
+    p.flag("--dp-rank", default=0, type=int, help="the DP rank this worker serves")
+    p.flag("--worker-id", default="", help="unique worker id (default: generated per start)")
+    p.flag("--dispatchers", default="", help="dispatcher host:port list to report load to (besides etcd's)")
+    p.flag("--bootstrap", default="", help="bootstrap server host:port (default: found in etcd)")
+    p.flag("--report-interval-ms", default=100, type=int, help="periodic load report interval")
+    p.flag("--max-total-tokens", default=8192, type=int, help="KV cache budget in tokens")
+    p.flag("--max-running-requests", default=64, type=int, help="largest running batch")
+    p.flag(
+        "--max-waiting-requests",
+        default=1024,
+        type=int,
+        help="longest waiting queue; more: RESOURCE_EXHAUSTED",
+    )
+    p.flag("--chunked-prefill-size", default=512, type=int, help="prefill tokens per step at most")
+    p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
+    p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
+    p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
+    p.flag("--device", default="cpu", help="torch device: cpu or cuda[:N]")
+    p.flag("--dtype", default="float32", choices=sorted(DTYPES), help="model and KV dtype")
+    p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
+    p.flag("--model-path", default="", help="safetensors file with weights of the configured architecture")
+    p.flag("--vocab-size", default=320, type=int, help="model vocabulary (>= 257: bytes and EOS)")
+    p.flag("--hidden-size", default=64, type=int, help="model width")
+    p.flag("--num-layers", default=2, type=int, help="transformer layers")
+    p.flag("--num-heads", default=4, type=int, help="attention heads")
+    p.flag("--max-position", default=4096, type=int, help="longest sequence (prompt + output)")
+    p.flag("--seed", default=0, type=int, help="seed of the random weights (when no --model-path)")
+    return p
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        max_position=args.max_position,
+        seed=args.seed,
+    )
+
+
+def build_runner(args) -> Runner:
+    config = model_config(args)
+    if args.runner == "sim":
+        return SimRunner(config, args.max_total_tokens)
+    torch.set_num_threads(max(1, args.torch_threads))
+    model = TinyTransformer.random(config)
+    if args.model_path:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.model_path), strict=True)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked but torch sees no CUDA device")
+    return TorchRunner(model, args.max_total_tokens, args.device, DTYPES[args.dtype])
+
+
+async def serve(args, stop_event: asyncio.Event) -> None:
+    role = role_of_mode(args.disaggregation_mode)
+    if args.dp_rank < 0:
+        raise SystemExit("--dp-rank must be >= 0")
+    limits = EngineLimits(
+        args.max_total_tokens,
+        args.max_running_requests,
+        args.chunked_prefill_size,
+        args.max_waiting_requests,
+        args.max_prompt_tokens,
+    )
+    engine = Engine(build_runner(args), limits, kv_hold_ttl_s=args.kv_hold_ttl)
+    worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
+    host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
+    address = advertised(args.host, host.port, args.advertise_address)
+    worker = common_pb2.WorkerInfo(worker_id=worker_id, role=role_to_proto(role), dp_rank=args.dp_rank, address=address)
+    acks = DispatchAcks()
+    bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix) if role != "mixed" else None
+    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
+    reporter = LoadReporter(worker, uuid.uuid4().hex, engine.load, acks.get, args.report_interval_ms / 1000)
+    engine.listeners.append(reporter.changed)
+    registration = (
+        LeasedRegistration(
+            args.etcd,
+            workers_prefix(args.etcd_prefix, role) + worker_id,
+            {"worker_id": worker_id, "role": role, "dp_rank": args.dp_rank, "address": address},
+            args.lease_ttl,
+        )
+        if args.etcd
+        else None
+    )
+
+    async def start() -> None:
+        engine.start()
+        await host.start()
+        if bootstrap:
+            await bootstrap.start()
+            if role == "prefill":
+                await _announce_endpoint(bootstrap, worker)
+        for target in csv_list(args.dispatchers):
+            reporter.add(target)
+        if args.etcd:
+            reporter.watch(args.etcd, args.etcd_prefix, role)
+        if registration:
+            await registration.start()
+        print(
+            f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {args.runner}) listening on {address}",
+            flush=True,
+        )
+
+    async def stop() -> None:
+        if registration:
+            await registration.close()  # deregister first: dispatchers stop routing here
+        await engine.drain(args.shutdown_grace)
+        await reporter.close()
+        await host.stop(1.0)
+        await engine.close()
+        await servicer.close()
+        if bootstrap:
+            await bootstrap.close()
+
+    await run_until_signal(start, stop, stop_event)
+
+
+async def _announce_endpoint(bootstrap: BootstrapLocator, worker: common_pb2.WorkerInfo) -> None:
+    stub = bootstrap.stub()
+    if stub is None:
+        return
+    endpoint = bootstrap_pb2.PrefillEndpoint(worker_id=worker.worker_id, dp_rank=worker.dp_rank, address=worker.address)
+    try:
+        await stub.RegisterPrefillEndpoint(bootstrap_pb2.RegisterPrefillEndpointRequest(endpoint=endpoint), timeout=5)
+    except Exception as exc:  # the endpoint list is informational; rooms carry the address too
+        log.warning("could not announce the KV endpoint to bootstrap: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+
+    async def run() -> None:
+        await serve(args, shutdown_event())
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

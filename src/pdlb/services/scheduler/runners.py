@@ -1,0 +1,169 @@
+"""Model runners behind one interface: the torch model, or a cost model for large simulations."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from pdlb.common.tokenizer import EOS_TOKEN_ID
+from pdlb.services.scheduler.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
+
+
+@dataclass
+class StepItem:
+    """One sequence in a step: its chunk, and how to sample its next token (if it needs one)."""
+
+    chunk: SeqChunk
+    sample: bool
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
+
+
+class Runner(ABC):
+    """Executes one batched step; owns the KV memory."""
+
+    config: ModelConfig
+    eos_token_id: int = EOS_TOKEN_ID
+
+    @abstractmethod
+    def allocate(self, n: int) -> list[int]: ...
+
+    @abstractmethod
+    def release(self, slots: list[int]) -> None: ...
+
+    @property
+    @abstractmethod
+    def kv_used(self) -> int: ...
+
+    @abstractmethod
+    def step(self, items: list[StepItem]) -> list[int | None]:
+        """Run the forward pass; returns the next token of each item with sample=True, else None."""
+
+    @abstractmethod
+    def read_kv(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the slots, each [num_layers, len(slots), num_heads, head_dim] on the CPU."""
+
+    @abstractmethod
+    def write_kv(self, slots: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K and V (as read_kv returns them) at the slots."""
+
+
+class TorchRunner(Runner):
+    def __init__(
+        self,
+        model: TinyTransformer,
+        max_total_tokens: int,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device, dtype=dtype).eval()
+        self.config = model.config
+        self.pool = KVPool(model.config, max_total_tokens, self.device, dtype)
+
+    def allocate(self, n: int) -> list[int]:
+        return self.pool.allocate(n)
+
+    def release(self, slots: list[int]) -> None:
+        self.pool.release(slots)
+
+    @property
+    def kv_used(self) -> int:
+        return self.pool.used
+
+    def step(self, items: list[StepItem]) -> list[int | None]:
+        logits = self.model([item.chunk for item in items], self.pool)
+        greedy = logits.argmax(dim=-1).tolist()
+        out: list[int | None] = []
+        for index, item in enumerate(items):
+            if not item.sample:
+                out.append(None)
+            elif item.temperature > 0:
+                probs = torch.softmax(logits[index].cpu() / item.temperature, dim=-1)
+                out.append(int(torch.multinomial(probs, 1, generator=item.generator)))
+            else:
+                out.append(int(greedy[index]))
+        return out
+
+    def read_kv(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return self.pool.k[:, index].cpu().contiguous(), self.pool.v[:, index].cpu().contiguous()
+
+    def write_kv(self, slots: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.pool.k[:, index] = k.to(self.device, self.pool.k.dtype)
+        self.pool.v[:, index] = v.to(self.device, self.pool.v.dtype)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step time = base + per prefill token + per decode sequence + per attended KV token (seconds)."""
+
+    base_s: float = 0.004
+    per_prefill_token_s: float = 0.00002
+    per_decode_seq_s: float = 0.0001
+    per_kv_token_s: float = 0.0000002
+
+    def step_time(self, items: list[StepItem]) -> float:
+        prefill = sum(len(i.chunk.new_tokens) for i in items if len(i.chunk.new_tokens) > 1)
+        decode = sum(1 for i in items if len(i.chunk.new_tokens) == 1)
+        attended = sum(i.chunk.start_pos + len(i.chunk.new_tokens) for i in items)
+        return (
+            self.base_s
+            + prefill * self.per_prefill_token_s
+            + decode * self.per_decode_seq_s
+            + attended * self.per_kv_token_s
+        )
+
+
+class SimRunner(Runner):
+    """No tensors: each step takes the cost model's time; tokens are a hash of the context."""
+
+    def __init__(self, config: ModelConfig, max_total_tokens: int, cost: CostModel | None = None) -> None:
+        self.config = config
+        self.cost = cost or CostModel()
+        self.capacity = max_total_tokens
+        self._free = list(range(max_total_tokens, 0, -1))
+        self._slot_token: dict[int, int] = {}
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV budget has {len(self._free)} free tokens, {n} asked")
+        taken = self._free[len(self._free) - n :][::-1]
+        del self._free[len(self._free) - n :]
+        return taken
+
+    def release(self, slots: list[int]) -> None:
+        self._free.extend(slots)
+
+    @property
+    def kv_used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def step(self, items: list[StepItem]) -> list[int | None]:
+        time.sleep(self.cost.step_time(items))  # the simulated GPU time of this batch
+        out: list[int | None] = []
+        for item in items:
+            chunk = item.chunk
+            end = chunk.start_pos + len(chunk.new_tokens)
+            for slot, token in zip(chunk.slots[chunk.start_pos : end], chunk.new_tokens, strict=True):
+                self._slot_token[slot] = token
+            if not item.sample:
+                out.append(None)
+                continue
+            context = bytes(str([self._slot_token.get(s, 0) for s in chunk.slots[max(0, end - 8) : end]]), "ascii")
+            out.append(hashlib.blake2b(context, digest_size=2).digest()[0])  # a byte token, never EOS
+        return out
+
+    def read_kv(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.config.num_layers, len(slots), 1, 1)
+        tokens = torch.tensor([float(self._slot_token.get(s, 0)) for s in slots]).view(1, -1, 1, 1)
+        return tokens.expand(shape).contiguous(), torch.zeros(shape)
+
+    def write_kv(self, slots: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        for slot, value in zip(slots, k[0, :, 0, 0].tolist(), strict=True):
+            self._slot_token[slot] = int(value)

@@ -1,0 +1,184 @@
+"""Scheduler servicer: admission, token streaming, abort, load, and PD KV hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from pdlb.common.bootstrap_locator import BootstrapLocator
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
+from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
+from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
+from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+KV_WAIT_S = 30.0  # longest a decode request waits for its room's prefill
+MAX_DISPATCHERS_TRACKED = 1024
+
+
+class DispatchAcks:
+    """Highest dispatch sequence received per dispatcher, acknowledged in load reports."""
+
+    def __init__(self) -> None:
+        self.highest: dict[str, int] = {}
+
+    def record(self, dispatcher_id: str, seq: int) -> None:
+        if not dispatcher_id or seq <= 0:
+            return
+        if dispatcher_id not in self.highest and len(self.highest) >= MAX_DISPATCHERS_TRACKED:
+            self.highest.pop(next(iter(self.highest)))  # forget the oldest dispatcher
+        self.highest[dispatcher_id] = max(seq, self.highest.get(dispatcher_id, 0))
+
+    def get(self, dispatcher_id: str) -> int:
+        return self.highest.get(dispatcher_id, 0)
+
+
+def _generator(request: common_pb2.InferenceRequest) -> torch.Generator | None:
+    if request.sampling.temperature <= 0:
+        return None
+    seed = request.sampling.seed or int.from_bytes(hashlib.blake2b(request.request_id.encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        worker: common_pb2.WorkerInfo,
+        role: str,
+        acks: DispatchAcks,
+        bootstrap: BootstrapLocator | None,
+    ) -> None:
+        self.engine, self.worker, self.role, self.acks, self.bootstrap = engine, worker, role, acks, bootstrap
+        self._kv_channels: dict[str, grpc.aio.Channel] = {}
+
+    async def Generate(self, request: scheduler_pb2.SchedulerGenerateRequest, context) -> AsyncIterator:
+        req = request.request
+        try:
+            checked = check_request(req, self.engine.limits.max_prompt_tokens)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        room = req.bootstrap_room if req.HasField("bootstrap_room") else None
+        if self.role != "mixed" and room is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {checked.request_id}: a {self.role} worker needs bootstrap_room",
+            )
+        seq = Sequence(
+            request_id=checked.request_id,
+            prompt=checked.input_ids,
+            max_new_tokens=checked.max_new_tokens,
+            temperature=checked.temperature,
+            stop_ids=frozenset(req.sampling.stop_token_ids),
+            ignore_eos=req.sampling.ignore_eos,
+            generator=_generator(req),
+            prefill_only=self.role == "prefill",
+            bootstrap_room=room,
+        )
+        try:
+            self.engine.check(seq)  # fail fast, before a KV pull
+            if self.role == "decode":
+                seq.preloaded = await self._pull_kv(request, seq, context)
+            self.engine.submit(seq)
+        except AdmissionError as exc:
+            await context.abort(exc.code, str(exc))
+        self.acks.record(request.dispatcher_id, request.dispatch_seq)  # now part of this worker's load
+        finished = False
+        try:
+            while not finished:
+                out = await seq.outbox.get()
+                finished = out.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                yield scheduler_pb2.SchedulerGenerateResponse(
+                    request_id=seq.request_id,
+                    token_ids=out.token_ids,
+                    finish_reason=out.finish_reason,
+                    prompt_tokens=len(seq.prompt),
+                )
+        finally:
+            if not finished:  # the client went away: free the batch slot and the KV
+                self.engine.abort(seq.request_id)
+
+    async def _pull_kv(self, request: scheduler_pb2.SchedulerGenerateRequest, seq: Sequence, context) -> PreloadedKV:
+        room = seq.bootstrap_room
+        remaining = context.time_remaining()
+        wait_s = min(KV_WAIT_S, remaining) if remaining is not None else KV_WAIT_S
+        address = request.prefill_address or await self._lookup(room, seq.request_id, wait_s, context)
+        channel = self._kv_channels.get(address)
+        if channel is None:
+            channel = self._kv_channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        call = stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=room, request_id=seq.request_id), timeout=wait_s)
+        try:
+            header, k, v = await decode_kv(call)
+        except grpc.aio.AioRpcError as err:
+            code = grpc.StatusCode.NOT_FOUND if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+            await context.abort(
+                code,
+                f"request {seq.request_id}: pulling KV of room {room} from {address} failed: "
+                f"{err.code().name}: {err.details()}",
+            )
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {seq.request_id}: KV of room {room}: {exc}")
+        if list(header.input_ids) != seq.prompt:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request {seq.request_id}: room {room} holds the KV of a different prompt",
+            )
+        return PreloadedKV(k=k, v=v, first_token=header.first_token_id)
+
+    async def _lookup(self, room: int, request_id: str, wait_s: float, context) -> str:
+        stub = self.bootstrap.stub() if self.bootstrap else None
+        if stub is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request {request_id}: no prefill_address given and no bootstrap server known",
+            )
+        try:
+            reply = await stub.LookupRoom(
+                bootstrap_pb2.LookupRoomRequest(bootstrap_room=room, wait_ms=int(wait_s * 1000)),
+                timeout=wait_s + 1,
+            )
+        except grpc.aio.AioRpcError as err:
+            code = err.code() if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"request {request_id}: bootstrap look-up of room {room}: {err.details()}")
+        return reply.record.prefill_address
+
+    async def Abort(self, request: scheduler_pb2.AbortRequest, context) -> scheduler_pb2.AbortResponse:
+        if not self.engine.abort(request.request_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is not running here")
+        return scheduler_pb2.AbortResponse()
+
+    async def GetLoad(self, request: scheduler_pb2.GetLoadRequest, context) -> scheduler_pb2.GetLoadResponse:
+        return scheduler_pb2.GetLoadResponse(worker=self.worker, load=self.engine.load())
+
+    async def PullKV(self, request: scheduler_pb2.PullKVRequest, context) -> AsyncIterator:
+        if self.role != "prefill":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this is a {self.role} worker; PullKV is served by prefill workers",
+            )
+        remaining = context.time_remaining()
+        held = await self.engine.wait_held(request.bootstrap_room, min(KV_WAIT_S, remaining or KV_WAIT_S))
+        if held is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"room {request.bootstrap_room} holds no KV here (not prefilled here, already pulled, or expired)",
+            )
+        try:
+            k, v = self.engine.runner.read_kv(held.slots)
+            for message in encode_kv(held.prompt, held.first_token, k, v):
+                yield message
+        finally:
+            self.engine.free_held(held)  # after transfer, or when the decode side went away
+
+    async def close(self) -> None:
+        for channel in self._kv_channels.values():
+            await channel.close()
+        await asyncio.sleep(0)

@@ -1,0 +1,52 @@
+"""Small client helpers for tests (real gRPC calls, no fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import grpc
+
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+
+def request(
+    rid: str, text: str = "", *, input_ids=None, max_new_tokens: int = 8, **fields
+) -> common_pb2.InferenceRequest:
+    return common_pb2.InferenceRequest(
+        request_id=rid,
+        text=text,
+        input_ids=input_ids or [],
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+        **fields,
+    )
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll a status predicate until it holds (for state only observable by polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def live_workers(stub: dispatch_pb2_grpc.DispatchStub) -> list[common_pb2.WorkerInfo]:
+    reply = await stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5)
+    return list(reply.workers)
+
+
+async def generate(stub: dispatch_pb2_grpc.DispatchStub, req: common_pb2.InferenceRequest, timeout: float = 60):
+    """All chunks of a Generate call."""
+    return [chunk async for chunk in stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=timeout)]
+
+
+def dispatch_stub(address: str) -> tuple[grpc.aio.Channel, dispatch_pb2_grpc.DispatchStub]:
+    channel = grpc.aio.insecure_channel(address)
+    return channel, dispatch_pb2_grpc.DispatchStub(channel)

@@ -50,3 +50,24 @@ async def generate(stub: dispatch_pb2_grpc.DispatchStub, req: common_pb2.Inferen
 def dispatch_stub(address: str) -> tuple[grpc.aio.Channel, dispatch_pb2_grpc.DispatchStub]:
     channel = grpc.aio.insecure_channel(address)
     return channel, dispatch_pb2_grpc.DispatchStub(channel)
+
+
+async def wait_for_workers(stub: dispatch_pb2_grpc.DispatchStub, count: int, timeout: float = 30.0) -> list:
+    """Wait until the dispatcher lists exactly `count` workers; returns them."""
+    found: list = []
+
+    async def check() -> bool:
+        nonlocal found
+        found = await live_workers(stub)
+        return len(found) == count
+
+    await wait_until(check, timeout, what=f"{count} workers at the dispatcher")
+    return found
+
+
+async def load_snapshot(stub: dispatch_pb2_grpc.DispatchStub) -> dispatch_pb2.WatchLoadResponse:
+    call = stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=50), timeout=10)
+    async for snapshot in call:
+        call.cancel()
+        return snapshot
+    raise AssertionError("WatchLoad ended without a snapshot")

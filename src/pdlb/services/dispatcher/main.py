@@ -132,6 +132,8 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
             await registration.start()
         if args.metrics_port:
             running.metrics_port = metrics.serve(args.metrics_port, args.host)
+        if running.metrics_port:
+            print(f"pdlb-dispatcher metrics on :{running.metrics_port}/metrics", flush=True)
         print(f"pdlb-dispatcher ({role.value}, {policy.name}) listening on {address}", flush=True)
         if ready is not None:
             ready.set_result(running)

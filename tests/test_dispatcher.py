@@ -1,0 +1,197 @@
+"""The dispatcher against a real etcd and real scheduler processes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import urllib.request
+
+import grpc
+import pytest
+
+from pdlb.common.etcd_process import free_port
+from pdlb.v1 import dispatch_pb2
+from tests.helpers import dispatch_stub, generate, load_snapshot, request, wait_for_workers, wait_until
+
+
+def etcd_flags(etcd, prefix, ttl: int = 2) -> list[str]:
+    return ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", str(ttl)]
+
+
+def start_schedulers(start_service, flags, ranks, *extra):
+    return [start_service("scheduler", *flags, "--dp-rank", str(r), *extra, name=f"sched-{r}") for r in ranks]
+
+
+@pytest.mark.parametrize("method", ["round_robin", "total_requests", "total_tokens", "kv_aware"])
+async def test_each_method_serves_real_requests_on_every_rank(etcd, prefix, start_service, method):
+    flags = etcd_flags(etcd, prefix)
+    dispatcher = start_service("dispatcher", *flags, "--load-balance-method", method)
+    start_schedulers(start_service, flags, range(2))
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        results = await asyncio.gather(
+            *[generate(stub, request(f"{method}-{i}", "x" * (5 + i), max_new_tokens=4)) for i in range(6)]
+        )
+        ranks = {chunks[0].dp_rank for chunks in results}
+        assert ranks == {0, 1}
+        for chunks in results:
+            assert sum(len(c.token_ids) for c in chunks) == 4 and chunks[-1].finish_reason == 1
+
+
+async def test_total_tokens_avoids_the_rank_holding_a_long_request(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix)
+    dispatcher = start_service("dispatcher", *flags, "--load-balance-method", "total_tokens")
+    start_schedulers(start_service, flags, range(2), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        long_call = stub.Generate(dispatch_pb2.GenerateRequest(request=request("long", "y" * 3000, max_new_tokens=400)))
+        first = await long_call.read()
+        busy = first.dp_rank
+        # Short requests all avoid the busy rank while the long one runs (its tokens dominate).
+        for i in range(4):
+            routed = await stub.Route(dispatch_pb2.RouteRequest(request=request(f"s{i}", "z" * 20)), timeout=5)
+            assert routed.dp_rank != busy
+        long_call.cancel()
+
+
+async def test_follow_bootstrap_room_and_external_ranks(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix)
+    dispatcher = start_service(
+        "dispatcher",
+        *flags,
+        "--disaggregation-mode",
+        "decode",
+        "--load-balance-method",
+        "follow_bootstrap_room",
+        "--dp-size",
+        "3",
+    )
+    start_schedulers(start_service, flags, range(3), "--disaggregation-mode", "decode", "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 3)
+        for room in (0, 4, 8, 11):
+            routed = await stub.Route(dispatch_pb2.RouteRequest(request=request(f"r{room}", "a", bootstrap_room=room)))
+            assert (routed.dp_rank, routed.method) == (room % 3, "follow_bootstrap_room")
+        routed = await stub.Route(
+            dispatch_pb2.RouteRequest(request=request("ext", "a", bootstrap_room=0, decode_dp_rank=2))
+        )
+        assert (routed.dp_rank, routed.method) == (2, "external")
+        for rank, code in ((3, grpc.StatusCode.INVALID_ARGUMENT), (-5, grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Route(
+                    dispatch_pb2.RouteRequest(request=request("bad", "a", bootstrap_room=1, decode_dp_rank=rank))
+                )
+            assert err.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Route(dispatch_pb2.RouteRequest(request=request("noroom", "a")))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bootstrap_room" in err.value.details()
+
+
+async def test_membership_follows_etcd_leases_and_survives_dispatcher_restart(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix)
+    dispatcher = start_service("dispatcher", *flags)
+    s0, s1 = start_schedulers(start_service, flags, range(2), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        s1.kill()  # kill -9: no deregistration, the lease (TTL 2 s) must expire
+        workers = await wait_for_workers(stub, 1, timeout=15)
+        assert workers[0].address == s0.address
+        s2 = start_service("scheduler", *flags, "--dp-rank", "1", "--runner", "sim", name="sched-1b")
+        await wait_for_workers(stub, 2)
+    assert dispatcher.terminate() == 0
+    restarted = start_service("dispatcher", *flags, name="dispatcher-2")
+    channel, stub = dispatch_stub(restarted.address)
+    async with channel:
+        workers = await wait_for_workers(stub, 2)
+        assert {w.address for w in workers} == {s0.address, s2.address}
+        chunks = await generate(stub, request("after-restart", "hello"))
+        assert chunks[-1].finish_reason == 1
+
+
+async def test_redispatch_once_when_worker_dies_before_first_token(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix, ttl=60)  # the dead worker stays registered
+    dispatcher = start_service("dispatcher", *flags, "--load-balance-method", "round_robin")
+    s0, s1 = start_schedulers(start_service, flags, range(2), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        s0.kill()
+        results = await asyncio.gather(*[generate(stub, request(f"re{i}", "hi")) for i in range(4)])
+        assert all(chunks[-1].dp_rank == 1 and chunks[-1].finish_reason == 1 for chunks in results)
+        s1.kill()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(stub, request("lost-1", "hi"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "lost-1" in err.value.details()
+
+
+async def test_worker_death_after_first_token_gives_unavailable_with_request_id(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix, ttl=60)
+    dispatcher = start_service("dispatcher", *flags)
+    (s0,) = start_schedulers(start_service, flags, range(1), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 1)
+        call = stub.Generate(dispatch_pb2.GenerateRequest(request=request("mid", "x" * 100, max_new_tokens=3000)))
+        assert len((await call.read()).token_ids) == 1
+        os.kill(s0.pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mid" in err.value.details() and "after streaming started" in err.value.details()
+
+
+async def test_watch_load_and_metrics(etcd, prefix, start_service):
+    flags = etcd_flags(etcd, prefix)
+    metrics_port = free_port()
+    dispatcher = start_service(
+        "dispatcher", *flags, "--metrics-port", str(metrics_port), "--load-balance-method", "total_tokens"
+    )
+    start_schedulers(start_service, flags, range(2), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        await generate(stub, request("m1", "hello"))
+        snapshot = await load_snapshot(stub)
+        assert snapshot.method == "total_tokens" and len(snapshot.workers) == 2
+        assert all(w.state == dispatch_pb2.MEMBER_STATE_LIVE for w in snapshot.workers)
+        assert sum(w.dispatched_total for w in snapshot.workers) == 1
+
+        async def reported():
+            snap = await load_snapshot(stub)
+            return all(0 <= w.report_age_ms < 2000 and w.reported.kv_tokens_capacity > 0 for w in snap.workers)
+
+        await wait_until(reported, what="load reports from both workers")
+        call = stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=1))  # raised to the 50 ms minimum
+        stamps = []
+        async for snap in call:
+            stamps.append(snap.timestamp_ms)
+            if len(stamps) == 4:
+                break
+        call.cancel()
+        assert all(b - a >= 45 for a, b in itertools.pairwise(stamps))
+    assert f"metrics on :{metrics_port}/metrics" in dispatcher.log_path.read_text()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert "pdlb_dispatches_total{dp_rank=" in body and "pdlb_rank_tokens" in body
+
+
+async def test_static_workers_without_etcd(start_service):
+    port = free_port()
+    dispatcher = start_service("dispatcher", "--workers", f"0@127.0.0.1:{port}")
+    start_service("scheduler", "--runner", "sim", "--port", str(port), "--dispatchers", dispatcher.address)
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+
+        async def adopted():  # the reporting scheduler replaced the static placeholder entry
+            snap = await load_snapshot(stub)
+            return len(snap.workers) == 1 and snap.workers[0].worker.worker_id.startswith("mixed-0-")
+
+        await wait_until(adopted, what="the static worker to report")
+        chunks = await generate(stub, request("static", "hi"))
+        assert chunks[-1].finish_reason == 1 and chunks[0].dp_rank == 0

@@ -177,7 +177,7 @@ async def test_watch_load_and_metrics(etcd, prefix, start_service):
         call.cancel()
         assert all(b - a >= 45 for a, b in itertools.pairwise(stamps))
     assert f"metrics on :{metrics_port}/metrics" in dispatcher.log_path.read_text()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    body = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
     assert "pdlb_dispatches_total{dp_rank=" in body and "pdlb_rank_tokens" in body
 
 
@@ -195,3 +195,8 @@ async def test_static_workers_without_etcd(start_service):
         await wait_until(adopted, what="the static worker to report")
         chunks = await generate(stub, request("static", "hi"))
         assert chunks[-1].finish_reason == 1 and chunks[0].dp_rank == 0
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()

@@ -71,3 +71,11 @@ async def load_snapshot(stub: dispatch_pb2_grpc.DispatchStub) -> dispatch_pb2.Wa
         call.cancel()
         return snapshot
     raise AssertionError("WatchLoad ended without a snapshot")
+
+
+async def rest_of(call) -> list:
+    """Read the remaining messages of a stream on which read() was already used."""
+    messages = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages

@@ -1,0 +1,185 @@
+"""The batching engine in-process with the real torch model (no fakes): invariants and numerics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from pdlb.services.scheduler.batching import AdmissionError, Engine, EngineLimits, Sequence
+from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
+from pdlb.services.scheduler.runners import SimRunner, TorchRunner
+from pdlb.v1 import common_pb2
+
+CONFIG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, max_position=512, seed=7)
+
+
+class WatchedRunner(TorchRunner):
+    """The real torch runner, observed: records the peak KV use and every batch it runs."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.peak_kv = 0
+        self.batches: list[int] = []
+
+    def step(self, items):
+        self.peak_kv = max(self.peak_kv, self.kv_used)
+        self.batches.append(len(items))
+        return super().step(items)
+
+
+def make_engine(max_total_tokens=2048, max_running=16, chunk=64, max_waiting=64) -> tuple[Engine, WatchedRunner]:
+    torch.set_num_threads(1)
+    runner = WatchedRunner(TinyTransformer.random(CONFIG), max_total_tokens)
+    limits = EngineLimits(max_total_tokens, max_running, chunk, max_waiting, max_prompt_tokens=400)
+    engine = Engine(runner, limits)
+    engine.start()
+    return engine, runner
+
+
+def seq(rid: str, prompt: list[int], max_new: int = 8, **kw) -> Sequence:
+    return Sequence(request_id=rid, prompt=prompt, max_new_tokens=max_new, ignore_eos=True, **kw)
+
+
+async def collect(s: Sequence) -> tuple[list[int], int]:
+    tokens: list[int] = []
+    while True:
+        out = await s.outbox.get()
+        tokens += out.token_ids
+        if out.finish_reason:
+            return tokens, out.finish_reason
+
+
+def prompt(n: int, salt: int = 0) -> list[int]:
+    return [(i * 31 + salt * 7) % 256 for i in range(n)]
+
+
+async def test_same_prompt_same_tokens_alone_and_in_a_batch_with_chunked_prefill():
+    engine, runner = make_engine(chunk=16)
+    alone = seq("alone", prompt(50), max_new=12)
+    engine.submit(alone)
+    expected, reason = await collect(alone)
+    assert reason == common_pb2.FINISH_REASON_LENGTH and len(expected) == 12
+    batch = [seq(f"b{i}", prompt(20 + 13 * i, salt=i), max_new=12) for i in range(5)]
+    twin = seq("twin", prompt(50), max_new=12)
+    for s in [*batch[:2], twin, *batch[2:]]:
+        engine.submit(s)
+    results = await asyncio.gather(*[collect(s) for s in [*batch, twin]])
+    assert results[-1][0] == expected
+    assert max(runner.batches) > 1  # it really ran batched
+    await engine.close()
+
+
+async def test_budget_never_exceeded_and_fifo_admission():
+    engine, runner = make_engine(max_total_tokens=300, max_running=8)
+    order: list[str] = []
+    seqs = [seq(f"r{i}", prompt(60 + 10 * (i % 3), salt=i), max_new=20) for i in range(12)]
+    for s in seqs:
+        engine.submit(s)
+
+    async def track(s: Sequence) -> None:
+        first = await s.outbox.get()  # first token means admitted and prefilled
+        order.append(s.request_id)
+        if not first.finish_reason:
+            await collect(s)
+
+    await asyncio.gather(*[track(s) for s in seqs])
+    assert runner.peak_kv <= 300
+    assert order == [s.request_id for s in seqs]  # FIFO: no request overtook an earlier one
+    assert engine.reserved == 0 and runner.kv_used == 0  # all KV freed after finishing
+    await engine.close()
+
+
+async def test_abort_frees_kv_and_waiting_requests():
+    engine, runner = make_engine(max_total_tokens=200, max_running=1)
+    running = seq("run", prompt(30), max_new=150)
+    waiting = seq("wait", prompt(10), max_new=5)
+    engine.submit(running)
+    engine.submit(waiting)
+    await running.outbox.get()
+    assert engine.load().running_requests == 1 and engine.load().waiting_requests == 1
+    assert engine.abort("wait") and engine.abort("run")
+    assert (await collect(waiting))[1] == common_pb2.FINISH_REASON_ABORT
+    assert (await collect(running))[1] == common_pb2.FINISH_REASON_ABORT
+    await asyncio.wait_for(engine._idle.wait(), 10)
+    assert runner.kv_used == 0 and engine.reserved == 0 and not engine.by_id
+    assert not engine.abort("run")  # unknown now
+    await engine.close()
+
+
+async def test_load_reflects_queue():
+    engine, _ = make_engine(max_total_tokens=400, max_running=2)
+    seqs = [seq(f"q{i}", prompt(40, salt=i), max_new=100) for i in range(5)]
+    for s in seqs:
+        engine.submit(s)
+    await seqs[0].outbox.get()
+    load = engine.load()
+    assert (load.running_requests, load.waiting_requests) == (2, 3)
+    assert load.waiting_tokens == 3 * 40 and load.running_tokens >= 2 * 40
+    assert 0 < load.kv_tokens_used <= 400 and load.kv_tokens_capacity == 400
+    for s in seqs:
+        engine.abort(s.request_id)
+    await engine.close()
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_new", "code"),
+    [
+        (100, 300, grpc.StatusCode.RESOURCE_EXHAUSTED),  # 400 tokens never fit the 256-token KV budget
+        (401, 1, grpc.StatusCode.INVALID_ARGUMENT),  # prompt longer than --max-prompt-tokens
+        (300, 300, grpc.StatusCode.INVALID_ARGUMENT),  # longer than the model's context (512)
+    ],
+)
+async def test_requests_that_can_never_fit_are_refused_at_admission(prompt_len, max_new, code):
+    engine, _ = make_engine(max_total_tokens=256)
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("big", prompt(prompt_len), max_new=max_new))
+    assert err.value.code == code
+    await engine.close()
+
+
+async def test_out_of_vocabulary_duplicate_and_queue_full():
+    engine, _ = make_engine(max_total_tokens=256, max_running=1, max_waiting=1)
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("oov", [1, 2, 999]))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "999" in str(err.value)
+    engine.submit(seq("a", prompt(10), max_new=200))
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("a", prompt(10)))
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    await engine.by_id["a"].outbox.get()  # "a" is running, so "b" is the only waiter
+    engine.submit(seq("b", prompt(10)))
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("c", prompt(10)))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    engine.abort("a")
+    engine.abort("b")
+    await engine.close()
+
+
+async def test_sim_runner_behind_the_same_interface():
+    runner = SimRunner(CONFIG, 500)
+    engine = Engine(runner, EngineLimits(500, 8, 64, 16, 400))
+    engine.start()
+    seqs = [seq(f"s{i}", prompt(30, salt=i), max_new=10) for i in range(4)]
+    for s in seqs:
+        engine.submit(s)
+    results = await asyncio.gather(*[collect(s) for s in seqs])
+    assert all(len(tokens) == 10 for tokens, _ in results)
+    assert runner.kv_used == 0
+    await engine.close()
+
+
+async def test_temperature_sampling_is_reproducible_with_a_seed():
+    engine, _ = make_engine()
+    outs = []
+    for rid in ("t1", "t2"):
+        s = seq(rid, prompt(20), max_new=16, temperature=1.5, generator=torch.Generator().manual_seed(5))
+        engine.submit(s)
+        outs.append((await collect(s))[0])
+    greedy = seq("g", prompt(20), max_new=16)
+    engine.submit(greedy)
+    assert outs[0] == outs[1] and outs[0] != (await collect(greedy))[0]
+    await engine.close()

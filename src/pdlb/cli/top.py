@@ -1,0 +1,111 @@
+"""`pdlb top`: a live per-rank load dashboard fed by Dispatch.WatchLoad (rich)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+
+STATE_STYLE = {
+    dispatch_pb2.MEMBER_STATE_LIVE: ("live", "green"),
+    dispatch_pb2.MEMBER_STATE_STALE: ("stale", "yellow"),
+    dispatch_pb2.MEMBER_STATE_GONE: ("gone", "red"),
+}
+BAR_WIDTH = 20
+
+
+def bar(value: float, maximum: float, style: str) -> Text:
+    filled = 0 if maximum <= 0 else round(BAR_WIDTH * min(value / maximum, 1.0))
+    return Text("█" * filled, style=style) + Text("░" * (BAR_WIDTH - filled), style="grey37")
+
+
+def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
+    role = common_pb2.Role.Name(snapshot.role).removeprefix("ROLE_").lower()
+    table = Table(title=f"{label}: {role} dispatcher, method {snapshot.method}", title_justify="left", expand=False)
+    for column in (
+        "rank",
+        "worker",
+        "state",
+        "run",
+        "wait",
+        "tokens",
+        "",
+        "KV use",
+        "",
+        "in-flight",
+        "report age",
+        "dispatched",
+    ):
+        table.add_column(column, justify="right" if column not in ("worker", "state", "") else "left")
+    rows = list(snapshot.workers)
+    max_tokens = max((_tokens(w) for w in rows), default=0) or 1
+    for w in rows:
+        load = w.reported
+        kv_ratio = load.kv_tokens_used / load.kv_tokens_capacity if load.kv_tokens_capacity else 0.0
+        state, style = STATE_STYLE.get(w.state, ("?", "white"))
+        table.add_row(
+            str(w.worker.dp_rank),
+            w.worker.worker_id,
+            Text(state, style=style),
+            str(load.running_requests),
+            str(load.waiting_requests),
+            str(_tokens(w)),
+            bar(_tokens(w), max_tokens, "cyan"),
+            f"{kv_ratio:6.1%}",
+            bar(kv_ratio, 1.0, "magenta"),
+            str(w.inflight_requests),
+            "-" if w.report_age_ms < 0 else f"{w.report_age_ms} ms",
+            str(w.dispatched_total),
+        )
+    return table
+
+
+def _tokens(w: dispatch_pb2.WorkerLoadEntry) -> int:
+    return w.reported.running_tokens + w.reported.waiting_tokens + w.inflight_tokens
+
+
+async def watch(dispatchers: dict[str, str], interval_ms: int, once: bool = False) -> None:
+    """Show one table per dispatcher, refreshed on every snapshot; `once` prints a single frame."""
+    latest: dict[str, dispatch_pb2.WatchLoadResponse] = {}
+    channels = {label: grpc.aio.insecure_channel(address) for label, address in dispatchers.items()}
+    updated = asyncio.Event()
+
+    async def follow(label: str) -> None:
+        stub = dispatch_pb2_grpc.DispatchStub(channels[label])
+        async for snapshot in stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=interval_ms)):
+            latest[label] = snapshot
+            updated.set()
+
+    tasks = [asyncio.create_task(follow(label)) for label in dispatchers]
+    try:
+        if once:
+            while len(latest) < len(dispatchers):
+                await _next(updated, tasks)
+            from rich.console import Console
+
+            Console(width=160).print(Group(*(render(label, latest[label]) for label in dispatchers)))
+            return
+        with Live(Text("waiting for the first snapshot ..."), refresh_per_second=10) as live:
+            while True:
+                await _next(updated, tasks)
+                live.update(Group(*(render(label, snap) for label, snap in latest.items())))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for channel in channels.values():
+            await channel.close()
+
+
+async def _next(updated: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+    waiter = asyncio.create_task(updated.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task in done:
+            task.result()  # a broken stream raises here
+    updated.clear()

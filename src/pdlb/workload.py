@@ -1,0 +1,83 @@
+"""Synthetic serving workloads (no downloads): request lengths and arrival times.
+
+Lengths follow log-normal distributions shaped like ShareGPT conversations (median prompt ~ a few
+hundred tokens, long tail), optionally mixed with a long-tail class; arrivals are Poisson or bursty;
+shared-prefix groups model sessions with a long common system prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    num_requests: int = 200
+    rate: float = 20.0  # requests per second (mean)
+    arrival: str = "poisson"  # poisson | bursty | all-at-once
+    burst_size: int = 16  # bursty: requests per burst (bursts are Poisson)
+    input_median: int = 200
+    input_sigma: float = 0.8
+    output_median: int = 64
+    output_sigma: float = 0.6
+    long_tail_fraction: float = 0.0  # share of requests drawn 8x longer
+    max_input: int = 2048
+    max_output: int = 512
+    prefix_groups: int = 0  # > 0: each request starts with its group's shared prefix
+    prefix_len: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    index: int
+    arrival_s: float
+    input_ids: list[int]
+    max_new_tokens: int
+    group: int = -1
+
+
+def _lognormal(rng: random.Random, median: int, sigma: float, cap: int) -> int:
+    return max(1, min(cap, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def arrivals(spec: WorkloadSpec, rng: random.Random) -> list[float]:
+    if spec.arrival == "all-at-once" or spec.rate <= 0:
+        return [0.0] * spec.num_requests
+    times, now = [], 0.0
+    if spec.arrival == "bursty":
+        burst_rate = spec.rate / spec.burst_size
+        while len(times) < spec.num_requests:
+            now += rng.expovariate(burst_rate)
+            times += [now] * min(spec.burst_size, spec.num_requests - len(times))
+        return times
+    for _ in range(spec.num_requests):
+        now += rng.expovariate(spec.rate)
+        times.append(now)
+    return times
+
+
+def generate(spec: WorkloadSpec) -> list[WorkItem]:
+    rng = random.Random(spec.seed)
+    prefixes = [[rng.randrange(256) for _ in range(spec.prefix_len)] for _ in range(spec.prefix_groups)]
+    items = []
+    for index, at in enumerate(arrivals(spec, rng)):
+        scale = 8 if rng.random() < spec.long_tail_fraction else 1
+        n_in = _lognormal(rng, spec.input_median * scale, spec.input_sigma, spec.max_input)
+        n_out = _lognormal(rng, spec.output_median * scale, spec.output_sigma, spec.max_output)
+        group = rng.randrange(spec.prefix_groups) if spec.prefix_groups else -1
+        head = prefixes[group] if group >= 0 else []
+        tail = [rng.randrange(256) for _ in range(max(1, n_in - len(head)))]
+        items.append(WorkItem(index, at, head + tail, n_out, group))
+    return items
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]

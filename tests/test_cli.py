@@ -1,0 +1,101 @@
+"""The `pdlb` command line against a local cluster it starts itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pdlb.common.processes import die_with_parent
+
+
+def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pdlb.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """`pdlb up` in mixed mode on free ports; yields (process, state, env)."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdlb.cli.main",
+            "up",
+            "--mode",
+            "mixed",
+            "--workers",
+            "2",
+            "--runner",
+            "sim",
+            "--port",
+            "0",
+            "--etcd-port",
+            "0",
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=die_with_parent,
+    )
+    lines = []
+    for line in up.stdout:  # the summary ends with the "try:" line once everything is healthy
+        lines.append(line)
+        if line.startswith("try:"):
+            break
+    else:
+        pytest.fail("pdlb up ended early:\n" + "".join(lines))
+    state = json.loads((tmp_path / "state" / "cluster.json").read_text())
+    yield up, state, env
+    if up.poll() is None:
+        up.kill()
+        up.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not running
+        return stat.read().split()[2] != "Z"
+
+
+def test_up_generate_workers_route_and_clean_shutdown(cluster):
+    up, state, env = cluster
+    generated = pdlb("generate", "hello there", "--max-new-tokens", "5", env=env)
+    assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr
+    workers = pdlb("workers", env=env)
+    assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
+    routed = pdlb("route", "hi", env=env)
+    assert "method total_tokens" in routed.stdout
+    top = pdlb("top", "--once", env=env)
+    assert top.returncode == 0 and "total_tokens" in top.stdout and "live" in top.stdout
+    bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
+    assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
+    up.send_signal(signal.SIGINT)
+    rest = up.stdout.read()
+    assert up.wait(timeout=60) == 0
+    assert "etcd keys left behind: none" in rest
+    assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
+
+
+def test_killed_up_leaves_no_orphans(cluster):
+    up, state, _ = cluster
+    up.kill()  # kill -9: children get SIGTERM from the kernel (parent-death signal)
+    up.wait()
+    deadline = time.monotonic() + 30
+    while [pid for pid in state["pids"] if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in state["pids"] if alive(pid)]

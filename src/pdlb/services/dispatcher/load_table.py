@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+STATE_CHECK_S = 0.05
+
 
 class Role(str, Enum):
     MIXED = "mixed"
@@ -54,9 +56,13 @@ class InFlight:
     expires_at: float
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerEntry:
-    """One worker's row: membership, last report and requests in flight to it."""
+    """One worker's row: membership, last report and requests in flight to it.
+
+    The effective loads that policies compare (`total_requests`, `total_tokens`, `kv_ratio`) are
+    plain attributes recomputed on every change of this row, so a decision reads them at C speed.
+    """
 
     worker: Worker
     reported: ReportedLoad = field(default_factory=ReportedLoad)
@@ -69,6 +75,10 @@ class WorkerEntry:
     registered_at: float = 0.0
     dispatched_total: int = 0
     state: MemberState = MemberState.LIVE
+    total_requests: int = 0
+    total_tokens: int = 0
+    kv_ratio: float = 0.0
+    kv_free: int = 0
 
     @property
     def dp_rank(self) -> int:
@@ -79,23 +89,18 @@ class WorkerEntry:
         return len(self.inflight)
 
     @property
-    def total_requests(self) -> int:
-        r = self.reported
-        return r.running_requests + r.waiting_requests + len(self.inflight)
-
-    @property
-    def total_tokens(self) -> int:
-        r = self.reported
-        return r.running_tokens + r.waiting_tokens + self.inflight_tokens
-
-    @property
     def kv_used(self) -> int:
         """KV tokens in use plus those the in-flight requests will need."""
         return self.reported.kv_tokens_used + self.inflight_tokens
 
-    @property
-    def kv_free(self) -> int:
-        return self.reported.kv_tokens_capacity - self.kv_used
+    def recount(self) -> None:
+        r = self.reported
+        self.total_requests = r.running_requests + r.waiting_requests + len(self.inflight)
+        self.total_tokens = r.running_tokens + r.waiting_tokens + self.inflight_tokens
+        capacity = r.kv_tokens_capacity
+        self.kv_free = capacity - self.kv_used
+        # Not reported yet: rank it after every reported worker, by what was sent to it.
+        self.kv_ratio = self.kv_used / capacity if capacity > 0 else 1.0 + self.inflight_tokens
 
     def drop_through(self, seq: int) -> None:
         while self.inflight:
@@ -103,6 +108,7 @@ class WorkerEntry:
             if first_seq > seq:
                 break
             self.inflight_tokens -= self.inflight.popitem(last=False)[1].tokens
+        self.recount()
 
 
 class UnknownWorker(KeyError):
@@ -125,6 +131,10 @@ class LoadTable:
         self.clock = clock
         self.entries: dict[str, WorkerEntry] = {}
         self.version = 0  # bumped on every change, for watchers
+        self._members_version = 0  # bumped when membership or a state changes
+        self._candidates: list[WorkerEntry] = []
+        self._candidates_version = -1
+        self._states_checked_at = float("-inf")
 
     # membership ------------------------------------------------------------------------------
     def upsert(self, worker: Worker) -> WorkerEntry:
@@ -136,14 +146,14 @@ class LoadTable:
                 entry.next_seq = previous.next_seq
             self.entries[worker.worker_id] = entry
         entry.state = MemberState.LIVE
-        self.version += 1
+        self._changed_members()
         return entry
 
     def remove(self, worker_id: str) -> WorkerEntry | None:
         entry = self.entries.pop(worker_id, None)
         if entry is not None:
             entry.state = MemberState.GONE
-            self.version += 1
+            self._changed_members()
         return entry
 
     def get(self, worker_id: str) -> WorkerEntry:
@@ -167,8 +177,10 @@ class LoadTable:
         entry.drop_through(acked_seq)
         entry.reported = load
         entry.last_report_at = self.clock()
+        entry.recount()
         if entry.state is MemberState.STALE:
             entry.state = MemberState.LIVE
+            self._changed_members()
         self.version += 1
         return True
 
@@ -184,6 +196,7 @@ class LoadTable:
         entry.inflight[entry.next_seq] = InFlight(tokens, self.clock() + self.inflight_timeout_s)
         entry.inflight_tokens += tokens
         entry.dispatched_total += 1
+        entry.recount()
         self.version += 1
         return entry.next_seq
 
@@ -195,6 +208,7 @@ class LoadTable:
         item = entry.inflight.pop(seq, None)
         if item is not None:
             entry.inflight_tokens -= item.tokens
+            entry.recount()
             self.version += 1
 
     def _expire(self, entry: WorkerEntry) -> None:
@@ -205,6 +219,7 @@ class LoadTable:
                 break
             entry.inflight.popitem(last=False)
             entry.inflight_tokens -= item.tokens
+            entry.recount()
 
     def refresh_states(self) -> None:
         """Mark workers without a recent report STALE (and back to LIVE when they report)."""
@@ -216,15 +231,27 @@ class LoadTable:
             silent = now - seen_at > self.stale_after_s
             if silent and entry.state is MemberState.LIVE:
                 entry.state = MemberState.STALE
-                self.version += 1
+                self._changed_members()
+        self._states_checked_at = now
 
     # selection helpers ---------------------------------------------------------------------------
-    def candidates(self) -> list[WorkerEntry]:
-        """One worker per DP rank, LIVE preferred over STALE, newest registration on a tie.
+    def _changed_members(self) -> None:
+        self._members_version += 1
+        self.version += 1
 
-        If no worker of any rank is LIVE, STALE ones are returned so requests still flow.
-        """
-        self.refresh_states()
+    def candidates(self) -> list[WorkerEntry]:
+        """One worker per DP rank, ordered by rank: LIVE preferred over STALE, then the most
+        recently reporting. If no rank has a LIVE worker, STALE ones are returned so requests
+        still flow. Cached until membership or a state changes; states are re-checked at most
+        every STATE_CHECK_S so a decision stays O(1) in the common case."""
+        if self.clock() - self._states_checked_at >= STATE_CHECK_S:
+            self.refresh_states()
+        if self._candidates_version != self._members_version:
+            self._candidates = self._build_candidates()
+            self._candidates_version = self._members_version
+        return self._candidates
+
+    def _build_candidates(self) -> list[WorkerEntry]:
         by_rank: dict[int, WorkerEntry] = {}
         for entry in self.entries.values():
             best = by_rank.get(entry.dp_rank)
@@ -245,4 +272,4 @@ class LoadTable:
 
 
 def _preference(entry: WorkerEntry) -> tuple[int, float]:
-    return (1 if entry.state is MemberState.LIVE else 0, entry.last_report_at or 0.0)
+    return (1 if entry.state is MemberState.LIVE else 0, entry.registered_at)

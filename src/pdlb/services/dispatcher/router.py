@@ -37,7 +37,9 @@ class Router:
         if external is not None:
             entry, method = self._external(ctx, external), EXTERNAL
         else:
-            candidates = [e for e in self.table.candidates() if e.worker.worker_id not in exclude]
+            candidates = self.table.candidates()
+            if exclude:  # only on a re-dispatch: the common path stays free of per-rank work
+                candidates = [e for e in candidates if e.worker.worker_id not in exclude]
             if not candidates:
                 raise RoutingError(
                     grpc.StatusCode.UNAVAILABLE,

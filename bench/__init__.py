@@ -1,0 +1,1 @@
+"""pdlb benchmarks (`make bench`): tables and ratios against baselines run side by side."""

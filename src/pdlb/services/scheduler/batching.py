@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -125,6 +126,9 @@ class Engine:
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._room_events: dict[int, asyncio.Event] = {}
+        # One dedicated thread runs every step: torch keeps one thread pool, and the event loop
+        # stays free to stream tokens and reports while a step computes.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
     # admission ---------------------------------------------------------------------------------
     def check(self, seq: Sequence) -> None:
@@ -216,7 +220,9 @@ class Engine:
                 self._work.clear()
                 self._update_idle()
                 continue
-            tokens = await asyncio.to_thread(self.runner.step, [item for _, item in items])
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.step, [item for _, item in items]
+            )
             self.steps += 1
             self._apply(items, tokens)
             self._notify()
@@ -398,3 +404,4 @@ class Engine:
         for held in list(self.held.values()):
             self._free_held(held)
         self.held.clear()
+        self._executor.shutdown(wait=True)

@@ -230,3 +230,24 @@ def test_every_registered_policy_picks_a_candidate():
     for name in POLICIES:
         policy = create_policy(name, Role.PREFILL, PolicyOptions(dp_size=5))
         assert policy.select(ctx(room=3), table.candidates()) in table.candidates()
+
+
+def test_peer_baselines_keep_their_own_accounting():
+    table = make_table(2)
+    sglang = create_policy("peer_sglang_minimum_tokens", Role.MIXED, PolicyOptions())
+    router = Router(Role.MIXED, table, sglang)
+    first = router.decide(ctx(tokens=1000)).entry
+    assert router.decide(ctx(tokens=10)).entry is not first  # the on-fly tokens count until a report
+    # A report that does not include the request yet still clears SGLang's on-fly list (the bug
+    # pdlb's acknowledged sequences avoid): the 1000-token request is forgotten by the peer only.
+    table.apply_report(first.worker.worker_id, ReportedLoad(), acked_seq=0)
+    sglang.on_report(first)
+    assert sglang._score(first) == 0 and first.total_tokens == 1000
+    vllm = create_policy("peer_vllm_dp", Role.MIXED, PolicyOptions())
+    for entry in table.candidates():
+        entry.reported = ReportedLoad(waiting_requests=1 if entry.dp_rank == 0 else 0, running_requests=1)
+        vllm.on_report(entry)
+    # Both reports arrive within one 100 ms stats interval: only rank 0's was published, so rank 1
+    # looks empty (score 0), takes a request (local waiting += 1: score 4) and still beats rank 0 (5).
+    vllm_router = Router(Role.MIXED, table, vllm)
+    assert [vllm_router.decide(ctx()).entry.dp_rank for _ in range(2)] == [1, 1]

@@ -61,6 +61,9 @@ class Policy(ABC):
     def on_worker_removed(self, worker_id: str) -> None:  # noqa: B027 - optional hook
         """Called when a worker leaves the cluster."""
 
+    def on_report(self, entry: WorkerEntry) -> None:  # noqa: B027 - optional hook
+        """Called after a worker's load report was applied to its entry."""
+
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -184,11 +187,13 @@ AUTO_BY_ROLE = {Role.MIXED: "round_robin", Role.PREFILL: "follow_bootstrap_room"
 
 
 def method_names() -> list[str]:
+    _load_baselines()
     return ["auto", *sorted(POLICIES)]
 
 
 def resolve_method(method: str, role: Role) -> str:
     """`auto` becomes the role's default; other names are checked."""
+    _load_baselines()
     name = AUTO_BY_ROLE[role] if method == "auto" else method
     if name not in POLICIES:
         raise ValueError(f"unknown load-balance method {method!r}; choose from {', '.join(method_names())}")
@@ -197,3 +202,8 @@ def resolve_method(method: str, role: Role) -> str:
 
 def create_policy(method: str, role: Role, options: PolicyOptions) -> Policy:
     return POLICIES[resolve_method(method, role)](options)
+
+
+def _load_baselines() -> None:
+    """Register the peers' policies (benchmark baselines) on first use."""
+    from pdlb.services.dispatcher import baselines  # noqa: F401 - registers on import

@@ -289,6 +289,8 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
             )
             if applied is False:
                 self.core.metrics.stale_reports.inc()
+            elif applied:
+                self.core.router.policy.on_report(self.core.table.get(worker.worker_id))
 
     async def _worker_of(self, report: load_report_pb2.ReportRequest, context) -> Worker:
         info = report.worker

@@ -23,7 +23,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.services.scheduler.batching import Engine, EngineLimits
 from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
-from pdlb.services.scheduler.runners import Runner, SimRunner, TorchRunner
+from pdlb.services.scheduler.runners import CostModel, Runner, SimRunner, TorchRunner
 from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -57,6 +57,7 @@ def build_parser() -> FlagParser:
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
     p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
+    p.flag("--sim-slowdown", default=1.0, type=float, help="sim runner: multiply every step time (a slower GPU)")
     p.flag("--device", default="cpu", help="torch device: cpu or cuda[:N]")
     p.flag("--dtype", default="float32", choices=sorted(DTYPES), help="model and KV dtype")
     p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
@@ -84,7 +85,7 @@ def model_config(args) -> ModelConfig:
 def build_runner(args) -> Runner:
     config = model_config(args)
     if args.runner == "sim":
-        return SimRunner(config, args.max_total_tokens)
+        return SimRunner(config, args.max_total_tokens, CostModel().scaled(args.sim_slowdown))
     torch.set_num_threads(max(1, args.torch_threads))
     model = TinyTransformer.random(config)
     if args.model_path:

@@ -108,6 +108,12 @@ class CostModel:
     per_decode_seq_s: float = 0.0001
     per_kv_token_s: float = 0.0000002
 
+    def scaled(self, factor: float) -> CostModel:
+        if factor <= 0:
+            raise ValueError("slowdown factor must be > 0")
+        fields = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_kv_token_s")
+        return CostModel(*(getattr(self, f) * factor for f in fields))
+
     def step_time(self, items: list[StepItem]) -> float:
         prefill = sum(len(i.chunk.new_tokens) for i in items if len(i.chunk.new_tokens) > 1)
         decode = sum(1 for i in items if len(i.chunk.new_tokens) == 1)

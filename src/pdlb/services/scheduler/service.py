@@ -47,6 +47,18 @@ def _generator(request: common_pb2.InferenceRequest) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
+async def _next_outputs(seq: Sequence) -> tuple[list[int], int]:
+    """The next tokens of a request, merged with any that queued up meanwhile: a slow reader gets
+    fewer, larger messages instead of falling further behind."""
+    out = await seq.outbox.get()
+    tokens, reason = list(out.token_ids), out.finish_reason
+    while not reason and not seq.outbox.empty():
+        out = seq.outbox.get_nowait()
+        tokens += out.token_ids
+        reason = out.finish_reason
+    return tokens, reason
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self,
@@ -93,13 +105,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finished = False
         try:
             while not finished:
-                out = await seq.outbox.get()
-                finished = out.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                tokens, reason = await _next_outputs(seq)
+                finished = reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 yield scheduler_pb2.SchedulerGenerateResponse(
-                    request_id=seq.request_id,
-                    token_ids=out.token_ids,
-                    finish_reason=out.finish_reason,
-                    prompt_tokens=len(seq.prompt),
+                    request_id=seq.request_id, token_ids=tokens, finish_reason=reason, prompt_tokens=len(seq.prompt)
                 )
         finally:
             if not finished:  # the client went away: free the batch slot and the KV

@@ -251,3 +251,18 @@ def test_peer_baselines_keep_their_own_accounting():
     # looks empty (score 0), takes a request (local waiting += 1: score 4) and still beats rank 0 (5).
     vllm_router = Router(Role.MIXED, table, vllm)
     assert [vllm_router.decide(ctx()).entry.dp_rank for _ in range(2)] == [1, 1]
+
+
+def test_least_wait_prefers_free_batch_slots_then_tokens():
+    table = make_table(3)
+    # rank 0: full batch (8/8) and 1 waiting; rank 1: 2 free slots but many tokens; rank 2: 1 free slot, few tokens.
+    table.apply_report(
+        "w0", ReportedLoad(running_requests=8, waiting_requests=1, running_tokens=100, max_running_requests=8), 0
+    )
+    table.apply_report("w1", ReportedLoad(running_requests=6, running_tokens=9000, max_running_requests=8), 0)
+    table.apply_report("w2", ReportedLoad(running_requests=7, running_tokens=700, max_running_requests=8), 0)
+    router = Router(Role.MIXED, table, create_policy("least_wait", Role.MIXED, PolicyOptions()))
+    assert router.decide(ctx()).entry.dp_rank == 2  # a free slot and fewer tokens than rank 1
+    assert router.decide(ctx()).entry.dp_rank == 1  # rank 2's last slot is now taken by the in-flight one
+    assert router.decide(ctx()).entry.dp_rank == 1
+    assert router.decide(ctx()).entry.dp_rank == 2  # every rank queues now; rank 2 has the fewest excess+tokens

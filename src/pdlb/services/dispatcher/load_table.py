@@ -48,6 +48,7 @@ class ReportedLoad:
     kv_tokens_capacity: int = 0
     cache_hit_tokens: int = 0
     prompt_tokens_total: int = 0
+    max_running_requests: int = 0
 
 
 @dataclass
@@ -79,6 +80,7 @@ class WorkerEntry:
     total_tokens: int = 0
     kv_ratio: float = 0.0
     kv_free: int = 0
+    slot_excess: int = 0
 
     @property
     def dp_rank(self) -> int:
@@ -99,6 +101,9 @@ class WorkerEntry:
         self.total_tokens = r.running_tokens + r.waiting_tokens + self.inflight_tokens
         capacity = r.kv_tokens_capacity
         self.kv_free = capacity - self.kv_used
+        # Requests that would queue for a batch slot ahead of (and including) one more request.
+        free_slots = max(0, r.max_running_requests - r.running_requests)
+        self.slot_excess = max(0, r.waiting_requests + len(self.inflight) + 1 - free_slots)
         # Not reported yet: rank it after every reported worker, by what was sent to it.
         self.kv_ratio = self.kv_used / capacity if capacity > 0 else 1.0 + self.inflight_tokens
 

@@ -178,6 +178,19 @@ class KVAware(RotatingPolicy):
         return self._least(fitting or candidates, _KV_RATIO)
 
 
+@register
+class LeastWait(RotatingPolicy):
+    """Fewest requests that would queue for a batch slot (waiting + in flight + this one, beyond the
+    worker's free slots), then fewest tokens. Time to first token is spent mostly waiting for a
+    slot, so this orders ranks by expected queueing; among ranks with a free slot, tokens decide."""
+
+    name = "least_wait"
+
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        return self._least(candidates, _SLOT_EXCESS_THEN_TOKENS)
+
+
+_SLOT_EXCESS_THEN_TOKENS = attrgetter("slot_excess", "total_tokens")
 _TOTAL_REQUESTS = attrgetter("total_requests")
 _TOTAL_TOKENS = attrgetter("total_tokens")
 _KV_RATIO = attrgetter("kv_ratio")

@@ -72,6 +72,7 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         kv_tokens_capacity=load.kv_tokens_capacity,
         cache_hit_tokens=load.cache_hit_tokens,
         prompt_tokens_total=load.prompt_tokens_total,
+        max_running_requests=load.max_running_requests,
     )
 
 

@@ -382,6 +382,7 @@ class Engine:
             kv_tokens_used=self.runner.kv_used,
             kv_tokens_capacity=self.limits.max_total_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
+            max_running_requests=self.limits.max_running_requests,
         )
 
     async def drain(self, timeout: float) -> None:

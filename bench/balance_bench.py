@@ -1,0 +1,334 @@
+"""Balancing quality: pdlb's methods against the peers' policies on one cluster, in one run.
+
+One etcd, N simulated DP ranks (`pdlb-scheduler --runner sim`, real batching, step times from a
+cost model) and one dispatcher per method, all attached to the same schedulers. Every method gets
+the same synthetic workload (same seed) in turn, after the cluster has drained. Reported: TTFT and
+ITL percentiles, throughput, and load imbalance over time (max / mean tokens per rank, sampled from
+the dispatcher's load table every 100 ms).
+
+Run: `make bench` or `python -m bench.balance_bench --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.processes import ServiceProcess, script
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile
+
+DEFAULT_METHODS = "least_wait,total_requests,total_tokens,kv_aware,round_robin,peer_sglang_minimum_tokens,peer_vllm_dp"
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class RunResult:
+    method: str
+    arrival: str
+    rate: float
+    ok: int = 0
+    failed: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    span_s: float = 0.0
+    imbalance: list[tuple[float, float]] = field(default_factory=list)  # (t, max/mean tokens)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        active = [v for _, v in self.imbalance]
+        return {
+            "method": self.method,
+            "arrival": self.arrival,
+            "rate": self.rate,
+            "ok": self.ok,
+            "failed": self.failed,
+            "ttft_p50_ms": percentile(self.ttft, 50) * 1000,
+            "ttft_p99_ms": percentile(self.ttft, 99) * 1000,
+            "itl_p50_ms": percentile(self.itl, 50) * 1000,
+            "itl_p99_ms": percentile(self.itl, 99) * 1000,
+            "e2e_p50_ms": percentile(self.e2e, 50) * 1000,
+            "throughput_tok_s": self.output_tokens / self.span_s if self.span_s else 0.0,
+            "imbalance_mean": statistics.fmean(active) if active else float("nan"),
+            "imbalance_p90": percentile(active, 90),
+            "errors": dict(self.errors),
+        }
+
+
+class Cluster:
+    def __init__(self, args: argparse.Namespace, methods: list[str]) -> None:
+        self.args, self.methods = args, methods
+        self.log_dir = tempfile.mkdtemp(prefix="pdlb-balance-")
+        self.etcd = EtcdProcess()
+        self.procs: list[ServiceProcess] = []
+        self.dispatchers: dict[str, str] = {}
+
+    def start(self) -> None:
+        self.etcd.start()
+        common = ["--etcd", self.etcd.endpoint, "--lease-ttl", "10", "--log-level", "WARNING"]
+        for method in self.methods:
+            proc = ServiceProcess(
+                f"dispatcher-{method}",
+                [
+                    *script("pdlb-dispatcher"),
+                    *common,
+                    "--port",
+                    "0",
+                    "--load-balance-method",
+                    method,
+                    "--report-interval-ms",
+                    "100",
+                ],
+                self.log_dir,
+            )
+            self.procs.append(proc.start())
+            self.dispatchers[method] = proc.address
+        schedulers = [
+            ServiceProcess(
+                f"scheduler-{r}",
+                [
+                    *script("pdlb-scheduler"),
+                    *common,
+                    "--port",
+                    "0",
+                    "--dp-rank",
+                    str(r),
+                    "--runner",
+                    "sim",
+                    "--sim-slowdown",
+                    str(self.args.slowdown),
+                    "--max-total-tokens",
+                    str(self.args.kv_tokens),
+                    "--max-running-requests",
+                    str(self.args.max_running),
+                    "--chunked-prefill-size",
+                    "1024",
+                ],
+                self.log_dir,
+            )
+            for r in range(self.args.ranks)
+        ]
+        for proc in schedulers:
+            proc.spawn()
+        for proc in schedulers:
+            self.procs.append(proc.wait_ready(120))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        self.etcd.close()
+
+
+async def snapshot(stub) -> dispatch_pb2.WatchLoadResponse:
+    call = stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=50), timeout=10)
+    async for snap in call:
+        call.cancel()
+        return snap
+    raise RuntimeError("no snapshot")
+
+
+async def wait_ready_and_idle(stub, ranks: int, timeout: float = 300) -> None:
+    """Every rank reporting, with nothing running, waiting or in flight (status polling)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = await snapshot(stub)
+        rows = [w for w in snap.workers if w.state == dispatch_pb2.MEMBER_STATE_LIVE and w.report_age_ms >= 0]
+        if len(rows) == ranks and all(
+            w.reported.running_requests + w.reported.waiting_requests == 0 and w.inflight_requests == 0 for w in rows
+        ):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("cluster did not become idle")
+
+
+async def one_request(stub, item: WorkItem, run_id: str, result: RunResult, start: float) -> None:
+    await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - start)))  # the arrival schedule
+    req = common_pb2.InferenceRequest(
+        request_id=f"{run_id}-{item.index}",
+        input_ids=item.input_ids,
+        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True),
+    )
+    sent = time.perf_counter()
+    last, tokens = sent, 0
+    try:
+        async for chunk in stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=600):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                if tokens == 0:
+                    result.ttft.append(now - sent)
+                else:  # tokens that arrive together share the gap since the previous message
+                    result.itl.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
+                tokens += len(chunk.token_ids)
+                last = now
+    except grpc.aio.AioRpcError as err:
+        result.failed += 1
+        result.errors[err.code().name] = result.errors.get(err.code().name, 0) + 1
+        return
+    result.ok += 1
+    result.output_tokens += tokens
+    result.e2e.append(last - sent)
+
+
+async def sample_imbalance(stub, result: RunResult, start: float, stop: asyncio.Event) -> None:
+    call = stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=100))
+    async for snap in call:
+        loads = [w.reported.running_tokens + w.reported.waiting_tokens for w in snap.workers]
+        mean = statistics.fmean(loads) if loads else 0
+        if mean > 0:
+            result.imbalance.append((time.perf_counter() - start, max(loads) / mean))
+        if stop.is_set():
+            call.cancel()
+            return
+
+
+async def run_method(address: str, method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int) -> RunResult:
+    result = RunResult(method, spec.arrival, spec.rate)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dispatch_pb2_grpc.DispatchStub(channel)
+        await wait_ready_and_idle(stub, ranks)
+        stop = asyncio.Event()
+        start = time.perf_counter()
+        sampler = asyncio.create_task(sample_imbalance(stub, result, start, stop))
+        run_id = f"{method}-{spec.arrival}-{spec.rate}-{int(start)}"
+        await asyncio.gather(*[one_request(stub, item, run_id, result, start) for item in items])
+        result.span_s = time.perf_counter() - start
+        stop.set()
+        await sampler
+    return result
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for arrival, rate in sorted({(r["arrival"], r["rate"]) for r in rows}):
+        group = [r for r in rows if (r["arrival"], r["rate"]) == (arrival, rate)]
+        rr = next((r for r in group if r["method"] == "round_robin"), None)
+        lines += [
+            f"\n### {arrival} arrivals, {rate:g} req/s\n",
+            "| method | ok | TTFT p50 ms | TTFT p99 ms | p99 vs round_robin | ITL p50 ms | ITL p99 ms | "
+            "throughput tok/s | imbalance mean | imbalance p90 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(group, key=lambda r: r["ttft_p99_ms"]):
+            ratio = r["ttft_p99_ms"] / rr["ttft_p99_ms"] if rr and rr["ttft_p99_ms"] else float("nan")
+            lines.append(
+                f"| {r['method']} | {r['ok']}/{r['ok'] + r['failed']} | {r['ttft_p50_ms']:.0f} | "
+                f"{r['ttft_p99_ms']:.0f} | {ratio:.2f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
+                f"{r['throughput_tok_s']:.0f} | {r['imbalance_mean']:.2f} | {r['imbalance_p90']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r.row() for r in results]
+    configs = sorted({(r["arrival"], r["rate"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    files = []
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    for ax, (arrival, rate) in zip(axes[0], configs, strict=True):
+        values = [
+            next((r["ttft_p99_ms"] for r in rows if (r["method"], r["arrival"], r["rate"]) == (m, arrival, rate)), 0)
+            for m in methods
+        ]
+        ax.bar(
+            range(len(methods)),
+            values,
+            color=["tab:blue" if not m.startswith("peer_") else "tab:gray" for m in methods],
+        )
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"TTFT p99 (ms): {arrival}, {rate:g} req/s", fontsize=9)
+    fig.tight_layout()
+    files.append(out / "ttft_p99.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    arrival, rate = configs[-1]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in results:
+        if (r.arrival, r.rate) == (arrival, rate) and r.imbalance:
+            ax.plot([t for t, _ in r.imbalance], [v for _, v in r.imbalance], label=r.method, linewidth=1)
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("max / mean tokens per rank")
+    ax.set_title(f"Load imbalance over time: {arrival}, {rate:g} req/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(out / "imbalance.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--rates", default="7,10")
+    parser.add_argument("--arrivals", default="poisson,bursty")
+    parser.add_argument("--num-requests", type=int, default=300)
+    parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
+    parser.add_argument("--kv-tokens", type=int, default=16384)
+    parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--long-tail-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(args, methods)
+    cluster.start()
+    results: list[RunResult] = []
+    try:
+        for arrival in args.arrivals.split(","):
+            for rate in [float(r) for r in args.rates.split(",")]:
+                spec = WorkloadSpec(
+                    num_requests=args.num_requests,
+                    rate=rate,
+                    arrival=arrival,
+                    input_median=256,
+                    output_median=48,
+                    long_tail_fraction=args.long_tail_fraction,
+                    max_input=2048,
+                    max_output=256,
+                    seed=args.seed,
+                )
+                items = generate(spec)
+                order = methods[len(results) % len(methods) :] + methods[: len(results) % len(methods)]
+                for method in order:  # rotate the order per configuration so no method always runs first
+                    result = asyncio.run(run_method(cluster.dispatchers[method], method, items, spec, args.ranks))
+                    results.append(result)
+                    row = result.row()
+                    print(
+                        f"{arrival:8} {rate:5g} req/s {method:28} ok {row['ok']:4} "
+                        f"TTFT p99 {row['ttft_p99_ms']:8.0f} ms"
+                        f"  imbalance {row['imbalance_mean']:.2f} {row['errors'] or ''}",
+                        flush=True,
+                    )
+    finally:
+        cluster.stop()
+    rows = [r.row() for r in results]
+    table = markdown(rows)
+    (out / "balance.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(vars(args))}\n{table}")
+    (out / "balance.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
+    files = plot(results, out)
+    print(table)
+    print("wrote", out / "balance.md", *files)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

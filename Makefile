@@ -29,6 +29,7 @@ lint:
 run:
 	pdlb up
 
-## bench: dispatcher benchmarks (tables and ratios on stdout)
+## bench: dispatcher overhead, then balancing quality vs the peers (tables on stdout, files in bench/results)
 bench:
-	$(PYTHON) -m bench.dispatcher_bench
+	$(PYTHON) -m bench.dispatcher_bench | tee bench/results/dispatcher.md
+	$(PYTHON) -m bench.balance_bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -86,6 +87,21 @@ async def run_until_signal(
     log.info("shutdown requested: draining")
     await stop()
     log.info("stopped")
+
+
+def run_service(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    serve: Callable[[argparse.Namespace, asyncio.Event], Awaitable[None]],
+    argv: list[str] | None = None,
+) -> None:
+    """A service's console-script entry point: parse flags, log, serve until SIGTERM/SIGINT."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+
+    async def run() -> None:
+        await serve(args, shutdown_event())
+
+    asyncio.run(run())
 
 
 def configure_logging(level: str) -> None:

@@ -8,13 +8,7 @@ import logging
 import uuid
 
 from pdlb.common.config import FlagParser, add_common_flags
-from pdlb.common.grpc_server import (
-    ServiceHost,
-    advertised,
-    configure_logging,
-    run_until_signal,
-    shutdown_event,
-)
+from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, bootstrap_prefix
 from pdlb.services.bootstrap.room_table import RoomTable
 from pdlb.services.bootstrap.service import BootstrapServicer
@@ -76,13 +70,7 @@ async def _sweep(table: RoomTable) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-
-    async def run() -> None:
-        await serve(args, shutdown_event())
-
-    asyncio.run(run())
+    run_service(build_parser, serve, argv)
 
 
 if __name__ == "__main__":

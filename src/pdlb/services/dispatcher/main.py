@@ -8,13 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from pdlb.common.config import FlagParser, add_common_flags, csv_list
-from pdlb.common.grpc_server import (
-    ServiceHost,
-    advertised,
-    configure_logging,
-    run_until_signal,
-    shutdown_event,
-)
+from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, PrefixWatch, dispatchers_prefix, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
@@ -153,13 +147,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-
-    async def run() -> None:
-        await serve(args, shutdown_event())
-
-    asyncio.run(run())
+    run_service(build_parser, serve, argv)
 
 
 if __name__ == "__main__":

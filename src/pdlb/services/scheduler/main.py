@@ -10,13 +10,7 @@ import torch
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.config import FlagParser, add_common_flags, csv_list
-from pdlb.common.grpc_server import (
-    ServiceHost,
-    advertised,
-    configure_logging,
-    run_until_signal,
-    shutdown_event,
-)
+from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
@@ -174,13 +168,7 @@ async def _announce_endpoint(bootstrap: BootstrapLocator, worker: common_pb2.Wor
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-
-    async def run() -> None:
-        await serve(args, shutdown_event())
-
-    asyncio.run(run())
+    run_service(build_parser, serve, argv)
 
 
 if __name__ == "__main__":

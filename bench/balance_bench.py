@@ -94,27 +94,15 @@ class Cluster:
             )
             self.procs.append(proc.start())
             self.dispatchers[method] = proc.address
+        flags = [
+            "--runner", self.args.runner, "--sim-slowdown", str(self.args.slowdown),
+            "--max-total-tokens", str(self.args.kv_tokens), "--max-running-requests", str(self.args.max_running),
+            "--chunked-prefill-size", "1024", "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
+        ]  # fmt: skip
         schedulers = [
             ServiceProcess(
                 f"scheduler-{r}",
-                [
-                    *script("pdlb-scheduler"),
-                    *common,
-                    "--port",
-                    "0",
-                    "--dp-rank",
-                    str(r),
-                    "--runner",
-                    "sim",
-                    "--sim-slowdown",
-                    str(self.args.slowdown),
-                    "--max-total-tokens",
-                    str(self.args.kv_tokens),
-                    "--max-running-requests",
-                    str(self.args.max_running),
-                    "--chunked-prefill-size",
-                    "1024",
-                ],
+                [*script("pdlb-scheduler"), *common, "--port", "0", "--dp-rank", str(r), *flags],
                 self.log_dir,
             )
             for r in range(self.args.ranks)
@@ -279,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="7,10")
     parser.add_argument("--arrivals", default="poisson,bursty")
     parser.add_argument("--num-requests", type=int, default=300)
+    parser.add_argument("--runner", choices=["sim", "torch"], default="sim", help="scheduler runner")
     parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
     parser.add_argument("--kv-tokens", type=int, default=16384)
     parser.add_argument("--max-running", type=int, default=8)
@@ -307,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                 )
                 items = generate(spec)
-                order = methods[len(results) % len(methods) :] + methods[: len(results) % len(methods)]
+                shift = (len(results) // len(methods)) % len(methods)  # one step per configuration
+                order = methods[shift:] + methods[:shift]
                 for method in order:  # rotate the order per configuration so no method always runs first
                     result = asyncio.run(run_method(cluster.dispatchers[method], method, items, spec, args.ranks))
                     results.append(result)

@@ -29,6 +29,14 @@ class DispatcherMetrics:
             registry=self.registry,
         )
         self.registry.register(LoadCollector(table))
+        self._dispatch_children: dict[tuple[str, int], Counter] = {}
+
+    def count_dispatch(self, method: str, dp_rank: int) -> None:
+        # Resolving labels takes a lock and builds a key; keep each (method, rank) child once.
+        child = self._dispatch_children.get((method, dp_rank))
+        if child is None:
+            child = self._dispatch_children[(method, dp_rank)] = self.dispatches.labels(method, str(dp_rank))
+        child.inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port."""

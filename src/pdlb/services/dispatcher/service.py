@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,7 +54,10 @@ _STATE = {
 RoomRecorder = Callable[[int, Decision], Awaitable[None]]
 
 
+@functools.lru_cache(maxsize=4096)
 def worker_info(worker: Worker) -> common_pb2.WorkerInfo:
+    """The worker as a message (cached: workers are immutable and answered on every Route; callers
+    copy it into their response, never mutate it)."""
     return common_pb2.WorkerInfo(
         worker_id=worker.worker_id,
         role=role_to_proto(worker.role.value),
@@ -131,7 +135,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         except RoutingError as exc:
             self.core.metrics.failures.labels(exc.code.name).inc()
             await context.abort(exc.code, str(exc))
-        self.core.metrics.dispatches.labels(decision.method, str(decision.entry.dp_rank)).inc()
+        self.core.metrics.count_dispatch(decision.method, decision.entry.dp_rank)
         return decision
 
     async def _record_room(self, ctx: RouteContext, decision: Decision, context) -> None:

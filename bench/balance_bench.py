@@ -22,9 +22,10 @@ from pathlib import Path
 
 import grpc
 
+from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.processes import ServiceProcess, script
-from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+from pdlb.v1 import common_pb2, dispatch_pb2
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile
 
 DEFAULT_METHODS = "least_wait,total_requests,total_tokens,kv_aware,round_robin,peer_sglang_minimum_tokens,peer_vllm_dp"
@@ -72,39 +73,58 @@ class Cluster:
         self.log_dir = tempfile.mkdtemp(prefix="pdlb-balance-")
         self.etcd = EtcdProcess()
         self.procs: list[ServiceProcess] = []
-        self.dispatchers: dict[str, str] = {}
+        self.dispatchers: dict[str, dict[str, str]] = {}  # method -> PDLBClient arguments
 
     def start(self) -> None:
         self.etcd.start()
         common = ["--etcd", self.etcd.endpoint, "--lease-ttl", "10", "--log-level", "WARNING"]
+        pd = self.args.mode == "pd"
+        if pd:
+            self.procs.append(
+                ServiceProcess("bootstrap", [*script("pdlb-bootstrap"), *common, "--port", "0"], self.log_dir).start()
+            )
         for method in self.methods:
-            proc = ServiceProcess(
-                f"dispatcher-{method}",
-                [
+            roles = {"prefill": "prefill", "decode": "decode"} if pd else {"dispatcher": "null"}
+            self.dispatchers[method] = {}
+            for key, mode in roles.items():
+                argv = [
                     *script("pdlb-dispatcher"),
                     *common,
                     "--port",
                     "0",
+                    "--disaggregation-mode",
+                    mode,
                     "--load-balance-method",
                     method,
                     "--report-interval-ms",
                     "100",
-                ],
-                self.log_dir,
-            )
-            self.procs.append(proc.start())
-            self.dispatchers[method] = proc.address
+                ]
+                proc = ServiceProcess(f"dispatcher-{key}-{method}", argv, self.log_dir)
+                self.procs.append(proc.start())
+                self.dispatchers[method][key] = proc.address
         flags = [
             "--runner", self.args.runner, "--sim-slowdown", str(self.args.slowdown),
             "--max-total-tokens", str(self.args.kv_tokens), "--max-running-requests", str(self.args.max_running),
             "--chunked-prefill-size", "1024", "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
         ]  # fmt: skip
+        modes = ["prefill", "decode"] if pd else ["null"]
         schedulers = [
             ServiceProcess(
-                f"scheduler-{r}",
-                [*script("pdlb-scheduler"), *common, "--port", "0", "--dp-rank", str(r), *flags],
+                f"scheduler-{mode}-{r}",
+                [
+                    *script("pdlb-scheduler"),
+                    *common,
+                    "--port",
+                    "0",
+                    "--disaggregation-mode",
+                    mode,
+                    "--dp-rank",
+                    str(r),
+                    *flags,
+                ],
                 self.log_dir,
             )
+            for mode in modes
             for r in range(self.args.ranks)
         ]
         for proc in schedulers:
@@ -140,7 +160,7 @@ async def wait_ready_and_idle(stub, ranks: int, timeout: float = 300) -> None:
     raise TimeoutError("cluster did not become idle")
 
 
-async def one_request(stub, item: WorkItem, run_id: str, result: RunResult, start: float) -> None:
+async def one_request(client: PDLBClient, item: WorkItem, run_id: str, result: RunResult, start: float) -> None:
     await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - start)))  # the arrival schedule
     req = common_pb2.InferenceRequest(
         request_id=f"{run_id}-{item.index}",
@@ -150,7 +170,7 @@ async def one_request(stub, item: WorkItem, run_id: str, result: RunResult, star
     sent = time.perf_counter()
     last, tokens = sent, 0
     try:
-        async for chunk in stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=600):
+        async for chunk in client.generate(req, timeout=600):
             now = time.perf_counter()
             if chunk.token_ids:
                 if tokens == 0:
@@ -180,19 +200,24 @@ async def sample_imbalance(stub, result: RunResult, start: float, stop: asyncio.
             return
 
 
-async def run_method(address: str, method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int) -> RunResult:
+async def run_method(
+    addresses: dict[str, str], method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int
+) -> RunResult:
     result = RunResult(method, spec.arrival, spec.rate)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = dispatch_pb2_grpc.DispatchStub(channel)
+    client = PDLBClient(**addresses)
+    # Imbalance is sampled where requests first land: the mixed or the prefill dispatcher.
+    watched = client.mixed or client.prefill
+    for stub in {id(s): s for s in (client.mixed, client.prefill, client.decode) if s}.values():
         await wait_ready_and_idle(stub, ranks)
-        stop = asyncio.Event()
-        start = time.perf_counter()
-        sampler = asyncio.create_task(sample_imbalance(stub, result, start, stop))
-        run_id = f"{method}-{spec.arrival}-{spec.rate}-{int(start)}"
-        await asyncio.gather(*[one_request(stub, item, run_id, result, start) for item in items])
-        result.span_s = time.perf_counter() - start
-        stop.set()
-        await sampler
+    stop = asyncio.Event()
+    start = time.perf_counter()
+    sampler = asyncio.create_task(sample_imbalance(watched, result, start, stop))
+    run_id = f"{method}-{spec.arrival}-{spec.rate}-{int(start)}"
+    await asyncio.gather(*[one_request(client, item, run_id, result, start) for item in items])
+    result.span_s = time.perf_counter() - start
+    stop.set()
+    await sampler
+    await client.close()
     return result
 
 
@@ -217,7 +242,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[RunResult], out: Path) -> list[Path]:
+def plot(results: list[RunResult], out: Path, name: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +266,7 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
         ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"TTFT p99 (ms): {arrival}, {rate:g} req/s", fontsize=9)
     fig.tight_layout()
-    files.append(out / "ttft_p99.png")
+    files.append(out / f"{name}_ttft_p99.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
     arrival, rate = configs[-1]
@@ -254,7 +279,7 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
     ax.set_title(f"Load imbalance over time: {arrival}, {rate:g} req/s")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    files.append(out / "imbalance.png")
+    files.append(out / f"{name}_imbalance.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
     return files
@@ -268,13 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrivals", default="poisson,bursty")
     parser.add_argument("--num-requests", type=int, default=300)
     parser.add_argument("--runner", choices=["sim", "torch"], default="sim", help="scheduler runner")
+    parser.add_argument("--mode", choices=["mixed", "pd"], default="mixed", help="mixed workers, or prefill + decode")
+    parser.add_argument("--prefix-groups", type=int, default=0, help="shared-prefix groups (0: none)")
+    parser.add_argument("--prefix-len", type=int, default=0, help="tokens of each group's shared prefix")
     parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
     parser.add_argument("--kv-tokens", type=int, default=16384)
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--long-tail-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default="", help="result file stem (default: balance[_pd][_torch])")
     args = parser.parse_args(argv)
+    args.name = args.name or "balance" + ("_pd" if args.mode == "pd" else "") + (
+        "_torch" if args.runner == "torch" else ""
+    )
     methods = args.methods.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_input=2048,
                     max_output=256,
                     seed=args.seed,
+                    prefix_groups=args.prefix_groups,
+                    prefix_len=args.prefix_len,
                 )
                 items = generate(spec)
                 shift = (len(results) // len(methods)) % len(methods)  # one step per configuration
@@ -312,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
     rows = [r.row() for r in results]
     table = markdown(rows)
-    (out / "balance.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(vars(args))}\n{table}")
-    (out / "balance.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
-    files = plot(results, out)
+    (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(vars(args))}\n{table}")
+    (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
+    files = plot(results, out, args.name)
     print(table)
-    print("wrote", out / "balance.md", *files)
+    print("wrote", out / f"{args.name}.md", *files)
     return 0
 
 

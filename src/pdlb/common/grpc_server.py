@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 # Generous bounds: KV hand-off chunks stay well below this; anything larger is a client bug.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Our clients ping every 20 s, also on idle connections and during silent streams (a request
+# waiting in a queue). gRPC servers by default allow one such ping per 5 minutes and answer more
+# with GOAWAY "too_many_pings", which kills the streams in flight; so accept a ping every 10 s.
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -23,6 +26,8 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -177,6 +177,8 @@ async def test_prefill_worker_death_gives_unavailable_promptly_and_no_leak(pd):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "orphan" in err.value.details()
+        # Not re-dispatched to another decode rank (the KV is gone): the hand-off error itself comes back.
+        assert "pulling KV" in err.value.details() or "KV of room" in err.value.details(), err.value.details()
         assert loop.time() - started < 10
         async with grpc.aio.insecure_channel(cluster.decodes[0].address) as channel:
             load = await scheduler_pb2_grpc.SchedulerStub(channel).GetLoad(scheduler_pb2.GetLoadRequest())

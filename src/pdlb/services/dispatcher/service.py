@@ -30,6 +30,7 @@ from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2
 from pdlb.v1 import scheduler_pb2 as sched_pb
 
 log = logging.getLogger(__name__)
+NO_REDISPATCH_KEY = "pdlb-no-redispatch"  # trailing metadata set by schedulers (scheduler/service.py)
 
 MIN_WATCH_INTERVAL_MS = 50
 MAX_WATCH_INTERVAL_MS = 60_000
@@ -212,7 +213,13 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     # Whether or not the worker took it, the request is not running there now.
                     self.core.table.cancel_dispatch(worker.worker_id, decision.seq)
                 code = err.code()
-                retry = not sent_any and code in RETRYABLE_BEFORE_FIRST_TOKEN and external is None and not excluded
+                retry = (
+                    not sent_any
+                    and code in RETRYABLE_BEFORE_FIRST_TOKEN
+                    and external is None
+                    and not excluded
+                    and not _no_redispatch(err)
+                )
                 if retry:
                     log.warning(
                         "request %s: worker %s failed before its first token (%s); re-dispatching",
@@ -264,6 +271,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         return dispatch_pb2.ListWorkersResponse(
             workers=[worker_info(e.worker) for e in self.core.table.ordered() if e.state is not MemberState.GONE]
         )
+
+
+def _no_redispatch(err: grpc.aio.AioRpcError) -> bool:
+    """The worker said another rank could not serve this request either (its KV hand-off failed)."""
+    return any(key == NO_REDISPATCH_KEY for key, _ in (err.trailing_metadata() or ()))
 
 
 def _entry_row(entry: WorkerEntry, now: float) -> dispatch_pb2.WorkerLoadEntry:

@@ -47,6 +47,16 @@ def _generator(request: common_pb2.InferenceRequest) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
+NO_REDISPATCH_KEY = "pdlb-no-redispatch"
+
+
+async def _abort_kv(context, code: grpc.StatusCode, message: str) -> None:
+    """Fail a decode request whose KV hand-off failed. The KV is consumed or lost with it, so
+    another decode rank could not do better: tell the dispatcher not to re-dispatch."""
+    context.set_trailing_metadata(((NO_REDISPATCH_KEY, "kv-handoff"),))
+    await context.abort(code, message)
+
+
 async def _next_outputs(seq: Sequence) -> tuple[list[int], int]:
     """The next tokens of a request, merged with any that queued up meanwhile: a slow reader gets
     fewer, larger messages instead of falling further behind."""
@@ -128,15 +138,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             header, k, v = await decode_kv(call)
         except grpc.aio.AioRpcError as err:
             code = grpc.StatusCode.NOT_FOUND if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
-            await context.abort(
+            await _abort_kv(
+                context,
                 code,
                 f"request {seq.request_id}: pulling KV of room {room} from {address} failed: "
                 f"{err.code().name}: {err.details()}",
             )
         except TransferError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {seq.request_id}: KV of room {room}: {exc}")
+            await _abort_kv(context, grpc.StatusCode.UNAVAILABLE, f"request {seq.request_id}: KV of room {room}: {exc}")
         if list(header.input_ids) != seq.prompt:
-            await context.abort(
+            await _abort_kv(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"request {seq.request_id}: room {room} holds the KV of a different prompt",
             )
@@ -145,7 +157,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _lookup(self, room: int, request_id: str, wait_s: float, context) -> str:
         stub = self.bootstrap.stub() if self.bootstrap else None
         if stub is None:
-            await context.abort(
+            await _abort_kv(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"request {request_id}: no prefill_address given and no bootstrap server known",
             )
@@ -156,7 +169,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         except grpc.aio.AioRpcError as err:
             code = err.code() if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"request {request_id}: bootstrap look-up of room {room}: {err.details()}")
+            await _abort_kv(context, code, f"request {request_id}: bootstrap look-up of room {room}: {err.details()}")
         return reply.record.prefill_address
 
     async def Abort(self, request: scheduler_pb2.AbortRequest, context) -> scheduler_pb2.AbortResponse:

@@ -24,9 +24,10 @@ class ChannelPool:
         if channel is not None:
             await channel.close(grace=None)
 
-    def retain(self, addresses: set[str]) -> list[str]:
-        """Addresses whose channels should be discarded (no longer used by any worker)."""
-        return [a for a in self._channels if a not in addresses]
+    async def prune(self, in_use: set[str]) -> None:
+        """Close the channels of addresses no worker uses any more (workers come and go)."""
+        for address in [a for a in self._channels if a not in in_use]:
+            await self.discard(address)
 
     async def close(self) -> None:
         for address in list(self._channels):

@@ -135,7 +135,6 @@ class LoadTable:
         self.max_inflight_per_worker = max_inflight_per_worker
         self.clock = clock
         self.entries: dict[str, WorkerEntry] = {}
-        self.version = 0  # bumped on every change, for watchers
         self._members_version = 0  # bumped when membership or a state changes
         self._candidates: list[WorkerEntry] = []
         self._candidates_version = -1
@@ -186,7 +185,6 @@ class LoadTable:
         if entry.state is MemberState.STALE:
             entry.state = MemberState.LIVE
             self._changed_members()
-        self.version += 1
         return True
 
     def record_dispatch(self, worker_id: str, tokens: int) -> int:
@@ -202,7 +200,6 @@ class LoadTable:
         entry.inflight_tokens += tokens
         entry.dispatched_total += 1
         entry.recount()
-        self.version += 1
         return entry.next_seq
 
     def cancel_dispatch(self, worker_id: str, seq: int) -> None:
@@ -214,7 +211,6 @@ class LoadTable:
         if item is not None:
             entry.inflight_tokens -= item.tokens
             entry.recount()
-            self.version += 1
 
     def _expire(self, entry: WorkerEntry) -> None:
         now = self.clock()
@@ -242,7 +238,6 @@ class LoadTable:
     # selection helpers ---------------------------------------------------------------------------
     def _changed_members(self) -> None:
         self._members_version += 1
-        self.version += 1
 
     def candidates(self) -> list[WorkerEntry]:
         """One worker per DP rank, ordered by rank: LIVE preferred over STALE, then the most

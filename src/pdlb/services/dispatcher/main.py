@@ -73,7 +73,13 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     dispatcher_id = f"dispatcher-{role.value}-{uuid.uuid4().hex[:8]}"
     metrics = DispatcherMetrics(table)
     static = parse_static_workers(csv_list(args.workers), role)
-    members = Members(table, role, static=not args.etcd, on_removed=policy.on_worker_removed)
+
+    def worker_removed(worker_id: str) -> None:
+        policy.on_worker_removed(worker_id)
+        in_use = {entry.worker.address for entry in table.entries.values()}
+        asyncio.get_running_loop().create_task(core.channels.prune(in_use))
+
+    members = Members(table, role, static=not args.etcd, on_removed=worker_removed)
     members.add_static(static)
     core = DispatchCore(
         dispatcher_id,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pdlb.common.processes import die_with_parent
+from pdlb.common.orphan_guard import guarded
 
 
 def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -25,29 +25,30 @@ def cluster(tmp_path):
     """`pdlb up` in mixed mode on free ports; yields (process, state, env)."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pdlb.cli.main",
-            "up",
-            "--mode",
-            "mixed",
-            "--workers",
-            "2",
-            "--runner",
-            "sim",
-            "--port",
-            "0",
-            "--etcd-port",
-            "0",
-            "--log-dir",
-            str(tmp_path / "logs"),
-        ],
+        guarded(
+            [
+                sys.executable,
+                "-m",
+                "pdlb.cli.main",
+                "up",
+                "--mode",
+                "mixed",
+                "--workers",
+                "2",
+                "--runner",
+                "sim",
+                "--port",
+                "0",
+                "--etcd-port",
+                "0",
+                "--log-dir",
+                str(tmp_path / "logs"),
+            ]
+        ),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=die_with_parent,
     )
     lines = []
     for line in up.stdout:  # the summary ends with the "try:" line once everything is healthy

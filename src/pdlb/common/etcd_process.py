@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdlb.common.processes import die_with_parent
+from pdlb.common.orphan_guard import guarded
 
 
 def etcd_binary() -> str:
@@ -70,7 +70,7 @@ class EtcdProcess:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+                guarded(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.wait_healthy(timeout)
 

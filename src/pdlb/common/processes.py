@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdlb.common.orphan_guard import guarded
+
 LISTENING = re.compile(r"listening on (\S+)")
 
 
@@ -33,16 +35,15 @@ class ServiceProcess:
 
     def spawn(self) -> None:
         """Start the process without waiting. Call from the main thread: the child is told to exit
-        when the thread that spawned it ends (PR_SET_PDEATHSIG follows the thread)."""
+        when the thread that spawned it ends (the parent-death signal follows the thread)."""
         self.proc = subprocess.Popen(
-            self.argv,
+            guarded(self.argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=self.env,
             text=True,
             bufsize=1,
             start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which stops children in order
-            preexec_fn=die_with_parent,
         )
         self._found = threading.Event()
         threading.Thread(target=self._pump, args=(self._found,), daemon=True).start()
@@ -94,17 +95,6 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, so a killed parent leaves no orphans (Linux)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def wait_healthy(address: str, timeout: float, service: str = "") -> None:

@@ -23,18 +23,22 @@ class WatchedRunner(TorchRunner):
         super().__init__(*args, **kw)
         self.peak_kv = 0
         self.batches: list[int] = []
+        self.computed_tokens = 0  # tokens that went through the model
 
     def step(self, items):
         self.peak_kv = max(self.peak_kv, self.kv_used)
         self.batches.append(len(items))
+        self.computed_tokens += sum(len(item.chunk.new_tokens) for item in items)
         return super().step(items)
 
 
-def make_engine(max_total_tokens=2048, max_running=16, chunk=64, max_waiting=64) -> tuple[Engine, WatchedRunner]:
+def make_engine(
+    max_total_tokens=2048, max_running=16, chunk=64, max_waiting=64, page_size=0
+) -> tuple[Engine, WatchedRunner]:
     torch.set_num_threads(1)
     runner = WatchedRunner(TinyTransformer.random(CONFIG), max_total_tokens)
     limits = EngineLimits(max_total_tokens, max_running, chunk, max_waiting, max_prompt_tokens=400)
-    engine = Engine(runner, limits)
+    engine = Engine(runner, limits, page_size=page_size)
     engine.start()
     return engine, runner
 

@@ -122,3 +122,25 @@ async def test_kill_9_removes_the_worker_after_the_lease_ttl(etcd, prefix, start
 
     await wait_until(gone, timeout=10, what="the lease to expire")
     await client.close()
+
+
+async def test_prefix_cache_hits_show_in_load_and_metrics(start_service):
+    import urllib.request
+
+    from pdlb.common.etcd_process import free_port
+
+    metrics_port = free_port()
+    proc = start_service("scheduler", *SMALL, "--page-size", "8", "--metrics-port", str(metrics_port), name="cached")
+    system = "You are a helpful assistant. " * 3  # 87 bytes; with "hello", 11 full blocks of 8 tokens
+    async with grpc.aio.insecure_channel(proc.address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        first = await tokens_of(stub, request("c1", system + "hello", max_new_tokens=6))
+        second = await tokens_of(stub, request("c2", system + "hello", max_new_tokens=6))
+        assert first == second
+        load = (await stub.GetLoad(scheduler_pb2.GetLoadRequest(), timeout=5)).load
+    assert load.prompt_tokens_total == 2 * len(system + "hello")
+    assert load.cache_hit_tokens == 88  # 11 blocks of the 92-token prompt: all but the last token's block
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read())
+    text = body.decode()
+    assert "pdlb_scheduler_cache_hit_tokens_total 88.0" in text
+    assert "pdlb_scheduler_cache_tokens 88.0" in text

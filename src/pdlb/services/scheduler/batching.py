@@ -1,11 +1,13 @@
 """Continuous batching over a KV-token budget.
 
 Admission is FIFO: a request joins the running batch when `--max-running-requests` allows and its
-reservation (prompt + max_new_tokens) fits the KV budget beside those already running; the head of
-the queue is never overtaken, so a long request is not starved by short ones. Every running
-request is guaranteed its KV, so nothing is preempted. Each step runs, in one forward pass, one
-decode token of every decoding request and prefill chunks of at most `--chunked-prefill-size`
-tokens.
+reservation (prompt + max_new_tokens, less the prefix found in the prefix cache) fits the KV budget
+beside those already running and the cache blocks in use; the head of the queue is never
+overtaken, so a long request is not starved by short ones. Every running request is guaranteed its
+KV (unused cache blocks are evicted to make room), so nothing is preempted. Each step runs, in one
+forward pass, one decode token of every decoding request and prefill chunks of at most
+`--chunked-prefill-size` tokens. Prefill starts after the cached prefix, and a prompt's full blocks
+enter the cache as soon as its prefill completes, so concurrent requests of one prefix share them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import grpc
 import torch
 
 from pdlb.services.scheduler.model import SeqChunk
+from pdlb.services.scheduler.prefix_cache import CacheNode, PrefixCache
 from pdlb.services.scheduler.runners import Runner, StepItem
 from pdlb.v1 import common_pb2
 
@@ -72,6 +75,10 @@ class Sequence:
     preloaded: PreloadedKV | None = None
     outbox: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     slots: list[int] = field(default_factory=list)
+    nodes: list[CacheNode] = field(default_factory=list)  # locked prefix-cache path
+    shared: int = 0  # leading tokens whose slots belong to the prefix cache
+    reserved_tokens: int = 0  # KV tokens this request holds in the engine's reservation
+    cache_hit: int = 0  # prompt tokens found in the prefix cache at admission
     computed: int = 0
     output: list[int] = field(default_factory=list)
     finish_reason: int | None = None
@@ -98,6 +105,12 @@ class HeldKV:
     first_token: int
     slots: list[int]
     expires_at: float
+    nodes: list[CacheNode] = field(default_factory=list)  # prefix-cache path kept locked meanwhile
+    shared: int = 0  # leading slots that belong to the prefix cache
+
+    @property
+    def private_tokens(self) -> int:
+        return len(self.slots) - self.shared
 
 
 @dataclass(frozen=True)
@@ -110,13 +123,16 @@ class EngineLimits:
 
 
 class Engine:
-    def __init__(self, runner: Runner, limits: EngineLimits, kv_hold_ttl_s: float = 60.0) -> None:
+    def __init__(self, runner: Runner, limits: EngineLimits, kv_hold_ttl_s: float = 60.0, page_size: int = 0) -> None:
+        """`page_size` > 0 turns the prefix cache on, with blocks of that many tokens."""
         self.runner, self.limits, self.kv_hold_ttl_s = runner, limits, kv_hold_ttl_s
+        self.cache = PrefixCache(page_size, runner.release) if page_size > 0 else None
+        self.cache_hit_tokens = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
         self.held: dict[int, HeldKV] = {}
-        self.reserved = 0  # KV tokens promised to running requests and held rooms
+        self.reserved = 0  # KV tokens promised to running requests and held rooms (beyond cache blocks)
         self.draining = False
         self.steps = 0
         self.prompt_tokens_total = 0
@@ -182,7 +198,7 @@ class Engine:
         seq.aborted = True
         if seq in self.waiting:
             self.waiting.remove(seq)
-            self._finish(seq, ABORT, reserved=False)
+            self._finish(seq, ABORT)
         self._wake()
         return True
 
@@ -190,19 +206,60 @@ class Engine:
         limits = self.limits
         while self.waiting and len(self.running) < limits.max_running_requests:
             seq = self.waiting[0]
-            if self.reserved + seq.reserve > limits.max_total_tokens:
+            path = self._cached_path(seq)
+            shared = sum(len(node.slots) for node in path)
+            need = seq.reserve - shared
+            locked = self.cache.locked_tokens + self.cache.unlocked_tokens(path) if self.cache else 0
+            if self.reserved + need + locked > limits.max_total_tokens:
                 break  # FIFO: the head waits for room, nobody overtakes it
             self.waiting.popleft()
-            self.reserved += seq.reserve
+            self.reserved += need
+            seq.reserved_tokens = need
             self.running.append(seq)
+            if path:
+                self._use_cached(seq, path, shared)
             if seq.preloaded is not None:
                 self._load_preloaded(seq)
 
+    def _cached_path(self, seq: Sequence) -> list[CacheNode]:
+        if self.cache is None or seq.preloaded is not None:
+            return []
+        return self.cache.match(seq.prompt, len(seq.prompt) - 1)  # the last token is computed for its logits
+
+    def _use_cached(self, seq: Sequence, path: list[CacheNode], shared: int) -> None:
+        assert self.cache is not None
+        self.cache.lock(path)
+        seq.nodes, seq.shared, seq.cache_hit, seq.computed = path, shared, shared, shared
+        seq.slots = [slot for node in path for slot in node.slots]
+        self.cache_hit_tokens += shared
+
+    def _cache_prompt(self, seq: Sequence) -> None:
+        """Prefill is complete: hand the prompt's full blocks to the prefix cache."""
+        if self.cache is None:
+            return
+        full = len(seq.prompt) - len(seq.prompt) % self.cache.page_size
+        if full <= seq.shared:
+            return
+        seq.nodes, duplicates = self.cache.insert(seq.prompt[:full], seq.slots, seq.nodes)
+        if duplicates:
+            self.runner.release(duplicates)
+        moved = full - seq.shared
+        seq.shared = full
+        seq.reserved_tokens -= moved
+        self.reserved -= moved
+
+    def _allocate(self, n: int) -> list[int]:
+        shortfall = n - self.runner.kv_free
+        if shortfall > 0 and self.cache is not None:
+            self.cache.evict(shortfall)
+        return self.runner.allocate(n)
+
     def _load_preloaded(self, seq: Sequence) -> None:
         preloaded, seq.preloaded = seq.preloaded, None
-        seq.slots = self.runner.allocate(len(seq.prompt))
+        seq.slots = self._allocate(len(seq.prompt))
         self.runner.write_kv(seq.slots, preloaded.k, preloaded.v)
         seq.computed = len(seq.prompt)
+        self._cache_prompt(seq)
         self._emit(seq, preloaded.first_token)
 
     # the loop ------------------------------------------------------------------------------------
@@ -252,11 +309,14 @@ class Engine:
 
     def _grow(self, seq: Sequence, length: int) -> None:
         if length > len(seq.slots):
-            seq.slots.extend(self.runner.allocate(length - len(seq.slots)))
+            seq.slots.extend(self._allocate(length - len(seq.slots)))
 
     def _apply(self, items: list[tuple[Sequence, StepItem]], tokens: list[int | None]) -> None:
         for (seq, item), token in zip(items, tokens, strict=True):
+            prompt_done_before = seq.computed >= len(seq.prompt)
             seq.computed += len(item.chunk.new_tokens)
+            if not prompt_done_before and seq.computed >= len(seq.prompt) and not seq.aborted:
+                self._cache_prompt(seq)
             if token is not None and not seq.aborted:
                 self._emit(seq, token)
 
@@ -270,7 +330,7 @@ class Engine:
         if reason == PREFILL_DONE and seq.bootstrap_room is not None:
             self._hold(seq, token)
             seq.outbox.put_nowait(Output([token], reason))
-            self._retire(seq, reason, release_slots=False)
+            self._retire(seq, reason, keep_kv=True)
             return
         seq.outbox.put_nowait(Output([token], reason))
         self._retire(seq, reason)
@@ -287,21 +347,28 @@ class Engine:
     def _reap_aborted(self) -> None:
         for seq in [s for s in self.running if s.aborted]:
             self.running.remove(seq)
-            self._finish(seq, ABORT, reserved=True)
+            self._finish(seq, ABORT)
 
-    def _finish(self, seq: Sequence, reason: int, reserved: bool) -> None:
+    def _finish(self, seq: Sequence, reason: int) -> None:
         seq.outbox.put_nowait(Output([], reason))
-        self._retire(seq, reason, reserved=reserved)
+        self._retire(seq, reason)
 
-    def _retire(self, seq: Sequence, reason: int, release_slots: bool = True, reserved: bool = True) -> None:
+    def _retire(self, seq: Sequence, reason: int, keep_kv: bool = False) -> None:
+        """Finish a request; `keep_kv`: its slots and cache locks were handed over (held for PD)."""
         seq.finish_reason = reason
-        if reserved:
-            self.reserved -= seq.reserve
-        if release_slots and seq.slots:
-            self.runner.release(seq.slots)
-        seq.slots = [] if release_slots else seq.slots
+        self.reserved -= seq.reserved_tokens
+        seq.reserved_tokens = 0
+        if not keep_kv:
+            self._release_kv(seq.slots, seq.shared, seq.nodes)
+        seq.slots, seq.nodes = [], []
         self.by_id.pop(seq.request_id, None)
         self._wake()
+
+    def _release_kv(self, slots: list[int], shared: int, nodes: list[CacheNode]) -> None:
+        if len(slots) > shared:
+            self.runner.release(slots[shared:])
+        if nodes and self.cache is not None:
+            self.cache.unlock(nodes)
 
     # held KV (prefill role) ------------------------------------------------------------------
     def _hold(self, seq: Sequence, first_token: int) -> None:
@@ -314,10 +381,18 @@ class Engine:
         extra = seq.slots[len(seq.prompt) :]
         if extra:
             self.runner.release(extra)
-        self.held[room] = HeldKV(
-            room, seq.request_id, seq.prompt, first_token, prompt_slots, time.monotonic() + self.kv_hold_ttl_s
+        held = HeldKV(
+            room,
+            seq.request_id,
+            seq.prompt,
+            first_token,
+            prompt_slots,
+            time.monotonic() + self.kv_hold_ttl_s,
+            nodes=seq.nodes,
+            shared=seq.shared,
         )
-        self.reserved += len(prompt_slots)
+        self.held[room] = held
+        self.reserved += held.private_tokens
         asyncio.get_running_loop().call_later(self.kv_hold_ttl_s, self._wake)  # so expiry runs when idle
         event = self._room_events.pop(room, None)
         if event is not None:
@@ -350,9 +425,9 @@ class Engine:
         self._notify()
 
     def _free_held(self, held: HeldKV) -> None:
-        self.runner.release(held.slots)
-        self.reserved -= len(held.slots)
-        held.slots = []
+        self.reserved -= held.private_tokens
+        self._release_kv(held.slots, held.shared, held.nodes)
+        held.slots, held.nodes, held.shared = [], [], 0
         self._wake()
 
     def _expire_held(self) -> None:
@@ -382,6 +457,7 @@ class Engine:
             kv_tokens_used=self.runner.kv_used,
             kv_tokens_capacity=self.limits.max_total_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
+            cache_hit_tokens=self.cache_hit_tokens,
             max_running_requests=self.limits.max_running_requests,
         )
 

@@ -15,6 +15,7 @@ from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
 from pdlb.services.scheduler.batching import Engine, EngineLimits
+from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
 from pdlb.services.scheduler.runners import CostModel, Runner, SimRunner, TorchRunner
@@ -49,6 +50,9 @@ def build_parser() -> FlagParser:
     )
     p.flag("--chunked-prefill-size", default=512, type=int, help="prefill tokens per step at most")
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
+    p.flag("--prefix-cache", default=True, type=bool, help="share the KV of common prompt prefixes (radix cache)")
+    p.flag("--page-size", default=16, type=int, help="prefix-cache block size in tokens")
+    p.flag("--metrics-port", default=0, type=int, help="Prometheus /metrics HTTP port (0: disabled)")
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
     p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
     p.flag("--sim-slowdown", default=1.0, type=float, help="sim runner: multiply every step time (a slower GPU)")
@@ -102,7 +106,10 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         args.max_waiting_requests,
         args.max_prompt_tokens,
     )
-    engine = Engine(build_runner(args), limits, kv_hold_ttl_s=args.kv_hold_ttl)
+    if args.page_size < 1:
+        raise SystemExit("--page-size must be >= 1")
+    page_size = args.page_size if args.prefix_cache else 0
+    engine = Engine(build_runner(args), limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size)
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)
@@ -137,6 +144,9 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             reporter.watch(args.etcd, args.etcd_prefix, role)
         if registration:
             await registration.start()
+        if args.metrics_port:
+            bound = serve_metrics(engine, args.metrics_port, args.host)
+            print(f"pdlb-scheduler metrics on :{bound}/metrics", flush=True)
         print(
             f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {args.runner}) listening on {address}",
             flush=True,

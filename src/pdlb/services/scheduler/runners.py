@@ -39,6 +39,10 @@ class Runner(ABC):
     @abstractmethod
     def kv_used(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def kv_free(self) -> int: ...
+
     @abstractmethod
     def step(self, items: list[StepItem]) -> list[int | None]:
         """Run the forward pass; returns the next token of each item with sample=True, else None."""
@@ -74,6 +78,10 @@ class TorchRunner(Runner):
     @property
     def kv_used(self) -> int:
         return self.pool.used
+
+    @property
+    def kv_free(self) -> int:
+        return self.pool.free
 
     def step(self, items: list[StepItem]) -> list[int | None]:
         logits = self.model([item.chunk for item in items], self.pool)
@@ -149,6 +157,10 @@ class SimRunner(Runner):
     @property
     def kv_used(self) -> int:
         return self.capacity - len(self._free)
+
+    @property
+    def kv_free(self) -> int:
+        return len(self._free)
 
     def step(self, items: list[StepItem]) -> list[int | None]:
         time.sleep(self.cost.step_time(items))  # the simulated GPU time of this batch

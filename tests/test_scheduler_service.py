@@ -48,7 +48,10 @@ async def test_wrong_weights_file_fails_at_start(start_service, tmp_path):
 async def test_reports_reflect_the_queue_at_the_dispatcher(etcd, prefix, start_service):
     flags = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
     dispatcher = start_service("dispatcher", *flags, "--disaggregation-mode", "null")
-    start_service("scheduler", *flags, "--runner", "sim", "--max-running-requests", "2", name="sched")
+    # Slowed down so the two running requests (3000 tokens each) outlast the checks below.
+    start_service(
+        "scheduler", *flags, "--runner", "sim", "--sim-slowdown", "4", "--max-running-requests", "2", name="sched"
+    )
     channel, stub = dispatch_stub(dispatcher.address)
     async with channel:
         await wait_for_workers(stub, 1)
@@ -69,8 +72,9 @@ async def test_reports_reflect_the_queue_at_the_dispatcher(etcd, prefix, start_s
 
         async def drained():
             row = (await load_snapshot(stub)).workers[0]
+            # What stays is the prefix cache: the shared 50-token prompt's 3 full blocks of 16.
             return (
-                row.reported.running_requests + row.reported.waiting_requests == 0 and row.reported.kv_tokens_used == 0
+                row.reported.running_requests + row.reported.waiting_requests == 0 and row.reported.kv_tokens_used == 48
             )
 
         await wait_until(drained, what="cancelled requests to free their batch slots and KV")

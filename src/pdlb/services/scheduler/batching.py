@@ -233,11 +233,32 @@ class Engine:
         seq.slots = [slot for node in path for slot in node.slots]
         self.cache_hit_tokens += shared
 
+    def _catch_up(self, seq: Sequence) -> None:
+        """Before a request's first prefill chunk, take what others cached since its admission
+        (requests of one prefix admitted together share the blocks the first one computes)."""
+        if self.cache is None or seq.computed != seq.shared or len(seq.slots) != seq.shared:
+            return
+        path = self.cache.match(seq.prompt, len(seq.prompt) - 1)
+        if len(path) <= len(seq.nodes):
+            return
+        more = path[len(seq.nodes) :]
+        self.cache.lock(more)
+        extra = sum(len(node.slots) for node in more)
+        seq.nodes = path
+        seq.slots.extend(slot for node in more for slot in node.slots)
+        seq.shared += extra
+        seq.computed += extra
+        seq.cache_hit += extra
+        seq.reserved_tokens -= extra
+        self.reserved -= extra
+        self.cache_hit_tokens += extra
+
     def _cache_prompt(self, seq: Sequence) -> None:
-        """Prefill is complete: hand the prompt's full blocks to the prefix cache."""
+        """Hand the prompt's computed full blocks to the prefix cache (after every prefill chunk)."""
         if self.cache is None:
             return
-        full = len(seq.prompt) - len(seq.prompt) % self.cache.page_size
+        done = min(seq.computed, len(seq.prompt))
+        full = done - done % self.cache.page_size
         if full <= seq.shared:
             return
         seq.nodes, duplicates = self.cache.insert(seq.prompt[:full], seq.slots, seq.nodes)
@@ -291,6 +312,7 @@ class Engine:
             if seq.computed < len(seq.prompt):
                 if budget <= 0:
                     continue
+                self._catch_up(seq)
                 n = min(len(seq.prompt) - seq.computed, budget)
                 budget -= n
                 new = seq.prompt[seq.computed : seq.computed + n]
@@ -313,9 +335,9 @@ class Engine:
 
     def _apply(self, items: list[tuple[Sequence, StepItem]], tokens: list[int | None]) -> None:
         for (seq, item), token in zip(items, tokens, strict=True):
-            prompt_done_before = seq.computed >= len(seq.prompt)
+            prefilling = seq.computed < len(seq.prompt)
             seq.computed += len(item.chunk.new_tokens)
-            if not prompt_done_before and seq.computed >= len(seq.prompt) and not seq.aborted:
+            if prefilling and not seq.aborted:
                 self._cache_prompt(seq)
             if token is not None and not seq.aborted:
                 self._emit(seq, token)

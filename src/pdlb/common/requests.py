@@ -13,6 +13,7 @@ MAX_NEW_TOKENS_LIMIT = 16_384
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_PROMPT_TOKENS_LIMIT = 1_000_000
 MAX_RANK = 1 << 20
+MAX_ROUTING_KEY_LEN = 256
 
 
 class InvalidRequest(ValueError):
@@ -44,6 +45,8 @@ def check_request(req: common_pb2.InferenceRequest, max_prompt_tokens: int = MAX
         raise InvalidRequest(f"request {rid}: max_new_tokens {max_new} exceeds {MAX_NEW_TOKENS_LIMIT}")
     if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
         raise InvalidRequest(f"request {rid}: temperature must be a finite number >= 0")
+    if len(req.routing_key) > MAX_ROUTING_KEY_LEN:
+        raise InvalidRequest(f"request {rid}: routing_key longer than {MAX_ROUTING_KEY_LEN} characters")
     for field in ("prefill_dp_rank", "decode_dp_rank"):
         if req.HasField(field) and not 0 <= getattr(req, field) < MAX_RANK:
             raise InvalidRequest(f"request {rid}: {field} {getattr(req, field)} is out of range")

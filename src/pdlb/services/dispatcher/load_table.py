@@ -81,6 +81,7 @@ class WorkerEntry:
     kv_ratio: float = 0.0
     kv_free: int = 0
     slot_excess: int = 0
+    queued_tokens: int = 0
 
     @property
     def dp_rank(self) -> int:
@@ -99,6 +100,7 @@ class WorkerEntry:
         r = self.reported
         self.total_requests = r.running_requests + r.waiting_requests + len(self.inflight)
         self.total_tokens = r.running_tokens + r.waiting_tokens + self.inflight_tokens
+        self.queued_tokens = r.waiting_tokens + self.inflight_tokens  # prompt work not started yet
         capacity = r.kv_tokens_capacity
         self.kv_free = capacity - self.kv_used
         # Requests that would queue for a batch slot ahead of (and including) one more request.

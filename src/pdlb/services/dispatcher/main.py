@@ -52,7 +52,60 @@ def build_parser() -> FlagParser:
     parser.flag("--stale-after", default=5.0, type=float, help="seconds without a report before a worker is STALE")
     parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")
     parser.flag("--max-prompt-tokens", default=131_072, type=int, help="longest prompt accepted, in tokens")
+    defaults = PolicyOptions()
+    parser.flag(
+        "--cache-block-size",
+        default=defaults.cache_block_size,
+        type=int,
+        help="cache_aware: tokens per prefix-index block (match the workers' --page-size)",
+    )
+    parser.flag(
+        "--cache-index-blocks",
+        default=defaults.cache_index_blocks,
+        type=int,
+        help="cache_aware: most prefix blocks remembered per worker (also capped by its KV capacity)",
+    )
+    parser.flag(
+        "--cache-load-weight",
+        default=defaults.cache_load_weight,
+        type=float,
+        help="cache_aware: queued tokens that outweigh one expected cache-hit token",
+    )
+    parser.flag(
+        "--balance-abs-threshold",
+        default=defaults.balance_abs_threshold,
+        type=int,
+        help="cache_aware overload guard: a rank with more than this many requests above the least loaded ...",
+    )
+    parser.flag(
+        "--balance-rel-threshold",
+        default=defaults.balance_rel_threshold,
+        type=float,
+        help="... and more than this many times its requests is skipped (balance by load instead)",
+    )
+    parser.flag(
+        "--max-routing-keys",
+        default=defaults.max_routing_keys,
+        type=int,
+        help="cache_aware: sessions (routing_key) remembered, least recently used dropped",
+    )
     return parser
+
+
+def policy_options(args) -> PolicyOptions:
+    if args.cache_block_size < 1 or args.cache_index_blocks < 1 or args.max_routing_keys < 1:
+        raise SystemExit("--cache-block-size, --cache-index-blocks and --max-routing-keys must be >= 1")
+    if args.balance_abs_threshold < 0 or args.balance_rel_threshold < 1 or args.cache_load_weight < 0:
+        raise SystemExit("--balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1, --cache-load-weight >= 0")
+    return PolicyOptions(
+        dp_size=args.dp_size,
+        cache_block_size=args.cache_block_size,
+        cache_index_blocks=args.cache_index_blocks,
+        cache_load_weight=args.cache_load_weight,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        max_routing_keys=args.max_routing_keys,
+    )
 
 
 @dataclass
@@ -68,7 +121,7 @@ class Dispatcher:
 async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = None) -> None:
     role = Role(role_of_mode(args.disaggregation_mode))
     table = LoadTable(inflight_timeout_s=args.inflight_timeout, stale_after_s=args.stale_after)
-    policy = create_policy(args.load_balance_method, role, PolicyOptions(dp_size=args.dp_size))
+    policy = create_policy(args.load_balance_method, role, policy_options(args))
     router = Router(role, table, policy, dp_size=args.dp_size)
     dispatcher_id = f"dispatcher-{role.value}-{uuid.uuid4().hex[:8]}"
     metrics = DispatcherMetrics(table)

@@ -40,9 +40,17 @@ class RouteContext:
 
 @dataclass(frozen=True)
 class PolicyOptions:
-    """Cluster facts some policies need."""
+    """Cluster facts and tuning some policies need."""
 
     dp_size: int = 0  # 0: derived from the highest known rank + 1
+    cache_block_size: int = 16  # cache_aware: tokens per block of the prefix index
+    cache_index_blocks: int = 16384  # cache_aware: most blocks remembered per worker
+    # cache_aware: weight of a queued token against one expected cache-hit token. Below 1 because
+    # requests queued on a rank often share the very prefix that makes it attractive.
+    cache_load_weight: float = 0.5
+    balance_abs_threshold: int = 16  # overload guard: requests above the least-loaded rank ...
+    balance_rel_threshold: float = 1.5  # ... and this many times its requests
+    max_routing_keys: int = 100_000  # cache_aware: sessions remembered (LRU)
 
 
 class Policy(ABC):
@@ -200,13 +208,13 @@ AUTO_BY_ROLE = {Role.MIXED: "round_robin", Role.PREFILL: "follow_bootstrap_room"
 
 
 def method_names() -> list[str]:
-    _load_baselines()
+    _load_plugins()
     return ["auto", *sorted(POLICIES)]
 
 
 def resolve_method(method: str, role: Role) -> str:
     """`auto` becomes the role's default; other names are checked."""
-    _load_baselines()
+    _load_plugins()
     name = AUTO_BY_ROLE[role] if method == "auto" else method
     if name not in POLICIES:
         raise ValueError(f"unknown load-balance method {method!r}; choose from {', '.join(method_names())}")
@@ -217,6 +225,6 @@ def create_policy(method: str, role: Role, options: PolicyOptions) -> Policy:
     return POLICIES[resolve_method(method, role)](options)
 
 
-def _load_baselines() -> None:
-    """Register the peers' policies (benchmark baselines) on first use."""
-    from pdlb.services.dispatcher import baselines  # noqa: F401 - registers on import
+def _load_plugins() -> None:
+    """Register the methods of their own modules (cache_aware, the peers' baselines) on first use."""
+    from pdlb.services.dispatcher import baselines, cache_aware  # noqa: F401 - register on import

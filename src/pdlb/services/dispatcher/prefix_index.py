@@ -1,0 +1,103 @@
+"""An approximate per-worker prefix index, kept from what the dispatcher sent where.
+
+A prompt is cut into blocks of `block_size` tokens; block i is named by a hash chained over blocks
+0..i, so equal names mean equal prefixes (up to hash collisions, which only cost a wrong guess).
+Each worker keeps an LRU of the block names it was sent, capped at what its KV cache could hold
+(reported capacity / block size) and at `max_blocks_per_worker`, which models the worker's own LRU
+eviction and bounds memory at workers x cap entries whatever clients send.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class PrefixIndex:
+    def __init__(self, block_size: int = 16, max_blocks_per_worker: int = 16384, max_prompt_blocks: int = 512) -> None:
+        if block_size < 1 or max_blocks_per_worker < 1 or max_prompt_blocks < 1:
+            raise ValueError("block_size, max_blocks_per_worker and max_prompt_blocks must be >= 1")
+        self.block_size = block_size
+        self.max_blocks_per_worker = max_blocks_per_worker
+        self.max_prompt_blocks = max_prompt_blocks
+        self._holders: dict[int, set[str]] = {}  # block name -> workers that were sent it
+        self._lru: dict[str, OrderedDict[int, None]] = {}  # worker -> its block names, oldest first
+        self._caps: dict[str, int] = {}
+
+    def chain(self, tokens: Sequence[int]) -> list[int]:
+        """Block names of the prompt's full blocks (at most max_prompt_blocks)."""
+        size = self.block_size
+        count = min(len(tokens) // size, self.max_prompt_blocks)
+        names, previous = [], 0
+        for start in range(0, count * size, size):
+            previous = hash((previous, *tokens[start : start + size]))
+            names.append(previous)
+        return names
+
+    def match(self, names: Sequence[int]) -> dict[str, int]:
+        """Workers holding a prefix of `names`, with the number of leading blocks each holds."""
+        if not names:
+            return {}
+        alive = self._holders.get(names[0])
+        if not alive:
+            return {}
+        alive = set(alive)
+        matched: dict[str, int] = {}
+        for depth, name in enumerate(names[1:], start=1):
+            holders = self._holders.get(name)
+            keep = alive & holders if holders else set()
+            for worker in alive - keep:
+                matched[worker] = depth
+            alive = keep
+            if not alive:
+                break
+        for worker in alive:
+            matched[worker] = len(names)
+        return matched
+
+    def insert(self, worker: str, names: Sequence[int]) -> None:
+        """Record that `worker` was sent a prompt with these blocks (most recent use)."""
+        lru = self._lru.get(worker)
+        if lru is None:
+            lru = self._lru[worker] = OrderedDict()
+        for name in names:
+            if name in lru:
+                lru.move_to_end(name)
+            else:
+                lru[name] = None
+                self._holders.setdefault(name, set()).add(worker)
+        self._trim(worker, lru)
+
+    def set_capacity(self, worker: str, kv_tokens: int) -> None:
+        """Cap the worker's entries at what its KV cache can hold (from its load reports)."""
+        cap = min(self.max_blocks_per_worker, max(1, kv_tokens // self.block_size))
+        if self._caps.get(worker) != cap:
+            self._caps[worker] = cap
+            lru = self._lru.get(worker)
+            if lru is not None:
+                self._trim(worker, lru)
+
+    def _trim(self, worker: str, lru: OrderedDict[int, None]) -> None:
+        cap = self._caps.get(worker, self.max_blocks_per_worker)
+        while len(lru) > cap:
+            name, _ = lru.popitem(last=False)
+            self._forget(name, worker)
+
+    def _forget(self, name: int, worker: str) -> None:
+        holders = self._holders.get(name)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self._holders[name]
+
+    def remove_worker(self, worker: str) -> None:
+        for name in self._lru.pop(worker, ()):
+            self._forget(name, worker)
+        self._caps.pop(worker, None)
+
+    def size(self) -> int:
+        """Entries held (worker, block) pairs: the index's memory is proportional to this."""
+        return sum(len(lru) for lru in self._lru.values())
+
+    def block_names(self) -> int:
+        return len(self._holders)

@@ -26,7 +26,7 @@ from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import common_pb2, dispatch_pb2
-from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile
+from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
 
 DEFAULT_METHODS = "least_wait,total_requests,total_tokens,kv_aware,round_robin,peer_sglang_minimum_tokens,peer_vllm_dp"
 RESULTS = Path(__file__).parent / "results"
@@ -46,6 +46,8 @@ class RunResult:
     span_s: float = 0.0
     imbalance: list[tuple[float, float]] = field(default_factory=list)  # (t, max/mean tokens)
     errors: dict[str, int] = field(default_factory=dict)
+    cache_hit_tokens: int = 0  # prompt tokens the workers served from their prefix caches in this run
+    prompt_tokens: int = 0
 
     def row(self) -> dict:
         active = [v for _, v in self.imbalance]
@@ -63,6 +65,7 @@ class RunResult:
             "throughput_tok_s": self.output_tokens / self.span_s if self.span_s else 0.0,
             "imbalance_mean": statistics.fmean(active) if active else float("nan"),
             "imbalance_p90": percentile(active, 90),
+            "cache_hit_rate": self.cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "errors": dict(self.errors),
         }
 
@@ -207,8 +210,10 @@ async def run_method(
     client = PDLBClient(**addresses)
     # Imbalance is sampled where requests first land: the mixed or the prefill dispatcher.
     watched = client.mixed or client.prefill
-    for stub in {id(s): s for s in (client.mixed, client.prefill, client.decode) if s}.values():
+    stubs = {id(s): s for s in (client.mixed, client.prefill, client.decode) if s}.values()
+    for stub in stubs:
         await wait_ready_and_idle(stub, ranks)
+    before = cache_counters(await snapshot(watched))
     stop = asyncio.Event()
     start = time.perf_counter()
     sampler = asyncio.create_task(sample_imbalance(watched, result, start, stop))
@@ -217,8 +222,18 @@ async def run_method(
     result.span_s = time.perf_counter() - start
     stop.set()
     await sampler
+    for stub in stubs:  # the counters are final once every worker reported itself idle
+        await wait_ready_and_idle(stub, ranks)
+    after = cache_counters(await snapshot(watched))
+    result.cache_hit_tokens, result.prompt_tokens = after[0] - before[0], after[1] - before[1]
     await client.close()
     return result
+
+
+def cache_counters(snap: dispatch_pb2.WatchLoadResponse) -> tuple[int, int]:
+    """Cluster totals of (prompt tokens served from prefix caches, prompt tokens)."""
+    rows = snap.workers
+    return sum(w.reported.cache_hit_tokens for w in rows), sum(w.reported.prompt_tokens_total for w in rows)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -229,15 +244,17 @@ def markdown(rows: list[dict]) -> str:
         lines += [
             f"\n### {arrival} arrivals, {rate:g} req/s\n",
             "| method | ok | TTFT p50 ms | TTFT p99 ms | p99 vs round_robin | ITL p50 ms | ITL p99 ms | "
-            "throughput tok/s | imbalance mean | imbalance p90 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "throughput tok/s | throughput vs round_robin | cache hit rate | imbalance mean | imbalance p90 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(group, key=lambda r: r["ttft_p99_ms"]):
             ratio = r["ttft_p99_ms"] / rr["ttft_p99_ms"] if rr and rr["ttft_p99_ms"] else float("nan")
+            tput = r["throughput_tok_s"] / rr["throughput_tok_s"] if rr and rr["throughput_tok_s"] else float("nan")
             lines.append(
                 f"| {r['method']} | {r['ok']}/{r['ok'] + r['failed']} | {r['ttft_p50_ms']:.0f} | "
                 f"{r['ttft_p99_ms']:.0f} | {ratio:.2f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
-                f"{r['throughput_tok_s']:.0f} | {r['imbalance_mean']:.2f} | {r['imbalance_p90']:.2f} |"
+                f"{r['throughput_tok_s']:.0f} | {tput:.2f} | {r['cache_hit_rate']:.1%} | "
+                f"{r['imbalance_mean']:.2f} | {r['imbalance_p90']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -296,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["mixed", "pd"], default="mixed", help="mixed workers, or prefill + decode")
     parser.add_argument("--prefix-groups", type=int, default=0, help="shared-prefix groups (0: none)")
     parser.add_argument("--prefix-len", type=int, default=0, help="tokens of each group's shared prefix")
+    parser.add_argument(
+        "--prompts-per-group", type=int, default=0, help="requests per prefix group (replaces --num-requests)"
+    )
+    parser.add_argument("--input-median", type=int, default=256, help="median prompt (or question) tokens")
+    parser.add_argument("--output-median", type=int, default=48, help="median output tokens")
     parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
     parser.add_argument("--kv-tokens", type=int, default=16384)
     parser.add_argument("--max-running", type=int, default=8)
@@ -320,25 +342,27 @@ def main(argv: list[str] | None = None) -> int:
                     num_requests=args.num_requests,
                     rate=rate,
                     arrival=arrival,
-                    input_median=256,
-                    output_median=48,
+                    input_median=args.input_median,
+                    output_median=args.output_median,
                     long_tail_fraction=args.long_tail_fraction,
                     max_input=2048,
                     max_output=256,
                     seed=args.seed,
                     prefix_groups=args.prefix_groups,
                     prefix_len=args.prefix_len,
+                    prompts_per_group=args.prompts_per_group,
                 )
                 items = generate(spec)
                 shift = (len(results) // len(methods)) % len(methods)  # one step per configuration
                 order = methods[shift:] + methods[:shift]
                 for method in order:  # rotate the order per configuration so no method always runs first
-                    result = asyncio.run(run_method(cluster.dispatchers[method], method, items, spec, args.ranks))
+                    run_items = salted(items, len(results) + 1)  # caches start cold for every run
+                    result = asyncio.run(run_method(cluster.dispatchers[method], method, run_items, spec, args.ranks))
                     results.append(result)
                     row = result.row()
                     print(
                         f"{arrival:8} {rate:5g} req/s {method:28} ok {row['ok']:4} "
-                        f"TTFT p99 {row['ttft_p99_ms']:8.0f} ms"
+                        f"TTFT p99 {row['ttft_p99_ms']:8.0f} ms  hit {row['cache_hit_rate']:.1%}"
                         f"  imbalance {row['imbalance_mean']:.2f} {row['errors'] or ''}",
                         flush=True,
                     )

@@ -253,6 +253,20 @@ def test_peer_baselines_keep_their_own_accounting():
     assert [vllm_router.decide(ctx()).entry.dp_rank for _ in range(2)] == [1, 1]
 
 
+def test_peer_vllm_token_score_weighs_waiting_tokens_four_times():
+    table = make_table(2)
+    policy = create_policy("peer_vllm_token_score", Role.MIXED, PolicyOptions())
+    table.apply_report("w0", ReportedLoad(waiting_tokens=100, running_tokens=0), 0)  # score 400
+    table.apply_report("w1", ReportedLoad(waiting_tokens=0, running_tokens=300), 0)  # score 300
+    for entry in table.candidates():
+        policy.on_report(entry)  # one publication: the first report only; publish again below
+    policy._published_at = float("-inf")
+    policy.on_report(table.get("w1"))
+    router = Router(Role.MIXED, table, policy)
+    # Rank 1 scores 300, then 300 + 20 * 4 = 380, then 460: the third request goes to rank 0 (400).
+    assert [router.decide(ctx(tokens=20)).entry.dp_rank for _ in range(3)] == [1, 1, 0]
+
+
 def test_least_wait_prefers_free_batch_slots_then_tokens():
     table = make_table(3)
     # rank 0: full batch (8/8) and 1 waiting; rank 1: 2 free slots but many tokens; rank 2: 1 free slot, few tokens.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class WorkloadSpec:
     long_tail_fraction: float = 0.0  # share of requests drawn 8x longer
     max_input: int = 2048
     max_output: int = 512
-    prefix_groups: int = 0  # > 0: each request starts with its group's shared prefix
+    prefix_groups: int = 0  # > 0: each request is its group's shared prefix + a question
     prefix_len: int = 0
+    prompts_per_group: int = 0  # > 0: exactly this many requests per group (num_requests is ignored)
     seed: int = 0
 
 
@@ -60,18 +61,38 @@ def arrivals(spec: WorkloadSpec, rng: random.Random) -> list[float]:
 
 
 def generate(spec: WorkloadSpec) -> list[WorkItem]:
+    """Requests in arrival order. With prefix groups, a prompt is its group's prefix followed by a
+    question drawn from the input-length distribution (so max_input bounds the question)."""
     rng = random.Random(spec.seed)
     prefixes = [[rng.randrange(256) for _ in range(spec.prefix_len)] for _ in range(spec.prefix_groups)]
+    groups = _group_order(spec, rng)
+    if groups is not None:
+        spec = replace(spec, num_requests=len(groups))
     items = []
     for index, at in enumerate(arrivals(spec, rng)):
         scale = 8 if rng.random() < spec.long_tail_fraction else 1
         n_in = _lognormal(rng, spec.input_median * scale, spec.input_sigma, spec.max_input)
         n_out = _lognormal(rng, spec.output_median * scale, spec.output_sigma, spec.max_output)
-        group = rng.randrange(spec.prefix_groups) if spec.prefix_groups else -1
+        group = groups[index] if groups is not None else -1
         head = prefixes[group] if group >= 0 else []
-        tail = [rng.randrange(256) for _ in range(max(1, n_in - len(head)))]
-        items.append(WorkItem(index, at, head + tail, n_out, group))
+        items.append(WorkItem(index, at, head + [rng.randrange(256) for _ in range(n_in)], n_out, group))
     return items
+
+
+def _group_order(spec: WorkloadSpec, rng: random.Random) -> list[int] | None:
+    if not spec.prefix_groups:
+        return None
+    if spec.prompts_per_group:
+        order = [g for g in range(spec.prefix_groups) for _ in range(spec.prompts_per_group)]
+        rng.shuffle(order)
+        return order
+    return [rng.randrange(spec.prefix_groups) for _ in range(spec.num_requests)]
+
+
+def salted(items: list[WorkItem], salt: int) -> list[WorkItem]:
+    """The same workload with every token id shifted by `salt` (mod 256): same lengths and times,
+    but prefixes no cache has seen (so runs of one benchmark do not warm each other's caches)."""
+    return [replace(item, input_ids=[(t + salt) % 256 for t in item.input_ids]) for item in items]
 
 
 def percentile(values: list[float], q: float) -> float:

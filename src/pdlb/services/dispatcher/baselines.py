@@ -11,6 +11,8 @@ not plumbing. Each keeps the accounting of the system it imitates:
 - `peer_vllm_dp`: vLLM's DP load balancing (DPAsyncMPClient with the DPCoordinator): score =
   waiting * 4 + running from stats the coordinator publishes every 100 ms; between publications
   the front-end adds each of its own dispatches to the chosen engine's waiting count.
+- `peer_vllm_token_score`: the same publication scheme scored in tokens, waiting_tokens * 4 +
+  running_tokens; each dispatch adds its prompt tokens to the chosen engine's waiting tokens.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class PeerSGLangMinimumTokens(RotatingPolicy):
 
 class PeerVLLMDP(RotatingPolicy):
     name = "peer_vllm_dp"
+    fields = ("waiting_requests", "running_requests")
 
     def __init__(self, options: PolicyOptions) -> None:
         super().__init__(options)
@@ -67,7 +70,8 @@ class PeerVLLMDP(RotatingPolicy):
 
     def on_report(self, entry: WorkerEntry) -> None:
         r = entry.reported
-        self.latest[entry.worker.worker_id] = (r.waiting_requests, r.running_requests)
+        waiting, running = (getattr(r, f) for f in self.fields)
+        self.latest[entry.worker.worker_id] = (waiting, running)
         now = time.monotonic()
         if now - self._published_at >= VLLM_STATS_INTERVAL_S:
             # The coordinator's periodic publication replaces the front-end's counts wholesale.
@@ -83,13 +87,24 @@ class PeerVLLMDP(RotatingPolicy):
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
         counts = self.published.setdefault(chosen.worker.worker_id, [0, 0])
-        counts[0] += 1  # local increment until the next publication
+        counts[0] += self._increment(ctx)  # local increment until the next publication
+
+    def _increment(self, ctx: RouteContext) -> int:
+        return 1
 
     def on_worker_removed(self, worker_id: str) -> None:
         self.latest.pop(worker_id, None)
         self.published.pop(worker_id, None)
 
 
-for _cls in (PeerSGLangRoundRobin, PeerSGLangMinimumTokens, PeerVLLMDP):
+class PeerVLLMTokenScore(PeerVLLMDP):
+    name = "peer_vllm_token_score"
+    fields = ("waiting_tokens", "running_tokens")
+
+    def _increment(self, ctx: RouteContext) -> int:
+        return ctx.num_tokens
+
+
+for _cls in (PeerSGLangRoundRobin, PeerSGLangMinimumTokens, PeerVLLMDP, PeerVLLMTokenScore):
     if _cls.name not in POLICIES:
         register(_cls)

@@ -9,6 +9,7 @@ import pytest
 
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.processes import ServiceProcess, script
+from pdlb.common.security import TLSConfig
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +35,11 @@ def start_service(tmp_path) -> Iterator[StartService]:
     """Start `pdlb-<kind>` with flags; every process is stopped (SIGTERM, then SIGKILL) after the test."""
     started: list[ServiceProcess] = []
 
-    def start(kind: str, *flags: str, name: str | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
+    def start(
+        kind: str, *flags: str, name: str | None = None, env: dict[str, str] | None = None, tls: TLSConfig | None = None
+    ) -> ServiceProcess:
         label = name or f"{kind}-{len(started)}"
-        proc = ServiceProcess(label, [*script(f"pdlb-{kind}"), "--port", "0", *flags], tmp_path, env)
+        proc = ServiceProcess(label, [*script(f"pdlb-{kind}"), "--port", "0", *flags], tmp_path, env, tls)
         started.append(proc)
         return proc.start()
 

@@ -10,6 +10,8 @@ import grpc
 
 from pdlb.cli import state
 from pdlb.client import PDLBClient
+from pdlb.common import security
+from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import encode
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -20,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill", default="", help="prefill dispatcher host:port (default: from `pdlb up`)")
     parser.add_argument("--decode", default="", help="decode dispatcher host:port (default: from `pdlb up`)")
     parser.add_argument("--bootstrap", default="", help="bootstrap host:port (default: from `pdlb up`)")
+    parser.add_argument("--tls-cert", default="", help="PEM client certificate (services with mutual TLS)")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default="", help="PEM CA that signed the services' certificates")
+    parser.add_argument("--tls-server-name", default="", help="name expected in server certificates")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from pdlb.cli import bench_client, local_cluster
@@ -86,7 +92,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
 
 async def cmd_route(args: argparse.Namespace) -> int:
     for label, address in dispatchers(args).items():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address) as channel:
             req = common_pb2.InferenceRequest(request_id=f"route-{id(args):x}", input_ids=encode(args.text))
             if args.room is not None:
                 req.bootstrap_room = args.room
@@ -102,7 +108,7 @@ async def cmd_route(args: argparse.Namespace) -> int:
 
 async def cmd_workers(args: argparse.Namespace) -> int:
     for label, address in dispatchers(args).items():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address) as channel:
             reply = await dispatch_pb2_grpc.DispatchStub(channel).ListWorkers(
                 dispatch_pb2.ListWorkersRequest(), timeout=10
             )
@@ -116,7 +122,7 @@ async def cmd_rooms(args: argparse.Namespace) -> int:
     address = args.bootstrap or state.load().get("bootstrap", "")
     if not address:
         raise SystemExit("no bootstrap server: pass --bootstrap or start a PD cluster with `pdlb up`")
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address) as channel:
         stub = bootstrap_pb2_grpc.BootstrapStub(channel)
         if not args.room:
             reply = await stub.ListPrefillEndpoints(bootstrap_pb2.ListPrefillEndpointsRequest(), timeout=10)
@@ -136,6 +142,7 @@ async def cmd_rooms(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    security.configure(security.tls_from_args(args))
     if args.command == "up":
         from pdlb.cli import local_cluster
 

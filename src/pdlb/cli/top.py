@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from pdlb.common.security import open_channel
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
 STATE_STYLE = {
@@ -73,7 +73,7 @@ def _tokens(w: dispatch_pb2.WorkerLoadEntry) -> int:
 async def watch(dispatchers: dict[str, str], interval_ms: int, once: bool = False) -> None:
     """Show one table per dispatcher, refreshed on every snapshot; `once` prints a single frame."""
     latest: dict[str, dispatch_pb2.WatchLoadResponse] = {}
-    channels = {label: grpc.aio.insecure_channel(address) for label, address in dispatchers.items()}
+    channels = {label: open_channel(address) for label, address in dispatchers.items()}
     updated = asyncio.Event()
 
     async def follow(label: str) -> None:

@@ -9,6 +9,7 @@ import grpc
 
 from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Change, PrefixWatch, bootstrap_prefix
+from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2_grpc
 
 DISCOVERY_TIMEOUT_S = 10.0
@@ -47,7 +48,7 @@ class BootstrapLocator:
         if not self.address:
             return None
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address, options=CHANNEL_OPTIONS)
         return bootstrap_pb2_grpc.BootstrapStub(self._channel)
 
     async def close(self) -> None:

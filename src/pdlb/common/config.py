@@ -85,3 +85,7 @@ def add_common_flags(parser: FlagParser, *, default_port: int) -> None:
         help="seconds to drain in-flight work on SIGTERM before cancelling it",
     )
     parser.flag("--log-level", default="INFO", help="logging level")
+    from pdlb.common.security import add_etcd_security_flags, add_tls_flags  # security imports this module
+
+    add_tls_flags(parser)
+    add_etcd_security_flags(parser)

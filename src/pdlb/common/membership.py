@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import aetcd
 
+from pdlb.common.security import SecureEtcdClient, etcd_security
+
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.2
@@ -34,7 +36,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 def connect_client(endpoint: str) -> aetcd.Client:
     host, port = split_endpoint(endpoint)
-    return aetcd.Client(host=host, port=port, timeout=5)
+    return SecureEtcdClient(etcd_security(), host=host, port=port, timeout=5)
 
 
 def workers_prefix(prefix: str, role: str | None = None) -> str:

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdlb.common.orphan_guard import guarded
+from pdlb.common.security import TLSConfig, open_sync_channel
 
 LISTENING = re.compile(r"listening on (\S+)")
 
@@ -22,8 +23,15 @@ LISTENING = re.compile(r"listening on (\S+)")
 class ServiceProcess:
     """One service started from its console script; its address is read from its own banner."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: str | Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.argv = name, argv
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: str | Path,
+        env: dict[str, str] | None = None,
+        tls: TLSConfig | None = None,
+    ) -> None:
+        self.name, self.argv, self.tls = name, argv, tls
         self.log_path = Path(log_dir) / f"{name}.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -53,7 +61,7 @@ class ServiceProcess:
         if not self._found.wait(timeout) or not self.address:
             self.kill()
             raise RuntimeError(f"{self.name} did not start within {timeout}s; see {self.log_path}")
-        wait_healthy(self.address, timeout)
+        wait_healthy(self.address, timeout, tls=self.tls)
         return self
 
     def _pump(self, found: threading.Event) -> None:
@@ -97,10 +105,10 @@ class ServiceProcess:
             self.proc.wait()
 
 
-def wait_healthy(address: str, timeout: float, service: str = "") -> None:
+def wait_healthy(address: str, timeout: float, service: str = "", tls: TLSConfig | None = None) -> None:
     """Block until the standard health check reports SERVING (waiting for the channel, not sleeping)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_sync_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()

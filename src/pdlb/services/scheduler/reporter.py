@@ -12,6 +12,7 @@ import grpc
 
 from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Backoff, Change, PrefixWatch, dispatchers_prefix
+from pdlb.common.security import open_channel
 from pdlb.v1 import common_pb2, load_report_pb2, load_report_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ReportStream:
     async def _run(self) -> None:
         backoff = Backoff()
         while True:
-            channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            channel = open_channel(self.address, options=CHANNEL_OPTIONS)
             try:
                 await self._stream(channel, backoff)
             except asyncio.CancelledError:

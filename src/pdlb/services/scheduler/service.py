@@ -13,6 +13,7 @@ import torch
 from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.security import open_channel
 from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -131,7 +132,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         address = request.prefill_address or await self._lookup(room, seq.request_id, wait_s, context)
         channel = self._kv_channels.get(address)
         if channel is None:
-            channel = self._kv_channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._kv_channels[address] = open_channel(address, options=CHANNEL_OPTIONS)
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         call = stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=room, request_id=seq.request_id), timeout=wait_s)
         try:

@@ -141,10 +141,12 @@ async def test_prefix_cache_hits_show_in_load_and_metrics(start_service):
         first = await tokens_of(stub, request("c1", system + "hello", max_new_tokens=6))
         second = await tokens_of(stub, request("c2", system + "hello", max_new_tokens=6))
         assert first == second
+        call = stub.Generate(scheduler_pb2.SchedulerGenerateRequest(request=request("c3", system + "hello")))
+        assert {chunk.cached_tokens async for chunk in call} == {88}  # every response says what was cached
         load = (await stub.GetLoad(scheduler_pb2.GetLoadRequest(), timeout=5)).load
-    assert load.prompt_tokens_total == 2 * len(system + "hello")
-    assert load.cache_hit_tokens == 88  # 11 blocks of the 92-token prompt: all but the last token's block
+    assert load.prompt_tokens_total == 3 * len(system + "hello")
+    assert load.cache_hit_tokens == 2 * 88  # 11 blocks of the 92-token prompt: all but the last token's block
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read())
     text = body.decode()
-    assert "pdlb_scheduler_cache_hit_tokens_total 88.0" in text
+    assert "pdlb_scheduler_cache_hit_tokens_total 176.0" in text
     assert "pdlb_scheduler_cache_tokens 88.0" in text

@@ -119,7 +119,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 tokens, reason = await _next_outputs(seq)
                 finished = reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 yield scheduler_pb2.SchedulerGenerateResponse(
-                    request_id=seq.request_id, token_ids=tokens, finish_reason=reason, prompt_tokens=len(seq.prompt)
+                    request_id=seq.request_id,
+                    token_ids=tokens,
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.prompt),
+                    cached_tokens=seq.cache_hit,
                 )
         finally:
             if not finished:  # the client went away: free the batch slot and the KV

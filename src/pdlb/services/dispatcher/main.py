@@ -52,6 +52,13 @@ def build_parser() -> FlagParser:
     parser.flag("--stale-after", default=5.0, type=float, help="seconds without a report before a worker is STALE")
     parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")
     parser.flag("--max-prompt-tokens", default=131_072, type=int, help="longest prompt accepted, in tokens")
+    parser.flag(
+        "--max-concurrent-requests",
+        default=10_000,
+        type=int,
+        help="Generate streams handled at once; more get RESOURCE_EXHAUSTED (back-pressure, not buffering)",
+    )
+    parser.flag("--max-watchers", default=64, type=int, help="concurrent WatchLoad streams; more: RESOURCE_EXHAUSTED")
     defaults = PolicyOptions()
     parser.flag(
         "--cache-block-size",
@@ -142,6 +149,8 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.request_timeout,
         args.max_prompt_tokens,
         args.report_interval_ms,
+        args.max_concurrent_requests,
+        args.max_watchers,
     )
     host = ServiceHost(
         args.host,

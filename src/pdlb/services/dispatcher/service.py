@@ -85,6 +85,25 @@ def load_to_proto(load: ReportedLoad) -> common_pb2.WorkerLoad:
     return common_pb2.WorkerLoad(**load.__dict__)
 
 
+class Slots:
+    """A bounded count of concurrent calls: past the bound, callers get RESOURCE_EXHAUSTED at once
+    instead of queueing without limit."""
+
+    def __init__(self, what: str, limit: int, flag: str) -> None:
+        self.what, self.limit, self.flag, self.used = what, limit, flag, 0
+
+    async def acquire(self, context) -> None:
+        if self.used >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"dispatcher has {self.used} {self.what} ({self.flag}={self.limit}); retry later or add dispatchers",
+            )
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+
+
 class DispatchCore:
     """What both servicers share: the table, the router, membership, channels and metrics."""
 
@@ -97,8 +116,12 @@ class DispatchCore:
         request_timeout_s: float,
         max_prompt_tokens: int,
         report_interval_ms: int,
+        max_concurrent_requests: int = 10_000,
+        max_watchers: int = 64,
     ) -> None:
         self.dispatcher_id = dispatcher_id
+        self.active_requests = Slots("requests in flight", max_concurrent_requests, "--max-concurrent-requests")
+        self.watchers = Slots("WatchLoad streams", max_watchers, "--max-watchers")
         self.router = router
         self.table: LoadTable = router.table
         self.members = members
@@ -177,6 +200,16 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self, request: dispatch_pb2.GenerateRequest, context
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         ctx, external = await self._checked(request.request, context)
+        await self.core.active_requests.acquire(context)
+        try:
+            async for response in self._generate(request, ctx, external, context):
+                yield response
+        finally:
+            self.core.active_requests.release()
+
+    async def _generate(
+        self, request: dispatch_pb2.GenerateRequest, ctx: RouteContext, external: int | None, context
+    ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         deadline = time.monotonic() + min(
             context.time_remaining() or self.core.request_timeout_s, self.core.request_timeout_s
         )
@@ -250,9 +283,13 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self, request: dispatch_pb2.WatchLoadRequest, context
     ) -> AsyncIterator[dispatch_pb2.WatchLoadResponse]:
         interval_ms = min(max(request.interval_ms, MIN_WATCH_INTERVAL_MS), MAX_WATCH_INTERVAL_MS)
-        while not self.core.draining:
-            yield self.snapshot()
-            await asyncio.sleep(interval_ms / 1000)  # pacing the stream, not waiting for an event
+        await self.core.watchers.acquire(context)
+        try:
+            while not self.core.draining:
+                yield self.snapshot()
+                await asyncio.sleep(interval_ms / 1000)  # pacing the stream, not waiting for an event
+        finally:
+            self.core.watchers.release()
 
     def snapshot(self) -> dispatch_pb2.WatchLoadResponse:
         table = self.core.table

@@ -27,7 +27,9 @@ def system_prompt(group: int, length: int = 256) -> list[int]:
 def make_router(ranks: int = 4, **options) -> Router:
     table = make_table(ranks)
     for entry in table.entries.values():
-        table.apply_report(entry.worker.worker_id, ReportedLoad(kv_tokens_capacity=100_000), acked_seq=0)
+        table.apply_report(
+            entry.worker.worker_id, ReportedLoad(kv_tokens_capacity=100_000, max_running_requests=64), acked_seq=0
+        )
     policy = create_policy("cache_aware", Role.MIXED, PolicyOptions(**options))
     for entry in table.entries.values():
         policy.on_report(entry)
@@ -97,7 +99,7 @@ def test_guard_spills_a_hot_prefix_under_skew_and_keeps_it_within_thresholds():
         entry = router.table.for_rank(spilled[-1])  # taken and running there; home stays skewed
         router.table.apply_report(
             entry.worker.worker_id,
-            ReportedLoad(running_requests=entry.total_requests, kv_tokens_capacity=100_000),
+            ReportedLoad(running_requests=entry.total_requests, kv_tokens_capacity=100_000, max_running_requests=64),
             acked_seq=entry.next_seq,
         )
     assert home not in spilled
@@ -175,3 +177,14 @@ async def test_cache_aware_on_real_workers_keeps_groups_together_and_hits_their_
 
         # Turns 2..4 of each group find its 160-token system prompt (10 blocks) cached.
         await wait_until(hits, what="every repeated system prompt to be a cache hit")
+
+
+def test_a_free_batch_slot_comes_before_a_cache_hit():
+    router = make_router(ranks=2)
+    prompt = system_prompt(4)
+    home = route(router, "a", [*prompt, 1])
+    entry = router.table.for_rank(home)
+    full = ReportedLoad(running_requests=2, kv_tokens_capacity=100_000, max_running_requests=2)
+    router.table.apply_report(entry.worker.worker_id, full, acked_seq=entry.next_seq)
+    assert route(router, "b", [*prompt, 2]) != home  # home has no free slot: queueing there costs more
+    assert router.policy.reasons[cache_aware.CACHE_HIT] == 0

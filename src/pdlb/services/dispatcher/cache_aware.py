@@ -3,7 +3,9 @@ overloaded.
 
 Score of a rank = expected cache-hit tokens (from the approximate prefix index of what this
 dispatcher sent there) - weight x queued tokens (waiting + in flight: prompt work ahead of the
-request). The best score wins; among ranks without a hit that is the least queued one, ties
+request). A batch slot comes first: ranks are compared by how many requests would wait for a slot
+there (as in least_wait), then by score, because waiting for a slot costs a whole request's decode
+time, more than a prefix hit saves. Among ranks without a hit the least queued one wins, ties
 rotating so new prefixes spread.
 
 Overload guard: a rank whose requests exceed the least-loaded rank's by more than
@@ -24,7 +26,7 @@ from pdlb.services.dispatcher.load_table import WorkerEntry
 from pdlb.services.dispatcher.policies import POLICIES, PolicyOptions, RotatingPolicy, RouteContext, register
 from pdlb.services.dispatcher.prefix_index import PrefixIndex
 
-_QUEUED_TOKENS = attrgetter("queued_tokens")
+_SLOT_EXCESS_THEN_QUEUED = attrgetter("slot_excess", "queued_tokens")
 _TOTAL_REQUESTS = attrgetter("total_requests")
 
 # Why each decision went where it did (exported for tests and benchmarks).
@@ -54,9 +56,9 @@ class CacheAware(RotatingPolicy):
         names = self.index.chain(ctx.input_ids)
         self._chain = (ctx.request_id, names)
         eligible = candidates if max(map(_TOTAL_REQUESTS, candidates)) <= limit else self._eligible(candidates, limit)
-        best = self._least(eligible, _QUEUED_TOKENS)
+        best = self._least(eligible, _SLOT_EXCESS_THEN_QUEUED)
         weight, block = self.options.cache_load_weight, self.index.block_size
-        best_score, best_hit, guarded = -weight * best.queued_tokens, 0, False
+        best_key, best_hit, guarded = (best.slot_excess, weight * best.queued_tokens, 0), 0, False
         for worker_id, blocks in self.index.match(names).items():
             entry = by_id.get(worker_id)
             if entry is None:
@@ -65,9 +67,9 @@ class CacheAware(RotatingPolicy):
                 guarded = True
                 continue
             hit = blocks * block
-            score = hit - weight * entry.queued_tokens
-            if score > best_score or (score == best_score and hit > best_hit):
-                best, best_score, best_hit = entry, score, hit
+            key = (entry.slot_excess, weight * entry.queued_tokens - hit, -hit)  # lower is better
+            if key < best_key:
+                best, best_key, best_hit = entry, key, hit
         self.reasons[CACHE_HIT if best_hit else GUARDED if guarded else LOAD] += 1
         return best
 

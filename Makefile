@@ -29,7 +29,10 @@ lint:
 run:
 	pdlb up
 
-## bench: dispatcher overhead, then balancing quality vs the peers (tables on stdout, files in bench/results)
+## bench: dispatcher overhead, balancing quality vs the peers, then shared-prefix traffic (tables on stdout, files in bench/results)
 bench:
 	$(PYTHON) -m bench.dispatcher_bench | tee bench/results/dispatcher.md
 	$(PYTHON) -m bench.balance_bench
+	$(PYTHON) -m bench.balance_bench --name shared_prefix --arrivals poisson --rates 8,12 \
+		--prefix-groups 32 --prompts-per-group 16 --prefix-len 1024 --input-median 128 \
+		--methods cache_aware,least_wait,round_robin,total_tokens,peer_sglang_minimum_tokens,peer_vllm_dp,peer_vllm_token_score

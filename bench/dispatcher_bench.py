@@ -17,7 +17,7 @@ import grpc
 
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
-from pdlb.services.dispatcher.policies import POLICIES, PolicyOptions, RouteContext, create_policy
+from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy, method_names
 from pdlb.services.dispatcher.router import Router
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -40,9 +40,12 @@ def decision_times(ranks: int, method: str, decisions: int = 2000, repeats: int 
             0,
         )
     router = Router(Role.PREFILL, table, create_policy(method, Role.PREFILL, PolicyOptions(dp_size=ranks)))
-    contexts = [
-        RouteContext(f"r{i}", rng.randrange(1, 4000), bootstrap_room=rng.getrandbits(32)) for i in range(decisions)
-    ]
+    # Prompts share one of 64 system prompts (512 tokens) plus a question: cache_aware hashes them.
+    prefixes = [[rng.randrange(256) for _ in range(512)] for _ in range(64)]
+    contexts = []
+    for i in range(decisions):
+        prompt = rng.choice(prefixes) + [rng.randrange(256) for _ in range(rng.randrange(1, 512))]
+        contexts.append(RouteContext(f"r{i}", len(prompt), bootstrap_room=rng.getrandbits(32), input_ids=prompt))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default="8,64,512,1024")
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
-    methods = sorted(POLICIES)
+    methods = method_names()[1:]  # every registered method (baselines included), without `auto`
     print("## Decision time per dispatch (median µs, policy + in-flight bookkeeping)\n")
     print("| method | " + " | ".join(f"{r} ranks" for r in ranks) + " |")
     print("|---|" + "---|" * len(ranks))

@@ -30,37 +30,39 @@ class PrefixIndex:
         count = min(len(tokens) // size, self.max_prompt_blocks)
         names, previous = [], 0
         for start in range(0, count * size, size):
-            previous = hash((previous, *tokens[start : start + size]))
+            previous = hash((previous, tuple(tokens[start : start + size])))  # a slice's tuple: C speed
             names.append(previous)
         return names
 
     def match(self, names: Sequence[int]) -> dict[str, int]:
-        """Workers holding a prefix of `names`, with the number of leading blocks each holds."""
-        if not names:
+        """Workers holding a prefix of `names`, with the number of leading blocks each holds.
+
+        Deeper blocks are evicted before shallower ones (see `insert`), so a worker holding block
+        i holds blocks 0..i too and its depth is found by binary search."""
+        first = self._holders.get(names[0]) if names else None
+        if not first:
             return {}
-        alive = self._holders.get(names[0])
-        if not alive:
-            return {}
-        alive = set(alive)
+        holders = self._holders
+        empty: set[str] = set()
         matched: dict[str, int] = {}
-        for depth, name in enumerate(names[1:], start=1):
-            holders = self._holders.get(name)
-            keep = alive & holders if holders else set()
-            for worker in alive - keep:
-                matched[worker] = depth
-            alive = keep
-            if not alive:
-                break
-        for worker in alive:
-            matched[worker] = len(names)
+        for worker in first:
+            low, high = 1, len(names)  # holds names[:low]; does not hold beyond names[:high]
+            while low < high:
+                mid = (low + high + 1) // 2
+                if worker in holders.get(names[mid - 1], empty):
+                    low = mid
+                else:
+                    high = mid - 1
+            matched[worker] = low
         return matched
 
     def insert(self, worker: str, names: Sequence[int]) -> None:
-        """Record that `worker` was sent a prompt with these blocks (most recent use)."""
+        """Record that `worker` was sent a prompt with these blocks (most recent use). Blocks are
+        touched deepest first, so the LRU evicts a prompt's tail before its shared head."""
         lru = self._lru.get(worker)
         if lru is None:
             lru = self._lru[worker] = OrderedDict()
-        for name in names:
+        for name in reversed(names):
             if name in lru:
                 lru.move_to_end(name)
             else:

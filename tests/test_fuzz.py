@@ -10,6 +10,7 @@ INTERNAL: an unhandled exception), within its deadline, and each service must st
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pdlb.common.etcd_process import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import (
     bootstrap_pb2,
@@ -86,9 +88,13 @@ def cluster(tmp_path_factory):
         started.append(proc.start())
         return proc
 
-    scheduler = start("scheduler", "--runner", "sim", "--max-prompt-tokens", "4096", "--max-waiting-requests", "64")
+    port = free_port()
+    dispatcher = start("dispatcher", "--workers", f"0@127.0.0.1:{port}", "--dp-size", "2")
+    scheduler = start(
+        "scheduler", "--runner", "sim", "--port", str(port), "--dispatchers", dispatcher.address,
+        "--max-prompt-tokens", "4096", "--max-waiting-requests", "64",
+    )  # fmt: skip
     bootstrap = start("bootstrap", "--max-rooms", "1000")
-    dispatcher = start("dispatcher", "--workers", f"0@{scheduler.address}", "--dp-size", "2")
     channels = {name: grpc.insecure_channel(p.address) for name, p in
                 (("scheduler", scheduler), ("bootstrap", bootstrap), ("dispatcher", dispatcher))}  # fmt: skip
     yield channels
@@ -209,6 +215,13 @@ def test_services_stay_healthy_after_fuzzing(cluster):
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
     stub = dispatch_pb2_grpc.DispatchStub(cluster["dispatcher"])
+    sched = scheduler_pb2_grpc.SchedulerStub(cluster["scheduler"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # fuzzed requests run out (a status, polled)
+        load = sched.GetLoad(scheduler_pb2.GetLoadRequest(), timeout=5).load
+        if load.running_requests + load.waiting_requests == 0:
+            break
+        time.sleep(0.05)
     good = common_pb2.InferenceRequest(request_id="after-fuzz", text="still fine")
     good.sampling.max_new_tokens = 3
     chunks = list(stub.Generate(dispatch_pb2.GenerateRequest(request=good), timeout=30))

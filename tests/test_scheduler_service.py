@@ -74,7 +74,8 @@ async def test_reports_reflect_the_queue_at_the_dispatcher(etcd, prefix, start_s
             row = (await load_snapshot(stub)).workers[0]
             # What stays is the prefix cache: the shared 50-token prompt's 3 full blocks of 16.
             return (
-                row.reported.running_requests + row.reported.waiting_requests == 0 and row.reported.kv_tokens_used == 48
+                row.reported.running_requests + row.reported.waiting_requests == 0
+                and row.reported.kv_tokens_used == row.reported.kv_tokens_evictable == 48
             )
 
         await wait_until(drained, what="cancelled requests to free their batch slots and KV")

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdlb.common.etcd_process import EtcdProcess, EtcdTLS
+from pdlb.common.etcd_process import EtcdProcess, EtcdTLS, free_port
 from pdlb.common.security import TLSConfig, open_channel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 from tests.certs import Authority
@@ -50,23 +50,22 @@ async def health(address: str, tls: TLSConfig | None) -> int:
 async def test_mutual_tls_end_to_end_and_clients_without_a_valid_certificate_are_refused(pki, start_service):
     flags = tls_flags(pki)
     good = client_tls(pki)
-    scheduler = start_service("scheduler", *SMALL, *flags, name="tls-sched", tls=good)
+    port = free_port()
     dispatcher = start_service(
-        "dispatcher", *flags, "--workers", f"0@{scheduler.address}", name="tls-dispatcher", tls=good
+        "dispatcher", *flags, "--workers", f"0@127.0.0.1:{port}", name="tls-dispatcher", tls=good
     )
     # The scheduler reports its load to the dispatcher over mutual TLS too (`--dispatchers`).
-    reporter = start_service(
+    scheduler = start_service(
         "scheduler",
         *SMALL,
         *flags,
-        "--dp-rank",
-        "0",
+        "--port",
+        str(port),
         "--dispatchers",
         dispatcher.address,
-        name="tls-reporter",
+        name="tls-sched",
         tls=good,
     )
-    assert reporter.alive()
     async with open_channel(dispatcher.address, tls=good) as channel:
         stub = dispatch_pb2_grpc.DispatchStub(channel)
         chunks = [
@@ -77,11 +76,11 @@ async def test_mutual_tls_end_to_end_and_clients_without_a_valid_certificate_are
         ]
         assert sum(len(c.token_ids) for c in chunks) == 12 and chunks[-1].finish_reason
 
-        async def reported() -> bool:
+        async def reported() -> bool:  # the scheduler's reports arrived: it took over the static entry
             reply = await stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5)
-            return len(reply.workers) >= 1
+            return [w.worker_id[:8] for w in reply.workers] == ["mixed-0-"]
 
-        await wait_until(reported, what="a worker known over mutual TLS")
+        await wait_until(reported, what="load reports over mutual TLS")
 
     refused = {
         "plaintext": None,

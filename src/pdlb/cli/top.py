@@ -47,7 +47,8 @@ def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
     max_tokens = max((_tokens(w) for w in rows), default=0) or 1
     for w in rows:
         load = w.reported
-        kv_ratio = load.kv_tokens_used / load.kv_tokens_capacity if load.kv_tokens_capacity else 0.0
+        in_use = load.kv_tokens_used - load.kv_tokens_evictable  # the evictable prefix cache counts as free
+        kv_ratio = in_use / load.kv_tokens_capacity if load.kv_tokens_capacity else 0.0
         state, style = STATE_STYLE.get(w.state, ("?", "white"))
         table.add_row(
             str(w.worker.dp_rank),

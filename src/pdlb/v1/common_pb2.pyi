@@ -66,7 +66,7 @@ class InferenceRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., bootstrap_room: _Optional[int] = ..., prefill_dp_rank: _Optional[int] = ..., decode_dp_rank: _Optional[int] = ..., routing_key: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "running_tokens", "waiting_tokens", "kv_tokens_used", "kv_tokens_capacity", "cache_hit_tokens", "prompt_tokens_total", "max_running_requests")
+    __slots__ = ("running_requests", "waiting_requests", "running_tokens", "waiting_tokens", "kv_tokens_used", "kv_tokens_capacity", "cache_hit_tokens", "prompt_tokens_total", "max_running_requests", "kv_tokens_evictable")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class WorkerLoad(_message.Message):
     CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_EVICTABLE_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     running_tokens: int
@@ -85,7 +86,8 @@ class WorkerLoad(_message.Message):
     cache_hit_tokens: int
     prompt_tokens_total: int
     max_running_requests: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
+    kv_tokens_evictable: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_tokens_evictable: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "dp_rank", "address")

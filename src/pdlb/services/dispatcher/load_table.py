@@ -49,6 +49,7 @@ class ReportedLoad:
     cache_hit_tokens: int = 0
     prompt_tokens_total: int = 0
     max_running_requests: int = 0
+    kv_tokens_evictable: int = 0
 
 
 @dataclass
@@ -93,8 +94,8 @@ class WorkerEntry:
 
     @property
     def kv_used(self) -> int:
-        """KV tokens in use plus those the in-flight requests will need."""
-        return self.reported.kv_tokens_used + self.inflight_tokens
+        """KV tokens in use (less the evictable prefix cache) plus those in-flight requests will need."""
+        return self.reported.kv_tokens_used - self.reported.kv_tokens_evictable + self.inflight_tokens
 
     def recount(self) -> None:
         r = self.reported

@@ -37,6 +37,10 @@ def worker_from_value(value: dict, role: Role) -> Worker | None:
     return worker
 
 
+class NotAMember(Exception):
+    """A load report from a worker that is not part of the configured membership."""
+
+
 class Members:
     """Applies membership changes and holds reports that arrive before the worker's registration."""
 
@@ -69,7 +73,8 @@ class Members:
             self.table.upsert(worker)
 
     def on_report(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> bool | None:
-        """Apply a report. Returns None when the worker is unknown (report held until it registers)."""
+        """Apply a report. Returns None when the worker is unknown (report held until it registers).
+        Raises NotAMember for a static-mode report from an address outside `--workers`."""
         if worker.worker_id not in self.table.entries:
             if not self.static:
                 self._hold(worker, load, acked, incarnation)
@@ -78,11 +83,17 @@ class Members:
         return self.table.apply_report(worker.worker_id, load, acked, incarnation)
 
     def _adopt(self, worker: Worker) -> None:
-        """Static mode: a reporting worker replaces the static entry of its address, or joins."""
-        for entry in list(self.table.entries.values()):
-            if entry.worker.address == worker.address and entry.worker.worker_id != worker.worker_id:
-                self.table.remove(entry.worker.worker_id)
-                self.on_removed(entry.worker.worker_id)
+        """Static mode: a reporting worker takes over the static entry of its address and rank. A
+        report can never add a worker: anyone able to reach the port could then attract traffic."""
+        listed = [e for e in self.table.entries.values() if e.worker.address == worker.address]
+        if not any(e.worker.dp_rank == worker.dp_rank for e in listed):
+            raise NotAMember(
+                f"worker {worker.worker_id} (rank {worker.dp_rank} at {worker.address}) is not in this "
+                "dispatcher's --workers list; list it there or use etcd membership"
+            )
+        for entry in listed:
+            self.table.remove(entry.worker.worker_id)
+            self.on_removed(entry.worker.worker_id)
         self.table.upsert(worker)
 
     def _hold(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> None:

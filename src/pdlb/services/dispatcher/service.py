@@ -22,7 +22,7 @@ from pdlb.services.dispatcher.load_table import (
     Worker,
     WorkerEntry,
 )
-from pdlb.services.dispatcher.members import Members
+from pdlb.services.dispatcher.members import Members, NotAMember
 from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 from pdlb.services.dispatcher.router import Decision, Router
@@ -78,6 +78,7 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         cache_hit_tokens=load.cache_hit_tokens,
         prompt_tokens_total=load.prompt_tokens_total,
         max_running_requests=load.max_running_requests,
+        kv_tokens_evictable=min(load.kv_tokens_evictable, load.kv_tokens_used),
     )
 
 
@@ -310,6 +311,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         )
 
 
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and len(address) <= 255)
+
+
 def _no_redispatch(err: grpc.aio.AioRpcError) -> bool:
     """The worker said another rank could not serve this request either (its KV hand-off failed)."""
     return any(key == NO_REDISPATCH_KEY for key, _ in (err.trailing_metadata() or ()))
@@ -338,9 +344,12 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
         )
         async for report in request_iterator:
             worker = await self._worker_of(report, context)
-            applied = self.core.members.on_report(
-                worker, load_from_proto(report.load), report.acked_dispatch_seq, report.incarnation
-            )
+            try:
+                applied = self.core.members.on_report(
+                    worker, load_from_proto(report.load), report.acked_dispatch_seq, report.incarnation
+                )
+            except NotAMember as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             if applied is False:
                 self.core.metrics.stale_reports.inc()
             elif applied:
@@ -349,10 +358,10 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
     async def _worker_of(self, report: load_report_pb2.ReportRequest, context) -> Worker:
         info = report.worker
         role = role_from_proto(info.role)
-        if not info.worker_id or role is None or info.dp_rank < 0 or not info.address:
+        if not info.worker_id or role is None or info.dp_rank < 0 or not _is_host_port(info.address):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "report needs worker.worker_id, worker.role, worker.dp_rank >= 0 and worker.address",
+                "report needs worker.worker_id, worker.role, worker.dp_rank >= 0 and worker.address host:port",
             )
         if role != self.core.router.role.value:
             await context.abort(

@@ -477,6 +477,7 @@ class Engine:
             running_tokens=sum(s.context_len for s in self.running),
             waiting_tokens=sum(len(s.prompt) for s in self.waiting),
             kv_tokens_used=self.runner.kv_used,
+            kv_tokens_evictable=self.cache.evictable_tokens if self.cache else 0,
             kv_tokens_capacity=self.limits.max_total_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             cache_hit_tokens=self.cache_hit_tokens,

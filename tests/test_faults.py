@@ -97,6 +97,7 @@ async def test_scheduler_kill_9_mid_stream(etcd, prefix, start_service):
         adapt_s = time.monotonic() - killed_at
         after = await stream(stub, request("after-kill", "y", max_new_tokens=4), Outcome("after-kill"))
         done = await asyncio.wait_for(asyncio.gather(*tasks), 90)  # nothing hangs
+    print(f"kill -9: worker dropped after {adapt_s:.2f}s (lease TTL 2s)")
     assert adapt_s <= 2 + 0.1 + 1.5, adapt_s  # lease TTL + one report interval (+ etcd's expiry tick)
     for o in done:
         if o.request_id in on_victim:  # streaming when killed: a clear error naming the request
@@ -164,6 +165,7 @@ async def test_dispatcher_kill_9_and_restart_rebuilds_from_etcd(etcd, prefix, st
         rebuilt_s = time.monotonic() - restarted_at
         ok = await stream(stub, request("again", "x", max_new_tokens=4), Outcome("again"))
     assert ok.code is None and ok.tokens == 4
+    print(f"dispatcher restart: membership rebuilt and both workers reporting {rebuilt_s:.2f}s after start")
     assert rebuilt_s < 10, rebuilt_s
 
 
@@ -248,4 +250,5 @@ async def test_partitioned_worker_is_avoided_then_finishes_its_requests_when_hea
             return routes == {0, 1}
 
         await wait_until(back, what="the healed worker to get requests again")
+    print(f"partition: routing avoided the silent worker after {avoid_s:.2f}s (--stale-after 1s)")
     assert avoid_s <= 1 + 0.1 + 1.0, avoid_s  # --stale-after + one report interval (+ state check)

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.security import open_channel
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -30,7 +29,7 @@ class PDLBClient:
         self.decode = self._stub(decode) if decode else None
 
     def _stub(self, address: str) -> dispatch_pb2_grpc.DispatchStub:
-        channel = open_channel(address, options=CHANNEL_OPTIONS)
+        channel = open_channel(address)
         self._channels.append(channel)
         return dispatch_pb2_grpc.DispatchStub(channel)
 

@@ -7,7 +7,6 @@ import contextlib
 
 import grpc
 
-from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Change, PrefixWatch, bootstrap_prefix
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2_grpc
@@ -48,7 +47,7 @@ class BootstrapLocator:
         if not self.address:
             return None
         if self._channel is None:
-            self._channel = open_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address)
         return bootstrap_pb2_grpc.BootstrapStub(self._channel)
 
     async def close(self) -> None:

@@ -52,12 +52,11 @@ class ServiceHost:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.host = host
-        tls = security.active()
-        self.tls = tls is not None
-        if tls is None:
+        self.tls = security.active()
+        if self.tls is None:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         else:
-            self.port = self.server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+            self.port = self.server.add_secure_port(f"{host}:{port}", self.tls.server_credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
 
@@ -68,7 +67,7 @@ class ServiceHost:
     async def start(self) -> None:
         await self.server.start()
         await self.set_serving(True)
-        mode = "plaintext" if not self.tls else "mutual TLS" if security.active().mutual else "TLS"
+        mode = "plaintext" if self.tls is None else "mutual TLS" if self.tls.mutual else "TLS"
         log.info("serving %s on %s (%s)", ", ".join(self.service_names), self.address, mode)
 
     async def set_serving(self, serving: bool) -> None:

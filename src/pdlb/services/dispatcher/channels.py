@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 
-from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.security import open_channel
 from pdlb.v1 import scheduler_pb2_grpc
 
@@ -16,7 +15,7 @@ class ChannelPool:
     def scheduler(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = open_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address)
             self._channels[address] = channel
         return scheduler_pb2_grpc.SchedulerStub(channel)
 

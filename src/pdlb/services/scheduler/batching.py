@@ -7,7 +7,7 @@ overtaken, so a long request is not starved by short ones. Every running request
 KV (unused cache blocks are evicted to make room), so nothing is preempted. Each step runs, in one
 forward pass, one decode token of every decoding request and prefill chunks of at most
 `--chunked-prefill-size` tokens. Prefill starts after the cached prefix, and a prompt's full blocks
-enter the cache as soon as its prefill completes, so concurrent requests of one prefix share them.
+enter the cache after every prefill chunk, so concurrent requests of one prefix share them.
 """
 
 from __future__ import annotations
@@ -207,17 +207,15 @@ class Engine:
         while self.waiting and len(self.running) < limits.max_running_requests:
             seq = self.waiting[0]
             path = self._cached_path(seq)
-            shared = sum(len(node.slots) for node in path)
-            need = seq.reserve - shared
+            need = seq.reserve - sum(len(node.slots) for node in path)
             locked = self.cache.locked_tokens + self.cache.unlocked_tokens(path) if self.cache else 0
             if self.reserved + need + locked > limits.max_total_tokens:
                 break  # FIFO: the head waits for room, nobody overtakes it
             self.waiting.popleft()
-            self.reserved += need
-            seq.reserved_tokens = need
+            self.reserved += seq.reserve
+            seq.reserved_tokens = seq.reserve
             self.running.append(seq)
-            if path:
-                self._use_cached(seq, path, shared)
+            self._adopt_cached(seq, path)  # the cached part moves from the reservation to the cache
             if seq.preloaded is not None:
                 self._load_preloaded(seq)
 
@@ -226,22 +224,20 @@ class Engine:
             return []
         return self.cache.match(seq.prompt, len(seq.prompt) - 1)  # the last token is computed for its logits
 
-    def _use_cached(self, seq: Sequence, path: list[CacheNode], shared: int) -> None:
-        assert self.cache is not None
-        self.cache.lock(path)
-        seq.nodes, seq.shared, seq.cache_hit, seq.computed = path, shared, shared, shared
-        seq.slots = [slot for node in path for slot in node.slots]
-        self.cache_hit_tokens += shared
-
     def _catch_up(self, seq: Sequence) -> None:
         """Before a request's first prefill chunk, take what others cached since its admission
         (requests of one prefix admitted together share the blocks the first one computes)."""
         if self.cache is None or seq.computed != seq.shared or len(seq.slots) != seq.shared:
             return
-        path = self.cache.match(seq.prompt, len(seq.prompt) - 1)
-        if len(path) <= len(seq.nodes):
-            return
+        self._adopt_cached(seq, self.cache.match(seq.prompt, len(seq.prompt) - 1))
+
+    def _adopt_cached(self, seq: Sequence, path: list[CacheNode]) -> None:
+        """Use the cached blocks of `path` beyond those the request holds (it has computed nothing
+        past them): lock them, point its slots at them and skip their prefill."""
         more = path[len(seq.nodes) :]
+        if not more:
+            return
+        assert self.cache is not None
         self.cache.lock(more)
         extra = sum(len(node.slots) for node in more)
         seq.nodes = path

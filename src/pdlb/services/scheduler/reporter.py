@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import grpc
 
-from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Backoff, Change, PrefixWatch, dispatchers_prefix
 from pdlb.common.security import open_channel
 from pdlb.v1 import common_pb2, load_report_pb2, load_report_pb2_grpc
@@ -32,7 +31,7 @@ class ReportStream:
     async def _run(self) -> None:
         backoff = Backoff()
         while True:
-            channel = open_channel(self.address, options=CHANNEL_OPTIONS)
+            channel = open_channel(self.address)
             try:
                 await self._stream(channel, backoff)
             except asyncio.CancelledError:

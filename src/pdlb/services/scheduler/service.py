@@ -11,7 +11,6 @@ import grpc
 import torch
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
-from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.requests import InvalidRequest, check_request
 from pdlb.common.security import open_channel
 from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
@@ -136,7 +135,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         address = request.prefill_address or await self._lookup(room, seq.request_id, wait_s, context)
         channel = self._kv_channels.get(address)
         if channel is None:
-            channel = self._kv_channels[address] = open_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._kv_channels[address] = open_channel(address)
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         call = stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=room, request_id=seq.request_id), timeout=wait_s)
         try:

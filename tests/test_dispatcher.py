@@ -12,8 +12,17 @@ import grpc
 import pytest
 
 from pdlb.common.etcd_process import free_port
-from pdlb.v1 import dispatch_pb2
-from tests.helpers import dispatch_stub, generate, load_snapshot, request, wait_for_workers, wait_until
+from pdlb.v1 import common_pb2, dispatch_pb2, load_report_pb2, load_report_pb2_grpc
+from tests.helpers import (
+    dispatch_stub,
+    generate,
+    live_workers,
+    load_snapshot,
+    request,
+    rest_of,
+    wait_for_workers,
+    wait_until,
+)
 
 
 def etcd_flags(etcd, prefix, ttl: int = 2) -> list[str]:
@@ -197,6 +206,61 @@ async def test_static_workers_without_etcd(start_service):
         assert chunks[-1].finish_reason == 1 and chunks[0].dp_rank == 0
 
 
+async def test_a_report_taking_over_a_static_entry_mid_stream_keeps_the_stream(start_service):
+    # The scheduler's first report can arrive while a request already streams through the static
+    # entry; the takeover changes the worker id at the same address and must not cut the stream.
+    scheduler = start_service("scheduler", "--runner", "sim", "--sim-slowdown", "10")  # no reports of its own
+    dispatcher = start_service("dispatcher", "--workers", f"0@{scheduler.address}")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel, grpc.aio.insecure_channel(dispatcher.address) as report_channel:
+        call = stub.Generate(
+            dispatch_pb2.GenerateRequest(request=request("takeover", "x", max_new_tokens=100)), timeout=60
+        )
+        first = await call.read()
+        done = asyncio.Event()
+
+        async def one_report_then_hold():  # the stream stays open, as a reporting worker's would
+            yield report_from(scheduler.address, worker_id="mixed-0-report")
+            await done.wait()
+
+        reports = load_report_pb2_grpc.LoadReportStub(report_channel).Report(one_report_then_hold(), timeout=30)
+        assert (await reports.read()).dispatcher_id  # the dispatcher took the report
+
+        async def taken_over() -> bool:
+            return [w.worker_id for w in await live_workers(stub)] == ["mixed-0-report"]
+
+        await wait_until(taken_over, what="the report to take over the static entry")
+        rest = await rest_of(call)
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 100 and rest[-1].finish_reason == 1
+        done.set()
+        reports.cancel()
+
+
+async def test_sigterm_on_a_worker_lets_its_streams_finish_through_the_dispatcher(etcd, prefix, start_service):
+    # A draining scheduler leaves etcd first, then finishes what it runs: the dispatcher must keep
+    # forwarding those streams after the worker left its table (rolling restarts lose nothing).
+    flags = etcd_flags(etcd, prefix, ttl=30)
+    dispatcher = start_service("dispatcher", *flags)
+    (worker,) = start_schedulers(start_service, flags, [0], "--runner", "sim", "--sim-slowdown", "10")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 1)
+        call = stub.Generate(
+            dispatch_pb2.GenerateRequest(request=request("drain", "x", max_new_tokens=150)), timeout=60
+        )
+        first = await call.read()
+        worker.proc.terminate()  # SIGTERM: deregister, drain, exit
+        await wait_for_workers(stub, 0)
+        rest = await rest_of(call)
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150 and rest[-1].finish_reason == 1
+    assert await asyncio.to_thread(worker.proc.wait, 30) == 0
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as reply:
         return reply.read().decode()
+
+
+def report_from(address: str, worker_id: str, rank: int = 0) -> load_report_pb2.ReportRequest:
+    worker = common_pb2.WorkerInfo(worker_id=worker_id, role=common_pb2.ROLE_MIXED, dp_rank=rank, address=address)
+    return load_report_pb2.ReportRequest(worker=worker, incarnation="test", load=common_pb2.WorkerLoad())

@@ -270,6 +270,10 @@ class LoadTable:
                 return entry
         return None
 
+    def addresses(self) -> set[str]:
+        """Addresses of the workers in the table (their channels must stay open)."""
+        return {entry.worker.address for entry in self.entries.values()}
+
     def ordered(self) -> Iterable[WorkerEntry]:
         return sorted(self.entries.values(), key=lambda e: (e.dp_rank, e.worker.worker_id))
 

@@ -136,8 +136,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
 
     def worker_removed(worker_id: str) -> None:
         policy.on_worker_removed(worker_id)
-        in_use = {entry.worker.address for entry in table.entries.values()}
-        asyncio.get_running_loop().create_task(core.channels.prune(in_use))
+        asyncio.get_running_loop().create_task(core.channels.prune())
 
     members = Members(table, role, static=not args.etcd, on_removed=worker_removed)
     members.add_static(static)

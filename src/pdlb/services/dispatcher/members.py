@@ -91,10 +91,11 @@ class Members:
                 f"worker {worker.worker_id} (rank {worker.dp_rank} at {worker.address}) is not in this "
                 "dispatcher's --workers list; list it there or use etcd membership"
             )
+        self.table.upsert(worker)  # first, so the address never looks unused (its channel stays open)
         for entry in listed:
-            self.table.remove(entry.worker.worker_id)
-            self.on_removed(entry.worker.worker_id)
-        self.table.upsert(worker)
+            if entry.worker.worker_id != worker.worker_id:
+                self.table.remove(entry.worker.worker_id)
+                self.on_removed(entry.worker.worker_id)
 
     def _hold(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> None:
         self._pending[worker.worker_id] = (worker, load, acked, incarnation)

@@ -127,7 +127,7 @@ class DispatchCore:
         self.table: LoadTable = router.table
         self.members = members
         self.metrics = metrics
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(self.table.addresses)
         self.request_timeout_s = request_timeout_s
         self.max_prompt_tokens = max_prompt_tokens
         self.report_interval_ms = report_interval_ms
@@ -218,29 +218,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         while True:
             decision = await self._decide(ctx, external, excluded, context)
             worker = decision.entry.worker
-            forwarded = sched_pb.SchedulerGenerateRequest(
-                request=request.request, dispatch_seq=decision.seq, dispatcher_id=self.core.dispatcher_id
-            )
-            stub = self.core.channels.scheduler(worker.address)
-            call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
-            decoder = StreamDecoder()
             sent_any = False
             try:
-                async for chunk in call:
+                async for response in self._forward(request, ctx, decision, deadline, context):
                     sent_any = True
-                    if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
-                        # Recorded once the KV is held, so a re-dispatch never conflicts with it.
-                        await self._record_room(ctx, decision, context)
-                    yield dispatch_pb2.GenerateResponse(
-                        request_id=ctx.request_id,
-                        token_ids=chunk.token_ids,
-                        text=decoder.push(list(chunk.token_ids)),
-                        finish_reason=chunk.finish_reason,
-                        dp_rank=worker.dp_rank,
-                        worker_id=worker.worker_id,
-                        prompt_tokens=chunk.prompt_tokens,
-                        cached_tokens=chunk.cached_tokens,
-                    )
+                    yield response
                 return
             except grpc.aio.AioRpcError as err:
                 if not sent_any:
@@ -265,6 +247,44 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     excluded.add(worker.worker_id)
                     continue
                 await self._fail(context, ctx.request_id, worker, err, sent_any)
+
+    async def _forward(
+        self, request: dispatch_pb2.GenerateRequest, ctx: RouteContext, decision: Decision, deadline: float, context
+    ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+        """One attempt on the decided worker; its failures surface as AioRpcError."""
+        worker = decision.entry.worker
+        forwarded = sched_pb.SchedulerGenerateRequest(
+            request=request.request, dispatch_seq=decision.seq, dispatcher_id=self.core.dispatcher_id
+        )
+        decoder = StreamDecoder()
+        async with self.core.channels.scheduler(worker.address) as stub:
+            call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
+            try:
+                async for chunk in call:
+                    if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
+                        # Recorded once the KV is held, so a re-dispatch never conflicts with it.
+                        await self._record_room(ctx, decision, context)
+                    yield dispatch_pb2.GenerateResponse(
+                        request_id=ctx.request_id,
+                        token_ids=chunk.token_ids,
+                        text=decoder.push(list(chunk.token_ids)),
+                        finish_reason=chunk.finish_reason,
+                        dp_rank=worker.dp_rank,
+                        worker_id=worker.worker_id,
+                        prompt_tokens=chunk.prompt_tokens,
+                        cached_tokens=chunk.cached_tokens,
+                    )
+            except asyncio.CancelledError:
+                if _client_cancelled(context):
+                    raise
+                # The call was cancelled under us (its channel closed): the client must still get
+                # a status, never a stream left open until its deadline.
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=f"the call to worker {worker.worker_id} at {worker.address} was cancelled locally",
+                ) from None
             finally:
                 call.cancel()
 
@@ -314,6 +334,13 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
 def _is_host_port(address: str) -> bool:
     host, sep, port = address.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and len(address) <= 255)
+
+
+def _client_cancelled(context) -> bool:
+    """Whether a CancelledError is this handler's own cancellation (the client went away)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling()) if cancelling is not None else context.cancelled()
 
 
 def _no_redispatch(err: grpc.aio.AioRpcError) -> bool:

@@ -41,13 +41,6 @@ class ChannelPool:
                 if address not in self._addresses_in_use():
                     await self._discard(address)
 
-    def calls(self, address: str) -> int:
-        """Calls open on the channel to `address` (for tests and metrics)."""
-        return self._calls[address]
-
-    def open_addresses(self) -> set[str]:
-        return set(self._channels)
-
     async def prune(self) -> None:
         """Close the idle channels of addresses no worker uses any more (workers come and go);
         busy ones are closed when their last call ends."""

@@ -59,8 +59,12 @@ async def test_reports_reflect_the_queue_at_the_dispatcher(etcd, prefix, start_s
             stub.Generate(dispatch_pb2.GenerateRequest(request=request(f"q{i}", "x" * 50, max_new_tokens=3000)))
             for i in range(5)
         ]
-        # No call is read: which two get the batch slots depends on the order in which the
-        # dispatcher's forwards reach the scheduler, not on the order the calls were made.
+        # Wait for the first tokens of whichever two got the batch slots (their prompts are then
+        # computed and cached): forwards reach the scheduler in any order, not the calls' order.
+        first_tokens = [asyncio.ensure_future(call.read()) for call in calls]
+        started = asyncio.as_completed(first_tokens, timeout=30)
+        for _ in range(2):
+            await next(started)
         seen: list[tuple[int, int, int]] = []
 
         async def queued():
@@ -74,6 +78,7 @@ async def test_reports_reflect_the_queue_at_the_dispatcher(etcd, prefix, start_s
             raise AssertionError(f"{err}; (running, waiting, in flight) seen: {sorted(set(seen))}") from None
         for call in calls:
             call.cancel()
+        await asyncio.gather(*first_tokens, return_exceptions=True)
 
         async def drained():
             row = (await load_snapshot(stub)).workers[0]

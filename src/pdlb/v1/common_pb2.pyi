@@ -46,7 +46,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "text", "sampling", "bootstrap_room", "prefill_dp_rank", "decode_dp_rank", "routing_key")
+    __slots__ = ("request_id", "input_ids", "text", "sampling", "bootstrap_room", "prefill_dp_rank", "decode_dp_rank", "routing_key", "messages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class InferenceRequest(_message.Message):
     PREFILL_DP_RANK_FIELD_NUMBER: _ClassVar[int]
     DECODE_DP_RANK_FIELD_NUMBER: _ClassVar[int]
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -63,7 +64,16 @@ class InferenceRequest(_message.Message):
     prefill_dp_rank: int
     decode_dp_rank: int
     routing_key: str
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., bootstrap_room: _Optional[int] = ..., prefill_dp_rank: _Optional[int] = ..., decode_dp_rank: _Optional[int] = ..., routing_key: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., bootstrap_room: _Optional[int] = ..., prefill_dp_rank: _Optional[int] = ..., decode_dp_rank: _Optional[int] = ..., routing_key: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("running_requests", "waiting_requests", "running_tokens", "waiting_tokens", "kv_tokens_used", "kv_tokens_capacity", "cache_hit_tokens", "prompt_tokens_total", "max_running_requests", "kv_tokens_evictable")
@@ -90,13 +100,15 @@ class WorkerLoad(_message.Message):
     def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_tokens_evictable: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "dp_rank", "address")
+    __slots__ = ("worker_id", "role", "dp_rank", "address", "model")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     dp_rank: int
     address: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dp_rank: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dp_rank: _Optional[int] = ..., address: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...

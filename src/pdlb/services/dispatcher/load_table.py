@@ -36,6 +36,7 @@ class Worker:
     role: Role
     dp_rank: int
     address: str
+    model: str = ""  # the model id it advertises; empty: unknown
 
 
 @dataclass

@@ -11,6 +11,8 @@ from pdlb.common.config import FlagParser, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, PrefixWatch, dispatchers_prefix, workers_prefix
 from pdlb.common.modes import role_of_mode
+from pdlb.models.catalog import SMOLLM2, resolve
+from pdlb.models.config import UnsupportedModel
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
 from pdlb.services.dispatcher.load_table import LoadTable, Role
 from pdlb.services.dispatcher.members import Members, parse_static_workers
@@ -38,6 +40,13 @@ def build_parser() -> FlagParser:
         help=f"one of {', '.join(method_names())}",
         choices=method_names(),
     )
+    parser.flag(
+        "--model",
+        default=SMOLLM2,
+        help="the model this role serves, as the workers' --model: its tokenizer turns text into the ids "
+        "methods count, and workers of another model are refused",
+    )
+    parser.flag("--served-model-name", default="", help="model id the workers advertise (as their --served-model-name)")
     parser.flag("--dp-size", default=0, type=int, help="number of DP ranks (0: highest known rank + 1)")
     parser.flag("--workers", default="", help="static workers, comma separated [rank@]host:port (no etcd needed)")
     parser.flag("--bootstrap", default="", help="prefill: bootstrap server host:port where rooms are recorded")
@@ -133,12 +142,17 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     dispatcher_id = f"dispatcher-{role.value}-{uuid.uuid4().hex[:8]}"
     metrics = DispatcherMetrics(table)
     static = parse_static_workers(csv_list(args.workers), role)
+    try:
+        source = resolve(args.model, args.served_model_name)
+        tokenizer = source.tokenizer()
+    except UnsupportedModel as exc:
+        raise SystemExit(f"pdlb-dispatcher: cannot use --model {args.model}: {exc}") from None
 
     def worker_removed(worker_id: str) -> None:
         policy.on_worker_removed(worker_id)
         asyncio.get_running_loop().create_task(core.channels.prune())
 
-    members = Members(table, role, static=not args.etcd, on_removed=worker_removed)
+    members = Members(table, role, static=not args.etcd, on_removed=worker_removed, model=source.model_id)
     members.add_static(static)
     core = DispatchCore(
         dispatcher_id,
@@ -150,6 +164,8 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.report_interval_ms,
         args.max_concurrent_requests,
         args.max_watchers,
+        tokenizer=tokenizer,
+        model_id=source.model_id,
     )
     host = ServiceHost(
         args.host,
@@ -174,7 +190,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         LeasedRegistration(
             args.etcd,
             dispatchers_prefix(args.etcd_prefix, role.value) + dispatcher_id,
-            {"dispatcher_id": dispatcher_id, "role": role.value, "address": address},
+            {"dispatcher_id": dispatcher_id, "role": role.value, "address": address, "model": source.model_id},
             args.lease_ttl,
         )
         if args.etcd
@@ -195,7 +211,9 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
             running.metrics_port = metrics.serve(args.metrics_port, args.host)
         if running.metrics_port:
             print(f"pdlb-dispatcher metrics on :{running.metrics_port}/metrics", flush=True)
-        print(f"pdlb-dispatcher ({role.value}, {policy.name}) listening on {address}", flush=True)
+        print(
+            f"pdlb-dispatcher ({role.value}, {policy.name}, model {source.model_id}) listening on {address}", flush=True
+        )
         if ready is not None:
             ready.set_result(running)
 

@@ -29,7 +29,13 @@ def parse_static_workers(spec: list[str], role: Role) -> list[Worker]:
 def worker_from_value(value: dict, role: Role) -> Worker | None:
     """A worker from its etcd JSON value, or None when the value is malformed or of another role."""
     try:
-        worker = Worker(str(value["worker_id"]), Role(value["role"]), int(value["dp_rank"]), str(value["address"]))
+        worker = Worker(
+            str(value["worker_id"]),
+            Role(value["role"]),
+            int(value["dp_rank"]),
+            str(value["address"]),
+            str(value.get("model", "")),
+        )
     except (KeyError, ValueError, TypeError):
         return None
     if worker.role is not role or worker.dp_rank < 0 or not worker.worker_id:
@@ -44,8 +50,12 @@ class NotAMember(Exception):
 class Members:
     """Applies membership changes and holds reports that arrive before the worker's registration."""
 
-    def __init__(self, table: LoadTable, role: Role, static: bool, on_removed: Callable[[str], None]) -> None:
+    def __init__(
+        self, table: LoadTable, role: Role, static: bool, on_removed: Callable[[str], None], model: str = ""
+    ) -> None:
         self.table, self.role, self.static, self.on_removed = table, role, static, on_removed
+        self.model = model  # workers advertising another model are refused (one model per role)
+        self.refused: OrderedDict[str, str] = OrderedDict()  # worker id -> why, most recent last (bounded)
         self._pending: OrderedDict[str, tuple[Worker, ReportedLoad, int, str]] = OrderedDict()
         self._ids_by_key: dict[str, str] = {}
 
@@ -60,6 +70,10 @@ class Members:
         if worker is None:
             log.warning("ignoring malformed or foreign membership value at %s", change.key)
             return
+        if (why := self.model_mismatch(worker)) is not None:
+            log.error("refusing worker %s: %s", worker.worker_id, why)
+            self._refuse(worker.worker_id, why)
+            return
         self._ids_by_key[change.key] = worker.worker_id
         self.table.upsert(worker)
         log.info("worker %s joined: rank %d at %s", worker.worker_id, worker.dp_rank, worker.address)
@@ -68,13 +82,37 @@ class Members:
             _, load, acked, incarnation = pending
             self.table.apply_report(worker.worker_id, load, acked, incarnation)
 
+    def model_mismatch(self, worker: Worker) -> str | None:
+        """Why the worker may not join (it serves another model), or None."""
+        if not self.model or not worker.model or worker.model == self.model:
+            return None
+        return (
+            f"worker {worker.worker_id} (rank {worker.dp_rank}) serves model {worker.model!r}, but this "
+            f"{self.role.value} dispatcher routes model {self.model!r}: start it with the same --model, "
+            "or give it its own dispatcher"
+        )
+
+    def _refuse(self, worker_id: str, why: str) -> None:
+        self.refused[worker_id] = why
+        self.refused.move_to_end(worker_id)
+        while len(self.refused) > MAX_PENDING_REPORTS:
+            self.refused.popitem(last=False)
+
     def add_static(self, workers: list[Worker]) -> None:
         for worker in workers:
             self.table.upsert(worker)
 
     def on_report(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> bool | None:
         """Apply a report. Returns None when the worker is unknown (report held until it registers).
-        Raises NotAMember for a static-mode report from an address outside `--workers`."""
+        Raises NotAMember for a static-mode report from an address outside `--workers`, or from a
+        worker of another model."""
+        if (why := self.model_mismatch(worker)) is not None:
+            self._refuse(worker.worker_id, why)
+            if self.static:  # its --workers entry would otherwise still get (wrongly tokenised) requests
+                for entry in [e for e in self.table.entries.values() if e.worker.address == worker.address]:
+                    self.table.remove(entry.worker.worker_id)
+                    self.on_removed(entry.worker.worker_id)
+            raise NotAMember(why)
         if worker.worker_id not in self.table.entries:
             if not self.static:
                 self._hold(worker, load, acked, incarnation)

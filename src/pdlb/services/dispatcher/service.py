@@ -12,7 +12,7 @@ import grpc
 
 from pdlb.common.requests import InvalidRequest, check_request
 from pdlb.common.roles import role_from_proto, role_to_proto
-from pdlb.common.tokenizer import StreamDecoder
+from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
 from pdlb.services.dispatcher.channels import ChannelPool
 from pdlb.services.dispatcher.load_table import (
     LoadTable,
@@ -64,6 +64,7 @@ def worker_info(worker: Worker) -> common_pb2.WorkerInfo:
         role=role_to_proto(worker.role.value),
         dp_rank=worker.dp_rank,
         address=worker.address,
+        model=worker.model,
     )
 
 
@@ -119,8 +120,12 @@ class DispatchCore:
         report_interval_ms: int,
         max_concurrent_requests: int = 10_000,
         max_watchers: int = 64,
+        tokenizer: Tokenizer | None = None,
+        model_id: str = "",
     ) -> None:
         self.dispatcher_id = dispatcher_id
+        self.tokenizer = tokenizer or ByteTokenizer()  # text is tokenised here, before the decision
+        self.model_id = model_id
         self.active_requests = Slots("requests in flight", max_concurrent_requests, "--max-concurrent-requests")
         self.watchers = Slots("WatchLoad streams", max_watchers, "--max-watchers")
         self.router = router
@@ -140,7 +145,12 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self.core = core
 
     def _context_of(self, request: common_pb2.InferenceRequest) -> tuple[RouteContext, int | None]:
-        checked = check_request(request, self.core.max_prompt_tokens)
+        checked = check_request(request, self.core.max_prompt_tokens, self.core.tokenizer)
+        if not request.input_ids:
+            # Tokenised once, here: the worker computes exactly the ids the method counted.
+            request.input_ids.extend(checked.input_ids)
+            request.ClearField("text")
+            request.ClearField("messages")
         ctx = RouteContext(
             request_id=checked.request_id,
             num_tokens=len(checked.input_ids),
@@ -256,7 +266,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         forwarded = sched_pb.SchedulerGenerateRequest(
             request=request.request, dispatch_seq=decision.seq, dispatcher_id=self.core.dispatcher_id
         )
-        decoder = StreamDecoder()
+        decoder = StreamDecoder(self.core.tokenizer)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
             try:
@@ -264,10 +274,13 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
                         # Recorded once the KV is held, so a re-dispatch never conflicts with it.
                         await self._record_room(ctx, decision, context)
+                    text = decoder.push(list(chunk.token_ids))
+                    if chunk.finish_reason:
+                        text += decoder.flush()
                     yield dispatch_pb2.GenerateResponse(
                         request_id=ctx.request_id,
                         token_ids=chunk.token_ids,
-                        text=decoder.push(list(chunk.token_ids)),
+                        text=text,
                         finish_reason=chunk.finish_reason,
                         dp_rank=worker.dp_rank,
                         worker_id=worker.worker_id,
@@ -395,4 +408,4 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this dispatcher routes {self.core.router.role.value} workers; worker {info.worker_id} is {role}",
             )
-        return Worker(info.worker_id, Role(role), info.dp_rank, info.address)
+        return Worker(info.worker_id, Role(role), info.dp_rank, info.address, info.model)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -14,7 +16,11 @@ from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_un
 from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
+from pdlb.common.tokenizer import Tokenizer
+from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
+from pdlb.models.config import UnsupportedModel
 from pdlb.services.scheduler.batching import Engine, EngineLimits
+from pdlb.services.scheduler.llama import LlamaModel
 from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
@@ -56,16 +62,31 @@ def build_parser() -> FlagParser:
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
     p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
     p.flag("--sim-slowdown", default=1.0, type=float, help="sim runner: multiply every step time (a slower GPU)")
+    p.flag(
+        "--model",
+        default=SMOLLM2,
+        help=f"{SMOLLM2} (packaged), {TINY} (toy for tests and simulations), a .gguf file, or a Hugging Face "
+        "Llama/Qwen2/Mistral directory",
+    )
+    p.flag(
+        "--served-model-name", default="", help="model id advertised to dispatchers and clients (default: from --model)"
+    )
+    p.flag(
+        "--weights-cache-dir",
+        default=str(default_cache_dir()),
+        help="where dequantised GGUF weights are cached for fast restarts ('' disables)",
+    )
+    p.flag("--weights-cache-gb", default=4.0, type=float, help="bound of the weights cache (oldest files dropped)")
     p.flag("--device", default="cpu", help="torch device: cpu or cuda[:N]")
     p.flag("--dtype", default="float32", choices=sorted(DTYPES), help="model and KV dtype")
     p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
-    p.flag("--model-path", default="", help="safetensors file with weights of the configured architecture")
-    p.flag("--vocab-size", default=320, type=int, help="model vocabulary (>= 257: bytes and EOS)")
-    p.flag("--hidden-size", default=64, type=int, help="model width")
-    p.flag("--num-layers", default=2, type=int, help="transformer layers")
-    p.flag("--num-heads", default=4, type=int, help="attention heads")
-    p.flag("--max-position", default=4096, type=int, help="longest sequence (prompt + output)")
-    p.flag("--seed", default=0, type=int, help="seed of the random weights (when no --model-path)")
+    p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
+    p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
+    p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
+    p.flag("--num-layers", default=2, type=int, help=f"{TINY}: transformer layers")
+    p.flag("--num-heads", default=4, type=int, help=f"{TINY}: attention heads")
+    p.flag("--max-position", default=4096, type=int, help="longest sequence (prompt + output); capped by the model's")
+    p.flag("--seed", default=0, type=int, help=f"{TINY}: seed of the random weights (when no --model-path)")
     return p
 
 
@@ -80,19 +101,28 @@ def model_config(args) -> ModelConfig:
     )
 
 
-def build_runner(args) -> Runner:
-    config = model_config(args)
+def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
+    """The runner for --runner/--model; raises UnsupportedModel naming what cannot be served."""
+    if source.kind == "tiny":
+        config = model_config(args)
+    else:
+        config = dataclasses.replace(source.config(), max_position=min(source.config().max_position, args.max_position))
     if args.runner == "sim":
         return SimRunner(config, args.max_total_tokens, CostModel().scaled(args.sim_slowdown))
-    torch.set_num_threads(max(1, args.torch_threads))
-    model = TinyTransformer.random(config)
-    if args.model_path:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(args.model_path), strict=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked but torch sees no CUDA device")
-    return TorchRunner(model, args.max_total_tokens, args.device, DTYPES[args.dtype])
+    torch.set_num_threads(max(1, args.torch_threads))
+    if source.kind == "tiny":
+        model = TinyTransformer.random(config)
+        if args.model_path:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(args.model_path), strict=True)
+    else:
+        cache = Path(args.weights_cache_dir) if args.weights_cache_dir else None
+        model = LlamaModel(config)
+        model.load_weights(source.state_dict(cache, int(args.weights_cache_gb * (1 << 30))))
+    return TorchRunner(model, args.max_total_tokens, args.device, DTYPES[args.dtype], tokenizer.eos_token_id)
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:
@@ -109,14 +139,22 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     if args.page_size < 1:
         raise SystemExit("--page-size must be >= 1")
     page_size = args.page_size if args.prefix_cache else 0
-    engine = Engine(build_runner(args), limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size)
+    try:
+        source = resolve(args.model, args.served_model_name)
+        tokenizer = source.tokenizer()
+        runner = build_runner(args, source, tokenizer)
+    except UnsupportedModel as exc:
+        raise SystemExit(f"pdlb-scheduler: cannot serve --model {args.model}: {exc}") from None
+    engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size)
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)
-    worker = common_pb2.WorkerInfo(worker_id=worker_id, role=role_to_proto(role), dp_rank=args.dp_rank, address=address)
+    worker = common_pb2.WorkerInfo(
+        worker_id=worker_id, role=role_to_proto(role), dp_rank=args.dp_rank, address=address, model=source.model_id
+    )
     acks = DispatchAcks()
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix) if role != "mixed" else None
-    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap)
+    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     reporter = LoadReporter(worker, uuid.uuid4().hex, engine.load, acks.get, args.report_interval_ms / 1000)
     engine.listeners.append(reporter.changed)
@@ -124,7 +162,13 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         LeasedRegistration(
             args.etcd,
             workers_prefix(args.etcd_prefix, role) + worker_id,
-            {"worker_id": worker_id, "role": role, "dp_rank": args.dp_rank, "address": address},
+            {
+                "worker_id": worker_id,
+                "role": role,
+                "dp_rank": args.dp_rank,
+                "address": address,
+                "model": source.model_id,
+            },
             args.lease_ttl,
         )
         if args.etcd
@@ -148,7 +192,8 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             bound = serve_metrics(engine, args.metrics_port, args.host)
             print(f"pdlb-scheduler metrics on :{bound}/metrics", flush=True)
         print(
-            f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {args.runner}) listening on {address}",
+            f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {args.runner}, model {source.model_id}) "
+            f"listening on {address}",
             flush=True,
         )
 

@@ -36,12 +36,20 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
 
 class KVPool:
     """K and V for `num_slots` tokens per layer; slot 0 is padding and never handed out."""
 
-    def __init__(self, config: ModelConfig, num_slots: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.num_layers, num_slots + 1, config.num_heads, config.head_dim)
+    def __init__(
+        self, kv_shape: tuple[int, int, int], num_slots: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        """`kv_shape`: (layers, KV heads, head dim); grouped-query models keep only their KV heads."""
+        num_layers, num_kv_heads, head_dim = kv_shape
+        shape = (num_layers, num_slots + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = num_slots
@@ -101,11 +109,14 @@ class TinyTransformer(nn.Module):
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.5 / param.shape[-1] ** 0.5)
         return model
 
+    def kv_shape(self) -> tuple[int, int, int]:
+        return self.config.num_layers, self.config.num_heads, self.config.head_dim
+
     @torch.no_grad()
     def forward(self, chunks: list[SeqChunk], pool: KVPool) -> torch.Tensor:
         """Logits of the last new token of every chunk: [len(chunks), vocab]."""
         device = self.embed.weight.device
-        plan = _BatchPlan(chunks, device)
+        plan = BatchPlan(chunks, device)
         x = self.embed(plan.tokens) + self.pos(plan.positions)
         heads, head_dim = self.config.num_heads, self.config.head_dim
         for index, layer in enumerate(self.layers):
@@ -132,7 +143,7 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
 
-class _BatchPlan:
+class BatchPlan:
     """Index tensors that turn a list of chunks into one padded attention call."""
 
     def __init__(self, chunks: list[SeqChunk], device: torch.device) -> None:

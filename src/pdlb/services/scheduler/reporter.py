@@ -39,6 +39,9 @@ class ReportStream:
             except Exception as exc:
                 self.connected.clear()
                 delay = backoff.next()
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # the dispatcher refuses this worker (another model, not in its --workers): say why
+                    log.error("dispatcher %s refuses this worker: %s", self.address, exc.details())
                 log.info(
                     "load reports to %s interrupted (%s); reconnect in %.1fs",
                     self.address,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
+from pdlb.services.scheduler.llama import LlamaModel
 from pdlb.services.scheduler.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
 
 
@@ -59,15 +60,17 @@ class Runner(ABC):
 class TorchRunner(Runner):
     def __init__(
         self,
-        model: TinyTransformer,
+        model: TinyTransformer | LlamaModel,
         max_total_tokens: int,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        eos_token_id: int = EOS_TOKEN_ID,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.config = model.config
-        self.pool = KVPool(model.config, max_total_tokens, self.device, dtype)
+        self.eos_token_id = eos_token_id
+        self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
 
     def allocate(self, n: int) -> list[int]:
         return self.pool.allocate(n)

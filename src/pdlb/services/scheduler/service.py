@@ -13,6 +13,7 @@ import torch
 from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.requests import InvalidRequest, check_request
 from pdlb.common.security import open_channel
+from pdlb.common.tokenizer import Tokenizer
 from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -77,14 +78,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         role: str,
         acks: DispatchAcks,
         bootstrap: BootstrapLocator | None,
+        tokenizer: Tokenizer,
     ) -> None:
         self.engine, self.worker, self.role, self.acks, self.bootstrap = engine, worker, role, acks, bootstrap
+        self.tokenizer = tokenizer  # for clients that send text straight to the worker
         self._kv_channels: dict[str, grpc.aio.Channel] = {}
 
     async def Generate(self, request: scheduler_pb2.SchedulerGenerateRequest, context) -> AsyncIterator:
         req = request.request
         try:
-            checked = check_request(req, self.engine.limits.max_prompt_tokens)
+            checked = check_request(req, self.engine.limits.max_prompt_tokens, self.tokenizer)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         room = req.bootstrap_room if req.HasField("bootstrap_room") else None

@@ -1,0 +1,1 @@
+"""Model checkpoints: what `--model` names, their architecture configs, weights and tokenizers."""

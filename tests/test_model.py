@@ -1,0 +1,265 @@
+"""The real model against an independent implementation: Hugging Face `transformers` (test-only).
+
+Logits and greedy tokens of pdlb's Llama runner are compared with transformers for a random Llama
+(and Qwen2) written as a Hugging Face directory by the test, and for the packaged SmolLM2 GGUF,
+through the engine with chunked prefill, batching and prefix-cache hits. The tokenizer built from
+GGUF metadata is compared with transformers' own GGUF tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import warnings
+
+import pytest
+import torch
+
+from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
+from pdlb.models.catalog import SMOLLM2, resolve
+from pdlb.models.config import UnsupportedModel
+from pdlb.services.scheduler.batching import Engine, EngineLimits, Sequence
+from pdlb.services.scheduler.llama import LlamaModel
+from pdlb.services.scheduler.runners import TorchRunner
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", module="transformers")
+
+# float32 on both sides: differences are summation order only
+LOGIT_TOLERANCE = 2e-3
+TEXTS = [
+    "Hello world!",
+    "The year 2024 had 366 days; 12345 + 67890 = 80235.",
+    "naïve café, Ünïcödé — \u2018quotes\u2019 and \u201cmore\u201d",
+    "日本語のテキストと中文混合",
+    "emoji: 🎉🚀👩‍👩‍👧‍👦 done",
+    "def f(x):\n    return x  # code\n\n\ttabs\r\n",
+    "  leading and trailing spaces   ",
+    "<|im_start|>user\nspecial tokens inside text<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    source = resolve(SMOLLM2)
+    return source, source.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    source, _ = smollm2
+    directory, name = str(source.path.parent), source.path.name
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2_runner(smollm2):
+    source, tokenizer = smollm2
+    torch.set_num_threads(2)
+    model = LlamaModel(source.config())
+    model.load_weights(source.state_dict())
+    return TorchRunner(model, 4096, eos_token_id=tokenizer.eos_token_id)
+
+
+def test_gguf_tokenizer_matches_transformers(smollm2, smollm2_reference):
+    _, ours = smollm2
+    _, reference = smollm2_reference
+    assert ours.vocab_size == len(reference) and ours.eos_token_id == reference.eos_token_id == 2
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+        if "<|" not in text:
+            assert ours.decode(ids) == text  # byte-level BPE round-trips any text
+    messages = [("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"), ("user", "And 3+3?")]
+    chat = [{"role": r, "content": c} for r, c in messages]
+    expected = reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(messages) == expected
+    assert ours.encode_chat(messages) == reference.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_the_whole_decode(smollm2, text):
+    _, tokenizer = smollm2
+    ids = tokenizer.encode(text)
+    for step in (1, 2, 3):
+        decoder = StreamDecoder(tokenizer)
+        pieces = [decoder.push(ids[i : i + step]) for i in range(0, len(ids), step)]
+        pieces.append(decoder.flush())
+        assert "".join(pieces) == tokenizer.decode(ids)
+        assert not any("\ufffd" in piece for piece in pieces), pieces  # no half characters released
+
+
+def test_stream_decoder_holds_back_split_utf8_of_the_byte_tokenizer():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("a🎉b")
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push([t]) for t in ids]
+    assert pieces == ["a", "", "", "", "🎉", "b"]
+
+
+def test_stream_decoder_memory_stays_bounded(smollm2):
+    _, tokenizer = smollm2
+    decoder = StreamDecoder(tokenizer)
+    ids = tokenizer.encode("word " * 2000)
+    text = "".join(decoder.push([t]) for t in ids) + decoder.flush()
+    assert text == tokenizer.decode(ids) and len(decoder.ids) < 200
+
+
+def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner):
+    _, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    for text in TEXTS[:3]:
+        ids = tokenizer.encode(text)
+        ours = _prefill_logits(smollm2_runner, ids)
+        with torch.no_grad():
+            theirs = reference(torch.tensor([ids])).logits[0, -1]
+        assert (ours - theirs).abs().max().item() < LOGIT_TOLERANCE, text
+        assert int(ours.argmax()) == int(theirs.argmax())
+
+
+async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smollm2, smollm2_reference, smollm2_runner):
+    """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
+    their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation."""
+    _, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    prompts = [
+        tokenizer.encode_chat([("user", "What is the capital of France?")]),
+        tokenizer.encode_chat([("user", "Name a primary colour.")]),
+        tokenizer.encode("The quick brown fox"),
+    ]
+    new = 10
+    expected = []
+    for ids in prompts:
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
+        expected.append(out[0, len(ids) :].tolist())
+    engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
+    engine.start()
+    try:
+        first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
+        hits = engine.cache_hit_tokens
+        again = await _run_all(engine, prompts, new, "b")
+        assert engine.cache_hit_tokens - hits > sum(len(p) for p in prompts) // 2  # prefixes came from the cache
+    finally:
+        await engine.close()
+    for got in (first, again):
+        for tokens, want in zip(got, expected, strict=True):
+            assert tokens[: len(want)] == want  # transformers stops at EOS; the engine ignores it here
+    assert "Paris" in tokenizer.decode(first[0])
+
+
+def _prefill_logits(runner: TorchRunner, ids: list[int]) -> torch.Tensor:
+    from pdlb.services.scheduler.model import SeqChunk
+
+    slots = runner.allocate(len(ids))
+    try:
+        return runner.model([SeqChunk(ids, 0, slots)], runner.pool)[0]
+    finally:
+        runner.release(slots)
+
+
+async def _run_all(engine: Engine, prompts: list[list[int]], new: int, tag: str) -> list[list[int]]:
+    seqs = [
+        Sequence(request_id=f"{tag}{i}", prompt=p, max_new_tokens=new, ignore_eos=True) for i, p in enumerate(prompts)
+    ]
+    for s in seqs:
+        engine.submit(s)
+
+    async def collect(s: Sequence) -> list[int]:
+        tokens: list[int] = []
+        while True:
+            out = await s.outbox.get()
+            tokens += out.token_ids
+            if out.finish_reason:
+                return tokens
+
+    return await asyncio.gather(*[collect(s) for s in seqs])
+
+
+def _write_hf_dir(path, kind: str) -> None:
+    """A small random Llama or Qwen2 checkpoint in Hugging Face's format, with a byte-level BPE
+    tokenizer trained on a few sentences (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(TEXTS * 20, trainer)
+    path.mkdir()
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    shape = dict(
+        vocab_size=backend.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(3)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**shape, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**shape, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so differences would show
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.save_pretrained(str(path), safe_serialization=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind):
+    _write_hf_dir(tmp_path / kind, kind)
+    source = resolve(str(tmp_path / kind))
+    assert source.model_id == kind and source.kind == "hf"
+    tokenizer = source.tokenizer()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / kind), dtype=torch.float32).eval()
+    model = LlamaModel(source.config())
+    model.load_weights(source.state_dict())
+    runner = TorchRunner(model, 2048, eos_token_id=tokenizer.eos_token_id)
+    assert runner.pool.k.shape[2] == 2  # the pool holds the 2 KV heads only, not the 4 query heads
+    ids = tokenizer.encode("Hello world! The year 2024")
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0, -1]
+    assert (_prefill_logits(runner, ids) - theirs).abs().max().item() < LOGIT_TOLERANCE
+    expected = reference.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(ids) :].tolist()
+    engine = Engine(runner, EngineLimits(2048, 4, 5, 8, 512), page_size=4)
+    engine.start()
+    try:
+        got = await _run_all(engine, [ids, [*ids[:5], 7, 8, 9]], 12, kind)
+    finally:
+        await engine.close()
+    assert got[0] == expected
+
+
+def test_unsupported_checkpoints_fail_with_what_is_unsupported(tmp_path):
+    _write_hf_dir(tmp_path / "m", "llama")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for change, words in [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel is not supported"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantised checkpoints (awq)"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+    ]:
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UnsupportedModel, match=re.escape(words)):
+            resolve(str(tmp_path / "m")).config()
+    with pytest.raises(UnsupportedModel, match=re.escape("not smollm2-135m-instruct, tiny-random, a .gguf file")):
+        resolve(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsupportedModel, match=re.escape("needs config.json, tokenizer.json and")):
+        resolve(str(tmp_path / "empty")).tokenizer()

@@ -129,7 +129,7 @@ class LlamaModel(nn.Module):
             attended = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=plan.mask, enable_gqa=c.num_kv_heads != c.num_heads
             )
-            x = x + layer.o_proj(attended.transpose(1, 2)[plan.q_valid].reshape(-1, c.num_heads * c.head_dim))
+            x = x + layer.o_proj(plan.valid_rows(attended))
             h = layer.post_attention_layernorm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
         last = self.norm(x[plan.last_index])

@@ -19,7 +19,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
 from pdlb.models.config import UnsupportedModel
-from pdlb.services.scheduler.batching import Engine, EngineLimits
+from pdlb.services.scheduler.batching import Engine, EngineLimits, compute_thread
 from pdlb.services.scheduler.llama import LlamaModel
 from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
@@ -111,7 +111,6 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         return SimRunner(config, args.max_total_tokens, CostModel().scaled(args.sim_slowdown))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked but torch sees no CUDA device")
-    torch.set_num_threads(max(1, args.torch_threads))
     if source.kind == "tiny":
         model = TinyTransformer.random(config)
         if args.model_path:
@@ -139,13 +138,18 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     if args.page_size < 1:
         raise SystemExit("--page-size must be >= 1")
     page_size = args.page_size if args.prefix_cache else 0
+    # Torch computes on the runner thread only (loading included); this thread's small ops (KV
+    # hand-off copies) stay single-threaded so that no second OpenMP team competes for the cores.
+    torch.set_num_threads(1)
+    compute = compute_thread(args.torch_threads)
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
-        runner = build_runner(args, source, tokenizer)
+        runner = compute.submit(build_runner, args, source, tokenizer).result()
     except UnsupportedModel as exc:
+        compute.shutdown()
         raise SystemExit(f"pdlb-scheduler: cannot serve --model {args.model}: {exc}") from None
-    engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size)
+    engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)

@@ -127,7 +127,7 @@ class TinyTransformer(nn.Module):
             values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
             queries = q[plan.q_index].transpose(1, 2)  # [B, H, maxn, hd]
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask)
-            flat = attended.transpose(1, 2)[plan.q_valid].reshape(-1, heads * head_dim)
+            flat = plan.valid_rows(attended)
             x = x + layer.out(flat)
             x = x + layer.mlp(layer.norm2(x))
         return self.lm_head(self.norm(x[plan.last_index])).float()
@@ -175,5 +175,14 @@ class BatchPlan:
         self.q_index = q_index.to(device)
         self.kv_index = kv_index.to(device)
         self.q_valid = q_valid.to(device)
+        # rows of the real (unpadded) queries, found here on the host: a boolean mask applied on
+        # the device would make every layer wait for the GPU to count it
+        self.q_rows = torch.nonzero(q_valid.flatten()).flatten().to(device)
         self.mask = mask.unsqueeze(1).to(device)  # [B, 1, maxn, maxk]
         self.last_index = torch.tensor(last, dtype=torch.long, device=device)
+
+    def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
+        """[B, H, maxn, hd] attention output -> [tokens, H * hd] rows of the real queries."""
+        batch, heads, max_new, head_dim = attended.shape
+        rows = attended.transpose(1, 2).reshape(batch * max_new, heads * head_dim)
+        return rows if max_new == 1 else rows.index_select(0, self.q_rows)

@@ -204,4 +204,8 @@ def print_summary(info: dict) -> None:
             print(f"  {key.replace('_', ' '):<20} {info[key]}")
     for name, address in info["workers"].items():
         print(f"  {name:<20} {address}")
-    print('try:  pdlb generate "Hello"   |   pdlb top   |   pdlb workers      (Ctrl-C stops everything)', flush=True)
+    print(
+        'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
+        "      (Ctrl-C stops everything)",
+        flush=True,
+    )

@@ -47,11 +47,9 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
         from pdlb.models.catalog import SMOLLM2, resolve
 
         source = resolve(SMOLLM2)
-        config, weights = source.config(), source.state_dict()
+        config, weights = source.config(), source.state_dict()  # Hugging Face names
     else:
-        config, weights = SHAPES[args.shape], LlamaModel.random(SHAPES[args.shape], seed=1).state_dict()
-    ours = LlamaModel(config)
-    ours.load_weights(weights)
+        config, weights = SHAPES[args.shape], None
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -65,22 +63,12 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
         max_position_embeddings=config.max_position,
         tie_word_embeddings=config.tie_embeddings,
     )
-    theirs = transformers.LlamaForCausalLM(hf_config)
-    hf_weights = {}
-    for name, tensor in ours.state_dict().items():  # the very same values on both sides
-        if name.startswith("layers."):
-            _, layer, part, kind = name.split(".", 3)
-            group = "self_attn" if part in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            if "layernorm" in part:
-                hf_weights[f"model.layers.{layer}.{part}.{kind}"] = tensor
-            else:
-                hf_weights[f"model.layers.{layer}.{group}.{part}.{kind}"] = tensor
-        elif name == "lm_head.weight":
-            hf_weights[name] = tensor
-        else:
-            hf_weights[f"model.{name}"] = tensor
-    theirs.load_state_dict(hf_weights, strict=False)
-    theirs.tie_weights()
+    theirs = transformers.LlamaForCausalLM(hf_config)  # random weights unless packaged ones are given
+    if weights is not None:
+        theirs.load_state_dict(weights, strict=False)
+        theirs.tie_weights()
+    ours = LlamaModel(config)
+    ours.load_weights(theirs.state_dict())  # the very same values on both sides, through our loader
     return ours, theirs.to(args.device, DTYPES[args.dtype]).eval(), config
 
 

@@ -35,11 +35,22 @@ class Tokenizer(ABC):
     eos_token_id: int
     bos_token_id: int | None = None
     chat_template: str = ""
+    adds_bos: bool = False  # the checkpoint's tokenizer starts every prompt with BOS
     special_tokens: dict[int, str]
 
     @abstractmethod
+    def _encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` alone, no BOS (special-token strings become their ids, as chat
+        templates need)."""
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (special-token strings in it become their ids, as chat templates need)."""
+        """Token ids of a prompt: `text`, after BOS when the checkpoint adds one."""
+        return self._with_bos(self._encode_text(text))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.adds_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
 
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -79,12 +90,8 @@ class Tokenizer(ABC):
             raise ChatTemplateError(f"the model's chat template does not parse: {exc}") from exc
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        ids = self.encode(self.apply_chat_template(messages))
-        if self.bos_token_id is not None and self.adds_bos and (not ids or ids[0] != self.bos_token_id):
-            ids.insert(0, self.bos_token_id)
-        return ids
-
-    adds_bos: bool = False
+        """Token ids of the rendered chat; BOS once, whether or not the template renders it."""
+        return self._with_bos(self._encode_text(self.apply_chat_template(messages)))
 
 
 class ByteTokenizer(Tokenizer):
@@ -96,7 +103,7 @@ class ByteTokenizer(Tokenizer):
     def __init__(self) -> None:
         self.special_tokens = {EOS_TOKEN_ID: "<|eos|>"}
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -124,11 +131,8 @@ class BPETokenizer(Tokenizer):
             token_id: added.content for token_id, added in backend.get_added_tokens_decoder().items() if added.special
         }
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if self.adds_bos and self.bos_token_id is not None:
-            ids.insert(0, self.bos_token_id)
-        return ids
+    def _encode_text(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.backend.decode([t for t in token_ids if 0 <= t < self.vocab_size], skip_special_tokens=True)
@@ -169,16 +173,3 @@ class StreamDecoder:
         after = self.tokenizer.decode(self.ids[self.prefix :])
         self.read = len(self.ids)
         return after[len(before) :] if len(after) > len(before) else ""
-
-
-_BYTES = ByteTokenizer()
-
-
-def encode(text: str) -> list[int]:
-    """Byte-level token ids of `text` (the toy model's tokenizer)."""
-    return _BYTES.encode(text)
-
-
-def decode(token_ids: list[int]) -> str:
-    """Byte-level text of complete token ids (special ids dropped, invalid UTF-8 replaced)."""
-    return _BYTES.decode(token_ids)

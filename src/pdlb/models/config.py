@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class UnsupportedModel(ValueError):
@@ -25,7 +25,6 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2: q/k/v projections have biases
     # Llama 3 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_position)
     rope_llama3: tuple[float, float, float, int] | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

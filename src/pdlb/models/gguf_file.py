@@ -84,10 +84,10 @@ class GGUFCheckpoint:
         tokens = self._get("tokenizer.ggml.tokens")
         merges = [tuple(m.split(" ", 1)) for m in self._get("tokenizer.ggml.merges")]
         backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre] is None)
         split = PRE_TOKENIZERS[pre]
+        # GPT-2's own split runs inside ByteLevel unless a model-specific regex replaces it
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, "digits"))
         if split == "digits":
-            byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         elif split:
             backend.pre_tokenizer = pre_tokenizers.Sequence(

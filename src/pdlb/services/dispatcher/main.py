@@ -165,7 +165,6 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.max_concurrent_requests,
         args.max_watchers,
         tokenizer=tokenizer,
-        model_id=source.model_id,
     )
     host = ServiceHost(
         args.host,

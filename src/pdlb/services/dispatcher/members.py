@@ -55,7 +55,6 @@ class Members:
     ) -> None:
         self.table, self.role, self.static, self.on_removed = table, role, static, on_removed
         self.model = model  # workers advertising another model are refused (one model per role)
-        self.refused: OrderedDict[str, str] = OrderedDict()  # worker id -> why, most recent last (bounded)
         self._pending: OrderedDict[str, tuple[Worker, ReportedLoad, int, str]] = OrderedDict()
         self._ids_by_key: dict[str, str] = {}
 
@@ -72,7 +71,6 @@ class Members:
             return
         if (why := self.model_mismatch(worker)) is not None:
             log.error("refusing worker %s: %s", worker.worker_id, why)
-            self._refuse(worker.worker_id, why)
             return
         self._ids_by_key[change.key] = worker.worker_id
         self.table.upsert(worker)
@@ -92,12 +90,6 @@ class Members:
             "or give it its own dispatcher"
         )
 
-    def _refuse(self, worker_id: str, why: str) -> None:
-        self.refused[worker_id] = why
-        self.refused.move_to_end(worker_id)
-        while len(self.refused) > MAX_PENDING_REPORTS:
-            self.refused.popitem(last=False)
-
     def add_static(self, workers: list[Worker]) -> None:
         for worker in workers:
             self.table.upsert(worker)
@@ -107,7 +99,6 @@ class Members:
         Raises NotAMember for a static-mode report from an address outside `--workers`, or from a
         worker of another model."""
         if (why := self.model_mismatch(worker)) is not None:
-            self._refuse(worker.worker_id, why)
             if self.static:  # its --workers entry would otherwise still get (wrongly tokenised) requests
                 for entry in [e for e in self.table.entries.values() if e.worker.address == worker.address]:
                     self.table.remove(entry.worker.worker_id)

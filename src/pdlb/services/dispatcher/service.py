@@ -121,11 +121,9 @@ class DispatchCore:
         max_concurrent_requests: int = 10_000,
         max_watchers: int = 64,
         tokenizer: Tokenizer | None = None,
-        model_id: str = "",
     ) -> None:
         self.dispatcher_id = dispatcher_id
         self.tokenizer = tokenizer or ByteTokenizer()  # text is tokenised here, before the decision
-        self.model_id = model_id
         self.active_requests = Slots("requests in flight", max_concurrent_requests, "--max-concurrent-requests")
         self.watchers = Slots("WatchLoad streams", max_watchers, "--max-watchers")
         self.router = router

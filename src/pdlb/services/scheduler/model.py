@@ -36,10 +36,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
-
 
 class KVPool:
     """K and V for `num_slots` tokens per layer; slot 0 is padding and never handed out."""

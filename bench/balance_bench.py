@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import common_pb2, dispatch_pb2
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
@@ -48,6 +48,7 @@ class RunResult:
     errors: dict[str, int] = field(default_factory=dict)
     cache_hit_tokens: int = 0  # prompt tokens the workers served from their prefix caches in this run
     prompt_tokens: int = 0
+    group: GroupCounters | None = None  # lockstep groups: what this run added to the counters
 
     def row(self) -> dict:
         active = [v for _, v in self.imbalance]
@@ -67,7 +68,49 @@ class RunResult:
             "imbalance_p90": percentile(active, 90),
             "cache_hit_rate": self.cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "errors": dict(self.errors),
+            "dummy_step_share": self.group.dummy_share if self.group else float("nan"),
+            "step_imbalance": self.group.step_imbalance if self.group else float("nan"),
         }
+
+
+@dataclass
+class GroupCounters:
+    """Sums over every rank of a role's lockstep groups (DPGroupState)."""
+
+    steps: int = 0
+    dummy_steps: int = 0
+    imbalance_sum: float = 0.0
+    imbalance_steps: int = 0
+
+    @staticmethod
+    def of(snaps: list[dispatch_pb2.WatchLoadResponse]) -> GroupCounters:
+        total = GroupCounters()
+        for snap in snaps:
+            for row in snap.workers:
+                g = row.dp_group
+                total.steps += g.steps
+                total.dummy_steps += g.dummy_steps
+                total.imbalance_sum += g.imbalance_sum
+                total.imbalance_steps += g.imbalance_steps
+        return total
+
+    def minus(self, before: GroupCounters) -> GroupCounters:
+        return GroupCounters(
+            self.steps - before.steps,
+            self.dummy_steps - before.dummy_steps,
+            self.imbalance_sum - before.imbalance_sum,
+            self.imbalance_steps - before.imbalance_steps,
+        )
+
+    @property
+    def dummy_share(self) -> float:
+        """Share of rank-steps spent waiting for other ranks with no work of one's own."""
+        return self.dummy_steps / self.steps if self.steps else float("nan")
+
+    @property
+    def step_imbalance(self) -> float:
+        """Mean over group steps of max / mean attention tokens across the group's ranks."""
+        return self.imbalance_sum / self.imbalance_steps if self.imbalance_steps else float("nan")
 
 
 class Cluster:
@@ -111,6 +154,14 @@ class Cluster:
             "--chunked-prefill-size", "1024", "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
         ]  # fmt: skip
         modes = ["prefill", "decode"] if pd else ["null"]
+        size = self.args.group_size
+        rendezvous = {(mode, g): f"127.0.0.1:{free_port()}" for mode in modes for g in range(self.args.ranks // size)}
+
+        def group_flags(mode: str, rank: int) -> list[str]:
+            if size <= 1:
+                return []
+            return ["--dp-group-size", str(size), "--dp-group-address", rendezvous[mode, rank // size]]
+
         schedulers = [
             ServiceProcess(
                 f"scheduler-{mode}-{r}",
@@ -124,6 +175,7 @@ class Cluster:
                     "--dp-rank",
                     str(r),
                     *flags,
+                    *group_flags(mode, r),
                 ],
                 self.log_dir,
             )
@@ -214,6 +266,7 @@ async def run_method(
     for stub in stubs:
         await wait_ready_and_idle(stub, ranks)
     before = cache_counters(await snapshot(watched))
+    groups_before = GroupCounters.of([await snapshot(stub) for stub in stubs])
     stop = asyncio.Event()
     start = time.perf_counter()
     sampler = asyncio.create_task(sample_imbalance(watched, result, start, stop))
@@ -226,6 +279,7 @@ async def run_method(
         await wait_ready_and_idle(stub, ranks)
     after = cache_counters(await snapshot(watched))
     result.cache_hit_tokens, result.prompt_tokens = after[0] - before[0], after[1] - before[1]
+    result.group = GroupCounters.of([await snapshot(stub) for stub in stubs]).minus(groups_before)
     await client.close()
     return result
 
@@ -241,11 +295,13 @@ def markdown(rows: list[dict]) -> str:
     for arrival, rate in sorted({(r["arrival"], r["rate"]) for r in rows}):
         group = [r for r in rows if (r["arrival"], r["rate"]) == (arrival, rate)]
         rr = next((r for r in group if r["method"] == "round_robin"), None)
+        lockstep = any(r["dummy_step_share"] == r["dummy_step_share"] for r in group)  # not NaN
         lines += [
             f"\n### {arrival} arrivals, {rate:g} req/s\n",
             "| method | ok | TTFT p50 ms | TTFT p99 ms | p99 vs round_robin | ITL p50 ms | ITL p99 ms | "
-            "throughput tok/s | throughput vs round_robin | cache hit rate | imbalance mean | imbalance p90 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "throughput tok/s | throughput vs round_robin | cache hit rate | imbalance mean | imbalance p90 |"
+            + (" dummy-step share | per-step imbalance |" if lockstep else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if lockstep else ""),
         ]
         for r in sorted(group, key=lambda r: r["ttft_p99_ms"]):
             ratio = r["ttft_p99_ms"] / rr["ttft_p99_ms"] if rr and rr["ttft_p99_ms"] else float("nan")
@@ -255,6 +311,7 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['ttft_p99_ms']:.0f} | {ratio:.2f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
                 f"{r['throughput_tok_s']:.0f} | {tput:.2f} | {r['cache_hit_rate']:.1%} | "
                 f"{r['imbalance_mean']:.2f} | {r['imbalance_p90']:.2f} |"
+                + (f" {r['dummy_step_share']:.1%} | {r['step_imbalance']:.2f} |" if lockstep else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -323,12 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--long-tail-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--group-size", type=int, default=1, help="ranks per lockstep DP group (1: independent workers)"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="", help="result file stem (default: balance[_pd][_torch])")
     args = parser.parse_args(argv)
     args.name = args.name or "balance" + ("_pd" if args.mode == "pd" else "") + (
         "_torch" if args.runner == "torch" else ""
-    )
+    ) + (f"_lockstep{args.group_size}" if args.group_size > 1 else "")
+    if args.group_size > 1 and args.ranks % args.group_size:
+        parser.error("--ranks must be a multiple of --group-size")
     methods = args.methods.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,7 +425,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{arrival:8} {rate:5g} req/s {method:28} ok {row['ok']:4} "
                         f"TTFT p99 {row['ttft_p99_ms']:8.0f} ms  hit {row['cache_hit_rate']:.1%}"
-                        f"  imbalance {row['imbalance_mean']:.2f} {row['errors'] or ''}",
+                        f"  imbalance {row['imbalance_mean']:.2f}"
+                        + (
+                            f"  dummy {row['dummy_step_share']:.1%} step imbalance {row['step_imbalance']:.2f}"
+                            if result.group and result.group.steps
+                            else ""
+                        )
+                        + f" {row['errors'] or ''}",
                         flush=True,
                     )
     finally:

@@ -39,13 +39,22 @@ def start_service(tmp_path) -> Iterator[StartService]:
     started: list[ServiceProcess] = []
 
     def start(
-        kind: str, *flags: str, name: str | None = None, env: dict[str, str] | None = None, tls: TLSConfig | None = None
+        kind: str,
+        *flags: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        tls: TLSConfig | None = None,
+        wait: bool = True,
     ) -> ServiceProcess:
+        """`wait=False`: spawn only (call `wait_ready()`), for services that start together."""
         label = name or f"{kind}-{len(started)}"
         proc = ServiceProcess(
             label, [*script(f"pdlb-{kind}"), "--port", "0", *flags], tmp_path, {**TOY_MODEL_ENV, **(env or {})}, tls
         )
         started.append(proc)
+        if not wait:
+            proc.spawn()
+            return proc
         return proc.start()
 
     yield start

@@ -111,3 +111,22 @@ def test_killed_up_leaves_no_orphans(cluster):
     while [pid for pid in state["pids"] if alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in state["pids"] if alive(pid)]
+
+
+def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
+    """`pdlb up --lockstep`: each role's two ranks step as one group; PD requests flow through both
+    groups, `pdlb top` shows their waves, and SIGINT stops both groups without breaking them."""
+    flags = ["--mode", "pd", "--prefill", "2", "--decode", "2", "--runner", "sim", "--model", "tiny-random"]
+    up, state, env = start_up(tmp_path, *flags, "--lockstep")
+    try:
+        for i in range(3):
+            generated = pdlb("generate", f"hello {i}", "--max-new-tokens", "6", env=env)
+            assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr, generated.stderr
+        top = pdlb("top", "--once", env=env)
+        assert top.returncode == 0 and top.stdout.count("wave ") == 4, top.stdout
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("scheduler-*.log"))
+    assert "leaving its DP group" not in logs  # stopped as a whole: no rank saw its group break
+    assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdlb.cli import state
-from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.membership import connect_client
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.models.catalog import SMOLLM2, TINY
@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-dir", default="", help="where service logs go (default: a new temp dir)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for every scheduler")
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="each role's ranks form one lockstep DP-attention group (request waves), as with DP attention",
+    )
 
 
 @dataclass
@@ -107,6 +112,11 @@ class LocalCluster:
 
     def _schedulers(self, common: list[str], mode: str, count: int) -> None:
         procs = []
+        group = (
+            ["--dp-group-size", str(count), "--dp-group-address", f"127.0.0.1:{free_port()}"]
+            if self.args.lockstep and count > 1
+            else []
+        )
         for rank in range(count):
             proc = ServiceProcess(
                 f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}",
@@ -124,6 +134,7 @@ class LocalCluster:
                     "--runner",
                     self.args.runner,
                     *TINY_MODEL,
+                    *group,
                     *self.args.scheduler_arg,
                 ],
                 self.log_dir,

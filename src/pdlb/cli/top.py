@@ -44,6 +44,9 @@ def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
     ):
         table.add_column(column, justify="right" if column not in ("worker", "state", "") else "left")
     rows = list(snapshot.workers)
+    lockstep = any(w.HasField("dp_group") for w in rows)
+    if lockstep:  # lockstep DP groups: wave, running or paused, and the share of dummy steps
+        table.add_column("group", justify="left")
     max_tokens = max((_tokens(w) for w in rows), default=0) or 1
     for w in rows:
         load = w.reported
@@ -63,8 +66,17 @@ def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
             str(w.inflight_requests),
             "-" if w.report_age_ms < 0 else f"{w.report_age_ms} ms",
             str(w.dispatched_total),
+            *([_group(w.dp_group)] if lockstep else []),
         )
     return table
+
+
+def _group(g: common_pb2.DPGroupState) -> Text:
+    if not g.group_id:
+        return Text("-")
+    dummy = g.dummy_steps / g.steps if g.steps else 0.0
+    state = Text("running", style="green") if g.running else Text("paused", style="grey50")
+    return Text(f"{g.group_rank}/{g.group_size} wave {g.wave} ") + state + Text(f" dummy {dummy:.0%}")
 
 
 def _tokens(w: dispatch_pb2.WorkerLoadEntry) -> int:

@@ -112,3 +112,29 @@ class WorkerInfo(_message.Message):
     address: str
     model: str
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dp_rank: _Optional[int] = ..., address: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class DPGroupState(_message.Message):
+    __slots__ = ("group_id", "group_size", "group_rank", "wave", "running", "steps", "dummy_steps", "imbalance_sum", "imbalance_steps", "step_seconds_total", "busiest_compute_seconds_total")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DUMMY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_SUM_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BUSIEST_COMPUTE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    group_size: int
+    group_rank: int
+    wave: int
+    running: bool
+    steps: int
+    dummy_steps: int
+    imbalance_sum: float
+    imbalance_steps: int
+    step_seconds_total: float
+    busiest_compute_seconds_total: float
+    def __init__(self, group_id: _Optional[str] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., wave: _Optional[int] = ..., running: _Optional[bool] = ..., steps: _Optional[int] = ..., dummy_steps: _Optional[int] = ..., imbalance_sum: _Optional[float] = ..., imbalance_steps: _Optional[int] = ..., step_seconds_total: _Optional[float] = ..., busiest_compute_seconds_total: _Optional[float] = ...) -> None: ...

@@ -26,20 +26,22 @@ class RouteRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("request_id", "dp_rank", "worker", "method", "dispatch_seq", "dispatcher_id")
+    __slots__ = ("request_id", "dp_rank", "worker", "method", "dispatch_seq", "dispatcher_id", "dp_wave")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_SEQ_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_WAVE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dp_rank: int
     worker: _common_pb2.WorkerInfo
     method: str
     dispatch_seq: int
     dispatcher_id: str
-    def __init__(self, request_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., method: _Optional[str] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ...) -> None: ...
+    dp_wave: int
+    def __init__(self, request_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., method: _Optional[str] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ..., dp_wave: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request",)
@@ -74,7 +76,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadEntry(_message.Message):
-    __slots__ = ("worker", "reported", "inflight_requests", "inflight_tokens", "report_age_ms", "state", "dispatched_total")
+    __slots__ = ("worker", "reported", "inflight_requests", "inflight_tokens", "report_age_ms", "state", "dispatched_total", "dp_group")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     REPORTED_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +84,7 @@ class WorkerLoadEntry(_message.Message):
     REPORT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DP_GROUP_FIELD_NUMBER: _ClassVar[int]
     worker: _common_pb2.WorkerInfo
     reported: _common_pb2.WorkerLoad
     inflight_requests: int
@@ -89,7 +92,8 @@ class WorkerLoadEntry(_message.Message):
     report_age_ms: int
     state: MemberState
     dispatched_total: int
-    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ...) -> None: ...
+    dp_group: _common_pb2.DPGroupState
+    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ..., dp_group: _Optional[_Union[_common_pb2.DPGroupState, _Mapping]] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
     __slots__ = ("timestamp_ms", "role", "method", "workers")

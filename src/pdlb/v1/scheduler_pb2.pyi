@@ -20,16 +20,18 @@ TENSOR_D_TYPE_FLOAT16: TensorDType
 TENSOR_D_TYPE_BFLOAT16: TensorDType
 
 class SchedulerGenerateRequest(_message.Message):
-    __slots__ = ("request", "dispatch_seq", "dispatcher_id", "prefill_address")
+    __slots__ = ("request", "dispatch_seq", "dispatcher_id", "prefill_address", "dp_wave")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_SEQ_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DP_WAVE_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.InferenceRequest
     dispatch_seq: int
     dispatcher_id: str
     prefill_address: str
-    def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ..., prefill_address: _Optional[str] = ...) -> None: ...
+    dp_wave: int
+    def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., dp_wave: _Optional[int] = ...) -> None: ...
 
 class SchedulerGenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens")

@@ -28,6 +28,11 @@ class DispatcherMetrics:
             "Load reports ignored as older than one already applied",
             registry=self.registry,
         )
+        self.start_waves = Counter(
+            "pdlb_start_waves",
+            "StartWave messages sent to paused ranks of lockstep DP groups",
+            registry=self.registry,
+        )
         self.registry.register(LoadCollector(table))
         self._dispatch_children: dict[tuple[str, int], Counter] = {}
 

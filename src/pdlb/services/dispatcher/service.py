@@ -26,6 +26,7 @@ from pdlb.services.dispatcher.members import Members, NotAMember
 from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 from pdlb.services.dispatcher.router import Decision, Router
+from pdlb.services.dispatcher.waves import WaveCoordinator
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from pdlb.v1 import scheduler_pb2 as sched_pb
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 NO_REDISPATCH_KEY = "pdlb-no-redispatch"  # trailing metadata set by schedulers (scheduler/service.py)
 
 MIN_WATCH_INTERVAL_MS = 50
+REPORT_OUTBOX = 16  # messages queued to one reporting worker (StartWave is rare: one per wave)
 MAX_WATCH_INTERVAL_MS = 60_000
 # Worker statuses that mean "this worker could not take the request": safe to try another rank.
 RETRYABLE_BEFORE_FIRST_TOKEN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION}
@@ -136,6 +138,17 @@ class DispatchCore:
         self.report_interval_ms = report_interval_ms
         self.room_recorder: RoomRecorder | None = None
         self.draining = False
+        # Lockstep groups: each worker's report stream carries StartWave back to it.
+        self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
+        self.waves = WaveCoordinator(self._send_start_wave)
+
+    def _send_start_wave(self, worker_id: str, start: load_report_pb2.StartWave) -> bool:
+        outbox = self.report_outboxes.get(worker_id)
+        if outbox is None or outbox.full():
+            return False  # retried on the group's next report
+        outbox.put_nowait(load_report_pb2.ReportResponse(start_wave=start))
+        self.metrics.start_waves.inc()
+        return True
 
 
 class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
@@ -194,6 +207,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             method=decision.method,
             dispatch_seq=decision.seq,
             dispatcher_id=self.core.dispatcher_id,
+            dp_wave=self.core.waves.on_dispatch(decision.entry.worker.worker_id),
         )
 
     async def _checked(self, request: common_pb2.InferenceRequest, context) -> tuple[RouteContext, int | None]:
@@ -236,6 +250,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 if not sent_any:
                     # Whether or not the worker took it, the request is not running there now.
                     self.core.table.cancel_dispatch(worker.worker_id, decision.seq)
+                    self.core.waves.may_resend(worker.worker_id)
                 code = err.code()
                 retry = (
                     not sent_any
@@ -262,7 +277,10 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         """One attempt on the decided worker; its failures surface as AioRpcError."""
         worker = decision.entry.worker
         forwarded = sched_pb.SchedulerGenerateRequest(
-            request=request.request, dispatch_seq=decision.seq, dispatcher_id=self.core.dispatcher_id
+            request=request.request,
+            dispatch_seq=decision.seq,
+            dispatcher_id=self.core.dispatcher_id,
+            dp_wave=self.core.waves.on_dispatch(worker.worker_id),
         )
         decoder = StreamDecoder(self.core.tokenizer)
         async with self.core.channels.scheduler(worker.address) as stub:
@@ -327,7 +345,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         table = self.core.table
         table.refresh_states()
         now = table.clock()
-        rows = [_entry_row(entry, now) for entry in table.ordered()]
+        groups = self.core.waves.reported
+        rows = [_entry_row(entry, now, groups.get(entry.worker.worker_id)) for entry in table.ordered()]
         return dispatch_pb2.WatchLoadResponse(
             timestamp_ms=wall_ms(),
             role=role_to_proto(self.core.router.role.value),
@@ -359,7 +378,9 @@ def _no_redispatch(err: grpc.aio.AioRpcError) -> bool:
     return any(key == NO_REDISPATCH_KEY for key, _ in (err.trailing_metadata() or ()))
 
 
-def _entry_row(entry: WorkerEntry, now: float) -> dispatch_pb2.WorkerLoadEntry:
+def _entry_row(
+    entry: WorkerEntry, now: float, group: common_pb2.DPGroupState | None = None
+) -> dispatch_pb2.WorkerLoadEntry:
     age = -1 if entry.last_report_at is None else int((now - entry.last_report_at) * 1000)
     return dispatch_pb2.WorkerLoadEntry(
         worker=worker_info(entry.worker),
@@ -369,6 +390,7 @@ def _entry_row(entry: WorkerEntry, now: float) -> dispatch_pb2.WorkerLoadEntry:
         report_age_ms=age,
         state=_STATE[entry.state],
         dispatched_total=entry.dispatched_total,
+        dp_group=group,
     )
 
 
@@ -380,29 +402,67 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
         yield load_report_pb2.ReportResponse(
             dispatcher_id=self.core.dispatcher_id, report_interval_ms=self.core.report_interval_ms
         )
+        # Reports are read by a task while this generator writes what the dispatcher has to say
+        # to the worker (StartWave), so neither direction waits for the other.
+        outbox: asyncio.Queue[load_report_pb2.ReportResponse] = asyncio.Queue(maxsize=REPORT_OUTBOX)
+        worker_ids: set[str] = set()
+        reader = asyncio.create_task(self._read(request_iterator, outbox, worker_ids))
+        try:
+            while True:
+                getter = asyncio.ensure_future(outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                refused = reader.result()
+                if refused is not None:
+                    await context.abort(*refused)
+                return
+        finally:
+            reader.cancel()
+            for worker_id in worker_ids:
+                if self.core.report_outboxes.get(worker_id) is outbox:
+                    del self.core.report_outboxes[worker_id]
+                self.core.waves.may_resend(worker_id)
+
+    async def _read(
+        self, request_iterator, outbox: asyncio.Queue, worker_ids: set[str]
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Apply the stream's reports; returns why the stream is refused, or None at its end."""
         async for report in request_iterator:
-            worker = await self._worker_of(report, context)
+            worker = self._worker_of(report)
+            if isinstance(worker, tuple):
+                return worker
             try:
                 applied = self.core.members.on_report(
                     worker, load_from_proto(report.load), report.acked_dispatch_seq, report.incarnation
                 )
             except NotAMember as exc:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            if worker.worker_id not in worker_ids:
+                worker_ids.add(worker.worker_id)
+                self.core.report_outboxes[worker.worker_id] = outbox
             if applied is False:
                 self.core.metrics.stale_reports.inc()
             elif applied:
                 self.core.router.policy.on_report(self.core.table.get(worker.worker_id))
+                self.core.waves.on_report(
+                    worker.worker_id, report.dp_group if report.HasField("dp_group") else None, report.incarnation
+                )
+        return None
 
-    async def _worker_of(self, report: load_report_pb2.ReportRequest, context) -> Worker:
+    def _worker_of(self, report: load_report_pb2.ReportRequest) -> Worker | tuple[grpc.StatusCode, str]:
+        """The reporting worker, or the status refusing its report."""
         info = report.worker
         role = role_from_proto(info.role)
         if not info.worker_id or role is None or info.dp_rank < 0 or not _is_host_port(info.address):
-            await context.abort(
+            return (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "report needs worker.worker_id, worker.role, worker.dp_rank >= 0 and worker.address host:port",
             )
         if role != self.core.router.role.value:
-            await context.abort(
+            return (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this dispatcher routes {self.core.router.role.value} workers; worker {info.worker_id} is {role}",
             )

@@ -50,6 +50,7 @@ class Output:
 
     token_ids: list[int]
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    error: tuple[grpc.StatusCode, str] | None = None  # the request fails with this status instead
 
 
 @dataclass
@@ -200,7 +201,8 @@ class Engine:
                 f"request {seq.request_id}: {len(self.waiting)} requests already waiting; retry later",
             )
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: Sequence, wave: int | None = None) -> None:
+        """Queue an admissible request (`wave`: its request wave, read by lockstep groups only)."""
         self.check(seq)
         self.by_id[seq.request_id] = seq
         self.waiting.append(seq)
@@ -507,13 +509,16 @@ class Engine:
                 self.abort(seq.request_id)
             await asyncio.wait_for(self._idle.wait(), 30)
 
-    async def close(self) -> None:
+    async def _stop_loop(self) -> None:
         if self._task:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+
+    async def close(self) -> None:
+        await self._stop_loop()
         for held in list(self.held.values()):
             self._free_held(held)
         self.held.clear()

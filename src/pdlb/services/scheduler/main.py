@@ -20,7 +20,9 @@ from pdlb.common.tokenizer import Tokenizer
 from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.scheduler.batching import Engine, EngineLimits, compute_thread
+from pdlb.services.scheduler.dp_group import DPGroup, GroupBroken, GroupSpec
 from pdlb.services.scheduler.llama import LlamaModel
+from pdlb.services.scheduler.lockstep import LockstepEngine
 from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
@@ -87,6 +89,25 @@ def build_parser() -> FlagParser:
     p.flag("--num-heads", default=4, type=int, help=f"{TINY}: attention heads")
     p.flag("--max-position", default=4096, type=int, help="longest sequence (prompt + output); capped by the model's")
     p.flag("--seed", default=0, type=int, help=f"{TINY}: seed of the random weights (when no --model-path)")
+    p.flag(
+        "--dp-group-size",
+        default=1,
+        type=int,
+        help="ranks per lockstep DP-attention group (1: this worker steps independently). Ranks "
+        "dp_rank // size * size .. +size-1 form one group; start and stop a group as a whole",
+    )
+    p.flag(
+        "--dp-group-address",
+        default="",
+        help="host:port where the group meets (served by its first rank; the same on every rank of the group)",
+    )
+    p.flag("--dp-group-backend", default="auto", choices=["auto", "gloo", "nccl"], help="auto: nccl on cuda, else gloo")
+    p.flag(
+        "--dp-group-timeout",
+        default=30.0,
+        type=float,
+        help="seconds a group collective (or forming the group) may wait for the other ranks; past it the group ends",
+    )
     return p
 
 
@@ -149,7 +170,23 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     except UnsupportedModel as exc:
         compute.shutdown()
         raise SystemExit(f"pdlb-scheduler: cannot serve --model {args.model}: {exc}") from None
-    engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
+    group = _group(args, role, runner, limits) if args.dp_group_size > 1 else None
+    if group is not None:
+        print(
+            f"pdlb-scheduler rank {args.dp_rank}: joining DP group {group.spec.group_id} "
+            f"as group rank {group.spec.rank} of {group.spec.size}",
+            flush=True,
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(compute, group.join)
+        except GroupBroken as exc:
+            compute.shutdown()
+            raise SystemExit(f"pdlb-scheduler: {exc}") from None
+        engine: Engine = LockstepEngine(
+            runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, group=group
+        )
+    else:
+        engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)
@@ -160,7 +197,18 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix) if role != "mixed" else None
     servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
-    reporter = LoadReporter(worker, uuid.uuid4().hex, engine.load, acks.get, args.report_interval_ms / 1000)
+    lockstep = engine if isinstance(engine, LockstepEngine) else None
+    reporter = LoadReporter(
+        worker,
+        uuid.uuid4().hex,
+        engine.load,
+        acks.get,
+        args.report_interval_ms / 1000,
+        group_state=lockstep.group_state if lockstep else None,
+        on_start_wave=(lambda start: lockstep.start_wave(start.wave, start.group_id)) if lockstep else None,
+    )
+    if lockstep:
+        lockstep.on_end.append(lambda reason: stop_event.set())  # a broken group: drain, deregister, exit
     engine.listeners.append(reporter.changed)
     registration = (
         LeasedRegistration(
@@ -213,6 +261,33 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             await bootstrap.close()
 
     await run_until_signal(start, stop, stop_event)
+    if lockstep and lockstep.ended:
+        raise SystemExit(f"pdlb-scheduler {worker_id}: {lockstep.ended}")
+
+
+def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:
+    size = args.dp_group_size
+    if not args.dp_group_address:
+        raise SystemExit("--dp-group-size > 1 needs --dp-group-address host:port (the same on every rank of the group)")
+    backend = args.dp_group_backend
+    if backend == "auto":
+        backend = "nccl" if args.device.startswith("cuda") and args.runner == "torch" else "gloo"
+    on_gpu = backend == "nccl"
+    spec = GroupSpec(
+        size=size,
+        rank=args.dp_rank % size,
+        address=args.dp_group_address,
+        backend=backend,
+        timeout_s=args.dp_group_timeout,
+        group_id=f"{role}@{args.dp_group_address}",
+    )
+    return DPGroup(
+        spec,
+        hidden_size=runner.config.hidden_size,
+        max_step_tokens=limits.chunked_prefill_size + limits.max_running_requests,
+        device=args.device if on_gpu else "cpu",
+        dtype=DTYPES[args.dtype] if on_gpu else torch.float32,
+    )
 
 
 async def _announce_endpoint(bootstrap: BootstrapLocator, worker: common_pb2.WorkerInfo) -> None:

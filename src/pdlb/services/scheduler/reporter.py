@@ -21,8 +21,14 @@ MIN_GAP_S = 0.005  # coalesce bursts of changes into one report per 5 ms
 class ReportStream:
     """One dispatcher: keeps a Report stream open, reconnecting with backoff."""
 
-    def __init__(self, address: str, build: Callable[[str], load_report_pb2.ReportRequest], interval_s: float) -> None:
-        self.address, self.build, self.interval_s = address, build, interval_s
+    def __init__(
+        self,
+        address: str,
+        build: Callable[[str], load_report_pb2.ReportRequest],
+        interval_s: float,
+        on_message: Callable[[load_report_pb2.ReportResponse], None],
+    ) -> None:
+        self.address, self.build, self.interval_s, self.on_message = address, build, interval_s, on_message
         self.changed = asyncio.Event()
         self.reports_sent = 0
         self.connected = asyncio.Event()
@@ -61,7 +67,7 @@ class ReportStream:
         interval = hello.report_interval_ms / 1000 if hello.report_interval_ms else self.interval_s
         self.connected.set()
         backoff.reset()
-        reader = asyncio.create_task(self._drain(call))
+        reader = asyncio.create_task(self._read(call))
         try:
             while True:
                 self.changed.clear()
@@ -77,10 +83,9 @@ class ReportStream:
             reader.cancel()
             call.cancel()
 
-    @staticmethod
-    async def _drain(call) -> None:
-        while await call.read() is not grpc.aio.EOF:
-            pass
+    async def _read(self, call) -> None:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            self.on_message(message)
 
     async def close(self) -> None:
         self._task.cancel()
@@ -96,6 +101,8 @@ class LoadReporter:
         load: Callable[[], common_pb2.WorkerLoad],
         acked: Callable[[str], int],
         interval_s: float,
+        group_state: Callable[[], common_pb2.DPGroupState] | None = None,
+        on_start_wave: Callable[[load_report_pb2.StartWave], None] | None = None,
     ) -> None:
         self.worker, self.incarnation, self.load, self.acked, self.interval_s = (
             worker,
@@ -104,6 +111,7 @@ class LoadReporter:
             acked,
             interval_s,
         )
+        self.group_state, self.on_start_wave = group_state, on_start_wave
         self.streams: dict[str, ReportStream] = {}
         self._watch: PrefixWatch | None = None
         self._by_key: dict[str, str] = {}
@@ -115,7 +123,12 @@ class LoadReporter:
             load=self.load(),
             acked_dispatch_seq=self.acked(dispatcher_id),
             timestamp_ms=int(time.time() * 1000),
+            dp_group=self.group_state() if self.group_state else None,
         )
+
+    def on_message(self, message: load_report_pb2.ReportResponse) -> None:
+        if message.HasField("start_wave") and self.on_start_wave:
+            self.on_start_wave(message.start_wave)
 
     def changed(self) -> None:
         for stream in self.streams.values():
@@ -123,7 +136,7 @@ class LoadReporter:
 
     def add(self, address: str) -> None:
         if address and address not in self.streams:
-            self.streams[address] = ReportStream(address, self.build, self.interval_s)
+            self.streams[address] = ReportStream(address, self.build, self.interval_s, self.on_message)
 
     async def remove(self, address: str) -> None:
         stream = self.streams.pop(address, None)

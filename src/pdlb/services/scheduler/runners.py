@@ -167,6 +167,10 @@ class SimRunner(Runner):
 
     def step(self, items: list[StepItem]) -> list[int | None]:
         time.sleep(self.cost.step_time(items))  # the simulated GPU time of this batch
+        return self.compute(items)
+
+    def compute(self, items: list[StepItem]) -> list[int | None]:
+        """The step's tokens without its simulated time (a lockstep group waits for its slowest rank)."""
         out: list[int | None] = []
         for item in items:
             chunk = item.chunk

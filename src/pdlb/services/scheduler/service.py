@@ -58,16 +58,17 @@ async def _abort_kv(context, code: grpc.StatusCode, message: str) -> None:
     await context.abort(code, message)
 
 
-async def _next_outputs(seq: Sequence) -> tuple[list[int], int]:
+async def _next_outputs(seq: Sequence) -> tuple[list[int], int, tuple[grpc.StatusCode, str] | None]:
     """The next tokens of a request, merged with any that queued up meanwhile: a slow reader gets
-    fewer, larger messages instead of falling further behind."""
+    fewer, larger messages instead of falling further behind. Then the finish reason, or the error
+    the request failed with."""
     out = await seq.outbox.get()
     tokens, reason = list(out.token_ids), out.finish_reason
     while not reason and not seq.outbox.empty():
         out = seq.outbox.get_nowait()
         tokens += out.token_ids
         reason = out.finish_reason
-    return tokens, reason
+    return tokens, reason, out.error
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -111,15 +112,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.engine.check(seq)  # fail fast, before a KV pull
             if self.role == "decode":
                 seq.preloaded = await self._pull_kv(request, seq, context)
-            self.engine.submit(seq)
+            self.engine.submit(seq, request.dp_wave if request.HasField("dp_wave") else None)
         except AdmissionError as exc:
             await context.abort(exc.code, str(exc))
         self.acks.record(request.dispatcher_id, request.dispatch_seq)  # now part of this worker's load
         finished = False
         try:
             while not finished:
-                tokens, reason = await _next_outputs(seq)
+                tokens, reason, error = await _next_outputs(seq)
                 finished = reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if error is not None:
+                    await context.abort(*error)
                 yield scheduler_pb2.SchedulerGenerateResponse(
                     request_id=seq.request_id,
                     token_ids=tokens,

@@ -30,7 +30,11 @@ def prefix() -> str:
 StartService = Callable[..., ServiceProcess]
 # Services default to the packaged real model; tests of mechanics use the toy (fast on 2 cores),
 # and tests of the model say --model smollm2-135m-instruct.
-TOY_MODEL_ENV = {"PDLB_SCHEDULER_MODEL": "tiny-random", "PDLB_DISPATCHER_MODEL": "tiny-random"}
+TOY_MODEL_ENV = {
+    "PDLB_SCHEDULER_MODEL": "tiny-random",
+    "PDLB_DISPATCHER_MODEL": "tiny-random",
+    "PDLB_GATEWAY_MODEL": "tiny-random",
+}
 
 
 @pytest.fixture

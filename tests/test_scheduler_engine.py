@@ -180,10 +180,14 @@ async def test_temperature_sampling_is_reproducible_with_a_seed():
     engine, _ = make_engine()
     outs = []
     for rid in ("t1", "t2"):
-        s = seq(rid, prompt(20), max_new=16, temperature=1.5, generator=torch.Generator().manual_seed(5))
+        s = seq(rid, prompt(20), max_new=16, temperature=1.5, seed=5)
         engine.submit(s)
         outs.append((await collect(s))[0])
     greedy = seq("g", prompt(20), max_new=16)
     engine.submit(greedy)
     assert outs[0] == outs[1] and outs[0] != (await collect(greedy))[0]
+    # resumed after 6 tokens (prompt + those tokens, seed_position 6): the same continuation
+    resumed = seq("t3", prompt(20) + outs[0][:6], max_new=10, temperature=1.5, seed=5, seed_position=6)
+    engine.submit(resumed)
+    assert (await collect(resumed))[0] == outs[0][6:]
     await engine.close()

@@ -135,5 +135,6 @@ def script(name: str) -> list[str]:
         "pdlb-dispatcher": "pdlb.services.dispatcher.main",
         "pdlb-bootstrap": "pdlb.services.bootstrap.main",
         "pdlb-scheduler": "pdlb.services.scheduler.main",
+        "pdlb-gateway": "pdlb.services.gateway.main",
     }[name]
     return [sys.executable, "-m", module]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pdlb/v1/common.proto\x12\x07pdlb.v1\"w\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\"\xc1\x02\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.pdlb.v1.SamplingParams\x12\x1b\n\x0e\x62ootstrap_room\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1c\n\x0fprefill_dp_rank\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0e\x64\x65\x63ode_dp_rank\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x0brouting_key\x18\x08 \x01(\t\x12&\n\x08messages\x18\t \x03(\x0b\x32\x14.pdlb.v1.ChatMessageB\x11\n\x0f_bootstrap_roomB\x12\n\x10_prefill_dp_rankB\x11\n\x0f_decode_dp_rank\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x02\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_tokens_used\x18\x05 \x01(\x04\x12\x1a\n\x12kv_tokens_capacity\x18\x06 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_hit_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\t \x01(\r\x12\x1b\n\x13kv_tokens_evictable\x18\n \x01(\x04\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.pdlb.v1.Role\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xfe\x01\n\x0c\x44PGroupState\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ngroup_size\x18\x02 \x01(\r\x12\x12\n\ngroup_rank\x18\x03 \x01(\r\x12\x0c\n\x04wave\x18\x04 \x01(\x04\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x13\n\x0b\x64ummy_steps\x18\x07 \x01(\x04\x12\x15\n\rimbalance_sum\x18\x08 \x01(\x01\x12\x17\n\x0fimbalance_steps\x18\t \x01(\x04\x12\x1a\n\x12step_seconds_total\x18\n \x01(\x01\x12%\n\x1d\x62usiest_compute_seconds_total\x18\x0b \x01(\x01*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_MIXED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_PREFILL_DONE\x10\x04\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pdlb/v1/common.proto\x12\x07pdlb.v1\"\x8e\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x15\n\rseed_position\x18\x06 \x01(\r\"\xc1\x02\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.pdlb.v1.SamplingParams\x12\x1b\n\x0e\x62ootstrap_room\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1c\n\x0fprefill_dp_rank\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0e\x64\x65\x63ode_dp_rank\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x0brouting_key\x18\x08 \x01(\t\x12&\n\x08messages\x18\t \x03(\x0b\x32\x14.pdlb.v1.ChatMessageB\x11\n\x0f_bootstrap_roomB\x12\n\x10_prefill_dp_rankB\x11\n\x0f_decode_dp_rank\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x02\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_tokens_used\x18\x05 \x01(\x04\x12\x1a\n\x12kv_tokens_capacity\x18\x06 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_hit_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1c\n\x14max_running_requests\x18\t \x01(\r\x12\x1b\n\x13kv_tokens_evictable\x18\n \x01(\x04\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.pdlb.v1.Role\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xfe\x01\n\x0c\x44PGroupState\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x12\n\ngroup_size\x18\x02 \x01(\r\x12\x12\n\ngroup_rank\x18\x03 \x01(\r\x12\x0c\n\x04wave\x18\x04 \x01(\x04\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x13\n\x0b\x64ummy_steps\x18\x07 \x01(\x04\x12\x15\n\rimbalance_sum\x18\x08 \x01(\x01\x12\x17\n\x0fimbalance_steps\x18\t \x01(\x04\x12\x1a\n\x12step_seconds_total\x18\n \x01(\x01\x12%\n\x1d\x62usiest_compute_seconds_total\x18\x0b \x01(\x01*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_MIXED\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_PREFILL_DONE\x10\x04\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,20 +32,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdlb.v1.common_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\nio.pdlb.v1P\001Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1'
-  _globals['_ROLE']._serialized_start=1173
-  _globals['_ROLE']._serialized_end=1252
-  _globals['_FINISHREASON']._serialized_start=1255
-  _globals['_FINISHREASON']._serialized_end=1407
-  _globals['_SAMPLINGPARAMS']._serialized_start=33
-  _globals['_SAMPLINGPARAMS']._serialized_end=152
-  _globals['_INFERENCEREQUEST']._serialized_start=155
-  _globals['_INFERENCEREQUEST']._serialized_end=476
-  _globals['_CHATMESSAGE']._serialized_start=478
-  _globals['_CHATMESSAGE']._serialized_end=522
-  _globals['_WORKERLOAD']._serialized_start=525
-  _globals['_WORKERLOAD']._serialized_end=803
-  _globals['_WORKERINFO']._serialized_start=805
-  _globals['_WORKERINFO']._serialized_end=914
-  _globals['_DPGROUPSTATE']._serialized_start=917
-  _globals['_DPGROUPSTATE']._serialized_end=1171
+  _globals['_ROLE']._serialized_start=1197
+  _globals['_ROLE']._serialized_end=1276
+  _globals['_FINISHREASON']._serialized_start=1279
+  _globals['_FINISHREASON']._serialized_end=1431
+  _globals['_SAMPLINGPARAMS']._serialized_start=34
+  _globals['_SAMPLINGPARAMS']._serialized_end=176
+  _globals['_INFERENCEREQUEST']._serialized_start=179
+  _globals['_INFERENCEREQUEST']._serialized_end=500
+  _globals['_CHATMESSAGE']._serialized_start=502
+  _globals['_CHATMESSAGE']._serialized_end=546
+  _globals['_WORKERLOAD']._serialized_start=549
+  _globals['_WORKERLOAD']._serialized_end=827
+  _globals['_WORKERINFO']._serialized_start=829
+  _globals['_WORKERINFO']._serialized_end=938
+  _globals['_DPGROUPSTATE']._serialized_start=941
+  _globals['_DPGROUPSTATE']._serialized_end=1195
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,7 @@ enter the cache after every prefill chunk, so concurrent requests of one prefix 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,7 +71,8 @@ class Sequence:
     temperature: float = 0.0
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
-    generator: torch.Generator | None = None
+    seed: int = 0  # temperature sampling: token i is drawn with a generator seeded from (seed, seed_position + i)
+    seed_position: int = 0
     prefill_only: bool = False
     bootstrap_room: int | None = None
     preloaded: PreloadedKV | None = None
@@ -121,6 +123,13 @@ class EngineLimits:
     chunked_prefill_size: int
     max_waiting_requests: int
     max_prompt_tokens: int
+
+
+def token_generator(seed: int, position: int) -> torch.Generator:
+    """The generator that draws the token at `position` of a sampled sequence: one per token, so a
+    sequence resumed anywhere (another rank, after a failure) continues the same draws."""
+    mixed = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(mixed, "little") & (2**63 - 1))
 
 
 def compute_thread(threads: int) -> ThreadPoolExecutor:
@@ -339,7 +348,14 @@ class Engine:
             items.append(
                 (
                     seq,
-                    StepItem(chunk, sample=done_prompt, temperature=seq.temperature, generator=seq.generator),
+                    StepItem(
+                        chunk,
+                        sample=done_prompt,
+                        temperature=seq.temperature,
+                        generator=token_generator(seq.seed, seq.seed_position + len(seq.output))
+                        if done_prompt and seq.temperature > 0
+                        else None,
+                    ),
                 )
             )
         return items

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.requests import InvalidRequest, check_request
@@ -41,11 +40,9 @@ class DispatchAcks:
         return self.highest.get(dispatcher_id, 0)
 
 
-def _generator(request: common_pb2.InferenceRequest) -> torch.Generator | None:
-    if request.sampling.temperature <= 0:
-        return None
-    seed = request.sampling.seed or int.from_bytes(hashlib.blake2b(request.request_id.encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed)
+def _seed(request: common_pb2.InferenceRequest) -> int:
+    """The sampling seed: the client's, else derived from the request id (reproducible per id)."""
+    return request.sampling.seed or int.from_bytes(hashlib.blake2b(request.request_id.encode()).digest()[:8], "little")
 
 
 NO_REDISPATCH_KEY = "pdlb-no-redispatch"
@@ -104,7 +101,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             temperature=checked.temperature,
             stop_ids=frozenset(req.sampling.stop_token_ids),
             ignore_eos=req.sampling.ignore_eos,
-            generator=_generator(req),
+            seed=_seed(req),
+            seed_position=req.sampling.seed_position,
             prefill_only=self.role == "prefill",
             bootstrap_room=room,
         )

@@ -1,0 +1,234 @@
+"""One request end to end, as the gateway serves it (gRPC and HTTP alike).
+
+Mixed mode forwards to a mixed dispatcher. PD mode allocates a bootstrap room and sends the same
+request to a prefill and a decode dispatcher; the decode stream carries the tokens, and a failed
+prefill half cancels the decode half (which would otherwise wait for KV that never comes).
+
+No request is lost to a dying worker: the gateway holds the client's stream, so when an attempt
+fails for a reason that is not the request's own (UNAVAILABLE, a lost KV hand-off...), it runs the
+request once more, within its deadline. If no token reached the client yet, the request is re-run
+end to end with a new room. Otherwise it is resumed: the prompt plus the tokens already streamed is
+prefilled elsewhere and generation continues for the remaining tokens, with seed_position set so a
+seeded sampler draws what the original would have; for greedy and seeded requests the client's
+stream is exactly the uninterrupted one. Not resumable: a second failure of the same request, a
+request pinned to a rank whose worker is gone (the pin is honoured, so the retry fails alike), and
+failures that are the request's own (bad input, back-pressure, deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from pdlb.client import new_room
+from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.tokenizer import StreamDecoder, Tokenizer
+from pdlb.services.gateway.upstreams import Upstreams
+from pdlb.v1 import common_pb2, dispatch_pb2
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 1
+# Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
+FINAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+    finish_reason: int
+    decode_dp_rank: int
+    prefill_dp_rank: int
+    prompt_tokens: int
+    cached_tokens: int
+    retries: int
+
+
+@dataclass
+class Prepared:
+    """A checked request, tokenised once (a resume appends to these ids)."""
+
+    request: common_pb2.InferenceRequest
+    prompt: list[int]
+    max_new_tokens: int
+
+
+class Frontend:
+    def __init__(self, upstreams: Upstreams, tokenizer: Tokenizer, max_prompt_tokens: int, timeout_s: float) -> None:
+        self.upstreams, self.tokenizer = upstreams, tokenizer
+        self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
+        self.retries_total = 0
+
+    def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
+        """Validate and tokenise; raises InvalidRequest."""
+        checked = check_request(request, self.max_prompt_tokens, self.tokenizer)
+        request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
+        request.ClearField("input_ids")
+        request.input_ids.extend(checked.input_ids)
+        request.ClearField("text")
+        request.ClearField("messages")
+        request.sampling.max_new_tokens = checked.max_new_tokens
+        return Prepared(request, checked.input_ids, checked.max_new_tokens)
+
+    async def generate(self, prepared: Prepared, timeout: float | None = None) -> AsyncIterator[Chunk]:
+        """Stream the request's tokens; raises RequestFailed with a status naming the request."""
+        original = prepared.request
+        rid = original.request_id
+        deadline = time.monotonic() + min(timeout or self.timeout_s, self.timeout_s)
+        decoder = StreamDecoder(self.tokenizer)
+        sent: list[int] = []
+        cached = 0
+        retries = 0
+        while True:
+            attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline)
+            try:
+                async for response, prefill_rank in attempt:
+                    tokens = list(response.token_ids)
+                    if tokens and not sent:
+                        cached = response.cached_tokens
+                    sent += tokens
+                    text = decoder.push(tokens)
+                    if response.finish_reason:
+                        text += decoder.flush()
+                    yield Chunk(
+                        tokens,
+                        text,
+                        response.finish_reason,
+                        response.dp_rank,
+                        prefill_rank,
+                        len(prepared.prompt),
+                        cached,
+                        retries,
+                    )
+                    if response.finish_reason:
+                        return
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {rid}: the stream ended without a finish")
+            except (grpc.aio.AioRpcError, RequestFailed) as err:
+                code, details = (
+                    (err.code(), err.details())
+                    if isinstance(err, grpc.aio.AioRpcError)
+                    else (
+                        err.code,
+                        err.message,
+                    )
+                )
+                left = deadline - time.monotonic()
+                if code in FINAL or retries >= MAX_RETRIES or left <= 0:
+                    if left <= 0:
+                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    raise RequestFailed(code, _named(rid, details, retries)) from None
+                retries += 1
+                self.retries_total += 1
+                log.warning(
+                    "request %s failed (%s: %s) after %d tokens; %s on other ranks",
+                    rid,
+                    code.name,
+                    details,
+                    len(sent),
+                    "resuming" if sent else "re-running it",
+                )
+            finally:
+                await attempt.aclose()  # a client that left, or a stop string: cancel the upstream calls
+
+    def _attempt_request(self, prepared: Prepared, sent: list[int], retries: int) -> common_pb2.InferenceRequest:
+        if not retries:
+            return prepared.request
+        request = common_pb2.InferenceRequest.FromString(prepared.request.SerializeToString())
+        request.request_id = f"{prepared.request.request_id[:120]}~r{retries}"  # never clashes with the first
+        request.ClearField("bootstrap_room")
+        if sent:  # resume: recompute the KV of the prompt plus what the client already has
+            request.input_ids.extend(sent)
+            request.sampling.max_new_tokens = prepared.max_new_tokens - len(sent)
+            request.sampling.seed_position = prepared.request.sampling.seed_position + len(sent)
+            if not request.sampling.seed:  # the worker would derive it from the new id
+                request.sampling.seed = _derived_seed(prepared.request.request_id)
+        return request
+
+    async def _attempt(
+        self, request: common_pb2.InferenceRequest, deadline: float
+    ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int]]:
+        mode = self.upstreams.mode()
+        if mode is None:
+            raise RequestFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"request {request.request_id}: no dispatchers known (mixed, or prefill + decode)",
+            )
+        timeout = max(deadline - time.monotonic(), 0.001)
+        if mode == "mixed":
+            _, stub = self.upstreams.stub("mixed")  # type: ignore[misc]
+            call = stub.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
+            try:
+                async for response in call:
+                    yield response, -1
+            finally:
+                call.cancel()
+            return
+        if not request.HasField("bootstrap_room"):
+            request.bootstrap_room = new_room()
+        picked_decode, picked_prefill = self.upstreams.stub("decode"), self.upstreams.stub("prefill")
+        if picked_decode is None or picked_prefill is None:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: no PD dispatchers known")
+        message = dispatch_pb2.GenerateRequest(request=request)
+        call = picked_decode[1].Generate(message, timeout=timeout)
+        prefill_rank = -1
+        prefill_error: list[BaseException] = []
+
+        async def prefill() -> None:
+            nonlocal prefill_rank
+            async for response in picked_prefill[1].Generate(message, timeout=timeout):
+                prefill_rank = response.dp_rank
+
+        def on_prefill_done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                prefill_error.append(task.exception())
+                call.cancel()
+
+        task = asyncio.create_task(prefill())
+        task.add_done_callback(on_prefill_done)
+        try:
+            async for response in call:
+                yield response, prefill_rank
+        except asyncio.CancelledError:
+            if prefill_error:
+                err = prefill_error[0]
+                if isinstance(err, grpc.aio.AioRpcError):
+                    raise RequestFailed(err.code(), f"prefill half: {err.details()}") from None
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
+            raise
+        finally:
+            call.cancel()
+            if not task.done():
+                task.cancel()
+
+
+def _derived_seed(request_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(request_id.encode()).digest()[:8], "little") or 1
+
+
+def _named(rid: str, details: str, retries: int) -> str:
+    text = details if rid in details else f"request {rid}: {details}"
+    return text + (f" (after {retries} retry on other ranks)" if retries else "")
+
+
+__all__ = ["Chunk", "Frontend", "InvalidRequest", "Prepared", "RequestFailed"]

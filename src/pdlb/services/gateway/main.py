@@ -1,0 +1,229 @@
+"""`pdlb-gateway`: one front door for a cluster. gRPC (pdlb.v1.Gateway, health, reflection) and an
+OpenAI-compatible HTTP API with a live dashboard, on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from aiohttp import web
+
+from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
+from pdlb.common.membership import LeasedRegistration
+from pdlb.common.requests import InvalidRequest
+from pdlb.models.catalog import SMOLLM2, TINY, resolve
+from pdlb.models.config import UnsupportedModel
+from pdlb.services.gateway.dashboard import Dashboard
+from pdlb.services.gateway.frontend import Frontend, RequestFailed
+from pdlb.services.gateway.metrics import GatewayMetrics
+from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
+from pdlb.services.gateway.upstreams import Upstreams
+from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger("pdlb.gateway")
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser("gateway", "One front door: PD fan-out over gRPC, an OpenAI-compatible HTTP API and a dashboard.")
+    add_common_flags(p, default_port=50080)
+    p.flag("--http-port", default=8000, type=int, help="HTTP port of the OpenAI API and the dashboard (0: any)")
+    p.flag("--dispatcher", default="", help="mixed dispatcher host:port list (besides those in etcd)")
+    p.flag("--prefill-dispatcher", default="", help="prefill dispatcher host:port list (besides those in etcd)")
+    p.flag("--decode-dispatcher", default="", help="decode dispatcher host:port list (besides those in etcd)")
+    p.flag("--model", default=SMOLLM2, help=f"the served model ({SMOLLM2}, {TINY}, a .gguf file or a HF directory)")
+    p.flag("--served-model-name", default="", help="model id clients name (default: from --model)")
+    p.flag(
+        "--max-concurrent-streams",
+        default=1024,
+        type=int,
+        help="requests in flight here; more: 429 / RESOURCE_EXHAUSTED",
+    )
+    p.flag("--max-body-bytes", default=4 << 20, type=int, help="largest HTTP request body; more: 413")
+    p.flag("--max-prompt-tokens", default=32768, type=int, help="longest prompt accepted, in tokens")
+    p.flag("--request-timeout", default=600.0, type=float, help="longest a request may run, seconds")
+    p.flag("--dashboard-interval-ms", default=200, type=int, help="dashboard refresh interval (pushed to the page)")
+    p.flag("--max-dashboards", default=32, type=int, help="dashboard pages connected at once")
+    return p
+
+
+class Streams:
+    """Bound on requests in flight through this gateway."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, frontend: Frontend, streams: Streams, metrics: GatewayMetrics) -> None:
+        self.frontend, self.streams, self.metrics = frontend, streams, metrics
+        self.draining = False
+
+    async def Generate(self, request: gateway_pb2.GatewayGenerateRequest, context) -> AsyncIterator:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
+        try:
+            prepared = self.frontend.prepare(request.request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.streams.take():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {prepared.request.request_id}: {self.streams.used} requests in flight at this gateway "
+                "(--max-concurrent-streams); retry later",
+            )
+        try:
+            timer = self.metrics.timer()
+            async for chunk in self.frontend.generate(prepared, context.time_remaining()):
+                timer.tokens(len(chunk.token_ids))
+                yield gateway_pb2.GatewayGenerateResponse(
+                    request_id=prepared.request.request_id,
+                    token_ids=chunk.token_ids,
+                    text=chunk.text,
+                    finish_reason=chunk.finish_reason,
+                    decode_dp_rank=chunk.decode_dp_rank,
+                    prefill_dp_rank=chunk.prefill_dp_rank,
+                    prompt_tokens=chunk.prompt_tokens,
+                    cached_tokens=chunk.cached_tokens,
+                    retries=chunk.retries,
+                )
+            self.metrics.done("grpc", "ok")
+        except RequestFailed as exc:
+            self.metrics.done("grpc", exc.code.name)
+            await context.abort(exc.code, exc.message)
+        finally:
+            self.streams.give()
+
+
+def http_app(api: OpenAIApi, streams: Streams, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, upstreams):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            metrics.done("http", str(exc.status))
+            return error_response(exc.status, exc.message, exc.param, exc.kind)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
+
+    async def bounded(request: web.Request, chat: bool) -> web.StreamResponse:
+        if not streams.take():
+            raise ApiError(
+                429, f"{streams.used} requests in flight at this gateway; retry later", kind="rate_limit_error"
+            )
+        try:
+            response = await (api.chat_completions(request) if chat else api.completions(request))
+            metrics.done("http", str(response.status))
+            return response
+        finally:
+            streams.give()
+
+    async def health(request: web.Request) -> web.Response:
+        mode = upstreams.mode()
+        body = {"status": "ok" if mode else "unavailable", "mode": mode, "model": api.model_id}
+        return web.json_response(body, status=200 if mode else 503)
+
+    app = web.Application(client_max_size=max_body, middlewares=[errors])
+    app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
+    app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
+    app.router.add_get("/v1/models", api.list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics.http)
+    dashboard.routes(app)
+    return app
+
+
+async def serve(args, stop_event: asyncio.Event) -> None:
+    try:
+        source = resolve(args.model, args.served_model_name)
+        tokenizer = source.tokenizer()
+    except UnsupportedModel as exc:
+        raise SystemExit(f"pdlb-gateway: cannot use --model {args.model}: {exc}") from None
+    gateway_id = f"gateway-{uuid.uuid4().hex[:8]}"
+    upstreams = Upstreams(
+        {
+            "mixed": csv_list(args.dispatcher),
+            "prefill": csv_list(args.prefill_dispatcher),
+            "decode": csv_list(args.decode_dispatcher),
+        }
+    )
+    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout)
+    metrics = GatewayMetrics(frontend)
+    streams = Streams(args.max_concurrent_streams)
+
+    def models() -> list[str]:
+        advertised_models = {m for m in upstreams.models.values() if m}
+        return sorted({source.model_id, *advertised_models})
+
+    api = OpenAIApi(frontend, source.model_id, models, metrics.observe)
+    dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
+    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, upstreams)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    host = ServiceHost(args.host, args.port, [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
+    servicer = GatewayServicer(frontend, streams, metrics)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)
+    address = advertised(args.host, host.port, args.advertise_address)
+    http_address = ""
+    registration: LeasedRegistration | None = None
+
+    async def start() -> None:
+        nonlocal http_address, registration
+        if args.etcd:
+            watch = upstreams.watch(args.etcd, args.etcd_prefix)
+            await asyncio.wait_for(watch.synced.wait(), timeout=30)
+        await host.start()
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.http_port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        http_address = f"{address.rsplit(':', 1)[0]}:{port}"
+        dashboard.start()
+        if args.etcd:
+            registration = LeasedRegistration(
+                args.etcd,
+                f"{args.etcd_prefix.rstrip('/')}/gateways/{gateway_id}",
+                {"gateway_id": gateway_id, "address": address, "http": http_address, "model": source.model_id},
+                args.lease_ttl,
+            )
+            await registration.start()
+        print(f"pdlb-gateway http on http://{http_address} (OpenAI API at /v1, dashboard at /dashboard)", flush=True)
+        print(
+            f"pdlb-gateway ({upstreams.mode() or 'no dispatchers yet'}, {source.model_id}) listening on {address}",
+            flush=True,
+        )
+
+    async def stop() -> None:
+        servicer.draining = True
+        if registration:
+            await registration.close()
+        await dashboard.close()
+        await host.stop(args.shutdown_grace)
+        await runner.shutdown()  # lets streaming HTTP responses finish (aiohttp's shutdown timeout)
+        await runner.cleanup()
+        await upstreams.close()
+
+    await run_until_signal(start, stop, stop_event)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_service(build_parser, serve, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The gateway's own measurements: Prometheus metrics, and a sliding window for the dashboard."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+WINDOW_S = 30.0
+MAX_SAMPLES = 50_000  # per series in the window: bounded whatever the request rate
+
+
+class Timer:
+    """Times one request's tokens as they arrive; `observe(first, seconds, tokens)` records them."""
+
+    def __init__(self, observe) -> None:
+        self.observe, self.started, self.last, self.count = observe, time.perf_counter(), 0.0, 0
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        self.observe(self.count == 0, now - (self.started if self.count == 0 else self.last), n)
+        self.last, self.count = now, self.count + n
+
+
+class GatewayMetrics:
+    def __init__(self, frontend) -> None:
+        self.frontend = frontend
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pdlb_gateway_requests", "Requests finished, by API and outcome", ["api", "outcome"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "pdlb_gateway_ttft_seconds",
+            "Time to first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "pdlb_gateway_itl_seconds",
+            "Time between tokens",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=self.registry,
+        )
+        self.tokens_out = Counter("pdlb_gateway_output_tokens", "Tokens streamed to clients", registry=self.registry)
+        self.retries = Counter(
+            "pdlb_gateway_retries", "Requests re-run or resumed after a worker failed", registry=self.registry
+        )
+        self.window_ttft: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.window_itl: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.window_done: deque[float] = deque(maxlen=MAX_SAMPLES)
+        self._retries_seen = 0
+
+    def timer(self) -> Timer:
+        return Timer(self.observe)
+
+    def observe(self, first: bool, seconds: float, tokens: int) -> None:
+        now = time.monotonic()
+        self.tokens_out.inc(tokens)
+        if first:
+            self.ttft.observe(seconds)
+            self.window_ttft.append((now, seconds))
+        else:
+            per_token = seconds / tokens
+            self.itl.observe(per_token)
+            self.window_itl.append((now, per_token))
+
+    def done(self, api: str, outcome: str) -> None:
+        self.requests.labels(api, outcome).inc()
+        self.window_done.append(time.monotonic())
+
+    def window(self) -> dict:
+        """Request rate and TTFT / ITL percentiles over the last WINDOW_S seconds."""
+        cutoff = time.monotonic() - WINDOW_S
+        for series in (self.window_ttft, self.window_itl):
+            while series and series[0][0] < cutoff:
+                series.popleft()
+        while self.window_done and self.window_done[0] < cutoff:
+            self.window_done.popleft()
+        return {
+            "window_s": WINDOW_S,
+            "requests_per_s": len(self.window_done) / WINDOW_S,
+            "ttft_ms": _percentiles([v for _, v in self.window_ttft]),
+            "itl_ms": _percentiles([v for _, v in self.window_itl]),
+            "retries": self.frontend.retries_total,
+        }
+
+    async def http(self, request: web.Request) -> web.Response:
+        new = self.frontend.retries_total - self._retries_seen
+        if new > 0:
+            self.retries.inc(new)
+            self._retries_seen += new
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}

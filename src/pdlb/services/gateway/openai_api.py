@@ -1,0 +1,398 @@
+"""OpenAI-compatible HTTP API of the gateway: completions, chat completions, models, health, metrics.
+
+aiohttp serves it on the gateway's event loop, beside grpc.aio: one small dependency that is both
+server and client, streaming responses written as tokens arrive, a hard request-body bound, and
+handler cancellation when a client disconnects (which cancels the upstream gRPC calls, so the
+workers abort the request and free its KV).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from pdlb.common.requests import MAX_NEW_TOKENS_LIMIT, InvalidRequest
+from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
+from pdlb.services.gateway.metrics import Timer
+from pdlb.services.gateway.stops import StopMatcher
+from pdlb.v1 import common_pb2
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# Parameters the API accepts only at their neutral value: anything else gets a 400 naming it.
+NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v in (None, 1),
+    "best_of": lambda v: v in (None, 1),
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "top_p": lambda v: v in (None, 1, 1.0),
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "logit_bias": lambda v: v in (None, {}),
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: v in (None, []),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v in (None, {"type": "text"}),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+    "parallel_tool_calls": lambda v: v in (None, True, False),
+}
+KNOWN = {
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
+    "stop_token_ids", "ignore_eos", "stream", "stream_options", "user", "data_parallel_rank",
+    "prefill_dp_rank", "decode_dp_rank", "metadata", "store", "service_tier", "reasoning_effort",
+    *NEUTRAL,
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    code = {404: "model_not_found", 429: "rate_limit_exceeded", 413: "request_too_large"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, param, kind), status=status)
+
+
+@dataclass
+class Parsed:
+    chat: bool
+    prepared: Prepared
+    stream: bool
+    include_usage: bool
+    stops: list[str] = field(default_factory=list)
+
+
+class OpenAIApi:
+    def __init__(self, frontend: Frontend, model_id: str, models: Callable[[], list[str]], observe) -> None:
+        self.frontend, self.model_id, self.models, self.observe = frontend, model_id, models, observe
+
+    # parsing -----------------------------------------------------------------------------------
+    async def parse(self, http: web.Request, chat: bool) -> Parsed:
+        try:
+            body = await http.json(loads=json.loads)
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - KNOWN)
+        if unknown:
+            raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", unknown[0])
+        for name, neutral in NEUTRAL.items():
+            if name in body and not neutral(body[name]):
+                raise ApiError(400, f"{name}={json.dumps(body[name])[:60]} is not supported by this server", name)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model is required (see GET /v1/models)", "model")
+        if model not in self.models():
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}", "model")
+        request = common_pb2.InferenceRequest(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+        if chat:
+            self._messages(body, request)
+        else:
+            self._prompt(body, request)
+        sampling = request.sampling
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = body.get(key)
+        if max_tokens is None:
+            max_tokens = 16 if not chat else 0  # OpenAI's completion default; chat: up to the context
+        if not _is_int(max_tokens) or max_tokens < 0 or (not chat and max_tokens < 1):
+            raise ApiError(400, f"{key} must be a positive integer", key)
+        if max_tokens > MAX_NEW_TOKENS_LIMIT:
+            raise ApiError(400, f"{key} {max_tokens} exceeds {MAX_NEW_TOKENS_LIMIT}", key)
+        sampling.max_new_tokens = max_tokens or 1024
+        temperature = body.get("temperature", 1.0)
+        if temperature is None:
+            temperature = 1.0
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+            raise ApiError(400, "temperature must be a number from 0 to 2", "temperature")
+        sampling.temperature = float(temperature)
+        seed = body.get("seed")
+        if seed is not None:
+            if not _is_int(seed) or not 0 <= seed < 2**63:
+                raise ApiError(400, "seed must be an integer from 0 to 2^63-1", "seed")
+            sampling.seed = seed
+        stop_ids = body.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < 2**31 for t in stop_ids):
+            raise ApiError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
+        sampling.stop_token_ids.extend(stop_ids[:MAX_STOP_STRINGS])
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
+        sampling.ignore_eos = ignore_eos
+        stops = _stops(body.get("stop"))
+        user = body.get("user")
+        if user is not None:
+            if not isinstance(user, str) or len(user) > 256:
+                raise ApiError(400, "user must be a string of at most 256 characters", "user")
+            request.routing_key = user
+        if key := http.headers.get("X-Session-Id", ""):
+            request.routing_key = key[:256]
+        self._ranks(http, body, request)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object", "stream_options")
+        try:
+            prepared = self.frontend.prepare(request)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
+        return Parsed(chat, prepared, stream, bool(options.get("include_usage")), stops)
+
+    def _prompt(self, body: dict, request: common_pb2.InferenceRequest) -> None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str) and prompt:
+            request.text = prompt
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            if not all(0 <= t < 2**31 for t in prompt):
+                raise ApiError(400, "prompt token ids must be >= 0", "prompt")
+            request.input_ids.extend(prompt)
+        elif isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt")
+        else:
+            raise ApiError(400, "prompt must be a non-empty string or a list of token ids", "prompt")
+
+    def _messages(self, body: dict, request: common_pb2.InferenceRequest) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", "messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ApiError(400, f"messages[{index}] needs a role", f"messages[{index}].role")
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                    raise ApiError(400, f"messages[{index}]: only text content parts are supported", "messages")
+                content = "".join(str(p.get("text", "")) for p in content)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{index}].content must be a string", f"messages[{index}].content")
+            request.messages.append(common_pb2.ChatMessage(role=message["role"], content=content))
+
+    @staticmethod
+    def _ranks(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+        """vLLM's X-data-parallel-rank header and SGLang-style body fields pin ranks."""
+        pins = {"decode_dp_rank": body.get("decode_dp_rank"), "prefill_dp_rank": body.get("prefill_dp_rank")}
+        general = body.get("data_parallel_rank")
+        header = http.headers.get("X-data-parallel-rank")
+        if header is not None:
+            try:
+                general = int(header)
+            except ValueError:
+                raise ApiError(400, "X-data-parallel-rank must be an integer", "X-data-parallel-rank") from None
+        if general is not None:  # mixed: the rank; PD: the decode rank (where the tokens come from)
+            pins["decode_dp_rank"] = pins["decode_dp_rank"] if pins["decode_dp_rank"] is not None else general
+        for name, value in pins.items():
+            if value is None:
+                continue
+            if not _is_int(value) or not 0 <= value < 1 << 20:
+                raise ApiError(400, f"{name} must be a rank >= 0", name)
+            setattr(request, name, value)
+
+    # serving -----------------------------------------------------------------------------------
+    async def completions(self, http: web.Request) -> web.StreamResponse:
+        return await self._serve(http, chat=False)
+
+    async def chat_completions(self, http: web.Request) -> web.StreamResponse:
+        return await self._serve(http, chat=True)
+
+    async def _serve(self, http: web.Request, chat: bool) -> web.StreamResponse:
+        parsed = await self.parse(http, chat)
+        if parsed.stream:
+            return await self._stream(http, parsed)
+        return await self._whole(parsed)
+
+    async def _run(self, parsed: Parsed):
+        """The request's chunks with stop strings applied: (chunk, text, finish) triples."""
+        matcher = StopMatcher(parsed.stops)
+        timer = Timer(self.observe)
+        chunks = self.frontend.generate(parsed.prepared)
+        try:
+            async for chunk in chunks:
+                timer.tokens(len(chunk.token_ids))
+                text, stopped = matcher.push(chunk.text)
+                if stopped:
+                    yield chunk, text, "stop"
+                    return
+                if chunk.finish_reason:
+                    yield chunk, text + matcher.flush(), FINISH.get(chunk.finish_reason, "stop")
+                    return
+                yield chunk, text, None
+        finally:
+            await chunks.aclose()  # cancels the upstream calls: the workers abort and free the KV
+
+    async def _whole(self, parsed: Parsed) -> web.Response:
+        text, tokens, last = [], 0, None
+        finish = "stop"
+        try:
+            async for chunk, piece, reason in self._run(parsed):
+                text.append(piece)
+                tokens += len(chunk.token_ids)
+                last = chunk
+                finish = reason or finish
+        except RequestFailed as exc:
+            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+        body = self._envelope(parsed, last)
+        content = "".join(text)
+        if parsed.chat:
+            body["object"] = "chat.completion"
+            body["choices"] = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ]
+        else:
+            body["object"] = "text_completion"
+            body["choices"] = [{"index": 0, "text": content, "finish_reason": finish, "logprobs": None}]
+        body["usage"] = _usage(parsed, last, tokens)
+        return web.json_response(body, headers=_rank_headers(last))
+
+    async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
+        runner = self._run(parsed)
+        try:  # the first chunk before the headers: an early failure still gets its HTTP status
+            first = await anext(runner)
+        except StopAsyncIteration:
+            first = None
+        except RequestFailed as exc:
+            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **_rank_headers(first and first[0]),
+            }
+        )
+        await response.prepare(http)
+        tokens, last = 0, None
+        if parsed.chat:
+            await _event(response, self._chunk(parsed, first and first[0], {"role": "assistant", "content": ""}, None))
+        try:
+            pending = [first] if first else []
+            while True:
+                if pending:
+                    chunk, text, reason = pending.pop()
+                else:
+                    try:
+                        chunk, text, reason = await anext(runner)
+                    except StopAsyncIteration:
+                        break
+                tokens += len(chunk.token_ids)
+                last = chunk
+                if text or reason:
+                    delta = {"content": text} if parsed.chat else text
+                    await _event(response, self._chunk(parsed, chunk, delta, reason))
+                if reason:
+                    break
+        except RequestFailed as exc:
+            await _event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+        finally:
+            await runner.aclose()
+        if parsed.include_usage and last is not None:
+            usage = self._envelope(parsed, last)
+            usage["object"] = "chat.completion.chunk" if parsed.chat else "text_completion"
+            usage["choices"] = []
+            usage["usage"] = _usage(parsed, last, tokens)
+            await _event(response, usage)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _envelope(self, parsed: Parsed, chunk: Chunk | None) -> dict:
+        return {
+            "id": parsed.prepared.request.request_id,
+            "created": int(time.time()),
+            "model": self.model_id,
+            "dp_rank": chunk.decode_dp_rank if chunk else None,
+            "prefill_dp_rank": chunk.prefill_dp_rank if chunk and chunk.prefill_dp_rank >= 0 else None,
+        }
+
+    def _chunk(self, parsed: Parsed, chunk: Chunk | None, delta, reason: str | None) -> dict:
+        body = self._envelope(parsed, chunk)
+        if parsed.chat:
+            body["object"] = "chat.completion.chunk"
+            body["choices"] = [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]
+        else:
+            body["object"] = "text_completion"
+            body["choices"] = [{"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}]
+        return body
+
+    async def list_models(self, http: web.Request) -> web.Response:
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "pdlb"} for m in self.models()]
+        return web.json_response({"object": "list", "data": data})
+
+
+def _usage(parsed: Parsed, last: Chunk | None, completion_tokens: int) -> dict:
+    prompt = len(parsed.prepared.prompt)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0},
+    }
+
+
+def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
+    if chunk is None:
+        return {}
+    headers = {"X-pdlb-dp-rank": str(chunk.decode_dp_rank)}
+    if chunk.prefill_dp_rank >= 0:
+        headers["X-pdlb-prefill-dp-rank"] = str(chunk.prefill_dp_rank)
+    return headers
+
+
+async def _event(response: web.StreamResponse, body: dict) -> None:
+    await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stops(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters", "stop")
+    return stops

@@ -1,0 +1,300 @@
+"""The gateway against real clusters (etcd, dispatchers, bootstrap, sim schedulers on loopback), used
+through clients someone else wrote: the official `openai` package, and a gRPC client built from the
+server's reflection alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pdlb.common.etcd_process import free_port
+from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.helpers import wait_until
+
+MODEL = "tiny-random"
+EOS_OFF = {"ignore_eos": True}
+SIM = ["--runner", "sim"]
+
+
+def start_cluster(etcd, prefix, start_service, mode: str, ranks: int = 2, slowdown: str = "1"):
+    """A PD or mixed cluster in etcd and a gateway; returns (gateway process, its HTTP base URL, workers)."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    sched = [*common, *SIM, "--sim-slowdown", slowdown, "--report-interval-ms", "50"]
+    workers = []
+    if mode == "pd":
+        start_service("bootstrap", *common)
+        for role in ("prefill", "decode"):
+            start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"disp-{role}")
+            role_flags = [*sched, "--disaggregation-mode", role]
+            workers += [
+                start_service("scheduler", *role_flags, "--dp-rank", str(r), name=f"{role}-{r}") for r in range(ranks)
+            ]
+    else:
+        start_service("dispatcher", *common, name="disp-mixed")
+        workers += [start_service("scheduler", *sched, "--dp-rank", str(r), name=f"mixed-{r}") for r in range(ranks)]
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port), "--max-body-bytes", "65536")
+    return gateway, f"http://127.0.0.1:{http_port}", workers
+
+
+async def ready(base: str, workers: int) -> None:
+    async def all_workers() -> bool:
+        try:
+            state = await asyncio.to_thread(get_json, f"{base}/dashboard/state")
+        except OSError:
+            return False
+        return sum(len(r["workers"]) for r in state["roles"]) == workers
+
+    await wait_until(all_workers, timeout=30, what=f"{workers} workers on the dashboard")
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(params=["pd", "mixed"])
+def cluster(request, etcd, prefix, start_service):
+    gateway, base, workers = start_cluster(etcd, prefix, start_service, request.param)
+    return request.param, gateway, base, workers
+
+
+async def test_openai_package_completions_and_chat(cluster):
+    mode, _, base, workers = cluster
+    await ready(base, len(workers))
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused")
+    try:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+
+        done = await client.completions.create(
+            model=MODEL, prompt="Hello there", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage.completion_tokens == 7 and done.usage.prompt_tokens == len(b"Hello there")
+        assert done.usage.total_tokens == done.usage.prompt_tokens + 7
+
+        # streaming: the same text, usage equal to the tokens streamed, ending in [DONE]
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt="Hello there",
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        texts, usage, reasons = [], None, []
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                texts.append(choice.text)
+                reasons.append(choice.finish_reason)
+        assert "".join(texts) == done.choices[0].text
+        assert usage.completion_tokens == 7 and reasons[-1] == "length"
+
+        chat = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=5,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        content, usage = [], None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            content += [c.delta.content or "" for c in chunk.choices]
+        assert "".join(content) == chat.choices[0].message.content and usage.completion_tokens == 5
+
+        # pinned ranks: vLLM's header (the decode rank in PD), and SGLang-style body fields
+        for rank in (0, 1):
+            pinned = await client.completions.create(
+                model=MODEL,
+                prompt="x",
+                max_tokens=2,
+                extra_headers={"X-data-parallel-rank": str(rank)},
+                extra_body={"ignore_eos": True},
+            )
+            assert pinned.model_extra["dp_rank"] == rank
+        if mode == "pd":
+            pinned = await client.completions.create(
+                model=MODEL,
+                prompt="y",
+                max_tokens=2,
+                extra_body={"ignore_eos": True, "prefill_dp_rank": 1, "decode_dp_rank": 0},
+            )
+            assert (pinned.model_extra["prefill_dp_rank"], pinned.model_extra["dp_rank"]) == (1, 0)
+
+        # stop strings end the text before the stop string
+        full = done.choices[0].text
+        if len(full) > 3:
+            stop = full[2:4]
+            stopped = await client.completions.create(
+                model=MODEL, prompt="Hello there", max_tokens=7, temperature=0, stop=[stop], extra_body=EOS_OFF
+            )
+            assert stopped.choices[0].finish_reason == "stop"
+            assert stopped.choices[0].text == full[: full.find(stop)]
+    finally:
+        await client.close()
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n"),
+    (json.dumps({"model": MODEL, "prompt": "x", "logprobs": 3}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": "x", "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+    (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
+    (json.dumps({"model": MODEL, "prompt": "x" * 70_000}).encode(), 413, None),
+]
+
+
+@pytest.mark.parametrize("cluster", ["mixed"], indirect=True)
+async def test_bad_http_input_gets_openai_errors_and_the_gateway_stays_healthy(cluster):
+    _, _, base, workers = cluster
+    await ready(base, len(workers))
+    for body, status, param in BAD:
+        code, reply = await asyncio.to_thread(post, f"{base}/v1/completions", body)
+        assert code == status, (body[:60], code, reply)
+        assert reply["error"]["message"] and reply["error"]["type"]
+        if param:
+            assert reply["error"]["param"] == param, reply
+        health = await asyncio.to_thread(get_json, f"{base}/health")
+        assert health["status"] == "ok"
+    code, reply = await asyncio.to_thread(post, f"{base}/v1/chat/completions", json.dumps({"model": MODEL}).encode())
+    assert code == 400 and reply["error"]["param"] == "messages"
+    code, reply = await asyncio.to_thread(post, f"{base}/v1/nowhere", b"{}")
+    assert code == 404 and "error" in reply
+
+
+@pytest.mark.parametrize("cluster", ["pd"], indirect=True)
+async def test_client_disconnect_mid_stream_frees_the_workers(cluster):
+    _, _, base, workers = cluster
+    await ready(base, len(workers))
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused")
+    stream = await client.completions.create(
+        model=MODEL, prompt="a long one", max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
+    got = 0
+    async for chunk in stream:
+        got += len(chunk.choices[0].text) if chunk.choices else 0
+        if got > 5:
+            break
+    await stream.close()  # the client goes away mid-stream
+    await client.close()
+
+    async def idle() -> bool:
+        for proc in workers:
+            async with grpc.aio.insecure_channel(proc.address) as channel:
+                load = (await scheduler_pb2_grpc.SchedulerStub(channel).GetLoad(scheduler_pb2.GetLoadRequest())).load
+            if load.running_requests or load.waiting_requests or load.kv_tokens_used - load.kv_tokens_evictable:
+                return False
+        return True
+
+    await wait_until(idle, timeout=15, what="every worker to abort the request and free its KV")
+
+
+async def reflected_gateway(channel: grpc.aio.Channel):
+    """Message classes of pdlb.v1.Gateway from server reflection only (no generated code)."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    pool = descriptor_pool.DescriptorPool()
+    seen: set[str] = set()
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="pdlb.v1.Gateway"))
+    reply = await call.read()
+    files = {}
+    for raw in reply.file_descriptor_response.file_descriptor_proto:
+        proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        files[proto.name] = proto
+    while True:
+        missing = [d for f in files.values() for d in f.dependency if d not in files and d not in seen]
+        if not missing:
+            break
+        for name in missing:
+            seen.add(name)
+            await call.write(reflection_pb2.ServerReflectionRequest(file_by_filename=name))
+            for raw in (await call.read()).file_descriptor_response.file_descriptor_proto:
+                proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                files[proto.name] = proto
+    await call.done_writing()
+    added: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in added:
+            return
+        for dep in files[name].dependency:
+            add(dep)
+        pool.Add(files[name])
+        added.add(name)
+
+    for name in files:
+        add(name)
+    request_class = message_factory.GetMessageClass(pool.FindMessageTypeByName("pdlb.v1.GatewayGenerateRequest"))
+    response_class = message_factory.GetMessageClass(pool.FindMessageTypeByName("pdlb.v1.GatewayGenerateResponse"))
+    return request_class, response_class
+
+
+@pytest.mark.parametrize("cluster", ["pd"], indirect=True)
+async def test_single_call_pd_rpc_from_a_reflection_built_client(cluster):
+    _, gateway, base, workers = cluster
+    await ready(base, len(workers))
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request_class, response_class = await reflected_gateway(channel)
+        generate = channel.unary_stream(
+            "/pdlb.v1.Gateway/Generate",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_class.FromString,
+        )
+        request = request_class()
+        request.request.request_id = "reflected-1"
+        request.request.text = "hello"
+        request.request.sampling.max_new_tokens = 6
+        request.request.sampling.ignore_eos = True
+        chunks = [c async for c in generate(request, timeout=30)]
+        assert sum(len(c.token_ids) for c in chunks) == 6
+        assert chunks[-1].finish_reason == 1 and chunks[-1].prefill_dp_rank >= 0  # LENGTH, both halves ran
+
+        failing = request_class()
+        failing.request.request_id = "prefill-fails"
+        failing.request.text = "hello"
+        failing.request.prefill_dp_rank = 7  # no such prefill rank: the prefill half fails
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [c async for c in generate(failing, timeout=30)]
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "prefill-fails" in caught.value.details() and "rank 7" in caught.value.details()

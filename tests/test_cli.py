@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -23,7 +24,7 @@ def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProc
 def start_up(tmp_path, *flags: str):
     """`pdlb up` on free ports with `flags`; returns (process, state, env) once everything is healthy."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "pdlb.cli.main", "up", *flags, "--port", "0", "--etcd-port", "0"]
+    argv = [sys.executable, "-m", "pdlb.cli.main", "up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0"]
     up = subprocess.Popen(
         guarded([*argv, "--log-dir", str(tmp_path / "logs")]),
         env=env,
@@ -96,6 +97,8 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     assert "method total_tokens" in routed.stdout
     top = pdlb("top", "--once", env=env)
     assert top.returncode == 0 and "total_tokens" in top.stdout and "live" in top.stdout
+    with urllib.request.urlopen(f"{state['http']}/v1/models", timeout=10) as reply:  # the gateway pdlb up started
+        assert json.loads(reply.read())["data"][0]["id"] == "tiny-random"
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
     assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
     rest = stop_up(up)

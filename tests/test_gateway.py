@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import openai
@@ -17,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdlb.common.etcd_process import free_port
 from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.browser import Browser, chromium_path
 from tests.helpers import wait_until
 
 MODEL = "tiny-random"
@@ -344,3 +347,50 @@ async def test_kill_9_under_load_every_request_completes_exactly(etcd, prefix, s
         assert any(retries for _, retries in results), "the kill hit no stream: nothing was tested"
     # (a killed prefill worker mostly fails requests before their first token, which the prefill
     # dispatcher re-dispatches itself; KV it held for a decode pull makes the gateway re-run)
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (make install-browser installs it)")
+async def test_dashboard_in_headless_chromium(etcd, prefix, start_service, tmp_path):
+    """The page shows every rank, updates at least 4 times a second, its numbers move under load,
+    and a killed worker shows as stale or gone within the lease TTL."""
+    _, base, workers = start_cluster(etcd, prefix, start_service, "pd")
+    await ready(base, len(workers))
+    browser = await Browser().start()
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused")
+    try:
+        await browser.open(f"{base}/dashboard")
+        rows = "document.querySelectorAll('tr[data-rank]')"
+        await wait_until(lambda: browser.eval(f"{rows}.length === 4"), 15, "4 ranks on the page")
+        roles = await browser.eval("[...document.querySelectorAll('section[data-role]')].map(s => s.dataset.role)")
+        assert roles == ["prefill", "decode"]
+        updates = "Number(document.body.dataset.updates)"
+        first = await browser.eval(updates)
+        await asyncio.sleep(2.0)  # measuring the page's update rate over a fixed span
+        assert await browser.eval(updates) - first >= 8, "fewer than 4 updates a second"
+
+        dispatched = f"[...{rows}].map(r => Number(r.children[11].textContent)).reduce((a, b) => a + b, 0)"
+        before = await browser.eval(dispatched)
+        await asyncio.gather(
+            *[
+                client.completions.create(model=MODEL, prompt=f"load {i}", max_tokens=8, extra_body=EOS_OFF)
+                for i in range(6)
+            ]
+        )
+        await wait_until(lambda: browser.eval(f"{dispatched} >= {before + 12}"), 10, "the page to count 12 dispatches")
+        await wait_until(
+            lambda: browser.eval("document.getElementById('ttft').textContent !== '- / -'"), 10, "TTFT on the page"
+        )
+        await browser.screenshot(Path(os.environ.get("PDLB_SCREENSHOT", tmp_path / "dashboard.png")))
+
+        victim = next(p for p in workers if p.name == "decode-1")
+        victim.kill()
+        gone = (
+            f"[...{rows}].filter(r => r.dataset.rank === '1' && r.closest('section').dataset.role === 'decode')"
+            ".every(r => r.dataset.state !== 'live')"
+        )
+        await wait_until(lambda: browser.eval(gone), 12, "the killed worker to show as stale or gone")
+        events = await browser.eval("document.getElementById('events').textContent")
+        assert "left" in events or "stale" in events
+    finally:
+        await client.close()
+        await browser.close()

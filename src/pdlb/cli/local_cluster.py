@@ -8,6 +8,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=50051,
         help="first dispatcher's port; the decode one gets +1, bootstrap +9 (0: free ports)",
+    )
+    parser.add_argument(
+        "--http-port", type=int, default=8000, help="the gateway's HTTP port: OpenAI API and dashboard (0: free)"
     )
     parser.add_argument("--log-dir", default="", help="where service logs go (default: a new temp dir)")
     parser.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for every scheduler")
@@ -98,13 +102,17 @@ class LocalCluster:
             self._schedulers(common, "decode", args.decode)
             self._await_workers(info["prefill_dispatcher"], args.prefill)
             self._await_workers(info["decode_dispatcher"], args.decode)
+        http_port = args.http_port or free_port()
+        info["gateway"] = self._run("gateway", common, "--port", self._port(8), "--http-port", str(http_port))
+        info["http"] = f"http://127.0.0.1:{http_port}"
+        self._await_gateway(info["http"])
         info["workers"] = {s.name: s.address for s in self.services if s.name.startswith("scheduler")}
         info["pids"] = [s.pid for s in self.services] + ([self.etcd.proc.pid] if self.etcd.proc else [])
         state.save(info)
         return info
 
     def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
-        model = ["--model", self.args.model] if kind == "dispatcher" else []
+        model = ["--model", self.args.model] if kind in ("dispatcher", "gateway") else []
         argv = [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])]
         proc = ServiceProcess(name or kind, argv, self.log_dir)
         self.services.append(proc)
@@ -146,6 +154,21 @@ class LocalCluster:
             proc.spawn()
         for proc in procs:
             proc.wait_ready()
+
+    @staticmethod
+    def _await_gateway(http: str, timeout: float = 30) -> None:
+        """Until the gateway has found the dispatchers (its /health says ok)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{http}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway at {http} is not healthy after {timeout}s")
+            time.sleep(0.1)
 
     @staticmethod
     def _await_workers(address: str, count: int, timeout: float = 60) -> None:
@@ -210,11 +233,12 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(info: dict) -> None:
     print(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
     print(f"  etcd                 {info['etcd']}")
-    for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher"):
+    for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:
             print(f"  {key.replace('_', ' '):<20} {info[key]}")
     for name, address in info["workers"].items():
         print(f"  {name:<20} {address}")
+    print(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
     print(
         'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
         "      (Ctrl-C stops everything)",

@@ -5,6 +5,8 @@ membership, KV pulls) is exercised for real."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,17 @@ from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.services.bootstrap.main import build_parser as bootstrap_parser
 from pdlb.services.dispatcher.main import build_parser as dispatcher_parser
+from pdlb.services.gateway.main import build_parser as gateway_parser
 from pdlb.services.scheduler.main import build_parser as scheduler_parser
 from tests.helpers import dispatch_stub, request, wait_for_workers
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSERS = {"pdlb-dispatcher": dispatcher_parser, "pdlb-bootstrap": bootstrap_parser, "pdlb-scheduler": scheduler_parser}
+PARSERS = {
+    "pdlb-dispatcher": dispatcher_parser,
+    "pdlb-bootstrap": bootstrap_parser,
+    "pdlb-scheduler": scheduler_parser,
+    "pdlb-gateway": gateway_parser,
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +36,8 @@ def compose() -> dict:
 
 def test_compose_services_parse_with_the_real_flag_parsers(compose, monkeypatch):
     services = compose["services"]
-    pdlb = {name: s for name, s in services.items() if name != "etcd"}
-    assert {"bootstrap", "dispatcher-prefill", "dispatcher-decode"} <= set(pdlb)
+    pdlb = {name: s for name, s in services.items() if s.get("image") == "pdlb:latest"}
+    assert {"bootstrap", "dispatcher-prefill", "dispatcher-decode", "gateway"} <= set(pdlb)
     roles: dict[str, set[int]] = {}
     for name, service in pdlb.items():
         for key, value in service["environment"].items():
@@ -48,6 +56,41 @@ def test_compose_services_parse_with_the_real_flag_parsers(compose, monkeypatch)
     assert set(roles) == {"prefill", "decode"} and all(roles.values())
     published = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
     assert len(published) == len(set(published)), "a host port is published twice"
+
+
+def test_prometheus_and_grafana_are_provisioned_with_metrics_that_exist(compose):
+    """Every series the Grafana dashboard plots is one the gateway or the dispatchers export, and
+    Prometheus scrapes exactly the metrics endpoints compose publishes."""
+    from prometheus_client import generate_latest
+
+    from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
+    from pdlb.services.dispatcher.metrics import DispatcherMetrics
+    from pdlb.services.gateway.metrics import GatewayMetrics
+
+    gateway = GatewayMetrics(frontend=None)
+    gateway.observe(True, 0.1, 1)
+    gateway.observe(False, 0.1, 1)
+    gateway.done("http", "200")
+    gateway.retries.inc()
+    table = LoadTable()
+    table.upsert(Worker("w0", Role.MIXED, 0, "127.0.0.1:1"))  # per-rank series exist once a rank reports
+    table.apply_report("w0", ReportedLoad(), 0)
+    dispatcher = DispatcherMetrics(table)
+    dispatcher.count_dispatch("m", 0)
+    dispatcher.failures.labels("UNAVAILABLE").inc()
+    exported = generate_latest(gateway.registry).decode() + generate_latest(dispatcher.registry).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in exported.splitlines() if line and not line.startswith("#")}
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/pdlb.json").read_text())
+    used = {m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"pdlb_\w+", t["expr"])}
+    assert used and used <= names, f"plotted but not exported: {sorted(used - names)}"
+    volumes = compose["services"]["grafana"]["volumes"] + compose["services"]["prometheus"]["volumes"]
+    for volume in volumes:
+        assert (ROOT / volume.split(":")[0]).exists(), volume
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {"gateway:8000", "dispatcher-prefill:9100", "dispatcher-decode:9101"}
+    for service, flag in (("gateway", "--http-port=8000"), ("dispatcher-prefill", "--metrics-port=9100")):
+        assert flag in compose["services"][service]["command"]
 
 
 def test_dockerfile_copies_what_exists():

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-ms", type=int, default=250)
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     bench_client.add_arguments(sub.add_parser("bench-client", help="load generator with a latency summary"))
+    health = sub.add_parser(
+        "health", help="exit 0 when the gRPC service at ADDRESS reports SERVING (container health checks, probes)"
+    )
+    health.add_argument("address", help="host:port of any pdlb service")
+    health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     return parser
 
 
@@ -156,6 +162,8 @@ async def cmd_rooms(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     security.configure(security.tls_from_args(args))
+    if args.command == "health":
+        return _health(args)
     if args.command == "up":
         from pdlb.cli import local_cluster
 
@@ -181,6 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.aio.AioRpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+
+
+def _health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pdlb.common.security import open_sync_channel
+
+    try:
+        with open_sync_channel(args.address, security.active()) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as err:
+        print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 if __name__ == "__main__":

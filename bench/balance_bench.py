@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-tokens", type=int, default=16384)
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--long-tail-fraction", type=float, default=0.1)
+    parser.add_argument("--doc-fraction", type=float, default=0.0, help="bimodal: share of document-sized prompts")
+    parser.add_argument("--doc-median", type=int, default=1500, help="bimodal: median document prompt tokens")
+    parser.add_argument("--burst-size", type=int, default=16, help="bursty arrivals: requests per burst")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--group-size", type=int, default=1, help="ranks per lockstep DP group (1: independent workers)"
@@ -407,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                     input_median=args.input_median,
                     output_median=args.output_median,
                     long_tail_fraction=args.long_tail_fraction,
+                    doc_fraction=args.doc_fraction,
+                    doc_median=args.doc_median,
+                    burst_size=args.burst_size,
                     max_input=2048,
                     max_output=256,
                     seed=args.seed,

@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import grpc
 
@@ -36,10 +37,16 @@ def decision_times(ranks: int, method: str, decisions: int = 2000, repeats: int 
                 running_tokens=rng.randrange(10**5),
                 kv_tokens_used=rng.randrange(10**5),
                 kv_tokens_capacity=10**5,
+                max_running_requests=64,
+                prefill_tokens_per_s=rng.uniform(5e3, 2e4),
+                step_ms=rng.uniform(10, 40),
+                mean_output_tokens=rng.uniform(50, 300),
             ),
             0,
         )
     router = Router(Role.PREFILL, table, create_policy(method, Role.PREFILL, PolicyOptions(dp_size=ranks)))
+    for entry in table.candidates():  # policies learn the reported loads as the dispatcher feeds them
+        router.policy.on_report(entry)
     # Prompts share one of 64 system prompts (512 tokens) plus a question: cache_aware hashes them.
     prefixes = [[rng.randrange(256) for _ in range(512)] for _ in range(64)]
     contexts = []
@@ -48,12 +55,14 @@ def decision_times(ranks: int, method: str, decisions: int = 2000, repeats: int 
         contexts.append(RouteContext(f"r{i}", len(prompt), bootstrap_room=rng.getrandbits(32), input_ids=prompt))
     samples = []
     for _ in range(repeats):
+        fresh = [replace(ctx, _chains={}) for ctx in contexts]  # each request is hashed once, as in production
         start = time.perf_counter()
-        for i, ctx in enumerate(contexts):
+        for i, ctx in enumerate(fresh):
             decision = router.decide(ctx)
             if i % 4 == 3:
                 entry = table.get(f"w{rng.randrange(ranks)}")
                 table.apply_report(entry.worker.worker_id, entry.reported, entry.next_seq)
+                router.policy.on_report(entry)
         samples.append((time.perf_counter() - start) / decisions * 1e6)
         del decision
     return statistics.median(samples)
@@ -107,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
     parser.add_argument("--ranks", default="8,64,512,1024")
+    parser.add_argument("--methods", default="", help="comma-separated methods (default: all)")
+    parser.add_argument("--decisions-only", action="store_true", help="skip the Route throughput part")
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
-    methods = method_names()[1:]  # every registered method (baselines included), without `auto`
+    # every registered method (baselines included), without `auto`, unless --methods names some
+    methods = args.methods.split(",") if args.methods else method_names()[1:]
     print("## Decision time per dispatch (median µs, policy + in-flight bookkeeping)\n")
     print("| method | " + " | ".join(f"{r} ranks" for r in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
@@ -117,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{decision_times(r, method, 500 if args.quick else 2000, 3 if args.quick else 5):.1f}" for r in ranks]
         print(f"| {method} | " + " | ".join(cells) + " |")
 
+    if args.decisions_only:
+        return 0
     print("\n## Route RPC throughput vs a bare echo server of the same shape (same run, alternating)\n")
     dispatcher, echo = start_servers(tempfile.mkdtemp(prefix="pdlb-bench-"))
     rounds, seconds = (2, 2.0) if args.quick else (5, 4.0)

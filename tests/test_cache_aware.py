@@ -7,9 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdlb.services.dispatcher import cache_aware
 from pdlb.services.dispatcher.load_table import ReportedLoad, Role
-from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy
+from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, cache_aware, create_policy
 from pdlb.services.dispatcher.prefix_index import PrefixIndex
 from pdlb.services.dispatcher.router import Router
 from pdlb.v1 import dispatch_pb2

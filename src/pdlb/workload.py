@@ -23,6 +23,8 @@ class WorkloadSpec:
     output_median: int = 64
     output_sigma: float = 0.6
     long_tail_fraction: float = 0.0  # share of requests drawn 8x longer
+    doc_fraction: float = 0.0  # bimodal mixes: share of document-sized prompts ...
+    doc_median: int = 1500  # ... drawn around this median (the rest chat-sized, around input_median)
     max_input: int = 2048
     max_output: int = 512
     prefix_groups: int = 0  # > 0: each request is its group's shared prefix + a question
@@ -71,7 +73,9 @@ def generate(spec: WorkloadSpec) -> list[WorkItem]:
     items = []
     for index, at in enumerate(arrivals(spec, rng)):
         scale = 8 if rng.random() < spec.long_tail_fraction else 1
-        n_in = _lognormal(rng, spec.input_median * scale, spec.input_sigma, spec.max_input)
+        document = spec.doc_fraction > 0 and rng.random() < spec.doc_fraction  # no draw: old workloads unchanged
+        median = spec.doc_median if document else spec.input_median * scale
+        n_in = _lognormal(rng, median, spec.input_sigma, spec.max_input)
         n_out = _lognormal(rng, spec.output_median * scale, spec.output_sigma, spec.max_output)
         group = groups[index] if groups is not None else -1
         head = prefixes[group] if group >= 0 else []

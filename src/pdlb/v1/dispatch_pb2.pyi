@@ -26,7 +26,7 @@ class RouteRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("request_id", "dp_rank", "worker", "method", "dispatch_seq", "dispatcher_id", "dp_wave")
+    __slots__ = ("request_id", "dp_rank", "worker", "method", "dispatch_seq", "dispatcher_id", "dp_wave", "predicted_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class RouteResponse(_message.Message):
     DISPATCH_SEQ_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_ID_FIELD_NUMBER: _ClassVar[int]
     DP_WAVE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dp_rank: int
     worker: _common_pb2.WorkerInfo
@@ -41,7 +42,8 @@ class RouteResponse(_message.Message):
     dispatch_seq: int
     dispatcher_id: str
     dp_wave: int
-    def __init__(self, request_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., method: _Optional[str] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ..., dp_wave: _Optional[int] = ...) -> None: ...
+    predicted_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., method: _Optional[str] = ..., dispatch_seq: _Optional[int] = ..., dispatcher_id: _Optional[str] = ..., dp_wave: _Optional[int] = ..., predicted_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request",)
@@ -50,7 +52,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "dp_rank", "worker_id", "prompt_tokens", "cached_tokens")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "dp_rank", "worker_id", "prompt_tokens", "cached_tokens", "predicted_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,7 @@ class GenerateResponse(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -67,7 +70,8 @@ class GenerateResponse(_message.Message):
     worker_id: str
     prompt_tokens: int
     cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., dp_rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    predicted_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., dp_rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., predicted_ms: _Optional[float] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
     __slots__ = ("interval_ms",)

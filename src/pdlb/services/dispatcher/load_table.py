@@ -51,6 +51,9 @@ class ReportedLoad:
     prompt_tokens_total: int = 0
     max_running_requests: int = 0
     kv_tokens_evictable: int = 0
+    prefill_tokens_per_s: float = 0.0
+    step_ms: float = 0.0
+    mean_output_tokens: float = 0.0
 
 
 @dataclass

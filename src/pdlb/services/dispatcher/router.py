@@ -18,6 +18,7 @@ class Decision:
     entry: WorkerEntry
     method: str
     seq: int
+    predicted_s: float | None = None  # predicted_latency: its prediction for the chosen rank
 
 
 class Router:
@@ -34,6 +35,7 @@ class Router:
 
     def decide(self, ctx: RouteContext, external: int | None = None, exclude: Collection[str] = ()) -> Decision:
         """Pick a worker and count the request as in flight on it."""
+        predicted = None
         if external is not None:
             entry, method = self._external(ctx, external), EXTERNAL
         else:
@@ -47,12 +49,13 @@ class Router:
                     + (" other than the one that failed" if exclude else ""),
                 )
             entry, method = self.policy.select(ctx, candidates), self.policy.name
+            predicted = getattr(self.policy, "last_prediction_s", None)
         try:
             seq = self.table.record_dispatch(entry.worker.worker_id, ctx.num_tokens)
         except OverflowError as exc:
             raise RoutingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {ctx.request_id}: {exc}") from None
         self.policy.on_dispatch(ctx, entry)
-        return Decision(entry, method, seq)
+        return Decision(entry, method, seq, predicted)
 
     def _external(self, ctx: RouteContext, rank: int) -> WorkerEntry:
         if rank < 0 or (self.dp_size and rank >= self.dp_size):

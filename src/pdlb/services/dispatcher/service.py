@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -82,7 +83,15 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         prompt_tokens_total=load.prompt_tokens_total,
         max_running_requests=load.max_running_requests,
         kv_tokens_evictable=min(load.kv_tokens_evictable, load.kv_tokens_used),
+        prefill_tokens_per_s=_finite(load.prefill_tokens_per_s),
+        step_ms=_finite(load.step_ms),
+        mean_output_tokens=_finite(load.mean_output_tokens),
     )
+
+
+def _finite(value: float) -> float:
+    """A reported rate, or 0 (unknown) when a worker sends nonsense."""
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def load_to_proto(load: ReportedLoad) -> common_pb2.WorkerLoad:
@@ -208,6 +217,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             dispatch_seq=decision.seq,
             dispatcher_id=self.core.dispatcher_id,
             dp_wave=self.core.waves.on_dispatch(decision.entry.worker.worker_id),
+            predicted_ms=(decision.predicted_s or 0.0) * 1000,
         )
 
     async def _checked(self, request: common_pb2.InferenceRequest, context) -> tuple[RouteContext, int | None]:
@@ -302,6 +312,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         worker_id=worker.worker_id,
                         prompt_tokens=chunk.prompt_tokens,
                         cached_tokens=chunk.cached_tokens,
+                        predicted_ms=(decision.predicted_s or 0.0) * 1000,
                     )
             except asyncio.CancelledError:
                 if _client_cancelled(context):

@@ -125,6 +125,13 @@ class EngineLimits:
     max_prompt_tokens: int
 
 
+EWMA_WEIGHT = 0.1  # of the newest sample: about the last 10-20 steps
+
+
+def _ewma(average: float, sample: float) -> float:
+    return sample if average <= 0 else average + EWMA_WEIGHT * (sample - average)
+
+
 def token_generator(seed: int, position: int) -> torch.Generator:
     """The generator that draws the token at `position` of a sampled sequence: one per token, so a
     sequence resumed anywhere (another rank, after a failure) continues the same draws."""
@@ -162,6 +169,9 @@ class Engine:
         self.reserved = 0  # KV tokens promised to running requests and held rooms (beyond cache blocks)
         self.draining = False
         self.steps = 0
+        self.step_s = 0.0  # measured, moving averages (see _measure)
+        self.prefill_tokens_per_s = 0.0
+        self.mean_output_tokens = 0.0
         self.prompt_tokens_total = 0
         self.listeners: list[Callable[[], None]] = []
         self._work = asyncio.Event()
@@ -322,10 +332,12 @@ class Engine:
                 self._work.clear()
                 self._update_idle()
                 continue
+            started = time.perf_counter()
             tokens = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.runner.step, [item for _, item in items]
             )
             self.steps += 1
+            self._measure(items, time.perf_counter() - started)
             self._apply(items, tokens)
             self._notify()
 
@@ -359,6 +371,14 @@ class Engine:
                 )
             )
         return items
+
+    def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float) -> None:
+        """Moving averages of the step time and the prefill speed, reported to dispatchers (the
+        predicted-latency method converts queued work to time with them)."""
+        self.step_s = _ewma(self.step_s, seconds)
+        prefill = sum(len(item.chunk.new_tokens) for seq, item in items if seq.computed < len(seq.prompt))
+        if prefill and seconds > 0:
+            self.prefill_tokens_per_s = _ewma(self.prefill_tokens_per_s, prefill / seconds)
 
     def _grow(self, seq: Sequence, length: int) -> None:
         if length > len(seq.slots):
@@ -409,6 +429,8 @@ class Engine:
     def _retire(self, seq: Sequence, reason: int, keep_kv: bool = False) -> None:
         """Finish a request; `keep_kv`: its slots and cache locks were handed over (held for PD)."""
         seq.finish_reason = reason
+        if reason in (STOP, LENGTH):
+            self.mean_output_tokens = _ewma(self.mean_output_tokens, float(len(seq.output)))
         self.reserved -= seq.reserved_tokens
         seq.reserved_tokens = 0
         if not keep_kv:
@@ -513,6 +535,9 @@ class Engine:
             prompt_tokens_total=self.prompt_tokens_total,
             cache_hit_tokens=self.cache_hit_tokens,
             max_running_requests=self.limits.max_running_requests,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            step_ms=self.step_s * 1000,
+            mean_output_tokens=self.mean_output_tokens,
         )
 
     async def drain(self, timeout: float) -> None:

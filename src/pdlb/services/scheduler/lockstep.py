@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -79,6 +80,7 @@ class LockstepEngine(Engine):
             self._admit()
             items = self._plan()
             has_work = bool(self.running or self.waiting)
+            started = time.perf_counter()
             try:
                 outcome = await loop.run_in_executor(
                     self._executor, self.group.step, self.runner, [item for _, item in items], has_work, self.waves.wave
@@ -93,6 +95,7 @@ class LockstepEngine(Engine):
                 self.waves.on_request(None)
             if outcome.any_work:
                 self.steps += 1
+                self._measure(items, time.perf_counter() - started)
                 self._apply(items, outcome.tokens)
             self._notify()
 

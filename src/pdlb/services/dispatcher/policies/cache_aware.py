@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from operator import attrgetter
 
 from pdlb.services.dispatcher.load_table import WorkerEntry
-from pdlb.services.dispatcher.policies import POLICIES, PolicyOptions, RotatingPolicy, RouteContext, register
-from pdlb.services.dispatcher.prefix_index import PrefixIndex
+from pdlb.services.dispatcher.policies.base import PolicyOptions, PrefixIndexPolicy, RouteContext
 
 _SLOT_EXCESS_THEN_QUEUED = attrgetter("slot_excess", "queued_tokens")
 _TOTAL_REQUESTS = attrgetter("total_requests")
@@ -33,15 +32,13 @@ _TOTAL_REQUESTS = attrgetter("total_requests")
 SESSION, CACHE_HIT, LOAD, GUARDED = "session", "cache_hit", "load", "guarded"
 
 
-class CacheAware(RotatingPolicy):
+class CacheAware(PrefixIndexPolicy):
     name = "cache_aware"
 
     def __init__(self, options: PolicyOptions) -> None:
         super().__init__(options)
-        self.index = PrefixIndex(options.cache_block_size, options.cache_index_blocks)
         self.sessions: OrderedDict[str, str] = OrderedDict()  # routing_key -> worker id
         self.reasons: Counter[str] = Counter()
-        self._chain: tuple[str, list[int]] = ("", [])  # the last request's block names, reused on dispatch
         self._ids: tuple[Sequence[WorkerEntry], dict[str, WorkerEntry]] = ((), {})
 
     # selection ---------------------------------------------------------------------------------
@@ -53,8 +50,7 @@ class CacheAware(RotatingPolicy):
             if entry is not None and entry.total_requests <= limit:
                 self.reasons[SESSION] += 1
                 return entry
-        names = self.index.chain(ctx.input_ids)
-        self._chain = (ctx.request_id, names)
+        names = ctx.blocks(self.index)
         eligible = candidates if max(map(_TOTAL_REQUESTS, candidates)) <= limit else self._eligible(candidates, limit)
         best = self._least(eligible, _SLOT_EXCESS_THEN_QUEUED)
         weight, block = self.options.cache_load_weight, self.index.block_size
@@ -91,25 +87,15 @@ class CacheAware(RotatingPolicy):
 
     # learning ----------------------------------------------------------------------------------
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
-        request_id, names = self._chain
-        if request_id != ctx.request_id:  # a rank set by a router, or a session hit: not hashed yet
-            names = self.index.chain(ctx.input_ids)
-        self._chain = ("", [])
+        super().on_dispatch(ctx, chosen)
         worker_id = chosen.worker.worker_id
-        self.index.insert(worker_id, names)
         if ctx.routing_key:
             self.sessions[ctx.routing_key] = worker_id
             self.sessions.move_to_end(ctx.routing_key)
             while len(self.sessions) > self.options.max_routing_keys:
                 self.sessions.popitem(last=False)
 
-    def on_report(self, entry: WorkerEntry) -> None:
-        if entry.reported.kv_tokens_capacity > 0:
-            self.index.set_capacity(entry.worker.worker_id, entry.reported.kv_tokens_capacity)
-
     def on_worker_removed(self, worker_id: str) -> None:
-        self.index.remove_worker(worker_id)
-
-
-if CacheAware.name not in POLICIES:
-    register(CacheAware)
+        super().on_worker_removed(worker_id)
+        for key in [k for k, w in self.sessions.items() if w == worker_id]:
+            del self.sessions[key]

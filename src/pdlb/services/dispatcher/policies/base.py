@@ -1,0 +1,147 @@
+"""What every load-balancing method shares: the request context it reads, its options, the
+interface it implements, and the rotation helpers of methods whose ties rotate over ranks.
+
+A policy sees the routing context of one request and the candidate workers (one per DP rank,
+ordered by rank, never empty) and returns one of them. Policies that learn from their own
+decisions override `on_dispatch` / `on_report` / `on_worker_removed`; the others ignore them, so a
+new method never touches the existing ones. `registry.py` is the only place that lists them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import grpc
+
+from pdlb.services.dispatcher.load_table import WorkerEntry
+from pdlb.services.dispatcher.prefix_index import PrefixIndex
+
+
+class RoutingError(Exception):
+    """A request that cannot be placed; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    """What a policy may read of a request."""
+
+    request_id: str
+    num_tokens: int
+    bootstrap_room: int | None = None
+    routing_key: str = ""
+    input_ids: Sequence[int] = field(default_factory=tuple)
+    _chains: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def blocks(self, index: PrefixIndex) -> list[int]:
+        """The prompt's block names for `index`'s block size, hashed once per request whichever
+        policies (and hooks) ask."""
+        key = (index.block_size, index.max_prompt_blocks)
+        names = self._chains.get(key)
+        if names is None:
+            names = self._chains[key] = index.chain(self.input_ids)
+        return names
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Cluster facts and tuning some policies need."""
+
+    dp_size: int = 0  # 0: derived from the highest known rank + 1
+    cache_block_size: int = 16  # prefix-index methods: tokens per block of the index
+    cache_index_blocks: int = 16384  # prefix-index methods: most blocks remembered per worker
+    # cache_aware: weight of a queued token against one expected cache-hit token. Below 1 because
+    # requests queued on a rank often share the very prefix that makes it attractive.
+    cache_load_weight: float = 0.5
+    balance_abs_threshold: int = 16  # overload guard: requests above the least-loaded rank ...
+    balance_rel_threshold: float = 1.5  # ... and this many times its requests
+    max_routing_keys: int = 100_000  # cache_aware: sessions remembered (LRU)
+
+
+class Policy(ABC):
+    name: str = ""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        """Pick one of `candidates` (non-empty, ordered by dp_rank)."""
+
+    def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:  # noqa: B027 - optional hook
+        """Called after a decision is recorded."""
+
+    def on_worker_removed(self, worker_id: str) -> None:  # noqa: B027 - optional hook
+        """Called when a worker leaves the cluster."""
+
+    def on_report(self, entry: WorkerEntry) -> None:  # noqa: B027 - optional hook
+        """Called after a worker's load report was applied to its entry."""
+
+
+def rank_of(entry: WorkerEntry) -> int:
+    return entry.worker.dp_rank
+
+
+class RotatingPolicy(Policy):
+    """Base for methods whose ties rotate over ranks, so equal loads are shared fairly.
+
+    Candidates are ordered by rank, so the rotation point is a binary search and the least-loaded
+    scan runs over a precomputed attribute: a decision costs a few C-level passes, not Python loops.
+    """
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(options)
+        self._last_rank = -1
+
+    def _start(self, candidates: Sequence[WorkerEntry]) -> int:
+        """Index of the first candidate after the last chosen rank (cyclically)."""
+        index = bisect_right(candidates, self._last_rank, key=rank_of)
+        return index if index < len(candidates) else 0
+
+    def _rotate(self, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        pick = candidates[self._start(candidates)]
+        self._last_rank = pick.worker.dp_rank
+        return pick
+
+    def _least(self, candidates: Sequence[WorkerEntry], key: Callable[[WorkerEntry], float]) -> WorkerEntry:
+        values = list(map(key, candidates))
+        best = min(values)
+        start = self._start(candidates)
+        try:
+            index = values.index(best, start)  # the first tie at or after the rotation point
+        except ValueError:
+            index = values.index(best)
+        pick = candidates[index]
+        self._last_rank = pick.worker.dp_rank
+        return pick
+
+
+class PrefixIndexPolicy(RotatingPolicy):
+    """Base for methods that keep an approximate prefix index of what they sent where."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(options)
+        self.index = PrefixIndex(options.cache_block_size, options.cache_index_blocks)
+
+    def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
+        self.index.insert(chosen.worker.worker_id, ctx.blocks(self.index))
+
+    def on_report(self, entry: WorkerEntry) -> None:
+        if entry.reported.kv_tokens_capacity > 0:
+            self.index.set_capacity(entry.worker.worker_id, entry.reported.kv_tokens_capacity)
+
+    def on_worker_removed(self, worker_id: str) -> None:
+        self.index.remove_worker(worker_id)
+
+
+TOTAL_REQUESTS = attrgetter("total_requests")
+TOTAL_TOKENS = attrgetter("total_tokens")
+KV_RATIO = attrgetter("kv_ratio")
+SLOT_EXCESS_THEN_TOKENS = attrgetter("slot_excess", "total_tokens")

@@ -1,0 +1,130 @@
+"""`predicted_latency`: the rank where this request's first token is predicted soonest.
+
+For a prefill or mixed rank the predicted time to first token is
+    queued prefill work / prefill rate      (waiting + in-flight prompt tokens ahead of it)
+  + expected wait for a batch slot          (when the rank has no free slot)
+  + own prefill / prefill rate              (the prompt less what that rank likely caches)
+with rates each worker measures and reports (moving averages over its recent steps, so they carry
+its batch, its hardware and, in a lockstep group, the group's pace): prefill tokens per second, the
+step time, and the mean output length of its finished requests. Slots free up as running requests
+finish: with R running requests of mean output L at step time s, about R / (L * s) per second, so
+the k-th free slot comes after k * L * s / R. The cache term comes from the approximate prefix index
+of what this dispatcher sent where (as in `cache_aware`). Predictions within a millisecond tie; ties
+go to the longer expected cache hit, then rotate.
+
+For a decode rank the prediction is the inter-token latency the request would see: after any wait
+for a slot, the rank's step time scaled by the tokens its batch would attend with this request
+added. A worker that has not reported rates yet is predicted with the average of those that have;
+when none has, ranks are ordered as `least_wait` orders them.
+
+Both predictions are linear in the request's tokens, a + c x tokens, with a and c of each rank
+updated when it reports or receives a request; a decision is then one pass over two arrays (and
+the few ranks with a cache hit), which keeps it fast at a thousand ranks.
+
+`last_prediction_s` holds the prediction for the chosen rank (the dispatcher returns it to clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdlb.services.dispatcher.load_table import Role, WorkerEntry
+from pdlb.services.dispatcher.policies.base import (
+    SLOT_EXCESS_THEN_TOKENS,
+    PolicyOptions,
+    PrefixIndexPolicy,
+    RouteContext,
+)
+
+TIE_S = 0.001
+PRIOR_WEIGHT = 0.05  # moving average of all workers' rates: the prior of unmeasured ones
+
+
+class PredictedLatency(PrefixIndexPolicy):
+    name = "predicted_latency"
+
+    def __init__(self, options: PolicyOptions, role: Role = Role.MIXED) -> None:
+        super().__init__(options)
+        self.role = role
+        self.last_prediction_s: float | None = None
+        self.prior = [0.0, 0.0, 0.0]  # prefill tokens/s, step seconds, mean output tokens
+        self._list: Sequence[WorkerEntry] = ()
+        self._position: dict[str, int] = {}
+        self._a: list[float] = []
+        self._c: list[float] = []
+
+    # the model -----------------------------------------------------------------------------------
+    def coefficients(self, entry: WorkerEntry) -> tuple[float, float]:
+        """(a, c): the prediction for `tokens` new tokens on `entry` is a + c * tokens seconds."""
+        r = entry.reported
+        rate = r.prefill_tokens_per_s or self.prior[0]
+        step = r.step_ms / 1000 if r.step_ms else self.prior[1]
+        output = r.mean_output_tokens or self.prior[2] or 1.0
+        slots = entry.slot_excess  # requests that would queue for a slot, this one included
+        slot_wait = slots * output * step / max(r.running_requests, 1) if slots > 0 else 0.0
+        if self.role is Role.DECODE:
+            attended = r.running_tokens + entry.inflight_tokens
+            return slot_wait + step, (step / attended if attended else 0.0)
+        if rate <= 0:
+            return float("inf"), 0.0
+        return slot_wait + (r.waiting_tokens + entry.inflight_tokens) / rate, 1.0 / rate
+
+    def predict(self, entry: WorkerEntry, tokens: int, hit: int = 0) -> float:
+        a, c = self.coefficients(entry)
+        return a + c * (tokens - (0 if self.role is Role.DECODE else hit))
+
+    # keeping a and c current -------------------------------------------------------------------
+    def _sync(self, candidates: Sequence[WorkerEntry]) -> None:
+        if self._list is candidates:
+            return
+        self._list = candidates
+        self._position = {e.worker.worker_id: i for i, e in enumerate(candidates)}
+        pairs = [self.coefficients(e) for e in candidates]
+        self._a = [a for a, _ in pairs]
+        self._c = [c for _, c in pairs]
+
+    def _refresh(self, entry: WorkerEntry) -> None:
+        i = self._position.get(entry.worker.worker_id)
+        if i is not None and self._list[i] is entry:
+            self._a[i], self._c[i] = self.coefficients(entry)
+
+    def on_report(self, entry: WorkerEntry) -> None:
+        super().on_report(entry)
+        r = entry.reported
+        for k, value in enumerate((r.prefill_tokens_per_s, r.step_ms / 1000, r.mean_output_tokens)):
+            if value > 0:
+                self.prior[k] = value if self.prior[k] <= 0 else self.prior[k] + PRIOR_WEIGHT * (value - self.prior[k])
+        self._refresh(entry)
+
+    def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
+        super().on_dispatch(ctx, chosen)
+        self._refresh(chosen)
+
+    # the decision ----------------------------------------------------------------------------------
+    def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+        if self.prior[0] <= 0 and self.prior[1] <= 0:
+            self.last_prediction_s = None  # nothing measured yet anywhere
+            return self._least(candidates, SLOT_EXCESS_THEN_TOKENS)
+        self._sync(candidates)
+        tokens = ctx.num_tokens
+        predictions = [a + c * tokens for a, c in zip(self._a, self._c, strict=True)]
+        hits: dict[int, int] = {}
+        if self.role is not Role.DECODE:
+            names = ctx.blocks(self.index)
+            block = self.index.block_size
+            for worker_id, blocks in (self.index.match(names) if names else {}).items():
+                i = self._position.get(worker_id)
+                if i is not None:
+                    hits[i] = min(blocks * block, max(tokens - 1, 0))
+                    predictions[i] -= self._c[i] * hits[i]
+        best = min(predictions)
+        tied = [i for i, p in enumerate(predictions) if p - best <= TIE_S]
+        if len(tied) > 1:
+            most = max(hits.get(i, 0) for i in tied)
+            tied = [i for i in tied if hits.get(i, 0) == most]
+        start = self._start(candidates)
+        index = next((i for i in tied if i >= start), tied[0])  # ties rotate
+        chosen = candidates[index]
+        self._last_rank = chosen.worker.dp_rank
+        self.last_prediction_s = predictions[index]
+        return chosen

@@ -91,6 +91,10 @@ def test_prometheus_and_grafana_are_provisioned_with_metrics_that_exist(compose)
     assert targets == {"gateway:8000", "dispatcher-prefill:9100", "dispatcher-decode:9101"}
     for service, flag in (("gateway", "--http-port=8000"), ("dispatcher-prefill", "--metrics-port=9100")):
         assert flag in compose["services"][service]["command"]
+    for name, service in compose["services"].items():  # every service is health-checked, and waited for
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        for dep, condition in (service.get("depends_on") or {}).items():
+            assert condition["condition"] == "service_healthy", f"{name} starts before {dep} is healthy"
 
 
 def test_dockerfile_copies_what_exists():

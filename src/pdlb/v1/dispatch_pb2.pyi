@@ -80,7 +80,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadEntry(_message.Message):
-    __slots__ = ("worker", "reported", "inflight_requests", "inflight_tokens", "report_age_ms", "state", "dispatched_total", "dp_group")
+    __slots__ = ("worker", "reported", "inflight_requests", "inflight_tokens", "report_age_ms", "state", "dispatched_total", "dp_group", "kv_index_blocks")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     REPORTED_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class WorkerLoadEntry(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DP_GROUP_FIELD_NUMBER: _ClassVar[int]
+    KV_INDEX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker: _common_pb2.WorkerInfo
     reported: _common_pb2.WorkerLoad
     inflight_requests: int
@@ -97,7 +98,8 @@ class WorkerLoadEntry(_message.Message):
     state: MemberState
     dispatched_total: int
     dp_group: _common_pb2.DPGroupState
-    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ..., dp_group: _Optional[_Union[_common_pb2.DPGroupState, _Mapping]] = ...) -> None: ...
+    kv_index_blocks: int
+    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ..., dp_group: _Optional[_Union[_common_pb2.DPGroupState, _Mapping]] = ..., kv_index_blocks: _Optional[int] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
     __slots__ = ("timestamp_ms", "role", "method", "workers")

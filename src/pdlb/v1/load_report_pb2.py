@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdlb.v1 import common_pb2 as pdlb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdlb/v1/load_report.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"\xc7\x01\n\rReportRequest\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\x12\x1a\n\x12\x61\x63ked_dispatch_seq\x18\x04 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\'\n\x08\x64p_group\x18\x06 \x01(\x0b\x32\x15.pdlb.v1.DPGroupState\"k\n\x0eReportResponse\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\r\x12&\n\nstart_wave\x18\x03 \x01(\x0b\x32\x12.pdlb.v1.StartWave\"+\n\tStartWave\x12\x0c\n\x04wave\x18\x01 \x01(\x04\x12\x10\n\x08group_id\x18\x02 \x01(\t2K\n\nLoadReport\x12=\n\x06Report\x12\x16.pdlb.v1.ReportRequest\x1a\x17.pdlb.v1.ReportResponse(\x01\x30\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdlb/v1/load_report.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"\xed\x01\n\rReportRequest\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\x12\x1a\n\x12\x61\x63ked_dispatch_seq\x18\x04 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\'\n\x08\x64p_group\x18\x06 \x01(\x0b\x32\x15.pdlb.v1.DPGroupState\x12$\n\tkv_events\x18\x07 \x01(\x0b\x32\x11.pdlb.v1.KVEvents\"b\n\x08KVEvents\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x0e\n\x06stored\x18\x04 \x03(\x03\x12\x0f\n\x07removed\x18\x05 \x03(\x03\"\x85\x01\n\x0eReportResponse\x12\x15\n\rdispatcher_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\r\x12&\n\nstart_wave\x18\x03 \x01(\x0b\x32\x12.pdlb.v1.StartWave\x12\x18\n\x10want_kv_snapshot\x18\x04 \x01(\x08\"+\n\tStartWave\x12\x0c\n\x04wave\x18\x01 \x01(\x04\x12\x10\n\x08group_id\x18\x02 \x01(\t2K\n\nLoadReport\x12=\n\x06Report\x12\x16.pdlb.v1.ReportRequest\x1a\x17.pdlb.v1.ReportResponse(\x01\x30\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\nio.pdlb.v1P\001Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1'
   _globals['_REPORTREQUEST']._serialized_start=61
-  _globals['_REPORTREQUEST']._serialized_end=260
-  _globals['_REPORTRESPONSE']._serialized_start=262
-  _globals['_REPORTRESPONSE']._serialized_end=369
-  _globals['_STARTWAVE']._serialized_start=371
-  _globals['_STARTWAVE']._serialized_end=414
-  _globals['_LOADREPORT']._serialized_start=416
-  _globals['_LOADREPORT']._serialized_end=491
+  _globals['_REPORTREQUEST']._serialized_end=298
+  _globals['_KVEVENTS']._serialized_start=300
+  _globals['_KVEVENTS']._serialized_end=398
+  _globals['_REPORTRESPONSE']._serialized_start=401
+  _globals['_REPORTRESPONSE']._serialized_end=534
+  _globals['_STARTWAVE']._serialized_start=536
+  _globals['_STARTWAVE']._serialized_end=579
+  _globals['_LOADREPORT']._serialized_start=581
+  _globals['_LOADREPORT']._serialized_end=656
 # @@protoc_insertion_point(module_scope)

@@ -151,6 +151,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     def worker_removed(worker_id: str) -> None:
         policy.on_worker_removed(worker_id)
         core.waves.forget(worker_id)
+        core.kv_index.forget(worker_id)
         asyncio.get_running_loop().create_task(core.channels.prune())
 
     members = Members(table, role, static=not args.etcd, on_removed=worker_removed, model=source.model_id)

@@ -15,6 +15,7 @@ from pdlb.common.requests import InvalidRequest, check_request
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
 from pdlb.services.dispatcher.channels import ChannelPool
+from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import (
     LoadTable,
     MemberState,
@@ -26,6 +27,7 @@ from pdlb.services.dispatcher.load_table import (
 from pdlb.services.dispatcher.members import Members, NotAMember
 from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
+from pdlb.services.dispatcher.policies.base import PrefixIndexPolicy
 from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.waves import WaveCoordinator
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
@@ -150,6 +152,10 @@ class DispatchCore:
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
         self.waves = WaveCoordinator(self._send_start_wave)
+        # What each worker caches, from its block events (prefix-aware policies read it).
+        self.kv_index = ExactPrefixIndex()
+        if isinstance(router.policy, PrefixIndexPolicy):
+            router.policy.exact = self.kv_index
 
     def _send_start_wave(self, worker_id: str, start: load_report_pb2.StartWave) -> bool:
         outbox = self.report_outboxes.get(worker_id)
@@ -356,8 +362,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         table = self.core.table
         table.refresh_states()
         now = table.clock()
-        groups = self.core.waves.reported
-        rows = [_entry_row(entry, now, groups.get(entry.worker.worker_id)) for entry in table.ordered()]
+        groups, known = self.core.waves.reported, self.core.kv_index.blocks
+        rows = [
+            _entry_row(entry, now, groups.get(entry.worker.worker_id), len(known.get(entry.worker.worker_id, ())))
+            for entry in table.ordered()
+        ]
         return dispatch_pb2.WatchLoadResponse(
             timestamp_ms=wall_ms(),
             role=role_to_proto(self.core.router.role.value),
@@ -390,7 +399,7 @@ def _no_redispatch(err: grpc.aio.AioRpcError) -> bool:
 
 
 def _entry_row(
-    entry: WorkerEntry, now: float, group: common_pb2.DPGroupState | None = None
+    entry: WorkerEntry, now: float, group: common_pb2.DPGroupState | None = None, kv_blocks: int = 0
 ) -> dispatch_pb2.WorkerLoadEntry:
     age = -1 if entry.last_report_at is None else int((now - entry.last_report_at) * 1000)
     return dispatch_pb2.WorkerLoadEntry(
@@ -402,6 +411,7 @@ def _entry_row(
         state=_STATE[entry.state],
         dispatched_total=entry.dispatched_total,
         dp_group=group,
+        kv_index_blocks=kv_blocks,
     )
 
 
@@ -461,6 +471,9 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
                 self.core.waves.on_report(
                     worker.worker_id, report.dp_group if report.HasField("dp_group") else None, report.incarnation
                 )
+            if report.HasField("kv_events") and applied is not False:
+                if self.core.kv_index.apply(worker.worker_id, report.kv_events) and not outbox.full():
+                    outbox.put_nowait(load_report_pb2.ReportResponse(want_kv_snapshot=True))
         return None
 
     def _worker_of(self, report: load_report_pb2.ReportRequest) -> Worker | tuple[grpc.StatusCode, str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from pdlb.services.scheduler.kv_events import KVEventLog
 from pdlb.services.scheduler.model import SeqChunk
 from pdlb.services.scheduler.prefix_cache import CacheNode, PrefixCache
 from pdlb.services.scheduler.runners import Runner, StepItem
@@ -160,7 +161,8 @@ class Engine:
     ) -> None:
         """`page_size` > 0 turns the prefix cache on, with blocks of that many tokens."""
         self.runner, self.limits, self.kv_hold_ttl_s = runner, limits, kv_hold_ttl_s
-        self.cache = PrefixCache(page_size, runner.release) if page_size > 0 else None
+        self.kv_events = KVEventLog() if page_size > 0 else None
+        self.cache = PrefixCache(page_size, runner.release, self.kv_events) if page_size > 0 else None
         self.cache_hit_tokens = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

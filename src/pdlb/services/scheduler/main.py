@@ -206,6 +206,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         args.report_interval_ms / 1000,
         group_state=lockstep.group_state if lockstep else None,
         on_start_wave=(lambda start: lockstep.start_wave(start.wave, start.group_id)) if lockstep else None,
+        kv_events=engine.kv_events,
     )
     if lockstep:
         lockstep.on_end.append(lambda reason: stop_event.set())  # a broken group: drain, deregister, exit

@@ -15,14 +15,18 @@ import heapq
 import itertools
 from collections.abc import Callable, Sequence
 
+from pdlb.services.scheduler.kv_events import KVEventLog
+
 Release = Callable[[list[int]], None]
 
 
 class CacheNode:
-    __slots__ = ("alive", "children", "key", "last_used", "parent", "refs", "slots")
+    __slots__ = ("alive", "children", "key", "last_used", "name", "parent", "refs", "slots")
 
     def __init__(self, key: tuple[int, ...], slots: list[int], parent: CacheNode | None) -> None:
         self.key, self.slots, self.parent = key, slots, parent
+        # the block's name, chained over the blocks before it (as dispatchers name a prompt's blocks)
+        self.name = hash((parent.name, key)) if parent is not None else 0
         self.children: dict[tuple[int, ...], CacheNode] = {}
         self.refs = 0
         self.last_used = 0
@@ -30,11 +34,12 @@ class CacheNode:
 
 
 class PrefixCache:
-    def __init__(self, page_size: int, release: Release) -> None:
+    def __init__(self, page_size: int, release: Release, events: KVEventLog | None = None) -> None:
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
         self.page_size = page_size
         self._release = release
+        self.events = events  # stored / evicted blocks, for dispatchers' exact indexes
         self.root = CacheNode((), [], None)
         self.root.refs = 1  # never evicted
         self.cached_tokens = 0
@@ -104,6 +109,8 @@ class PrefixCache:
                 child = CacheNode(key, slots[span], node)
                 node.children[key] = child
                 self.cached_tokens += page
+                if self.events is not None:
+                    self.events.stored(child.name)
             else:
                 duplicates.extend(slots[span])
                 slots[span] = child.slots
@@ -134,6 +141,8 @@ class PrefixCache:
         assert parent is not None
         del parent.children[node.key]
         node.alive = False
+        if self.events is not None:
+            self.events.removed(node.name)
         self._release(node.slots)
         n = len(node.slots)
         self.cached_tokens -= n

@@ -12,6 +12,7 @@ import grpc
 
 from pdlb.common.membership import Backoff, Change, PrefixWatch, dispatchers_prefix
 from pdlb.common.security import open_channel
+from pdlb.services.scheduler.kv_events import KVEventLog
 from pdlb.v1 import common_pb2, load_report_pb2, load_report_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class ReportStream:
     def __init__(
         self,
         address: str,
-        build: Callable[[str], load_report_pb2.ReportRequest],
+        build: Callable[[str, bool], load_report_pb2.ReportRequest],
         interval_s: float,
         on_message: Callable[[load_report_pb2.ReportResponse], None],
     ) -> None:
@@ -32,6 +33,7 @@ class ReportStream:
         self.changed = asyncio.Event()
         self.reports_sent = 0
         self.connected = asyncio.Event()
+        self.fresh = True  # the next report starts the stream's prefix-cache events with a snapshot
         self._task = asyncio.create_task(self._run(), name=f"report:{address}")
 
     async def _run(self) -> None:
@@ -66,12 +68,14 @@ class ReportStream:
         dispatcher_id = hello.dispatcher_id
         interval = hello.report_interval_ms / 1000 if hello.report_interval_ms else self.interval_s
         self.connected.set()
+        self.fresh = True
         backoff.reset()
         reader = asyncio.create_task(self._read(call))
         try:
             while True:
                 self.changed.clear()
-                await call.write(self.build(dispatcher_id))
+                fresh, self.fresh = self.fresh, False
+                await call.write(self.build(dispatcher_id, fresh))
                 self.reports_sent += 1
                 await asyncio.sleep(MIN_GAP_S)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -85,6 +89,9 @@ class ReportStream:
 
     async def _read(self, call) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
+            if message.want_kv_snapshot:
+                self.fresh = True
+                self.changed.set()
             self.on_message(message)
 
     async def close(self) -> None:
@@ -103,6 +110,7 @@ class LoadReporter:
         interval_s: float,
         group_state: Callable[[], common_pb2.DPGroupState] | None = None,
         on_start_wave: Callable[[load_report_pb2.StartWave], None] | None = None,
+        kv_events: KVEventLog | None = None,
     ) -> None:
         self.worker, self.incarnation, self.load, self.acked, self.interval_s = (
             worker,
@@ -112,11 +120,19 @@ class LoadReporter:
             interval_s,
         )
         self.group_state, self.on_start_wave = group_state, on_start_wave
+        self.kv_events = kv_events
+        self._kv_cursor: dict[str, int] = {}  # dispatcher id -> last event sequence sent to it
         self.streams: dict[str, ReportStream] = {}
         self._watch: PrefixWatch | None = None
         self._by_key: dict[str, str] = {}
 
-    def build(self, dispatcher_id: str) -> load_report_pb2.ReportRequest:
+    def build(self, dispatcher_id: str, fresh: bool = False) -> load_report_pb2.ReportRequest:
+        events = None
+        if self.kv_events is not None:
+            events = self.kv_events.since(None if fresh else self._kv_cursor.get(dispatcher_id))
+            self._kv_cursor[dispatcher_id] = events.last_seq
+            if len(self._kv_cursor) > 1024:  # bounded: forget the oldest dispatcher
+                self._kv_cursor.pop(next(iter(self._kv_cursor)))
         return load_report_pb2.ReportRequest(
             worker=self.worker,
             incarnation=self.incarnation,
@@ -124,6 +140,7 @@ class LoadReporter:
             acked_dispatch_seq=self.acked(dispatcher_id),
             timestamp_ms=int(time.time() * 1000),
             dp_group=self.group_state() if self.group_state else None,
+            kv_events=events,
         )
 
     def on_message(self, message: load_report_pb2.ReportResponse) -> None:

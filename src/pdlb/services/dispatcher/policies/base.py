@@ -17,6 +17,7 @@ from operator import attrgetter
 
 import grpc
 
+from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import WorkerEntry
 from pdlb.services.dispatcher.prefix_index import PrefixIndex
 
@@ -124,11 +125,25 @@ class RotatingPolicy(Policy):
 
 
 class PrefixIndexPolicy(RotatingPolicy):
-    """Base for methods that keep an approximate prefix index of what they sent where."""
+    """Base for methods that need to know which ranks cache a prompt's prefix: the exact index
+    (from the workers' block events, shared by the dispatcher) for workers that send events, and
+    an approximate index of what this policy sent where for those that do not."""
 
     def __init__(self, options: PolicyOptions) -> None:
         super().__init__(options)
         self.index = PrefixIndex(options.cache_block_size, options.cache_index_blocks)
+        self.exact: ExactPrefixIndex | None = None  # set by the dispatcher
+
+    def matches(self, names: Sequence[int]) -> dict[str, int]:
+        """Worker -> cached prefix length in blocks: exact where known, else approximate."""
+        if not names:
+            return {}
+        guessed = self.index.match(names)
+        if self.exact is None or not self.exact.next_seq:
+            return guessed
+        known = {w: depth for w, depth in guessed.items() if not self.exact.synced(w)}
+        known.update(self.exact.match(names))
+        return known
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
         self.index.insert(chosen.worker.worker_id, ctx.blocks(self.index))

@@ -55,7 +55,7 @@ class CacheAware(PrefixIndexPolicy):
         best = self._least(eligible, _SLOT_EXCESS_THEN_QUEUED)
         weight, block = self.options.cache_load_weight, self.index.block_size
         best_key, best_hit, guarded = (best.slot_excess, weight * best.queued_tokens, 0), 0, False
-        for worker_id, blocks in self.index.match(names).items():
+        for worker_id, blocks in self.matches(names).items():
             entry = by_id.get(worker_id)
             if entry is None:
                 continue

@@ -25,7 +25,7 @@ class PeerDynamoKV(PrefixIndexPolicy):
         block = self.index.block_size
         names = ctx.blocks(self.index)
         request_blocks = -(-ctx.num_tokens // block)
-        overlap = self.index.match(names) if names else {}
+        overlap = self.matches(names)
 
         def cost(entry: WorkerEntry) -> float:
             prefill = request_blocks - overlap.get(entry.worker.worker_id, 0)

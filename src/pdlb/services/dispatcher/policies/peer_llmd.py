@@ -23,7 +23,7 @@ class PeerLLMD(PrefixIndexPolicy):
 
     def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
         names = ctx.blocks(self.index)
-        overlap = self.index.match(names) if names else {}
+        overlap = self.matches(names)
         queues = [e.reported.waiting_requests + e.inflight_requests for e in candidates]
         low, high = min(queues), max(queues)
 

@@ -17,7 +17,7 @@ class PeerSGLangLMetric(PrefixIndexPolicy):
 
     def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
         names = ctx.blocks(self.index)
-        overlap = self.index.match(names) if names else {}
+        overlap = self.matches(names)
         block = self.index.block_size
 
         def score(entry: WorkerEntry) -> float:

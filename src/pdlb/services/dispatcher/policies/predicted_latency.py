@@ -112,7 +112,7 @@ class PredictedLatency(PrefixIndexPolicy):
         if self.role is not Role.DECODE:
             names = ctx.blocks(self.index)
             block = self.index.block_size
-            for worker_id, blocks in (self.index.match(names) if names else {}).items():
+            for worker_id, blocks in (self.matches(names)).items():
                 i = self._position.get(worker_id)
                 if i is not None:
                     hits[i] = min(blocks * block, max(tokens - 1, 0))

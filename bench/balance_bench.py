@@ -119,7 +119,7 @@ class Cluster:
         self.log_dir = tempfile.mkdtemp(prefix="pdlb-balance-")
         self.etcd = EtcdProcess()
         self.procs: list[ServiceProcess] = []
-        self.dispatchers: dict[str, dict[str, str]] = {}  # method -> PDLBClient arguments
+        self.dispatchers: dict[str, list[dict[str, str]]] = {}  # method -> per replica: PDLBClient arguments
 
     def start(self) -> None:
         self.etcd.start()
@@ -129,9 +129,9 @@ class Cluster:
             self.procs.append(
                 ServiceProcess("bootstrap", [*script("pdlb-bootstrap"), *common, "--port", "0"], self.log_dir).start()
             )
-        for method in self.methods:
+        for method, replica in [(m, r) for m in self.methods for r in range(self.args.replicas)]:
             roles = {"prefill": "prefill", "decode": "decode"} if pd else {"dispatcher": "null"}
-            self.dispatchers[method] = {}
+            self.dispatchers.setdefault(method, []).append({})
             for key, mode in roles.items():
                 argv = [
                     *script("pdlb-dispatcher"),
@@ -145,13 +145,14 @@ class Cluster:
                     "--report-interval-ms",
                     "100",
                 ]
-                proc = ServiceProcess(f"dispatcher-{key}-{method}", argv, self.log_dir)
+                proc = ServiceProcess(f"dispatcher-{key}-{method}-{replica}", argv, self.log_dir)
                 self.procs.append(proc.start())
-                self.dispatchers[method][key] = proc.address
+                self.dispatchers[method][replica][key] = proc.address
         flags = [
             "--runner", self.args.runner, "--sim-slowdown", str(self.args.slowdown),
             "--max-total-tokens", str(self.args.kv_tokens), "--max-running-requests", str(self.args.max_running),
             "--chunked-prefill-size", "1024", "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
+            "--kv-events" if self.args.kv_events else "--no-kv-events",
         ]  # fmt: skip
         modes = ["prefill", "decode"] if pd else ["null"]
         size = self.args.group_size
@@ -256,10 +257,11 @@ async def sample_imbalance(stub, result: RunResult, start: float, stop: asyncio.
 
 
 async def run_method(
-    addresses: dict[str, str], method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int
+    replicas: list[dict[str, str]], method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int
 ) -> RunResult:
     result = RunResult(method, spec.arrival, spec.rate)
-    client = PDLBClient(**addresses)
+    clients = [PDLBClient(**addresses) for addresses in replicas]  # requests alternate over replicas
+    client = clients[0]
     # Imbalance is sampled where requests first land: the mixed or the prefill dispatcher.
     watched = client.mixed or client.prefill
     stubs = {id(s): s for s in (client.mixed, client.prefill, client.decode) if s}.values()
@@ -271,7 +273,9 @@ async def run_method(
     start = time.perf_counter()
     sampler = asyncio.create_task(sample_imbalance(watched, result, start, stop))
     run_id = f"{method}-{spec.arrival}-{spec.rate}-{int(start)}"
-    await asyncio.gather(*[one_request(client, item, run_id, result, start) for item in items])
+    await asyncio.gather(
+        *[one_request(clients[item.index % len(clients)], item, run_id, result, start) for item in items]
+    )
     result.span_s = time.perf_counter() - start
     stop.set()
     await sampler
@@ -280,7 +284,8 @@ async def run_method(
     after = cache_counters(await snapshot(watched))
     result.cache_hit_tokens, result.prompt_tokens = after[0] - before[0], after[1] - before[1]
     result.group = GroupCounters.of([await snapshot(stub) for stub in stubs]).minus(groups_before)
-    await client.close()
+    for each in clients:
+        await each.close()
     return result
 
 
@@ -382,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-fraction", type=float, default=0.0, help="bimodal: share of document-sized prompts")
     parser.add_argument("--doc-median", type=int, default=1500, help="bimodal: median document prompt tokens")
     parser.add_argument("--burst-size", type=int, default=16, help="bursty arrivals: requests per burst")
+    parser.add_argument("--replicas", type=int, default=1, help="dispatcher replicas per method (requests alternate)")
+    parser.add_argument(
+        "--kv-events", action=argparse.BooleanOptionalAction, default=True, help="workers report cache block events"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--group-size", type=int, default=1, help="ranks per lockstep DP group (1: independent workers)"

@@ -60,6 +60,12 @@ def build_parser() -> FlagParser:
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
     p.flag("--prefix-cache", default=True, type=bool, help="share the KV of common prompt prefixes (radix cache)")
     p.flag("--page-size", default=16, type=int, help="prefix-cache block size in tokens")
+    p.flag(
+        "--kv-events",
+        default=True,
+        type=bool,
+        help="report prefix-cache block events, so dispatchers know exactly what is cached here",
+    )
     p.flag("--metrics-port", default=0, type=int, help="Prometheus /metrics HTTP port (0: disabled)")
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
     p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
@@ -206,7 +212,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         args.report_interval_ms / 1000,
         group_state=lockstep.group_state if lockstep else None,
         on_start_wave=(lambda start: lockstep.start_wave(start.wave, start.group_id)) if lockstep else None,
-        kv_events=engine.kv_events,
+        kv_events=engine.kv_events if args.kv_events else None,
     )
     if lockstep:
         lockstep.on_end.append(lambda reason: stop_event.set())  # a broken group: drain, deregister, exit

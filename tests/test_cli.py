@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -133,3 +134,59 @@ def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("scheduler-*.log"))
     assert "leaving its DP group" not in logs  # stopped as a whole: no rank saw its group break
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
+
+
+def test_up_with_dispatcher_replicas_behind_the_gateway(tmp_path):
+    """`pdlb up --dispatchers 2`: the gateway spreads requests over both replicas. Each replica counts
+    only its own dispatches as in flight; the others' requests reach its table through the
+    workers' load reports (running / waiting), never as its own in-flight."""
+    flags = ["--mode", "mixed", "--workers", "2", "--runner", "sim", "--model", "tiny-random", "--dispatchers", "2"]
+    up, state, env = start_up(tmp_path, *flags)
+    try:
+        assert len(state["replicas"]) == 1
+        for i in range(8):
+            body = json.dumps(
+                {"model": "tiny-random", "prompt": f"spread {i}", "max_tokens": 3, "ignore_eos": True}
+            ).encode()
+            request = urllib.request.Request(
+                f"{state['http']}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                assert json.loads(reply.read())["usage"]["completion_tokens"] == 3
+        counts = []
+        for address in (state["dispatcher"], state["replicas"][0]):
+            top = pdlb("--dispatcher", address, "top", "--once", env=env)
+            counts.append(sum(int(line.split("│")[-2]) for line in top.stdout.splitlines() if "live" in line))
+        assert counts == [4, 4], counts  # round robin over the replicas
+        asyncio.run(_replica_view(state["dispatcher"], state["replicas"][0]))
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest
+
+
+async def _replica_view(a: str, b: str) -> None:
+    """A request running through replica A shows in replica B's table as the worker reports it
+    (running), not as B's in-flight; in A's table it is acknowledged the same way."""
+    from pdlb.v1 import common_pb2, dispatch_pb2
+    from tests.helpers import dispatch_stub, load_snapshot, wait_until
+
+    (ch_a, stub_a), (ch_b, stub_b) = dispatch_stub(a), dispatch_stub(b)
+    req = common_pb2.InferenceRequest(
+        request_id="long-through-a",
+        input_ids=list(range(1, 30)),
+        sampling=common_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True),
+    )
+    call = stub_a.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=120)
+    try:
+        first = await call.read()
+        rank = first.dp_rank
+
+        async def seen_by_b() -> bool:
+            row = next(w for w in (await load_snapshot(stub_b)).workers if w.worker.dp_rank == rank)
+            return row.reported.running_requests == 1 and row.inflight_requests == 0
+
+        await wait_until(seen_by_b, 10, "replica B to see A's request in the worker's report")
+    finally:
+        call.cancel()
+        await ch_a.close()
+        await ch_b.close()

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="first dispatcher's port; the decode one gets +1, bootstrap +9 (0: free ports)",
     )
     parser.add_argument(
+        "--dispatchers",
+        type=int,
+        default=1,
+        help="dispatcher replicas per role (the gateway spreads requests over them)",
+    )
+    parser.add_argument(
         "--http-port", type=int, default=8000, help="the gateway's HTTP port: OpenAI API and dashboard (0: free)"
     )
     parser.add_argument("--log-dir", default="", help="where service logs go (default: a new temp dir)")
@@ -74,12 +80,26 @@ class LocalCluster:
         self.etcd.start()
         common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
         info: dict = {"mode": args.mode, "etcd": self.etcd.endpoint, "log_dir": self.log_dir}
+        replicas: list[str] = []
         if args.mode == "mixed":
             info["dispatcher"] = self._run(
                 "dispatcher", common, "--port", self._port(0), "--load-balance-method", args.method
             )
+            for r in range(1, args.dispatchers):  # replicas: the gateway spreads requests over them
+                replicas.append(
+                    self._run(
+                        "dispatcher",
+                        common,
+                        "--port",
+                        self._port(10 + r),
+                        "--load-balance-method",
+                        args.method,
+                        name=f"dispatcher-{r}",
+                    )
+                )
             self._schedulers(common, "null", args.workers)
-            self._await_workers(info["dispatcher"], args.workers)
+            for address in [info["dispatcher"], *replicas]:
+                self._await_workers(address, args.workers)
         else:
             info["bootstrap"] = self._run("bootstrap", common, "--port", self._port(9))
             info["prefill_dispatcher"] = self._run(
@@ -98,10 +118,29 @@ class LocalCluster:
                 name="dispatcher-decode",
                 extra=["--disaggregation-mode", "decode", "--load-balance-method", args.decode_method],
             )
+            for r in range(1, args.dispatchers):
+                for offset, role, method in (
+                    (10 + 2 * r, "prefill", args.prefill_method),
+                    (11 + 2 * r, "decode", args.decode_method),
+                ):
+                    replicas.append(
+                        self._run(
+                            "dispatcher",
+                            common,
+                            "--port",
+                            self._port(offset),
+                            name=f"dispatcher-{role}-{r}",
+                            extra=["--disaggregation-mode", role, "--load-balance-method", method],
+                        )
+                    )
             self._schedulers(common, "prefill", args.prefill)
             self._schedulers(common, "decode", args.decode)
             self._await_workers(info["prefill_dispatcher"], args.prefill)
             self._await_workers(info["decode_dispatcher"], args.decode)
+            for index, address in enumerate(replicas):  # prefill, decode, prefill, ...
+                self._await_workers(address, args.decode if index % 2 else args.prefill)
+        if replicas:
+            info["replicas"] = replicas
         http_port = args.http_port or free_port()
         info["gateway"] = self._run("gateway", common, "--port", self._port(8), "--http-port", str(http_port))
         info["http"] = f"http://127.0.0.1:{http_port}"
@@ -238,6 +277,8 @@ def print_summary(info: dict) -> None:
             print(f"  {key.replace('_', ' '):<20} {info[key]}")
     for name, address in info["workers"].items():
         print(f"  {name:<20} {address}")
+    for address in info.get("replicas", []):
+        print(f"  {'dispatcher replica':<20} {address}")
     print(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
     print(
         'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'

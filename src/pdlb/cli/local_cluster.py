@@ -28,9 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=2, help="PD: prefill ranks")
     parser.add_argument("--decode", type=int, default=2, help="PD: decode ranks")
     parser.add_argument("--workers", type=int, default=2, help="mixed: DP ranks")
-    parser.add_argument("--prefill-method", default="total_tokens", help="prefill dispatcher's method")
-    parser.add_argument("--decode-method", default="total_requests", help="decode dispatcher's method")
-    parser.add_argument("--method", default="total_tokens", help="mixed dispatcher's method")
+    # Defaults follow the benchmarks (docs/BENCHMARKS.md): least_wait for independent workers,
+    # total_requests for lockstep groups.
+    parser.add_argument("--prefill-method", default="", help="prefill dispatcher's method (default: see above)")
+    parser.add_argument("--decode-method", default="", help="decode dispatcher's method (default: see above)")
+    parser.add_argument(
+        "--method", default="", help="mixed dispatcher's method (default: least_wait; total_requests with --lockstep)"
+    )
     parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
     parser.add_argument(
         "--model",
@@ -75,6 +79,10 @@ class LocalCluster:
 
     def start(self) -> dict:
         args = self.args
+        recommended = "total_requests" if args.lockstep else "least_wait"
+        args.method = args.method or recommended
+        args.prefill_method = args.prefill_method or recommended
+        args.decode_method = args.decode_method or recommended
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdlb-cluster-")
         self.etcd = EtcdProcess(client_port=args.etcd_port)
         self.etcd.start()

@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
     rows = [r.row() for r in results]
     table = markdown(rows)
-    (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(vars(args))}\n{table}")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}  # no local paths in results
+    (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(settings)}\n{table}")
     (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
     files = plot(results, out, args.name)
     print(table)

@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4, help="output tokens per request")
     parser.add_argument("--out", default=str(RESULTS / "gateway.md"))
     args = parser.parse_args()
+    settings = {k: v for k, v in vars(args).items() if k != "out"}  # no local paths in results
     etcd, procs, addresses = start(tempfile.mkdtemp(prefix="pdlb-gateway-bench-"))
     try:
         rows = asyncio.run(run(args, addresses))
@@ -154,7 +155,7 @@ def main() -> None:
         etcd.close()
     lines = [
         "# Gateway overhead\n",
-        f"Settings: {json.dumps(vars(args))}\n",
+        f"Settings: {json.dumps(settings)}\n",
         "| path | concurrency | requests | p50 ms | p99 ms | added p50 ms | added p99 ms |",
         "|---|---|---|---|---|---|---|",
     ]

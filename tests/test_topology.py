@@ -67,11 +67,11 @@ def test_prometheus_and_grafana_are_provisioned_with_metrics_that_exist(compose)
     from pdlb.services.dispatcher.metrics import DispatcherMetrics
     from pdlb.services.gateway.metrics import GatewayMetrics
 
-    gateway = GatewayMetrics(frontend=None)
+    gateway = GatewayMetrics()
     gateway.observe(True, 0.1, 1)
     gateway.observe(False, 0.1, 1)
     gateway.done("http", "200")
-    gateway.retries.inc()
+    gateway.retried()
     table = LoadTable()
     table.upsert(Worker("w0", Role.MIXED, 0, "127.0.0.1:1"))  # per-rank series exist once a rank reports
     table.apply_report("w0", ReportedLoad(), 0)

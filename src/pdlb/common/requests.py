@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -77,3 +78,9 @@ def check_request(
         if req.HasField(field) and not 0 <= getattr(req, field) < MAX_RANK:
             raise InvalidRequest(f"request {rid}: {field} {getattr(req, field)} is out of range")
     return CheckedRequest(rid, input_ids, max_new, sampling.temperature)
+
+
+def sampling_seed(req: common_pb2.InferenceRequest) -> int:
+    """The request's sampling seed: the client's, else derived from the request id (reproducible per
+    id, never 0, which means "unset" on the wire)."""
+    return req.sampling.seed or int.from_bytes(hashlib.blake2b(req.request_id.encode()).digest()[:8], "little") or 1

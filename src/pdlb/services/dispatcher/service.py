@@ -13,6 +13,7 @@ import grpc
 
 from pdlb.common.requests import InvalidRequest, check_request
 from pdlb.common.roles import role_from_proto, role_to_proto
+from pdlb.common.slots import Slots
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
 from pdlb.services.dispatcher.channels import ChannelPool
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
@@ -100,23 +101,12 @@ def load_to_proto(load: ReportedLoad) -> common_pb2.WorkerLoad:
     return common_pb2.WorkerLoad(**load.__dict__)
 
 
-class Slots:
-    """A bounded count of concurrent calls: past the bound, callers get RESOURCE_EXHAUSTED at once
-    instead of queueing without limit."""
-
-    def __init__(self, what: str, limit: int, flag: str) -> None:
-        self.what, self.limit, self.flag, self.used = what, limit, flag, 0
-
-    async def acquire(self, context) -> None:
-        if self.used >= self.limit:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"dispatcher has {self.used} {self.what} ({self.flag}={self.limit}); retry later or add dispatchers",
-            )
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
+async def acquire(slots: Slots, context) -> None:
+    """Take a slot, or answer RESOURCE_EXHAUSTED at once."""
+    if not slots.try_acquire():
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"dispatcher has {slots.refusal()}; retry later or add dispatchers"
+        )
 
 
 class DispatchCore:
@@ -239,7 +229,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self, request: dispatch_pb2.GenerateRequest, context
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         ctx, external = await self._checked(request.request, context)
-        await self.core.active_requests.acquire(context)
+        await acquire(self.core.active_requests, context)
         try:
             async for response in self._generate(request, ctx, external, context):
                 yield response
@@ -350,7 +340,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self, request: dispatch_pb2.WatchLoadRequest, context
     ) -> AsyncIterator[dispatch_pb2.WatchLoadResponse]:
         interval_ms = min(max(request.interval_ms, MIN_WATCH_INTERVAL_MS), MAX_WATCH_INTERVAL_MS)
-        await self.core.watchers.acquire(context)
+        await acquire(self.core.watchers, context)
         try:
             while not self.core.draining:
                 yield self.snapshot()

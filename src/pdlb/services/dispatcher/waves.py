@@ -19,18 +19,8 @@ is sent at most one StartWave per wave (a fresh stream or incarnation forgets wh
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pdlb.v1 import common_pb2, load_report_pb2
-
-
-@dataclass(frozen=True)
-class RankWave:
-    group_id: str
-    wave: int
-    running: bool
-    incarnation: str = ""
-
 
 # Sends a StartWave to a worker's report stream; False when it could not be queued.
 Sender = Callable[[str, load_report_pb2.StartWave], bool]
@@ -42,31 +32,29 @@ class WaveCoordinator:
 
     def __init__(self, send: Sender) -> None:
         self.send = send
-        self.ranks: dict[str, RankWave] = {}
-        self.reported: dict[str, common_pb2.DPGroupState] = {}  # as last reported, for WatchLoad
+        self.reported: dict[str, common_pb2.DPGroupState] = {}  # worker id -> its last group state
+        self.incarnations: dict[str, str] = {}
         self.groups: dict[str, set[str]] = {}
         self.sent: dict[str, int] = {}  # worker id -> highest wave it was asked to start
-        self.start_waves_sent = 0
 
     def on_report(self, worker_id: str, state: common_pb2.DPGroupState | None, incarnation: str = "") -> None:
         if state is None or not state.group_id:
-            if worker_id in self.ranks:
+            if worker_id in self.reported:
                 self.forget(worker_id)
             return
-        rank = RankWave(state.group_id, state.wave, state.running, incarnation)
-        old = self.ranks.get(worker_id)
-        if old is not None and (old.group_id != rank.group_id or old.incarnation != rank.incarnation):
+        old = self.reported.get(worker_id)
+        if old is not None and (old.group_id != state.group_id or self.incarnations[worker_id] != incarnation):
             self.forget(worker_id)
-        self.ranks[worker_id] = rank
         self.reported[worker_id] = state
-        self.groups.setdefault(rank.group_id, set()).add(worker_id)
-        wave, running = self.view(rank.group_id)
+        self.incarnations[worker_id] = incarnation
+        self.groups.setdefault(state.group_id, set()).add(worker_id)
+        wave, running = self.view(state.group_id)
         if running:  # whether the running rank or a paused one reported, the paused must wake
-            self._wake(rank.group_id, wave, exclude="")
+            self._wake(state.group_id, wave, exclude="")
 
     def on_dispatch(self, worker_id: str) -> int | None:
         """A request goes to this worker: the wave to stamp on it (None: not in a lockstep group)."""
-        rank = self.ranks.get(worker_id)
+        rank = self.reported.get(worker_id)
         if rank is None:
             return None
         wave, running = self.view(rank.group_id)
@@ -79,20 +67,19 @@ class WaveCoordinator:
 
     def view(self, group_id: str) -> tuple[int, bool]:
         """The group's current wave, and whether any rank is reported running it."""
-        members = [self.ranks[w] for w in self.groups.get(group_id, ())]
+        members = [self.reported[w] for w in self.groups.get(group_id, ())]
         wave = max((r.wave for r in members), default=0)
         return wave, any(r.running and r.wave == wave for r in members)
 
     def _wake(self, group_id: str, wave: int, exclude: str) -> None:
         for worker_id in sorted(self.groups.get(group_id, ())):
-            rank = self.ranks[worker_id]
+            rank = self.reported[worker_id]
             if worker_id == exclude or rank.wave > wave or (rank.running and rank.wave == wave):
                 continue  # the requester itself; past that wave; or already running it
             if self.sent.get(worker_id, -1) >= wave:
                 continue
             if self.send(worker_id, load_report_pb2.StartWave(wave=wave, group_id=group_id)):
                 self.sent[worker_id] = wave
-                self.start_waves_sent += 1
 
     def may_resend(self, worker_id: str) -> None:
         """What was sent to the worker may be lost (its report stream ended), or a request meant
@@ -100,8 +87,8 @@ class WaveCoordinator:
         self.sent.pop(worker_id, None)
 
     def forget(self, worker_id: str) -> None:
-        rank = self.ranks.pop(worker_id, None)
-        self.reported.pop(worker_id, None)
+        rank = self.reported.pop(worker_id, None)
+        self.incarnations.pop(worker_id, None)
         self.sent.pop(worker_id, None)
         if rank is not None:
             members = self.groups.get(rank.group_id)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from pdlb.common.security import open_channel
+from pdlb.common.slots import Slots
 from pdlb.services.gateway.upstreams import ROLES, Upstreams
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 
@@ -38,7 +38,7 @@ class Dashboard:
     def __init__(self, upstreams: Upstreams, metrics, interval_ms: int, max_pages: int) -> None:
         self.upstreams, self.metrics = upstreams, metrics
         self.interval_s = max(interval_ms, 50) / 1000
-        self.max_pages, self.pages = max_pages, 0
+        self.pages = Slots("dashboards open", max_pages, "--max-dashboards")
         self.latest: dict[str, tuple[str, dispatch_pb2.WatchLoadResponse]] = {}  # address -> (role, snapshot)
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self._follows: dict[str, asyncio.Task] = {}
@@ -67,24 +67,22 @@ class Dashboard:
             await asyncio.sleep(self.interval_s)  # pacing the membership check
 
     async def _follow(self, address: str, role: str) -> None:
-        channel = open_channel(address)
         try:
-            stub = dispatch_pb2_grpc.DispatchStub(channel)
+            stub = dispatch_pb2_grpc.DispatchStub(self.upstreams.channel(address))  # the requests' channel
             request = dispatch_pb2.WatchLoadRequest(interval_ms=int(self.interval_s * 1000))
             async for snapshot in stub.WatchLoad(request):
                 self._diff(role, snapshot)
                 self.latest[address] = (role, snapshot)
-        except grpc.aio.AioRpcError as err:
-            log.info("dashboard: WatchLoad on %s ended: %s", address, err.code().name)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:  # the dispatcher went, or its channel closed
+            log.info("dashboard: WatchLoad on %s ended: %s", address, err)
             self.latest.pop(address, None)
-        finally:
-            await channel.close()
 
     def _diff(self, role: str, snapshot: dispatch_pb2.WatchLoadResponse) -> None:
         seen = set()
         for row in snapshot.workers:
             worker_id, state = row.worker.worker_id, STATE.get(row.state, "?")
             seen.add(worker_id)
+            self._owner[worker_id] = role
             before = self._known.get(worker_id)
             if before != state:
                 what = "joined" if before is None else f"is {state}"
@@ -93,8 +91,6 @@ class Dashboard:
         for worker_id in [w for w in self._known if w not in seen and self._owner.get(w) == role]:
             self._event(role, -1, worker_id, "left")
             del self._known[worker_id]
-        for row in snapshot.workers:
-            self._owner[row.worker.worker_id] = role
         for table in (self._known, self._owner):  # bounded: forget the oldest
             for worker_id in list(table)[: max(0, len(table) - 4096)]:
                 del table[worker_id]
@@ -146,12 +142,11 @@ class Dashboard:
         return web.json_response(self.state())
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        if self.pages >= self.max_pages:
+        if not self.pages.try_acquire():
             return web.json_response(
-                {"error": {"message": f"{self.pages} dashboards open (--max-dashboards)", "type": "rate_limit_error"}},
+                {"error": {"message": self.pages.refusal(), "type": "rate_limit_error"}},
                 status=429,
             )
-        self.pages += 1
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
@@ -161,7 +156,7 @@ class Dashboard:
                     await asyncio.sleep(self.interval_s)  # pacing the pushes to the page
             return response
         finally:
-            self.pages -= 1
+            self.pages.release()
 
     async def close(self) -> None:
         tasks = [t for t in [self._task, *self._follows.values()] if t]

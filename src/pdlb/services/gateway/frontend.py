@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -73,10 +73,17 @@ class Prepared:
 
 
 class Frontend:
-    def __init__(self, upstreams: Upstreams, tokenizer: Tokenizer, max_prompt_tokens: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        tokenizer: Tokenizer,
+        max_prompt_tokens: int,
+        timeout_s: float,
+        on_retry: Callable[[], None] = lambda: None,
+    ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
-        self.retries_total = 0
+        self.on_retry = on_retry  # counted in the gateway's metrics
 
     def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
         """Validate and tokenise; raises InvalidRequest."""
@@ -137,7 +144,7 @@ class Frontend:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     raise RequestFailed(code, _named(rid, details, retries)) from None
                 retries += 1
-                self.retries_total += 1
+                self.on_retry()
                 log.warning(
                     "request %s failed (%s: %s) after %d tokens; %s on other ranks",
                     rid,
@@ -159,8 +166,8 @@ class Frontend:
             request.input_ids.extend(sent)
             request.sampling.max_new_tokens = prepared.max_new_tokens - len(sent)
             request.sampling.seed_position = prepared.request.sampling.seed_position + len(sent)
-            if not request.sampling.seed:  # the worker would derive it from the new id
-                request.sampling.seed = _derived_seed(prepared.request.request_id)
+            # the worker would derive a seed from the new id: pin the original's
+            request.sampling.seed = sampling_seed(prepared.request)
         return request
 
     async def _attempt(
@@ -218,12 +225,6 @@ class Frontend:
             call.cancel()
             if not task.done():
                 task.cancel()
-
-
-def _derived_seed(request_id: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(request_id.encode()).digest()[:8], "little") or 1
 
 
 def _named(rid: str, details: str, retries: int) -> str:

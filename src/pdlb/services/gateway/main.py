@@ -15,6 +15,7 @@ from pdlb.common.config import FlagParser, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration
 from pdlb.common.requests import InvalidRequest
+from pdlb.common.slots import Slots
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
@@ -50,24 +51,8 @@ def build_parser() -> FlagParser:
     return p
 
 
-class Streams:
-    """Bound on requests in flight through this gateway."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-
-    def take(self) -> bool:
-        if self.used >= self.limit:
-            return False
-        self.used += 1
-        return True
-
-    def give(self) -> None:
-        self.used -= 1
-
-
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, frontend: Frontend, streams: Streams, metrics: GatewayMetrics) -> None:
+    def __init__(self, frontend: Frontend, streams: Slots, metrics: GatewayMetrics) -> None:
         self.frontend, self.streams, self.metrics = frontend, streams, metrics
         self.draining = False
 
@@ -78,11 +63,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             prepared = self.frontend.prepare(request.request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not self.streams.take():
+        if not self.streams.try_acquire():
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request {prepared.request.request_id}: {self.streams.used} requests in flight at this gateway "
-                "(--max-concurrent-streams); retry later",
+                f"request {prepared.request.request_id}: {self.streams.refusal()} at this gateway; retry later",
             )
         try:
             timer = self.metrics.timer()
@@ -104,10 +88,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.done("grpc", exc.code.name)
             await context.abort(exc.code, exc.message)
         finally:
-            self.streams.give()
+            self.streams.release()
 
 
-def http_app(api: OpenAIApi, streams: Streams, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, upstreams):
+def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, upstreams):
     @web.middleware
     async def errors(request: web.Request, handler):
         try:
@@ -123,16 +107,14 @@ def http_app(api: OpenAIApi, streams: Streams, metrics: GatewayMetrics, dashboar
             return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
 
     async def bounded(request: web.Request, chat: bool) -> web.StreamResponse:
-        if not streams.take():
-            raise ApiError(
-                429, f"{streams.used} requests in flight at this gateway; retry later", kind="rate_limit_error"
-            )
+        if not streams.try_acquire():
+            raise ApiError(429, f"{streams.refusal()} at this gateway; retry later", kind="rate_limit_error")
         try:
             response = await (api.chat_completions(request) if chat else api.completions(request))
             metrics.done("http", str(response.status))
             return response
         finally:
-            streams.give()
+            streams.release()
 
     async def health(request: web.Request) -> web.Response:
         mode = upstreams.mode()
@@ -163,9 +145,9 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             "decode": csv_list(args.decode_dispatcher),
         }
     )
-    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout)
-    metrics = GatewayMetrics(frontend)
-    streams = Streams(args.max_concurrent_streams)
+    metrics = GatewayMetrics()
+    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried)
+    streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 
     def models() -> list[str]:
         advertised_models = {m for m in upstreams.models.values() if m}

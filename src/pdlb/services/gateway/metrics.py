@@ -27,8 +27,7 @@ class Timer:
 
 
 class GatewayMetrics:
-    def __init__(self, frontend) -> None:
-        self.frontend = frontend
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pdlb_gateway_requests", "Requests finished, by API and outcome", ["api", "outcome"], registry=self.registry
@@ -52,7 +51,11 @@ class GatewayMetrics:
         self.window_ttft: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.window_itl: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.window_done: deque[float] = deque(maxlen=MAX_SAMPLES)
-        self._retries_seen = 0
+        self.retries_total = 0
+
+    def retried(self) -> None:
+        self.retries.inc()
+        self.retries_total += 1
 
     def timer(self) -> Timer:
         return Timer(self.observe)
@@ -85,14 +88,10 @@ class GatewayMetrics:
             "requests_per_s": len(self.window_done) / WINDOW_S,
             "ttft_ms": _percentiles([v for _, v in self.window_ttft]),
             "itl_ms": _percentiles([v for _, v in self.window_itl]),
-            "retries": self.frontend.retries_total,
+            "retries": self.retries_total,
         }
 
     async def http(self, request: web.Request) -> web.Response:
-        new = self.frontend.retries_total - self._retries_seen
-        if new > 0:
-            self.retries.inc(new)
-            self._retries_seen += new
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

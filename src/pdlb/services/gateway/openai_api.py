@@ -304,16 +304,15 @@ class OpenAIApi:
         tokens, last = 0, None
         if parsed.chat:
             await _event(response, self._chunk(parsed, first and first[0], {"role": "assistant", "content": ""}, None))
+
+        async def chunks():  # the first one, already read, then the rest
+            if first is not None:
+                yield first
+            async for item in runner:
+                yield item
+
         try:
-            pending = [first] if first else []
-            while True:
-                if pending:
-                    chunk, text, reason = pending.pop()
-                else:
-                    try:
-                        chunk, text, reason = await anext(runner)
-                    except StopAsyncIteration:
-                        break
+            async for chunk, text, reason in chunks():
                 tokens += len(chunk.token_ids)
                 last = chunk
                 if text or reason:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 
@@ -38,6 +39,10 @@ class Upstreams:
         if change.value is None:
             address = self.found[role].pop(change.key, None)
             log.info("%s dispatcher left: %s", role, address)
+            if address and not any(address in self.addresses(r) for r in ROLES):
+                channel = self._channels.pop(address, None)
+                if channel is not None:  # bounded: no channel outlives its dispatcher
+                    asyncio.get_running_loop().create_task(channel.close())
             return
         address = str(change.value.get("address", ""))
         if address:
@@ -56,18 +61,20 @@ class Upstreams:
             return "pd"
         return None
 
-    def stub(self, role: str, avoid: str = "") -> tuple[str, dispatch_pb2_grpc.DispatchStub] | None:
-        """A dispatcher of the role (round robin; another than `avoid` if there is one)."""
+    def stub(self, role: str) -> tuple[str, dispatch_pb2_grpc.DispatchStub] | None:
+        """A dispatcher of the role (round robin over its replicas)."""
         addresses = self.addresses(role)
-        if len(addresses) > 1 and avoid in addresses:
-            addresses.remove(avoid)
         if not addresses:
             return None
         address = addresses[next(self._turn) % len(addresses)]
+        return address, dispatch_pb2_grpc.DispatchStub(self.channel(address))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The one channel to a dispatcher (requests and the dashboard's WatchLoad share it)."""
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = open_channel(address)
-        return address, dispatch_pb2_grpc.DispatchStub(channel)
+        return channel
 
     async def close(self) -> None:
         if self._watch:

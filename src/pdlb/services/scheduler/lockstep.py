@@ -34,10 +34,6 @@ class LockstepEngine(Engine):
         self.on_end: list[Callable[[str], None]] = []
         self._resume = asyncio.Event()
 
-    @property
-    def dummy_steps(self) -> int:
-        return self.group.stats.dummy_steps
-
     def group_state(self) -> common_pb2.DPGroupState:
         return self.group.state(self.waves)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
-from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
@@ -38,11 +37,6 @@ class DispatchAcks:
 
     def get(self, dispatcher_id: str) -> int:
         return self.highest.get(dispatcher_id, 0)
-
-
-def _seed(request: common_pb2.InferenceRequest) -> int:
-    """The sampling seed: the client's, else derived from the request id (reproducible per id)."""
-    return request.sampling.seed or int.from_bytes(hashlib.blake2b(request.request_id.encode()).digest()[:8], "little")
 
 
 NO_REDISPATCH_KEY = "pdlb-no-redispatch"
@@ -101,7 +95,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             temperature=checked.temperature,
             stop_ids=frozenset(req.sampling.stop_token_ids),
             ignore_eos=req.sampling.ignore_eos,
-            seed=_seed(req),
+            seed=sampling_seed(req),
             seed_position=req.sampling.seed_position,
             prefill_only=self.role == "prefill",
             bootstrap_room=room,

@@ -94,8 +94,3 @@ class CacheAware(PrefixIndexPolicy):
             self.sessions.move_to_end(ctx.routing_key)
             while len(self.sessions) > self.options.max_routing_keys:
                 self.sessions.popitem(last=False)
-
-    def on_worker_removed(self, worker_id: str) -> None:
-        super().on_worker_removed(worker_id)
-        for key in [k for k, w in self.sessions.items() if w == worker_id]:
-            del self.sessions[key]

@@ -73,11 +73,13 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
 
 
 async def bench_pdlb(
-    model: LlamaModel, args, batches: list[int], compute: ThreadPoolExecutor
+    model: LlamaModel, args, batches: list[int], compute: ThreadPoolExecutor, graphs: bool | None = None
 ) -> tuple[dict[int, float], float, float]:
     largest = max(batches)
     capacity = largest * (args.context + args.new) + args.prompt + 4096
-    runner = compute.submit(TorchRunner, model, capacity, args.device, DTYPES[args.dtype]).result()
+    runner = compute.submit(
+        TorchRunner, model, capacity, args.device, DTYPES[args.dtype], decode_graphs=graphs
+    ).result()
     limits = EngineLimits(capacity, max(largest, 8), 4096, 4096, max(args.prompt, args.context) + 16)
     engine = Engine(runner, limits, executor=compute)
     engine.start()
@@ -89,8 +91,32 @@ async def bench_pdlb(
         )
     prefill = statistics.median([await prefill_rate(engine, args.prompt) for _ in range(args.repeats)])
     handoff = await kv_handoff_us_per_token(runner, args.prompt, args.device)
+    if runner.graphs is not None and runner.graphs.capture:
+        drift = compute.submit(graph_drift, runner).result()
+        print(
+            f"CUDA graphs: {runner.graphs.captures} captured, {runner.graphs.replays} replays; "
+            f"one decode step of 48 rows, graph vs eager: max |logit diff| {drift[0]:.4f}, "
+            f"greedy tokens equal {drift[1]}/48\n"
+        )
     await engine.close()
     return rates, prefill, handoff
+
+
+def graph_drift(runner: TorchRunner) -> tuple[float, int]:
+    """The same decode step replayed from a graph and run eagerly (padding may change kernels)."""
+    from pdlb.services.scheduler.model import SeqChunk
+
+    chunks = []
+    for i in range(48):
+        slots = runner.allocate(40 + i)
+        runner.model([SeqChunk([(i * 5 + j) % 256 for j in range(39 + i)], 0, slots)], runner.pool)
+        chunks.append(SeqChunk([i % 256], 39 + i, slots))
+    replayed = runner.graphs.run(chunks, runner.graphs.bucket(chunks)).clone()
+    eager = runner.model(chunks, runner.pool)
+    for chunk in chunks:
+        runner.release(chunk.slots)
+    same = int((replayed.argmax(-1) == eager.argmax(-1)).sum())
+    return (replayed - eager).abs().max().item(), same
 
 
 async def kv_handoff_us_per_token(runner: TorchRunner, tokens: int, device: str) -> float:
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of the prefill measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eager-too", action="store_true", help="on CUDA, also run pdlb without CUDA graphs")
     args = parser.parse_args(argv)
     # As in the scheduler, torch runs on one thread only (both runners, in turn): see compute_thread
     torch.set_num_threads(1)
@@ -175,10 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## {name} ({params:.0f}M), {where}, {args.dtype}; median of {args.repeats}\n")
     print(f"decode: {args.context}-token prompts, {args.new} new tokens each; prefill: {args.prompt}-token prompt\n")
     hf_rates, hf_prefill = compute.submit(bench_transformers, theirs, args, batches).result()
+    eager = None
+    if args.device.startswith("cuda") and args.eager_too:
+        eager = asyncio.run(bench_pdlb(ours, args, batches, compute_thread(args.threads), graphs=False))
     pdlb_rates, pdlb_prefill, handoff = asyncio.run(bench_pdlb(ours, args, batches, compute))  # closes `compute`
     print("| runner | " + " | ".join(f"decode tok/s, batch {b}" for b in batches) + " | prefill tok/s |")
     print("|---|" + "---|" * (len(batches) + 1))
     print("| pdlb | " + " | ".join(f"{pdlb_rates[b]:,.0f}" for b in batches) + f" | {pdlb_prefill:,.0f} |")
+    if eager is not None:
+        print(
+            "| pdlb, no CUDA graphs | " + " | ".join(f"{eager[0][b]:,.0f}" for b in batches) + f" | {eager[1]:,.0f} |"
+        )
     print("| transformers | " + " | ".join(f"{hf_rates[b]:,.0f}" for b in batches) + f" | {hf_prefill:,.0f} |")
     ratios = " | ".join(f"{pdlb_rates[b] / hf_rates[b]:.2f}x" for b in batches)
     print(f"| pdlb / transformers | {ratios} | {pdlb_prefill / hf_prefill:.2f}x |")

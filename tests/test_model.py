@@ -20,7 +20,9 @@ from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.scheduler.batching import Engine, EngineLimits, Sequence
+from pdlb.services.scheduler.decode_graphs import DecodeGraphs
 from pdlb.services.scheduler.llama import LlamaModel
+from pdlb.services.scheduler.model import SeqChunk
 from pdlb.services.scheduler.runners import TorchRunner
 
 transformers = pytest.importorskip("transformers")
@@ -152,8 +154,6 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smoll
 
 
 def _prefill_logits(runner: TorchRunner, ids: list[int]) -> torch.Tensor:
-    from pdlb.services.scheduler.model import SeqChunk
-
     slots = runner.allocate(len(ids))
     try:
         return runner.model([SeqChunk(ids, 0, slots)], runner.pool)[0]
@@ -220,8 +220,41 @@ def _write_hf_dir(path, kind: str) -> None:
     model.save_pretrained(str(path), safe_serialization=True)
 
 
+def test_fixed_shape_decode_plans_match_the_eager_path(smollm2, smollm2_runner):
+    """What the CUDA graphs replay (a decode step padded to a batch and context bucket, its index
+    tensors refilled in place) gives the eager path's logits, and padding rows touch slot 0 only."""
+    _, tokenizer = smollm2
+    runner = smollm2_runner
+    graphs = DecodeGraphs(runner.model, runner.pool, max_batch=8, max_context=4096, capture=False)
+    prompts = [tokenizer.encode(t) for t in TEXTS[:3]]
+    chunks = []
+    for ids in prompts:  # prefill eagerly, then one decode token each at different context lengths
+        slots = runner.allocate(len(ids) + 1)
+        runner.model([SeqChunk(ids, 0, slots)], runner.pool)
+        chunks.append(SeqChunk([ids[-1]], len(ids), slots))
+    try:
+        assert graphs.bucket(chunks) == (4, 128)  # 3 rows padded to 4, contexts up to 128
+        assert graphs.bucket([*chunks[:2], SeqChunk([1, 2], 0, [1, 2])]) is None  # a prefill chunk: eager
+        before = runner.pool.k[:, 1:].clone()
+        fixed = graphs.run(chunks, graphs.bucket(chunks)).clone()
+        written = torch.tensor([c.slots[c.start_pos] for c in chunks])
+        untouched = torch.ones(runner.pool.capacity, dtype=torch.bool)
+        untouched[written - 1] = False
+        assert torch.equal(runner.pool.k[:, 1:][:, untouched], before[:, untouched])
+        eager = runner.model(chunks, runner.pool)
+        assert fixed.shape == eager.shape == (3, tokenizer.vocab_size)
+        assert (fixed - eager).abs().max().item() < 1e-3
+        assert fixed.argmax(-1).tolist() == eager.argmax(-1).tolist()
+        again = graphs.run(chunks[1:], graphs.bucket(chunks[1:]))  # the same plan, refilled with fewer rows
+        assert (again - eager[1:]).abs().max().item() < 1e-3
+    finally:
+        for chunk in chunks:
+            runner.release(chunk.slots)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind):
+@pytest.mark.parametrize("fixed_plans", [False, True], ids=["eager", "decode-plans"])
+async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_plans):
     _write_hf_dir(tmp_path / kind, kind)
     source = resolve(str(tmp_path / kind))
     assert source.model_id == kind and source.kind == "hf"
@@ -229,7 +262,7 @@ async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind):
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / kind), dtype=torch.float32).eval()
     model = LlamaModel(source.config())
     model.load_weights(source.state_dict())
-    runner = TorchRunner(model, 2048, eos_token_id=tokenizer.eos_token_id)
+    runner = TorchRunner(model, 2048, eos_token_id=tokenizer.eos_token_id, decode_graphs=fixed_plans)
     assert runner.pool.k.shape[2] == 2  # the pool holds the 2 KV heads only, not the 4 query heads
     ids = tokenizer.encode("Hello world! The year 2024")
     with torch.no_grad():
@@ -245,6 +278,8 @@ async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind):
     finally:
         await engine.close()
     assert got[0] == expected
+    if fixed_plans:
+        assert runner.graphs is not None and runner.graphs.plans_built >= 1  # decode steps took that path
 
 
 def test_unsupported_checkpoints_fail_with_what_is_unsupported(tmp_path):

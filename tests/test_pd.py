@@ -25,6 +25,7 @@ class PDCluster:
         method="total_tokens",
         dispatcher_flags=(),
         prefill_flags=(),
+        decode_flags=(),
     ):
         flags = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "3"]
         self.bootstrap = start_service("bootstrap", *flags, name="bootstrap")
@@ -57,7 +58,15 @@ class PDCluster:
         ]
         self.decodes = [
             start_service(
-                "scheduler", *flags, *MODEL, "--disaggregation-mode", "decode", "--dp-rank", str(r), name=f"decode-{r}"
+                "scheduler",
+                *flags,
+                *MODEL,
+                "--disaggregation-mode",
+                "decode",
+                "--dp-rank",
+                str(r),
+                *decode_flags,
+                name=f"decode-{r}",
             )
             for r in range(decode_ranks)
         ]
@@ -113,6 +122,45 @@ async def test_pd_tokens_equal_mixed_and_many_concurrent_rooms(pd):
 
         await wait_until(kv_freed, what="prefill workers to free every pulled KV")
     await client.close()
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_kv_handoff_costs_are_exported_on_both_sides(pd):
+    """What an operator reads to know the hand-off's price: tokens and seconds on each side."""
+    from pdlb.common.etcd_process import free_port
+
+    prefill_port, decode_port = free_port(), free_port()
+    cluster = pd(
+        prefill_ranks=1,
+        decode_ranks=1,
+        prefill_flags=("--metrics-port", str(prefill_port)),
+        decode_flags=("--metrics-port", str(decode_port)),
+    )
+    await cluster.ready()
+    client = cluster.client()
+    try:
+        chunks = [
+            [c async for c in client.generate(request(f"kv{i}", "x" * (40 + i), max_new_tokens=2))] for i in range(3)
+        ]
+    finally:
+        await client.close()
+    prompt_tokens = sum(c[-1].prompt_tokens for c in chunks)
+    assert prompt_tokens == 40 + 41 + 42  # the toy tokenizer: one token per byte
+    sent = await asyncio.to_thread(_metric, prefill_port, "pdlb_scheduler_kv_sent_tokens_total")
+    received = await asyncio.to_thread(_metric, decode_port, "pdlb_scheduler_kv_received_tokens_total")
+    assert sent == received == prompt_tokens
+    for port, name in (
+        (prefill_port, "pdlb_scheduler_kv_read_seconds_total"),
+        (decode_port, "pdlb_scheduler_kv_receive_seconds_total"),
+        (decode_port, "pdlb_scheduler_kv_write_seconds_total"),
+    ):
+        assert 0 < await asyncio.to_thread(_metric, port, name) < 10, name
 
 
 async def test_router_assigns_both_ranks(pd):

@@ -175,6 +175,14 @@ class Engine:
         self.prefill_tokens_per_s = 0.0
         self.mean_output_tokens = 0.0
         self.prompt_tokens_total = 0
+        # PD hand-off costs (seconds summed over requests; a token is one prompt position's K and V
+        # of every layer): the prefill side's read of held KV off the device, the decode side's
+        # receipt (first message to reassembled tensors) and its write into the pool
+        self.kv_sent_tokens = 0
+        self.kv_read_s = 0.0
+        self.kv_received_tokens = 0
+        self.kv_receive_s = 0.0
+        self.kv_write_s = 0.0
         self.listeners: list[Callable[[], None]] = []
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
@@ -314,7 +322,9 @@ class Engine:
     def _load_preloaded(self, seq: Sequence) -> None:
         preloaded, seq.preloaded = seq.preloaded, None
         seq.slots = self._allocate(len(seq.prompt))
+        started = time.perf_counter()
         self.runner.write_kv(seq.slots, preloaded.k, preloaded.v)
+        self.kv_write_s += time.perf_counter() - started
         seq.computed = len(seq.prompt)
         self._cache_prompt(seq)
         self._emit(seq, preloaded.first_token)

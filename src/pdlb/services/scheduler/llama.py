@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pdlb.models.config import LlamaConfig
-from pdlb.services.scheduler.model import BatchPlan, KVPool, SeqChunk
+from pdlb.services.scheduler.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 
 
 class RMSNorm(nn.Module):
@@ -108,13 +108,21 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def forward(self, chunks: list[SeqChunk], pool: KVPool) -> torch.Tensor:
         """Logits of the last new token of every chunk: [len(chunks), vocab] (float32)."""
+        return self.run_plan(BatchPlan(chunks, self.embed_tokens.weight.device), pool)
+
+    def run_plan(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
+        """The forward pass over a plan's index tensors: no host work and no host sync, so a
+        decode plan with fixed shapes can be captured in a CUDA graph (see decode_graphs.py)."""
         c = self.config
-        device = self.embed_tokens.weight.device
-        plan = BatchPlan(chunks, device)
         x = self.embed_tokens(plan.tokens)
         angles = plan.positions.float().unsqueeze(-1) * self.inv_freq  # [T, hd/2]
         cos = torch.cat((angles.cos(), angles.cos()), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
         sin = torch.cat((angles.sin(), angles.sin()), -1).to(x.dtype).unsqueeze(1)
+        group = c.num_heads // c.num_kv_heads
+        # Grouped-query attention without copying K/V per query head: the `group` query heads of a
+        # KV head become extra query rows of that head (their mask rows repeat), which also keeps
+        # the fused attention kernels eligible where enable_gqa would fall back to plain math.
+        mask = plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
         for index, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q = layer.q_proj(h).view(-1, c.num_heads, c.head_dim)
@@ -125,10 +133,13 @@ class LlamaModel(nn.Module):
             pool.v[index, plan.write_slots] = v.to(pool.v.dtype)
             keys = pool.k[index, plan.kv_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, maxk, hd]
             values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
-            queries = q[plan.q_index].transpose(1, 2)  # [B, H, maxn, hd]
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=plan.mask, enable_gqa=c.num_kv_heads != c.num_heads
-            )
+            queries = q[plan.q_index]  # [B, maxn, H, hd]
+            batch, max_new = queries.shape[:2]
+            # [B, maxn, Hkv, group, hd] -> [B, Hkv, group * maxn, hd]
+            queries = queries.view(batch, max_new, c.num_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)
+            queries = queries.reshape(batch, c.num_kv_heads, group * max_new, c.head_dim)
+            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+            attended = attended.reshape(batch, c.num_heads, max_new, c.head_dim)  # back to [B, H, maxn, hd]
             x = x + layer.o_proj(plan.valid_rows(attended))
             h = layer.post_attention_layernorm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))

@@ -87,6 +87,13 @@ def build_parser() -> FlagParser:
     p.flag("--weights-cache-gb", default=4.0, type=float, help="bound of the weights cache (oldest files dropped)")
     p.flag("--device", default="cpu", help="torch device: cpu or cuda[:N]")
     p.flag("--dtype", default="float32", choices=sorted(DTYPES), help="model and KV dtype")
+    p.flag(
+        "--cuda-graphs",
+        default=True,
+        type=bool,
+        help="replay decode steps from CUDA graphs on cuda devices (captured per batch/context bucket on first use)",
+    )
+    p.flag("--cuda-graph-max-batch", default=256, type=int, help="largest decode batch replayed from a CUDA graph")
     p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
@@ -148,7 +155,15 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         cache = Path(args.weights_cache_dir) if args.weights_cache_dir else None
         model = LlamaModel(config)
         model.load_weights(source.state_dict(cache, int(args.weights_cache_gb * (1 << 30))))
-    return TorchRunner(model, args.max_total_tokens, args.device, DTYPES[args.dtype], tokenizer.eos_token_id)
+    return TorchRunner(
+        model,
+        args.max_total_tokens,
+        args.device,
+        DTYPES[args.dtype],
+        tokenizer.eos_token_id,
+        decode_graphs=None if args.cuda_graphs else False,
+        graph_max_batch=args.cuda_graph_max_batch,
+    )
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:

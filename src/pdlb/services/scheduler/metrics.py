@@ -22,6 +22,21 @@ class EngineCollector(Collector):
             "pdlb_scheduler_cache_hit_tokens", "Prompt tokens served from the prefix cache", engine.cache_hit_tokens
         )
         yield _counter("pdlb_scheduler_steps", "Forward passes run", engine.steps)
+        yield _counter(
+            "pdlb_scheduler_kv_sent_tokens", "PD: prompt tokens of KV sent to decode workers", engine.kv_sent_tokens
+        )
+        yield _counter("pdlb_scheduler_kv_read_seconds", "PD: time reading held KV off the device", engine.kv_read_s)
+        yield _counter(
+            "pdlb_scheduler_kv_received_tokens",
+            "PD: prompt tokens of KV pulled from prefill workers",
+            engine.kv_received_tokens,
+        )
+        yield _counter(
+            "pdlb_scheduler_kv_receive_seconds",
+            "PD: time from a pull's first message to reassembled KV",
+            engine.kv_receive_s,
+        )
+        yield _counter("pdlb_scheduler_kv_write_seconds", "PD: time writing pulled KV into the pool", engine.kv_write_s)
         yield _gauge("pdlb_scheduler_running_requests", "Requests in the running batch", len(engine.running))
         yield _gauge("pdlb_scheduler_waiting_requests", "Requests queued for admission", len(engine.waiting))
         yield _gauge("pdlb_scheduler_kv_used_tokens", "KV slots in use (cache included)", engine.runner.kv_used)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -182,3 +183,45 @@ class BatchPlan:
         batch, heads, max_new, head_dim = attended.shape
         rows = attended.transpose(1, 2).reshape(batch * max_new, heads * head_dim)
         return rows if max_new == 1 else rows.index_select(0, self.q_rows)
+
+
+class DecodePlan:
+    """The index tensors of a decode-only step at a fixed shape: `batch` rows (one token each)
+    attending over up to `context` slots. The tensors are views of one device buffer that `fill`
+    refreshes in place with a single host-to-device copy, which is what lets a CUDA graph captured
+    over them be replayed. Rows past the real batch are padding: token 0 at position 0, writing and
+    reading slot 0 (never handed out) only."""
+
+    def __init__(self, batch: int, context: int, device: torch.device) -> None:
+        self.batch, self.context = batch, context
+        # columns: token, position, write slot, KV length, then `context` KV slots
+        self._host = np.zeros((batch, 4 + context), dtype=np.int64)
+        self._host[:, 3] = 1
+        self._device = torch.from_numpy(self._host).to(device)
+        self.tokens, self.positions, self.write_slots, self.kv_lens = self._device[:, :4].unbind(1)
+        self.kv_index = self._device[:, 4:]
+        self.q_index = torch.arange(batch, device=device).view(batch, 1)
+        self.last_index = torch.arange(batch, device=device)
+        self._key_pos = torch.arange(context, device=device).view(1, 1, 1, context)
+        self.refresh_mask()
+
+    def refresh_mask(self) -> torch.Tensor:
+        """Recomputed on the device from kv_lens (inside a captured graph: on every replay)."""
+        self.mask = self._key_pos < self.kv_lens.view(-1, 1, 1, 1)  # [B, 1, 1, context]
+        return self.mask
+
+    def fill(self, chunks: list[SeqChunk]) -> None:
+        """Write the chunks' tokens, positions and slots in; rows past len(chunks) become padding."""
+        host = self._host
+        host.fill(0)
+        host[:, 3] = 1
+        for b, chunk in enumerate(chunks):
+            end = chunk.start_pos + 1
+            host[b, :4] = (chunk.new_tokens[0], chunk.start_pos, chunk.slots[chunk.start_pos], end)
+            host[b, 4 : 4 + end] = chunk.slots[:end]
+        self._device.copy_(torch.from_numpy(host))
+
+    def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
+        """[B, H, 1, hd] attention output -> [B, H * hd]."""
+        batch, heads, _, head_dim = attended.shape
+        return attended.reshape(batch, heads * head_dim)

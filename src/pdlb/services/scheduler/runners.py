@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
+from pdlb.services.scheduler.decode_graphs import DecodeGraphs
 from pdlb.services.scheduler.llama import LlamaModel
 from pdlb.services.scheduler.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
 
@@ -65,12 +66,20 @@ class TorchRunner(Runner):
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         eos_token_id: int = EOS_TOKEN_ID,
+        decode_graphs: bool | None = None,
+        graph_max_batch: int = 256,
     ) -> None:
+        """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
+        that support it); True on a CPU runs the same fixed-shape decode plans without capture."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.config = model.config
         self.eos_token_id = eos_token_id
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
+        on_cuda = self.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
+            self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)
 
     def allocate(self, n: int) -> list[int]:
         return self.pool.allocate(n)
@@ -87,7 +96,9 @@ class TorchRunner(Runner):
         return self.pool.free
 
     def step(self, items: list[StepItem]) -> list[int | None]:
-        logits = self.model([item.chunk for item in items], self.pool)
+        chunks = [item.chunk for item in items]
+        bucket = self.graphs.bucket(chunks) if self.graphs else None
+        logits = self.graphs.run(chunks, bucket) if bucket else self.model(chunks, self.pool)
         greedy = logits.argmax(dim=-1).tolist()
         out: list[int | None] = []
         for index, item in enumerate(items):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -136,8 +137,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             channel = self._kv_channels[address] = open_channel(address)
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         call = stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=room, request_id=seq.request_id), timeout=wait_s)
+        first: list[float] = []
+
+        async def timed(stream):  # the clock starts at the first message, not while prefill runs
+            async for message in stream:
+                if not first:
+                    first.append(time.perf_counter())
+                yield message
+
         try:
-            header, k, v = await decode_kv(call)
+            header, k, v = await decode_kv(timed(call))
+            self.engine.kv_receive_s += time.perf_counter() - first[0]
+            self.engine.kv_received_tokens += len(header.input_ids)
         except grpc.aio.AioRpcError as err:
             code = grpc.StatusCode.NOT_FOUND if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
             await _abort_kv(
@@ -196,7 +207,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 f"room {request.bootstrap_room} holds no KV here (not prefilled here, already pulled, or expired)",
             )
         try:
+            started = time.perf_counter()
             k, v = self.engine.runner.read_kv(held.slots)
+            self.engine.kv_read_s += time.perf_counter() - started
+            self.engine.kv_sent_tokens += len(held.slots)
             for message in encode_kv(held.prompt, held.first_token, k, v):
                 yield message
         finally:

@@ -145,9 +145,9 @@ async def test_kv_handoff_costs_are_exported_on_both_sides(pd):
     await cluster.ready()
     client = cluster.client()
     try:
-        chunks = [
-            [c async for c in client.generate(request(f"kv{i}", "x" * (40 + i), max_new_tokens=2))] for i in range(3)
-        ]
+        chunks = []
+        for i in range(3):
+            chunks.append([c async for c in client.generate(request(f"kv{i}", "x" * (40 + i), max_new_tokens=2))])
     finally:
         await client.close()
     prompt_tokens = sum(c[-1].prompt_tokens for c in chunks)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import numpy as np
 import torch
 
 from pdlb.v1 import scheduler_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+# K and V of one token over all layers; far above any dense model's (Llama 3 405B: about 0.5 MiB),
+# it bounds what a malformed header can make the decode side allocate
+MAX_KV_BYTES_PER_TOKEN = 1 << 22
 _DTYPES = {
     torch.float32: pb.TENSOR_D_TYPE_FLOAT32,
     torch.float16: pb.TENSOR_D_TYPE_FLOAT16,
@@ -59,41 +63,57 @@ def _wire_bytes(layer_tensor: torch.Tensor) -> bytes:
 async def decode_kv(
     stream: AsyncIterator[pb.PullKVResponse],
 ) -> tuple[pb.KVHeader, torch.Tensor, torch.Tensor]:
-    """Reassemble (header, k, v) with k, v shaped [num_layers, seq_len, num_heads, head_dim]."""
+    """Reassemble (header, k, v) with k, v shaped [num_layers, seq_len, num_heads, head_dim] (views of
+    one buffer that every chunk is copied into once, at its place)."""
     header: pb.KVHeader | None = None
-    buffers: dict[tuple[int, bool], bytearray] = {}
-    chunks = 0
+    buffer: np.ndarray | None = None
+    received: dict[tuple[int, bool], int] = {}
+    per_tensor = chunks = 0
     async for message in stream:
         if message.HasField("header"):
+            if header is not None:
+                raise TransferError("KV stream sent a second header")
             header = message.header
+            per_tensor = _check_header(header)
+            buffer = np.empty(2 * header.num_layers * per_tensor, dtype=np.uint8)
             continue
-        if header is None:
+        if header is None or buffer is None:
             raise TransferError("KV stream sent a chunk before its header")
         chunk = message.chunk
         if chunk.layer >= header.num_layers:
             raise TransferError(f"KV chunk for layer {chunk.layer} of {header.num_layers}")
-        buf = buffers.setdefault((chunk.layer, chunk.is_value), bytearray())
-        if chunk.offset != len(buf):
-            raise TransferError(f"KV chunk at offset {chunk.offset}, expected {len(buf)}")
-        buf.extend(chunk.data)
+        key = (chunk.layer, chunk.is_value)
+        done = received.get(key, 0)
+        if chunk.offset != done:
+            raise TransferError(f"KV chunk at offset {chunk.offset}, expected {done}")
+        if done + len(chunk.data) > per_tensor:
+            raise TransferError(f"layer {chunk.layer}: more than the {per_tensor} bytes its header announces")
+        start = (int(chunk.is_value) * header.num_layers + chunk.layer) * per_tensor + done
+        buffer[start : start + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
+        received[key] = done + len(chunk.data)
         chunks += 1
-    if header is None or chunks != header.num_chunks:
+    if header is None or buffer is None or chunks != header.num_chunks:
         raise TransferError(f"KV stream ended after {chunks} of {header.num_chunks if header else '?'} chunks")
+    for layer in range(header.num_layers):
+        for is_value in (False, True):
+            got = received.get((layer, is_value), 0)
+            if got != per_tensor:
+                raise TransferError(f"layer {layer} {'V' if is_value else 'K'}: {got} bytes, expected {per_tensor}")
+    heads, seq_len, head_dim = header.shape
+    wire = torch.from_numpy(buffer).view(_FROM_WIRE[header.dtype])
+    both = wire.view(2, header.num_layers, heads, seq_len, head_dim).transpose(2, 3)
+    return header, both[0], both[1]
+
+
+def _check_header(header: pb.KVHeader) -> int:
+    """Bytes of one layer's K (or V); the header is checked before anything is allocated for it."""
     dtype = _FROM_WIRE.get(header.dtype)
     if dtype is None or len(header.shape) != 3:
         raise TransferError("KV header has an unknown dtype or a shape that is not [heads, seq_len, head_dim]")
     heads, seq_len, head_dim = header.shape
-    tensors = []
-    for is_value in (False, True):
-        layers = []
-        for layer in range(header.num_layers):
-            raw = buffers.get((layer, is_value), bytearray())
-            expected = heads * seq_len * head_dim * torch.empty(0, dtype=dtype).element_size()
-            if len(raw) != expected:
-                raise TransferError(f"layer {layer} {'V' if is_value else 'K'}: {len(raw)} bytes, expected {expected}")
-            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(heads, seq_len, head_dim)
-            layers.append(t.transpose(0, 1))
-        tensors.append(torch.stack(layers))
     if len(header.input_ids) != seq_len:
         raise TransferError(f"KV covers {seq_len} tokens but the header lists {len(header.input_ids)}")
-    return header, tensors[0], tensors[1]
+    per_token = 2 * header.num_layers * heads * head_dim * dtype.itemsize
+    if not 0 < per_token <= MAX_KV_BYTES_PER_TOKEN:
+        raise TransferError(f"KV header announces {per_token} bytes per token (at most {MAX_KV_BYTES_PER_TOKEN})")
+    return heads * seq_len * head_dim * dtype.itemsize

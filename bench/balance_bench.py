@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompts-per-group", type=int, default=0, help="requests per prefix group (replaces --num-requests)"
     )
+    parser.add_argument(
+        "--shared-fraction", type=float, default=1.0, help="with prefix groups: share of requests in one (rest unique)"
+    )
     parser.add_argument("--input-median", type=int, default=256, help="median prompt (or question) tokens")
     parser.add_argument("--output-median", type=int, default=48, help="median output tokens")
     parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
@@ -428,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     prefix_groups=args.prefix_groups,
                     prefix_len=args.prefix_len,
                     prompts_per_group=args.prompts_per_group,
+                    shared_fraction=args.shared_fraction,
                 )
                 items = generate(spec)
                 shift = (len(results) // len(methods)) % len(methods)  # one step per configuration

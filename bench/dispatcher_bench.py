@@ -12,20 +12,31 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import grpc
 
 from pdlb.common.processes import ServiceProcess, script
+from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
 from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy, method_names
 from pdlb.services.dispatcher.router import Router
-from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2
 
 
-def decision_times(ranks: int, method: str, decisions: int = 2000, repeats: int = 5) -> float:
-    """Median microseconds per Router.decide (policy + in-flight bookkeeping), with a report from a
-    random rank every 4 decisions so reports interleave with dispatches as in production."""
+def decision_times(
+    ranks: int, method: str, decisions: int = 2000, repeats: int = 5, exact: bool = False
+) -> tuple[float, float, float]:
+    """Median microseconds per Router.decide (policy + in-flight bookkeeping), the dispatcher's
+    handling of load reports per decision (off the request's path) and, for prefix-aware methods,
+    the hashing of each prompt's blocks (once per request, beside its tokenisation), with
+    a report from a random rank every 4 decisions so reports interleave with dispatches as in
+    production.
+
+    `exact`: the workers send prefix-cache block events (pdlb's schedulers do), so prefix-aware
+    methods match against the exact index; each report carries the block events of the requests
+    sent to that worker since its last one (from a model of its cache with its KV capacity)."""
     rng = random.Random(ranks)
     table = LoadTable()
     for r in range(ranks):
@@ -47,25 +58,78 @@ def decision_times(ranks: int, method: str, decisions: int = 2000, repeats: int 
     router = Router(Role.PREFILL, table, create_policy(method, Role.PREFILL, PolicyOptions(dp_size=ranks)))
     for entry in table.candidates():  # policies learn the reported loads as the dispatcher feeds them
         router.policy.on_report(entry)
+    index = ExactPrefixIndex() if exact else None
+    pending: dict[str, list[RouteContext]] = {}  # worker -> requests sent to it since its last report
+    caches = {f"w{r}": _WorkerCache(10**5 // 16) for r in range(ranks)}
+    if index is not None:
+        router.policy.exact = index
+        for r in range(ranks):
+            index.apply(f"w{r}", load_report_pb2.KVEvents(first_seq=1, last_seq=0, snapshot=True))
     # Prompts share one of 64 system prompts (512 tokens) plus a question: cache_aware hashes them.
     prefixes = [[rng.randrange(256) for _ in range(512)] for _ in range(64)]
     contexts = []
     for i in range(decisions):
         prompt = rng.choice(prefixes) + [rng.randrange(256) for _ in range(rng.randrange(1, 512))]
         contexts.append(RouteContext(f"r{i}", len(prompt), bootstrap_room=rng.getrandbits(32), input_ids=prompt))
-    samples = []
+    samples, report_samples, hashing = [], [], []
+    clock = time.perf_counter
     for _ in range(repeats):
         fresh = [replace(ctx, _chains={}) for ctx in contexts]  # each request is hashed once, as in production
-        start = time.perf_counter()
+        deciding = reporting = 0.0
+        index_of = getattr(router.policy, "index", None)
+        if index_of is not None:  # prompt hashing is per request, like tokenising: timed on its own
+            start = clock()
+            for ctx in fresh:
+                ctx.blocks(index_of)
+            hashing.append((clock() - start) / decisions * 1e6)
         for i, ctx in enumerate(fresh):
+            start = clock()
             decision = router.decide(ctx)
+            deciding += clock() - start
+            if index is not None:
+                pending.setdefault(decision.entry.worker.worker_id, []).append(ctx)
             if i % 4 == 3:
                 entry = table.get(f"w{rng.randrange(ranks)}")
-                table.apply_report(entry.worker.worker_id, entry.reported, entry.next_seq)
+                worker = entry.worker.worker_id
+                # what the worker would report (its cache's events) is built outside the clock
+                batch = (
+                    caches[worker].events(pending.pop(worker, ()), router.policy.index, index.next_seq[worker])
+                    if index
+                    else None
+                )
+                start = clock()
+                table.apply_report(worker, entry.reported, entry.next_seq)
                 router.policy.on_report(entry)
-        samples.append((time.perf_counter() - start) / decisions * 1e6)
-        del decision
-    return statistics.median(samples)
+                if batch is not None:
+                    index.apply(worker, batch)
+                reporting += clock() - start
+        samples.append(deciding / decisions * 1e6)
+        report_samples.append(reporting / decisions * 1e6)
+    hashed = statistics.median(hashing) if hashing else 0.0
+    return statistics.median(samples), statistics.median(report_samples), hashed
+
+
+class _WorkerCache:
+    """A worker's prefix cache as the bench models it: the blocks of the prompts it computed, at
+    most `capacity`, evicting the oldest first; `events` is the batch it would report."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def events(self, requests, index, first_seq: int) -> load_report_pb2.KVEvents:
+        stored, removed = [], []
+        for ctx in requests:
+            for name in reversed(ctx.blocks(index)):  # deepest first, so it is evicted first
+                if name in self.blocks:
+                    self.blocks.move_to_end(name)
+                else:
+                    self.blocks[name] = None
+                    stored.append(name)
+        while len(self.blocks) > self.capacity:
+            removed.append(self.blocks.popitem(last=False)[0])
+        last = first_seq + len(stored) + len(removed) - 1
+        return load_report_pb2.KVEvents(first_seq=first_seq, last_seq=last, stored=stored, removed=removed)
 
 
 async def route_throughput(address: str, seconds: float, concurrency: int) -> float:
@@ -118,16 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default="8,64,512,1024")
     parser.add_argument("--methods", default="", help="comma-separated methods (default: all)")
     parser.add_argument("--decisions-only", action="store_true", help="skip the Route throughput part")
+    parser.add_argument(
+        "--exact-methods",
+        default="cache_aware,predicted_latency",
+        help="prefix-aware methods measured again with workers sending block events (the exact index)",
+    )
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     # every registered method (baselines included), without `auto`, unless --methods names some
     methods = args.methods.split(",") if args.methods else method_names()[1:]
-    print("## Decision time per dispatch (median µs, policy + in-flight bookkeeping)\n")
+    print("## Decision time per dispatch (median µs: policy + in-flight bookkeeping; in brackets, the")
+    print("handling of load reports and block events per dispatch, off the request's path, and for")
+    print("prefix-aware methods the hashing of the prompt's blocks, once per request)\n")
     print("| method | " + " | ".join(f"{r} ranks" for r in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
-    for method in methods:
-        cells = [f"{decision_times(r, method, 500 if args.quick else 2000, 3 if args.quick else 5):.1f}" for r in ranks]
-        print(f"| {method} | " + " | ".join(cells) + " |")
+    runs = [(m, False) for m in methods] + [(m, True) for m in args.exact_methods.split(",") if m in methods]
+    for method, exact in runs:
+        decisions, repeats = (500, 3) if args.quick else (2000, 5)
+        times = [decision_times(r, method, decisions, repeats, exact) for r in ranks]
+        cells = [
+            f"{decide:.1f} (+{reports:.1f}{f'; hash {hashed:.1f}' if hashed else ''})"
+            for decide, reports, hashed in times
+        ]
+        print(f"| {method}{' (exact index)' if exact else ''} | " + " | ".join(cells) + " |")
 
     if args.decisions_only:
         return 0

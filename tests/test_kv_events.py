@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
-from pdlb.services.dispatcher.prefix_index import PrefixIndex
+from pdlb.services.dispatcher.prefix_index import PrefixIndex, nested_depths
 from pdlb.services.scheduler.kv_events import KVEventLog
 from pdlb.services.scheduler.prefix_cache import PrefixCache
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -131,3 +131,23 @@ async def test_a_replica_finds_a_prefix_the_other_replica_placed(etcd, prefix, s
         await ch_a.close()
         await ch_b.close()
     await asyncio.sleep(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=0, max_size=6), st.integers(1, 14))
+def test_nested_depths_is_each_workers_longest_held_prefix(depths, length):
+    """Holder sets that nest (a worker holding block i holds every block above it), as both
+    indexes keep them: one walk down the chain finds what a per-worker scan finds."""
+    names = list(range(100, 100 + length))
+    holders: dict[int, set[str]] = {}
+    for w, depth in enumerate(depths):
+        for name in names[:depth]:
+            holders.setdefault(name, set()).add(f"w{w}")
+    expected = {}
+    for w in range(len(depths)):
+        held = 0
+        while held < length and f"w{w}" in holders.get(names[held], set()):
+            held += 1
+        if held:
+            expected[f"w{w}"] = held
+    assert nested_depths(holders, names) == expected

@@ -30,6 +30,7 @@ class WorkloadSpec:
     prefix_groups: int = 0  # > 0: each request is its group's shared prefix + a question
     prefix_len: int = 0
     prompts_per_group: int = 0  # > 0: exactly this many requests per group (num_requests is ignored)
+    shared_fraction: float = 1.0  # with prefix groups: share of requests that use one (the rest unique)
     seed: int = 0
 
 
@@ -78,6 +79,8 @@ def generate(spec: WorkloadSpec) -> list[WorkItem]:
         n_in = _lognormal(rng, median, spec.input_sigma, spec.max_input)
         n_out = _lognormal(rng, spec.output_median * scale, spec.output_sigma, spec.max_output)
         group = groups[index] if groups is not None else -1
+        if group >= 0 and spec.shared_fraction < 1.0 and rng.random() >= spec.shared_fraction:
+            group = -1  # drawn only for mixes, so workloads without one are unchanged
         head = prefixes[group] if group >= 0 else []
         items.append(WorkItem(index, at, head + [rng.randrange(256) for _ in range(n_in)], n_out, group))
     return items

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pdlb.services.dispatcher.prefix_index import nested_depths
 from pdlb.v1 import load_report_pb2
 
 
@@ -55,24 +56,9 @@ class ExactPrefixIndex:
 
     def match(self, names: Sequence[int], workers: set[str] | None = None) -> dict[str, int]:
         """Synced workers holding a prefix of `names`, with its length in blocks (a radix cache holds
-        every block above a cached one, so the depth is found by binary search)."""
-        first = self.holders.get(names[0]) if names else None
-        if not first:
-            return {}
-        matched: dict[str, int] = {}
-        empty: set[str] = set()
-        for worker in first:
-            if worker not in self.next_seq or (workers is not None and worker not in workers):
-                continue
-            low, high = 1, len(names)
-            while low < high:
-                mid = (low + high + 1) // 2
-                if worker in self.holders.get(names[mid - 1], empty):
-                    low = mid
-                else:
-                    high = mid - 1
-            matched[worker] = low
-        return matched
+        every block above a cached one, so the holder sets nest)."""
+        depths = nested_depths(self.holders, names)
+        return {w: d for w, d in depths.items() if w in self.next_seq and (workers is None or w in workers)}
 
     def forget(self, worker: str) -> None:
         for name in self.blocks.pop(worker, ()):

@@ -29,32 +29,16 @@ class PrefixIndex:
         size = self.block_size
         count = min(len(tokens) // size, self.max_prompt_blocks)
         names, previous = [], 0
+        whole = tuple(tokens[: count * size])  # one copy; each block is then a tuple slice (C speed)
         for start in range(0, count * size, size):
-            previous = hash((previous, tuple(tokens[start : start + size])))  # a slice's tuple: C speed
+            previous = hash((previous, whole[start : start + size]))
             names.append(previous)
         return names
 
     def match(self, names: Sequence[int]) -> dict[str, int]:
-        """Workers holding a prefix of `names`, with the number of leading blocks each holds.
-
-        Deeper blocks are evicted before shallower ones (see `insert`), so a worker holding block
-        i holds blocks 0..i too and its depth is found by binary search."""
-        first = self._holders.get(names[0]) if names else None
-        if not first:
-            return {}
-        holders = self._holders
-        empty: set[str] = set()
-        matched: dict[str, int] = {}
-        for worker in first:
-            low, high = 1, len(names)  # holds names[:low]; does not hold beyond names[:high]
-            while low < high:
-                mid = (low + high + 1) // 2
-                if worker in holders.get(names[mid - 1], empty):
-                    low = mid
-                else:
-                    high = mid - 1
-            matched[worker] = low
-        return matched
+        """Workers holding a prefix of `names`, with the number of leading blocks each holds (deeper
+        blocks are evicted before shallower ones, see `insert`, so holders nest: see nested_depths)."""
+        return nested_depths(self._holders, names)
 
     def insert(self, worker: str, names: Sequence[int]) -> None:
         """Record that `worker` was sent a prompt with these blocks (most recent use). Blocks are
@@ -103,3 +87,27 @@ class PrefixIndex:
 
     def block_names(self) -> int:
         return len(self._holders)
+
+
+def nested_depths(holders: dict[int, set[str]], names: Sequence[int]) -> dict[str, int]:
+    """Worker -> how many leading blocks of `names` it holds, where the holders of block i+1 are a
+    subset of those of block i (a worker holding a block holds every block above it). One walk down
+    the chain: a worker's depth is the level where it drops out of the holder sets, and since sets
+    only shrink, a level whose set has the same size as the one above changes nothing."""
+    current = holders.get(names[0]) if names else None
+    if not current:
+        return {}
+    depths: dict[str, int] = {}
+    depth, size, get = 1, len(current), holders.get
+    for name in names[1:]:
+        below = get(name)
+        if not below:
+            break
+        if len(below) != size:
+            for worker in current - below:
+                depths[worker] = depth
+            current, size = below, len(below)
+        depth += 1
+    for worker in current:
+        depths[worker] = depth
+    return depths

@@ -127,7 +127,10 @@ class RotatingPolicy(Policy):
 class PrefixIndexPolicy(RotatingPolicy):
     """Base for methods that need to know which ranks cache a prompt's prefix: the exact index
     (from the workers' block events, shared by the dispatcher) for workers that send events, and
-    an approximate index of what this policy sent where for those that do not."""
+    an approximate index of what this policy sent where for those that do not. Requests sent to a
+    synced worker are not recorded in the approximate index (half of a decision's time at 64
+    ranks went there), so while a worker's events are in a gap it is guessed from what it was
+    sent before it synced, or not at all, until its snapshot arrives."""
 
     def __init__(self, options: PolicyOptions) -> None:
         super().__init__(options)
@@ -141,12 +144,17 @@ class PrefixIndexPolicy(RotatingPolicy):
         guessed = self.index.match(names)
         if self.exact is None or not self.exact.next_seq:
             return guessed
+        if not guessed:  # every worker this policy sent to is synced: the exact index alone
+            return self.exact.match(names)
         known = {w: depth for w, depth in guessed.items() if not self.exact.synced(w)}
         known.update(self.exact.match(names))
         return known
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
-        self.index.insert(chosen.worker.worker_id, ctx.blocks(self.index))
+        worker_id = chosen.worker.worker_id
+        if self.exact is not None and self.exact.synced(worker_id):
+            return  # its own block events say what it caches: guessing would only cost time
+        self.index.insert(worker_id, ctx.blocks(self.index))
 
     def on_report(self, entry: WorkerEntry) -> None:
         if entry.reported.kv_tokens_capacity > 0:

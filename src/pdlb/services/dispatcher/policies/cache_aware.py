@@ -54,7 +54,9 @@ class CacheAware(PrefixIndexPolicy):
         eligible = candidates if max(map(_TOTAL_REQUESTS, candidates)) <= limit else self._eligible(candidates, limit)
         best = self._least(eligible, _SLOT_EXCESS_THEN_QUEUED)
         weight, block = self.options.cache_load_weight, self.index.block_size
-        best_key, best_hit, guarded = (best.slot_excess, weight * best.queued_tokens, 0), 0, False
+        # the best so far by (slot excess, weight x queued - hit, -hit), lower is better; kept in
+        # locals rather than tuples: this loop runs once per rank holding the prefix
+        best_excess, best_score, best_hit, guarded = best.slot_excess, weight * best.queued_tokens, 0, False
         for worker_id, blocks in self.matches(names).items():
             entry = by_id.get(worker_id)
             if entry is None:
@@ -62,10 +64,13 @@ class CacheAware(PrefixIndexPolicy):
             if entry.total_requests > limit:
                 guarded = True
                 continue
+            excess = entry.slot_excess
+            if excess > best_excess:
+                continue
             hit = blocks * block
-            key = (entry.slot_excess, weight * entry.queued_tokens - hit, -hit)  # lower is better
-            if key < best_key:
-                best, best_key, best_hit = entry, key, hit
+            score = weight * entry.queued_tokens - hit
+            if excess < best_excess or score < best_score or (score == best_score and hit > best_hit):
+                best, best_excess, best_score, best_hit = entry, excess, score, hit
         self.reasons[CACHE_HIT if best_hit else GUARDED if guarded else LOAD] += 1
         return best
 

@@ -1,0 +1,159 @@
+"""The balancing workload set, every method and peer on each, several seeds: medians of ratios to
+round robin taken within each run (same cluster, same workload, methods in rotating order).
+
+Each (workload, load, seed) is one `bench.balance_bench` run; the table reports, per method and
+workload, the median over seeds of TTFT p99 / round robin's, of throughput / round robin's and of
+the mean token imbalance (max / mean tokens per rank over time). The goals of the balancing issue
+are checked for the recommended method at the end.
+
+  python -m bench.balance_suite                         # independent ranks, 3 seeds
+  python -m bench.balance_suite --group-size 4 --name suite_lockstep4 --workloads chat,bursts_16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from bench import balance_bench
+
+RESULTS = balance_bench.RESULTS
+METHODS = (
+    "least_wait,total_requests,predicted_latency,cache_aware,round_robin,peer_vllm_dp,"
+    "peer_sglang_minimum_tokens,peer_dynamo_kv,peer_llmd,peer_sglang_lmetric"
+)
+NO_TAIL = ["--long-tail-fraction", "0"]
+# name: (flags, moderate rate, high rate); chat-sized prompts unless the flags say otherwise
+WORKLOADS: dict[str, tuple[list[str], float, float]] = {
+    "chat": (["--arrivals", "poisson", *NO_TAIL], 6, 10),
+    "heavy_tail": (["--arrivals", "poisson", "--long-tail-fraction", "0.1"], 6, 10),
+    "bursts_4": (["--arrivals", "bursty", "--burst-size", "4", *NO_TAIL], 6, 10),
+    "bursts_16": (["--arrivals", "bursty", "--burst-size", "16", *NO_TAIL], 6, 10),
+    "bursts_32": (["--arrivals", "bursty", "--burst-size", "32", *NO_TAIL], 6, 10),
+    "bimodal": (["--arrivals", "bursty", "--burst-size", "8", "--doc-fraction", "0.2", *NO_TAIL], 5, 8),
+    "shared_mix": (
+        ["--arrivals", "poisson", "--prefix-groups", "8", "--prefix-len", "512", "--shared-fraction", "0.5", *NO_TAIL],
+        6,
+        10,
+    ),
+}
+PEERS_PREFIX = "peer_"
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for workload in args.workloads.split(","):
+        flags, moderate, high = WORKLOADS[workload]
+        rates = {"moderate": moderate, "high": high}
+        for load in args.loads.split(","):
+            for seed in range(1, args.seeds + 1):
+                name = f"{args.name}_{workload}_{load}_s{seed}"
+                argv = [
+                    *flags,
+                    "--rates", str(rates[load]), "--seed", str(seed), "--num-requests", str(args.num_requests),
+                    "--methods", args.methods, "--group-size", str(args.group_size), "--name", name,
+                    "--out", str(args.runs),
+                ]  # fmt: skip
+                balance_bench.main(argv)
+                for record in json.loads((Path(args.runs) / f"{name}.json").read_text()):
+                    rows.append({**record["row"], "workload": workload, "load": load, "seed": seed})
+                (Path(args.out) / f"{args.name}.json").write_text(json.dumps(rows))  # partial results survive
+    return rows
+
+
+def summarise(rows: list[dict], recommended: str) -> str:
+    cells: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    by_run: dict[tuple[str, str, int], dict[str, dict]] = {}
+    for row in rows:
+        by_run.setdefault((row["workload"], row["load"], row["seed"]), {})[row["method"]] = row
+    for (workload, load, _), runs in by_run.items():
+        base = runs.get("round_robin")
+        if base is None:
+            continue
+        for method, row in runs.items():
+            cell = cells.setdefault((workload, load, method), {"p99": [], "tput": [], "imb": [], "ok": []})
+            cell["p99"].append(row["ttft_p99_ms"] / base["ttft_p99_ms"])
+            cell["tput"].append(row["throughput_tok_s"] / base["throughput_tok_s"])
+            cell["imb"].append(row["imbalance_mean"])
+            cell["ok"].append(row["failed"] == 0)
+    columns = sorted({(w, load) for w, load, _ in cells}, key=lambda c: (list(WORKLOADS).index(c[0]), c[1]))
+    methods = list(dict.fromkeys(m for _, _, m in cells))
+    lines = ["## TTFT p99 / round robin (median over seeds; lower is better)\n"]
+    lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for method in methods:
+        values = [cells.get((w, load, method)) for w, load in columns]
+        lines.append(
+            f"| {method} | " + " | ".join(f"{statistics.median(v['p99']):.2f}" if v else "-" for v in values) + " |"
+        )
+    for title, key, fmt in (("throughput / round robin", "tput", "{:.2f}"), ("mean token imbalance", "imb", "{:.2f}")):
+        lines.append(f"\n## {title} (median over seeds)\n")
+        lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
+        for method in methods:
+            values = [cells.get((w, load, method)) for w, load in columns]
+            lines.append(
+                f"| {method} | "
+                + " | ".join(fmt.format(statistics.median(v[key])) if v else "-" for v in values)
+                + " |"
+            )
+    lines.append(f"\n## Goals for `{recommended}`\n")
+    for w, load in columns:
+        mine = cells.get((w, load, recommended))
+        if not mine:
+            continue
+        p99 = statistics.median(mine["p99"])
+        peers = {
+            m: statistics.median(c["p99"])
+            for (w2, l2, m), c in cells.items()
+            if (w2, l2) == (w, load) and m.startswith(PEERS_PREFIX)
+        }
+        best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else ("-", float("nan"))
+        peer_tput = max(
+            (
+                statistics.median(c["tput"])
+                for (w2, l2, m), c in cells.items()
+                if (w2, l2) == (w, load) and m.startswith(PEERS_PREFIX)
+            ),
+            default=float("nan"),
+        )
+        tput = statistics.median(mine["tput"])
+        imbalance = statistics.median(mine["imb"])
+        lines.append(
+            f"- {w} {load}: p99 {p99:.2f}x RR ({'met' if p99 <= 0.5 else 'not met'} <= 0.5); best peer "
+            f"{best_peer[0]} {best_peer[1]:.2f}x ({'below' if p99 < best_peer[1] else 'not below'}); throughput "
+            f"{tput:.2f}x RR vs best peer {peer_tput:.2f}x; token imbalance {imbalance:.2f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--loads", default="high,moderate", help="high, moderate or both")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--num-requests", type=int, default=150)
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--recommended", default="least_wait")
+    parser.add_argument("--group-size", type=int, default=1)
+    parser.add_argument("--name", default="suite")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--runs", default=str(RESULTS / "runs"), help="where each run's own files go")
+    parser.add_argument("--summarise-only", action="store_true", help="re-read <out>/<name>.json")
+    args = parser.parse_args(argv)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    if args.summarise_only:
+        rows = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+    else:
+        rows = run(args)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "summarise_only")}
+    text = f"# Balancing suite\n\nSettings: {json.dumps(settings)}\n\n" + summarise(rows, args.recommended)
+    (Path(args.out) / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -80,6 +80,10 @@ async def bench_pdlb(
     runner = compute.submit(
         TorchRunner, model, capacity, args.device, DTYPES[args.dtype], decode_graphs=graphs
     ).result()
+    if runner.graphs is not None and runner.graphs.capture:
+        started = time.perf_counter()
+        count = compute.submit(runner.graphs.warmup).result()
+        print(f"warm-up: {count} decode graphs captured in {time.perf_counter() - started:.2f} s\n")
     limits = EngineLimits(capacity, max(largest, 8), 4096, 4096, max(args.prompt, args.context) + 16)
     engine = Engine(runner, limits, executor=compute)
     engine.start()

@@ -86,6 +86,14 @@ def start_worker(mode: str, model: Path, args: argparse.Namespace, log_dir: str)
     return ServiceProcess(mode, argv, log_dir, {}), metrics
 
 
+def print_capture_lines(log_dir: Path) -> None:
+    """What each worker said at start about its CUDA graphs."""
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text().splitlines():
+            if "CUDA graphs" in line:
+                print(f"\n{log.stem}: {line.strip()}")
+
+
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     values = {}
@@ -128,6 +136,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 proc.wait_ready(600)
             addresses = {"mixed" if m == "null" else m: (proc.address, port) for m, (proc, port) in workers.items()}
             await measure(args, config, addresses)
+            print_capture_lines(Path(tmp))
         finally:
             for proc, _ in workers.values():
                 proc.terminate()

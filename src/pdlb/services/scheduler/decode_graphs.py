@@ -49,6 +49,16 @@ class DecodeGraphs:
         self.replays = 0
         self.captures = 0
 
+    def warmup(self, context: int = MIN_CONTEXT_BUCKET) -> int:
+        """Capture every batch bucket at `context` now (at start, before traffic), so the first
+        steps of each batch size replay instead of capturing; returns how many were captured."""
+        before = self.captures
+        for batch in BATCH_BUCKETS:
+            key = (batch, context_bucket(context))
+            if batch <= self.max_batch and batch * key[1] <= MAX_GRAPH_SLOTS and key not in self._graphs:
+                self._build(key)
+        return self.captures - before
+
     @property
     def plans_built(self) -> int:
         return len(self._graphs)

@@ -131,16 +131,28 @@ class LlamaModel(nn.Module):
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             pool.k[index, plan.write_slots] = k.to(pool.k.dtype)
             pool.v[index, plan.write_slots] = v.to(pool.v.dtype)
-            keys = pool.k[index, plan.kv_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, maxk, hd]
-            values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
-            queries = q[plan.q_index]  # [B, maxn, H, hd]
-            batch, max_new = queries.shape[:2]
-            # [B, maxn, Hkv, group, hd] -> [B, Hkv, group * maxn, hd]
-            queries = queries.view(batch, max_new, c.num_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)
-            queries = queries.reshape(batch, c.num_kv_heads, group * max_new, c.head_dim)
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-            attended = attended.reshape(batch, c.num_heads, max_new, c.head_dim)  # back to [B, H, maxn, hd]
-            x = x + layer.o_proj(plan.valid_rows(attended))
+            if plan.whole_prompt:
+                # one prompt from its first token: plain causal attention over its own K/V (no pool
+                # gather, no mask), which lets SDPA pick its flash kernel
+                attended = F.scaled_dot_product_attention(
+                    q.transpose(0, 1).unsqueeze(0),
+                    k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0),
+                    is_causal=True,
+                    enable_gqa=group > 1,
+                )  # [1, H, T, hd]
+                x = x + layer.o_proj(attended[0].transpose(0, 1).reshape(-1, c.num_heads * c.head_dim))
+            else:
+                keys = pool.k[index, plan.kv_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, maxk, hd]
+                values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
+                queries = q[plan.q_index]  # [B, maxn, H, hd]
+                batch, max_new = queries.shape[:2]
+                # [B, maxn, Hkv, group, hd] -> [B, Hkv, group * maxn, hd]
+                queries = queries.view(batch, max_new, c.num_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)
+                queries = queries.reshape(batch, c.num_kv_heads, group * max_new, c.head_dim)
+                attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+                attended = attended.reshape(batch, c.num_heads, max_new, c.head_dim)  # back to [B, H, maxn, hd]
+                x = x + layer.o_proj(plan.valid_rows(attended))
             h = layer.post_attention_layernorm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
         last = self.norm(x[plan.last_index])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -94,6 +95,12 @@ def build_parser() -> FlagParser:
         help="replay decode steps from CUDA graphs on cuda devices (captured per batch/context bucket on first use)",
     )
     p.flag("--cuda-graph-max-batch", default=256, type=int, help="largest decode batch replayed from a CUDA graph")
+    p.flag(
+        "--cuda-graph-warmup",
+        default=True,
+        type=bool,
+        help="capture every batch bucket's graph (at the smallest context bucket) at start, not on first use",
+    )
     p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
@@ -155,7 +162,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         cache = Path(args.weights_cache_dir) if args.weights_cache_dir else None
         model = LlamaModel(config)
         model.load_weights(source.state_dict(cache, int(args.weights_cache_gb * (1 << 30))))
-    return TorchRunner(
+    runner = TorchRunner(
         model,
         args.max_total_tokens,
         args.device,
@@ -164,6 +171,11 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
     )
+    if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
+        started = time.perf_counter()
+        count = runner.graphs.warmup()
+        log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
+    return runner
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:

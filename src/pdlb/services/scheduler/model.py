@@ -177,6 +177,8 @@ class BatchPlan:
         self.q_rows = torch.nonzero(q_valid.flatten()).flatten().to(device)
         self.mask = mask.unsqueeze(1).to(device)  # [B, 1, maxn, maxk]
         self.last_index = torch.tensor(last, dtype=torch.long, device=device)
+        # a single prompt chunk from position 0 attends to nothing but itself
+        self.whole_prompt = len(chunks) == 1 and chunks[0].start_pos == 0 and new_lens[0] > 1
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, maxn, hd] attention output -> [tokens, H * hd] rows of the real queries."""
@@ -203,6 +205,7 @@ class DecodePlan:
         self.q_index = torch.arange(batch, device=device).view(batch, 1)
         self.last_index = torch.arange(batch, device=device)
         self._key_pos = torch.arange(context, device=device).view(1, 1, 1, context)
+        self.whole_prompt = False
         self.refresh_mask()
 
     def refresh_mask(self) -> torch.Tensor:

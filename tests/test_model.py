@@ -298,3 +298,22 @@ def test_unsupported_checkpoints_fail_with_what_is_unsupported(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnsupportedModel, match=re.escape("needs config.json, tokenizer.json and")):
         resolve(str(tmp_path / "empty")).tokenizer()
+
+
+def test_gguf_metadata_cache_skips_parsing_and_survives_a_torn_file(tmp_path, smollm2):
+    from pdlb.models.gguf_file import GGUFCheckpoint
+
+    source, reference_tokenizer = smollm2
+    first = GGUFCheckpoint(source.path, tmp_path)
+    config, tokenizer = first.config, first.tokenizer()
+    [cached] = list(tmp_path.glob("*.json"))
+    again = GGUFCheckpoint(source.path, tmp_path)
+    assert again.config == config == source.config()
+    text = "Hello, wörld! 123 🎉 <|im_start|>"
+    assert again.tokenizer().encode(text) == tokenizer.encode(text) == reference_tokenizer.encode(text)
+    assert again.tokenizer().apply_chat_template([("user", "hi")]) == tokenizer.apply_chat_template([("user", "hi")])
+    assert "reader" not in again.__dict__  # the GGUF metadata was not parsed
+    cached.write_text(cached.read_text()[:1000])  # torn by a crash
+    rebuilt = GGUFCheckpoint(source.path, tmp_path)
+    assert rebuilt.config == config and "reader" in rebuilt.__dict__
+    assert GGUFCheckpoint(source.path, tmp_path).tokenizer().encode(text) == tokenizer.encode(text)

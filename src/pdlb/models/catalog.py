@@ -51,7 +51,7 @@ class ModelSource:
         if self.kind == "gguf":
             from pdlb.models.gguf_file import GGUFCheckpoint
 
-            return GGUFCheckpoint(self.path)
+            return GGUFCheckpoint(self.path, meta_cache_dir())
         if self.kind == "hf":
             from pdlb.models.hf_dir import HFCheckpoint
 
@@ -112,6 +112,11 @@ def _evict(cache_dir: Path, budget: int) -> None:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pdlb" / "weights"
+
+
+def meta_cache_dir() -> Path:
+    """Where GGUF architecture and tokenizer metadata are cached (a few small files, bounded)."""
+    return default_cache_dir().parent / "meta"
 
 
 def resolve(spec: str, served_name: str = "") -> ModelSource:

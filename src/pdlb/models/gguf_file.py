@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 from functools import cached_property
 from pathlib import Path
 
 from pdlb.models.config import LlamaConfig, UnsupportedModel
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 # GGUF tensor types pdlb dequantises (gguf-py does the arithmetic); others are refused at start.
@@ -18,30 +25,104 @@ _LLAMA3_SPLIT = (
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {"gpt2": None, "default": None, "smollm": "digits", "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special (never split by BPE)
+META_VERSION = 2  # bump when what the metadata cache holds changes
+MAX_META_FILES = 16  # the metadata cache keeps this many files (about 2 MB each), newest used
 
 
 class GGUFCheckpoint:
-    def __init__(self, path: Path) -> None:
+    """A GGUF file. Parsing all of its metadata (gguf-py reads every field, the 100k-entry
+    vocabulary included) takes seconds, so the architecture and tokenizer are cached as JSON in
+    `meta_cache` keyed by the file's path, size and modification time: a restart, and every service
+    after the first, opens the file's metadata only when the weights themselves are read."""
+
+    def __init__(self, path: Path, meta_cache: Path | None = None) -> None:
+        self.path = path
+        self.meta_cache = meta_cache
+        self._meta = self._load_meta()
+        if self._meta is not None:
+            self.arch = self._meta["arch"]
+        else:
+            self.arch = self._get("general.architecture")
+            if self.arch not in SUPPORTED_ARCHITECTURES:
+                raise UnsupportedModel(
+                    f"{path.name}: architecture {self.arch!r} is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                )
+
+    @cached_property
+    def reader(self):
         import gguf
 
-        self.path = path
         try:
-            self.reader = gguf.GGUFReader(str(path))
+            return gguf.GGUFReader(str(self.path))
         except Exception as exc:
-            raise UnsupportedModel(f"{path} is not a readable GGUF file: {exc}") from exc
-        self.arch = self._get("general.architecture")
-        if self.arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModel(
-                f"{path.name}: architecture {self.arch!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+            raise UnsupportedModel(f"{self.path} is not a readable GGUF file: {exc}") from exc
 
     def _get(self, key: str, default=None):
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
+    # the metadata cache ------------------------------------------------------------------------
+    def _meta_file(self) -> Path | None:
+        if self.meta_cache is None:
+            return None
+        stat = self.path.stat()
+        key = hashlib.sha256(f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{META_VERSION}".encode())
+        return self.meta_cache / f"{self.path.stem}-{key.hexdigest()[:16]}.json"
+
+    def _load_meta(self) -> dict | None:
+        file = self._meta_file()
+        if file is None or not file.is_file():
+            return None
+        try:
+            meta = json.loads(file.read_text())
+            os.utime(file)  # recently used
+            return meta
+        except (OSError, ValueError) as exc:  # torn or foreign: rebuilt from the file
+            log.warning("model metadata cache %s unreadable (%s); reading the GGUF file", file, exc)
+            return None
+
+    def _save_meta(self, config: LlamaConfig, tokenizer) -> dict | None:
+        file = self._meta_file()
+        if file is None:
+            return None
+        meta = {
+            "arch": self.arch,
+            "config": dataclasses.asdict(config),
+            "tokenizer": tokenizer.backend.to_str(),
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "chat_template": tokenizer.chat_template,
+            "adds_bos": tokenizer.adds_bos,
+        }
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            partial = file.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(meta))
+            partial.replace(file)  # atomic: readers see the whole file or none
+            older = sorted(file.parent.glob("*.json"), key=lambda f: f.stat().st_mtime)
+            for stale in older[:-MAX_META_FILES]:
+                stale.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not write the model metadata cache %s: %s", file, exc)
+        return meta
+
     @cached_property
     def config(self) -> LlamaConfig:
+        if self._meta is not None:
+            fields = dict(self._meta["config"])
+            if fields.get("rope_llama3") is not None:
+                fields["rope_llama3"] = tuple(fields["rope_llama3"])
+            return LlamaConfig(**fields)
+        config = self._read_config()
+        if self.meta_cache is not None:
+            try:
+                self._meta = self._save_meta(config, self._read_tokenizer())
+            except UnsupportedModel:
+                pass  # said again, by tokenizer(), to whoever asks for it
+        return config
+
+    def _read_config(self) -> LlamaConfig:
         a = self.arch
         heads = int(self._get(f"{a}.attention.head_count"))
         hidden = int(self._get(f"{a}.embedding_length"))
@@ -66,6 +147,24 @@ class GGUFCheckpoint:
         )
 
     def tokenizer(self):
+        if self._meta is None:
+            self.config  # noqa: B018 - reads the file and fills the cache
+        if self._meta is None:  # no cache directory, or an unsupported tokenizer (it says which)
+            return self._read_tokenizer()
+        from tokenizers import Tokenizer as Backend
+
+        from pdlb.common.tokenizer import BPETokenizer
+
+        meta = self._meta
+        return BPETokenizer(
+            Backend.from_str(meta["tokenizer"]),
+            eos_token_id=meta["eos_token_id"],
+            bos_token_id=meta["bos_token_id"],
+            chat_template=meta["chat_template"],
+            adds_bos=meta["adds_bos"],
+        )
+
+    def _read_tokenizer(self):
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 

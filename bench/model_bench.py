@@ -40,17 +40,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
+def hf_llama_config(config: LlamaConfig, **extra):
+    """`transformers`' LlamaConfig of the same shape as ours."""
     import transformers
 
-    if args.weights == "packaged":
-        from pdlb.models.catalog import SMOLLM2, resolve
-
-        source = resolve(SMOLLM2)
-        config, weights = source.config(), source.state_dict()  # Hugging Face names
-    else:
-        config, weights = SHAPES[args.shape], None
-    hf_config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -62,8 +56,21 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position,
         tie_word_embeddings=config.tie_embeddings,
+        **extra,
     )
-    theirs = transformers.LlamaForCausalLM(hf_config)  # random weights unless packaged ones are given
+
+
+def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
+    import transformers
+
+    if args.weights == "packaged":
+        from pdlb.models.catalog import SMOLLM2, resolve
+
+        source = resolve(SMOLLM2)
+        config, weights = source.config(), source.state_dict()  # Hugging Face names
+    else:
+        config, weights = SHAPES[args.shape], None
+    theirs = transformers.LlamaForCausalLM(hf_llama_config(config))  # random weights unless packaged ones are given
     if weights is not None:
         theirs.load_state_dict(weights, strict=False)
         theirs.tie_weights()

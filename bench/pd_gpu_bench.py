@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.model_bench import SHAPES
+from bench.model_bench import SHAPES, hf_llama_config
 from pdlb.common.etcd_process import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.models.config import LlamaConfig
@@ -54,23 +54,7 @@ def write_checkpoint(path: Path, config: LlamaConfig) -> None:
     backend.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            rope_theta=config.rope_theta,
-            rms_norm_eps=config.rms_norm_eps,
-            max_position_embeddings=config.max_position,
-            tie_word_embeddings=config.tie_embeddings,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    model = transformers.LlamaForCausalLM(hf_llama_config(config, bos_token_id=0, eos_token_id=1))
     model.save_pretrained(str(path), safe_serialization=True)
 
 

@@ -317,3 +317,23 @@ def test_gguf_metadata_cache_skips_parsing_and_survives_a_torn_file(tmp_path, sm
     rebuilt = GGUFCheckpoint(source.path, tmp_path)
     assert rebuilt.config == config and "reader" in rebuilt.__dict__
     assert GGUFCheckpoint(source.path, tmp_path).tokenizer().encode(text) == tokenizer.encode(text)
+
+
+def test_decode_graph_buckets_and_what_runs_eagerly():
+    from pdlb.models.config import LlamaConfig
+    from pdlb.services.scheduler.decode_graphs import MAX_GRAPH_SLOTS, batch_bucket, context_bucket
+    from pdlb.services.scheduler.model import KVPool
+
+    model = LlamaModel(LlamaConfig(64, 16, 32, 1, 2, 1, 8, max_position=4096))
+    graphs = DecodeGraphs(model, KVPool(model.kv_shape(), 16, torch.device("cpu"), torch.float32), 32, 2048, False)
+
+    def decode(rows: int, context: int) -> list[SeqChunk]:
+        return [SeqChunk([1], context - 1, list(range(context))) for _ in range(rows)]
+
+    assert [batch_bucket(n, 256) for n in (1, 3, 5, 13, 33, 200, 256, 257)] == [1, 4, 8, 16, 48, 224, 256, None]
+    assert [context_bucket(n) for n in (1, 128, 129, 1000, 4096)] == [128, 128, 256, 1024, 4096]
+    assert graphs.bucket(decode(3, 100)) == (4, 128)
+    assert graphs.bucket(decode(33, 100)) is None  # above --cuda-graph-max-batch
+    assert graphs.bucket(decode(2, 3000)) is None  # above the longest context it captures
+    assert graphs.bucket([]) is None
+    assert 256 * 4096 <= MAX_GRAPH_SLOTS < 256 * 8192  # the biggest graph: 256 rows x 4k context

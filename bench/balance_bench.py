@@ -322,7 +322,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(results: list[RunResult], out: Path, name: str) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a machine without it (e.g. a lent GPU host running the sims): tables only
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

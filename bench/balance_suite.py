@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import balance_bench
@@ -43,12 +46,14 @@ PEERS_PREFIX = "peer_"
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    rows = []
+    """Every (workload, load, seed) run, `--jobs` at a time (each its own cluster: a machine with
+    many cores runs several without them sharing cores much)."""
+    configs = []
     for workload in args.workloads.split(","):
         flags, moderate, high = WORKLOADS[workload]
         rates = {"moderate": moderate, "high": high}
         for load in args.loads.split(","):
-            for seed in range(1, args.seeds + 1):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 name = f"{args.name}_{workload}_{load}_s{seed}"
                 argv = [
                     *flags,
@@ -56,10 +61,28 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "--methods", args.methods, "--group-size", str(args.group_size), "--name", name,
                     "--out", str(args.runs),
                 ]  # fmt: skip
-                balance_bench.main(argv)
-                for record in json.loads((Path(args.runs) / f"{name}.json").read_text()):
-                    rows.append({**record["row"], "workload": workload, "load": load, "seed": seed})
-                (Path(args.out) / f"{args.name}.json").write_text(json.dumps(rows))  # partial results survive
+                configs.append((workload, load, seed, name, argv))
+    runs = Path(args.runs)
+
+    def one(config) -> None:
+        _, _, _, name, argv = config
+        if args.jobs == 1:
+            balance_bench.main(argv)
+            return
+        with open(runs / f"{name}.log", "w") as log:
+            done = subprocess.run([sys.executable, "-m", "bench.balance_bench", *argv], stdout=log, stderr=log)
+        if done.returncode:
+            print(f"{name} failed (exit {done.returncode}); see {runs / name}.log", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, configs))
+    rows = []
+    for workload, load, seed, name, _ in configs:
+        result = runs / f"{name}.json"
+        if not result.is_file():
+            continue  # a failed run: said above, and left out of the medians
+        for record in json.loads(result.read_text()):
+            rows.append({**record["row"], "workload": workload, "load": load, "seed": seed})
     return rows
 
 
@@ -73,7 +96,12 @@ def summarise(rows: list[dict], recommended: str) -> str:
         if base is None:
             continue
         for method, row in runs.items():
-            cell = cells.setdefault((workload, load, method), {"p99": [], "tput": [], "imb": [], "ok": []})
+            cell = cells.setdefault(
+                (workload, load, method), {"p99": [], "tput": [], "imb": [], "ok": [], "dummy": [], "step": []}
+            )
+            if row.get("dummy_step_share") == row.get("dummy_step_share"):  # lockstep runs only (not NaN)
+                cell["dummy"].append(row["dummy_step_share"])
+                cell["step"].append(row["step_imbalance"])
             cell["p99"].append(row["ttft_p99_ms"] / base["ttft_p99_ms"])
             cell["tput"].append(row["throughput_tok_s"] / base["throughput_tok_s"])
             cell["imb"].append(row["imbalance_mean"])
@@ -88,7 +116,13 @@ def summarise(rows: list[dict], recommended: str) -> str:
         lines.append(
             f"| {method} | " + " | ".join(f"{statistics.median(v['p99']):.2f}" if v else "-" for v in values) + " |"
         )
-    for title, key, fmt in (("throughput / round robin", "tput", "{:.2f}"), ("mean token imbalance", "imb", "{:.2f}")):
+    tables = [("throughput / round robin", "tput", "{:.2f}"), ("mean token imbalance", "imb", "{:.2f}")]
+    if any(c["dummy"] for c in cells.values()):
+        tables += [
+            ("dummy-step share (lockstep)", "dummy", "{:.1%}"),
+            ("per-step imbalance (lockstep)", "step", "{:.2f}"),
+        ]
+    for title, key, fmt in tables:
         lines.append(f"\n## {title} (median over seeds)\n")
         lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
         lines.append("|---|" + "---|" * len(columns))
@@ -96,7 +130,7 @@ def summarise(rows: list[dict], recommended: str) -> str:
             values = [cells.get((w, load, method)) for w, load in columns]
             lines.append(
                 f"| {method} | "
-                + " | ".join(fmt.format(statistics.median(v[key])) if v else "-" for v in values)
+                + " | ".join(fmt.format(statistics.median(v[key])) if v and v[key] else "-" for v in values)
                 + " |"
             )
     lines.append(f"\n## Goals for `{recommended}`\n")
@@ -134,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--loads", default="high,moderate", help="high, moderate or both")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own cluster")
     parser.add_argument("--num-requests", type=int, default=150)
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--recommended", default="least_wait")
@@ -148,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads((Path(args.out) / f"{args.name}.json").read_text())
     else:
         rows = run(args)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "summarise_only")}
+        (Path(args.out) / f"{args.name}.json").write_text(json.dumps(rows))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "summarise_only", "jobs")}
     text = f"# Balancing suite\n\nSettings: {json.dumps(settings)}\n\n" + summarise(rows, args.recommended)
     (Path(args.out) / f"{args.name}.md").write_text(text)
     print(text)

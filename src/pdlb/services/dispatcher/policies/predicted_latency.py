@@ -111,14 +111,15 @@ class PredictedLatency(PrefixIndexPolicy):
         hits: dict[int, int] = {}
         if self.role is not Role.DECODE:
             names = ctx.blocks(self.index)
-            block = self.index.block_size
-            for worker_id, blocks in (self.matches(names)).items():
-                i = self._position.get(worker_id)
+            block, cap, position, c = self.index.block_size, max(tokens - 1, 0), self._position, self._c
+            for worker_id, blocks in self.matches(names).items():  # once per rank holding the prefix
+                i = position.get(worker_id)
                 if i is not None:
-                    hits[i] = min(blocks * block, max(tokens - 1, 0))
-                    predictions[i] -= self._c[i] * hits[i]
-        best = min(predictions)
-        tied = [i for i, p in enumerate(predictions) if p - best <= TIE_S]
+                    hit = blocks * block
+                    hit = hits[i] = hit if hit < cap else cap
+                    predictions[i] -= c[i] * hit
+        limit = min(predictions) + TIE_S
+        tied = [i for i, p in enumerate(predictions) if p <= limit]
         if len(tied) > 1:
             most = max(hits.get(i, 0) for i in tied)
             tied = [i for i in tied if hits.get(i, 0) == most]

@@ -163,6 +163,21 @@ async def test_out_of_vocabulary_duplicate_and_queue_full():
     await engine.close()
 
 
+async def test_a_burst_fills_free_batch_slots_and_the_queue_before_refusals():
+    """Requests that arrive together, before the loop has admitted any, are refused only beyond
+    free slots + queue: a worker never turns a request away while it has a free batch slot."""
+    engine, _ = make_engine(max_total_tokens=2048, max_running=4, max_waiting=8)
+    burst = [seq(f"b{i}", prompt(10, salt=i), max_new=5) for i in range(12)]
+    for s in burst:
+        engine.submit(s)  # no await in between: the engine loop has not run
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("b12", prompt(10)))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    results = await asyncio.gather(*[collect(s) for s in burst])
+    assert all(len(tokens) == 5 for tokens, _ in results)
+    await engine.close()
+
+
 async def test_sim_runner_behind_the_same_interface():
     runner = SimRunner(CONFIG, 500)
     engine = Engine(runner, EngineLimits(500, 8, 64, 16, 400))

@@ -224,7 +224,10 @@ class Engine:
                 f"request {seq.request_id}: needs {seq.reserve} KV tokens, more than this worker's budget of "
                 f"{limits.max_total_tokens} (--max-total-tokens)",
             )
-        if len(self.waiting) >= limits.max_waiting_requests:
+        # Free batch slots count as room: a burst that arrives before the loop has moved anyone
+        # into the batch is not refused while slots are free (the loop admits them next).
+        free_slots = max(0, limits.max_running_requests - len(self.running))
+        if len(self.waiting) >= limits.max_waiting_requests + free_slots:
             raise AdmissionError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request {seq.request_id}: {len(self.waiting)} requests already waiting; retry later",

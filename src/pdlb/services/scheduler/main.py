@@ -55,7 +55,7 @@ def build_parser() -> FlagParser:
         "--max-waiting-requests",
         default=1024,
         type=int,
-        help="longest waiting queue; more: RESOURCE_EXHAUSTED",
+        help="longest waiting queue beyond free batch slots; more: RESOURCE_EXHAUSTED",
     )
     p.flag("--chunked-prefill-size", default=512, type=int, help="prefill tokens per step at most")
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")

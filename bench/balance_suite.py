@@ -45,6 +45,11 @@ WORKLOADS: dict[str, tuple[list[str], float, float]] = {
 PEERS_PREFIX = "peer_"
 
 
+def is_peer(method: str) -> bool:
+    """Peers' policies; round robin is SGLang's (and vLLM's simplest) too."""
+    return method.startswith(PEERS_PREFIX) or method == "round_robin"
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Every (workload, load, seed) run, `--jobs` at a time (each its own cluster: a machine with
     many cores runs several without them sharing cores much)."""
@@ -140,17 +145,11 @@ def summarise(rows: list[dict], recommended: str) -> str:
             continue
         p99 = statistics.median(mine["p99"])
         peers = {
-            m: statistics.median(c["p99"])
-            for (w2, l2, m), c in cells.items()
-            if (w2, l2) == (w, load) and m.startswith(PEERS_PREFIX)
+            m: statistics.median(c["p99"]) for (w2, l2, m), c in cells.items() if (w2, l2) == (w, load) and is_peer(m)
         }
         best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else ("-", float("nan"))
         peer_tput = max(
-            (
-                statistics.median(c["tput"])
-                for (w2, l2, m), c in cells.items()
-                if (w2, l2) == (w, load) and m.startswith(PEERS_PREFIX)
-            ),
+            (statistics.median(c["tput"]) for (w2, l2, m), c in cells.items() if (w2, l2) == (w, load) and is_peer(m)),
             default=float("nan"),
         )
         tput = statistics.median(mine["tput"])

@@ -6,7 +6,6 @@ do, and the model id (advertised in membership) tells whether two processes serv
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pdlb.common.tokenizer import ByteTokenizer, Tokenizer
+from pdlb.models import file_cache
 from pdlb.models.config import UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,11 @@ class ModelSource:
             return self.checkpoint.state_dict()
         from safetensors.torch import load_file, save_file
 
-        stat = self.path.stat()
-        key = hashlib.sha256(f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache_dir / f"{self.path.stem}-{key}.safetensors"
+        cached = file_cache.cached_path(cache_dir, self.path, ".safetensors")
         if cached.is_file():
             try:
                 weights = load_file(str(cached))
-                os.utime(cached)  # recently used
+                file_cache.touch(cached)
                 return weights
             except Exception as exc:  # a torn file from a crash: rebuild it
                 log.warning("weights cache %s unreadable (%s); rebuilding", cached, exc)
@@ -90,23 +88,12 @@ class ModelSource:
         if size <= cache_bytes:
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                _evict(cache_dir, cache_bytes - size)
-                partial = cached.with_suffix(f".{os.getpid()}.tmp")
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
-                partial.replace(cached)  # atomic: concurrent workers never read half a file
+                file_cache.evict(cache_dir, "*.safetensors", budget_bytes=cache_bytes - size)
+                contiguous = {k: v.contiguous() for k, v in weights.items()}
+                file_cache.write_atomically(cached, lambda partial: save_file(contiguous, str(partial)))
             except OSError as exc:
                 log.warning("could not cache dequantised weights in %s: %s", cache_dir, exc)
         return weights
-
-
-def _evict(cache_dir: Path, budget: int) -> None:
-    files = sorted(cache_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
-    total = sum(f.stat().st_size for f in files)
-    for old in files:
-        if total <= budget:
-            break
-        total -= old.stat().st_size
-        old.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

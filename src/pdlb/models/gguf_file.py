@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 from functools import cached_property
 from pathlib import Path
 
+from pdlb.models import file_cache
 from pdlb.models.config import LlamaConfig, UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -66,9 +65,7 @@ class GGUFCheckpoint:
     def _meta_file(self) -> Path | None:
         if self.meta_cache is None:
             return None
-        stat = self.path.stat()
-        key = hashlib.sha256(f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{META_VERSION}".encode())
-        return self.meta_cache / f"{self.path.stem}-{key.hexdigest()[:16]}.json"
+        return file_cache.cached_path(self.meta_cache, self.path, ".json", version=str(META_VERSION))
 
     def _load_meta(self) -> dict | None:
         file = self._meta_file()
@@ -76,7 +73,7 @@ class GGUFCheckpoint:
             return None
         try:
             meta = json.loads(file.read_text())
-            os.utime(file)  # recently used
+            file_cache.touch(file)
             return meta
         except (OSError, ValueError) as exc:  # torn or foreign: rebuilt from the file
             log.warning("model metadata cache %s unreadable (%s); reading the GGUF file", file, exc)
@@ -96,13 +93,8 @@ class GGUFCheckpoint:
             "adds_bos": tokenizer.adds_bos,
         }
         try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            partial = file.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps(meta))
-            partial.replace(file)  # atomic: readers see the whole file or none
-            older = sorted(file.parent.glob("*.json"), key=lambda f: f.stat().st_mtime)
-            for stale in older[:-MAX_META_FILES]:
-                stale.unlink(missing_ok=True)
+            file_cache.write_atomically(file, lambda partial: partial.write_text(json.dumps(meta)))
+            file_cache.evict(file.parent, "*.json", max_files=MAX_META_FILES)
         except OSError as exc:
             log.warning("could not write the model metadata cache %s: %s", file, exc)
         return meta

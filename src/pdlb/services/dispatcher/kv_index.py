@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdlb.services.dispatcher.prefix_index import nested_depths
+from pdlb.services.dispatcher.prefix_index import nested_depths, unhold
 from pdlb.v1 import load_report_pb2
 
 
@@ -39,11 +39,7 @@ class ExactPrefixIndex:
         for name in events.removed:
             if name in mine:
                 mine.discard(name)
-                holders = self.holders.get(name)
-                if holders is not None:
-                    holders.discard(worker)
-                    if not holders:
-                        del self.holders[name]
+                unhold(self.holders, name, worker)
         for name in events.stored:
             if name not in mine:
                 mine.add(name)
@@ -62,9 +58,5 @@ class ExactPrefixIndex:
 
     def forget(self, worker: str) -> None:
         for name in self.blocks.pop(worker, ()):
-            holders = self.holders.get(name)
-            if holders is not None:
-                holders.discard(worker)
-                if not holders:
-                    del self.holders[name]
+            unhold(self.holders, name, worker)
         self.next_seq.pop(worker, None)

@@ -70,11 +70,7 @@ class PrefixIndex:
             self._forget(name, worker)
 
     def _forget(self, name: int, worker: str) -> None:
-        holders = self._holders.get(name)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
-                del self._holders[name]
+        unhold(self._holders, name, worker)
 
     def remove_worker(self, worker: str) -> None:
         for name in self._lru.pop(worker, ()):
@@ -87,6 +83,15 @@ class PrefixIndex:
 
     def block_names(self) -> int:
         return len(self._holders)
+
+
+def unhold(holders: dict[int, set[str]], name: int, worker: str) -> None:
+    """`worker` no longer holds block `name`; a block nobody holds leaves the map (bounded)."""
+    held_by = holders.get(name)
+    if held_by is not None:
+        held_by.discard(worker)
+        if not held_by:
+            del holders[name]
 
 
 def nested_depths(holders: dict[int, set[str]], names: Sequence[int]) -> dict[str, int]:

@@ -505,6 +505,17 @@ class Engine:
                 del self._room_events[room]
         return self.take_held(room)
 
+    async def read_held(self, held: HeldKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held KV, read off the device on the runner thread: not on the event loop (a long
+        prompt's KV takes tens of milliseconds to read, which would hold up every stream of this
+        worker), and not on a thread of its own (a second thread running torch work brings its own
+        OpenMP team onto the runner's cores; see compute_thread)."""
+        started = time.perf_counter()
+        k, v = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.read_kv, held.slots)
+        self.kv_read_s += time.perf_counter() - started
+        self.kv_sent_tokens += len(held.slots)
+        return k, v
+
     def take_held(self, room: int) -> HeldKV | None:
         """Hand a room's KV to a transfer; the caller must `free_held` it afterwards."""
         self._expire_held()

@@ -207,12 +207,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 f"room {request.bootstrap_room} holds no KV here (not prefilled here, already pulled, or expired)",
             )
         try:
-            started = time.perf_counter()
-            # off the event loop: a long prompt's KV takes tens of milliseconds to come off the
-            # device, which would hold up every other stream of this worker (first tokens included)
-            k, v = await asyncio.to_thread(self.engine.runner.read_kv, held.slots)
-            self.engine.kv_read_s += time.perf_counter() - started
-            self.engine.kv_sent_tokens += len(held.slots)
+            k, v = await self.engine.read_held(held)
             for message in encode_kv(held.prompt, held.first_token, k, v):
                 yield message
         finally:

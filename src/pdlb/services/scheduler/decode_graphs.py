@@ -22,7 +22,7 @@ MAX_GRAPH_SLOTS = 1 << 20
 
 
 def batch_bucket(n: int, max_batch: int) -> int | None:
-    return next((b for b in BATCH_BUCKETS if b >= n and b <= max_batch), None)
+    return next((b for b in BATCH_BUCKETS if n <= b <= max_batch), None)
 
 
 def context_bucket(n: int) -> int:
@@ -55,9 +55,13 @@ class DecodeGraphs:
         before = self.captures
         for batch in BATCH_BUCKETS:
             key = (batch, context_bucket(context))
-            if batch <= self.max_batch and batch * key[1] <= MAX_GRAPH_SLOTS and key not in self._graphs:
+            if self._fits(*key) and key not in self._graphs:
                 self._build(key)
         return self.captures - before
+
+    def _fits(self, batch: int, context: int) -> bool:
+        """Whether a graph of this bucket may be captured (the flags' bounds and the memory bound)."""
+        return batch <= self.max_batch and context <= self.max_context and batch * context <= MAX_GRAPH_SLOTS
 
     @property
     def plans_built(self) -> int:
@@ -69,9 +73,7 @@ class DecodeGraphs:
             return None
         batch = batch_bucket(len(chunks), self.max_batch)
         context = context_bucket(max(c.start_pos + 1 for c in chunks))
-        if batch is None or context > self.max_context or batch * context > MAX_GRAPH_SLOTS:
-            return None
-        return batch, context
+        return (batch, context) if batch is not None and self._fits(batch, context) else None
 
     @torch.no_grad()
     def run(self, chunks: list[SeqChunk], key: tuple[int, int]) -> torch.Tensor:

@@ -122,7 +122,10 @@ class LlamaModel(nn.Module):
         # Grouped-query attention without copying K/V per query head: the `group` query heads of a
         # KV head become extra query rows of that head (their mask rows repeat), which also keeps
         # the fused attention kernels eligible where enable_gqa would fall back to plain math.
-        mask = plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
+        if plan.whole_prompt:
+            mask = None  # causal attention over the prompt's own K/V needs none
+        else:
+            mask = plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
         for index, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q = layer.q_proj(h).view(-1, c.num_heads, c.head_dim)

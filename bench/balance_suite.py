@@ -101,34 +101,28 @@ def summarise(rows: list[dict], recommended: str) -> str:
         if base is None:
             continue
         for method, row in runs.items():
-            cell = cells.setdefault(
-                (workload, load, method), {"p99": [], "tput": [], "imb": [], "ok": [], "dummy": [], "step": []}
-            )
+            cell = cells.setdefault((workload, load, method), {k: [] for k in ("p99", "tput", "imb", "dummy", "step")})
             if row.get("dummy_step_share") == row.get("dummy_step_share"):  # lockstep runs only (not NaN)
                 cell["dummy"].append(row["dummy_step_share"])
                 cell["step"].append(row["step_imbalance"])
             cell["p99"].append(row["ttft_p99_ms"] / base["ttft_p99_ms"])
             cell["tput"].append(row["throughput_tok_s"] / base["throughput_tok_s"])
             cell["imb"].append(row["imbalance_mean"])
-            cell["ok"].append(row["failed"] == 0)
     columns = sorted({(w, load) for w, load, _ in cells}, key=lambda c: (list(WORKLOADS).index(c[0]), c[1]))
     methods = list(dict.fromkeys(m for _, _, m in cells))
-    lines = ["## TTFT p99 / round robin (median over seeds; lower is better)\n"]
-    lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
-    lines.append("|---|" + "---|" * len(columns))
-    for method in methods:
-        values = [cells.get((w, load, method)) for w, load in columns]
-        lines.append(
-            f"| {method} | " + " | ".join(f"{statistics.median(v['p99']):.2f}" if v else "-" for v in values) + " |"
-        )
-    tables = [("throughput / round robin", "tput", "{:.2f}"), ("mean token imbalance", "imb", "{:.2f}")]
+    tables = [
+        ("TTFT p99 / round robin (median over seeds; lower is better)", "p99", "{:.2f}"),
+        ("throughput / round robin (median over seeds)", "tput", "{:.2f}"),
+        ("mean token imbalance (median over seeds)", "imb", "{:.2f}"),
+    ]
     if any(c["dummy"] for c in cells.values()):
         tables += [
-            ("dummy-step share (lockstep)", "dummy", "{:.1%}"),
-            ("per-step imbalance (lockstep)", "step", "{:.2f}"),
+            ("dummy-step share (lockstep) (median over seeds)", "dummy", "{:.1%}"),
+            ("per-step imbalance (lockstep) (median over seeds)", "step", "{:.2f}"),
         ]
+    lines = []
     for title, key, fmt in tables:
-        lines.append(f"\n## {title} (median over seeds)\n")
+        lines.append(f"## {title}\n")
         lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
         lines.append("|---|" + "---|" * len(columns))
         for method in methods:
@@ -138,25 +132,20 @@ def summarise(rows: list[dict], recommended: str) -> str:
                 + " | ".join(fmt.format(statistics.median(v[key])) if v and v[key] else "-" for v in values)
                 + " |"
             )
-    lines.append(f"\n## Goals for `{recommended}`\n")
+        lines.append("")
+    lines.append(f"## Goals for `{recommended}`\n")
     for w, load in columns:
         mine = cells.get((w, load, recommended))
         if not mine:
             continue
-        p99 = statistics.median(mine["p99"])
-        peers = {
-            m: statistics.median(c["p99"]) for (w2, l2, m), c in cells.items() if (w2, l2) == (w, load) and is_peer(m)
-        }
-        best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else ("-", float("nan"))
-        peer_tput = max(
-            (statistics.median(c["tput"]) for (w2, l2, m), c in cells.items() if (w2, l2) == (w, load) and is_peer(m)),
-            default=float("nan"),
-        )
-        tput = statistics.median(mine["tput"])
-        imbalance = statistics.median(mine["imb"])
+        peers = {m: c for (w2, l2, m), c in cells.items() if (w2, l2) == (w, load) and is_peer(m)}
+        peer_p99 = ((m, statistics.median(c["p99"])) for m, c in peers.items())
+        best_peer, best_p99 = min(peer_p99, key=lambda kv: kv[1], default=("-", float("nan")))
+        peer_tput = max((statistics.median(c["tput"]) for c in peers.values()), default=float("nan"))
+        p99, tput, imbalance = (statistics.median(mine[k]) for k in ("p99", "tput", "imb"))
         lines.append(
             f"- {w} {load}: p99 {p99:.2f}x RR ({'met' if p99 <= 0.5 else 'not met'} <= 0.5); best peer "
-            f"{best_peer[0]} {best_peer[1]:.2f}x ({'below' if p99 < best_peer[1] else 'not below'}); throughput "
+            f"{best_peer} {best_p99:.2f}x ({'below' if p99 < best_p99 else 'not below'}); throughput "
             f"{tput:.2f}x RR vs best peer {peer_tput:.2f}x; token imbalance {imbalance:.2f}"
         )
     return "\n".join(lines) + "\n"

@@ -34,9 +34,22 @@ def test_prediction_is_queued_work_plus_slot_wait_plus_own_prefill():
     policy = create_policy("predicted_latency", Role.MIXED, PolicyOptions())
     entry = t.candidates()[0]
     # 3 requests would queue for a slot (2 waiting + this one, none free): 3 * 50 * 0.01 / 8 s;
-    # 2000 queued prompt tokens and its own 100 at 1000 tokens/s
-    assert abs(policy.predict(entry, 100) - (3 * 50 * 0.01 / 8 + 2.0 + 0.1)) < 1e-9
-    assert abs(policy.predict(entry, 100, hit=64) - (3 * 50 * 0.01 / 8 + 2.0 + 0.036)) < 1e-9
+    # half of the running step (10 ms); 2000 queued prompt tokens and its own 100 at 1000 tokens/s
+    slot, rest = 3 * 50 * 0.01 / 8, 0.005
+    assert abs(policy.predict(entry, 100) - (slot + rest + 2.0 + 0.1)) < 1e-9
+    assert abs(policy.predict(entry, 100, hit=64) - (slot + rest + 2.0 + 0.036)) < 1e-9
+
+
+def test_prediction_charges_each_chunk_a_step_and_counts_prompts_still_in_prefill():
+    # A running request still has 1500 prompt tokens to prefill (nothing waits): that is queued
+    # work too. Steps cost 20 ms + 1 ms per 1000 tokens, 500 prefill tokens a step at most.
+    load = measured(running_requests=1, prefill_pending_tokens=1500, step_base_ms=20.0, prefill_tokens_per_step=500)
+    entry = table([load]).candidates()[0]
+    policy = create_policy("predicted_latency", Role.MIXED, PolicyOptions())
+    per_token = 1 / 1000 + 0.020 / 500
+    # rest of the running step + its own final step's fixed cost + (1500 + 100) tokens
+    assert abs(policy.predict(entry, 100) - (0.005 + 0.020 + 1600 * per_token)) < 1e-9
+    assert entry.queued_tokens == 1500  # what cache_aware weighs too
 
 
 def test_predicted_latency_prefers_the_faster_rank_not_the_emptier_one():
@@ -51,7 +64,8 @@ def test_predicted_latency_prefers_the_faster_rank_not_the_emptier_one():
     for entry in t.candidates():
         policy.on_report(entry)
     chosen = policy.select(RouteContext("r", 1000, input_ids=list(range(1000))), t.candidates())
-    assert chosen.dp_rank == 0 and abs(policy.last_prediction_s - 1500 / 20_000) < 1e-9
+    # half of rank 0's running step, then its queued 500 and the request's 1000 tokens
+    assert chosen.dp_rank == 0 and abs(policy.last_prediction_s - (0.005 + 1500 / 20_000)) < 1e-9
     # least_wait would pick the idle rank 1
     assert (
         create_policy("least_wait", Role.MIXED, PolicyOptions()).select(RouteContext("r", 1000), t.candidates()).dp_rank

@@ -54,6 +54,9 @@ class ReportedLoad:
     prefill_tokens_per_s: float = 0.0
     step_ms: float = 0.0
     mean_output_tokens: float = 0.0
+    prefill_pending_tokens: int = 0
+    step_base_ms: float = 0.0
+    prefill_tokens_per_step: int = 0
 
 
 @dataclass
@@ -105,7 +108,9 @@ class WorkerEntry:
         r = self.reported
         self.total_requests = r.running_requests + r.waiting_requests + len(self.inflight)
         self.total_tokens = r.running_tokens + r.waiting_tokens + self.inflight_tokens
-        self.queued_tokens = r.waiting_tokens + self.inflight_tokens  # prompt work not started yet
+        # Prompt work not done yet: what the worker still has to prefill (a worker too old to say
+        # reports only its waiting prompts) and what was sent to it since its report.
+        self.queued_tokens = max(r.prefill_pending_tokens, r.waiting_tokens) + self.inflight_tokens
         capacity = r.kv_tokens_capacity
         self.kv_free = capacity - self.kv_used
         # Requests that would queue for a batch slot ahead of (and including) one more request.

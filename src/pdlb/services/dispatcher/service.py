@@ -89,6 +89,9 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         prefill_tokens_per_s=_finite(load.prefill_tokens_per_s),
         step_ms=_finite(load.step_ms),
         mean_output_tokens=_finite(load.mean_output_tokens),
+        prefill_pending_tokens=load.prefill_pending_tokens,
+        step_base_ms=_finite(load.step_base_ms),
+        prefill_tokens_per_step=load.prefill_tokens_per_step,
     )
 
 

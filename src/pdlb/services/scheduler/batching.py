@@ -27,6 +27,7 @@ from pdlb.services.scheduler.kv_events import KVEventLog
 from pdlb.services.scheduler.model import SeqChunk
 from pdlb.services.scheduler.prefix_cache import CacheNode, PrefixCache
 from pdlb.services.scheduler.runners import Runner, StepItem
+from pdlb.services.scheduler.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
 LENGTH, STOP, ABORT, PREFILL_DONE = (
@@ -173,6 +174,8 @@ class Engine:
         self.steps = 0
         self.step_s = 0.0  # measured, moving averages (see _measure)
         self.prefill_tokens_per_s = 0.0
+        self.step_base_s = 0.0
+        self.step_fit = StepFit()
         self.mean_output_tokens = 0.0
         self.prompt_tokens_total = 0
         # PD hand-off costs (seconds summed over requests; a token is one prompt position's K and V
@@ -388,11 +391,17 @@ class Engine:
         return items
 
     def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float) -> None:
-        """Moving averages of the step time and the prefill speed, reported to dispatchers (the
-        predicted-latency method converts queued work to time with them)."""
+        """The step time (moving average) and the fitted line of step time against prefill tokens,
+        reported to dispatchers (the predicted-latency method converts queued work to time with
+        them). Until the steps' sizes allow a fit, the prefill speed is the plain average."""
         self.step_s = _ewma(self.step_s, seconds)
         prefill = sum(len(item.chunk.new_tokens) for seq, item in items if seq.computed < len(seq.prompt))
-        if prefill and seconds > 0:
+        self.step_fit.add(prefill, seconds)
+        line = self.step_fit.line()
+        if line is not None:
+            self.step_base_s, per_token = line
+            self.prefill_tokens_per_s = 1.0 / per_token
+        elif prefill and seconds > 0:
             self.prefill_tokens_per_s = _ewma(self.prefill_tokens_per_s, prefill / seconds)
 
     def _grow(self, seq: Sequence, length: int) -> None:
@@ -564,6 +573,10 @@ class Engine:
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             step_ms=self.step_s * 1000,
             mean_output_tokens=self.mean_output_tokens,
+            prefill_pending_tokens=sum(len(s.prompt) - s.computed for s in self.waiting)
+            + sum(len(s.prompt) - s.computed for s in self.running if s.computed < len(s.prompt)),
+            step_base_ms=self.step_base_s * 1000,
+            prefill_tokens_per_step=self.limits.chunked_prefill_size,
         )
 
     async def drain(self, timeout: float) -> None:

@@ -2,10 +2,11 @@
 overloaded.
 
 Score of a rank = expected cache-hit tokens (from the approximate prefix index of what this
-dispatcher sent there) - weight x queued tokens (waiting + in flight: prompt work ahead of the
-request). A batch slot comes first: ranks are compared by how many requests would wait for a slot
-there (as in least_wait), then by score, because waiting for a slot costs a whole request's decode
-time, more than a prefix hit saves. Among ranks without a hit the least queued one wins, ties
+dispatcher sent there) - weight x queued tokens (prompt tokens the worker still has to prefill,
+and those sent since its report: prompt work ahead of the request). A batch slot comes first:
+ranks are compared by how many requests would wait for a slot there (as in least_wait), then by
+score, because waiting for a slot costs a whole request's decode time, more than a prefix hit
+saves. Among ranks without a hit the least queued one wins, ties
 rotating so new prefixes spread.
 
 Overload guard: a rank whose requests exceed the least-loaded rank's by more than

@@ -1,16 +1,20 @@
 """`predicted_latency`: the rank where this request's first token is predicted soonest.
 
 For a prefill or mixed rank the predicted time to first token is
-    queued prefill work / prefill rate      (waiting + in-flight prompt tokens ahead of it)
-  + expected wait for a batch slot          (when the rank has no free slot)
-  + own prefill / prefill rate              (the prompt less what that rank likely caches)
-with rates each worker measures and reports (moving averages over its recent steps, so they carry
-its batch, its hardware and, in a lockstep group, the group's pace): prefill tokens per second, the
-step time, and the mean output length of its finished requests. Slots free up as running requests
-finish: with R running requests of mean output L at step time s, about R / (L * s) per second, so
-the k-th free slot comes after k * L * s / R. The cache term comes from the approximate prefix index
-of what this dispatcher sent where (as in `cache_aware`). Predictions within a millisecond tie; ties
-go to the longer expected cache hit, then rotate.
+    expected wait for a batch slot          (when the rank has no free slot)
+  + the rest of the step it is running      (half a step on average; none when idle)
+  + prefill work queued ahead of it         (prompt tokens not yet computed there: waiting requests,
+                                             running ones still in prefill, and what was sent since
+                                             the rank's last report)
+  + its own prefill                         (the prompt less what that rank likely caches)
+where P prompt tokens take P / rate of token time plus one step's fixed cost per chunk of
+`prefill_tokens_per_step` (and one step at least). The worker measures and reports the numbers: a
+least-squares line of step time against the step's prefill tokens (its intercept is the fixed cost,
+its slope one over the rate), the mean step time, its chunk size, and the mean output length of its
+finished requests. Slots free up as running requests finish: with R running requests of mean output
+L at step time s, about R / (L * s) per second, so the k-th free slot comes after k * L * s / R. The
+cache term comes from the prefix index (as in `cache_aware`). Predictions within a millisecond tie;
+ties go to the longer expected cache hit, then rotate.
 
 For a decode rank the prediction is the inter-token latency the request would see: after any wait
 for a slot, the rank's step time scaled by the tokens its batch would attend with this request
@@ -47,7 +51,7 @@ class PredictedLatency(PrefixIndexPolicy):
         super().__init__(options)
         self.role = role
         self.last_prediction_s: float | None = None
-        self.prior = [0.0, 0.0, 0.0]  # prefill tokens/s, step seconds, mean output tokens
+        self.prior = [0.0, 0.0, 0.0, 0.0]  # prefill tokens/s, step seconds, mean output tokens, step base
         self._list: Sequence[WorkerEntry] = ()
         self._position: dict[str, int] = {}
         self._a: list[float] = []
@@ -67,7 +71,11 @@ class PredictedLatency(PrefixIndexPolicy):
             return slot_wait + step, (step / attended if attended else 0.0)
         if rate <= 0:
             return float("inf"), 0.0
-        return slot_wait + (r.waiting_tokens + entry.inflight_tokens) / rate, 1.0 / rate
+        base = r.step_base_ms / 1000 if r.step_base_ms else self.prior[3]
+        chunk = r.prefill_tokens_per_step
+        per_token = 1.0 / rate + (base / chunk if chunk else 0.0)
+        rest_of_step = step / 2 if r.running_requests else 0.0
+        return slot_wait + rest_of_step + base + entry.queued_tokens * per_token, per_token
 
     def predict(self, entry: WorkerEntry, tokens: int, hit: int = 0) -> float:
         a, c = self.coefficients(entry)
@@ -91,7 +99,8 @@ class PredictedLatency(PrefixIndexPolicy):
     def on_report(self, entry: WorkerEntry) -> None:
         super().on_report(entry)
         r = entry.reported
-        for k, value in enumerate((r.prefill_tokens_per_s, r.step_ms / 1000, r.mean_output_tokens)):
+        measured = (r.prefill_tokens_per_s, r.step_ms / 1000, r.mean_output_tokens, r.step_base_ms / 1000)
+        for k, value in enumerate(measured):
             if value > 0:
                 self.prior[k] = value if self.prior[k] <= 0 else self.prior[k] + PRIOR_WEIGHT * (value - self.prior[k])
         self._refresh(entry)

@@ -25,9 +25,12 @@ import grpc
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
+from pdlb.services.scheduler.model import SeqChunk
+from pdlb.services.scheduler.runners import CostModel, StepItem
 from pdlb.v1 import common_pb2, dispatch_pb2
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
 
+CHUNKED_PREFILL = 1024  # the schedulers' --chunked-prefill-size
 DEFAULT_METHODS = "least_wait,total_requests,total_tokens,kv_aware,round_robin,peer_sglang_minimum_tokens,peer_vllm_dp"
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,6 +52,8 @@ class RunResult:
     cache_hit_tokens: int = 0  # prompt tokens the workers served from their prefix caches in this run
     prompt_tokens: int = 0
     group: GroupCounters | None = None  # lockstep groups: what this run added to the counters
+    floors: list[float] = field(default_factory=list)  # sim: each request's TTFT alone on an idle rank
+    queued: list[float] = field(default_factory=list)  # sim: TTFT less that floor, per served request
 
     def row(self) -> dict:
         active = [v for _, v in self.imbalance]
@@ -60,10 +65,14 @@ class RunResult:
             "failed": self.failed,
             "ttft_p50_ms": percentile(self.ttft, 50) * 1000,
             "ttft_p99_ms": percentile(self.ttft, 99) * 1000,
+            "ttft_floor_p99_ms": percentile(self.floors, 99) * 1000,
+            "queued_p50_ms": percentile(self.queued, 50) * 1000,
+            "queued_p99_ms": percentile(self.queued, 99) * 1000,
             "itl_p50_ms": percentile(self.itl, 50) * 1000,
             "itl_p99_ms": percentile(self.itl, 99) * 1000,
             "e2e_p50_ms": percentile(self.e2e, 50) * 1000,
             "throughput_tok_s": self.output_tokens / self.span_s if self.span_s else 0.0,
+            "requests_per_s": self.ok / self.span_s if self.span_s else 0.0,
             "imbalance_mean": statistics.fmean(active) if active else float("nan"),
             "imbalance_p90": percentile(active, 90),
             "cache_hit_rate": self.cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
@@ -151,7 +160,8 @@ class Cluster:
         flags = [
             "--runner", self.args.runner, "--sim-slowdown", str(self.args.slowdown),
             "--max-total-tokens", str(self.args.kv_tokens), "--max-running-requests", str(self.args.max_running),
-            "--chunked-prefill-size", "1024", "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
+            "--chunked-prefill-size", str(CHUNKED_PREFILL),
+            "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
             "--kv-events" if self.args.kv_events else "--no-kv-events",
         ]  # fmt: skip
         modes = ["prefill", "decode"] if pd else ["null"]
@@ -216,7 +226,22 @@ async def wait_ready_and_idle(stub, ranks: int, timeout: float = 300) -> None:
     raise TimeoutError("cluster did not become idle")
 
 
-async def one_request(client: PDLBClient, item: WorkItem, run_id: str, result: RunResult, start: float) -> None:
+def ttft_floor(item: WorkItem, cached: int, cost: CostModel) -> float:
+    """The request's time to first token on an idle sim rank that already caches `cached` of its
+    prompt tokens: its prefill chunks back to back, no queueing, no other work in its steps. Every
+    placement's TTFT of the request is at least this, so a percentile of these bounds the same
+    percentile of any method's TTFTs from below (what no balancing can beat)."""
+    done, total, seconds = min(cached, len(item.input_ids) - 1), len(item.input_ids), 0.0
+    while done < total:
+        n = min(CHUNKED_PREFILL, total - done)
+        seconds += cost.step_time([StepItem(SeqChunk([0] * n, done, []), sample=done + n == total)])
+        done += n
+    return seconds
+
+
+async def one_request(
+    client: PDLBClient, item: WorkItem, run_id: str, result: RunResult, start: float, floor: float | None = None
+) -> None:
     await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - start)))  # the arrival schedule
     req = common_pb2.InferenceRequest(
         request_id=f"{run_id}-{item.index}",
@@ -231,6 +256,8 @@ async def one_request(client: PDLBClient, item: WorkItem, run_id: str, result: R
             if chunk.token_ids:
                 if tokens == 0:
                     result.ttft.append(now - sent)
+                    if floor is not None:
+                        result.queued.append(now - sent - floor)
                 else:  # tokens that arrive together share the gap since the previous message
                     result.itl.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
                 tokens += len(chunk.token_ids)
@@ -257,9 +284,17 @@ async def sample_imbalance(stub, result: RunResult, start: float, stop: asyncio.
 
 
 async def run_method(
-    replicas: list[dict[str, str]], method: str, items: list[WorkItem], spec: WorkloadSpec, ranks: int
+    replicas: list[dict[str, str]],
+    method: str,
+    items: list[WorkItem],
+    spec: WorkloadSpec,
+    ranks: int,
+    cost: CostModel | None = None,
 ) -> RunResult:
+    """One method's run of the workload; `cost`: the sim ranks' cost model (for TTFT floors)."""
     result = RunResult(method, spec.arrival, spec.rate)
+    floors = [ttft_floor(i, spec.prefix_len if i.group >= 0 else 0, cost) if cost else None for i in items]
+    result.floors = [f for f in floors if f is not None]
     clients = [PDLBClient(**addresses) for addresses in replicas]  # requests alternate over replicas
     client = clients[0]
     # Imbalance is sampled where requests first land: the mixed or the prefill dispatcher.
@@ -274,7 +309,10 @@ async def run_method(
     sampler = asyncio.create_task(sample_imbalance(watched, result, start, stop))
     run_id = f"{method}-{spec.arrival}-{spec.rate}-{int(start)}"
     await asyncio.gather(
-        *[one_request(clients[item.index % len(clients)], item, run_id, result, start) for item in items]
+        *[
+            one_request(clients[item.index % len(clients)], item, run_id, result, start, floor)
+            for item, floor in zip(items, floors, strict=True)
+        ]
     )
     result.span_s = time.perf_counter() - start
     stop.set()
@@ -367,6 +405,15 @@ def plot(results: list[RunResult], out: Path, name: str) -> list[Path]:
     return files
 
 
+def write_results(results: list[RunResult], args: argparse.Namespace, out: Path) -> str:
+    """The table (markdown) and every request's numbers (JSON) of the runs so far."""
+    table = markdown([r.row() for r in results])
+    settings = {k: v for k, v in vars(args).items() if k != "out"}  # no local paths in results
+    (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(settings)}\n{table}")
+    (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=8)
@@ -412,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # TTFT floors need the ranks' step times: the sim's cost model (mixed ranks; a PD request's
+    # first token also waits for its hand-off, which the floor does not model)
+    cost = CostModel().scaled(args.slowdown) if args.runner == "sim" and args.mode == "mixed" else None
     cluster = Cluster(args, methods)
     cluster.start()
     results: list[RunResult] = []
@@ -441,8 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                 order = methods[shift:] + methods[:shift]
                 for method in order:  # rotate the order per configuration so no method always runs first
                     run_items = salted(items, len(results) + 1)  # caches start cold for every run
-                    result = asyncio.run(run_method(cluster.dispatchers[method], method, run_items, spec, args.ranks))
+                    result = asyncio.run(
+                        run_method(cluster.dispatchers[method], method, run_items, spec, args.ranks, cost)
+                    )
                     results.append(result)
+                    write_results(results, args, out)  # after every method: a run cut short keeps them
                     row = result.row()
                     print(
                         f"{arrival:8} {rate:5g} req/s {method:28} ok {row['ok']:4} "
@@ -458,11 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         cluster.stop()
-    rows = [r.row() for r in results]
-    table = markdown(rows)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}  # no local paths in results
-    (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(settings)}\n{table}")
-    (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
+    table = write_results(results, args, out)
     files = plot(results, out, args.name)
     print(table)
     print("wrote", out / f"{args.name}.md", *files)

@@ -95,9 +95,9 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     workers = pdlb("workers", env=env)
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
     routed = pdlb("route", "hi", env=env)
-    assert "method cache_aware" in routed.stdout  # the default of mixed dispatchers
+    assert "method predicted_latency" in routed.stdout  # the default of mixed dispatchers
     top = pdlb("top", "--once", env=env)
-    assert top.returncode == 0 and "cache_aware" in top.stdout and "live" in top.stdout
+    assert top.returncode == 0 and "predicted_latency" in top.stdout and "live" in top.stdout
     with urllib.request.urlopen(f"{state['http']}/v1/models", timeout=10) as reply:  # the gateway pdlb up started
         assert json.loads(reply.read())["data"][0]["id"] == "tiny-random"
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)

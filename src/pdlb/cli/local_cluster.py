@@ -28,12 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=2, help="PD: prefill ranks")
     parser.add_argument("--decode", type=int, default=2, help="PD: decode ranks")
     parser.add_argument("--workers", type=int, default=2, help="mixed: DP ranks")
-    # Defaults follow the benchmarks (docs/BENCHMARKS.md): cache_aware for mixed and prefill
-    # dispatchers of independent workers, least_wait for decode, total_requests for lockstep groups.
+    # Defaults follow the benchmarks (docs/BENCHMARKS.md): predicted_latency for mixed and prefill
+    # dispatchers of independent workers, least_wait for decode; in lockstep groups cache_aware for
+    # mixed and prefill, total_requests for decode.
     parser.add_argument("--prefill-method", default="", help="prefill dispatcher's method (default: see above)")
     parser.add_argument("--decode-method", default="", help="decode dispatcher's method (default: see above)")
     parser.add_argument(
-        "--method", default="", help="mixed dispatcher's method (default: cache_aware; total_requests with --lockstep)"
+        "--method",
+        default="",
+        help="mixed dispatcher's method (default: predicted_latency; cache_aware with --lockstep)",
     )
     parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
     parser.add_argument(
@@ -79,10 +82,10 @@ class LocalCluster:
 
     def start(self) -> dict:
         args = self.args
-        lockstep = "total_requests" if args.lockstep else ""
-        args.method = args.method or lockstep or "cache_aware"
-        args.prefill_method = args.prefill_method or lockstep or "cache_aware"
-        args.decode_method = args.decode_method or lockstep or "least_wait"
+        first = "cache_aware" if args.lockstep else "predicted_latency"  # mixed and prefill
+        args.method = args.method or first
+        args.prefill_method = args.prefill_method or first
+        args.decode_method = args.decode_method or ("total_requests" if args.lockstep else "least_wait")
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdlb-cluster-")
         self.etcd = EtcdProcess(client_port=args.etcd_port)
         self.etcd.start()

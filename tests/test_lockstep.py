@@ -109,6 +109,27 @@ async def test_group_steps_in_lockstep_pauses_and_wakes(group):
         await channel.close()
 
 
+async def test_every_rank_fits_the_group_step_to_the_busiest_ranks_tokens(group):
+    """Prompts of several lengths to rank 1 only: ranks 0 and 2 run dummy steps, yet report the
+    prefill speed of the group's steps (fitted to the busiest rank's tokens), which is the sim's
+    cost model: 1 / (20 us x slowdown 2) = 25,000 tokens/s."""
+    dispatcher, _ = group
+    channel, stub = dispatch_stub(dispatcher.address)
+    try:
+        await wait_for_workers(stub, GROUP)
+        for n, length in enumerate((60, 900, 250, 1500, 500, 1100)):
+            req = request(f"len{n}", input_ids=[(n * 31 + i) % 250 + 1 for i in range(length)], max_new_tokens=3)
+            req.decode_dp_rank = 1
+            await _collect(stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=30))
+        await paused_group(stub)
+        rates = {row.worker.dp_rank: row.reported.prefill_tokens_per_s for row in (await load_snapshot(stub)).workers}
+        assert len(rates) == GROUP
+        for rank, rate in rates.items():
+            assert 25_000 * 0.65 < rate < 25_000 * 1.35, (rank, rates)
+    finally:
+        await channel.close()
+
+
 async def test_request_for_a_stale_wave_wakes_the_group(group):
     dispatcher, ranks = group
     channel, stub = dispatch_stub(dispatcher.address)

@@ -10,7 +10,7 @@ import time
 from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
 from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy
 from pdlb.v1 import common_pb2, dispatch_pb2
-from tests.helpers import dispatch_stub, wait_for_workers
+from tests.helpers import dispatch_stub, load_snapshot, wait_for_workers
 
 
 def table(loads: list[ReportedLoad]) -> LoadTable:
@@ -133,8 +133,11 @@ async def test_prediction_against_measured_ttft_on_sim_workers(etcd, prefix, sta
         await wait_for_workers(stub, 4)
         await asyncio.gather(*[one(i) for i in range(20)])  # warm-up: the workers measure their rates
         await asyncio.gather(*[one(i) for i in range(20, 100)])
+        # what each worker reports is the sim's cost model: 20 us a prefill token x slowdown 3
+        rates = [w.reported.prefill_tokens_per_s for w in (await load_snapshot(stub)).workers]
     finally:
         await channel.close()
+    assert len(rates) == 4 and all(1 / 0.00006 * 0.65 < rate < 1 / 0.00006 * 1.35 for rate in rates), rates
     median = statistics.median(errors)
     print(f"predicted vs measured TTFT: median relative error {median:.0%} over {len(errors)} requests")
     assert len(errors) >= 60 and median < 0.6

@@ -390,13 +390,14 @@ class Engine:
             )
         return items
 
-    def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float) -> None:
-        """The step time (moving average) and the fitted line of step time against prefill tokens,
-        reported to dispatchers (the predicted-latency method converts queued work to time with
-        them). Until the steps' sizes allow a fit, the prefill speed is the plain average."""
+    def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float, fit_tokens: int | None = None) -> None:
+        """The step time (moving average) and the fitted line of step time against prefill tokens
+        (`fit_tokens` when the step's length was set by other work, as a lockstep group's busiest
+        rank), reported to dispatchers (the predicted-latency method converts queued work to time
+        with them). Until the steps' sizes allow a fit, the prefill speed is the plain average."""
         self.step_s = _ewma(self.step_s, seconds)
         prefill = sum(len(item.chunk.new_tokens) for seq, item in items if seq.computed < len(seq.prompt))
-        self.step_fit.add(prefill, seconds)
+        self.step_fit.add(prefill if fit_tokens is None else fit_tokens, seconds)
         line = self.step_fit.line()
         if line is not None:
             self.step_base_s, per_token = line

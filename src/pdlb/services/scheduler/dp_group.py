@@ -88,6 +88,7 @@ class StepOutcome:
     any_work: bool
     max_wave: int
     tokens: list[int | None]
+    busiest_new_tokens: int = 0  # the most new tokens any rank of the group ran in this step
 
 
 @dataclass
@@ -190,7 +191,7 @@ class DPGroup:
             stats.imbalance_sum += max(attended_all) * len(rows) / sum(attended_all)
             stats.imbalance_steps += 1
         stats.step_seconds += time.perf_counter() - started
-        return StepOutcome(True, max_wave, tokens)
+        return StepOutcome(True, max_wave, tokens, max(row[NEW_TOKENS] for row in rows))
 
     def state(self, waves: WaveState) -> common_pb2.DPGroupState:
         s = self.stats

@@ -91,7 +91,9 @@ class LockstepEngine(Engine):
                 self.waves.on_request(None)
             if outcome.any_work:
                 self.steps += 1
-                self._measure(items, time.perf_counter() - started)
+                # the group's step lasts as long as its busiest rank's: fit the step time to that
+                # rank's tokens, not this one's (which may have run a dummy step)
+                self._measure(items, time.perf_counter() - started, outcome.busiest_new_tokens)
                 self._apply(items, outcome.tokens)
             self._notify()
 

@@ -156,10 +156,11 @@ def summarise(rows: list[dict], recommended: str) -> str:
         lines.append(f"## {title}\n")
         lines.append("| method | " + " | ".join(f"{w} {load}" for w, load in columns) + " |")
         lines.append("|---|" + "---|" * len(columns))
-        for method in methods:
+        # the floor is the workload's, the same in every method's row: one row (round robin's run)
+        for method in ["round_robin"] if key == "floor" else methods:
             values = [cells.get((w, load, method)) for w, load in columns]
             lines.append(
-                f"| {method} | "
+                f"| {'any method' if key == 'floor' else method} | "
                 + " | ".join(fmt.format(statistics.median(v[key])) if v and v[key] else "-" for v in values)
                 + " |"
             )

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own cluster")
-    parser.add_argument("--num-requests", type=int, default=150)
+    parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--recommended", default="predicted_latency", help="the method whose goals are checked")
     parser.add_argument("--group-size", type=int, default=1)

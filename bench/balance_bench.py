@@ -289,12 +289,11 @@ async def run_method(
     items: list[WorkItem],
     spec: WorkloadSpec,
     ranks: int,
-    cost: CostModel | None = None,
+    floors: list[float] | None = None,
 ) -> RunResult:
-    """One method's run of the workload; `cost`: the sim ranks' cost model (for TTFT floors)."""
+    """One method's run of the workload; `floors`: each item's TTFT floor (sim ranks only)."""
     result = RunResult(method, spec.arrival, spec.rate)
-    floors = [ttft_floor(i, spec.prefix_len if i.group >= 0 else 0, cost) if cost else None for i in items]
-    result.floors = [f for f in floors if f is not None]
+    result.floors = floors or []
     clients = [PDLBClient(**addresses) for addresses in replicas]  # requests alternate over replicas
     client = clients[0]
     # Imbalance is sampled where requests first land: the mixed or the prefill dispatcher.
@@ -311,7 +310,7 @@ async def run_method(
     await asyncio.gather(
         *[
             one_request(clients[item.index % len(clients)], item, run_id, result, start, floor)
-            for item, floor in zip(items, floors, strict=True)
+            for item, floor in zip(items, floors or [None] * len(items), strict=True)
         ]
     )
     result.span_s = time.perf_counter() - start
@@ -405,13 +404,12 @@ def plot(results: list[RunResult], out: Path, name: str) -> list[Path]:
     return files
 
 
-def write_results(results: list[RunResult], args: argparse.Namespace, out: Path) -> str:
+def write_results(results: list[RunResult], args: argparse.Namespace, out: Path) -> None:
     """The table (markdown) and every request's numbers (JSON) of the runs so far."""
     table = markdown([r.row() for r in results])
     settings = {k: v for k, v in vars(args).items() if k != "out"}  # no local paths in results
     (out / f"{args.name}.md").write_text(f"# Balancing benchmark\n\nSettings: {json.dumps(settings)}\n{table}")
     (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,12 +485,14 @@ def main(argv: list[str] | None = None) -> int:
                     shared_fraction=args.shared_fraction,
                 )
                 items = generate(spec)
+                # the same for every method: salting changes token ids, not lengths or groups
+                floors = [ttft_floor(i, spec.prefix_len if i.group >= 0 else 0, cost) for i in items] if cost else None
                 shift = (len(results) // len(methods)) % len(methods)  # one step per configuration
                 order = methods[shift:] + methods[:shift]
                 for method in order:  # rotate the order per configuration so no method always runs first
                     run_items = salted(items, len(results) + 1)  # caches start cold for every run
                     result = asyncio.run(
-                        run_method(cluster.dispatchers[method], method, run_items, spec, args.ranks, cost)
+                        run_method(cluster.dispatchers[method], method, run_items, spec, args.ranks, floors)
                     )
                     results.append(result)
                     write_results(results, args, out)  # after every method: a run cut short keeps them
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         cluster.stop()
-    table = write_results(results, args, out)
+    table = markdown([r.row() for r in results])  # the files were written after the last method
     files = plot(results, out, args.name)
     print(table)
     print("wrote", out / f"{args.name}.md", *files)

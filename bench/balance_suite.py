@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     many cores runs several without them sharing cores much)."""
     configs = []
     for workload in args.workloads.split(","):
-        flags, capacities = WORKLOADS[workload]
+        flags, recorded = WORKLOADS[workload]
         # a probe of a group size never measured starts from the independent ranks' capacity
-        capacity = capacities.get(args.group_size) or (capacities[1] if args.probe else None)
+        capacity = recorded.get(args.group_size) or (recorded[1] if args.probe else None)
         if capacity is None:
             raise SystemExit(f"{workload}: no capacity recorded for groups of {args.group_size}; measure it (--probe)")
         for load in args.loads.split(","):

@@ -18,16 +18,16 @@ from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
+from pdlb.engines.torch.batching import Engine, EngineLimits, compute_thread
+from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.lockstep import LockstepEngine
+from pdlb.engines.torch.model import ModelConfig, TinyTransformer
+from pdlb.engines.torch.runners import CostModel, Runner, SimRunner, TorchRunner
 from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
 from pdlb.models.config import UnsupportedModel
-from pdlb.services.scheduler.batching import Engine, EngineLimits, compute_thread
-from pdlb.services.scheduler.dp_group import DPGroup, GroupBroken, GroupSpec
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.lockstep import LockstepEngine
 from pdlb.services.scheduler.metrics import serve_metrics
-from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
-from pdlb.services.scheduler.runners import CostModel, Runner, SimRunner, TorchRunner
 from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 

@@ -13,7 +13,7 @@ from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
+from pdlb.engines.torch.batching import AdmissionError, Engine, PreloadedKV, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 

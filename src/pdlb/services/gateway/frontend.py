@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
+from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -80,14 +80,16 @@ class Frontend:
         max_prompt_tokens: int,
         timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
+        max_prompt_chars: int = 0,
     ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
+        self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
 
-    def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
-        """Validate and tokenise; raises InvalidRequest."""
-        checked = check_request(request, self.max_prompt_tokens, self.tokenizer)
+    async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
+        """Validate and tokenise (off the event loop); raises InvalidRequest."""
+        checked = await check_request_off_loop(request, self.max_prompt_tokens, self.tokenizer, self.max_prompt_chars)
         request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
         request.ClearField("input_ids")
         request.input_ids.extend(checked.input_ids)

@@ -45,6 +45,12 @@ def build_parser() -> FlagParser:
     )
     p.flag("--max-body-bytes", default=4 << 20, type=int, help="largest HTTP request body; more: 413")
     p.flag("--max-prompt-tokens", default=32768, type=int, help="longest prompt accepted, in tokens")
+    p.flag(
+        "--max-prompt-chars",
+        default=0,
+        type=int,
+        help="longest prompt text accepted, in characters, refused before tokenising (0: 16 per prompt token)",
+    )
     p.flag("--request-timeout", default=600.0, type=float, help="longest a request may run, seconds")
     p.flag("--dashboard-interval-ms", default=200, type=int, help="dashboard refresh interval (pushed to the page)")
     p.flag("--max-dashboards", default=32, type=int, help="dashboard pages connected at once")
@@ -60,7 +66,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
         try:
-            prepared = self.frontend.prepare(request.request)
+            prepared = await self.frontend.prepare(request.request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.streams.try_acquire():
@@ -146,7 +152,9 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         }
     )
     metrics = GatewayMetrics()
-    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried)
+    frontend = Frontend(
+        upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried, args.max_prompt_chars
+    )
     streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 
     def models() -> list[str]:

@@ -166,7 +166,7 @@ class OpenAIApi:
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
         try:
-            prepared = self.frontend.prepare(request)
+            prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
         return Parsed(chat, prepared, stream, bool(options.get("include_usage")), stops)

@@ -5,6 +5,7 @@ bodies, timeouts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -122,3 +123,135 @@ async def test_gateway_health_answers_while_huge_prompts_are_tokenised(etcd, pre
             assert status == 400 and "exceeds the limit 32768" in reply["error"]["message"], reply
         assert busy_s > 1.0, f"the huge prompts took only {busy_s:.2f}s: too little to measure a stall"
         assert len(latencies) >= 5 and max(latencies) < busy_s / 4, (max(latencies), busy_s)
+
+
+MODEL = "tiny-random"
+
+
+def toy_cluster(etcd, prefix, start_service, ranks=(0, 1), **gateway_flags: str):
+    """A mixed dispatcher over sim workers of the toy model at `ranks`, and a gateway."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, name="disp")
+    for rank in ranks:
+        start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), name=f"sim-{rank}")
+    http_port = free_port()
+    flags = [flag for name, value in gateway_flags.items() for flag in (f"--{name.replace('_', '-')}", value)]
+    start_service("gateway", *common, "--http-port", str(http_port), *flags)
+    return dispatcher, f"http://127.0.0.1:{http_port}"
+
+
+async def ready_workers(dispatcher, count: int) -> None:
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, count)
+
+
+async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(etcd, prefix, start_service)
+    await ready_workers(dispatcher, 2)
+    nested = ("[" * 1000 + "]" * 1000).encode()
+    deep_object = json.dumps({"model": MODEL, "prompt": "x"})[:-1].encode() + b', "metadata": ' + nested + b"}"
+    cases = [
+        ("/v1/completions", nested, None, "nests too deeply"),
+        ("/v1/chat/completions", deep_object, None, "nests too deeply"),
+        ("/v1/completions", b'{"model": "tiny-random", "prompt": "a\\ud800b"}', "prompt", "lone UTF-16 surrogate"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny-random", "messages": [{"role": "user", "content": "\\udfffx"}]}',
+            "messages[0].content",
+            "lone UTF-16 surrogate",
+        ),
+        ("/v1/completions", b'{"model": "tiny-random", "prompt": "x", "stop": ["\\ud83d"]}', "stop[0]", "surrogate"),
+        ("/v1/completions", b"\xff\xfe{}", None, "not valid JSON"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for path, body, param, words in cases:
+            async with http.post(f"{base}{path}", data=body, headers={"Content-Type": "application/json"}) as reply:
+                assert reply.status == 400, (body[:60], reply.status, await reply.text())
+                assert reply.content_type == "application/json"
+                error = (await reply.json())["error"]
+            assert words in error["message"] and error["type"] == "invalid_request_error", error
+            assert error["param"] == param, error
+        async with http.get(f"{base}/health") as reply:
+            assert reply.status == 200
+
+
+async def test_slow_headers_and_bodies_are_dropped(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(
+        etcd, prefix, start_service, http_header_timeout="2", http_body_timeout="2", max_concurrent_streams="4"
+    )
+    await ready_workers(dispatcher, 2)
+    port = int(base.rsplit(":", 1)[1])
+    request_head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    async def slowloris(index: int) -> float:
+        """Send headers at 1 byte per 0.25 s; seconds until the server closes the connection."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        try:
+            for byte in request_head + b"X-Pad: " + b"a" * 200:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                try:
+                    if await asyncio.wait_for(reader.read(1), 0.25) == b"":
+                        break
+                except TimeoutError:
+                    continue
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - started
+
+    async def slow_body() -> tuple[bytes, float, float]:
+        """Send a body at 1 byte per 0.5 s: the answer, seconds until it came, and until the close."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(request_head + b"Content-Length: 100\r\n\r\n{")
+        await writer.drain()
+        answer, answered_s = b"", 0.0
+        for _ in range(60):
+            try:
+                writer.write(b" ")
+                await writer.drain()
+                chunk = await asyncio.wait_for(reader.read(4096), 0.5)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            answered_s = answered_s or time.monotonic() - started
+        writer.close()
+        return answer, answered_s, time.monotonic() - started
+
+    # More slow connections than the gateway takes requests: none of them holds anything.
+    slow = asyncio.gather(*(slowloris(i) for i in range(20)))
+    body_answer, answered_s, closed_s = await slow_body()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+        ) as reply:
+            assert reply.status == 200, await reply.text()
+    held = await slow
+    assert max(held) < 8, held  # dropped at the 2 s header timeout, not held for the 50 s they would take
+    head, _, payload = body_answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), body_answer[:200]
+    assert "--http-body-timeout" in json.loads(payload)["error"]["message"]
+    assert answered_s < 8, answered_s
+    assert closed_s < 20, closed_s  # aiohttp lingers up to 10 s reading the rest, then closes
+
+
+async def test_a_pinned_rank_without_a_worker_fails_at_once_naming_only_the_clients_id(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(etcd, prefix, start_service, ranks=(0, 2))  # rank 1 has no worker
+    await ready_workers(dispatcher, 2)
+    async with aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "1"}) as reply:
+            assert reply.status == 503, await reply.text()
+            error = (await reply.json())["error"]
+        assert "rank 1" in error["message"] and "~r" not in error["message"], error
+        assert "retry" not in error["message"], error  # pins are not retried on other ranks
+        async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "2"}) as reply:
+            assert reply.status == 200 and (await reply.json())["dp_rank"] == 2

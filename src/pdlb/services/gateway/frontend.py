@@ -140,8 +140,10 @@ class Frontend:
                         err.message,
                     )
                 )
+                # Errors of a retry name its attempt id: the client knows only its own.
+                details = details.replace(_attempt_id(rid, retries), rid) if retries else details
                 left = deadline - time.monotonic()
-                if code in FINAL or retries >= MAX_RETRIES or left <= 0:
+                if code in FINAL or retries >= MAX_RETRIES or left <= 0 or _pinned(original):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     raise RequestFailed(code, _named(rid, details, retries)) from None
@@ -162,7 +164,7 @@ class Frontend:
         if not retries:
             return prepared.request
         request = common_pb2.InferenceRequest.FromString(prepared.request.SerializeToString())
-        request.request_id = f"{prepared.request.request_id[:120]}~r{retries}"  # never clashes with the first
+        request.request_id = _attempt_id(prepared.request.request_id, retries)
         request.ClearField("bootstrap_room")
         if sent:  # resume: recompute the KV of the prompt plus what the client already has
             request.input_ids.extend(sent)
@@ -227,6 +229,16 @@ class Frontend:
             call.cancel()
             if not task.done():
                 task.cancel()
+
+
+def _attempt_id(rid: str, retries: int) -> str:
+    """The request id of a retry: never clashes with the first attempt's."""
+    return f"{rid[:120]}~r{retries}"
+
+
+def _pinned(request: common_pb2.InferenceRequest) -> bool:
+    """A pinned request is not retried: the pin is honoured, so a retry would fail alike."""
+    return request.HasField("prefill_dp_rank") or request.HasField("decode_dp_rank")
 
 
 def _named(rid: str, details: str, retries: int) -> str:

@@ -13,8 +13,9 @@ import aiohttp
 import grpc
 import pytest
 
+from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import free_port
-from pdlb.v1 import dispatch_pb2
+from pdlb.v1 import dispatch_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import dispatch_stub, request, wait_for_workers, wait_until
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -255,3 +256,53 @@ async def test_a_pinned_rank_without_a_worker_fails_at_once_naming_only_the_clie
         assert "retry" not in error["message"], error  # pins are not retried on other ranks
         async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "2"}) as reply:
             assert reply.status == 200 and (await reply.json())["dp_rank"] == 2
+
+
+async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    start_service("bootstrap", *common)
+    dispatchers = {}
+    for role in ("prefill", "decode"):
+        dispatchers[role] = start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"d-{role}")
+        for rank in (0, 1):
+            start_service(
+                "scheduler", *common, "--runner", "sim", "--disaggregation-mode", role, "--dp-rank", str(rank),
+                name=f"{role}-{rank}",
+            )  # fmt: skip
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    for process in dispatchers.values():
+        await ready_workers(process, 2)
+    prompt = "The same long prefix, shared by every request of this test. " * 8
+    async with aiohttp.ClientSession() as http:
+        usages = []
+        for _ in range(2):  # the second finds the first's prompt in prefill rank 1's prefix cache
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "prefill_dp_rank": 1}
+            async with http.post(f"{base}/v1/completions", json=body) as reply:
+                done = await reply.json()
+                assert reply.status == 200, done
+            assert done["prefill_dp_rank"] == 1
+            usages.append(done["usage"])
+        assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+        hit = usages[1]["prompt_tokens_details"]["cached_tokens"]
+        assert 0 < hit < usages[1]["prompt_tokens"], usages
+
+    # gRPC: the usage comes once, on the last chunk; every chunk names the prefill rank
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        req = request("grpc-1", prompt, max_new_tokens=4, prefill_dp_rank=1)
+        chunks = [c async for c in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=req), timeout=30)]
+    assert len(chunks) >= 2 and all(c.prefill_dp_rank == 1 for c in chunks), chunks
+    assert [c.cached_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
+    assert [c.prompt_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
+    assert chunks[-1].cached_tokens == hit and chunks[-1].prompt_tokens == usages[1]["prompt_tokens"]
+
+    # the command line's client, straight to the dispatchers, reports the prefill's hit as well
+    client = PDLBClient(prefill=dispatchers["prefill"].address, decode=dispatchers["decode"].address)
+    try:
+        req = request("cli-1", prompt, max_new_tokens=3, prefill_dp_rank=1)
+        chunks = [c async for c in client.generate(req, timeout=30)]
+    finally:
+        await client.close()
+    assert chunks[-1].cached_tokens == hit, chunks[-1]

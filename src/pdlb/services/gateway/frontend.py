@@ -110,10 +110,10 @@ class Frontend:
         while True:
             attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline)
             try:
-                async for response, prefill_rank in attempt:
+                async for response, prefill_rank, attempt_cached in attempt:
                     tokens = list(response.token_ids)
                     if tokens and not sent:
-                        cached = response.cached_tokens
+                        cached = attempt_cached
                     sent += tokens
                     text = decoder.push(tokens)
                     if response.finish_reason:
@@ -176,7 +176,9 @@ class Frontend:
 
     async def _attempt(
         self, request: common_pb2.InferenceRequest, deadline: float
-    ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int]]:
+    ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int, int]]:
+        """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
+        served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt)."""
         mode = self.upstreams.mode()
         if mode is None:
             raise RequestFailed(
@@ -189,7 +191,7 @@ class Frontend:
             call = stub.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
             try:
                 async for response in call:
-                    yield response, -1
+                    yield response, -1, response.cached_tokens
             finally:
                 call.cancel()
             return
@@ -200,13 +202,16 @@ class Frontend:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: no PD dispatchers known")
         message = dispatch_pb2.GenerateRequest(request=request)
         call = picked_decode[1].Generate(message, timeout=timeout)
-        prefill_rank = -1
+        prefill_rank, prefill_cached = -1, 0
         prefill_error: list[BaseException] = []
+        prefill_known = asyncio.get_running_loop().create_future()
 
         async def prefill() -> None:
-            nonlocal prefill_rank
+            nonlocal prefill_rank, prefill_cached
             async for response in picked_prefill[1].Generate(message, timeout=timeout):
-                prefill_rank = response.dp_rank
+                prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                if not prefill_known.done():
+                    prefill_known.set_result(None)
 
         def on_prefill_done(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -217,7 +222,11 @@ class Frontend:
         task.add_done_callback(on_prefill_done)
         try:
             async for response in call:
-                yield response, prefill_rank
+                if response.token_ids and not prefill_known.done():
+                    # The prefill's last message is already on its way (the decode worker found
+                    # its KV): wait for it, so the first token carries the prefill rank and cache hit.
+                    await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                yield response, prefill_rank, prefill_cached
         except asyncio.CancelledError:
             if prefill_error:
                 err = prefill_error[0]

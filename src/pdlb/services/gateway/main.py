@@ -86,6 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timer = self.metrics.timer()
             async for chunk in self.frontend.generate(prepared, context.time_remaining()):
                 timer.tokens(len(chunk.token_ids))
+                last = bool(chunk.finish_reason)  # the usage goes out once, with the finish
                 yield gateway_pb2.GatewayGenerateResponse(
                     request_id=prepared.request.request_id,
                     token_ids=chunk.token_ids,
@@ -93,8 +94,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     finish_reason=chunk.finish_reason,
                     decode_dp_rank=chunk.decode_dp_rank,
                     prefill_dp_rank=chunk.prefill_dp_rank,
-                    prompt_tokens=chunk.prompt_tokens,
-                    cached_tokens=chunk.cached_tokens,
+                    prompt_tokens=chunk.prompt_tokens if last else 0,
+                    cached_tokens=chunk.cached_tokens if last else 0,
                     retries=chunk.retries,
                 )
             self.metrics.done("grpc", "ok")

@@ -348,3 +348,50 @@ async def test_a_stop_token_ends_the_text_unseen_and_counts_as_generated(etcd, p
                     text, usage, finish = done["choices"][0]["text"], done["usage"], done["choices"][0]["finish_reason"]
             assert text == ByteTokenizer().decode(free[:cut]) and finish == "stop"
             assert usage["completion_tokens"] == cut + 1
+
+
+async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    bootstrap = start_service("bootstrap", *common)
+    dispatchers, workers = {}, {}
+    for role in ("prefill", "decode"):
+        dispatchers[role] = start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"d-{role}")
+        workers[role] = start_service(
+            "scheduler", *common, "--runner", "sim", "--disaggregation-mode", role, name=f"{role}-0"
+        )
+    http_port = free_port()
+    start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def health() -> tuple[int, dict]:
+            async with http.get(f"{base}/health") as reply:
+                return reply.status, await reply.json()
+
+        async def says(status: int, words: str = "") -> bool:
+            code, body = await health()
+            return code == status and (not words or any(words in m for m in body["missing"]))
+
+        await wait_until(lambda: says(200), timeout=30, what="a ready PD cluster")
+        _, body = await health()
+        assert body["mode"] == "pd" and body["roles"]["decode"]["live_ranks"] == [0] and body["bootstrap"]["serving"]
+
+        bootstrap.kill()  # its etcd key outlives it until the lease expires; the check sees it at once
+        await wait_until(lambda: says(503, "bootstrap server"), timeout=10, what="503 naming the bootstrap")
+        _, body = await health()
+        assert body["status"] == "unavailable" and body["bootstrap"]["serving"] is False, body
+        async with http.get(f"{base}/live") as reply:
+            assert reply.status == 200  # the gateway itself is fine: no reason to restart it
+
+        bootstrap = start_service("bootstrap", *common, name="bootstrap-2")
+        await wait_until(lambda: says(200), timeout=30, what="ready again with the new bootstrap")
+
+        workers["decode"].kill()
+        await wait_until(lambda: says(503, "no live decode worker"), timeout=30, what="503 naming the decode role")
+
+        dispatchers["prefill"].kill()
+        await wait_until(
+            lambda: says(503, "no prefill dispatcher answers"), timeout=30, what="503 naming the prefill dispatcher"
+        )
+        _, body = await health()
+        assert "no live decode worker" in body["missing"], body

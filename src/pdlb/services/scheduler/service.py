@@ -13,7 +13,8 @@ from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
+from pdlb.engines.base import Engine, KVHandoffEngine
+from pdlb.engines.torch.batching import AdmissionError, PreloadedKV, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -66,7 +67,7 @@ async def _next_outputs(seq: Sequence) -> tuple[list[int], int, tuple[grpc.Statu
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | KVHandoffEngine,  # prefill/decode roles need a KVHandoffEngine
         worker: common_pb2.WorkerInfo,
         role: str,
         acks: DispatchAcks,

@@ -44,7 +44,7 @@ import grpc
 from bench import balance_bench, balance_suite, mooncake_trace, peer_routers
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
-from pdlb.services.scheduler.runners import CostModel
+from pdlb.engines.torch.runners import CostModel
 from pdlb.v1 import dispatch_pb2_grpc
 from pdlb.workload import WorkItem, WorkloadSpec, generate, salted
 

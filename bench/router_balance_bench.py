@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -87,7 +88,8 @@ class Cluster:
         flags = [
             "--runner", "sim", "--sim-slowdown", str(a.slowdown), "--max-total-tokens", str(a.kv_tokens),
             "--max-running-requests", str(a.max_running), "--chunked-prefill-size", str(balance_bench.CHUNKED_PREFILL),
-            "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
+            "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--max-position", str(a.kv_tokens),
+            "--max-prompt-tokens", str(a.kv_tokens),
         ]  # fmt: skip
         schedulers = [
             ServiceProcess(f"scheduler-{r}", [*script("pdlb-scheduler"), *common, "--dp-rank", str(r), *flags],
@@ -158,6 +160,7 @@ async def one_request(
     result: balance_bench.RunResult,
     start: float,
     floor: float | None,
+    ranks: dict,
 ) -> None:
     await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - start)))  # the arrival schedule
     body = {
@@ -173,7 +176,7 @@ async def one_request(
     try:
         async with session.post(f"{url}/v1/completions", json=body) as reply:
             if reply.status != 200:
-                raise RuntimeError(f"HTTP {reply.status}")
+                raise RuntimeError(f"HTTP {reply.status} {(await reply.text())[:400]}")
             async for line in reply.content:
                 if not line.startswith(b"data: {"):
                     continue
@@ -185,6 +188,10 @@ async def one_request(
                 now = time.perf_counter()
                 if chunks == 0:
                     result.ttft.append(now - sent)
+                    if floor is not None:  # served requests only, as their TTFTs
+                        result.floors.append(floor)
+                    rank = event.get("dp_rank")
+                    ranks[rank] = ranks.get(rank, 0) + 1
                     if floor is not None:
                         result.queued.append(now - sent - floor)
                 else:
@@ -193,7 +200,7 @@ async def one_request(
                 last = now
     except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
         result.failed += 1
-        key = str(exc)[:60] or type(exc).__name__
+        key = re.sub(r"(cmpl|mixed)-[\w-]+", "", str(exc))[-200:] or type(exc).__name__  # the kind, not the id
         result.errors[key] = result.errors.get(key, 0) + 1
         return
     result.ok += 1
@@ -203,9 +210,9 @@ async def one_request(
 
 async def run_method(
     cluster: Cluster, method: str, items: list[WorkItem], label: tuple[str, float], floors: list[float] | None
-) -> balance_bench.RunResult:
+) -> tuple[balance_bench.RunResult, dict]:
     result = balance_bench.RunResult(method, label[0], label[1])
-    result.floors = list(floors or [])
+    served: dict = {}  # rank that served -> requests (from the gateway's dp_rank field)
     channel = grpc.aio.insecure_channel(cluster.dispatcher(method))
     stub = dispatch_pb2_grpc.DispatchStub(channel)
     ranks = cluster.args.ranks
@@ -219,7 +226,7 @@ async def run_method(
         url = cluster.url(method)
         await asyncio.gather(
             *[
-                one_request(session, url, item, result, start, floor)
+                one_request(session, url, item, result, start, floor, served)
                 for item, floor in zip(items, floors or [None] * len(items), strict=True)
             ]
         )
@@ -230,7 +237,7 @@ async def run_method(
     after = balance_bench.cache_counters(await balance_bench.snapshot(stub))
     result.cache_hit_tokens, result.prompt_tokens = after[0] - before[0], after[1] - before[1]
     await channel.close()
-    return result
+    return result, served
 
 
 def workload(args: argparse.Namespace, seed: int) -> tuple[list[WorkItem], list[int], tuple[str, float], str]:
@@ -385,13 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             for n, method in enumerate(methods[shift:] + methods[:shift]):  # rotating order per seed
                 # caches start cold for every run; then ids the byte tokenizer gives back from text
                 run_items = [replace(i, input_ids=text_ids(i.input_ids)) for i in salted(items, seed * 1000 + n + 1)]
-                result = asyncio.run(run_method(cluster, method, run_items, label, floors))
-                row = {**result.row(), "seed": seed, "workload": label[0]}
+                result, ranks = asyncio.run(run_method(cluster, method, run_items, label, floors))
+                row = {**result.row(), "seed": seed, "workload": label[0], "ranks": sorted(ranks.items(), key=str)}
                 rows.append(row)
                 print(
                     f"seed {seed} {method:28} ok {row['ok']:4}/{row['ok'] + row['failed']} "
                     f"TTFT p99 {row['ttft_p99_ms']:7.0f} ms queueing p99 {row['queued_p99_ms']:7.0f} ms "
-                    f"hit {row['cache_hit_rate']:.1%} {row['errors'] or ''}",
+                    f"hit {row['cache_hit_rate']:.1%} ranks {[n for _, n in row['ranks']]} {row['errors'] or ''}",
                     flush=True,
                 )
                 (out / f"{args.name}.json").write_text(json.dumps({"workload": described, "rows": rows}))

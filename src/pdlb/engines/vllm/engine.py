@@ -8,8 +8,8 @@ the request's KV; `vllm:num_requests_running` drops).
 
 Load: vLLM's gauges refresh once per engine step (seconds on a CPU), so load reports carry pdlb's
 own exact in-flight counts (requests sent here and not finished: waiting until their first token,
-then running), merged with the last scrape of the rank's `/metrics` series (the larger of the two
-counts: the server may also serve traffic that did not come through pdlb). Prefix-cache hits and
+then running), merged with the last scrape of the rank's `/metrics` series (the larger total of the
+two: the server may also serve traffic that did not come through pdlb). Prefix-cache hits and
 KV use come from vLLM's counters. Health comes from `/health`: when the server stops answering, the
 engine fails its requests with UNAVAILABLE (the gateway resumes them elsewhere) and reports itself
 unhealthy; the scheduler service then leaves membership, and joins again once the server is back
@@ -229,9 +229,13 @@ class VLLMEngine:
         waiting = [e for e in self.inflight.values() if e.first_token_at is None]
         stats = self.stats
         capacity = stats.kv_capacity_tokens
+        # vLLM's gauges may count traffic that bypassed pdlb, or lag a step behind: the larger total
+        # wins, split so that running is the larger of the two running counts
+        total = max(len(self.inflight), stats.running + stats.waiting)
+        running = min(total, max(len(started), stats.running))
         return common_pb2.WorkerLoad(
-            running_requests=max(len(started), stats.running),
-            waiting_requests=max(len(waiting), stats.waiting),
+            running_requests=running,
+            waiting_requests=total - running,
             running_tokens=sum(len(e.seq.prompt) + e.tokens for e in started),
             waiting_tokens=sum(len(e.seq.prompt) for e in waiting),
             kv_tokens_used=int(stats.kv_usage * capacity),

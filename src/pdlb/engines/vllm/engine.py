@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 FINISH = {"length": LENGTH, "stop": STOP, "abort": ABORT}
 MAX_ERROR_CHARS = 500  # of a vLLM error body quoted in a status message
 MAX_LINE_BYTES = 1 << 20  # one SSE line of a streamed completion
+# A busy CPU server answers /health late: one slow probe must not fail its streams. Unhealthy
+# means this many probes in a row failed or took longer than PROBE_TIMEOUT_S each (a dead server
+# resets its streams' connections at once anyway, and those fail by themselves).
+FAILED_PROBES = 3
+PROBE_TIMEOUT_S = 5.0
 # Strings whose token ids must be the same on both sides: plain text, whitespace, digits, unicode
 # and the chat template's special tokens (a different vocabulary differs on at least one).
 TOKENIZER_PROBES = (
@@ -154,6 +159,7 @@ class VLLMEngine:
         self.stats = RankStats()
         self.rates = RankRates()
         self.healthy = True
+        self.failed_probes = 0  # in a row
         self.draining = False
         self.prompt_tokens_total = 0
         self.session = session  # closed with the engine
@@ -369,7 +375,9 @@ class VLLMEngine:
     # health and metrics ---------------------------------------------------------------------------
     async def _poll(self) -> None:
         while True:
-            healthy = await self._scrape()
+            answered = await self._scrape()
+            self.failed_probes = 0 if answered else self.failed_probes + 1
+            healthy = self.healthy if 0 < self.failed_probes < FAILED_PROBES else answered
             if healthy != self.healthy:
                 self.healthy = healthy
                 log.warning("vLLM at %s is %s", self.rank.url, "healthy again" if healthy else "NOT healthy")
@@ -384,7 +392,7 @@ class VLLMEngine:
             await asyncio.sleep(self.poll_interval_s)
 
     async def _scrape(self) -> bool:
-        timeout = aiohttp.ClientTimeout(total=max(2.0, 4 * self.poll_interval_s))
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         try:
             async with self.session.get(f"{self.rank.url}/health", timeout=timeout) as resp:
                 if resp.status != 200:

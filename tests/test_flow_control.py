@@ -6,11 +6,17 @@ queue; a worker dying while requests are queued loses none of them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 
 import grpc
+import openai
 import pytest
+from rich.console import Console
 
+from pdlb.cli.top import render
+from pdlb.common.etcd_process import free_port
 from pdlb.services.dispatcher.flow_control import RETRY_AFTER_KEY
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
@@ -227,3 +233,70 @@ async def test_worker_death_while_queued_loses_no_request(etcd, prefix, start_se
         assert await queued(stub) == 0
     finally:
         await channel.close()
+
+
+async def test_http_priority_deadline_and_429_with_retry_after_through_the_gateway(etcd, prefix, start_service):
+    """The official `openai` client against the gateway: a sheddable request (vLLM's `priority`)
+    and one past its TTFT deadline header get 429 + Retry-After while the only rank is busy; a bad
+    priority gets 400 naming it; once the rank frees, requests are served."""
+    metrics_port = free_port()
+    channel, stub, _, _ = await start_cluster(
+        etcd, prefix, start_service, 1, "--sheddable-queue-ttl", "0.3", "--metrics-port", str(metrics_port)
+    )
+    http_port = free_port()
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    start_service("gateway", *common, "--http-port", str(http_port))
+    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    client = Client(stub)
+    try:
+        await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
+        client.send("busy", tokens=50)
+        await client.started("busy")
+        with pytest.raises(openai.RateLimitError) as shed:
+            await api.completions.create(model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": 1})
+        assert int(shed.value.response.headers["Retry-After"]) >= 1
+        assert "queue TTL" in shed.value.body["message"]
+        with pytest.raises(openai.RateLimitError) as late:
+            await api.completions.create(
+                model="tiny-random", prompt="hello", max_tokens=2, extra_headers={"X-pdlb-TTFT-Deadline-Ms": "200"}
+            )
+        assert "TTFT deadline" in late.value.body["message"] and late.value.response.headers["Retry-After"]
+        with pytest.raises(openai.BadRequestError) as bad:
+            await api.completions.create(model="tiny-random", prompt="hello", extra_body={"priority": "high"})
+        assert bad.value.body["param"] == "priority"
+        served = await api.completions.create(
+            model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": -1, "ignore_eos": True}
+        )
+        assert served.usage.completion_tokens == 2
+        snap = await load_snapshot(stub)
+        assert snap.flow.shed_total == 2 and snap.flow.admitted_total >= 1
+        # The same counts in the dispatcher's /metrics, `pdlb top` and the gateway's dashboard.
+        scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert 'pdlb_queue_shed_total{reason="ttl"} 1.0' in scrape
+        assert 'pdlb_queue_shed_total{reason="deadline"} 1.0' in scrape
+        assert "pdlb_queue_requests 0.0" in scrape and "pdlb_queue_wait_seconds_count" in scrape
+        console = Console(width=400, record=True)
+        console.print(render("mixed", snap))
+        frame = console.export_text()
+        assert "queue 0 (0 tokens, 0 tenants)" in frame and "shed 2" in frame
+
+        async def dashboard_shows_shed() -> bool:
+            state = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/dashboard/state"))
+            return [r["queue"]["shed"] for r in state["roles"]] == [2]
+
+        await wait_until(dashboard_shows_shed, what="the dashboard's queue counts")
+    finally:
+        await api.close()
+        await channel.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+async def _models_ready(api) -> bool:
+    try:
+        return bool((await api.models.list()).data)
+    except openai.APIError:
+        return False

@@ -98,7 +98,10 @@ def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard:
             return await handler(request)
         except ApiError as exc:
             metrics.done("http", str(exc.status))
-            return error_response(exc.status, exc.message, exc.param, exc.kind)
+            response = error_response(exc.status, exc.message, exc.param, exc.kind)
+            if exc.status == 429:
+                response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
+            return response
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
         except web.HTTPException as exc:

@@ -195,6 +195,7 @@ def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, 
         "queued_p99_ms": percentile(merged.queued, 99) * 1000,
         "slo_attainment": merged.slo_met / total if total else float("nan"),
         "throughput_tok_s": merged.output_tokens / span if span else 0.0,
+        "requests_per_s": merged.ok / span if span else 0.0,
     }
 
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"seed {seed} load {load:.2f} {method:26} ok {a['ok']}/{a['requests']} shed {a['shed']} "
                         f"TTFT p50 {a['ttft_p50_ms']:.0f} p99 {a['ttft_p99_ms']:.0f} ms queued p99 "
-                        f"{a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} {a['throughput_tok_s']:.0f} tok/s"
+                        f"{a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} "
+                        f"{a['throughput_tok_s']:.0f} tok/s {a['requests_per_s']:.1f} req/s"
                         + "".join(
                             f" | {k} p99 {v['ttft_p99_ms']:.0f} ms shed {v['shed']}"
                             for k, v in row.items()

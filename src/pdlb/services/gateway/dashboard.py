@@ -137,9 +137,7 @@ class Dashboard:
                 "wait_p50_ms": flow.wait_p50_ms,
                 "wait_p99_ms": flow.wait_p99_ms,
             }
-            roles.append(
-                {"role": role, "dispatcher": address, "method": snap.method, "workers": rows, "queue": queue}
-            )
+            roles.append({"role": role, "dispatcher": address, "method": snap.method, "workers": rows, "queue": queue})
         return {
             "t": time.time(),
             "mode": self.upstreams.mode(),

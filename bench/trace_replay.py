@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=600)
     parser.add_argument("--length-divisor", type=int, default=16, help="input/output lengths and block size / D")
     parser.add_argument("--max-input", type=int, default=2048, help="prompt cap after scaling, tokens")
-    parser.add_argument("--capacity", type=float, default=6.0, help="requests/s the ranks serve (--probe)")
+    parser.add_argument("--capacity", type=float, default=16.0, help="requests/s the ranks serve (--probe)")
     parser.add_argument("--loads", default="0.6,0.85", help="shares of --capacity")
     parser.add_argument("--seeds", default="1,2,3", help="one run per seed (priorities, tenants, salts)")
     parser.add_argument("--high-share", type=float, default=1.0, help="share of priority-0 requests (rest: 1)")

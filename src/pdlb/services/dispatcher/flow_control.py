@@ -39,7 +39,7 @@ RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
 class FlowOptions:
     """Flow-control settings (dispatcher flags of the same names)."""
 
-    enabled: bool = True
+    enabled: bool = False  # off by default: on the trace it did not beat the method alone (docs/BENCHMARKS.md)
     max_queued_requests: int = 1024
     queue_ttl_s: float = 30.0
     sheddable_ttl_s: float = 5.0
@@ -185,29 +185,34 @@ class FlowControl:
         if not candidates:
             return None
         tokens = ctx.num_tokens
-        return [entry for entry in candidates if self._fits(entry, tokens)]
+        roomy = [entry for entry in candidates if self._fits(entry, tokens)]
+        # The table's own list when every rank fits: policies keep per-list state across decisions.
+        return candidates if len(roomy) == len(candidates) else roomy
 
     def _fits(self, entry: WorkerEntry, tokens: int) -> bool:
         r = entry.reported
-        if r.max_running_requests:
-            if entry.slot_excess:  # waiting + in flight + this one exceed the free batch slots
-                return False
-        elif entry.total_requests:  # never reported its batch size: one request at a time
-            return False
         if r.kv_tokens_capacity and entry.kv_free < tokens:
             return False
         if self.options.max_wait_ms > 0 and self.router.role is not Role.DECODE:
             return self._predicted_wait_ms(entry) <= self.options.max_wait_ms
-        return True
+        if r.max_running_requests:
+            return not entry.slot_excess  # waiting + in flight + this one fit the free batch slots
+        return not entry.total_requests  # never reported its batch size: one request at a time
 
     @staticmethod
     def _predicted_wait_ms(entry: WorkerEntry) -> float:
-        """Prompt work queued ahead on the rank, in ms (its fitted step line; 0 until measured)."""
+        """How long a request sent now would wait on the rank before its own prefill, in ms: for a
+        batch slot (the k-th frees after k x mean output x step time / running requests) and for
+        the prompt work queued ahead (its fitted step line); 0 for what is not measured yet."""
         r = entry.reported
-        if r.prefill_tokens_per_s <= 0:
-            return 0.0
-        per_token_s = 1 / r.prefill_tokens_per_s + (r.step_base_ms / 1000) / max(r.prefill_tokens_per_step, 1)
-        return entry.queued_tokens * per_token_s * 1000
+        step_s = r.step_ms / 1000
+        wait_s = 0.0
+        if entry.slot_excess and r.max_running_requests:
+            wait_s += entry.slot_excess * (r.mean_output_tokens or 1.0) * step_s / max(r.running_requests, 1)
+        if r.prefill_tokens_per_s > 0:
+            per_token_s = 1 / r.prefill_tokens_per_s + (r.step_base_ms / 1000) / max(r.prefill_tokens_per_step, 1)
+            wait_s += entry.queued_tokens * per_token_s
+        return wait_s * 1000
 
     # shedding --------------------------------------------------------------------------------
     def retry_after_s(self) -> int:

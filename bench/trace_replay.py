@@ -10,7 +10,8 @@ hashes. It is scaled to the sim ranks:
 - time: a window of `--num-requests` consecutive requests from `--offset`, its arrival times
   compressed so the mean rate is `--load` x `--capacity` (requests/s), keeping the trace's bursts;
 - tokens: each hash id becomes a fixed block of token ids (drawn from a generator seeded with the
-  id), so requests that share leading ids share that prefix exactly and prefix caches hit for real.
+  id; `bench/mooncake_trace.py` loads and scales it), so requests that share leading ids share that
+  prefix exactly and prefix caches hit for real.
 
 Each request's floor is its TTFT alone on an idle rank that caches the longest prefix any earlier
 request of the window had (the best cache it could have); queueing = TTFT - floor. Goodput is
@@ -31,19 +32,16 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
-from bench import balance_bench
+from bench import balance_bench, mooncake_trace
 from pdlb.client import PDLBClient
-from pdlb.services.scheduler.runners import CostModel
+from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem, percentile, salted
 
-TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
-TRACE_BLOCK = 512
-VOCAB = 256  # the sim ranks' toy model is byte-level
 DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
 
 
@@ -67,64 +65,25 @@ class Outcome:
     output_tokens: int = 0
 
 
-def load_trace(path: Path, offset: int, count: int) -> list[dict]:
-    rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if i < offset:
-                continue
-            rows.append(json.loads(line))
-            if len(rows) == count:
-                break
-    if len(rows) < count:
-        raise SystemExit(f"{path}: only {len(rows)} requests from offset {offset}")
-    return rows
-
-
-def scale(rows: list[dict], args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> list[TraceItem]:
-    """The window as sim work items, with floors, priorities and tenants (see the module doc)."""
-    block = TRACE_BLOCK // args.length_divisor
-    blocks: dict[int, list[int]] = {}
-
-    def tokens_of(hash_id: int) -> list[int]:
-        if hash_id not in blocks:
-            rng = random.Random(hash_id * 1_000_003 + 7)
-            blocks[hash_id] = [rng.randrange(1, VOCAB) for _ in range(block)]
-        return blocks[hash_id]
-
-    t0 = rows[0]["timestamp"] / 1000
-    span = (rows[-1]["timestamp"] / 1000 - t0) or 1.0
-    squeeze = (len(rows) / rate) / span  # trace seconds -> replay seconds at the target rate
-    seen: set[tuple[int, ...]] = set()
+def scale(args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> list[TraceItem]:
+    """The window as sim work items (`bench.mooncake_trace`), time-compressed to a mean of `rate`
+    requests/s, with floors, priorities and tenants (see the module doc)."""
+    full = mooncake_trace.TraceScaling(args.offset, args.num_requests, args.length_divisor, max_input=args.max_input)
+    items, _ = mooncake_trace.load(Path(args.trace), full)
+    if len(items) < args.num_requests:
+        raise SystemExit(f"{args.trace}: only {len(items)} requests from offset {args.offset}")
+    span = items[-1].arrival_s or 1.0
+    scaling = replace(full, speedup=span / (len(items) / rate))
+    items, reusable = mooncake_trace.load(Path(args.trace), scaling)
     rng = random.Random(seed)
-    items = []
-    for index, row in enumerate(rows):
-        length = min(max(1, math.ceil(row["input_length"] / args.length_divisor)), args.max_input)
-        ids = row["hash_ids"][: math.ceil(length / block)]
-        prompt: list[int] = []
-        for hash_id in ids:
-            prompt += tokens_of(hash_id)
-        prompt = prompt[:length]
-        cached = 0  # the longest prefix of full blocks some earlier request had
-        for n in range(1, len(ids) + 1):
-            if n * block <= length and tuple(ids[:n]) in seen:
-                cached = n * block
-            else:
-                break
-        for n in range(1, len(ids) + 1):
-            if n * block <= length:
-                seen.add(tuple(ids[:n]))
-        output = min(max(1, round(row["output_length"] / args.length_divisor)), 256)
-        arrival = (row["timestamp"] / 1000 - t0) * squeeze
-        item = WorkItem(index, arrival, prompt, output)
-        floor = balance_bench.ttft_floor(item, cached, cost)
+    out = []
+    for item, cached in zip(items, reusable, strict=True):
         priority = 0 if rng.random() < args.high_share else 1
+        tenant = ""
         if args.flood_tenant > 0:  # tenant "flood" sends flood_tenant x the share of tenant "steady"
             tenant = "flood" if rng.random() < args.flood_tenant / (args.flood_tenant + 1) else "steady"
-        else:
-            tenant = ""
-        items.append(TraceItem(item, floor, priority, tenant))
-    return items
+        out.append(TraceItem(item, balance_bench.ttft_floor(item, cached, cost), priority, tenant))
+    return out
 
 
 async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int, str], Outcome], start: float):
@@ -201,7 +160,7 @@ def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(TRACE))
+    parser.add_argument("--trace", default=str(mooncake_trace.DEFAULT_TRACE))
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--offset", type=int, default=0, help="first request of the window")
     parser.add_argument("--num-requests", type=int, default=600)
@@ -225,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1,
     )  # fmt: skip
     cost = CostModel().scaled(args.slowdown)
-    rows = load_trace(Path(args.trace), args.offset, args.num_requests)
     cluster = balance_bench.Cluster(cluster_args, methods)
     cluster.start()
     results = []
@@ -234,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for load in [float(x) for x in args.loads.split(",")]:
-                items = scale(rows, args, load * args.capacity, cost, seed)
+                items = scale(args, load * args.capacity, cost, seed)
                 shift = len(results) % len(methods)
                 for method in methods[shift:] + methods[:shift]:  # rotating order
                     salt = len(results) + 1  # cold caches for every run

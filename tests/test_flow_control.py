@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pdlb.cli.top import render
 from pdlb.common.etcd_process import free_port
-from pdlb.services.dispatcher.flow_control import RETRY_AFTER_KEY
+from pdlb.common.requests import RETRY_AFTER_KEY
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 

@@ -31,7 +31,6 @@ from pdlb.services.dispatcher.load_table import Role, WorkerEntry
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 from pdlb.services.dispatcher.router import Decision, Router
 
-RETRY_AFTER_KEY = "retry-after"  # trailing metadata: whole seconds a refused client should wait
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
 
 

@@ -46,6 +46,7 @@ def test_decode_admission_by_kv_capacity():
     assert ranks(flow, 500) == [1, 2]  # the prefix cache's evictable blocks count as free
     assert ranks(flow, 850) == [2]
     assert ranks(flow, 950) == []
+    assert ranks(flow, 1001) == [0, 1, 2]  # larger than any rank's KV: not held, the worker refuses it
 
 
 def test_predicted_wait_bound_replaces_the_slot_check():

@@ -179,12 +179,16 @@ class FlowControl:
     # room ------------------------------------------------------------------------------------
     def roomy(self, ctx: RouteContext) -> list[WorkerEntry] | None:
         """The ranks that take `ctx` without it queueing there (see the module doc); None when no
-        rank is live at all (the decision then fails UNAVAILABLE at once, nothing to wait for)."""
+        rank is live at all (the decision then fails UNAVAILABLE at once, nothing to wait for);
+        every rank when the prompt exceeds every rank's KV capacity (waiting would not help: the
+        chosen worker refuses it with RESOURCE_EXHAUSTED naming its budget)."""
         candidates = self.router.table.candidates()
         if not candidates:
             return None
         tokens = ctx.num_tokens
         roomy = [entry for entry in candidates if self._fits(entry, tokens)]
+        if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
+            return candidates  # it fits no rank's KV even when idle: the worker says so at once
         # The table's own list when every rank fits: policies keep per-list state across decisions.
         return candidates if len(roomy) == len(candidates) else roomy
 

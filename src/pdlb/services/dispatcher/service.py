@@ -14,7 +14,7 @@ import grpc
 from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.slots import Slots
-from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
+from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.dispatcher.channels import ChannelPool
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import (
@@ -323,7 +323,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             dispatcher_id=self.core.dispatcher_id,
             dp_wave=self.core.waves.on_dispatch(worker.worker_id),
         )
-        decoder = StreamDecoder(self.core.tokenizer)
+        decoder = StreamDecoder(self.core.tokenizer, not request.request.sampling.keep_special_tokens)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
             try:
@@ -331,7 +331,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
                         # Recorded once the KV is held, so a re-dispatch never conflicts with it.
                         await self._record_room(ctx, decision, context)
-                    text = decoder.push(list(chunk.token_ids))
+                    text = decoder.push(visible_tokens(list(chunk.token_ids), chunk.finish_reason))
                     if chunk.finish_reason:
                         text += decoder.flush()
                     yield dispatch_pb2.GenerateResponse(
@@ -344,6 +344,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         prompt_tokens=chunk.prompt_tokens,
                         cached_tokens=chunk.cached_tokens,
                         predicted_ms=(decision.predicted_s or 0.0) * 1000,
+                        logprobs=chunk.logprobs,
                     )
             except asyncio.CancelledError:
                 if _client_cancelled(context):

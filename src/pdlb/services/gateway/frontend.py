@@ -21,13 +21,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from pdlb.client import new_room
 from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
-from pdlb.common.tokenizer import StreamDecoder, Tokenizer
+from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
 
@@ -61,6 +61,7 @@ class Chunk:
     prompt_tokens: int
     cached_tokens: int
     retries: int
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Frontend:
         original = prepared.request
         rid = original.request_id
         deadline = time.monotonic() + min(timeout or self.timeout_s, self.timeout_s)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, not original.sampling.keep_special_tokens)
         sent: list[int] = []
         cached = 0
         retries = 0
@@ -147,7 +148,7 @@ class Frontend:
                     if tokens and not sent:
                         cached = attempt_cached
                     sent += tokens
-                    text = decoder.push(tokens)
+                    text = decoder.push(visible_tokens(tokens, response.finish_reason))
                     if response.finish_reason:
                         text += decoder.flush()
                     yield Chunk(
@@ -159,6 +160,7 @@ class Frontend:
                         len(prepared.prompt),
                         cached,
                         retries,
+                        list(response.logprobs),
                     )
                     if response.finish_reason:
                         return
@@ -238,10 +240,13 @@ class Frontend:
         prefill_error: list[BaseException] = []
         prefill_known = asyncio.get_running_loop().create_future()
 
+        first_logprobs: list[common_pb2.TokenLogprob] = []  # the prefill worker drew the first token
+
         async def prefill() -> None:
             nonlocal prefill_rank, prefill_cached
             async for response in picked_prefill[1].Generate(message, timeout=timeout):
                 prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                first_logprobs[:] = response.logprobs
                 if not prefill_known.done():
                     prefill_known.set_result(None)
 
@@ -258,6 +263,11 @@ class Frontend:
                     # The prefill's last message is already on its way (the decode worker found
                     # its KV): wait for it, so the first token carries the prefill rank and cache hit.
                     await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                if first_logprobs and len(response.logprobs) < len(response.token_ids):
+                    # The decode worker received its first token with the KV, without its logprob.
+                    merged = [first_logprobs.pop(), *response.logprobs]
+                    del response.logprobs[:]
+                    response.logprobs.extend(merged)
                 yield response, prefill_rank, prefill_cached
         except asyncio.CancelledError:
             if prefill_error:

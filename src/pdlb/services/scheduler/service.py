@@ -16,6 +16,7 @@ from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine, KVHandoffEngine
 from pdlb.engines.torch.batching import AdmissionError, PreloadedKV, Sequence
+from pdlb.engines.torch.sampler import Sampled, SamplingConfig
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -55,17 +56,44 @@ async def _abort_kv(context, code: grpc.StatusCode, message: str) -> None:
     await context.abort(code, message)
 
 
-async def _next_outputs(seq: Sequence) -> tuple[list[int], int, tuple[grpc.StatusCode, str] | None]:
+async def _next_outputs(
+    seq: Sequence,
+) -> tuple[list[int], int, tuple[grpc.StatusCode, str] | None, list[Sampled]]:
     """The next tokens of a request, merged with any that queued up meanwhile: a slow reader gets
     fewer, larger messages instead of falling further behind. Then the finish reason, or the error
-    the request failed with."""
+    the request failed with, and the tokens' log-probabilities when asked for."""
     out = await seq.outbox.get()
-    tokens, reason = list(out.token_ids), out.finish_reason
+    tokens, reason, logprobs = list(out.token_ids), out.finish_reason, list(out.logprobs)
     while not reason and not seq.outbox.empty():
         out = seq.outbox.get_nowait()
         tokens += out.token_ids
+        logprobs += out.logprobs
         reason = out.finish_reason
-    return tokens, reason, out.error
+    return tokens, reason, out.error, logprobs
+
+
+def sampling_config(params: common_pb2.SamplingParams, temperature: float) -> SamplingConfig | None:
+    """The sampler's parameters of a request; None when only temperature matters (the fast path)."""
+    config = SamplingConfig(
+        temperature=temperature,
+        top_k=max(params.top_k, 0),
+        top_p=params.top_p or 1.0,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty or 1.0,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
+    )
+    return config if config.shapes_logits or config.logprobs is not None else None
+
+
+def token_logprob(sampled: Sampled) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=sampled.token,
+        logprob=sampled.logprob or 0.0,
+        top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in sampled.top],
+    )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -113,6 +141,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ignore_eos=req.sampling.ignore_eos,
             seed=sampling_seed(req),
             seed_position=req.sampling.seed_position,
+            sampling=sampling_config(req.sampling, checked.temperature),
+            min_tokens=req.sampling.min_tokens,
             prefill_only=self.role == "prefill",
             bootstrap_room=room,
         )
@@ -131,7 +161,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finished = False
         try:
             while not finished:
-                tokens, reason, error = await _next_outputs(seq)
+                tokens, reason, error, logprobs = await _next_outputs(seq)
                 finished = reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if error is not None:
                     await context.abort(*error)
@@ -141,6 +171,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     finish_reason=reason,
                     prompt_tokens=len(seq.prompt),
                     cached_tokens=seq.cache_hit,
+                    logprobs=[token_logprob(sampled) for sampled in logprobs],
                 )
         finally:
             if not finished:  # the client went away: free the batch slot and the KV

@@ -312,7 +312,7 @@ async def gateway_tokens(stub, rid: str, prompt: list[int], started: asyncio.Eve
     request = common_pb2.InferenceRequest(
         request_id=rid,
         input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
     )
     tokens, retries = [], 0
     async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):

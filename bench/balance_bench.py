@@ -246,7 +246,7 @@ async def one_request(
     req = common_pb2.InferenceRequest(
         request_id=f"{run_id}-{item.index}",
         input_ids=item.input_ids,
-        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True, temperature=0.0),
     )
     sent = time.perf_counter()
     last, tokens = sent, 0

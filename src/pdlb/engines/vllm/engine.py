@@ -31,7 +31,7 @@ import grpc
 
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.torch.batching import ABORT, LENGTH, STOP, AdmissionError, EngineLimits, Output, Sequence
-from pdlb.engines.vllm.rank_metrics import RankStats, parse_rank
+from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
 from pdlb.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class VLLMEngine:
         self.kv_events = None  # vLLM's KV events (ZMQ) are not read; dispatchers use reported hit counters
         self.inflight: dict[str, _InFlight] = {}
         self.stats = RankStats()
+        self.rates = RankRates()
         self.healthy = True
         self.draining = False
         self.prompt_tokens_total = 0
@@ -239,6 +240,11 @@ class VLLMEngine:
             cache_hit_tokens=stats.prefix_hit_tokens,
             max_running_requests=self.limits.max_running_requests,
             prefill_pending_tokens=sum(len(e.seq.prompt) for e in waiting),
+            # from vLLM's histograms (see RankRates); a decode step stands for the fixed cost of a step
+            step_ms=self.rates.step_s * 1000,
+            step_base_ms=self.rates.step_s * 1000,
+            prefill_tokens_per_s=self.rates.prefill_tokens_per_s,
+            mean_output_tokens=self.rates.mean_output_tokens,
         )
 
     async def drain(self, timeout: float) -> None:
@@ -381,7 +387,9 @@ class VLLMEngine:
                     return False
             async with self.session.get(f"{self.rank.url}/metrics", timeout=timeout) as resp:
                 if resp.status == 200:
-                    self.stats = parse_rank(await resp.text(), self.rank.engine_label)
+                    stats = parse_rank(await resp.text(), self.rank.engine_label)
+                    self.rates.update(self.stats, stats)
+                    self.stats = stats
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
             return False
         except ValueError as exc:

@@ -144,6 +144,9 @@ class DispatchCore:
         self.report_interval_ms = report_interval_ms
         self.room_recorder: RoomRecorder | None = None
         self.draining = False
+        # Request ids and bootstrap rooms of the Generate calls in flight (bounded by active_requests).
+        self.in_flight_ids: set[str] = set()
+        self.in_flight_rooms: set[int] = set()
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
         self.waves = WaveCoordinator(self._send_start_wave)
@@ -237,10 +240,36 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         ctx, external = await self._checked(request.request, context)
         await acquire(self.core.active_requests, context)
         try:
-            async for response in self._generate(request, ctx, external, context):
-                yield response
+            await self._claim(ctx, context)
+            try:
+                async for response in self._generate(request, ctx, external, context):
+                    yield response
+            finally:
+                self.core.in_flight_ids.discard(ctx.request_id)
+                if ctx.bootstrap_room is not None:
+                    self.core.in_flight_rooms.discard(ctx.bootstrap_room)
         finally:
             self.core.active_requests.release()
+
+    async def _claim(self, ctx: RouteContext, context) -> None:
+        """Refuse a request whose id or bootstrap room is in flight here (ALREADY_EXISTS): on two
+        ranks both would run, and one room's KV would be held twice."""
+        core, rid, room = self.core, ctx.request_id, ctx.bootstrap_room
+        if rid in core.in_flight_ids:
+            core.metrics.failures.labels("ALREADY_EXISTS").inc()
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
+            )
+        if room is not None and room in core.in_flight_rooms:
+            core.metrics.failures.labels("ALREADY_EXISTS").inc()
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {rid}: bootstrap room {room} is taken by another request in flight here; give every "
+                "request a room of its own",
+            )
+        core.in_flight_ids.add(rid)
+        if room is not None:
+            core.in_flight_rooms.add(room)
 
     async def _generate(
         self, request: dispatch_pb2.GenerateRequest, ctx: RouteContext, external: int | None, context
@@ -294,7 +323,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             dispatcher_id=self.core.dispatcher_id,
             dp_wave=self.core.waves.on_dispatch(worker.worker_id),
         )
-        decoder = StreamDecoder(self.core.tokenizer)
+        decoder = StreamDecoder(self.core.tokenizer, not request.request.sampling.keep_special_tokens)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
             try:
@@ -315,6 +344,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         prompt_tokens=chunk.prompt_tokens,
                         cached_tokens=chunk.cached_tokens,
                         predicted_ms=(decision.predicted_s or 0.0) * 1000,
+                        logprobs=chunk.logprobs,
                     )
             except asyncio.CancelledError:
                 if _client_cancelled(context):

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -61,6 +61,7 @@ class Chunk:
     prompt_tokens: int
     cached_tokens: int
     retries: int
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass
@@ -86,6 +87,10 @@ class Frontend:
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
+        # Request ids and client-chosen bootstrap rooms of the requests in flight here: a duplicate
+        # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
+        self.active_ids: set[str] = set()
+        self.active_rooms: set[int] = set()
 
     async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
         """Validate and tokenise (off the event loop); raises InvalidRequest."""
@@ -99,11 +104,39 @@ class Frontend:
         return Prepared(request, checked.input_ids, checked.max_new_tokens)
 
     async def generate(self, prepared: Prepared, timeout: float | None = None) -> AsyncIterator[Chunk]:
-        """Stream the request's tokens; raises RequestFailed with a status naming the request."""
+        """Stream the request's tokens; raises RequestFailed with a status naming the request
+        (ALREADY_EXISTS at once when its id, or the bootstrap room it chose, is in flight here)."""
+        original = prepared.request
+        rid = original.request_id
+        room = original.bootstrap_room if original.HasField("bootstrap_room") else None
+        if rid in self.active_ids:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
+            )
+        if room is not None and room in self.active_rooms:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {rid}: bootstrap room {room} is taken by another request in flight; leave it unset "
+                "(the gateway allocates one) or give every request its own",
+            )
+        self.active_ids.add(rid)
+        if room is not None:
+            self.active_rooms.add(room)
+        chunks = self._generate(prepared, timeout)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # at once, not when collected: it cancels the upstream calls
+            self.active_ids.discard(rid)
+            if room is not None:
+                self.active_rooms.discard(room)
+
+    async def _generate(self, prepared: Prepared, timeout: float | None) -> AsyncIterator[Chunk]:
         original = prepared.request
         rid = original.request_id
         deadline = time.monotonic() + min(timeout or self.timeout_s, self.timeout_s)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, not original.sampling.keep_special_tokens)
         sent: list[int] = []
         cached = 0
         retries = 0
@@ -127,6 +160,7 @@ class Frontend:
                         len(prepared.prompt),
                         cached,
                         retries,
+                        list(response.logprobs),
                     )
                     if response.finish_reason:
                         return
@@ -206,10 +240,13 @@ class Frontend:
         prefill_error: list[BaseException] = []
         prefill_known = asyncio.get_running_loop().create_future()
 
+        first_logprobs: list[common_pb2.TokenLogprob] = []  # the prefill worker drew the first token
+
         async def prefill() -> None:
             nonlocal prefill_rank, prefill_cached
             async for response in picked_prefill[1].Generate(message, timeout=timeout):
                 prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                first_logprobs[:] = response.logprobs
                 if not prefill_known.done():
                     prefill_known.set_result(None)
 
@@ -221,11 +258,16 @@ class Frontend:
         task = asyncio.create_task(prefill())
         task.add_done_callback(on_prefill_done)
         try:
-            async for response in call:
+            async for response in _handoff_errors(call, request):
                 if response.token_ids and not prefill_known.done():
                     # The prefill's last message is already on its way (the decode worker found
                     # its KV): wait for it, so the first token carries the prefill rank and cache hit.
                     await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                if first_logprobs and len(response.logprobs) < len(response.token_ids):
+                    # The decode worker received its first token with the KV, without its logprob.
+                    merged = [first_logprobs.pop(), *response.logprobs]
+                    del response.logprobs[:]
+                    response.logprobs.extend(merged)
                 yield response, prefill_rank, prefill_cached
         except asyncio.CancelledError:
             if prefill_error:
@@ -238,6 +280,23 @@ class Frontend:
             call.cancel()
             if not task.done():
                 task.cancel()
+
+
+async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+    """The decode half's stream. NOT_FOUND there means the room's KV was lost in the hand-off
+    (pulled by another request, or expired before the pull): not the request's fault, and no
+    "not found" for the client, so it fails UNAVAILABLE (retried with a new room). A hand-off that
+    ran out of time stays DEADLINE_EXCEEDED (HTTP 504)."""
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        raise RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"request {request.request_id}: KV hand-off of room {request.bootstrap_room} failed: {err.details()}",
+        ) from None
 
 
 def _attempt_id(rid: str, retries: int) -> str:

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
+from pdlb.common.requests import (
+    RETRY_AFTER_KEY,
+    InvalidRequest,
+    check_request_off_loop,
+    prompt_chars_limit,
+    sampling_seed,
+)
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -46,9 +52,19 @@ FINAL = {
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+
+def retry_after_of(err: grpc.aio.AioRpcError) -> int | None:
+    """The `retry-after` trailing metadata (whole seconds) a dispatcher's queue sheds with."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY and str(value).isdigit():
+            return int(value)
+    return None
 
 
 @dataclass
@@ -180,7 +196,8 @@ class Frontend:
                 if code in FINAL or retries >= MAX_RETRIES or left <= 0 or _pinned(original):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    raise RequestFailed(code, _named(rid, details, retries)) from None
+                    hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
+                    raise RequestFailed(code, _named(rid, details, retries), hint) from None
                 retries += 1
                 self.on_retry()
                 log.warning(
@@ -273,7 +290,7 @@ class Frontend:
             if prefill_error:
                 err = prefill_error[0]
                 if isinstance(err, grpc.aio.AioRpcError):
-                    raise RequestFailed(err.code(), f"prefill half: {err.details()}") from None
+                    raise RequestFailed(err.code(), f"prefill half: {err.details()}", retry_after_of(err)) from None
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
             raise
         finally:

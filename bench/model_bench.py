@@ -196,7 +196,7 @@ def compare_outputs(model: LlamaModel, theirs: torch.nn.Module, device: str, dty
     greedy tokens (whole-prompt prefill, then eager decode steps; graph replay equals eager, see
     graph_drift), for prompts of 12 to 250 tokens; one line each for the fused kernels and for the
     plain torch operations, so the fused path's drift shows beside that of unfused `dtype` math."""
-    from pdlb.services.scheduler.model import KVPool, SeqChunk
+    from pdlb.engines.torch.model import KVPool, SeqChunk
 
     pool = KVPool(model.kv_shape(), 4096, torch.device(device), dtype)
     lines = []

@@ -222,7 +222,7 @@ class LlamaModel(nn.Module):
     def _run_fused(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         """The same computation in fewer kernels: the residual add fused into the next RMSNorm,
         rotary and the K/V write in one kernel, decode attention reading the pool in place."""
-        from pdlb.services.scheduler import fused_kernels as kernels
+        from pdlb.engines.torch import fused_kernels as kernels
 
         c = self.config
         x = self.embed_tokens(plan.tokens)

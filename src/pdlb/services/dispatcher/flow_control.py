@@ -38,7 +38,7 @@ RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
 class FlowOptions:
     """Flow-control settings (dispatcher flags of the same names)."""
 
-    enabled: bool = False  # off by default: on the trace it did not beat the method alone (docs/BENCHMARKS.md)
+    enabled: bool = False  # off by default: its gain on the trace is within the noise (docs/BENCHMARKS.md)
     max_queued_requests: int = 1024
     queue_ttl_s: float = 30.0
     sheddable_ttl_s: float = 5.0

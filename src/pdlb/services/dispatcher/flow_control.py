@@ -145,7 +145,11 @@ class FlowControl:
         raise self._shed(
             reason,
             f"request {ctx.request_id}: no rank had room within "
-            + (f"its TTFT deadline ({waited:.2f} s queued)" if reason == "deadline" else f"the queue TTL ({ttl:g} s)"),
+            + (
+                f"its TTFT deadline or the call's deadline ({waited:.2f} s queued)"
+                if reason == "deadline"
+                else f"the queue TTL ({ttl:g} s)"
+            ),
         )
 
     def kick(self) -> None:

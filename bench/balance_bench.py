@@ -25,8 +25,8 @@ import grpc
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
-from pdlb.services.scheduler.model import SeqChunk
-from pdlb.services.scheduler.runners import CostModel, StepItem
+from pdlb.engines.torch.model import SeqChunk
+from pdlb.engines.torch.runners import CostModel, StepItem
 from pdlb.v1 import common_pb2, dispatch_pb2
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
 

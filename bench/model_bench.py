@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from bench.runner_bench import decode_rate, prefill_rate
+from pdlb.engines.torch.batching import Engine, EngineLimits, compute_thread
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.runners import TorchRunner
 from pdlb.models.config import LlamaConfig
-from pdlb.services.scheduler.batching import Engine, EngineLimits, compute_thread
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.runners import TorchRunner
 
 SHAPES = {
     # SmolLM2-135M (the packaged checkpoint's shape)
@@ -115,7 +115,7 @@ async def bench_pdlb(
 
 def graph_drift(runner: TorchRunner) -> tuple[float, int]:
     """The same decode step replayed from a graph and run eagerly (padding may change kernels)."""
-    from pdlb.services.scheduler.model import SeqChunk
+    from pdlb.engines.torch.model import SeqChunk
 
     chunks = []
     for i in range(48):

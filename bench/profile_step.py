@@ -7,9 +7,9 @@ import argparse
 import time
 
 from bench.model_bench import DTYPES, SHAPES
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.model import SeqChunk
-from pdlb.services.scheduler.runners import StepItem, TorchRunner
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.model import SeqChunk
+from pdlb.engines.torch.runners import StepItem, TorchRunner
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from pdlb.services.scheduler.batching import Engine, EngineLimits, Sequence
-from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
-from pdlb.services.scheduler.runners import TorchRunner
+from pdlb.engines.torch.batching import Engine, EngineLimits, Sequence
+from pdlb.engines.torch.model import ModelConfig, TinyTransformer
+from pdlb.engines.torch.runners import TorchRunner
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4),

@@ -28,7 +28,7 @@ import grpc
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.v1 import dispatch_pb2
-from tests.helpers import dispatch_stub, live_workers, request, wait_for_workers, wait_until
+from tests.helpers import dispatch_stub, live_workers, load_snapshot, request, wait_for_workers, wait_until
 
 SIM = ["--runner", "sim"]
 
@@ -252,3 +252,57 @@ async def test_partitioned_worker_is_avoided_then_finishes_its_requests_when_hea
         await wait_until(back, what="the healed worker to get requests again")
     print(f"partition: routing avoided the silent worker after {avoid_s:.2f}s (--stale-after 1s)")
     assert avoid_s <= 1 + 0.1 + 1.0, avoid_s  # --stale-after + one report interval (+ state check)
+
+
+async def test_worker_rejoining_under_its_id_keeps_new_dispatches_counted(etcd, prefix, start_service):
+    """A worker paused past its lease leaves the table and rejoins under the same id. The process is
+    the same, so its reports still acknowledge the dispatch numbers it received before; those must
+    never cover a dispatch made after the rejoin (else the rank looks idle and takes everything)."""
+    flags = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "3"]
+    dispatcher = start_service("dispatcher", *flags, "--load-balance-method", "total_requests")
+    paused = start_service("scheduler", *flags, *SIM, "--dp-rank", "0", name="paused")
+    start_service("scheduler", *flags, *SIM, "--dp-rank", "1", name="steady")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        pinned = [request(f"pin{i}", "x", max_new_tokens=2, prefill_dp_rank=0) for i in range(30)]
+        done = await asyncio.gather(*[stream(stub, req, Outcome(req.request_id)) for req in pinned])
+        assert all(o.code is None and o.ranks == {0} for o in done), done
+
+        async def row(rank: int):
+            return next(w for w in (await load_snapshot(stub)).workers if w.worker.dp_rank == rank)
+
+        async def acknowledged() -> bool:  # the worker has acknowledged all 30 dispatches
+            return (await row(0)).inflight_requests == 0
+
+        await wait_until(acknowledged, what="rank 0 to acknowledge its 30 requests")
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+
+            async def left() -> bool:
+                return [w.dp_rank for w in await live_workers(stub)] == [1]
+
+            await wait_until(left, timeout=15, what="the paused worker's lease to expire")
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+
+        async def rejoined() -> bool:
+            workers = await live_workers(stub)
+            return len(workers) == 2 and (await row(0)).report_age_ms >= 0
+
+        await wait_until(rejoined, timeout=15, what="the worker to rejoin and report")
+        routed = {0: 0, 1: 0}
+        for i in range(20):
+            asked_at = time.monotonic()
+            reply = await stub.Route(dispatch_pb2.RouteRequest(request=request(f"after{i}", "q")))
+            routed[reply.dp_rank] += 1
+
+            async def reported_since(asked_at: float = asked_at) -> bool:  # it acknowledges seq 30 again
+                return (await row(0)).report_age_ms < (time.monotonic() - asked_at) * 1000
+
+            await wait_until(reported_since, what="a report from rank 0 after the Route call")
+        in_flight = (await row(0)).inflight_requests
+    # total_requests with equal loads alternates; every decision stays in flight (Route decisions
+    # never reach a worker, so no report acknowledges them).
+    assert routed == {0: 10, 1: 10}, routed
+    assert in_flight == 10

@@ -14,10 +14,10 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdlb.engines.kv_events import KVEventLog
+from pdlb.engines.torch.prefix_cache import PrefixCache
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.prefix_index import PrefixIndex, nested_depths
-from pdlb.services.scheduler.kv_events import KVEventLog
-from pdlb.services.scheduler.prefix_cache import PrefixCache
 from pdlb.v1 import common_pb2, dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, wait_for_workers, wait_until
 

@@ -87,6 +87,25 @@ def test_worker_restart_resets_acknowledgements():
     assert table.get("w0").inflight_requests == 1
 
 
+def test_acknowledgement_from_before_a_rejoin_never_covers_a_dispatch_after_it():
+    """A worker whose lease expired (paused) leaves the table and rejoins under the same id; the
+    process is the same, so it still acknowledges the numbers it received before it left."""
+    table = make_table(2)
+    for _ in range(30):
+        table.record_dispatch("w0", 1)
+    table.apply_report("w0", ReportedLoad(), 30, incarnation="a")
+    worker = table.get("w0").worker
+    table.remove("w0")
+    table.upsert(worker)
+    seqs = [table.record_dispatch("w0", 7) for _ in range(3)]
+    assert min(seqs) > 30
+    assert table.apply_report("w0", ReportedLoad(), 30, incarnation="a")  # received nothing new yet
+    entry = table.get("w0")
+    assert (entry.inflight_requests, entry.inflight_tokens) == (3, 21)
+    table.apply_report("w0", ReportedLoad(running_requests=3, running_tokens=21), seqs[-1], incarnation="a")
+    assert (entry.inflight_requests, entry.total_requests) == (0, 3)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(

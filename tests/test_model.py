@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
+from pdlb.engines.torch.batching import Engine, EngineLimits, Sequence
+from pdlb.engines.torch.decode_graphs import DecodeGraphs
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.model import SeqChunk
+from pdlb.engines.torch.runners import TorchRunner
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
-from pdlb.services.scheduler.batching import Engine, EngineLimits, Sequence
-from pdlb.services.scheduler.decode_graphs import DecodeGraphs
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.model import SeqChunk
-from pdlb.services.scheduler.runners import TorchRunner
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", module="transformers")
@@ -320,9 +320,9 @@ def test_gguf_metadata_cache_skips_parsing_and_survives_a_torn_file(tmp_path, sm
 
 
 def test_decode_graph_buckets_and_what_runs_eagerly():
+    from pdlb.engines.torch.decode_graphs import MAX_GRAPH_SLOTS, batch_bucket, context_bucket
+    from pdlb.engines.torch.model import KVPool
     from pdlb.models.config import LlamaConfig
-    from pdlb.services.scheduler.decode_graphs import MAX_GRAPH_SLOTS, batch_bucket, context_bucket
-    from pdlb.services.scheduler.model import KVPool
 
     model = LlamaModel(LlamaConfig(64, 16, 32, 1, 2, 1, 8, max_position=4096))
     graphs = DecodeGraphs(model, KVPool(model.kv_shape(), 16, torch.device("cpu"), torch.float32), 32, 2048, False)

@@ -8,9 +8,9 @@ import grpc
 import pytest
 import torch
 
-from pdlb.services.scheduler.batching import AdmissionError, Engine, EngineLimits, Sequence
-from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
-from pdlb.services.scheduler.runners import SimRunner, TorchRunner
+from pdlb.engines.torch.batching import AdmissionError, Engine, EngineLimits, Sequence
+from pdlb.engines.torch.model import ModelConfig, TinyTransformer
+from pdlb.engines.torch.runners import SimRunner, TorchRunner
 from pdlb.v1 import common_pb2
 
 CONFIG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, max_position=512, seed=7)

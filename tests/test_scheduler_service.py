@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pdlb.common.membership import connect_client
-from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
+from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.v1 import dispatch_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, load_snapshot, request, rest_of, wait_for_workers, wait_until
 

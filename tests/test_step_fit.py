@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from pdlb.services.scheduler.step_fit import StepFit
+from pdlb.engines.torch.step_fit import StepFit
 
 
 def test_fit_recovers_base_and_rate_whatever_the_prompt_sizes():

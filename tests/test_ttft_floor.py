@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from bench.balance_bench import CHUNKED_PREFILL, ttft_floor
-from pdlb.services.scheduler.runners import CostModel
+from pdlb.engines.torch.runners import CostModel
 from pdlb.v1 import common_pb2, dispatch_pb2
 from pdlb.workload import WorkItem
 from tests.helpers import dispatch_stub, wait_for_workers

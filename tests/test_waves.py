@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdlb.engines.torch.dp_group import WaveState
 from pdlb.services.dispatcher.waves import WaveCoordinator
-from pdlb.services.scheduler.dp_group import WaveState
 from pdlb.v1 import common_pb2
 
 GROUP = "g"

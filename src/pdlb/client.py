@@ -41,7 +41,9 @@ class PDLBClient:
     async def generate(
         self, request: common_pb2.InferenceRequest, timeout: float = 600
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
-        """Stream a request's tokens. PD: the prefill half runs beside the decode stream, same room."""
+        """Stream a request's tokens. PD: the prefill half runs beside the decode stream, same room,
+        and the last chunk's cached_tokens are the prefill worker's (the decode worker computes no
+        prompt)."""
         if self.mixed is not None:
             async for chunk in self.mixed.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
                 yield chunk
@@ -49,7 +51,8 @@ class PDLBClient:
         if not request.HasField("bootstrap_room"):
             request.bootstrap_room = new_room()
         call = self.decode.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
-        prefill = asyncio.ensure_future(self._prefill(request, timeout))
+        prefilled: list[dispatch_pb2.GenerateResponse] = []  # the prefill half's last message
+        prefill = asyncio.ensure_future(self._prefill(request, timeout, prefilled))
         failure: list[BaseException] = []
 
         def stop_decode_on_prefill_failure(task: asyncio.Future) -> None:
@@ -60,6 +63,10 @@ class PDLBClient:
         prefill.add_done_callback(stop_decode_on_prefill_failure)
         try:
             async for chunk in call:
+                if chunk.finish_reason:
+                    await asyncio.wait({prefill})  # done already: the decode worker had its KV
+                    if prefilled:  # the decode worker computed no prompt: the cache hit is the prefill's
+                        chunk.cached_tokens = prefilled[-1].cached_tokens
                 yield chunk
             await prefill
         except asyncio.CancelledError:
@@ -70,9 +77,11 @@ class PDLBClient:
             if not prefill.done():
                 prefill.cancel()
 
-    async def _prefill(self, request: common_pb2.InferenceRequest, timeout: float) -> None:
-        async for _ in self.prefill.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
-            pass
+    async def _prefill(
+        self, request: common_pb2.InferenceRequest, timeout: float, out: list[dispatch_pb2.GenerateResponse]
+    ) -> None:
+        async for response in self.prefill.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
+            out[:] = [response]
 
     async def close(self) -> None:
         for channel in self._channels:

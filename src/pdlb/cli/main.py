@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-ms", type=int, default=250)
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     bench_client.add_arguments(sub.add_parser("bench-client", help="load generator with a latency summary"))
+    export = sub.add_parser(
+        "export-tokenizer",
+        help="write a model's tokenizer as a Hugging Face directory (tokenizer.json + tokenizer_config.json) "
+        "for tools that load one by path, such as aiperf",
+    )
+    export.add_argument("directory", help="where to write the files (created if missing)")
+    export.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged model id, .gguf file or HF directory"
+    )
     health = sub.add_parser(
         "health", help="exit 0 when the gRPC service at ADDRESS reports SERVING (container health checks, probes)"
     )
@@ -170,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     security.configure(security.tls_from_args(args))
     if args.command == "health":
         return _health(args)
+    if args.command == "export-tokenizer":
+        return _export_tokenizer(args)
     if args.command == "up":
         from pdlb.cli import local_cluster
 
@@ -195,6 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.aio.AioRpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+
+
+def _export_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdlb.models.catalog import resolve
+    from pdlb.models.config import UnsupportedModel
+    from pdlb.models.tokenizer_export import export_tokenizer
+
+    try:
+        written = export_tokenizer(resolve(args.model), Path(args.directory))
+    except UnsupportedModel as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("wrote", *written)
+    return 0
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -1,9 +1,17 @@
-"""Validation of InferenceRequest, shared by the dispatcher and the scheduler."""
+"""Validation of InferenceRequest, shared by the gateway, the dispatcher and the scheduler.
+
+Tokenising a long prompt takes seconds of CPU; on the event loop it would stall every other
+request of the service. `check_request_off_loop` does the cheap checks (id, prompt size in
+characters) on the loop and tokenises in a small thread pool (the BPE backend releases the GIL),
+so an over-long prompt is refused before any tokenising and a valid long one delays only itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pdlb.common.tokenizer import ByteTokenizer, ChatTemplateError, Tokenizer
@@ -16,7 +24,18 @@ MAX_PROMPT_TOKENS_LIMIT = 1_000_000
 MAX_RANK = 1 << 20
 MAX_ROUTING_KEY_LEN = 256
 MAX_TEXT_CHARS = 4 << 20  # tokenising is linear, but bound it before any work is done
+# Default characters-per-token bound of --max-prompt-chars: far above what natural text or code
+# tokenises to (3-5), so only prompts that could never fit the token limit are refused unread.
+CHARS_PER_TOKEN = 16
+TOKENIZE_THREADS = 4
 _BYTES = ByteTokenizer()
+_TOKENIZE = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="pdlb-tokenize")
+
+
+def prompt_chars_limit(max_prompt_tokens: int, max_prompt_chars: int = 0) -> int:
+    """The characters limit of a service: its --max-prompt-chars, else CHARS_PER_TOKEN per token of
+    its --max-prompt-tokens, never above MAX_TEXT_CHARS."""
+    return min(max_prompt_chars or CHARS_PER_TOKEN * max_prompt_tokens, MAX_TEXT_CHARS)
 
 
 class InvalidRequest(ValueError):
@@ -31,14 +50,24 @@ class CheckedRequest:
     temperature: float
 
 
-def prompt_ids(req: common_pb2.InferenceRequest, tokenizer: Tokenizer) -> list[int]:
+def check_prompt_chars(req: common_pb2.InferenceRequest, max_chars: int = MAX_TEXT_CHARS) -> None:
+    """Refuse text or messages longer than `max_chars` characters in all (cheap: no tokenising)."""
+    if req.input_ids:
+        return
+    size = len(req.text) + sum(len(m.content) + len(m.role) for m in req.messages)
+    if size > max_chars:
+        raise InvalidRequest(
+            f"request {req.request_id}: prompt of {size} characters exceeds the limit of {max_chars} characters "
+            "(--max-prompt-chars); it was not tokenised"
+        )
+
+
+def prompt_ids(req: common_pb2.InferenceRequest, tokenizer: Tokenizer, max_chars: int = MAX_TEXT_CHARS) -> list[int]:
     """The prompt's token ids: input_ids as given, else text or chat messages tokenised."""
     rid = req.request_id
     if req.input_ids:
         return list(req.input_ids)
-    size = len(req.text) + sum(len(m.content) + len(m.role) for m in req.messages)
-    if size > MAX_TEXT_CHARS:
-        raise InvalidRequest(f"request {rid}: prompt of {size} characters exceeds {MAX_TEXT_CHARS}")
+    check_prompt_chars(req, max_chars)
     if req.text:
         return tokenizer.encode(req.text)
     if req.messages:
@@ -51,15 +80,22 @@ def prompt_ids(req: common_pb2.InferenceRequest, tokenizer: Tokenizer) -> list[i
     return []
 
 
+def check_request_id(req: common_pb2.InferenceRequest) -> None:
+    rid = req.request_id
+    if not rid or len(rid) > MAX_REQUEST_ID_LEN or not rid.isascii() or not rid.isprintable():
+        raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_LEN} printable ASCII characters, got {rid[:40]!r}")
+
+
 def check_request(
     req: common_pb2.InferenceRequest,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS_LIMIT,
     tokenizer: Tokenizer = _BYTES,
+    max_prompt_chars: int = MAX_TEXT_CHARS,
 ) -> CheckedRequest:
+    """Validate a request and tokenise its prompt (on the calling thread); raises InvalidRequest."""
     rid = req.request_id
-    if not rid or len(rid) > MAX_REQUEST_ID_LEN or not rid.isascii() or not rid.isprintable():
-        raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_LEN} printable ASCII characters, got {rid[:40]!r}")
-    input_ids = prompt_ids(req, tokenizer)
+    check_request_id(req)
+    input_ids = prompt_ids(req, tokenizer, max_prompt_chars)
     if not input_ids:
         raise InvalidRequest(f"request {rid}: empty prompt: set input_ids, text or messages")
     if len(input_ids) > max_prompt_tokens:
@@ -78,6 +114,22 @@ def check_request(
         if req.HasField(field) and not 0 <= getattr(req, field) < MAX_RANK:
             raise InvalidRequest(f"request {rid}: {field} {getattr(req, field)} is out of range")
     return CheckedRequest(rid, input_ids, max_new, sampling.temperature)
+
+
+async def check_request_off_loop(
+    req: common_pb2.InferenceRequest,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS_LIMIT,
+    tokenizer: Tokenizer = _BYTES,
+    max_prompt_chars: int = MAX_TEXT_CHARS,
+) -> CheckedRequest:
+    """check_request with its cheap checks on the loop and the tokenising in a worker thread, so the
+    event loop keeps serving others meanwhile. The caller must not change `req` until it returns."""
+    check_request_id(req)
+    if req.input_ids or not (req.text or req.messages):
+        return check_request(req, max_prompt_tokens, tokenizer, max_prompt_chars)
+    check_prompt_chars(req, max_prompt_chars)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_TOKENIZE, check_request, req, max_prompt_tokens, tokenizer, max_prompt_chars)
 
 
 def sampling_seed(req: common_pb2.InferenceRequest) -> int:

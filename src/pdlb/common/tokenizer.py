@@ -132,7 +132,9 @@ class BPETokenizer(Tokenizer):
         }
 
     def _encode_text(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: only the batch call releases the GIL, so a long prompt being
+        # tokenised in a worker thread does not stall the service's event loop.
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.backend.decode([t for t in token_ids if 0 <= t < self.vocab_size], skip_special_tokens=True)

@@ -1,10 +1,14 @@
 """The dispatcher's view of every worker's load: reported load plus exact in-flight accounting.
 
-Each dispatch to a worker gets the next per-worker sequence number and is kept as in flight. A
-worker's report carries the highest sequence it has received; the report's load already includes
-those requests, so in-flight entries up to that sequence are dropped and the reported load replaces
-the old one. Entries after it stay counted, so a late report never forgets a request in flight. A
-report whose acknowledged sequence is lower than one already applied is stale and ignored.
+Each dispatch to a worker gets a sequence number and is kept as in flight. A worker's report
+carries the highest sequence it has received from this dispatcher; the report's load already
+includes those requests, so in-flight entries up to that sequence are dropped and the reported load
+replaces the old one. Entries after it stay counted, so a late report never forgets a request in
+flight. A report whose acknowledged sequence is lower than one already applied is stale and ignored.
+
+Sequence numbers come from one counter of the whole table, never reset: a worker that leaves the
+table (its lease expired while it was paused, say) and rejoins under the same id still acknowledges
+the numbers it received before, and those must never cover a dispatch made after the rejoin.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class WorkerEntry:
     reported: ReportedLoad = field(default_factory=ReportedLoad)
     incarnation: str = ""
     acked_seq: int = 0
-    next_seq: int = 0
+    next_seq: int = 0  # the sequence of the last dispatch to this worker (from the table's counter)
     inflight: OrderedDict[int, InFlight] = field(default_factory=OrderedDict)
     inflight_tokens: int = 0
     last_report_at: float | None = None
@@ -151,6 +155,7 @@ class LoadTable:
         self._candidates: list[WorkerEntry] = []
         self._candidates_version = -1
         self._states_checked_at = float("-inf")
+        self._last_seq = 0  # the table's dispatch counter: never reset, not even when a worker rejoins
 
     # membership ------------------------------------------------------------------------------
     def upsert(self, worker: Worker) -> WorkerEntry:
@@ -158,7 +163,7 @@ class LoadTable:
         if entry is None or entry.worker != worker:
             previous = entry
             entry = WorkerEntry(worker=worker, registered_at=self.clock())
-            if previous is not None:  # same id, new address or rank: keep the counters
+            if previous is not None:  # same id, new address or rank
                 entry.next_seq = previous.next_seq
             self.entries[worker.worker_id] = entry
         entry.state = MemberState.LIVE
@@ -207,7 +212,8 @@ class LoadTable:
             raise OverflowError(
                 f"worker {worker_id} has {len(entry.inflight)} unacknowledged requests; it is not reporting"
             )
-        entry.next_seq += 1
+        self._last_seq += 1
+        entry.next_seq = self._last_seq
         entry.inflight[entry.next_seq] = InFlight(tokens, self.clock() + self.inflight_timeout_s)
         entry.inflight_tokens += tokens
         entry.dispatched_total += 1

@@ -62,6 +62,12 @@ def build_parser() -> FlagParser:
     parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")
     parser.flag("--max-prompt-tokens", default=131_072, type=int, help="longest prompt accepted, in tokens")
     parser.flag(
+        "--max-prompt-chars",
+        default=0,
+        type=int,
+        help="longest prompt text accepted, in characters, refused before tokenising (0: 16 per prompt token)",
+    )
+    parser.flag(
         "--max-concurrent-requests",
         default=10_000,
         type=int,
@@ -167,6 +173,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.max_concurrent_requests,
         args.max_watchers,
         tokenizer=tokenizer,
+        max_prompt_chars=args.max_prompt_chars,
     )
     host = ServiceHost(
         args.host,

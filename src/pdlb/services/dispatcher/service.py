@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from pdlb.common.requests import InvalidRequest, check_request
+from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.slots import Slots
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
@@ -127,8 +127,10 @@ class DispatchCore:
         max_concurrent_requests: int = 10_000,
         max_watchers: int = 64,
         tokenizer: Tokenizer | None = None,
+        max_prompt_chars: int = 0,
     ) -> None:
         self.dispatcher_id = dispatcher_id
+        self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.tokenizer = tokenizer or ByteTokenizer()  # text is tokenised here, before the decision
         self.active_requests = Slots("requests in flight", max_concurrent_requests, "--max-concurrent-requests")
         self.watchers = Slots("WatchLoad streams", max_watchers, "--max-watchers")
@@ -163,8 +165,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
     def __init__(self, core: DispatchCore) -> None:
         self.core = core
 
-    def _context_of(self, request: common_pb2.InferenceRequest) -> tuple[RouteContext, int | None]:
-        checked = check_request(request, self.core.max_prompt_tokens, self.core.tokenizer)
+    async def _context_of(self, request: common_pb2.InferenceRequest) -> tuple[RouteContext, int | None]:
+        core = self.core
+        checked = await check_request_off_loop(request, core.max_prompt_tokens, core.tokenizer, core.max_prompt_chars)
         if not request.input_ids:
             # Tokenised once, here: the worker computes exactly the ids the method counted.
             request.input_ids.extend(checked.input_ids)
@@ -223,7 +226,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         if self.core.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is shutting down; use another one")
         try:
-            return self._context_of(request)
+            return await self._context_of(request)
         except InvalidRequest as exc:
             self.core.metrics.failures.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
+from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -88,14 +88,16 @@ class Frontend:
         max_prompt_tokens: int,
         timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
+        max_prompt_chars: int = 0,
     ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
+        self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
 
-    def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
-        """Validate and tokenise; raises InvalidRequest."""
-        checked = check_request(request, self.max_prompt_tokens, self.tokenizer)
+    async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
+        """Validate and tokenise (off the event loop); raises InvalidRequest."""
+        checked = await check_request_off_loop(request, self.max_prompt_tokens, self.tokenizer, self.max_prompt_chars)
         request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
         request.ClearField("input_ids")
         request.input_ids.extend(checked.input_ids)
@@ -118,10 +120,10 @@ class Frontend:
             used: list[str] = []
             attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline, avoid, used)
             try:
-                async for response, prefill_rank in attempt:
+                async for response, prefill_rank, attempt_cached in attempt:
                     tokens = list(response.token_ids)
                     if tokens and not sent:
-                        cached = response.cached_tokens
+                        cached = attempt_cached
                     sent += tokens
                     text = decoder.push(tokens)
                     if response.finish_reason:
@@ -148,12 +150,15 @@ class Frontend:
                         err.message,
                     )
                 )
+                # Errors of a retry name its attempt id: the client knows only its own.
+                details = details.replace(_attempt_id(rid, retries), rid) if retries else details
                 left = deadline - time.monotonic()
                 avoid.update(used)
                 # every used dispatcher is checked: each one found down is passed over by later requests
                 moved = code not in FINAL and [a for a in used if self.upstreams.check_broken(a)]
                 budget = moves < MAX_DISPATCHER_MOVES if moved else retries - moves < MAX_RETRIES
-                if code in FINAL or not budget or left <= 0:
+                # a pin names a rank, not a dispatcher: a pinned request still moves off a dead replica
+                if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     raise RequestFailed(code, _named(rid, details, retries)) from None
@@ -176,7 +181,7 @@ class Frontend:
         if not retries:
             return prepared.request
         request = common_pb2.InferenceRequest.FromString(prepared.request.SerializeToString())
-        request.request_id = f"{prepared.request.request_id[:120]}~r{retries}"  # never clashes with the first
+        request.request_id = _attempt_id(prepared.request.request_id, retries)
         request.ClearField("bootstrap_room")
         if sent:  # resume: recompute the KV of the prompt plus what the client already has
             request.input_ids.extend(sent)
@@ -188,8 +193,10 @@ class Frontend:
 
     async def _attempt(
         self, request: common_pb2.InferenceRequest, deadline: float, avoid: set[str], used: list[str]
-    ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int]]:
-        """One try on one dispatcher per role (their addresses are appended to `used`)."""
+    ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int, int]]:
+        """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
+        served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt).
+        One dispatcher per role is used; their addresses are appended to `used`."""
         mode = await self.upstreams.wait_mode(min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0)))
         picked = {role: self.upstreams.pick(role, avoid) for role in (("mixed",) if mode == "mixed" else PD)}
         if mode is None or None in picked.values():
@@ -205,7 +212,7 @@ class Frontend:
                 call = stubs["mixed"].Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
                 try:
                     async for response in call:
-                        yield response, -1
+                        yield response, -1, response.cached_tokens
                 except asyncio.CancelledError:
                     _raise_if_cut(request, picked["mixed"])
                     raise
@@ -216,14 +223,17 @@ class Frontend:
                 request.bootstrap_room = new_room()
             message = dispatch_pb2.GenerateRequest(request=request)
             call = stubs["decode"].Generate(message, timeout=timeout)
-            prefill_rank = -1
+            prefill_rank, prefill_cached = -1, 0
             prefill_error: list[BaseException] = []
+            prefill_known = asyncio.get_running_loop().create_future()
 
             async def prefill() -> None:
-                nonlocal prefill_rank
+                nonlocal prefill_rank, prefill_cached
                 try:
                     async for response in stubs["prefill"].Generate(message, timeout=timeout):
-                        prefill_rank = response.dp_rank
+                        prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                        if not prefill_known.done():
+                            prefill_known.set_result(None)
                 except asyncio.CancelledError:
                     _raise_if_cut(request, picked["prefill"])
                     raise
@@ -237,7 +247,11 @@ class Frontend:
             task.add_done_callback(on_prefill_done)
             try:
                 async for response in call:
-                    yield response, prefill_rank
+                    if response.token_ids and not prefill_known.done():
+                        # The prefill's last message is already on its way (the decode worker found
+                        # its KV): wait for it, so the first token carries the prefill rank and cache hit.
+                        await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                    yield response, prefill_rank, prefill_cached
             except asyncio.CancelledError:
                 if prefill_error:
                     err = prefill_error[0]
@@ -267,6 +281,16 @@ def _raise_if_cut(request: common_pb2.InferenceRequest, address: str) -> None:
         raise RequestFailed(
             grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: the call to dispatcher {address} was cut"
         ) from None
+
+
+def _attempt_id(rid: str, retries: int) -> str:
+    """The request id of a retry: never clashes with the first attempt's."""
+    return f"{rid[:120]}~r{retries}"
+
+
+def _pinned(request: common_pb2.InferenceRequest) -> bool:
+    """A pinned request is not retried: the pin is honoured, so a retry would fail alike."""
+    return request.HasField("prefill_dp_rank") or request.HasField("decode_dp_rank")
 
 
 def _named(rid: str, details: str, retries: int) -> str:

@@ -45,7 +45,21 @@ def build_parser() -> FlagParser:
     )
     p.flag("--max-body-bytes", default=4 << 20, type=int, help="largest HTTP request body; more: 413")
     p.flag("--max-prompt-tokens", default=32768, type=int, help="longest prompt accepted, in tokens")
+    p.flag(
+        "--max-prompt-chars",
+        default=0,
+        type=int,
+        help="longest prompt text accepted, in characters, refused before tokenising (0: 16 per prompt token)",
+    )
     p.flag("--request-timeout", default=600.0, type=float, help="longest a request may run, seconds")
+    p.flag(
+        "--http-header-timeout",
+        default=60.0,
+        type=float,
+        help="seconds an HTTP connection has to send a request's headers, from its opening or its previous "
+        "response (slow or idle connections are closed)",
+    )
+    p.flag("--http-body-timeout", default=30.0, type=float, help="seconds a request body has to arrive; more: 408")
     p.flag("--dashboard-interval-ms", default=200, type=int, help="dashboard refresh interval (pushed to the page)")
     p.flag("--max-dashboards", default=32, type=int, help="dashboard pages connected at once")
     return p
@@ -60,7 +74,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
         try:
-            prepared = self.frontend.prepare(request.request)
+            prepared = await self.frontend.prepare(request.request)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.streams.try_acquire():
@@ -72,6 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timer = self.metrics.timer()
             async for chunk in self.frontend.generate(prepared, context.time_remaining()):
                 timer.tokens(len(chunk.token_ids))
+                last = bool(chunk.finish_reason)  # the usage goes out once, with the finish
                 yield gateway_pb2.GatewayGenerateResponse(
                     request_id=prepared.request.request_id,
                     token_ids=chunk.token_ids,
@@ -79,8 +94,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     finish_reason=chunk.finish_reason,
                     decode_dp_rank=chunk.decode_dp_rank,
                     prefill_dp_rank=chunk.prefill_dp_rank,
-                    prompt_tokens=chunk.prompt_tokens,
-                    cached_tokens=chunk.cached_tokens,
+                    prompt_tokens=chunk.prompt_tokens if last else 0,
+                    cached_tokens=chunk.cached_tokens if last else 0,
                     retries=chunk.retries,
                 )
             self.metrics.done("grpc", "ok")
@@ -98,13 +113,22 @@ def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard:
             return await handler(request)
         except ApiError as exc:
             metrics.done("http", str(exc.status))
-            return error_response(exc.status, exc.message, exc.param, exc.kind)
+            response = error_response(exc.status, exc.message, exc.param, exc.kind)
+            if exc.status == 408:
+                response.force_close()  # the rest of the body may still trickle in: drop the connection
+            return response
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away
+        except Exception as exc:  # a bug: still an OpenAI error body, never aiohttp's plain text
+            log.exception("%s %s failed in the gateway", request.method, request.path)
+            metrics.done("http", "500")
+            return error_response(500, f"internal error in the gateway: {type(exc).__name__}: {exc}")
 
     async def bounded(request: web.Request, chat: bool) -> web.StreamResponse:
         if not streams.try_acquire():
@@ -146,17 +170,21 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         }
     )
     metrics = GatewayMetrics()
-    frontend = Frontend(upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried)
+    frontend = Frontend(
+        upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried, args.max_prompt_chars
+    )
     streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 
     def models() -> list[str]:
         advertised_models = {m for m in upstreams.models.values() if m}
         return sorted({source.model_id, *advertised_models})
 
-    api = OpenAIApi(frontend, source.model_id, models, metrics.observe)
+    api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
     dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
     app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, upstreams)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
+    # timeout (counted from the connection's start, and from each response): the header timeout.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=args.http_header_timeout)
     host = ServiceHost(args.host, args.port, [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
     servicer = GatewayServicer(frontend, streams, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)

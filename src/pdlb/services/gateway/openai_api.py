@@ -8,7 +8,9 @@ workers abort the request and free its KV).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +25,8 @@ from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFai
 from pdlb.services.gateway.metrics import Timer
 from pdlb.services.gateway.stops import StopMatcher
 from pdlb.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -92,17 +96,45 @@ class Parsed:
 
 
 class OpenAIApi:
-    def __init__(self, frontend: Frontend, model_id: str, models: Callable[[], list[str]], observe) -> None:
+    def __init__(
+        self,
+        frontend: Frontend,
+        model_id: str,
+        models: Callable[[], list[str]],
+        observe,
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self.frontend, self.model_id, self.models, self.observe = frontend, model_id, models, observe
+        self.body_timeout_s = body_timeout_s
 
     # parsing -----------------------------------------------------------------------------------
-    async def parse(self, http: web.Request, chat: bool) -> Parsed:
+    async def read_json(self, http: web.Request) -> Any:
+        """The body as JSON; ApiError 408 when it trickles in slower than --http-body-timeout, 400
+        when it is not JSON, nests too deeply or holds text that is not valid Unicode."""
         try:
-            body = await http.json(loads=json.loads)
-        except web.HTTPRequestEntityTooLarge:
-            raise
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw = await asyncio.wait_for(http.read(), self.body_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)"
+            ) from None
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        try:
+            where = _lone_surrogate(body)
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
+        if where is not None:
+            raise ApiError(
+                400, f"{where or 'the body'} holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode", where
+            )
+        return body
+
+    async def parse(self, http: web.Request, chat: bool) -> Parsed:
+        body = await self.read_json(http)
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         unknown = sorted(set(body) - KNOWN)
@@ -166,7 +198,7 @@ class OpenAIApi:
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
         try:
-            prepared = self.frontend.prepare(request)
+            prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
         return Parsed(chat, prepared, stream, bool(options.get("include_usage")), stops)
@@ -322,6 +354,11 @@ class OpenAIApi:
                     break
         except RequestFailed as exc:
             await _event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away: nobody to tell
+        except Exception as exc:  # headers are sent: the status goes in the stream
+            log.exception("request %s failed in the gateway", parsed.prepared.request.request_id)
+            await _event(response, error_body(500, f"internal error in the gateway: {type(exc).__name__}: {exc}"))
         finally:
             await runner.aclose()
         if parsed.include_usage and last is not None:
@@ -380,6 +417,25 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
 
 async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON lets `"\\ud800"` through;
+    UTF-8 cannot carry it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return path or "the body"
+        where = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if where is not None:
+            return where
+    return None
 
 
 def _is_int(value: Any) -> bool:

@@ -1,4 +1,5 @@
-"""`pdlb-scheduler`: one DP worker (continuous batching over a torch model or a cost model)."""
+"""`pdlb-scheduler`: one DP worker: the scheduler service over one engine (pdlb's own continuous
+batching over a torch model or a cost model; see pdlb.engines.base for the interface)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
+from pdlb.engines.base import Engine
+from pdlb.engines.torch.batching import Engine as BatchingEngine
+from pdlb.engines.torch.batching import EngineLimits, compute_thread
+from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.lockstep import LockstepEngine
+from pdlb.engines.torch.model import ModelConfig, TinyTransformer
+from pdlb.engines.torch.runners import CostModel, Runner, SimRunner, TorchRunner
 from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
 from pdlb.models.config import UnsupportedModel
-from pdlb.services.scheduler.batching import Engine, EngineLimits, compute_thread
-from pdlb.services.scheduler.dp_group import DPGroup, GroupBroken, GroupSpec
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.lockstep import LockstepEngine
 from pdlb.services.scheduler.metrics import serve_metrics
-from pdlb.services.scheduler.model import ModelConfig, TinyTransformer
 from pdlb.services.scheduler.reporter import LoadReporter
-from pdlb.services.scheduler.runners import CostModel, Runner, SimRunner, TorchRunner
 from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -219,7 +222,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, group=group
         )
     else:
-        engine = Engine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
+        engine = BatchingEngine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pdlb.services.scheduler.batching import Engine
+from pdlb.engines.torch.batching import Engine
 
 
 class EngineCollector(Collector):

@@ -12,7 +12,7 @@ import grpc
 
 from pdlb.common.membership import Backoff, Change, PrefixWatch, dispatchers_prefix
 from pdlb.common.security import open_channel
-from pdlb.services.scheduler.kv_events import KVEventLog
+from pdlb.engines.kv_events import KVEventLog
 from pdlb.v1 import common_pb2, load_report_pb2, load_report_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
-from pdlb.common.requests import InvalidRequest, check_request, sampling_seed
+from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.services.scheduler.batching import AdmissionError, Engine, PreloadedKV, Sequence
+from pdlb.engines.base import Engine, KVHandoffEngine
+from pdlb.engines.torch.batching import AdmissionError, PreloadedKV, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -66,7 +67,7 @@ async def _next_outputs(seq: Sequence) -> tuple[list[int], int, tuple[grpc.Statu
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | KVHandoffEngine,  # prefill/decode roles need a KVHandoffEngine
         worker: common_pb2.WorkerInfo,
         role: str,
         acks: DispatchAcks,
@@ -80,7 +81,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Generate(self, request: scheduler_pb2.SchedulerGenerateRequest, context) -> AsyncIterator:
         req = request.request
         try:
-            checked = check_request(req, self.engine.limits.max_prompt_tokens, self.tokenizer)
+            limit = self.engine.limits.max_prompt_tokens
+            checked = await check_request_off_loop(req, limit, self.tokenizer, prompt_chars_limit(limit))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         room = req.bootstrap_room if req.HasField("bootstrap_room") else None

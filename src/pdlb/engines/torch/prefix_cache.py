@@ -15,7 +15,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Sequence
 
-from pdlb.services.scheduler.kv_events import KVEventLog
+from pdlb.engines.kv_events import KVEventLog
 
 Release = Callable[[list[int]], None]
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from pdlb.services.scheduler.kv_events import KVEventLog
-from pdlb.services.scheduler.model import SeqChunk
-from pdlb.services.scheduler.prefix_cache import CacheNode, PrefixCache
-from pdlb.services.scheduler.runners import Runner, StepItem
-from pdlb.services.scheduler.step_fit import StepFit
+from pdlb.engines.kv_events import KVEventLog
+from pdlb.engines.torch.model import SeqChunk
+from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
+from pdlb.engines.torch.runners import Runner, StepItem
+from pdlb.engines.torch.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
 LENGTH, STOP, ABORT, PREFILL_DONE = (

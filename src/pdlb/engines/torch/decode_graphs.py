@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pdlb.services.scheduler.model import DecodePlan, KVPool, SeqChunk
+from pdlb.engines.torch.model import DecodePlan, KVPool, SeqChunk
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_CONTEXT_BUCKET = 128

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pdlb.engines.torch.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
-from pdlb.services.scheduler.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 
 
 class RMSNorm(nn.Module):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdlb.services.scheduler.runners import Runner, SimRunner, StepItem
+from pdlb.engines.torch.runners import Runner, SimRunner, StepItem
 from pdlb.v1 import common_pb2
 
 # Columns of the per-step row each rank contributes.

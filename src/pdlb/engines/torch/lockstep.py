@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import grpc
 
-from pdlb.services.scheduler.batching import ABORT, AdmissionError, Engine, Output, Sequence
-from pdlb.services.scheduler.dp_group import DPGroup, GroupBroken, WaveState
+from pdlb.engines.torch.batching import ABORT, AdmissionError, Engine, Output, Sequence
+from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, WaveState
 from pdlb.v1 import common_pb2
 
 log = logging.getLogger(__name__)

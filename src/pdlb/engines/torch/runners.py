@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
-from pdlb.services.scheduler.decode_graphs import DecodeGraphs
-from pdlb.services.scheduler.llama import LlamaModel
-from pdlb.services.scheduler.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
+from pdlb.engines.torch.decode_graphs import DecodeGraphs
+from pdlb.engines.torch.llama import LlamaModel
+from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Engines behind the scheduler service: what runs a DP rank's requests."""

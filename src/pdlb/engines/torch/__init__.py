@@ -1,0 +1,1 @@
+"""pdlb's own engine: continuous batching over a torch model (or the cost-model simulator)."""

@@ -1,0 +1,308 @@
+"""The gateway's HTTP API and the services' request intake against real services (etcd, dispatchers,
+sim schedulers, the gateway, on loopback): tokenising off the event loop, input limits, error
+bodies, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import aiohttp
+import grpc
+import pytest
+
+from pdlb.client import PDLBClient
+from pdlb.common.etcd_process import free_port
+from pdlb.v1 import dispatch_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.helpers import dispatch_stub, request, wait_for_workers, wait_until
+
+SMOLLM2 = "smollm2-135m-instruct"
+WORDS = ["hello", "world", "the", "cat", "Paris", "quantum", "zebra", "12345", "naïve", "🎉"]
+
+
+def long_text(chars: int, seed: int) -> str:
+    """Varied words (so the BPE has real work), about `chars` characters."""
+    rng = random.Random(seed)
+    words = []
+    size = 0
+    while size < chars:
+        word = rng.choice(WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)[:chars]
+
+
+def smollm2_cluster(etcd, prefix, start_service, **gateway_flags: str):
+    """A mixed dispatcher and gateway that tokenise with SmolLM2's BPE, over one sim worker that
+    claims the model (the sim computes nothing, so only the tokenising costs CPU)."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    model = ["--model", SMOLLM2]
+    dispatcher = start_service("dispatcher", *common, *model, name="disp")
+    start_service("scheduler", *common, "--runner", "sim", "--served-model-name", SMOLLM2, name="sim-0")
+    http_port = free_port()
+    flags = [flag for name, value in gateway_flags.items() for flag in (f"--{name.replace('_', '-')}", value)]
+    start_service("gateway", *common, *model, "--http-port", str(http_port), *flags)
+    return dispatcher, f"http://127.0.0.1:{http_port}"
+
+
+async def probe_while(busy: asyncio.Future, probe) -> list[float]:
+    """Latencies of `probe()` calls made back to back until `busy` is done."""
+    latencies = []
+    while not busy.done():
+        started = time.perf_counter()
+        await probe()
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def test_route_stays_responsive_while_huge_prompts_are_tokenised(etcd, prefix, start_service):
+    dispatcher, _ = smollm2_cluster(etcd, prefix, start_service)
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 1)
+
+        async def route(rid: str, text: str):
+            return await stub.Route(dispatch_pb2.RouteRequest(request=request(rid, text)), timeout=120)
+
+        await route("warm", "hello")
+        # Over the token limit (131072) but under the characters limit: tokenised, then refused.
+        huge = [long_text(1_500_000, seed) for seed in range(3)]
+        started = time.perf_counter()
+        busy = asyncio.gather(*(route(f"huge-{i}", text) for i, text in enumerate(huge)), return_exceptions=True)
+        await asyncio.sleep(0)  # let the huge calls go out first
+
+        # Over the characters limit (16 per token = 2097152): refused unread, while the others run.
+        over_started = time.perf_counter()
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await route("over", "x" * 2_200_000)
+        over_s = time.perf_counter() - over_started
+        assert over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "2200000 characters exceeds the limit of 2097152 characters (--max-prompt-chars)" in over.value.details()
+
+        latencies = await probe_while(busy, lambda: route("probe", "hello"))
+        busy_s = time.perf_counter() - started
+        results = busy.result()
+        for result in results:
+            assert isinstance(result, grpc.aio.AioRpcError), result
+            assert result.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the limit 131072" in result.details()
+        # The loop kept serving: every probe took a small part of the time the tokenising took.
+        assert busy_s > 1.0, f"the huge prompts took only {busy_s:.2f}s: too little to measure a stall"
+        assert len(latencies) >= 5 and max(latencies) < busy_s / 4, (max(latencies), busy_s)
+        assert over_s < busy_s / 4, (over_s, busy_s)
+
+
+async def test_gateway_health_answers_while_huge_prompts_are_tokenised(etcd, prefix, start_service):
+    dispatcher, base = smollm2_cluster(etcd, prefix, start_service, max_body_bytes=str(32 << 20))
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 1)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+
+        async def complete(prompt: str) -> tuple[int, dict]:
+            body = {"model": SMOLLM2, "prompt": prompt, "max_tokens": 1}
+            async with http.post(f"{base}/v1/completions", json=body) as reply:
+                return reply.status, await reply.json()
+
+        async def health() -> None:
+            async with http.get(f"{base}/health") as reply:
+                await reply.read()
+
+        await wait_until(lambda: complete("hi"), timeout=30, what="a first completion")
+        # Under the characters limit (16 x 32768 = 524288), over the token limit: tokenised, then 400.
+        huge = [long_text(500_000, seed) for seed in range(4)]
+        started = time.perf_counter()
+        busy = asyncio.gather(*(complete(text) for text in huge))
+        await asyncio.sleep(0)
+        status, over = await complete("y" * 600_000)
+        assert status == 400 and over["error"]["param"] == "prompt"
+        assert "600000 characters exceeds the limit of 524288 characters" in over["error"]["message"]
+        latencies = await probe_while(busy, health)
+        busy_s = time.perf_counter() - started
+        for status, reply in busy.result():
+            assert status == 400 and "exceeds the limit 32768" in reply["error"]["message"], reply
+        assert busy_s > 1.0, f"the huge prompts took only {busy_s:.2f}s: too little to measure a stall"
+        assert len(latencies) >= 5 and max(latencies) < busy_s / 4, (max(latencies), busy_s)
+
+
+MODEL = "tiny-random"
+
+
+def toy_cluster(etcd, prefix, start_service, ranks=(0, 1), **gateway_flags: str):
+    """A mixed dispatcher over sim workers of the toy model at `ranks`, and a gateway."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, name="disp")
+    for rank in ranks:
+        start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), name=f"sim-{rank}")
+    http_port = free_port()
+    flags = [flag for name, value in gateway_flags.items() for flag in (f"--{name.replace('_', '-')}", value)]
+    start_service("gateway", *common, "--http-port", str(http_port), *flags)
+    return dispatcher, f"http://127.0.0.1:{http_port}"
+
+
+async def ready_workers(dispatcher, count: int) -> None:
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, count)
+
+
+async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(etcd, prefix, start_service)
+    await ready_workers(dispatcher, 2)
+    nested = ("[" * 1000 + "]" * 1000).encode()
+    deep_object = json.dumps({"model": MODEL, "prompt": "x"})[:-1].encode() + b', "metadata": ' + nested + b"}"
+    cases = [
+        ("/v1/completions", nested, None, "nests too deeply"),
+        ("/v1/chat/completions", deep_object, None, "nests too deeply"),
+        ("/v1/completions", b'{"model": "tiny-random", "prompt": "a\\ud800b"}', "prompt", "lone UTF-16 surrogate"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny-random", "messages": [{"role": "user", "content": "\\udfffx"}]}',
+            "messages[0].content",
+            "lone UTF-16 surrogate",
+        ),
+        ("/v1/completions", b'{"model": "tiny-random", "prompt": "x", "stop": ["\\ud83d"]}', "stop[0]", "surrogate"),
+        ("/v1/completions", b"\xff\xfe{}", None, "not valid JSON"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for path, body, param, words in cases:
+            async with http.post(f"{base}{path}", data=body, headers={"Content-Type": "application/json"}) as reply:
+                assert reply.status == 400, (body[:60], reply.status, await reply.text())
+                assert reply.content_type == "application/json"
+                error = (await reply.json())["error"]
+            assert words in error["message"] and error["type"] == "invalid_request_error", error
+            assert error["param"] == param, error
+        async with http.get(f"{base}/health") as reply:
+            assert reply.status == 200
+
+
+async def test_slow_headers_and_bodies_are_dropped(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(
+        etcd, prefix, start_service, http_header_timeout="2", http_body_timeout="2", max_concurrent_streams="4"
+    )
+    await ready_workers(dispatcher, 2)
+    port = int(base.rsplit(":", 1)[1])
+    request_head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    async def slowloris(index: int) -> float:
+        """Send headers at 1 byte per 0.25 s; seconds until the server closes the connection."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        try:
+            for byte in request_head + b"X-Pad: " + b"a" * 200:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                try:
+                    if await asyncio.wait_for(reader.read(1), 0.25) == b"":
+                        break
+                except TimeoutError:
+                    continue
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - started
+
+    async def slow_body() -> tuple[bytes, float, float]:
+        """Send a body at 1 byte per 0.5 s: the answer, seconds until it came, and until the close."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(request_head + b"Content-Length: 100\r\n\r\n{")
+        await writer.drain()
+        answer, answered_s = b"", 0.0
+        for _ in range(60):
+            try:
+                writer.write(b" ")
+                await writer.drain()
+                chunk = await asyncio.wait_for(reader.read(4096), 0.5)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            answered_s = answered_s or time.monotonic() - started
+        writer.close()
+        return answer, answered_s, time.monotonic() - started
+
+    # More slow connections than the gateway takes requests: none of them holds anything.
+    slow = asyncio.gather(*(slowloris(i) for i in range(20)))
+    body_answer, answered_s, closed_s = await slow_body()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+        ) as reply:
+            assert reply.status == 200, await reply.text()
+    held = await slow
+    assert max(held) < 8, held  # dropped at the 2 s header timeout, not held for the 50 s they would take
+    head, _, payload = body_answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), body_answer[:200]
+    assert "--http-body-timeout" in json.loads(payload)["error"]["message"]
+    assert answered_s < 8, answered_s
+    assert closed_s < 20, closed_s  # aiohttp lingers up to 10 s reading the rest, then closes
+
+
+async def test_a_pinned_rank_without_a_worker_fails_at_once_naming_only_the_clients_id(etcd, prefix, start_service):
+    dispatcher, base = toy_cluster(etcd, prefix, start_service, ranks=(0, 2))  # rank 1 has no worker
+    await ready_workers(dispatcher, 2)
+    async with aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "1"}) as reply:
+            assert reply.status == 503, await reply.text()
+            error = (await reply.json())["error"]
+        assert "rank 1" in error["message"] and "~r" not in error["message"], error
+        assert "retry" not in error["message"], error  # pins are not retried on other ranks
+        async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "2"}) as reply:
+            assert reply.status == 200 and (await reply.json())["dp_rank"] == 2
+
+
+async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    start_service("bootstrap", *common)
+    dispatchers = {}
+    for role in ("prefill", "decode"):
+        dispatchers[role] = start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"d-{role}")
+        for rank in (0, 1):
+            start_service(
+                "scheduler", *common, "--runner", "sim", "--disaggregation-mode", role, "--dp-rank", str(rank),
+                name=f"{role}-{rank}",
+            )  # fmt: skip
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    for process in dispatchers.values():
+        await ready_workers(process, 2)
+    prompt = "The same long prefix, shared by every request of this test. " * 8
+    async with aiohttp.ClientSession() as http:
+        usages = []
+        for _ in range(2):  # the second finds the first's prompt in prefill rank 1's prefix cache
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "prefill_dp_rank": 1}
+            async with http.post(f"{base}/v1/completions", json=body) as reply:
+                done = await reply.json()
+                assert reply.status == 200, done
+            assert done["prefill_dp_rank"] == 1
+            usages.append(done["usage"])
+        assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+        hit = usages[1]["prompt_tokens_details"]["cached_tokens"]
+        assert 0 < hit < usages[1]["prompt_tokens"], usages
+
+    # gRPC: the usage comes once, on the last chunk; every chunk names the prefill rank
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        req = request("grpc-1", prompt, max_new_tokens=4, prefill_dp_rank=1)
+        chunks = [c async for c in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=req), timeout=30)]
+    assert len(chunks) >= 2 and all(c.prefill_dp_rank == 1 for c in chunks), chunks
+    assert [c.cached_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
+    assert [c.prompt_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
+    assert chunks[-1].cached_tokens == hit and chunks[-1].prompt_tokens == usages[1]["prompt_tokens"]
+
+    # the command line's client, straight to the dispatchers, reports the prefill's hit as well
+    client = PDLBClient(prefill=dispatchers["prefill"].address, decode=dispatchers["decode"].address)
+    try:
+        req = request("cli-1", prompt, max_new_tokens=3, prefill_dp_rank=1)
+        chunks = [c async for c in client.generate(req, timeout=30)]
+    finally:
+        await client.close()
+    assert chunks[-1].cached_tokens == hit, chunks[-1]

@@ -1,7 +1,10 @@
-"""A bare Dispatch server whose Route returns a fixed answer: the baseline for Route's overhead.
+"""A bare Dispatch server that answers at once: the baseline for Route's overhead, and the backend of
+the gateway overhead benchmark.
 
 Same shape as the dispatcher: grpc.aio, the same ServiceHost (health + reflection), the same
-request and response messages; it only skips the decision.
+request and response messages; it only skips the decision. Route returns a fixed answer; Generate
+streams `max_new_tokens` tokens (one per message, the last with FINISH_REASON_LENGTH) with no model
+behind them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,21 @@ class EchoDispatch(dispatch_pb2_grpc.DispatchServicer):
             dispatch_seq=1,
             dispatcher_id="echo",
         )
+
+    async def Generate(self, request, context):
+        inner = request.request
+        count = max(1, inner.sampling.max_new_tokens)
+        for i in range(count):
+            last = i == count - 1
+            yield dispatch_pb2.GenerateResponse(
+                request_id=inner.request_id,
+                token_ids=[ord("a")],
+                text="a",
+                finish_reason=common_pb2.FINISH_REASON_LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED,
+                dp_rank=0,
+                worker_id="echo",
+                prompt_tokens=len(inner.input_ids),
+            )
 
 
 async def main(port: int) -> None:

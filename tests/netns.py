@@ -1,9 +1,10 @@
 """Runs compose.yaml the way `docker compose up` would, without Docker: every service in its own
 network namespace with its own address on a private bridge, service names resolvable from every
 other service (a per-namespace hosts file, which `ip netns exec` binds over /etc/hosts), its own
-/tmp (a private mount namespace), its `command` and `environment` from the file (override files
-merge as compose merges them: maps key by key, lists replaced), started in `depends_on` order with
-its conditions, and its `healthcheck` run as written, inside its namespace.
+/tmp (a private mount namespace; directories of the real /tmp that hold the checkout or its
+environment stay visible, so it runs wherever they live), its `command` and `environment` from the
+file (override files merge as compose merges them: maps key by key, lists replaced), started in
+`depends_on` order with its conditions, and its `healthcheck` run as written, inside its namespace.
 
 Nothing is copied from the file by hand: change compose.yaml and this runs the change. Images are
 not pulled: a service runs when its command's program exists on this machine (pdlb's console
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -31,6 +33,7 @@ from pathlib import Path
 import yaml
 
 CLONE_NEWNET = 0x40000000
+PRIVATE_TMP = Path(__file__).with_name("private_tmp.py")
 
 
 def netns_available() -> str | None:
@@ -45,6 +48,22 @@ def netns_available() -> str | None:
         return f"cannot create a network namespace: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def tmp_dirs_of(paths: list[str]) -> list[str]:
+    """The directories directly under /tmp that hold any of `paths` (both as given and resolved),
+    in first-seen order. /tmp itself is never one: a service's /tmp stays private."""
+    dirs: list[str] = []
+    for path in paths:
+        if not path or not os.path.isabs(path):
+            continue
+        for form in (os.path.normpath(path), os.path.realpath(path)):
+            parts = Path(form).parts
+            if len(parts) >= 3 and parts[:2] == ("/", "tmp"):
+                top = f"/tmp/{parts[2]}"
+                if top not in dirs:
+                    dirs.append(top)
+    return dirs
 
 
 def merge(base, override):
@@ -202,16 +221,32 @@ class Testbed:
             service.skipped = why
             return
         service.log = self.workdir / f"{service.name}.log"
-        # Its own /tmp, as a container has: a private mount namespace with a tmpfs there.
+        # Its own /tmp, as a container has: a private mount namespace with a tmpfs there, in which
+        # the directories of the real /tmp that hold this checkout or its environment stay visible.
         wrapped = [
             "ip", "netns", "exec", service.namespace, "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"', "sh", *argv,
+            sys.executable, str(PRIVATE_TMP), *self.kept_tmp_dirs(), "--", *argv,
         ]  # fmt: skip
         with open(service.log, "w") as log:
             service.proc = subprocess.Popen(
                 wrapped, stdout=log, stderr=subprocess.STDOUT, env=self._env(service), start_new_session=True
             )
         service.started_at = time.monotonic()
+
+    def kept_tmp_dirs(self) -> list[str]:
+        """The directories directly under /tmp that the services' programs and code live in."""
+        return tmp_dirs_of(
+            [
+                os.getcwd(),  # version shims (pyenv) cd to it
+                sys.executable,
+                sys.prefix,
+                sys.exec_prefix,
+                sys.base_prefix,
+                *sys.path,
+                *self.path.split(os.pathsep),
+                *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+            ]
+        )
 
     def check(self, service: Service) -> bool:
         """Run the service's healthcheck once, inside its namespace."""

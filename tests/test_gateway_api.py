@@ -15,7 +15,8 @@ import pytest
 
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import free_port
-from pdlb.v1 import dispatch_pb2, gateway_pb2, gateway_pb2_grpc
+from pdlb.common.tokenizer import ByteTokenizer
+from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import dispatch_stub, request, wait_for_workers, wait_until
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -137,8 +138,8 @@ def toy_cluster(etcd, prefix, start_service, ranks=(0, 1), **gateway_flags: str)
         start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), name=f"sim-{rank}")
     http_port = free_port()
     flags = [flag for name, value in gateway_flags.items() for flag in (f"--{name.replace('_', '-')}", value)]
-    start_service("gateway", *common, "--http-port", str(http_port), *flags)
-    return dispatcher, f"http://127.0.0.1:{http_port}"
+    gateway = start_service("gateway", *common, "--http-port", str(http_port), *flags)
+    return dispatcher, f"http://127.0.0.1:{http_port}", gateway
 
 
 async def ready_workers(dispatcher, count: int) -> None:
@@ -148,7 +149,7 @@ async def ready_workers(dispatcher, count: int) -> None:
 
 
 async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd, prefix, start_service):
-    dispatcher, base = toy_cluster(etcd, prefix, start_service)
+    dispatcher, base, _gateway = toy_cluster(etcd, prefix, start_service)
     await ready_workers(dispatcher, 2)
     nested = ("[" * 1000 + "]" * 1000).encode()
     deep_object = json.dumps({"model": MODEL, "prompt": "x"})[:-1].encode() + b', "metadata": ' + nested + b"}"
@@ -178,7 +179,7 @@ async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd
 
 
 async def test_slow_headers_and_bodies_are_dropped(etcd, prefix, start_service):
-    dispatcher, base = toy_cluster(
+    dispatcher, base, _gateway = toy_cluster(
         etcd, prefix, start_service, http_header_timeout="2", http_body_timeout="2", max_concurrent_streams="4"
     )
     await ready_workers(dispatcher, 2)
@@ -245,7 +246,7 @@ async def test_slow_headers_and_bodies_are_dropped(etcd, prefix, start_service):
 
 
 async def test_a_pinned_rank_without_a_worker_fails_at_once_naming_only_the_clients_id(etcd, prefix, start_service):
-    dispatcher, base = toy_cluster(etcd, prefix, start_service, ranks=(0, 2))  # rank 1 has no worker
+    dispatcher, base, _gateway = toy_cluster(etcd, prefix, start_service, ranks=(0, 2))  # rank 1 has no worker
     await ready_workers(dispatcher, 2)
     async with aiohttp.ClientSession() as http:
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -306,3 +307,91 @@ async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service
     finally:
         await client.close()
     assert chunks[-1].cached_tokens == hit, chunks[-1]
+
+
+async def test_a_stop_token_ends_the_text_unseen_and_counts_as_generated(etcd, prefix, start_service):
+    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service)
+    await ready_workers(dispatcher, 2)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def run(rid: str, **sampling) -> list[gateway_pb2.GatewayGenerateResponse]:
+            req = request(rid, "Once upon a time", max_new_tokens=12)
+            req.sampling.MergeFrom(common_pb2.SamplingParams(**sampling))
+            call = stub.Generate(gateway_pb2.GatewayGenerateRequest(request=req), timeout=30)
+            return [chunk async for chunk in call]
+
+        free = [t for c in await run("free") for t in c.token_ids]
+        cut = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i] < 256)
+        chunks = await run("stopped", stop_token_ids=[free[cut]])
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == free[: cut + 1]  # the stop token is generated and listed, as vLLM does
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert "".join(c.text for c in chunks) == ByteTokenizer().decode(free[:cut])  # ...but never shown
+
+    async with aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+        for stream in (False, True):
+            body_stop = {**body, "stop_token_ids": [free[cut]], "stream": stream}
+            if stream:
+                body_stop["stream_options"] = {"include_usage": True}
+            async with http.post(f"{base}/v1/completions", json=body_stop) as reply:
+                assert reply.status == 200
+                if stream:
+                    events = [json.loads(line[6:]) for line in (await reply.text()).splitlines()
+                              if line.startswith("data: {")]  # fmt: skip
+                    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+                    usage = events[-1]["usage"]
+                    finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+                else:
+                    done = await reply.json()
+                    text, usage, finish = done["choices"][0]["text"], done["usage"], done["choices"][0]["finish_reason"]
+            assert text == ByteTokenizer().decode(free[:cut]) and finish == "stop"
+            assert usage["completion_tokens"] == cut + 1
+
+
+async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    bootstrap = start_service("bootstrap", *common)
+    dispatchers, workers = {}, {}
+    for role in ("prefill", "decode"):
+        dispatchers[role] = start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"d-{role}")
+        workers[role] = start_service(
+            "scheduler", *common, "--runner", "sim", "--disaggregation-mode", role, name=f"{role}-0"
+        )
+    http_port = free_port()
+    start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def health() -> tuple[int, dict]:
+            async with http.get(f"{base}/health") as reply:
+                return reply.status, await reply.json()
+
+        async def says(status: int, words: str = "") -> bool:
+            code, body = await health()
+            return code == status and (not words or any(words in m for m in body["missing"]))
+
+        await wait_until(lambda: says(200), timeout=30, what="a ready PD cluster")
+        _, body = await health()
+        assert body["mode"] == "pd" and body["roles"]["decode"]["live_ranks"] == [0] and body["bootstrap"]["serving"]
+
+        bootstrap.kill()  # its etcd key outlives it until the lease expires; the check sees it at once
+        await wait_until(lambda: says(503, "bootstrap server"), timeout=10, what="503 naming the bootstrap")
+        _, body = await health()
+        assert body["status"] == "unavailable" and body["bootstrap"]["serving"] is False, body
+        async with http.get(f"{base}/live") as reply:
+            assert reply.status == 200  # the gateway itself is fine: no reason to restart it
+
+        bootstrap = start_service("bootstrap", *common, name="bootstrap-2")
+        await wait_until(lambda: says(200), timeout=30, what="ready again with the new bootstrap")
+
+        workers["decode"].kill()
+        await wait_until(lambda: says(503, "no live decode worker"), timeout=30, what="503 naming the decode role")
+
+        dispatchers["prefill"].kill()
+        await wait_until(
+            lambda: says(503, "no prefill dispatcher answers"), timeout=30, what="503 naming the prefill dispatcher"
+        )
+        _, body = await health()
+        assert "no live decode worker" in body["missing"], body

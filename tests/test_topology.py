@@ -171,7 +171,8 @@ async def _tokens(client: PDLBClient, req) -> list[int]:
 def test_kubernetes_manifests_validate_and_wire_up():
     """deploy/k8s: valid against the Kubernetes 1.30 schemas (strict: unknown fields fail), every pdlb
     container's args accepted by the service's real flag parser, readiness from gRPC health on the
-    port it serves, scheduler ranks from the StatefulSet pod ordinal, every address a Service."""
+    port it serves (the gateway's: its HTTP /health, which says whether every role can serve),
+    scheduler ranks from the StatefulSet pod ordinal, every address a Service."""
     import kubernetes_validate
 
     docs = list(yaml.safe_load_all((ROOT / "deploy/k8s/pdlb.yaml").read_text()))
@@ -188,7 +189,11 @@ def test_kubernetes_manifests_validate_and_wire_up():
             if container["image"] != "pdlb:latest":
                 continue
             args = PARSERS[container["args"][0]]().parse_args(container["args"][1:])
-            assert container["readinessProbe"]["grpc"]["port"] == args.port
+            if container["args"][0] == "pdlb-gateway":  # ready when every role can serve, not just up
+                assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": args.http_port}
+                assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": args.http_port}
+            else:
+                assert container["readinessProbe"]["grpc"]["port"] == args.port
             assert args.etcd.split(":")[0] in services
             host = args.advertise_address.split(":")[0]
             if workload["kind"] == "StatefulSet":

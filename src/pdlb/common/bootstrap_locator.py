@@ -46,13 +46,18 @@ class BootstrapLocator:
             asyncio.get_running_loop().create_task(self._channel.close(grace=REPLACED_GRACE_S))
         self._channel = None
 
-    def stub(self) -> bootstrap_pb2_grpc.BootstrapStub | None:
-        """A stub for the current bootstrap server, or None when none is known."""
+    def channel(self) -> grpc.aio.Channel | None:
+        """The channel to the current bootstrap server, or None when none is known."""
         if not self.address:
             return None
         if self._channel is None:
             self._channel = open_channel(self.address)
-        return bootstrap_pb2_grpc.BootstrapStub(self._channel)
+        return self._channel
+
+    def stub(self) -> bootstrap_pb2_grpc.BootstrapStub | None:
+        """A stub for the current bootstrap server, or None when none is known."""
+        channel = self.channel()
+        return None if channel is None else bootstrap_pb2_grpc.BootstrapStub(channel)
 
     async def close(self) -> None:
         if self._watch:

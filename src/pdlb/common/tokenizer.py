@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
 
+from pdlb.v1 import common_pb2
+
 BYTE_VOCAB = 256
 EOS_TOKEN_ID = 256
 MIN_VOCAB_SIZE = BYTE_VOCAB + 1
@@ -138,6 +140,13 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.backend.decode([t for t in token_ids if 0 <= t < self.vocab_size], skip_special_tokens=True)
+
+
+def visible_tokens(token_ids: list[int], finish_reason: int) -> list[int]:
+    """The tokens whose text a client sees: a stop token (EOS or one of stop_token_ids, which end
+    a generation with FINISH_REASON_STOP) stays out of the text, as in vLLM, though it is a
+    generated token (in token_ids and counted in usage)."""
+    return token_ids[:-1] if finish_reason == common_pb2.FINISH_REASON_STOP and token_ids else token_ids
 
 
 class StreamDecoder:

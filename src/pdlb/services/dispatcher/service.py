@@ -14,7 +14,7 @@ import grpc
 from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.slots import Slots
-from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer
+from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.dispatcher.channels import ChannelPool
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import (
@@ -302,7 +302,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
                         # Recorded once the KV is held, so a re-dispatch never conflicts with it.
                         await self._record_room(ctx, decision, context)
-                    text = decoder.push(list(chunk.token_ids))
+                    text = decoder.push(visible_tokens(list(chunk.token_ids), chunk.finish_reason))
                     if chunk.finish_reason:
                         text += decoder.flush()
                     yield dispatch_pb2.GenerateResponse(

@@ -33,7 +33,7 @@ import grpc
 
 from pdlb.client import new_room
 from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
-from pdlb.common.tokenizer import StreamDecoder, Tokenizer
+from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
 
@@ -125,7 +125,7 @@ class Frontend:
                     if tokens and not sent:
                         cached = attempt_cached
                     sent += tokens
-                    text = decoder.push(tokens)
+                    text = decoder.push(visible_tokens(tokens, response.finish_reason))
                     if response.finish_reason:
                         text += decoder.flush()
                     yield Chunk(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
+from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.config import FlagParser, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration
@@ -22,6 +23,7 @@ from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import Frontend, RequestFailed
 from pdlb.services.gateway.metrics import GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
+from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -35,6 +37,7 @@ def build_parser() -> FlagParser:
     p.flag("--dispatcher", default="", help="mixed dispatcher host:port list (besides those in etcd)")
     p.flag("--prefill-dispatcher", default="", help="prefill dispatcher host:port list (besides those in etcd)")
     p.flag("--decode-dispatcher", default="", help="decode dispatcher host:port list (besides those in etcd)")
+    p.flag("--bootstrap", default="", help="bootstrap host:port, checked by /health in PD mode (default: from etcd)")
     p.flag("--model", default=SMOLLM2, help=f"the served model ({SMOLLM2}, {TINY}, a .gguf file or a HF directory)")
     p.flag("--served-model-name", default="", help="model id clients name (default: from --model)")
     p.flag(
@@ -106,7 +109,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.streams.release()
 
 
-def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, upstreams):
+def http_app(
+    api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, readiness: Readiness
+):
     @web.middleware
     async def errors(request: web.Request, handler):
         try:
@@ -141,15 +146,26 @@ def http_app(api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard:
             streams.release()
 
     async def health(request: web.Request) -> web.Response:
-        mode = upstreams.mode()
-        body = {"status": "ok" if mode else "unavailable", "mode": mode, "model": api.model_id}
-        return web.json_response(body, status=200 if mode else 503)
+        verdict = await readiness.verdict()
+        body = {
+            "status": "ok" if verdict.ready else "unavailable",
+            "mode": verdict.mode,
+            "model": api.model_id,
+            "roles": verdict.roles,
+            "bootstrap": verdict.bootstrap,
+            "missing": verdict.missing,
+        }
+        return web.json_response(body, status=200 if verdict.ready else 503)
+
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     app = web.Application(client_max_size=max_body, middlewares=[errors])
     app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
     app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/live", live)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
     return app
@@ -181,7 +197,8 @@ async def serve(args, stop_event: asyncio.Event) -> None:
 
     api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
     dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
-    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, upstreams)
+    bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix)
+    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, Readiness(upstreams, dashboard, bootstrap))
     # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
     # timeout (counted from the connection's start, and from each response): the header timeout.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=args.http_header_timeout)
@@ -197,6 +214,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         if args.etcd:
             watch = upstreams.watch(args.etcd, args.etcd_prefix)
             await asyncio.wait_for(watch.synced.wait(), timeout=30)
+        await bootstrap.start()
         await host.start()
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.http_port)
@@ -227,6 +245,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         await runner.shutdown()  # lets streaming HTTP responses finish (aiohttp's shutdown timeout)
         await runner.cleanup()
         await upstreams.close()
+        await bootstrap.close()
 
     await run_until_signal(start, stop, stop_event)
 

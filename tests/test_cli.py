@@ -241,6 +241,12 @@ def test_second_up_is_refused_and_leaves_the_running_cluster_alone(cluster, tmp_
     assert taken.returncode == 2
     assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stdout
     assert "left behind" not in taken.stdout and "Traceback" not in taken.stdout + taken.stderr
+    http_port = state["http"].rsplit(":", 1)[1]
+    sim = free[4:]  # runner, model, mode
+    ports = ["--port", "0", "--etcd-port", "0", "--http-port", http_port]
+    busy_http = pdlb("up", "--name", "third", *sim, *ports, env=env)
+    assert busy_http.returncode == 2
+    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stdout
     assert not list(scratch.iterdir()), "a temp dir was left behind"
     workers = pdlb("workers", env=env)  # the first cluster is still found and serves
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2

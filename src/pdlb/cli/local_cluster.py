@@ -160,6 +160,10 @@ class StartRefused(Exception):
     """Nothing was started: the message says why and what to change."""
 
 
+class StartInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the cluster was starting."""
+
+
 @dataclass
 class LocalCluster:
     args: argparse.Namespace
@@ -170,6 +174,7 @@ class LocalCluster:
     log_dir: str = ""
     info: dict = field(default_factory=dict)
     wake: threading.Event = field(default_factory=threading.Event)  # a child exited, or stop was asked
+    stopping: threading.Event = field(default_factory=threading.Event)  # SIGINT / SIGTERM
     _own_log_dir: bool = False
     _t0: float = field(default_factory=time.monotonic)
 
@@ -264,6 +269,10 @@ class LocalCluster:
     def _elapsed(self) -> str:
         return f"{time.monotonic() - self._t0:5.1f}s"
 
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise StartInterrupted("stopped by a signal while starting")
+
     def _ready(self, name: str, address: str) -> None:
         self.say(f"  [{self._elapsed()}] {name:<24} ready on {address}")
 
@@ -274,6 +283,7 @@ class LocalCluster:
 
     def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
         model = ["--model", self.args.model] if kind in ("dispatcher", "gateway") else []
+        self._check_stop()
         proc = self._service(name or kind, [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])])
         proc.spawn()
         proc.wait_ready(START_TIMEOUT_S)
@@ -324,6 +334,7 @@ class LocalCluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         next_note = time.monotonic() + PROGRESS_EVERY_S
         while pending:
+            self._check_stop()
             for proc in [p for p in pending if not p.alive() or p.announced(0)]:
                 proc.wait_ready(max(deadline - time.monotonic(), 1.0))  # raises at once for one that exited
                 pin_port(proc)
@@ -428,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     cluster = LocalCluster(args, say)
-    stop = threading.Event()
+    stop = cluster.stopping
 
     def on_signal(*_: object) -> None:
         stop.set()
@@ -448,6 +459,8 @@ def run(args: argparse.Namespace) -> int:
         except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
             say(f"pdlb up: could not start the cluster: {exc}")
             status = 1
+        except StartInterrupted as exc:
+            say(f"pdlb up: {exc}")
         else:
             print_summary(info)
             Supervisor(cluster, say, args.max_restarts).run(stop)

@@ -343,3 +343,21 @@ def test_top_quits_on_q_in_a_terminal(cluster):
             top.kill()
         os.close(controller)
         os.close(terminal)
+
+
+def test_up_restarts_a_lockstep_group_as_a_whole(tmp_path):
+    """kill -9 of one rank of a lockstep DP group under `pdlb up`: its group's other rank is restarted
+    with it (a rank alone never becomes ready), and requests succeed afterwards."""
+    flags = ["--mode", "mixed", "--workers", "2", "--runner", "sim", "--model", "tiny-random", "--lockstep"]
+    up, state, env = start_up(tmp_path, *flags)
+    try:
+        os.kill(state["children"]["scheduler-mixed-1"], signal.SIGKILL)
+        seen: list[str] = []
+        wait_for_lines(up, " is back on ", 2, seen)
+        console = "".join(seen)
+        assert "restarting it with its DP group (scheduler-mixed-0)" in console, console
+        generated = pdlb("generate", "after the group restart", "--max-new-tokens", "5", env=env)
+        assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr, generated.stderr
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest

@@ -173,6 +173,7 @@ class LocalCluster:
     prefix: str = "/pdlb"
     log_dir: str = ""
     info: dict = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)  # names of the ranks of each lockstep DP group
     wake: threading.Event = field(default_factory=threading.Event)  # a child exited, or stop was asked
     stopping: threading.Event = field(default_factory=threading.Event)  # SIGINT / SIGTERM
     _own_log_dir: bool = False
@@ -269,6 +270,10 @@ class LocalCluster:
     def _elapsed(self) -> str:
         return f"{time.monotonic() - self._t0:5.1f}s"
 
+    def group_of(self, name: str) -> list[str]:
+        """The names of the lockstep DP group's ranks that `name` belongs to, else [name]."""
+        return next((g for g in self.groups if name in g), [name])
+
     def _check_stop(self) -> None:
         if self.stopping.is_set():
             raise StartInterrupted("stopped by a signal while starting")
@@ -301,6 +306,8 @@ class LocalCluster:
                 if self.args.lockstep and count > 1
                 else []
             )
+            if group:
+                self.groups.append([f"scheduler-{'mixed' if mode == 'null' else mode}-{r}" for r in range(count)])
             for rank in range(count):
                 argv = [
                     *script("pdlb-scheduler"),

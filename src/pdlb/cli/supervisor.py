@@ -59,11 +59,17 @@ class Supervisor:
                     continue
                 delay = min(FIRST_DELAY_S * 2**record.in_a_row, MAX_DELAY_S)
                 record.due = now + delay
-                self.say(f"! {dead}; restarting it in {delay:.1f}s (restart {record.in_a_row + 1} in a row)")
+                # a lockstep DP group restarts as a whole: its ranks only become ready together
+                group = [other for other in self.cluster.group_of(name) if other != name]
+                for other in group:
+                    self._stop(other)
+                    self.records.setdefault(other, Record(started=now)).due = record.due
+                with_group = f" with its DP group ({', '.join(group)})" if group else ""
+                which = f"restart {record.in_a_row + 1} in a row"
+                self.say(f"! {dead}; restarting it{with_group} in {delay:.1f}s ({which})")
             ran = [n for n, r in self.records.items() if r.due is not None and r.due <= time.monotonic()]
-            for name in ran:
-                if not stop.is_set():
-                    self._restart(name, self.records[name])
+            if ran and not stop.is_set():
+                self._restart(ran)
             if ran:
                 continue  # scan again at once: a restart may have failed
             due = [r.due for r in self.records.values() if r.due is not None]
@@ -80,24 +86,46 @@ class Supervisor:
                 found.append((proc.name, str(proc.failure())))
         return found
 
-    def _restart(self, name: str, record: Record) -> None:
-        record.due = None
-        record.in_a_row += 1
-        record.started = time.monotonic()
-        self.restarts += 1
-        try:
-            if name == ETCD:
+    def _restart(self, names: list[str]) -> None:
+        """Restart every child that is due: etcd first, then the services all spawned before any is
+        waited for (the ranks of a lockstep group only become ready together)."""
+        for name in names:
+            record = self.records[name]
+            record.due = None
+            record.in_a_row += 1
+            record.started = time.monotonic()
+            self.restarts += 1
+        if ETCD in names:
+            try:
                 self.cluster.restart_etcd()
-                address = self.cluster.etcd.endpoint if self.cluster.etcd else ""
-            else:
+                self._back(ETCD, self.cluster.etcd.endpoint if self.cluster.etcd else "")
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                self.say(f"! restart of etcd failed: {exc}")
+        spawned = []
+        for name in names:
+            if name != ETCD:
                 proc = self._service(name)
-                proc.spawn()
-                address = proc.wait_ready(RESTART_TIMEOUT_S).address
-        except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
-            self.say(f"! restart of {name} failed: {exc}")
-            return  # still dead: the next scan schedules the next try, further backed off
+                try:
+                    proc.spawn()
+                except OSError as exc:
+                    self.say(f"! restart of {name} failed: {exc}")
+                    continue
+                spawned.append(proc)
+        for proc in spawned:
+            try:
+                self._back(proc.name, proc.wait_ready(RESTART_TIMEOUT_S).address)
+            except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
+                # still dead: the next scan schedules the next try, further backed off
+                self.say(f"! restart of {proc.name} failed: {exc}")
         self.cluster.save()
-        self.say(f"  {name} is back on {address} (restart {record.in_a_row} in a row)")
+
+    def _back(self, name: str, address: str) -> None:
+        self.say(f"  {name} is back on {address} (restart {self.records[name].in_a_row} in a row)")
+
+    def _stop(self, name: str) -> None:
+        proc = self._service(name)
+        if proc.alive():
+            proc.terminate(timeout=10)
 
     def _service(self, name: str) -> ServiceProcess:
         return next(p for p in self.cluster.services if p.name == name)

@@ -174,7 +174,7 @@ async def _replica_view(a: str, b: str) -> None:
     req = common_pb2.InferenceRequest(
         request_id="long-through-a",
         input_ids=list(range(1, 30)),
-        sampling=common_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True, temperature=0.0),
     )
     call = stub_a.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=120)
     try:

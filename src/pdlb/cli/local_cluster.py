@@ -88,6 +88,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
     parser.add_argument(
+        "--engine",
+        choices=["pdlb", "vllm"],
+        default="pdlb",
+        help="what runs requests: pdlb's own engine, or vLLM servers (mixed mode; one worker per vLLM DP rank)",
+    )
+    parser.add_argument(
+        "--vllm-url",
+        default="",
+        help="vllm: attach to these running servers (URL[,URL...]) instead of starting one; each holds "
+        "--vllm-server-ranks DP ranks",
+    )
+    parser.add_argument(
+        "--vllm-server-ranks",
+        type=int,
+        default=0,
+        help="vllm: DP ranks per server (default: --workers when pdlb starts the server, else 1)",
+    )
+    parser.add_argument("--vllm-port", type=port, default=8100, help="vllm: port of the server pdlb starts (0: free)")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="vllm: --dtype of the server pdlb starts")
+    parser.add_argument(
+        "--vllm-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="vllm: start the server with --enforce-eager (no torch.compile: faster start, slower steps)",
+    )
+    parser.add_argument(
         "--model",
         default=SMOLLM2,
         help=f"what every scheduler and dispatcher serves: {SMOLLM2}, {TINY}, a .gguf file or a model directory",
@@ -170,6 +196,7 @@ class LocalCluster:
     say: Callable[[str], None] = print
     etcd: EtcdProcess | None = None
     services: list[ServiceProcess] = field(default_factory=list)
+    vllm_servers: list = field(default_factory=list)  # VLLMServer children, stopped after the schedulers
     prefix: str = "/pdlb"
     log_dir: str = ""
     info: dict = field(default_factory=dict)
@@ -208,6 +235,12 @@ class LocalCluster:
         self._own_log_dir = not args.log_dir
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"pdlb-{args.name}-")
         self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}); logs in {self.log_dir}")
+        if args.engine == "vllm":
+            if args.mode != "mixed":
+                raise SystemExit(
+                    "pdlb up --engine vllm runs mixed workers (--mode mixed): vLLM's PD needs its own KV connectors"
+                )
+            self._vllm_targets()
         self.etcd = EtcdProcess(client_port=args.etcd_port)
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
@@ -322,6 +355,7 @@ class LocalCluster:
                     str(rank),
                     "--runner",
                     self.args.runner,
+                    *self._vllm_flags(rank),
                     *TINY_MODEL,
                     *group,
                     *self.args.scheduler_arg,
@@ -338,7 +372,7 @@ class LocalCluster:
 
     def _await_started(self, procs: list[ServiceProcess]) -> None:
         pending = list(procs)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + getattr(self.args, "vllm_wait", START_TIMEOUT_S)
         next_note = time.monotonic() + PROGRESS_EVERY_S
         while pending:
             self._check_stop()
@@ -353,8 +387,50 @@ class LocalCluster:
                 self.say(f"  [{self._elapsed()}] still loading: {', '.join(p.name for p in pending)}")
                 next_note += PROGRESS_EVERY_S
             if time.monotonic() > deadline:
-                raise ServiceFailed(f"{pending[0].name} did not start within {START_TIMEOUT_S:.0f}s")
+                raise ServiceFailed(f"{pending[0].name} did not start in time; see {pending[0].log_path}")
             pending[0].announced(0.2)  # wakes as soon as the first one is up (or gone)
+
+    def _vllm_targets(self) -> None:
+        """The vLLM servers the workers use: those at --vllm-url, else one started here with
+        --data-parallel-size --workers (waits until it is healthy: minutes on a CPU)."""
+        from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, missing_reason
+
+        args = self.args
+        args.vllm_wait = 900.0
+        if args.vllm_url:
+            args.vllm_urls = [u.strip() for u in args.vllm_url.split(",") if u.strip()]
+            args.vllm_server_ranks = args.vllm_server_ranks or 1
+            args.workers = len(args.vllm_urls) * args.vllm_server_ranks
+            return
+        venv = find_venv()
+        if venv is None:
+            raise SystemExit(f"pdlb up --engine vllm: {missing_reason()}")
+        args.vllm_server_ranks = args.vllm_server_ranks or args.workers
+        if args.workers % args.vllm_server_ranks:
+            raise SystemExit("--workers must be a multiple of --vllm-server-ranks")
+        vllm_port = args.vllm_port or free_port()
+        for index in range(args.workers // args.vllm_server_ranks):
+            spec = VLLMServerSpec(
+                port=vllm_port + index,
+                venv=venv,
+                dp_size=args.vllm_server_ranks,
+                dtype=args.vllm_dtype,
+                enforce_eager=args.vllm_eager,
+            )
+            server = VLLMServer(spec, f"{self.log_dir}/vllm-{index}.log").spawn()
+            self.vllm_servers.append(server)
+        self.say(f"  [{self._elapsed()}] starting {len(self.vllm_servers)} vLLM server(s) (minutes on a CPU)")
+        for server in self.vllm_servers:
+            server.wait_ready()
+            self.say(f"  [{self._elapsed()}] vLLM at {server.url} ready after {server.ready_s:.0f} s")
+        args.vllm_urls = [server.url for server in self.vllm_servers]
+
+    def _vllm_flags(self, rank: int) -> list[str]:
+        args = self.args
+        if args.engine != "vllm":
+            return []
+        url = args.vllm_urls[rank // args.vllm_server_ranks]
+        return ["--engine", "vllm", "--vllm-url", url, "--vllm-server-ranks", str(args.vllm_server_ranks)]
 
     def _await_gateway(self, http: str, timeout: float = 30) -> None:
         """Until the gateway has found the dispatchers (its /health says ok)."""
@@ -405,6 +481,8 @@ class LocalCluster:
             t.join()
         for service in order:
             service.terminate()
+        for server in self.vllm_servers:
+            server.stop()
         leftover = self._leftover_keys()
         if self.etcd:
             self.etcd.close()

@@ -33,7 +33,11 @@ def bar(value: float, maximum: float, style: str) -> Text:
 
 def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
     role = common_pb2.Role.Name(snapshot.role).removeprefix("ROLE_").lower()
-    table = Table(title=f"{label}: {role} dispatcher, method {snapshot.method}", title_justify="left", expand=False)
+    table = Table(
+        title=f"{label}: {role} dispatcher, method {snapshot.method}{_flow(snapshot.flow)}",
+        title_justify="left",
+        expand=False,
+    )
     for column in (
         "rank",
         "worker",
@@ -75,6 +79,16 @@ def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
             *([_group(w.dp_group)] if lockstep else []),
         )
     return table
+
+
+def _flow(f: dispatch_pb2.FlowControlState) -> str:
+    """The admission queue in the title: depth, wait percentiles, bound after waiting, shed."""
+    if not f.enabled:
+        return ""
+    return (
+        f", queue {f.queued_requests} ({f.queued_tokens} tokens, {f.tenants} tenants), "
+        f"wait p50 {f.wait_p50_ms:.0f} / p99 {f.wait_p99_ms:.0f} ms, admitted {f.admitted_total}, shed {f.shed_total}"
+    )
 
 
 def _group(g: common_pb2.DPGroupState) -> Text:

@@ -126,7 +126,18 @@ class Dashboard:
                         else {"wave": group.wave, "running": group.running, "size": group.group_size},
                     }
                 )
-            roles.append({"role": role, "dispatcher": address, "method": snap.method, "workers": rows})
+            flow = snap.flow
+            queue = {
+                "enabled": flow.enabled,
+                "queued": flow.queued_requests,
+                "queued_tokens": flow.queued_tokens,
+                "tenants": flow.tenants,
+                "admitted": flow.admitted_total,
+                "shed": flow.shed_total,
+                "wait_p50_ms": flow.wait_p50_ms,
+                "wait_p99_ms": flow.wait_p99_ms,
+            }
+            roles.append({"role": role, "dispatcher": address, "method": snap.method, "workers": rows, "queue": queue})
         return {
             "t": time.time(),
             "mode": self.upstreams.mode(),

@@ -27,12 +27,18 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
+from pdlb.common.requests import (
+    RETRY_AFTER_KEY,
+    InvalidRequest,
+    check_request_off_loop,
+    prompt_chars_limit,
+    sampling_seed,
+)
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -54,9 +60,19 @@ FINAL = {
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+
+def retry_after_of(err: grpc.aio.AioRpcError) -> int | None:
+    """The `retry-after` trailing metadata (whole seconds) a dispatcher's queue sheds with."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY and str(value).isdigit():
+            return int(value)
+    return None
 
 
 @dataclass
@@ -69,6 +85,7 @@ class Chunk:
     prompt_tokens: int
     cached_tokens: int
     retries: int
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass
@@ -94,6 +111,10 @@ class Frontend:
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
+        # Request ids and client-chosen bootstrap rooms of the requests in flight here: a duplicate
+        # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
+        self.active_ids: set[str] = set()
+        self.active_rooms: set[int] = set()
 
     async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
         """Validate and tokenise (off the event loop); raises InvalidRequest."""
@@ -107,11 +128,39 @@ class Frontend:
         return Prepared(request, checked.input_ids, checked.max_new_tokens)
 
     async def generate(self, prepared: Prepared, timeout: float | None = None) -> AsyncIterator[Chunk]:
-        """Stream the request's tokens; raises RequestFailed with a status naming the request."""
+        """Stream the request's tokens; raises RequestFailed with a status naming the request
+        (ALREADY_EXISTS at once when its id, or the bootstrap room it chose, is in flight here)."""
+        original = prepared.request
+        rid = original.request_id
+        room = original.bootstrap_room if original.HasField("bootstrap_room") else None
+        if rid in self.active_ids:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
+            )
+        if room is not None and room in self.active_rooms:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {rid}: bootstrap room {room} is taken by another request in flight; leave it unset "
+                "(the gateway allocates one) or give every request its own",
+            )
+        self.active_ids.add(rid)
+        if room is not None:
+            self.active_rooms.add(room)
+        chunks = self._generate(prepared, timeout)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # at once, not when collected: it cancels the upstream calls
+            self.active_ids.discard(rid)
+            if room is not None:
+                self.active_rooms.discard(room)
+
+    async def _generate(self, prepared: Prepared, timeout: float | None) -> AsyncIterator[Chunk]:
         original = prepared.request
         rid = original.request_id
         deadline = time.monotonic() + min(timeout or self.timeout_s, self.timeout_s)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, not original.sampling.keep_special_tokens)
         sent: list[int] = []
         cached = 0
         retries = moves = 0
@@ -137,6 +186,7 @@ class Frontend:
                         len(prepared.prompt),
                         cached,
                         retries,
+                        list(response.logprobs),
                     )
                     if response.finish_reason:
                         return
@@ -161,7 +211,8 @@ class Frontend:
                 if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    raise RequestFailed(code, _named(rid, details, retries)) from None
+                    hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
+                    raise RequestFailed(code, _named(rid, details, retries), hint) from None
                 retries += 1
                 moves += bool(moved)
                 self.on_retry()
@@ -226,12 +277,14 @@ class Frontend:
             prefill_rank, prefill_cached = -1, 0
             prefill_error: list[BaseException] = []
             prefill_known = asyncio.get_running_loop().create_future()
+            first_logprobs: list[common_pb2.TokenLogprob] = []  # the prefill worker drew the first token
 
             async def prefill() -> None:
                 nonlocal prefill_rank, prefill_cached
                 try:
                     async for response in stubs["prefill"].Generate(message, timeout=timeout):
                         prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                        first_logprobs[:] = response.logprobs
                         if not prefill_known.done():
                             prefill_known.set_result(None)
                 except asyncio.CancelledError:
@@ -246,19 +299,24 @@ class Frontend:
             task = asyncio.create_task(prefill())
             task.add_done_callback(on_prefill_done)
             try:
-                async for response in call:
+                async for response in _handoff_errors(call, request):
                     if response.token_ids and not prefill_known.done():
                         # The prefill's last message is already on its way (the decode worker found
                         # its KV): wait for it, so the first token carries the prefill rank and cache hit.
                         await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if first_logprobs and len(response.logprobs) < len(response.token_ids):
+                        # The decode worker received its first token with the KV, without its logprob.
+                        merged = [first_logprobs.pop(), *response.logprobs]
+                        del response.logprobs[:]
+                        response.logprobs.extend(merged)
                     yield response, prefill_rank, prefill_cached
             except asyncio.CancelledError:
                 if prefill_error:
                     err = prefill_error[0]
                     if isinstance(err, grpc.aio.AioRpcError):
-                        raise RequestFailed(err.code(), f"prefill half: {err.details()}") from None
+                        raise RequestFailed(err.code(), f"prefill half: {err.details()}", retry_after_of(err)) from None
                     if isinstance(err, RequestFailed):
-                        raise RequestFailed(err.code, f"prefill half: {err.message}") from None
+                        raise RequestFailed(err.code, f"prefill half: {err.message}", err.retry_after_s) from None
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
                 _raise_if_cut(request, picked["decode"])
                 raise
@@ -280,6 +338,23 @@ def _raise_if_cut(request: common_pb2.InferenceRequest, address: str) -> None:
     if cancelling is not None and cancelling() == 0:
         raise RequestFailed(
             grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: the call to dispatcher {address} was cut"
+        ) from None
+
+
+async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+    """The decode half's stream. NOT_FOUND there means the room's KV was lost in the hand-off
+    (pulled by another request, or expired before the pull): not the request's fault, and no
+    "not found" for the client, so it fails UNAVAILABLE (retried with a new room). A hand-off that
+    ran out of time stays DEADLINE_EXCEEDED (HTTP 504)."""
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        raise RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"request {request.request_id}: KV hand-off of room {request.bootstrap_room} failed: {err.details()}",
         ) from None
 
 

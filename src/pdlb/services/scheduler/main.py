@@ -1,5 +1,6 @@
 """`pdlb-scheduler`: one DP worker: the scheduler service over one engine (pdlb's own continuous
-batching over a torch model or a cost model; see pdlb.engines.base for the interface)."""
+batching over a torch model or a cost model, or a running vLLM server's DP rank; see
+pdlb.engines.base for the interface)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.lockstep import LockstepEngine
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.engines.torch.runners import CostModel, Runner, SimRunner, TorchRunner
+from pdlb.engines.vllm.engine import VLLMEngine
 from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.reporter import LoadReporter
-from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
+from pdlb.services.scheduler.service import KV_WAIT_S, DispatchAcks, SchedulerServicer
+from pdlb.services.scheduler.vllm_attach import HealthGatedRegistration, open_vllm_engine
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("pdlb.scheduler")
@@ -72,7 +75,33 @@ def build_parser() -> FlagParser:
     )
     p.flag("--metrics-port", default=0, type=int, help="Prometheus /metrics HTTP port (0: disabled)")
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
+    p.flag(
+        "--kv-wait-timeout",
+        default=KV_WAIT_S,
+        type=float,
+        help="PD: seconds a hand-off waits for its room when the request has no deadline (decode: the bootstrap "
+        "record and the KV; prefill: a pull for a room not prefilled yet); a request's deadline always wins, so "
+        "one queued at prefill waits as long as its deadline allows. Running out: DEADLINE_EXCEEDED",
+    )
+    p.flag(
+        "--engine",
+        default="pdlb",
+        choices=["pdlb", "vllm"],
+        help="pdlb: pdlb's own continuous batching (over --runner); vllm: a DP rank of the vLLM server at --vllm-url",
+    )
     p.flag("--runner", default="torch", choices=["torch", "sim"], help="torch model, or the cost-model simulator")
+    p.flag("--vllm-url", default="", help="vllm engine: base URL of the vLLM OpenAI server, e.g. http://127.0.0.1:8100")
+    p.flag(
+        "--vllm-server-ranks",
+        default=1,
+        type=int,
+        help="vllm engine: DP ranks that server holds (its --data-parallel-size); this worker serves its rank "
+        "dp_rank %% N, addressed with X-data-parallel-rank when N > 1",
+    )
+    p.flag("--vllm-wait", default=600.0, type=float, help="vllm engine: seconds to wait for the server to be healthy")
+    p.flag(
+        "--vllm-poll-interval", default=0.5, type=float, help="vllm engine: seconds between /health + /metrics reads"
+    )
     p.flag("--sim-slowdown", default=1.0, type=float, help="sim runner: multiply every step time (a slower GPU)")
     p.flag(
         "--model",
@@ -202,12 +231,16 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
-        runner = compute.submit(build_runner, args, source, tokenizer).result()
+        runner = compute.submit(build_runner, args, source, tokenizer).result() if args.engine == "pdlb" else None
     except UnsupportedModel as exc:
         compute.shutdown()
         raise SystemExit(f"pdlb-scheduler: cannot serve --model {args.model}: {exc}") from None
+    if args.engine == "vllm":
+        _check_vllm_args(args, role)
     group = _group(args, role, runner, limits) if args.dp_group_size > 1 else None
-    if group is not None:
+    if args.engine == "vllm":
+        engine: Engine = await open_vllm_engine(args, limits, tokenizer)
+    elif group is not None:
         print(
             f"pdlb-scheduler rank {args.dp_rank}: joining DP group {group.spec.group_id} "
             f"as group rank {group.spec.rank} of {group.spec.size}",
@@ -218,7 +251,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         except GroupBroken as exc:
             compute.shutdown()
             raise SystemExit(f"pdlb-scheduler: {exc}") from None
-        engine: Engine = LockstepEngine(
+        engine = LockstepEngine(
             runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, group=group
         )
     else:
@@ -231,7 +264,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     )
     acks = DispatchAcks()
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix) if role != "mixed" else None
-    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer)
+    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer, args.kv_wait_timeout)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     lockstep = engine if isinstance(engine, LockstepEngine) else None
     reporter = LoadReporter(
@@ -264,6 +297,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         else None
     )
 
+    if registration and isinstance(engine, VLLMEngine):
+        registration = HealthGatedRegistration(registration, engine, tokenizer)
+
+    backend = args.runner if args.engine == "pdlb" else f"vLLM {args.vllm_url}"
+
     async def start() -> None:
         engine.start()
         await host.start()
@@ -281,7 +319,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             bound = serve_metrics(engine, args.metrics_port, args.host)
             print(f"pdlb-scheduler metrics on :{bound}/metrics", flush=True)
         print(
-            f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {args.runner}, model {source.model_id}) "
+            f"pdlb-scheduler {worker_id} ({role}, rank {args.dp_rank}, {backend}, model {source.model_id}) "
             f"listening on {address}",
             flush=True,
         )
@@ -300,6 +338,22 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     await run_until_signal(start, stop, stop_event)
     if lockstep and lockstep.ended:
         raise SystemExit(f"pdlb-scheduler {worker_id}: {lockstep.ended}")
+
+
+def _check_vllm_args(args, role: str) -> None:
+    if not args.vllm_url:
+        raise SystemExit("--engine vllm needs --vllm-url (the vLLM server's base URL)")
+    if role != "mixed":
+        raise SystemExit(
+            "--engine vllm serves mixed requests only: vLLM disaggregates through its own KV connectors, "
+            "not pdlb's KV hand-off (see the README)"
+        )
+    if args.dp_group_size > 1:
+        raise SystemExit("--engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
+    if args.metrics_port:
+        raise SystemExit("--engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0")
+    if args.vllm_server_ranks < 1:
+        raise SystemExit("--vllm-server-ranks must be >= 1")
 
 
 def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:

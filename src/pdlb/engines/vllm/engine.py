@@ -1,0 +1,401 @@
+"""The vLLM engine: each pdlb worker is one DP rank of a running vLLM OpenAI server.
+
+Requests go to the server's `/v1/completions` as prompt token ids (the dispatcher has tokenised
+them), streamed, with `return_token_ids` so tokens arrive as ids, not text. A server that holds
+several DP ranks (`--data-parallel-size N`) is addressed per rank with the `X-data-parallel-rank`
+header; a server per rank needs no header. Closing a stream aborts the request in vLLM (it frees
+the request's KV; `vllm:num_requests_running` drops).
+
+Load: vLLM's gauges refresh once per engine step (seconds on a CPU), so load reports carry pdlb's
+own exact in-flight counts (requests sent here and not finished: waiting until their first token,
+then running), merged with the last scrape of the rank's `/metrics` series (the larger of the two
+counts: the server may also serve traffic that did not come through pdlb). Prefix-cache hits and
+KV use come from vLLM's counters. Health comes from `/health`: when the server stops answering, the
+engine fails its requests with UNAVAILABLE (the gateway resumes them elsewhere) and reports itself
+unhealthy; the scheduler service then leaves membership, and joins again once the server is back
+and still serves the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+
+from pdlb.common.tokenizer import Tokenizer
+from pdlb.engines.torch.batching import ABORT, LENGTH, STOP, AdmissionError, EngineLimits, Output, Sequence
+from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
+from pdlb.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+FINISH = {"length": LENGTH, "stop": STOP, "abort": ABORT}
+MAX_ERROR_CHARS = 500  # of a vLLM error body quoted in a status message
+MAX_LINE_BYTES = 1 << 20  # one SSE line of a streamed completion
+# Strings whose token ids must be the same on both sides: plain text, whitespace, digits, unicode
+# and the chat template's special tokens (a different vocabulary differs on at least one).
+TOKENIZER_PROBES = (
+    "The capital of France is Paris.",
+    "  def f(x):\n\treturn x ** 2  # 12345",
+    "naïve café, 東京 🙂",
+    "<|im_start|>user\nHi!<|im_end|>\n",
+)
+
+
+class VLLMUnavailable(Exception):
+    """The vLLM server did not answer as expected; the message says what happened."""
+
+
+class TokenizerMismatch(Exception):
+    """The vLLM server's tokenizer is not the dispatcher's; the message shows the first difference."""
+
+
+@dataclass(frozen=True)
+class VLLMRank:
+    """Where one DP rank lives: the server's base URL and the rank within it.
+
+    `header_rank` is sent as X-data-parallel-rank (None: the server holds only this rank);
+    `engine_label` is the rank's `engine` label in the server's /metrics."""
+
+    url: str
+    header_rank: int | None
+    engine_label: str
+
+    @classmethod
+    def of(cls, url: str, server_ranks: int, rank_in_server: int) -> VLLMRank:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"vLLM URL {url!r} must start with http:// or https://")
+        if not 0 <= rank_in_server < max(1, server_ranks):
+            raise ValueError(f"rank {rank_in_server} is not one of the server's {server_ranks} DP ranks")
+        return cls(url.rstrip("/"), rank_in_server if server_ranks > 1 else None, str(rank_in_server))
+
+
+async def served_model(session: aiohttp.ClientSession, url: str, timeout_s: float = 10.0) -> tuple[str, int]:
+    """The (model id, max_model_len) a vLLM server serves; raises VLLMUnavailable."""
+    try:
+        async with session.get(f"{url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                raise VLLMUnavailable(f"{url}/v1/models answered HTTP {resp.status}")
+            models = (await resp.json()).get("data") or []
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        raise VLLMUnavailable(f"{url}/v1/models: {exc!r}") from None
+    if not models:
+        raise VLLMUnavailable(f"{url} serves no model")
+    return str(models[0]["id"]), int(models[0].get("max_model_len") or 0)
+
+
+async def check_tokenizer(session: aiohttp.ClientSession, url: str, model: str, tokenizer: Tokenizer) -> None:
+    """Raise TokenizerMismatch unless the server tokenises the probe strings exactly as `tokenizer`
+    does (VLLMUnavailable if it cannot be asked)."""
+    for probe in TOKENIZER_PROBES:
+        body = {"model": model, "prompt": probe, "add_special_tokens": False}
+        try:
+            async with session.post(f"{url}/tokenize", json=body, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                if resp.status != 200:
+                    raise VLLMUnavailable(f"{url}/tokenize answered HTTP {resp.status}: {await _error_text(resp)}")
+                theirs = list((await resp.json())["tokens"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+            raise VLLMUnavailable(f"{url}/tokenize: {exc!r}") from None
+        ours = tokenizer._encode_text(probe)
+        if theirs != ours:
+            raise TokenizerMismatch(
+                f"vLLM at {url} (model {model!r}) tokenises {probe!r} as {theirs[:12]}, the dispatcher's "
+                f"tokenizer as {ours[:12]}: serve the same model on both sides"
+            )
+
+
+async def _error_text(resp: aiohttp.ClientResponse) -> str:
+    """vLLM's error message (OpenAI error JSON), else the body's start."""
+    raw = (await resp.content.read(64 << 10)).decode("utf-8", "replace")
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        return str(json.loads(raw)["error"]["message"])[:MAX_ERROR_CHARS]
+    return raw[:MAX_ERROR_CHARS]
+
+
+@dataclass
+class _InFlight:
+    seq: Sequence
+    task: asyncio.Task | None = None
+    first_token_at: float | None = None
+    tokens: int = 0
+
+
+class VLLMEngine:
+    """One DP rank of a vLLM server behind pdlb's Engine interface (pdlb.engines.base.Engine)."""
+
+    def __init__(
+        self,
+        rank: VLLMRank,
+        model: str,
+        limits: EngineLimits,
+        vocab_size: int,
+        max_model_len: int,
+        poll_interval_s: float = 0.5,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        """`model`: the id the server serves (sent as `model`); `limits`: pdlb's bounds on this rank
+        (max_running + max_waiting requests in flight at most, max_prompt_tokens);
+        `poll_interval_s`: how often /health and /metrics are read; `session`: the HTTP client
+        session to use (default: a new one), closed by close()."""
+        self.rank, self.model, self.limits = rank, model, limits
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.poll_interval_s = poll_interval_s
+        self.listeners: list[Callable[[], None]] = []
+        self.health_listeners: list[Callable[[bool], None]] = []  # called with the new health on a change
+        self.kv_events = None  # vLLM's KV events (ZMQ) are not read; dispatchers use reported hit counters
+        self.inflight: dict[str, _InFlight] = {}
+        self.stats = RankStats()
+        self.rates = RankRates()
+        self.healthy = True
+        self.draining = False
+        self.prompt_tokens_total = 0
+        self.session = session  # closed with the engine
+        self._poller: asyncio.Task | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._headers = {"X-data-parallel-rank": str(rank.header_rank)} if rank.header_rank is not None else {}
+
+    # the Engine interface -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.session is None:
+            # no total timeout: a completion streams as long as it generates; connects are bounded
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self._poller = asyncio.create_task(self._poll(), name=f"vllm-poll:{self.rank.url}#{self.rank.engine_label}")
+
+    def check(self, seq: Sequence) -> None:
+        limits = self.limits
+        if self.draining:
+            raise AdmissionError(grpc.StatusCode.FAILED_PRECONDITION, "worker is shutting down; send it elsewhere")
+        if not self.healthy:
+            raise AdmissionError(
+                grpc.StatusCode.UNAVAILABLE, f"the vLLM server at {self.rank.url} is not healthy; send it elsewhere"
+            )
+        if seq.request_id in self.inflight:
+            raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
+        if seq.prefill_only or seq.preloaded is not None:
+            raise AdmissionError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the vLLM engine serves mixed requests only (no pdlb KV hand-off)"
+            )
+        bad = next((t for t in seq.prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{self.vocab_size - 1}",
+            )
+        if len(seq.prompt) > limits.max_prompt_tokens:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {limits.max_prompt_tokens}",
+            )
+        if self.max_model_len and seq.reserve > self.max_model_len:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: prompt + max_new_tokens = {seq.reserve} exceeds the served model's "
+                f"context of {self.max_model_len} (vLLM --max-model-len)",
+            )
+        if len(self.inflight) >= limits.max_running_requests + limits.max_waiting_requests:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {seq.request_id}: {len(self.inflight)} requests already in flight on this rank; retry later",
+            )
+
+    def submit(self, seq: Sequence, wave: int | None = None) -> None:
+        self.check(seq)
+        entry = _InFlight(seq)
+        self.inflight[seq.request_id] = entry
+        self.prompt_tokens_total += len(seq.prompt)
+        self._idle.clear()
+        entry.task = asyncio.create_task(self._stream(entry), name=f"vllm:{seq.request_id}")
+        self._notify()
+
+    def abort(self, request_id: str) -> bool:
+        entry = self.inflight.get(request_id)
+        if entry is None or entry.seq.finish_reason is not None:
+            return False
+        entry.seq.aborted = True
+        if entry.task is not None:
+            entry.task.cancel()  # closes the HTTP stream: vLLM aborts the request and frees its KV
+        return True
+
+    def load(self) -> common_pb2.WorkerLoad:
+        started = [e for e in self.inflight.values() if e.first_token_at is not None]
+        waiting = [e for e in self.inflight.values() if e.first_token_at is None]
+        stats = self.stats
+        capacity = stats.kv_capacity_tokens
+        return common_pb2.WorkerLoad(
+            running_requests=max(len(started), stats.running),
+            waiting_requests=max(len(waiting), stats.waiting),
+            running_tokens=sum(len(e.seq.prompt) + e.tokens for e in started),
+            waiting_tokens=sum(len(e.seq.prompt) for e in waiting),
+            kv_tokens_used=int(stats.kv_usage * capacity),
+            kv_tokens_capacity=capacity,
+            prompt_tokens_total=max(self.prompt_tokens_total, stats.prefix_queried_tokens),
+            cache_hit_tokens=stats.prefix_hit_tokens,
+            max_running_requests=self.limits.max_running_requests,
+            prefill_pending_tokens=sum(len(e.seq.prompt) for e in waiting),
+            # from vLLM's histograms (see RankRates); a decode step stands for the fixed cost of a step
+            step_ms=self.rates.step_s * 1000,
+            step_base_ms=self.rates.step_s * 1000,
+            prefill_tokens_per_s=self.rates.prefill_tokens_per_s,
+            mean_output_tokens=self.rates.mean_output_tokens,
+        )
+
+    async def drain(self, timeout: float) -> None:
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            for request_id in list(self.inflight):
+                self.abort(request_id)
+            await asyncio.wait_for(self._idle.wait(), 30)
+
+    async def close(self) -> None:
+        for request_id in list(self.inflight):
+            self.abort(request_id)
+        tasks = [e.task for e in self.inflight.values() if e.task is not None]
+        if self._poller is not None:
+            self._poller.cancel()
+            tasks.append(self._poller)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    # requests -------------------------------------------------------------------------------------
+    def _body(self, seq: Sequence) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": seq.prompt,
+            "max_tokens": seq.max_new_tokens,
+            "temperature": seq.temperature,
+            "ignore_eos": seq.ignore_eos,
+            "stream": True,
+            "return_token_ids": True,
+            "stream_options": {"include_usage": True},
+        }
+        if seq.stop_ids:
+            body["stop_token_ids"] = sorted(seq.stop_ids)
+        if seq.temperature > 0:
+            # vLLM draws from one generator per request: a resumed sampled request does not continue
+            # the original's draws (greedy requests resume exactly)
+            body["seed"] = (seq.seed + seq.seed_position) & 0x7FFFFFFF
+        return body
+
+    async def _stream(self, entry: _InFlight) -> None:
+        seq = entry.seq
+        headers = {**self._headers, "X-Request-Id": seq.request_id}
+        try:
+            async with self.session.post(
+                f"{self.rank.url}/v1/completions", json=self._body(seq), headers=headers
+            ) as resp:
+                if resp.status != 200:
+                    code = grpc.StatusCode.INVALID_ARGUMENT if resp.status == 400 else grpc.StatusCode.UNAVAILABLE
+                    self._fail(
+                        seq, code, f"vLLM at {self.rank.url} answered HTTP {resp.status}: {await _error_text(resp)}"
+                    )
+                    return
+                await self._read_events(entry, resp)
+            if seq.finish_reason is None:
+                self._fail(
+                    seq, grpc.StatusCode.UNAVAILABLE, f"vLLM at {self.rank.url} ended the stream without a finish"
+                )
+        except asyncio.CancelledError:
+            if seq.finish_reason is None:
+                self._finish(seq, [], ABORT)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            self._fail(seq, grpc.StatusCode.UNAVAILABLE, f"vLLM at {self.rank.url} failed mid-request: {exc!r}")
+        except ValueError as exc:  # a chunk that is not vLLM's JSON
+            self._fail(seq, grpc.StatusCode.INTERNAL, f"vLLM at {self.rank.url} sent an unreadable chunk: {exc}")
+        finally:
+            self.inflight.pop(seq.request_id, None)
+            if not self.inflight:
+                self._idle.set()
+            self._notify()
+
+    async def _read_events(self, entry: _InFlight, resp: aiohttp.ClientResponse) -> None:
+        seq = entry.seq
+        while True:
+            line = await resp.content.readline()
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES:
+                raise ValueError(f"an event line of {len(line)} bytes")
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or {}
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                seq.cache_hit = int(cached)
+            for choice in chunk.get("choices") or []:
+                tokens = [int(t) for t in choice.get("token_ids") or []]
+                reason = FINISH.get(choice.get("finish_reason") or "")
+                if tokens and entry.first_token_at is None:
+                    entry.first_token_at = time.monotonic()
+                    self._notify()  # waiting -> running
+                entry.tokens += len(tokens)
+                if reason is not None:
+                    self._finish(seq, tokens, reason)
+                elif tokens:
+                    seq.output.extend(tokens)
+                    seq.outbox.put_nowait(Output(tokens))
+
+    def _finish(self, seq: Sequence, tokens: list[int], reason: int) -> None:
+        seq.output.extend(tokens)
+        seq.finish_reason = reason
+        seq.outbox.put_nowait(Output(tokens, reason))
+
+    def _fail(self, seq: Sequence, code: grpc.StatusCode, message: str) -> None:
+        if seq.finish_reason is not None:
+            return
+        log.warning("request %s: %s", seq.request_id, message)
+        seq.finish_reason = ABORT
+        seq.outbox.put_nowait(Output([], ABORT, error=(code, message)))
+
+    # health and metrics ---------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            healthy = await self._scrape()
+            if healthy != self.healthy:
+                self.healthy = healthy
+                log.warning("vLLM at %s is %s", self.rank.url, "healthy again" if healthy else "NOT healthy")
+                if not healthy:
+                    for entry in list(self.inflight.values()):
+                        if entry.task is not None:
+                            entry.task.cancel()  # closes the stream; _stream reports ABORT...
+                        self._fail(entry.seq, grpc.StatusCode.UNAVAILABLE, f"vLLM at {self.rank.url} stopped answering")
+                for listener in self.health_listeners:
+                    listener(healthy)
+            self._notify()
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _scrape(self) -> bool:
+        timeout = aiohttp.ClientTimeout(total=max(2.0, 4 * self.poll_interval_s))
+        try:
+            async with self.session.get(f"{self.rank.url}/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+            async with self.session.get(f"{self.rank.url}/metrics", timeout=timeout) as resp:
+                if resp.status == 200:
+                    stats = parse_rank(await resp.text(), self.rank.engine_label)
+                    self.rates.update(self.stats, stats)
+                    self.stats = stats
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+            return False
+        except ValueError as exc:
+            log.warning("unreadable /metrics from %s: %s", self.rank.url, exc)
+        return True
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()

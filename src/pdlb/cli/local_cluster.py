@@ -164,6 +164,8 @@ def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
             found.append((args.port + BOOTSTRAP_OFFSET, f"--port + {BOOTSTRAP_OFFSET}: bootstrap"))
         for offset in replica_offsets(args):
             found.append((args.port + offset, f"--port + {offset}: a dispatcher replica"))
+    if getattr(args, "engine", "pdlb") == "vllm" and not args.vllm_url:
+        found.append((args.vllm_port, "--vllm-port: the vLLM server pdlb up starts"))
     return [(p, what) for p, what in found if p]
 
 

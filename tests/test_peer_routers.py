@@ -24,10 +24,13 @@ from bench import peer_routers
 from pdlb.common.etcd_process import free_port
 from tests.helpers import dispatch_stub, wait_for_workers
 
-pytestmark = pytest.mark.skipif(
-    not peer_routers.available(),
-    reason=f"routers not installed at {peer_routers.venv()}: run `make install-routers` (or set ROUTERS_VENV)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not peer_routers.available(),
+        reason=f"routers not installed at {peer_routers.venv()}: run `make install-routers` (or set ROUTERS_VENV)",
+    ),
+    pytest.mark.timeout(300),  # eight services and a router start per test; slow on a loaded 2-core machine
+]
 RANKS = 4
 MODEL = "tiny-random"
 
@@ -53,8 +56,12 @@ async def cluster(etcd, prefix, start_service, tmp_path):
     """RANKS sim ranks; a dispatcher + gateway with `peer_sglang_round_robin`, and a pinned pair
     (the ranks come from the router in front)."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
-    for r in range(RANKS):
-        start_service("scheduler", *common, "--dp-rank", str(r), "--runner", "sim", "--sim-slowdown", "0.1")
+    ranks = [
+        start_service("scheduler", *common, "--dp-rank", str(r), "--runner", "sim", "--sim-slowdown", "0.1", wait=False)
+        for r in range(RANKS)
+    ]
+    for rank in ranks:  # started together, ready in any order
+        rank.wait_ready(120)
     urls = {}
     for method in ("peer_sglang_round_robin", "round_robin"):
         dispatcher = start_service("dispatcher", *common, "--load-balance-method", method, "--dp-size", str(RANKS))

@@ -17,11 +17,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
 pytest.importorskip("triton")
 
+from pdlb.engines.torch import fused_kernels as kernels
+from pdlb.engines.torch.decode_graphs import DecodeGraphs
+from pdlb.engines.torch.llama import LlamaModel, _rotate_half
+from pdlb.engines.torch.model import KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
-from pdlb.services.scheduler import fused_kernels as kernels
-from pdlb.services.scheduler.decode_graphs import DecodeGraphs
-from pdlb.services.scheduler.llama import LlamaModel, _rotate_half
-from pdlb.services.scheduler.model import KVPool, SeqChunk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -84,7 +84,14 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
         theirs.tie_weights()
     ours = LlamaModel(config)
     ours.load_weights(theirs.state_dict())  # the very same values on both sides, through our loader
-    return ours, theirs.to(args.device, DTYPES[args.dtype]).eval(), config
+    # `.to(dtype)` rounds buffers too; transformers loading a checkpoint in a dtype keeps the
+    # rotary frequencies in float32 (as pdlb's model does), so they are put back
+    frequencies = {name: b.clone() for name, b in theirs.named_buffers() if name.endswith("inv_freq")}
+    theirs = theirs.to(args.device, DTYPES[args.dtype]).eval()
+    for name, values in frequencies.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(theirs.get_submodule(owner), leaf, values.to(args.device))
+    return ours, theirs, config
 
 
 class PdlbSide:
@@ -229,6 +236,19 @@ def compare_outputs(model: LlamaModel, theirs: torch.nn.Module, device: str, dty
     return "\n".join(lines)
 
 
+async def check_outputs(
+    args, runner: TorchRunner, theirs: torch.nn.Module, config: LlamaConfig, compute: ThreadPoolExecutor
+) -> None:
+    loop = asyncio.get_running_loop()
+    print("\nagainst transformers (same weights; prompts of 12/40/100/250 tokens, 16 greedy tokens each):")
+    dtype = DTYPES[args.dtype]
+    print(await loop.run_in_executor(compute, compare_outputs, runner.model, theirs, args.device, dtype))
+    if dtype != torch.float32:
+        # float32 copies of the same (rounded) weights: the kernels' own error, without the dtype's
+        exact = await loop.run_in_executor(compute, float32_copies, theirs, config)
+        print(await loop.run_in_executor(compute, compare_outputs, *exact, args.device, torch.float32))
+
+
 def float32_copies(theirs: torch.nn.Module, config: LlamaConfig) -> tuple[LlamaModel, torch.nn.Module]:
     theirs32 = copy.deepcopy(theirs).float()
     ours32 = LlamaModel(config)
@@ -248,6 +268,10 @@ async def run(args, ours: LlamaModel, theirs: torch.nn.Module, config: LlamaConf
     compute = compute_thread(args.threads)
     loop = asyncio.get_running_loop()
     sides = {"pdlb": PdlbSide(ours, args, compute)}
+    if args.check_only:
+        await check_outputs(args, sides["pdlb"].runner, theirs, config, compute)
+        compute.shutdown()
+        return
     if args.device.startswith("cuda") and args.eager_too:
         sides["pdlb, no CUDA graphs"] = PdlbSide(ours, args, compute, graphs=False)
     for side in sides.values():
@@ -283,14 +307,7 @@ async def run(args, ours: LlamaModel, theirs: torch.nn.Module, config: LlamaConf
             f"greedy tokens equal {drift[1]}/48"
         )
     if args.device.startswith("cuda"):
-        print("\nagainst transformers (same weights; prompts of 12/40/100/250 tokens, 16 greedy tokens each):")
-        print(
-            await loop.run_in_executor(compute, compare_outputs, runner.model, theirs, args.device, DTYPES[args.dtype])
-        )
-        # float32 copies of the same (rounded) weights: the kernels' own error, without bfloat16's
-        exact = await loop.run_in_executor(compute, float32_copies, theirs, config)
-        print(await loop.run_in_executor(compute, compare_outputs, *exact, args.device, torch.float32))
-        del exact
+        await check_outputs(args, runner, theirs, config, compute)
     for side in sides.values():
         await side.engine.close()
     compute.shutdown()
@@ -324,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of the prefill measurement")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs of both sides (medians, spread)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-only", action="store_true", help="only compare outputs with transformers")
     parser.add_argument("--eager-too", action="store_true", help="on CUDA, also run pdlb without CUDA graphs")
     args = parser.parse_args(argv)
     # As in the scheduler, torch runs on one thread only (both runners, in turn): see compute_thread
@@ -333,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     name = "SmolLM2-135M packaged weights" if args.weights == "packaged" else f"{args.shape} shape, random weights"
-    print(f"## {name} ({params:.0f}M), {where}, {args.dtype}; {args.runs} runs\n")
-    print(f"decode: {args.context}-token prompts, {args.new} new tokens each; prefill: {args.prompt}-token prompt\n")
+    if args.check_only:
+        print(f"## {name} ({params:.0f}M), {where}, {args.dtype}: outputs against transformers")
+    else:
+        print(f"## {name} ({params:.0f}M), {where}, {args.dtype}; {args.runs} runs\n")
+        print(
+            f"decode: {args.context}-token prompts, {args.new} new tokens each; prefill: {args.prompt}-token prompt\n"
+        )
     asyncio.run(run(args, ours, theirs, config))
     return 0
 

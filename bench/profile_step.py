@@ -97,9 +97,9 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     if on_cuda:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         print(f"kernels per step: {len(kernels)}\n")
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows))
-    else:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.rows:
+        sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
     return result
 
 

@@ -46,7 +46,7 @@ def start_cluster(workers: int, log_dir: Path) -> tuple[local_cluster.LocalClust
     args = parser.parse_args(
         [
             "--mode", "mixed", "--workers", str(workers), "--runner", "sim", "--port", "0", "--etcd-port", "0",
-            "--http-port", "0", "--log-dir", str(log_dir),
+            "--http-port", "0", "--log-dir", str(log_dir), "--name", f"aiperf-bench-{os.getpid()}",
         ]
     )  # fmt: skip
     cluster = local_cluster.LocalCluster(args)

@@ -308,10 +308,12 @@ async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service
     client = PDLBClient(prefill=dispatchers["prefill"].address, decode=dispatchers["decode"].address)
     try:
         req = request("cli-1", prompt, max_new_tokens=3, prefill_dp_rank=0)
+        req.sampling.logprobs = 0
         chunks = [c async for c in client.generate(req, timeout=30)]
     finally:
         await client.close()
     assert chunks[-1].cached_tokens == hit, chunks[-1]
+    assert [e.token_id for c in chunks for e in c.logprobs] == [t for c in chunks for t in c.token_ids]
 
 
 async def test_a_stop_token_ends_the_text_unseen_and_counts_as_generated(etcd, prefix, start_service):

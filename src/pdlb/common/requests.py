@@ -23,6 +23,9 @@ DEFAULT_MAX_NEW_TOKENS = 16
 MAX_PROMPT_TOKENS_LIMIT = 1_000_000
 MAX_RANK = 1 << 20
 MAX_ROUTING_KEY_LEN = 256
+# Trailing metadata of a RESOURCE_EXHAUSTED from a dispatcher's admission queue: whole seconds a
+# refused client should wait (the gateway sends it as HTTP Retry-After).
+RETRY_AFTER_KEY = "retry-after"
 DEFAULT_TEMPERATURE = 1.0  # vLLM's, when a request leaves temperature unset (HTTP and gRPC alike)
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300

@@ -93,7 +93,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "text", "sampling", "bootstrap_room", "prefill_dp_rank", "decode_dp_rank", "routing_key", "messages")
+    __slots__ = ("request_id", "input_ids", "text", "sampling", "bootstrap_room", "prefill_dp_rank", "decode_dp_rank", "routing_key", "messages", "priority", "ttft_deadline_ms", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,9 @@ class InferenceRequest(_message.Message):
     DECODE_DP_RANK_FIELD_NUMBER: _ClassVar[int]
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -112,7 +115,10 @@ class InferenceRequest(_message.Message):
     decode_dp_rank: int
     routing_key: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., bootstrap_room: _Optional[int] = ..., prefill_dp_rank: _Optional[int] = ..., decode_dp_rank: _Optional[int] = ..., routing_key: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    priority: int
+    ttft_deadline_ms: int
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., bootstrap_room: _Optional[int] = ..., prefill_dp_rank: _Optional[int] = ..., decode_dp_rank: _Optional[int] = ..., routing_key: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., priority: _Optional[int] = ..., ttft_deadline_ms: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -104,16 +104,38 @@ class WorkerLoadEntry(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ..., dp_group: _Optional[_Union[_common_pb2.DPGroupState, _Mapping]] = ..., kv_index_blocks: _Optional[int] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
-    __slots__ = ("timestamp_ms", "role", "method", "workers")
+    __slots__ = ("timestamp_ms", "role", "method", "workers", "flow")
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
     timestamp_ms: int
     role: _common_pb2.Role
     method: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoadEntry]
-    def __init__(self, timestamp_ms: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., method: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerLoadEntry, _Mapping]]] = ...) -> None: ...
+    flow: FlowControlState
+    def __init__(self, timestamp_ms: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., method: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerLoadEntry, _Mapping]]] = ..., flow: _Optional[_Union[FlowControlState, _Mapping]] = ...) -> None: ...
+
+class FlowControlState(_message.Message):
+    __slots__ = ("enabled", "queued_requests", "queued_tokens", "tenants", "admitted_total", "shed_total", "wait_p50_ms", "wait_p99_ms")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    queued_requests: int
+    queued_tokens: int
+    tenants: int
+    admitted_total: int
+    shed_total: int
+    wait_p50_ms: float
+    wait_p99_ms: float
+    def __init__(self, enabled: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., tenants: _Optional[int] = ..., admitted_total: _Optional[int] = ..., shed_total: _Optional[int] = ..., wait_p50_ms: _Optional[float] = ..., wait_p99_ms: _Optional[float] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -39,6 +39,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
+TENANT_HEADER = "X-pdlb-Tenant"
 
 
 class ApiError(Exception):
@@ -55,6 +57,15 @@ def error_body(status: int, message: str, param: str | None = None, kind: str | 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> web.Response:
     return web.json_response(error_body(status, message, param, kind), status=status)
+
+
+def failed_response(exc: RequestFailed) -> web.Response:
+    """A failed request as OpenAI error JSON; a shed one (429) with `Retry-After` seconds."""
+    status = HTTP_STATUS.get(exc.code, 500)
+    response = error_response(status, exc.message)
+    if status == 429:
+        response.headers["Retry-After"] = str(exc.retry_after_s or 1)
+    return response
 
 
 @dataclass
@@ -135,6 +146,7 @@ class OpenAIApi:
         if key := http.headers.get("X-Session-Id", ""):
             request.routing_key = key[:256]
         self._ranks(http, body, request)
+        _flow(http, body, request)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
@@ -269,7 +281,7 @@ class OpenAIApi:
                 last = chunk
                 finish = reason or finish
         except RequestFailed as exc:
-            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+            return failed_response(exc)
         body = self._envelope(parsed, last)
         content = "".join(text)
         if parsed.chat:
@@ -297,7 +309,7 @@ class OpenAIApi:
         except StopAsyncIteration:
             first = None
         except RequestFailed as exc:
-            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+            return failed_response(exc)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -394,6 +406,21 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
 
 async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _flow(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+    """Flow-control fields: vLLM's `priority` (lower is served earlier), the TTFT deadline
+    (`X-pdlb-TTFT-Deadline-Ms` header) and the tenant (`X-pdlb-Tenant`; else the routing key)."""
+    priority = body.get("priority", 0)
+    if not _is_int(priority) or not -(2**31) <= priority < 2**31:
+        raise ApiError(400, "priority must be a 32-bit integer (lower is served earlier)", "priority")
+    request.priority = priority
+    if raw := http.headers.get(DEADLINE_HEADER):
+        if not raw.isdigit() or not 0 < int(raw) < 2**32:
+            raise ApiError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", DEADLINE_HEADER)
+        request.ttft_deadline_ms = int(raw)
+    if tenant := http.headers.get(TENANT_HEADER, ""):
+        request.tenant = tenant[:256]
 
 
 def _lone_surrogate(value: Any, path: str = "") -> str | None:

@@ -60,7 +60,7 @@ HONOURED = {
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
     "stop_token_ids", "ignore_eos", "skip_special_tokens", "logprobs", "top_logprobs", "logit_bias", "stream",
-    "stream_options", "user", "data_parallel_rank", "prefill_dp_rank", "decode_dp_rank",
+    "stream_options", "user", "data_parallel_rank", "prefill_dp_rank", "decode_dp_rank", "priority",
 }  # fmt: skip
 
 

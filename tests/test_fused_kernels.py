@@ -83,8 +83,10 @@ def test_rotary_kv_write_rotates_q_and_k_and_stores_k_and_v_at_the_slots(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
-def test_paged_decode_attention_reads_each_sequence_through_its_slot_table(dtype, heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,splits", [(6, 2, 1), (4, 4, 1), (9, 3, 1), (9, 3, 3), (4, 2, 4)])
+def test_paged_decode_attention_reads_each_sequence_through_its_slot_table(dtype, heads, kv_heads, splits):
+    """One program per sequence and KV head, or the context split and the parts merged (short rows
+    leave some parts empty)."""
     torch.manual_seed(3)
     head_dim, slots = 64, 400
     k_pool, v_pool = randn(slots, kv_heads, head_dim, dtype=dtype), randn(slots, kv_heads, head_dim, dtype=dtype)
@@ -93,7 +95,9 @@ def test_paged_decode_attention_reads_each_sequence_through_its_slot_table(dtype
     for row, length in enumerate(lengths):
         index[row, :length] = torch.randperm(slots - 1)[:length] + 1  # scattered, as a pool's slots are
     q = randn(len(lengths), heads, head_dim, dtype=dtype)
-    out = kernels.paged_decode_attention(q, k_pool, v_pool, index.to(DEVICE), torch.tensor(lengths).to(DEVICE))
+    out = kernels.paged_decode_attention(
+        q, k_pool, v_pool, index.to(DEVICE), torch.tensor(lengths).to(DEVICE), splits=splits
+    )
     for row, length in enumerate(lengths):
         taken = index[row, :length].to(DEVICE)
         expected = F.scaled_dot_product_attention(
@@ -103,6 +107,15 @@ def test_paged_decode_attention_reads_each_sequence_through_its_slot_table(dtype
             enable_gqa=True,
         ).squeeze(1)
         assert (out[row].float() - expected).abs().max().item() <= TOLERANCE[dtype] * 2, (row, length)
+
+
+def test_attention_splits_fill_the_gpu_only_where_contexts_are_long():
+    device = torch.device("cpu")  # 16 multiprocessors assumed off CUDA
+    assert kernels.attention_splits(device, programs=8, columns=256) == 1  # short: not worth a merge
+    assert kernels.attention_splits(device, programs=8, columns=2048) == 2048 // kernels.SPLIT_MIN_TOKENS
+    assert kernels.attention_splits(device, programs=64, columns=1 << 20) == 2  # 8 per multiprocessor
+    assert kernels.attention_splits(device, programs=1, columns=1 << 20) == kernels.MAX_SPLITS
+    assert kernels.attention_splits(device, programs=4096, columns=8192) == 1  # enough programs already
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

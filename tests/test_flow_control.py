@@ -23,6 +23,9 @@ from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_worker
 
 # One request at a time per rank; a decode step of the sim takes 4 ms x 10, so a request of N
 # output tokens holds its rank for about N x 40 ms.
+# Blockers hold a rank for as long as a test needs (their outputs would take about 80 s) and are
+# cancelled to free it: no test depends on how fast the loaded machine runs them.
+BLOCK = 2000
 SIM = ["--runner", "sim", "--sim-slowdown", "10", "--max-running-requests", "1", "--report-interval-ms", "50"]
 
 
@@ -92,8 +95,8 @@ async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, pr
     channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 2)
     client = Client(stub)
     try:
-        client.send("busy-a", tokens=20)
-        client.send("busy-b", tokens=30)
+        client.send("busy-a", tokens=BLOCK)
+        client.send("busy-b", tokens=BLOCK)
         await client.started("busy-a")
         await client.started("busy-b")
         # Both ranks run one request: new ones wait in the dispatcher, not at a worker.
@@ -108,8 +111,12 @@ async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, pr
         snap = await load_snapshot(stub)
         assert snap.flow.enabled and snap.flow.queued_tokens == 4 * 32
         assert all(w.reported.waiting_requests == 0 for w in snap.workers), "nothing waits at a worker"
-        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
-        assert set(client.outcome.values()) == {grpc.StatusCode.OK}, client.errors
+        client.tasks["busy-a"].cancel()  # one slot frees: the head (urgent) is bound to it
+        await client.started("urgent")
+        client.tasks["busy-b"].cancel()
+        held = ["low", "normal-late-deadline", "normal-early-deadline", "urgent"]
+        await asyncio.wait_for(asyncio.gather(*(client.tasks[r] for r in held)), 60)
+        assert {client.outcome[r] for r in held} == {grpc.StatusCode.OK}, client.errors
         order = sorted(
             ["low", "normal-late-deadline", "normal-early-deadline", "urgent"], key=client.first_token_at.get
         )
@@ -125,7 +132,7 @@ async def test_fair_share_a_flooding_tenant_does_not_starve_another(etcd, prefix
     channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--fair-share-quantum", "32")
     client = Client(stub)
     try:
-        client.send("busy", tokens=15)
+        client.send("busy", tokens=BLOCK)
         await client.started("busy")
         for i in range(8):
             client.send(f"flood-{i}", tokens=3, tenant="flood")
@@ -133,6 +140,7 @@ async def test_fair_share_a_flooding_tenant_does_not_starve_another(etcd, prefix
         client.send("quiet-0", tokens=3, tenant="quiet")
         client.send("quiet-1", tokens=3, routing_key="quiet")  # the tenant defaults to the routing key
         await wait_queued(stub, 10)
+        client.tasks.pop("busy").cancel()
         await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
         assert set(client.outcome.values()) == {grpc.StatusCode.OK}, client.errors
         order = sorted((rid for rid in client.first_token_at if rid != "busy"), key=client.first_token_at.get)
@@ -157,7 +165,7 @@ async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix,
     )
     client = Client(stub)
     try:
-        client.send("busy", tokens=60)  # about 2.4 s
+        client.send("busy", tokens=BLOCK)
         await client.started("busy")
         t0 = time.monotonic()
         await client.send("sheddable", priority=1)  # waits at most its 0.5 s TTL
@@ -180,8 +188,9 @@ async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix,
         await client.send("normal-3")
         assert client.outcome["normal-3"] == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in client.errors["normal-3"].details()
+        client.tasks.pop("busy").cancel()
         await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
-        assert [client.outcome[r] for r in ("busy", "normal-1", "normal-2")] == [grpc.StatusCode.OK] * 3
+        assert [client.outcome[r] for r in ("normal-1", "normal-2")] == [grpc.StatusCode.OK] * 2
         snap = await load_snapshot(stub)
         assert snap.flow.shed_total == 4 and snap.flow.queued_requests == 0
     finally:
@@ -192,14 +201,15 @@ async def test_cancelled_while_queued_leaves_the_queue(etcd, prefix, start_servi
     channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1)
     client = Client(stub)
     try:
-        client.send("busy", tokens=25)
+        client.send("busy", tokens=BLOCK)
         await client.started("busy")
         doomed = client.send("doomed")
         client.send("after")
         await wait_queued(stub, 2)
         doomed.cancel()
         await wait_queued(stub, 1)
-        await asyncio.wait_for(asyncio.gather(client.tasks["busy"], client.tasks["after"]), 60)
+        client.tasks["busy"].cancel()
+        await asyncio.wait_for(client.tasks["after"], 60)
         assert client.outcome["after"] == grpc.StatusCode.OK and "doomed" not in client.first_token_at
         snap = await load_snapshot(stub)
         assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 1
@@ -216,13 +226,15 @@ async def test_worker_death_while_queued_loses_no_request(etcd, prefix, start_se
     client = Client(stub)
     try:
         for i in range(1 + survivors):
-            client.send(f"busy-{i}", tokens=100)
+            client.send(f"busy-{i}", tokens=BLOCK)
         for i in range(1 + survivors):
             await client.started(f"busy-{i}")
         for i in range(4):
             client.send(f"queued-{i}", tokens=5)
         await wait_queued(stub, 4)
         workers[0].kill()
+        for i in range(1 + survivors):  # the survivor's slot frees too
+            client.tasks.pop(f"busy-{i}").cancel()
         await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
         queued_outcomes = {client.outcome[f"queued-{i}"] for i in range(4)}
         if survivors:
@@ -250,7 +262,7 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
     client = Client(stub)
     try:
         await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
-        client.send("busy", tokens=50)
+        client.send("busy", tokens=BLOCK)
         await client.started("busy")
         with pytest.raises(openai.RateLimitError) as shed:
             await api.completions.create(model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": 1})
@@ -264,6 +276,7 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
         with pytest.raises(openai.BadRequestError) as bad:
             await api.completions.create(model="tiny-random", prompt="hello", extra_body={"priority": "high"})
         assert bad.value.body["param"] == "priority"
+        client.tasks["busy"].cancel()
         served = await api.completions.create(
             model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": -1, "ignore_eos": True}
         )

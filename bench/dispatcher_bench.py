@@ -18,6 +18,7 @@ from dataclasses import replace
 import grpc
 
 from pdlb.common.processes import ServiceProcess, script
+from pdlb.services.dispatcher.flow_control import FlowControl, FlowOptions
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
 from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy, method_names
@@ -26,7 +27,7 @@ from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2
 
 
 def decision_times(
-    ranks: int, method: str, decisions: int = 2000, repeats: int = 5, exact: bool = False
+    ranks: int, method: str, decisions: int = 2000, repeats: int = 5, exact: bool = False, flow: bool = False
 ) -> tuple[float, float, float]:
     """Median microseconds per Router.decide (policy + in-flight bookkeeping), the dispatcher's
     handling of load reports per decision (off the request's path) and, for prefix-aware methods,
@@ -36,7 +37,10 @@ def decision_times(
 
     `exact`: the workers send prefix-cache block events (pdlb's schedulers do), so prefix-aware
     methods match against the exact index; each report carries the block events of the requests
-    sent to that worker since its last one (from a model of its cache with its KV capacity)."""
+    sent to that worker since its last one (from a model of its cache with its KV capacity).
+
+    `flow`: through flow control's admission (its queue empty, as when a rank has room: the check
+    for a rank with a free slot and enough KV, then the method over those ranks)."""
     rng = random.Random(ranks)
     table = LoadTable()
     for r in range(ranks):
@@ -71,6 +75,8 @@ def decision_times(
     for i in range(decisions):
         prompt = rng.choice(prefixes) + [rng.randrange(256) for _ in range(rng.randrange(1, 512))]
         contexts.append(RouteContext(f"r{i}", len(prompt), bootstrap_room=rng.getrandbits(32), input_ids=prompt))
+    flow_control = FlowControl(router, FlowOptions(enabled=True)) if flow else None
+    decide = router.decide if flow_control is None else lambda ctx: _now(flow_control.decide(ctx))
     samples, report_samples, hashing = [], [], []
     clock = time.perf_counter
     for _ in range(repeats):
@@ -84,7 +90,7 @@ def decision_times(
             hashing.append((clock() - start) / decisions * 1e6)
         for i, ctx in enumerate(fresh):
             start = clock()
-            decision = router.decide(ctx)
+            decision = decide(ctx)
             deciding += clock() - start
             if index is not None:
                 pending.setdefault(decision.entry.worker.worker_id, []).append(ctx)
@@ -107,6 +113,17 @@ def decision_times(
         report_samples.append(reporting / decisions * 1e6)
     hashed = statistics.median(hashing) if hashing else 0.0
     return statistics.median(samples), statistics.median(report_samples), hashed
+
+
+def _now(coroutine):
+    """The result of a coroutine that finishes without waiting (flow control's admission when a
+    rank has room), without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("admission waited: no rank had room in the benchmark's table")
 
 
 class _WorkerCache:
@@ -187,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         default="cache_aware,predicted_latency",
         help="prefix-aware methods measured again with workers sending block events (the exact index)",
     )
+    parser.add_argument(
+        "--flow-methods",
+        default="least_wait,predicted_latency",
+        help="methods measured again through flow control's admission (late binding, queue empty)",
+    )
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     # every registered method (baselines included), without `auto`, unless --methods names some
@@ -196,15 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     print("prefix-aware methods the hashing of the prompt's blocks, once per request)\n")
     print("| method | " + " | ".join(f"{r} ranks" for r in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
-    runs = [(m, False) for m in methods] + [(m, True) for m in args.exact_methods.split(",") if m in methods]
-    for method, exact in runs:
+    runs = [(m, False, False) for m in methods]
+    runs += [(m, True, False) for m in args.exact_methods.split(",") if m in methods]
+    runs += [(m, False, True) for m in args.flow_methods.split(",") if m in methods]
+    for method, exact, flow in runs:
         decisions, repeats = (500, 3) if args.quick else (2000, 5)
-        times = [decision_times(r, method, decisions, repeats, exact) for r in ranks]
+        times = [decision_times(r, method, decisions, repeats, exact, flow) for r in ranks]
         cells = [
             f"{decide:.1f} (+{reports:.1f}{f'; hash {hashed:.1f}' if hashed else ''})"
             for decide, reports, hashed in times
         ]
-        print(f"| {method}{' (exact index)' if exact else ''} | " + " | ".join(cells) + " |")
+        label = method + (" (exact index)" if exact else "") + (" + flow control" if flow else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
     if args.decisions_only:
         return 0

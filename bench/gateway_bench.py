@@ -62,7 +62,7 @@ def request(rid: str, tokens: int) -> common_pb2.InferenceRequest:
     return common_pb2.InferenceRequest(
         request_id=rid,
         input_ids=list(range(1, 17)),
-        sampling=common_pb2.SamplingParams(max_new_tokens=tokens, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.0),
     )
 
 

@@ -66,7 +66,7 @@ async def phase(stub, name: str, per_rank: list[int], args: argparse.Namespace) 
             req = common_pb2.InferenceRequest(
                 request_id=f"{name}-{rank}-{i}-{time.monotonic_ns()}",
                 input_ids=[(7 * i + j) % 200 + 1 for j in range(args.prompt)],
-                sampling=common_pb2.SamplingParams(max_new_tokens=args.output, ignore_eos=True),
+                sampling=common_pb2.SamplingParams(max_new_tokens=args.output, ignore_eos=True, temperature=0.0),
                 decode_dp_rank=rank,
             )
             calls.append(_tokens(stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=600)))

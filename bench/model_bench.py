@@ -5,6 +5,11 @@ batching engine (continuous batching, token-slot KV pool) and through `transform
 (greedy, static batch); then the PD KV hand-off cost per prompt token (prefill GPU -> host ->
 protobuf chunks -> reassembly -> decode GPU, in one process: the network hop is not included).
 
+Both sides are measured `--runs` times, interleaved (transformers, then pdlb, per run), so drift of
+the machine during the run lands on both; each cell is the median over the runs with its min-max
+spread, and the ratio is taken within each run before its median. On CUDA the logits and greedy
+tokens of both sides are compared too (same weights, same prompts).
+
   python -m bench.model_bench                                   # CPU, packaged SmolLM2 weights
   python -m bench.model_bench --device cuda --dtype bfloat16 --weights random --batches 1,64,256 --prompt 1024
   python -m bench.model_bench --device cuda --dtype bfloat16 --weights random --shape llama-1b
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +69,8 @@ def hf_llama_config(config: LlamaConfig, **extra):
 def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
     import transformers
 
+    transformers.logging.set_verbosity_error()  # generate's padding-side advice: no tokenizer here
+
     if args.weights == "packaged":
         from pdlb.models.catalog import SMOLLM2, resolve
 
@@ -76,41 +84,41 @@ def build_models(args) -> tuple[LlamaModel, torch.nn.Module, LlamaConfig]:
         theirs.tie_weights()
     ours = LlamaModel(config)
     ours.load_weights(theirs.state_dict())  # the very same values on both sides, through our loader
-    return ours, theirs.to(args.device, DTYPES[args.dtype]).eval(), config
+    # `.to(dtype)` rounds buffers too; transformers loading a checkpoint in a dtype keeps the
+    # rotary frequencies in float32 (as pdlb's model does), so they are put back
+    frequencies = {name: b.clone() for name, b in theirs.named_buffers() if name.endswith("inv_freq")}
+    theirs = theirs.to(args.device, DTYPES[args.dtype]).eval()
+    for name, values in frequencies.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(theirs.get_submodule(owner), leaf, values.to(args.device))
+    return ours, theirs, config
 
 
-async def bench_pdlb(
-    model: LlamaModel, args, batches: list[int], compute: ThreadPoolExecutor, graphs: bool | None = None
-) -> tuple[dict[int, float], float, float]:
-    largest = max(batches)
-    capacity = largest * (args.context + args.new) + args.prompt + 4096
-    runner = compute.submit(
-        TorchRunner, model, capacity, args.device, DTYPES[args.dtype], decode_graphs=graphs
-    ).result()
-    if runner.graphs is not None and runner.graphs.capture:
-        started = time.perf_counter()
-        count = compute.submit(runner.graphs.warmup).result()
-        print(f"warm-up: {count} decode graphs captured in {time.perf_counter() - started:.2f} s\n")
-    limits = EngineLimits(capacity, max(largest, 8), 4096, 4096, max(args.prompt, args.context) + 16)
-    engine = Engine(runner, limits, executor=compute)
-    engine.start()
-    await decode_rate(engine, 2, 16, 4)  # warm-up: allocator, kernels
-    rates = {}
-    for batch in batches:
-        rates[batch] = statistics.median(
-            [await decode_rate(engine, batch, args.context, args.new) for _ in range(args.repeats)]
-        )
-    prefill = statistics.median([await prefill_rate(engine, args.prompt) for _ in range(args.repeats)])
-    handoff = await kv_handoff_us_per_token(runner, args.prompt, args.device)
-    if runner.graphs is not None and runner.graphs.capture:
-        drift = compute.submit(graph_drift, runner).result()
-        print(
-            f"CUDA graphs: {runner.graphs.captures} captured, {runner.graphs.replays} replays; "
-            f"one decode step of 48 rows, graph vs eager: max |logit diff| {drift[0]:.4f}, "
-            f"greedy tokens equal {drift[1]}/48\n"
-        )
-    await engine.close()
-    return rates, prefill, handoff
+class PdlbSide:
+    """pdlb's runner and engine, built once (graphs captured once) and measured run after run."""
+
+    def __init__(self, model: LlamaModel, args, compute: ThreadPoolExecutor, graphs: bool | None = None) -> None:
+        self.args, self.compute = args, compute
+        largest = max(int(b) for b in args.batches.split(","))
+        capacity = largest * (args.context + args.new) + args.prompt + 4096
+        self.runner = compute.submit(
+            TorchRunner, model, capacity, args.device, DTYPES[args.dtype], decode_graphs=graphs
+        ).result()
+        if self.runner.graphs is not None and self.runner.graphs.capture:
+            started = time.perf_counter()
+            count = compute.submit(self.runner.graphs.warmup).result()
+            print(f"warm-up: {count} decode graphs captured in {time.perf_counter() - started:.2f} s\n")
+        limits = EngineLimits(capacity, max(largest, 8), 4096, 4096, max(args.prompt, args.context) + 16)
+        self.engine = Engine(self.runner, limits, executor=compute)
+
+    async def start(self) -> None:
+        self.engine.start()
+        await decode_rate(self.engine, 2, 16, 4)  # warm-up: allocator, kernels
+
+    async def once(self, batches: list[int]) -> tuple[dict[int, float], float]:
+        """One run: decode tok/s per batch size, prefill tok/s."""
+        rates = {b: await decode_rate(self.engine, b, self.args.context, self.args.new) for b in batches}
+        return rates, await prefill_rate(self.engine, self.args.prompt)
 
 
 def graph_drift(runner: TorchRunner) -> tuple[float, int]:
@@ -155,37 +163,170 @@ async def kv_handoff_us_per_token(runner: TorchRunner, tokens: int, device: str)
     return statistics.median(times) / tokens * 1e6
 
 
-@torch.no_grad()
-def bench_transformers(model: torch.nn.Module, args, batches: list[int]) -> tuple[dict[int, float], float]:
-    device = args.device
+class TransformersSide:
+    """`transformers` generate on the same weights and device."""
 
-    def generate(batch: int, new: int) -> float:
-        ids = torch.randint(0, 256, (batch, args.context), device=device)
-        sync(device)
+    def __init__(self, model: torch.nn.Module, args) -> None:
+        self.model, self.args = model, args
+        self.generate(2, 4)  # warm-up
+        self.prefill()
+
+    @torch.no_grad()
+    def generate(self, batch: int, new: int) -> float:
+        ids = torch.randint(0, 256, (batch, self.args.context), device=self.args.device)
+        sync(self.args.device)
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        sync(device)
+        self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        sync(self.args.device)
         return time.perf_counter() - start
 
-    generate(2, 4)  # warm-up
-    rates = {}
-    for batch in batches:
-        samples = []
-        for _ in range(args.repeats):
-            # decode only: a 1-token run costs the prefill (and set-up); the rest is decode steps
-            samples.append(batch * (args.new - 1) / (generate(batch, args.new) - generate(batch, 1)))
-        rates[batch] = statistics.median(samples)
-
-    def prefill() -> float:
-        ids = torch.randint(0, 256, (1, args.prompt), device=device)
-        sync(device)
+    @torch.no_grad()
+    def prefill(self) -> float:
+        ids = torch.randint(0, 256, (1, self.args.prompt), device=self.args.device)
+        sync(self.args.device)
         start = time.perf_counter()
-        model(ids)
-        sync(device)
-        return args.prompt / (time.perf_counter() - start)
+        self.model(ids)
+        sync(self.args.device)
+        return self.args.prompt / (time.perf_counter() - start)
 
-    prefill()
-    return rates, statistics.median([prefill() for _ in range(args.repeats)])
+    def once(self, batches: list[int]) -> tuple[dict[int, float], float]:
+        """One run: decode tok/s per batch size (a 1-token generate costs the prefill and set-up;
+        the rest of a full one is decode steps), prefill tok/s."""
+        new = self.args.new
+        rates = {b: b * (new - 1) / (self.generate(b, new) - self.generate(b, 1)) for b in batches}
+        return rates, self.prefill()
+
+
+@torch.no_grad()
+def compare_outputs(model: LlamaModel, theirs: torch.nn.Module, device: str, dtype: torch.dtype, new: int = 16) -> str:
+    """pdlb against `transformers` on the same weights: last-token logits after a prompt and `new`
+    greedy tokens (whole-prompt prefill, then eager decode steps; graph replay equals eager, see
+    graph_drift), for prompts of 12 to 250 tokens; one line each for the fused kernels and for the
+    plain torch operations, so the fused path's drift shows beside that of unfused `dtype` math."""
+    from pdlb.engines.torch.model import KVPool, SeqChunk
+
+    pool = KVPool(model.kv_shape(), 4096, torch.device(device), dtype)
+    lines = []
+    for fused in (True, False):
+        model.fused = fused
+        generator = torch.Generator().manual_seed(7)
+        diffs, scales, equal, total = [], [], 0, 0
+        for length in (12, 40, 100, 250):
+            ids = torch.randint(0, 256, (length,), generator=generator).tolist()
+            reference = theirs(torch.tensor([ids], device=device)).logits[0, -1].float()
+            slots = pool.allocate(length + new)
+            logits = model([SeqChunk(ids, 0, slots)], pool)[0]
+            diffs.append((logits - reference).abs().max().item())
+            scales.append(reference.abs().max().item())
+            ours = [int(logits.argmax())]
+            for step in range(new - 1):
+                ours.append(int(model([SeqChunk([ours[-1]], length + step, slots)], pool)[0].argmax()))
+            pool.release(slots)
+            expected = theirs.generate(
+                torch.tensor([ids], device=device), max_new_tokens=new, do_sample=False, pad_token_id=0
+            )[0, length:].tolist()
+            equal += next((i for i, (a, b) in enumerate(zip(ours, expected, strict=True)) if a != b), new)
+            total += new
+        lines.append(
+            f"{str(dtype).removeprefix('torch.')}, {'fused kernels' if fused else 'plain torch'}: prefill logits "
+            f"max |diff| {max(diffs):.4f} (largest |logit| {max(scales):.2f}); greedy tokens equal up to the "
+            f"first difference {equal}/{total}"
+        )
+    model.fused = None
+    return "\n".join(lines)
+
+
+async def check_outputs(
+    args, runner: TorchRunner, theirs: torch.nn.Module, config: LlamaConfig, compute: ThreadPoolExecutor
+) -> None:
+    loop = asyncio.get_running_loop()
+    print("\nagainst transformers (same weights; prompts of 12/40/100/250 tokens, 16 greedy tokens each):")
+    dtype = DTYPES[args.dtype]
+    print(await loop.run_in_executor(compute, compare_outputs, runner.model, theirs, args.device, dtype))
+    if dtype != torch.float32:
+        # float32 copies of the same (rounded) weights: the kernels' own error, without the dtype's
+        exact = await loop.run_in_executor(compute, float32_copies, theirs, config)
+        print(await loop.run_in_executor(compute, compare_outputs, *exact, args.device, torch.float32))
+
+
+def float32_copies(theirs: torch.nn.Module, config: LlamaConfig) -> tuple[LlamaModel, torch.nn.Module]:
+    theirs32 = copy.deepcopy(theirs).float()
+    ours32 = LlamaModel(config)
+    ours32.load_weights({k: v.float().cpu() for k, v in theirs32.state_dict().items()})
+    return ours32.to(next(theirs32.parameters()).device), theirs32
+
+
+def cell(samples: list[float], fmt: str = ",.0f") -> str:
+    """Median and min-max spread of one cell's runs."""
+    if len(samples) == 1:
+        return format(samples[0], fmt)
+    return f"{statistics.median(samples):{fmt}} ({min(samples):{fmt}}-{max(samples):{fmt}})"
+
+
+async def run(args, ours: LlamaModel, theirs: torch.nn.Module, config: LlamaConfig) -> None:
+    batches = [int(b) for b in args.batches.split(",")]
+    compute = compute_thread(args.threads)
+    loop = asyncio.get_running_loop()
+    sides = {"pdlb": PdlbSide(ours, args, compute)}
+    if args.check_only:
+        await check_outputs(args, sides["pdlb"].runner, theirs, config, compute)
+        compute.shutdown()
+        return
+    if args.device.startswith("cuda") and args.eager_too:
+        sides["pdlb, no CUDA graphs"] = PdlbSide(ours, args, compute, graphs=False)
+    for side in sides.values():
+        await side.start()
+    hf = await loop.run_in_executor(compute, TransformersSide, theirs, args)
+    decode: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in [*sides, "transformers"]}
+    prefill: dict[str, list[float]] = {name: [] for name in decode}
+    # one untimed run of every cell first: the first generate at each batch size pays for cuBLAS
+    # heuristics and allocator growth, the first prefill of a length for its kernels
+    await loop.run_in_executor(compute, hf.once, batches)
+    for side in sides.values():
+        await side.once(batches)
+    for number in range(args.runs):
+        started = time.perf_counter()
+        rates, rate = await loop.run_in_executor(compute, hf.once, batches)
+        for b in batches:
+            decode["transformers"][b].append(rates[b])
+        prefill["transformers"].append(rate)
+        for name, side in sides.items():
+            rates, rate = await side.once(batches)
+            for b in batches:
+                decode[name][b].append(rates[b])
+            prefill[name].append(rate)
+        ratio = decode["pdlb"][batches[-1]][-1] / decode["transformers"][batches[-1]][-1]
+        print(f"run {number + 1}/{args.runs}: {time.perf_counter() - started:.1f} s; batch {batches[-1]}: {ratio:.2f}x")
+    runner = sides["pdlb"].runner
+    handoff = await kv_handoff_us_per_token(runner, args.prompt, args.device)
+    if runner.graphs is not None and runner.graphs.capture:
+        drift = await loop.run_in_executor(compute, graph_drift, runner)
+        print(
+            f"\nCUDA graphs: {runner.graphs.captures} captured, {runner.graphs.replays} replays; "
+            f"one decode step of 48 rows, graph vs eager: max |logit diff| {drift[0]:.4f}, "
+            f"greedy tokens equal {drift[1]}/48"
+        )
+    if args.device.startswith("cuda"):
+        await check_outputs(args, runner, theirs, config, compute)
+    for side in sides.values():
+        await side.engine.close()
+    compute.shutdown()
+    print(f"\nmedian of {args.runs} runs (min-max)\n")
+    print(
+        "| runner | " + " | ".join(f"decode tok/s, batch {b}" for b in batches) + f" | prefill tok/s ({args.prompt}) |"
+    )
+    print("|---|" + "---|" * (len(batches) + 1))
+    for name in decode:
+        print(f"| {name} | " + " | ".join(cell(decode[name][b]) for b in batches) + f" | {cell(prefill[name])} |")
+    ratios = [[p / t for p, t in zip(decode["pdlb"][b], decode["transformers"][b], strict=True)] for b in batches]
+    prefill_ratio = [p / t for p, t in zip(prefill["pdlb"], prefill["transformers"], strict=True)]
+    print(
+        "| pdlb / transformers (x) | "
+        + " | ".join(cell(r, ".2f") for r in ratios)
+        + f" | {cell(prefill_ratio, '.2f')} |"
+    )
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * DTYPES[args.dtype].itemsize
+    print(f"\nPD KV hand-off (in-process): {handoff:.1f} us per prompt token ({kv_bytes / 1024:.1f} KiB per token)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,37 +339,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=128, help="prompt tokens of each decoding request")
     parser.add_argument("--new", type=int, default=32, help="tokens generated per decoding request")
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of the prefill measurement")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of both sides (medians, spread)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-only", action="store_true", help="only compare outputs with transformers")
     parser.add_argument("--eager-too", action="store_true", help="on CUDA, also run pdlb without CUDA graphs")
     args = parser.parse_args(argv)
     # As in the scheduler, torch runs on one thread only (both runners, in turn): see compute_thread
     torch.set_num_threads(1)
-    compute = compute_thread(args.threads)
-    batches = [int(b) for b in args.batches.split(",")]
-    ours, theirs, config = compute.submit(build_models, args).result()
+    with compute_thread(args.threads) as loader:
+        ours, theirs, config = loader.submit(build_models, args).result()
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     name = "SmolLM2-135M packaged weights" if args.weights == "packaged" else f"{args.shape} shape, random weights"
-    print(f"## {name} ({params:.0f}M), {where}, {args.dtype}; median of {args.repeats}\n")
-    print(f"decode: {args.context}-token prompts, {args.new} new tokens each; prefill: {args.prompt}-token prompt\n")
-    hf_rates, hf_prefill = compute.submit(bench_transformers, theirs, args, batches).result()
-    eager = None
-    if args.device.startswith("cuda") and args.eager_too:
-        eager = asyncio.run(bench_pdlb(ours, args, batches, compute_thread(args.threads), graphs=False))
-    pdlb_rates, pdlb_prefill, handoff = asyncio.run(bench_pdlb(ours, args, batches, compute))  # closes `compute`
-    print("| runner | " + " | ".join(f"decode tok/s, batch {b}" for b in batches) + " | prefill tok/s |")
-    print("|---|" + "---|" * (len(batches) + 1))
-    print("| pdlb | " + " | ".join(f"{pdlb_rates[b]:,.0f}" for b in batches) + f" | {pdlb_prefill:,.0f} |")
-    if eager is not None:
+    if args.check_only:
+        print(f"## {name} ({params:.0f}M), {where}, {args.dtype}: outputs against transformers")
+    else:
+        print(f"## {name} ({params:.0f}M), {where}, {args.dtype}; {args.runs} runs\n")
         print(
-            "| pdlb, no CUDA graphs | " + " | ".join(f"{eager[0][b]:,.0f}" for b in batches) + f" | {eager[1]:,.0f} |"
+            f"decode: {args.context}-token prompts, {args.new} new tokens each; prefill: {args.prompt}-token prompt\n"
         )
-    print("| transformers | " + " | ".join(f"{hf_rates[b]:,.0f}" for b in batches) + f" | {hf_prefill:,.0f} |")
-    ratios = " | ".join(f"{pdlb_rates[b] / hf_rates[b]:.2f}x" for b in batches)
-    print(f"| pdlb / transformers | {ratios} | {pdlb_prefill / hf_prefill:.2f}x |")
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * DTYPES[args.dtype].itemsize
-    print(f"\nPD KV hand-off (in-process): {handoff:.1f} us per prompt token ({kv_bytes / 1024:.1f} KiB per token)")
+    asyncio.run(run(args, ours, theirs, config))
     return 0
 
 

@@ -69,7 +69,7 @@ def load(path: Path, scaling: TraceScaling) -> tuple[list[WorkItem], list[int]]:
     t0 = rows[0]["timestamp"]
     items, reusable = [], []
     blocks: dict[int, list[int]] = {}
-    seen: set[int] = set()  # leading block chains of earlier requests, each named by a hash chain
+    seen: dict[int, int] = {}  # leading block chain of an earlier request (named by a hash chain) -> its tokens
     for index, row in enumerate(rows):
         length = max(1, min(scaling.max_input, row["input_length"] // scaling.length_divisor))
         ids: list[int] = []
@@ -86,9 +86,10 @@ def load(path: Path, scaling: TraceScaling) -> tuple[list[WorkItem], list[int]]:
         for hash_id in row["hash_ids"]:
             name = hash((name, hash_id))
             names.append(name)
-        shared = next((n for n in range(len(names), 0, -1) if names[n - 1] in seen), 0)
-        seen.update(names)
-        reusable.append(min(shared * block, max(0, length - 1)))  # full blocks only; the last token is computed
+        shared = next((seen[n] for n in reversed(names) if n in seen), 0)
+        for n, chain in enumerate(names, 1):  # a prompt cut short within a block covers only its part
+            seen[chain] = max(seen.get(chain, 0), min(n * block, length))
+        reusable.append(min(shared, max(0, length - 1)))  # the last prompt token is always computed
         output = max(1, min(scaling.max_output, row["output_length"] // scaling.length_divisor))
         arrival = (row["timestamp"] - t0) / 1000 / scaling.speedup
         items.append(WorkItem(index, arrival, ids, output, group=row["hash_ids"][0] if row["hash_ids"] else -1))

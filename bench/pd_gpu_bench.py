@@ -90,7 +90,9 @@ def scrape(port: int) -> dict[str, float]:
 
 def inference(rid: str, ids: list[int], new: int, room: int | None = None) -> common_pb2.InferenceRequest:
     req = common_pb2.InferenceRequest(
-        request_id=rid, input_ids=ids, sampling=common_pb2.SamplingParams(max_new_tokens=new, ignore_eos=True)
+        request_id=rid,
+        input_ids=ids,
+        sampling=common_pb2.SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=0.0),
     )
     if room is not None:
         req.bootstrap_room = room

@@ -7,9 +7,10 @@ Paths, each a streamed `/v1/completions` of a short text prompt and `--tokens` t
 - `pdlb gateway -> echo Dispatch`: the gateway (tokenises, then one gRPC `Dispatch.Generate`)
   in front of the echo dispatcher (bench/echo_server.py), whose `Generate` streams tokens at once.
 
-Each router's added latency is its path's p50 / p99 less its backend's direct p50 / p99 (the
-gateway's backend is gRPC, so its direct path is `echo Dispatch (direct gRPC)`), at concurrency 1
-in interleaved rounds. Throughput is closed loop at `--concurrency` for `--throughput-requests`
+Each router's added latency is its path's p50 / p99 less its backend's direct p50 / p99 in the same
+round (the gateway's backend is gRPC, so its direct path is `echo Dispatch (direct gRPC)`), at
+concurrency 1 in interleaved rounds; the table gives medians over rounds with the min to max.
+Throughput is closed loop at `--concurrency` for `--throughput-requests`
 requests per path: requests/s and the CPU time the router process spent per request (read from
 /proc, user + system). On a small shared machine the load generator and the backend share the
 cores with the router, so requests/s is a floor of what a router sustains; CPU per request
@@ -177,7 +178,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
     paths = Paths(args)
     await paths.start()
     calls = paths.calls()
-    latency: dict[str, list[float]] = {name: [] for name in calls}
+    latency: dict[str, list[list[float]]] = {name: [] for name in calls}  # per round
     tput: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}  # (requests/s, CPU ms / request)
     try:
         for call, _, _ in calls.values():  # warm-up: connections, caches
@@ -185,7 +186,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
         for _ in range(args.rounds):  # interleaved rounds: drift hits every path alike
             for name, (call, _, _) in calls.items():
                 times, _ = await closed_loop(call, 1, args.requests)
-                latency[name] += times
+                latency[name].append(times)
             for name, (call, process, _) in calls.items():
                 before = cpu_seconds(paths.pids[process]) if process else 0.0
                 _, span = await closed_loop(call, args.concurrency, args.throughput_requests)
@@ -195,23 +196,22 @@ async def run(args: argparse.Namespace) -> list[dict]:
         await paths.stop()
     rows = []
     for name, (_, process, base) in calls.items():
-        times = latency[name]
         rates = [r for r, _ in tput[name]]
         cpu = [c for _, c in tput[name]]
-        row = {
-            "path": name,
-            "requests": len(times),
-            "p50_ms": percentile(times, 50) * 1000,
-            "p99_ms": percentile(times, 99) * 1000,
-            "added_p50_ms": (percentile(times, 50) - percentile(latency[base], 50)) * 1000 if base else 0.0,
-            "added_p99_ms": (percentile(times, 99) - percentile(latency[base], 99)) * 1000 if base else 0.0,
-            "rps_median": statistics.median(rates),
-            "rps_min": min(rates),
-            "rps_max": max(rates),
-            "cpu_ms_median": statistics.median(cpu) if process else float("nan"),
-            "cpu_ms_min": min(cpu) if process else float("nan"),
-            "cpu_ms_max": max(cpu) if process else float("nan"),
-        }
+        row = {"path": name, "requests": sum(len(t) for t in latency[name])}
+        for q in (50, 99):  # per round, then the median over rounds; added: against the base in the same round
+            mine = [percentile(t, q) * 1000 for t in latency[name]]
+            added = [m - percentile(b, q) * 1000 for m, b in zip(mine, latency[base], strict=True)] if base else [0.0]
+            row[f"p{q}_ms"], row[f"p{q}_range"] = statistics.median(mine), (min(mine), max(mine))
+            row[f"added_p{q}_ms"], row[f"added_p{q}_range"] = statistics.median(added), (min(added), max(added))
+        row.update(
+            rps_median=statistics.median(rates),
+            rps_min=min(rates),
+            rps_max=max(rates),
+            cpu_ms_median=statistics.median(cpu) if process else float("nan"),
+            cpu_ms_min=min(cpu) if process else float("nan"),
+            cpu_ms_max=max(cpu) if process else float("nan"),
+        )
         rows.append(row)
     return rows
 
@@ -219,9 +219,14 @@ async def run(args: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "| path | p50 ms | p99 ms | added p50 ms | added p99 ms | "
-        f"requests/s at concurrency {args.concurrency} (median; min-max) | router CPU ms / request (median; min-max) |",
+        f"requests/s at concurrency {args.concurrency} | router CPU ms / request |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(value: float, bounds: tuple[float, float], signed: bool = False) -> str:
+        fmt = "{:+.2f}" if signed else "{:.2f}"
+        return f"{fmt.format(value)} ({fmt.format(bounds[0])} to {fmt.format(bounds[1])})"
+
     for r in rows:
         cpu = (
             f"{r['cpu_ms_median']:.2f} ({r['cpu_ms_min']:.2f}-{r['cpu_ms_max']:.2f})"
@@ -229,8 +234,10 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             else "-"
         )
         lines.append(
-            f"| {r['path']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | "
-            f"{r['added_p99_ms']:+.2f} | {r['rps_median']:.0f} ({r['rps_min']:.0f}-{r['rps_max']:.0f}) | {cpu} |"
+            f"| {r['path']} | {cell(r['p50_ms'], r['p50_range'])} | {cell(r['p99_ms'], r['p99_range'])} | "
+            f"{cell(r['added_p50_ms'], r['added_p50_range'], True)} | "
+            f"{cell(r['added_p99_ms'], r['added_p99_range'], True)} | "
+            f"{r['rps_median']:.0f} ({r['rps_min']:.0f}-{r['rps_max']:.0f}) | {cpu} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ def request(
         request_id=rid,
         text=text,
         input_ids=input_ids or [],
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.0),
         **fields,
     )
 

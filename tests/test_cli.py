@@ -40,7 +40,7 @@ def start_up(tmp_path, *flags: str):
             break
     else:
         pytest.fail("pdlb up ended early:\n" + "".join(lines))
-    return up, json.loads((tmp_path / "state" / "cluster.json").read_text()), env
+    return up, json.loads((tmp_path / "state" / "clusters" / "local.json").read_text()), env
 
 
 def stop_up(up: subprocess.Popen) -> str:
@@ -174,7 +174,7 @@ async def _replica_view(a: str, b: str) -> None:
     req = common_pb2.InferenceRequest(
         request_id="long-through-a",
         input_ids=list(range(1, 30)),
-        sampling=common_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True, temperature=0.0),
     )
     call = stub_a.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=120)
     try:
@@ -190,3 +190,174 @@ async def _replica_view(a: str, b: str) -> None:
         call.cancel()
         await ch_a.close()
         await ch_b.close()
+
+
+def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    for flag in ("--prefill", "--decode", "--workers", "--dispatchers"):
+        refused = pdlb("up", flag, "0", env=env)
+        assert refused.returncode == 2 and f"argument {flag}: 0: at least 1 is needed" in refused.stderr
+    shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
+    assert "see above" not in shown
+    for default in (
+        "--prefill PREFILL PD: prefill ranks (default: 2)",
+        "--workers WORKERS mixed: DP ranks (default: 2)",
+        "(default: 2379)",
+        "(0: free ports) (default: 50051)",
+        "(default: 8000)",
+        "(default: least_wait; total_requests with --lockstep)",
+    ):
+        assert default in shown, default
+
+
+def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
+    """`--model nosuch`: the dispatcher exits at start; pdlb up says so at once, with the child's own
+    message and no traceback, stops what it started, and leaves no state behind."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
+    flags = ["--mode", "mixed", "--workers", "1", "--model", "nosuch", "--port", "0", "--etcd-port", "0"]
+    failed = pdlb("up", *flags, "--http-port", "0", env=env, timeout=45)  # not the old 60 s start timeout
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    said = "could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model nosuch"
+    assert said in failed.stdout
+    assert "Traceback" not in failed.stdout + failed.stderr
+    assert "etcd keys left behind: none" in failed.stdout
+    assert not list((tmp_path / "state").glob("clusters/*.json"))
+
+
+def test_second_up_is_refused_and_leaves_the_running_cluster_alone(cluster, tmp_path):
+    """A second `pdlb up` of the same name, or on a taken port, refuses before starting anything:
+    it names the cluster or the port, reports no keys of the other cluster, leaves no temp dir, and
+    the first cluster's state and service are untouched."""
+    up, state, env = cluster
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**env, "TMPDIR": str(scratch)}
+    free = ["--port", "0", "--http-port", "0", "--runner", "sim", "--model", "tiny-random", "--mode", "mixed"]
+    same_name = pdlb("up", *free, "--etcd-port", "0", env=env)
+    assert same_name.returncode == 2
+    assert f"a cluster named 'local' already runs (pdlb up pid {up.pid}" in same_name.stdout
+    etcd_port = state["etcd"].rsplit(":", 1)[1]
+    taken = pdlb("up", "--name", "second", *free, "--etcd-port", etcd_port, env=env)
+    assert taken.returncode == 2
+    assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stdout
+    assert "left behind" not in taken.stdout and "Traceback" not in taken.stdout + taken.stderr
+    http_port = state["http"].rsplit(":", 1)[1]
+    sim = free[4:]  # runner, model, mode
+    ports = ["--port", "0", "--etcd-port", "0", "--http-port", http_port]
+    busy_http = pdlb("up", "--name", "third", *sim, *ports, env=env)
+    assert busy_http.returncode == 2
+    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stdout
+    assert not list(scratch.iterdir()), "a temp dir was left behind"
+    workers = pdlb("workers", env=env)  # the first cluster is still found and serves
+    assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
+
+
+def test_state_per_cluster_finds_the_running_one_and_never_touches_another(tmp_path, monkeypatch):
+    """Pure logic of the state files: a live `pdlb up` pid makes a cluster running, a dead one makes
+    its file stale; several running clusters need --cluster; clear() deletes only its own file."""
+    from pdlb.cli import state
+
+    monkeypatch.setenv("PDLB_STATE_DIR", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    state.save("mine", {"http": "http://127.0.0.1:1"})
+    stale = tmp_path / "clusters" / "stale.json"
+    stale.write_text(json.dumps({"up_pid": dead_pid, "http": "http://127.0.0.1:2"}))
+    assert state.load()["http"] == "http://127.0.0.1:1"  # the only running one
+    other = tmp_path / "clusters" / "other.json"
+    other.write_text(json.dumps({"up_pid": os.getppid(), "http": "http://127.0.0.1:3"}))  # a live process
+    with pytest.raises(state.StateError, match=r"several clusters run here: mine .*, other .*--cluster NAME"):
+        state.load()
+    assert state.load("other")["http"] == "http://127.0.0.1:3"
+    with pytest.raises(state.StateError, match="no running cluster named 'stale'"):
+        state.load("stale")
+    state.clear("other")  # not ours: kept
+    assert other.exists()
+    state.clear("mine")
+    assert not (tmp_path / "clusters" / "mine.json").exists()
+    with pytest.raises(state.StateError, match="cluster name"):
+        state.save("../escape", {})
+
+
+def wait_for_lines(up: subprocess.Popen, wanted: str, count: int, seen: list[str]) -> None:
+    """Read `pdlb up`'s console until `wanted` appeared `count` times (the test's timeout bounds it)."""
+    while sum(wanted in line for line in seen) < count:
+        line = up.stdout.readline()
+        if not line:
+            pytest.fail("pdlb up ended:\n" + "".join(seen))
+        seen.append(line)
+
+
+def test_up_restarts_children_killed_with_kill_9(tmp_path):
+    """kill -9 of bootstrap, the decode dispatcher and a prefill worker under `pdlb up`: each death is
+    reported, each child restarted on its address, and PD requests succeed afterwards, through the
+    CLI and the gateway."""
+    flags = ["--mode", "pd", "--prefill", "1", "--decode", "1", "--runner", "sim", "--model", "tiny-random"]
+    up, state, env = start_up(tmp_path, *flags)
+    try:
+        victims = ["bootstrap", "dispatcher-decode", "scheduler-prefill-0"]
+        for name in victims:
+            os.kill(state["children"][name], signal.SIGKILL)
+        seen: list[str] = []
+        wait_for_lines(up, " is back on ", len(victims), seen)
+        console = "".join(seen)
+        for name in victims:
+            assert f"! {name} was killed by SIGKILL" in console, console
+            assert f"  {name} is back on " in console
+        assert f"dispatcher-decode is back on {state['decode_dispatcher']}" in console  # same address
+        generated = pdlb("generate", "after the restarts", "--max-new-tokens", "5", env=env)
+        assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr, generated.stderr
+        body = json.dumps({"model": "tiny-random", "prompt": "again", "max_tokens": 4, "ignore_eos": True}).encode()
+        request = urllib.request.Request(
+            f"{state['http']}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.loads(reply.read())["usage"]["completion_tokens"] == 4
+        now = json.loads((tmp_path / "state" / "clusters" / "local.json").read_text())
+        assert all(now["children"][n] != state["children"][n] for n in victims)  # the state says the new pids
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest
+
+
+def test_top_quits_on_q_in_a_terminal(cluster):
+    """`pdlb top` in a real pseudo-terminal shows the quit hint and exits on `q`, restoring the terminal."""
+    import pty
+    import termios
+
+    _, _, env = cluster
+    controller, terminal = pty.openpty()
+    before = termios.tcgetattr(terminal)
+    top = subprocess.Popen(
+        [sys.executable, "-m", "pdlb.cli.main", "top"], stdin=terminal, stdout=terminal, stderr=terminal, env=env
+    )
+    try:
+        screen = b""
+        while b"q: quit" not in screen or b"live" not in screen:  # the hint under a first frame
+            screen += os.read(controller, 65536)
+        os.write(controller, b"q")
+        assert top.wait(timeout=30) == 0
+        assert termios.tcgetattr(terminal) == before  # cbreak mode undone
+    finally:
+        if top.poll() is None:
+            top.kill()
+        os.close(controller)
+        os.close(terminal)
+
+
+def test_up_restarts_a_lockstep_group_as_a_whole(tmp_path):
+    """kill -9 of one rank of a lockstep DP group under `pdlb up`: its group's other rank is restarted
+    with it (a rank alone never becomes ready), and requests succeed afterwards."""
+    flags = ["--mode", "mixed", "--workers", "2", "--runner", "sim", "--model", "tiny-random", "--lockstep"]
+    up, state, env = start_up(tmp_path, *flags)
+    try:
+        os.kill(state["children"]["scheduler-mixed-1"], signal.SIGKILL)
+        seen: list[str] = []
+        wait_for_lines(up, " is back on ", 2, seen)
+        console = "".join(seen)
+        assert "restarting it with its DP group (scheduler-mixed-0)" in console, console
+        generated = pdlb("generate", "after the group restart", "--max-new-tokens", "5", env=env)
+        assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr, generated.stderr
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pdlb.common.etcd_process import free_port
 from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.browser import Browser, chromium_path
-from tests.helpers import wait_until
+from tests.helpers import rest_of, wait_until
 
 MODEL = "tiny-random"
 EOS_OFF = {"ignore_eos": True}
@@ -179,7 +179,9 @@ BAD = [
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n"),
-    (json.dumps({"model": MODEL, "prompt": "x", "logprobs": 3}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": "x", "logprobs": 30}).encode(), 400, "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"model": MODEL, "prompt": "x", "echo": True}).encode(), 400, "echo"),
     (json.dumps({"model": MODEL, "prompt": "x", "tools": [{"type": "function"}]}).encode(), 400, "tools"),
     (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
     (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
@@ -310,7 +312,7 @@ async def gateway_tokens(stub, rid: str, prompt: list[int], started: asyncio.Eve
     request = common_pb2.InferenceRequest(
         request_id=rid,
         input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
     )
     tokens, retries = [], 0
     async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
@@ -394,3 +396,113 @@ async def test_dashboard_in_headless_chromium(etcd, prefix, start_service, tmp_p
     finally:
         await client.close()
         await browser.close()
+
+
+async def test_pd_requests_queued_at_prefill_wait_for_their_room_and_timeouts_are_504(etcd, prefix, start_service):
+    """The decode half waits for its room as long as the request's deadline allows, however long the
+    prefill half is queued (the decode workers' --kv-wait-timeout, 2 s here, bounds only requests
+    without a deadline). A real timeout is DEADLINE_EXCEEDED / HTTP 504, never 404."""
+    import aiohttp
+
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    sched = [*common, *SIM, "--kv-wait-timeout", "2", "--report-interval-ms", "50"]
+    start_service("bootstrap", *common)
+    for role in ("prefill", "decode"):
+        start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"disp-{role}")
+    # A slow prefill rank: 12 prompts of 1000 tokens take about 7 s to prefill, so most decode
+    # halves wait well beyond 2 s for their rooms.
+    start_service("scheduler", *sched, "--disaggregation-mode", "prefill", "--sim-slowdown", "20", name="prefill")
+    decode = start_service("scheduler", *sched, "--disaggregation-mode", "decode", name="decode")
+    port, short_port = free_port(), free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(port), "--request-timeout", "120", name="gw")
+    start_service("gateway", *common, "--http-port", str(short_port), "--request-timeout", "2", name="gw-short")
+    base, short = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{short_port}"
+    await ready(base, 2)
+    await ready(short, 2)
+
+    async def complete(session: aiohttp.ClientSession, url: str, i: int) -> tuple[int, dict, float]:
+        body = {"model": MODEL, "prompt": f"{i:04d}" + "x" * 996, "max_tokens": 2, **EOS_OFF}
+        started = asyncio.get_running_loop().time()
+        async with session.post(f"{url}/v1/completions", json=body) as reply:
+            return reply.status, await reply.json(), asyncio.get_running_loop().time() - started
+
+    async with aiohttp.ClientSession() as session:
+        queued = [asyncio.ensure_future(complete(session, base, i)) for i in range(12)]
+
+        async def prefill_busy() -> bool:
+            state = await asyncio.to_thread(get_json, f"{base}/dashboard/state")
+            rows = [w for r in state["roles"] if r["role"] == "prefill" for w in r["workers"]]
+            return any(w["waiting"] + w["running"] >= 6 for w in rows)
+
+        await wait_until(prefill_busy, what="the prefill rank to queue the burst")
+        # Meanwhile, requests whose deadline passes while they queue behind the burst.
+        status, body, took = await complete(session, short, 99)
+        assert status == 504 and body["error"]["type"], body
+        assert took < 10, took
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            request = common_pb2.InferenceRequest(
+                request_id="short-deadline", text="y" * 1000, sampling=common_pb2.SamplingParams(max_new_tokens=2)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                [c async for c in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=2)]
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        done = await asyncio.gather(*queued)
+    statuses = [status for status, _, _ in done]
+    assert statuses == [200] * 12, [(s, b) for s, b, _ in done if s != 200]
+    assert all(b["usage"]["completion_tokens"] == 2 for _, b, _ in done)
+    slowest = max(took for _, _, took in done)
+    print(f"PD queued at prefill: 12 requests ok, the slowest after {slowest:.1f} s (decode --kv-wait-timeout 2 s)")
+    assert slowest > 2 * 2  # the burst really kept decode halves waiting beyond the flag
+
+    # A decode half without a deadline whose prefill never comes: bounded by --kv-wait-timeout.
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        orphan = common_pb2.InferenceRequest(
+            request_id="orphan-decode",
+            input_ids=[5] * 20,
+            bootstrap_room=4711,
+            sampling=common_pb2.SamplingParams(max_new_tokens=2),
+        )
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            call = scheduler_pb2_grpc.SchedulerStub(channel).Generate(
+                scheduler_pb2.SchedulerGenerateRequest(request=orphan)
+            )
+            [c async for c in call]
+        waited = asyncio.get_running_loop().time() - started
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert "--kv-wait-timeout" in err.value.details() and "4711" in err.value.details()
+    assert 1.5 < waited < 10, waited
+
+
+async def test_a_request_id_or_room_already_in_flight_is_refused_with_already_exists(etcd, prefix, start_service):
+    """The gateway refuses a second request with the id (or the client-chosen bootstrap room) of one
+    in flight, at once and without disturbing the first; the ids are free again once it ends."""
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    gateway, base, workers = start_cluster(etcd, prefix, start_service, "mixed", ranks=2, slowdown="5")
+    await ready(base, len(workers))
+
+    def generate_request(rid: str, room: int | None, tokens: int) -> gateway_pb2.GatewayGenerateRequest:
+        request = common_pb2.InferenceRequest(
+            request_id=rid, text="hello", sampling=common_pb2.SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        )
+        if room is not None:
+            request.bootstrap_room = room
+        return gateway_pb2.GatewayGenerateRequest(request=request)
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        first = stub.Generate(generate_request("twice", 31337, 200), timeout=60)
+        assert (await first.read()).token_ids  # in flight
+        for rid, room in (("twice", None), ("twice", 5), ("other", 31337)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [c async for c in stub.Generate(generate_request(rid, room, 4), timeout=10)]
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+            assert rid in err.value.details()
+        rest = await rest_of(first)
+        assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        again = [c async for c in stub.Generate(generate_request("twice", 31337, 4), timeout=30)]
+        assert sum(len(c.token_ids) for c in again) == 4

@@ -12,6 +12,7 @@ import time
 import aiohttp
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2
 
 from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import free_port
@@ -265,7 +266,7 @@ async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service
     dispatchers = {}
     for role in ("prefill", "decode"):
         dispatchers[role] = start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"d-{role}")
-        for rank in (0, 1):
+        for rank in (0,):
             start_service(
                 "scheduler", *common, "--runner", "sim", "--disaggregation-mode", role, "--dp-rank", str(rank),
                 name=f"{role}-{rank}",
@@ -274,16 +275,16 @@ async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service
     gateway = start_service("gateway", *common, "--http-port", str(http_port))
     base = f"http://127.0.0.1:{http_port}"
     for process in dispatchers.values():
-        await ready_workers(process, 2)
+        await ready_workers(process, 1)
     prompt = "The same long prefix, shared by every request of this test. " * 8
     async with aiohttp.ClientSession() as http:
         usages = []
-        for _ in range(2):  # the second finds the first's prompt in prefill rank 1's prefix cache
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "prefill_dp_rank": 1}
+        for _ in range(2):  # the second finds the first's prompt in prefill rank 0's prefix cache
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "prefill_dp_rank": 0}
             async with http.post(f"{base}/v1/completions", json=body) as reply:
                 done = await reply.json()
                 assert reply.status == 200, done
-            assert done["prefill_dp_rank"] == 1
+            assert done["prefill_dp_rank"] == 0
             usages.append(done["usage"])
         assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
         hit = usages[1]["prompt_tokens_details"]["cached_tokens"]
@@ -292,21 +293,27 @@ async def test_pd_reports_the_prefill_cache_hit_once(etcd, prefix, start_service
     # gRPC: the usage comes once, on the last chunk; every chunk names the prefill rank
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        req = request("grpc-1", prompt, max_new_tokens=4, prefill_dp_rank=1)
+        req = request("grpc-1", prompt, max_new_tokens=4, prefill_dp_rank=0)
+        req.sampling.logprobs = 1
         chunks = [c async for c in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=req), timeout=30)]
-    assert len(chunks) >= 2 and all(c.prefill_dp_rank == 1 for c in chunks), chunks
+    assert len(chunks) >= 2 and all(c.prefill_dp_rank == 0 for c in chunks), chunks
     assert [c.cached_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
     assert [c.prompt_tokens for c in chunks[:-1]] == [0] * (len(chunks) - 1)
     assert chunks[-1].cached_tokens == hit and chunks[-1].prompt_tokens == usages[1]["prompt_tokens"]
+    # logprobs: one per token, the first one (drawn by the prefill worker) included
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert [e.token_id for c in chunks for e in c.logprobs] == tokens and len(tokens) == 4
 
     # the command line's client, straight to the dispatchers, reports the prefill's hit as well
     client = PDLBClient(prefill=dispatchers["prefill"].address, decode=dispatchers["decode"].address)
     try:
-        req = request("cli-1", prompt, max_new_tokens=3, prefill_dp_rank=1)
+        req = request("cli-1", prompt, max_new_tokens=3, prefill_dp_rank=0)
+        req.sampling.logprobs = 0
         chunks = [c async for c in client.generate(req, timeout=30)]
     finally:
         await client.close()
     assert chunks[-1].cached_tokens == hit, chunks[-1]
+    assert [e.token_id for c in chunks for e in c.logprobs] == [t for c in chunks for t in c.token_ids]
 
 
 async def test_a_stop_token_ends_the_text_unseen_and_counts_as_generated(etcd, prefix, start_service):
@@ -395,3 +402,43 @@ async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
         )
         _, body = await health()
         assert "no live decode worker" in body["missing"], body
+
+
+async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
+    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service, ranks=(0, 1, 2))
+    await ready_workers(dispatcher, 3)
+    async with aiohttp.ClientSession() as http:
+
+        async def get(path: str):
+            async with http.get(f"{base}{path}") as reply:
+                assert reply.status == 200, path
+                return await reply.json()
+
+        await wait_until(lambda: _dp_size(get), timeout=20, what="the gateway to see 3 ranks")
+        info = await get("/server_info")
+        assert info["dp_size"] == 3 and info["dp_size_per_role"] == {"mixed": 3}
+        assert info["served_model_name"] == MODEL and info["max_prompt_tokens"] == 32768
+        assert (await get("/get_server_info")) == info
+        assert (await get("/model_info"))["served_model_name"] == MODEL
+        loads = await get("/get_load")
+        assert [load["dp_rank"] for load in loads] == [0, 1, 2]
+        assert all({"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load) for load in loads)
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        for package in ("grpc.reflection.v1", "grpc.reflection.v1alpha"):
+            call = channel.stream_stream(
+                f"/{package}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="pdlb.v1.Gateway"),
+            ]
+            replies = [reply async for reply in call(iter(requests))]
+            assert "pdlb.v1.Gateway" in [s.name for s in replies[0].list_services_response.service], package
+            assert replies[1].file_descriptor_response.file_descriptor_proto, package
+
+
+async def _dp_size(get) -> bool:
+    return (await get("/server_info"))["dp_size"] == 3

@@ -106,7 +106,9 @@ async def test_a_replica_finds_a_prefix_the_other_replica_placed(etcd, prefix, s
 
     async def run(stub, rid: str, ids: list[int]) -> tuple[int, int]:
         req = common_pb2.InferenceRequest(
-            request_id=rid, input_ids=ids, sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True)
+            request_id=rid,
+            input_ids=ids,
+            sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=0.0),
         )
         chunks = [c async for c in stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=30)]
         return chunks[-1].dp_rank, chunks[-1].cached_tokens

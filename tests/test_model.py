@@ -337,3 +337,14 @@ def test_decode_graph_buckets_and_what_runs_eagerly():
     assert graphs.bucket(decode(2, 3000)) is None  # above the longest context it captures
     assert graphs.bucket([]) is None
     assert 256 * 4096 <= MAX_GRAPH_SLOTS < 256 * 8192  # the biggest graph: 256 rows x 4k context
+
+
+def test_rotary_frequencies_stay_float32_when_the_model_is_cast():
+    """Rounded to bfloat16 the rotary frequencies would be off by up to 0.4%: a radian by position ~400."""
+    from pdlb.engines.torch.llama import rope_inv_freq
+    from pdlb.models.config import LlamaConfig
+
+    model = LlamaModel(LlamaConfig(64, 16, 32, 1, 2, 1, 8, max_position=4096)).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(model.config))
+    assert model.inv_freq.to(torch.bfloat16).float().ne(model.inv_freq).any()  # a cast would have changed it

@@ -260,3 +260,72 @@ async def test_abandoned_pull_and_expired_hold_free_the_prefill_kv(pd):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _collect(stub.PullKV(scheduler_pb2.PullKVRequest(bootstrap_room=2, request_id="late"), timeout=2))
         assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_duplicate_room_on_one_prefill_rank_is_refused_and_the_first_kv_stays(pd):
+    """Two prefill halves with one room, one after the other, both on rank 0 (room % 2): the second
+    is refused at once and the first request's held KV stays intact for its decode half."""
+    cluster = pd(prefill_ranks=2, decode_ranks=1, method="follow_bootstrap_room")
+    await cluster.ready()
+    room = 2024  # even: rank 0
+    first = request("dup-a", "the first prompt", max_new_tokens=5, bootstrap_room=room)
+    second = request("dup-b", "another prompt entirely", max_new_tokens=5, bootstrap_room=room)
+    p_channel, prefill = dispatch_stub(cluster.prefill_dispatcher.address)
+    d_channel, decode = dispatch_stub(cluster.decode_dispatcher.address)
+    async with p_channel, d_channel:
+        done = await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=first), timeout=60))
+        assert done[-1].finish_reason == 4 and done[-1].dp_rank == 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=second), timeout=60))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        assert f"room {room}" in err.value.details() and "dup-a" in err.value.details()
+        assert loop.time() - started < 5  # at once: refused at admission, no prefill run
+        chunks = await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=first), timeout=60))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == await cluster.mixed_tokens(request("ref", "the first prompt", max_new_tokens=5))
+        # The second decode half finds the room's KV taken by the first: told at once, not after a wait.
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=second), timeout=60))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "already pulled" in err.value.details()
+        assert loop.time() - started < 5
+
+
+async def test_a_duplicate_request_id_or_room_in_flight_is_refused_by_dispatcher_and_decode_worker(pd):
+    """ALREADY_EXISTS wherever both copies meet: at a dispatcher (they would run on two ranks) and at
+    a decode worker while the first waits for its room's KV."""
+    cluster = pd(prefill_ranks=1, decode_ranks=2, method="round_robin")
+    await cluster.ready()
+    d_channel, decode = dispatch_stub(cluster.decode_dispatcher.address)
+    async with d_channel:
+        waiting = request("same-id", "waits for a prefill that comes later", max_new_tokens=3, bootstrap_room=91)
+        call = decode.Generate(dispatch_pb2.GenerateRequest(request=waiting), timeout=60)
+        pending = asyncio.ensure_future(_collect(call))
+
+        async def decode_waiting():
+            rows = (await load_snapshot(decode)).workers
+            return sum(r.inflight_requests for r in rows) == 1
+
+        await wait_until(decode_waiting, what="the decode half to wait for its room")
+        for clash in (
+            request("same-id", "other", max_new_tokens=3, bootstrap_room=92),  # same id, another room
+            request("other-id", "other", max_new_tokens=3, bootstrap_room=91),  # same room, another id
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=clash), timeout=10))
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        # Straight to the decode worker that holds the waiting half (no dispatcher in between).
+        rank = next(r.worker.dp_rank for r in (await load_snapshot(decode)).workers if r.inflight_requests)
+        async with grpc.aio.insecure_channel(cluster.decodes[rank].address) as channel:
+            worker = scheduler_pb2_grpc.SchedulerStub(channel)
+            for clash in (request("same-id", "x", bootstrap_room=93), request("third-id", "x", bootstrap_room=91)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _collect(worker.Generate(scheduler_pb2.SchedulerGenerateRequest(request=clash), timeout=10))
+                assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        assert not pending.done()
+        p_channel, prefill = dispatch_stub(cluster.prefill_dispatcher.address)
+        async with p_channel:
+            await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=waiting), timeout=60))
+        assert sum(len(c.token_ids) for c in await pending) == 3  # the first one was never disturbed

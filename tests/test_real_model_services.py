@@ -18,7 +18,7 @@ def chat(rid: str, question: str, max_new_tokens: int = 24) -> common_pb2.Infere
     return common_pb2.InferenceRequest(
         request_id=rid,
         messages=[common_pb2.ChatMessage(role="user", content=question)],
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
     )
 
 

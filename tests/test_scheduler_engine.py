@@ -163,6 +163,38 @@ async def test_out_of_vocabulary_duplicate_and_queue_full():
     await engine.close()
 
 
+async def test_a_bootstrap_room_has_one_owner_and_its_held_kv_is_never_replaced():
+    """Prefill role: a second request with a room refused while the first is queued, running or
+    holding its KV; a pull takes the first's KV intact; a late pull learns at once that it is gone."""
+    engine, runner = make_engine(max_total_tokens=1024)
+    first = seq("first", prompt(40), prefill_only=True, bootstrap_room=7)
+    engine.submit(first)
+    with pytest.raises(AdmissionError) as err:  # queued or running
+        engine.submit(seq("second", prompt(40, salt=1), prefill_only=True, bootstrap_room=7))
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and "room 7" in str(err.value) and "first" in str(err.value)
+    tokens, reason = await collect(first)
+    assert reason == common_pb2.FINISH_REASON_PREFILL_DONE and 7 in engine.held
+    with pytest.raises(AdmissionError) as err:  # its KV held for the decode half
+        engine.submit(seq("second", prompt(40, salt=1), prefill_only=True, bootstrap_room=7))
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    held = await engine.wait_held(7, timeout=1)
+    assert held is not None and held.request_id == "first" and held.prompt == prompt(40)
+    assert held.first_token == tokens[0]
+    engine.free_held(held)
+    with pytest.raises(AdmissionError) as err:  # pulled: answered at once, not after a wait
+        await asyncio.wait_for(engine.wait_held(7, timeout=600), 5)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and "already pulled" in str(err.value)
+    assert runner.kv_used == 0 and not engine.rooms
+    # Once pulled the room is free again: a new prefill may take it, and pulls wait for that one.
+    again = seq("again", prompt(30, salt=2), prefill_only=True, bootstrap_room=7)
+    engine.submit(again)
+    waiting = asyncio.ensure_future(engine.wait_held(7, timeout=60))
+    await collect(again)
+    assert (await waiting).request_id == "again"
+    assert await engine.wait_held(12345, timeout=0.05) is None  # never here: the wait simply runs out
+    await engine.close()
+
+
 async def test_a_burst_fills_free_batch_slots_and_the_queue_before_refusals():
     """Requests that arrive together, before the loop has admitted any, are refused only beyond
     free slots + queue: a worker never turns a request away while it has a free batch slot."""

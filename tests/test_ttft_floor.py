@@ -45,7 +45,7 @@ async def test_sim_workers_never_beat_the_floor(etcd, prefix, start_service):
             req = common_pb2.InferenceRequest(
                 request_id=f"f{n}",
                 input_ids=work.input_ids,
-                sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True),
+                sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=0.0),
             )
             sent = time.perf_counter()
             ttft = None

@@ -43,7 +43,7 @@ class PDLBClient:
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         """Stream a request's tokens. PD: the prefill half runs beside the decode stream, same room,
         and the last chunk's cached_tokens are the prefill worker's (the decode worker computes no
-        prompt)."""
+        prompt), as is the first token's logprob when logprobs are asked for."""
         if self.mixed is not None:
             async for chunk in self.mixed.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
                 yield chunk
@@ -61,8 +61,16 @@ class PDLBClient:
                 call.cancel()  # the decode side would otherwise wait for KV that never comes
 
         prefill.add_done_callback(stop_decode_on_prefill_failure)
+        first = True
         try:
             async for chunk in call:
+                if first and chunk.token_ids and request.sampling.HasField("logprobs"):
+                    first = False
+                    await asyncio.wait({prefill})  # ends with the first token, which the prefill drew
+                    if prefilled and len(chunk.logprobs) < len(chunk.token_ids):
+                        merged = [*prefilled[-1].logprobs, *chunk.logprobs]
+                        del chunk.logprobs[:]
+                        chunk.logprobs.extend(merged)
                 if chunk.finish_reason:
                     await asyncio.wait({prefill})  # done already: the decode worker had its KV
                     if prefilled:  # the decode worker computed no prompt: the cache hit is the prefill's

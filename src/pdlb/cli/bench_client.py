@@ -45,7 +45,7 @@ async def run_one(client: PDLBClient, item: WorkItem, run_id: str) -> RequestRes
     req = common_pb2.InferenceRequest(
         request_id=f"{run_id}-{item.index}",
         input_ids=item.input_ids,
-        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_new_tokens=item.max_new_tokens, ignore_eos=True, temperature=0.0),
     )
     start = time.perf_counter()
     stamps: list[float] = []

@@ -1,41 +1,89 @@
-"""`pdlb up`: etcd, bootstrap, dispatchers and schedulers as child processes on this machine."""
+"""`pdlb up`: etcd, bootstrap, dispatchers, schedulers and the gateway as child processes on this
+machine, supervised: a child that dies is restarted (`cli/supervisor.py`).
+
+Start-up fails fast and plainly: taken ports and a running cluster of the same name are refused
+before anything starts, and a child that exits while starting is reported at once with its own
+error line. Progress is printed while the schedulers load the model.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from pdlb.cli import state
+from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.membership import connect_client
-from pdlb.common.processes import ServiceProcess, script
+from pdlb.common.processes import ServiceFailed, ServiceProcess, script
 from pdlb.models.catalog import SMOLLM2, TINY
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
+START_TIMEOUT_S = 600.0  # a child that has not announced itself by then is stuck (one that exits is seen at once)
+PROGRESS_EVERY_S = 15.0
+# Port offsets from --port: prefill (or mixed) dispatcher, decode dispatcher, gateway (gRPC), bootstrap;
+# replicas from REPLICA_OFFSET on.
+DECODE_OFFSET, GATEWAY_OFFSET, BOOTSTRAP_OFFSET, REPLICA_OFFSET = 1, 8, 9, 10
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 is needed (a role without ranks serves nothing)")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535; 0: any free port)")
+    return value
+
+
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except empty ones and those the help text already explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in ("", [], False, None) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsShown
     parser.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="PD disaggregated, or mixed workers")
-    parser.add_argument("--prefill", type=int, default=2, help="PD: prefill ranks")
-    parser.add_argument("--decode", type=int, default=2, help="PD: decode ranks")
-    parser.add_argument("--workers", type=int, default=2, help="mixed: DP ranks")
+    parser.add_argument("--prefill", type=positive, default=2, help="PD: prefill ranks")
+    parser.add_argument("--decode", type=positive, default=2, help="PD: decode ranks")
+    parser.add_argument("--workers", type=positive, default=2, help="mixed: DP ranks")
     # Defaults follow the benchmarks (docs/BENCHMARKS.md): predicted_latency for mixed and prefill
     # dispatchers of independent workers, least_wait for decode; in lockstep groups cache_aware for
     # mixed and prefill, total_requests for decode.
-    parser.add_argument("--prefill-method", default="", help="prefill dispatcher's method (default: see above)")
-    parser.add_argument("--decode-method", default="", help="decode dispatcher's method (default: see above)")
+    parser.add_argument(
+        "--prefill-method",
+        default=argparse.SUPPRESS,
+        help="prefill dispatcher's method (default: predicted_latency; cache_aware with --lockstep)",
+    )
+    parser.add_argument(
+        "--decode-method",
+        default=argparse.SUPPRESS,
+        help="decode dispatcher's method (default: least_wait; total_requests with --lockstep)",
+    )
     parser.add_argument(
         "--method",
-        default="",
+        default=argparse.SUPPRESS,
         help="mixed dispatcher's method (default: predicted_latency; cache_aware with --lockstep)",
     )
     parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
@@ -57,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="vllm: DP ranks per server (default: --workers when pdlb starts the server, else 1)",
     )
-    parser.add_argument("--vllm-port", type=int, default=8100, help="vllm: port of the server pdlb starts (0: free)")
+    parser.add_argument("--vllm-port", type=port, default=8100, help="vllm: port of the server pdlb starts (0: free)")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vllm: --dtype of the server pdlb starts")
     parser.add_argument(
         "--vllm-eager",
@@ -70,50 +118,125 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=SMOLLM2,
         help=f"what every scheduler and dispatcher serves: {SMOLLM2}, {TINY}, a .gguf file or a model directory",
     )
-    parser.add_argument("--etcd-port", type=int, default=2379, help="etcd client port (0: any free port)")
+    parser.add_argument("--name", default="local", help="this cluster's name (other commands take --cluster NAME)")
+    parser.add_argument("--etcd-port", type=port, default=2379, help="etcd client port (0: any free port)")
     parser.add_argument(
         "--port",
-        type=int,
+        type=port,
         default=50051,
-        help="first dispatcher's port; the decode one gets +1, bootstrap +9 (0: free ports)",
+        help=f"first dispatcher's port; the decode one gets +{DECODE_OFFSET}, the gateway's gRPC "
+        f"+{GATEWAY_OFFSET}, bootstrap +{BOOTSTRAP_OFFSET}, replicas +{REPLICA_OFFSET}... (0: free ports)",
     )
     parser.add_argument(
         "--dispatchers",
-        type=int,
+        type=positive,
         default=1,
         help="dispatcher replicas per role (the gateway spreads requests over them)",
     )
     parser.add_argument(
-        "--http-port", type=int, default=8000, help="the gateway's HTTP port: OpenAI API and dashboard (0: free)"
+        "--http-port", type=port, default=8000, help="the gateway's HTTP port: OpenAI API and dashboard (0: free)"
     )
     parser.add_argument("--log-dir", default="", help="where service logs go (default: a new temp dir)")
-    parser.add_argument("--scheduler-arg", action="append", default=[], help="extra flag for every scheduler")
+    parser.add_argument(
+        "--scheduler-arg", action="append", default=[], help="extra flag for every scheduler (repeatable)"
+    )
     parser.add_argument(
         "--lockstep",
         action="store_true",
         help="each role's ranks form one lockstep DP-attention group (request waves), as with DP attention",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts in a row of one dead child before pdlb up gives up on it (0: never restart)",
+    )
+
+
+def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(port, what listens there) for every port the cluster binds that was not left to chance."""
+    found = [(args.etcd_port, "--etcd-port: etcd"), (args.http_port, "--http-port: the gateway's HTTP API")]
+    if args.port:
+        found.append((args.port, f"--port: the {'mixed' if args.mode == 'mixed' else 'prefill'} dispatcher"))
+        found.append((args.port + GATEWAY_OFFSET, f"--port + {GATEWAY_OFFSET}: the gateway's gRPC"))
+        if args.mode == "pd":
+            found.append((args.port + DECODE_OFFSET, f"--port + {DECODE_OFFSET}: the decode dispatcher"))
+            found.append((args.port + BOOTSTRAP_OFFSET, f"--port + {BOOTSTRAP_OFFSET}: bootstrap"))
+        for offset in replica_offsets(args):
+            found.append((args.port + offset, f"--port + {offset}: a dispatcher replica"))
+    if getattr(args, "engine", "pdlb") == "vllm" and not args.vllm_url:
+        found.append((args.vllm_port, "--vllm-port: the vLLM server pdlb up starts"))
+    return [(p, what) for p, what in found if p]
+
+
+def replica_offsets(args: argparse.Namespace) -> list[int]:
+    per_role = 1 if args.mode == "mixed" else 2
+    return [REPLICA_OFFSET + per_role * r + i for r in range(1, args.dispatchers) for i in range(per_role)]
+
+
+def port_taken(number: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to servers
+        try:
+            sock.bind(("127.0.0.1", number))
+        except OSError:
+            return True
+    return False
+
+
+class StartRefused(Exception):
+    """Nothing was started: the message says why and what to change."""
+
+
+class StartInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the cluster was starting."""
 
 
 @dataclass
 class LocalCluster:
     args: argparse.Namespace
+    say: Callable[[str], None] = print
     etcd: EtcdProcess | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     vllm_servers: list = field(default_factory=list)  # VLLMServer children, stopped after the schedulers
     prefix: str = "/pdlb"
     log_dir: str = ""
+    info: dict = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)  # names of the ranks of each lockstep DP group
+    wake: threading.Event = field(default_factory=threading.Event)  # a child exited, or stop was asked
+    stopping: threading.Event = field(default_factory=threading.Event)  # SIGINT / SIGTERM
+    _own_log_dir: bool = False
+    _t0: float = field(default_factory=time.monotonic)
 
     def _port(self, offset: int) -> str:
         return str(self.args.port + offset) if self.args.port else "0"
 
+    def check(self) -> None:
+        """Refuse before starting anything: a running cluster of this name, or a taken port."""
+        args = self.args
+        state.check_name(args.name)
+        other = state.running().get(args.name)
+        if other is not None:
+            raise StartRefused(
+                f"a cluster named {args.name!r} already runs (pdlb up pid {other['up_pid']}, {other.get('http', '')}); "
+                "stop it, or give this one another --name and other ports"
+            )
+        for number, what in fixed_ports(args):
+            if port_taken(number):
+                raise StartRefused(
+                    f"port {number} ({what}) is taken, by another cluster or program; "
+                    "choose another, or 0 for any free port"
+                )
+
     def start(self) -> dict:
         args = self.args
         first = "cache_aware" if args.lockstep else "predicted_latency"  # mixed and prefill
-        args.method = args.method or first
-        args.prefill_method = args.prefill_method or first
-        args.decode_method = args.decode_method or ("total_requests" if args.lockstep else "least_wait")
-        self.log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdlb-cluster-")
+        method = getattr(args, "method", "") or first
+        prefill_method = getattr(args, "prefill_method", "") or first
+        decode_method = getattr(args, "decode_method", "") or ("total_requests" if args.lockstep else "least_wait")
+        self._own_log_dir = not args.log_dir
+        self.log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"pdlb-{args.name}-")
+        self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}); logs in {self.log_dir}")
         if args.engine == "vllm":
             if args.mode != "mixed":
                 raise SystemExit(
@@ -122,63 +245,39 @@ class LocalCluster:
             self._vllm_targets()
         self.etcd = EtcdProcess(client_port=args.etcd_port)
         self.etcd.start()
+        threading.Thread(target=self._watch_etcd, daemon=True).start()
+        self._ready("etcd", self.etcd.endpoint)
         common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
         info: dict = {"mode": args.mode, "etcd": self.etcd.endpoint, "log_dir": self.log_dir}
+        self.info = info
         replicas: list[str] = []
         if args.mode == "mixed":
-            info["dispatcher"] = self._run(
-                "dispatcher", common, "--port", self._port(0), "--load-balance-method", args.method
-            )
-            for r in range(1, args.dispatchers):  # replicas: the gateway spreads requests over them
-                replicas.append(
-                    self._run(
-                        "dispatcher",
-                        common,
-                        "--port",
-                        self._port(10 + r),
-                        "--load-balance-method",
-                        args.method,
-                        name=f"dispatcher-{r}",
-                    )
-                )
-            self._schedulers(common, "null", args.workers)
+            flags = ["--port", self._port(0), "--load-balance-method", method]
+            info["dispatcher"] = self._run("dispatcher", common, *flags)
+            for r, offset in enumerate(replica_offsets(args), start=1):
+                flags = ["--port", self._port(offset), "--load-balance-method", method]
+                replicas.append(self._run("dispatcher", common, *flags, name=f"dispatcher-{r}"))
+            self._schedulers(common, {"null": args.workers})
             for address in [info["dispatcher"], *replicas]:
                 self._await_workers(address, args.workers)
         else:
-            info["bootstrap"] = self._run("bootstrap", common, "--port", self._port(9))
-            info["prefill_dispatcher"] = self._run(
-                "dispatcher",
-                common,
-                "--port",
-                self._port(0),
-                name="dispatcher-prefill",
-                extra=["--disaggregation-mode", "prefill", "--load-balance-method", args.prefill_method],
-            )
-            info["decode_dispatcher"] = self._run(
-                "dispatcher",
-                common,
-                "--port",
-                self._port(1),
-                name="dispatcher-decode",
-                extra=["--disaggregation-mode", "decode", "--load-balance-method", args.decode_method],
-            )
+            info["bootstrap"] = self._run("bootstrap", common, "--port", self._port(BOOTSTRAP_OFFSET))
+            for role, offset, chosen in (("prefill", 0, prefill_method), ("decode", DECODE_OFFSET, decode_method)):
+                info[f"{role}_dispatcher"] = self._run(
+                    "dispatcher",
+                    common,
+                    "--port",
+                    self._port(offset),
+                    name=f"dispatcher-{role}",
+                    extra=["--disaggregation-mode", role, "--load-balance-method", chosen],
+                )
+            offsets = iter(replica_offsets(args))
             for r in range(1, args.dispatchers):
-                for offset, role, method in (
-                    (10 + 2 * r, "prefill", args.prefill_method),
-                    (11 + 2 * r, "decode", args.decode_method),
-                ):
-                    replicas.append(
-                        self._run(
-                            "dispatcher",
-                            common,
-                            "--port",
-                            self._port(offset),
-                            name=f"dispatcher-{role}-{r}",
-                            extra=["--disaggregation-mode", role, "--load-balance-method", method],
-                        )
-                    )
-            self._schedulers(common, "prefill", args.prefill)
-            self._schedulers(common, "decode", args.decode)
+                for role, chosen in (("prefill", prefill_method), ("decode", decode_method)):
+                    flags = ["--port", self._port(next(offsets))]
+                    extra = ["--disaggregation-mode", role, "--load-balance-method", chosen]
+                    replicas.append(self._run("dispatcher", common, *flags, name=f"dispatcher-{role}-{r}", extra=extra))
+            self._schedulers(common, {"prefill": args.prefill, "decode": args.decode})
             self._await_workers(info["prefill_dispatcher"], args.prefill)
             self._await_workers(info["decode_dispatcher"], args.decode)
             for index, address in enumerate(replicas):  # prefill, decode, prefill, ...
@@ -186,32 +285,66 @@ class LocalCluster:
         if replicas:
             info["replicas"] = replicas
         http_port = args.http_port or free_port()
-        info["gateway"] = self._run("gateway", common, "--port", self._port(8), "--http-port", str(http_port))
+        info["gateway"] = self._run(
+            "gateway", common, "--port", self._port(GATEWAY_OFFSET), "--http-port", str(http_port)
+        )
         info["http"] = f"http://127.0.0.1:{http_port}"
         self._await_gateway(info["http"])
-        info["workers"] = {s.name: s.address for s in self.services if s.name.startswith("scheduler")}
-        info["pids"] = [s.pid for s in self.services] + ([self.etcd.proc.pid] if self.etcd.proc else [])
-        state.save(info)
+        self.save()
         return info
+
+    def save(self) -> None:
+        """Write the cluster's state for the other commands (again after a restart: new pids)."""
+        info = self.info
+        info["workers"] = {s.name: s.address for s in self.services if s.name.startswith("scheduler")}
+        etcd_pid = [self.etcd.proc.pid] if self.etcd and self.etcd.proc else []
+        info["pids"] = [s.pid for s in self.services if s.proc is not None] + etcd_pid
+        info["children"] = {s.name: s.pid for s in self.services if s.proc is not None}
+        state.save(self.args.name, info)
+
+    def _elapsed(self) -> str:
+        return f"{time.monotonic() - self._t0:5.1f}s"
+
+    def group_of(self, name: str) -> list[str]:
+        """The names of the lockstep DP group's ranks that `name` belongs to, else [name]."""
+        return next((g for g in self.groups if name in g), [name])
+
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise StartInterrupted("stopped by a signal while starting")
+
+    def _ready(self, name: str, address: str) -> None:
+        self.say(f"  [{self._elapsed()}] {name:<24} ready on {address}")
+
+    def _service(self, name: str, argv: list[str]) -> ServiceProcess:
+        proc = ServiceProcess(name, argv, self.log_dir, on_exit=lambda _: self.wake.set())
+        self.services.append(proc)
+        return proc
 
     def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
         model = ["--model", self.args.model] if kind in ("dispatcher", "gateway") else []
-        argv = [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])]
-        proc = ServiceProcess(name or kind, argv, self.log_dir)
-        self.services.append(proc)
-        return proc.start().address
+        self._check_stop()
+        proc = self._service(name or kind, [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])])
+        proc.spawn()
+        proc.wait_ready(START_TIMEOUT_S)
+        pin_port(proc)
+        self._ready(proc.name, proc.address)
+        return proc.address
 
-    def _schedulers(self, common: list[str], mode: str, count: int) -> None:
+    def _schedulers(self, common: list[str], counts: dict[str, int]) -> None:
+        """Start every scheduler side by side (each imports torch and loads the model: seconds to a
+        minute), then wait for them all, saying which are still loading."""
         procs = []
-        group = (
-            ["--dp-group-size", str(count), "--dp-group-address", f"127.0.0.1:{free_port()}"]
-            if self.args.lockstep and count > 1
-            else []
-        )
-        for rank in range(count):
-            proc = ServiceProcess(
-                f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}",
-                [
+        for mode, count in counts.items():
+            group = (
+                ["--dp-group-size", str(count), "--dp-group-address", f"127.0.0.1:{free_port()}"]
+                if self.args.lockstep and count > 1
+                else []
+            )
+            if group:
+                self.groups.append([f"scheduler-{'mixed' if mode == 'null' else mode}-{r}" for r in range(count)])
+            for rank in range(count):
+                argv = [
                     *script("pdlb-scheduler"),
                     *common,
                     "--model",
@@ -228,16 +361,36 @@ class LocalCluster:
                     *TINY_MODEL,
                     *group,
                     *self.args.scheduler_arg,
-                ],
-                self.log_dir,
-            )
-            self.services.append(proc)
-            procs.append(proc)
-        # Schedulers import torch (seconds each): start them side by side, then wait for each.
+                ]
+                procs.append(self._service(f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}", argv))
+        described = " + ".join(f"{n} {'mixed' if m == 'null' else m}" for m, n in counts.items())
+        real = self.args.runner == "torch" and self.args.model != TINY
+        loading = self.args.model if self.args.runner == "torch" else f"{self.args.model}, simulated"
+        note = "; a first start of a GGUF model dequantises its weights (about a minute)" if real else ""
+        self.say(f"  [{self._elapsed()}] starting {described} schedulers ({loading}){note}")
         for proc in procs:
             proc.spawn()
-        for proc in procs:
-            proc.wait_ready(self.args.vllm_wait if self.args.engine == "vllm" else 60.0)
+        self._await_started(procs)
+
+    def _await_started(self, procs: list[ServiceProcess]) -> None:
+        pending = list(procs)
+        deadline = time.monotonic() + getattr(self.args, "vllm_wait", START_TIMEOUT_S)
+        next_note = time.monotonic() + PROGRESS_EVERY_S
+        while pending:
+            self._check_stop()
+            for proc in [p for p in pending if not p.alive() or p.announced(0)]:
+                proc.wait_ready(max(deadline - time.monotonic(), 1.0))  # raises at once for one that exited
+                pin_port(proc)
+                self._ready(proc.name, proc.address)
+                pending.remove(proc)
+            if not pending:
+                return
+            if time.monotonic() > next_note:
+                self.say(f"  [{self._elapsed()}] still loading: {', '.join(p.name for p in pending)}")
+                next_note += PROGRESS_EVERY_S
+            if time.monotonic() > deadline:
+                raise ServiceFailed(f"{pending[0].name} did not start in time; see {pending[0].log_path}")
+            pending[0].announced(0.2)  # wakes as soon as the first one is up (or gone)
 
     def _vllm_targets(self) -> None:
         """The vLLM servers the workers use: those at --vllm-url, else one started here with
@@ -257,10 +410,10 @@ class LocalCluster:
         args.vllm_server_ranks = args.vllm_server_ranks or args.workers
         if args.workers % args.vllm_server_ranks:
             raise SystemExit("--workers must be a multiple of --vllm-server-ranks")
-        port = args.vllm_port or free_port()
+        vllm_port = args.vllm_port or free_port()
         for index in range(args.workers // args.vllm_server_ranks):
             spec = VLLMServerSpec(
-                port=port + index,
+                port=vllm_port + index,
                 venv=venv,
                 dp_size=args.vllm_server_ranks,
                 dtype=args.vllm_dtype,
@@ -268,12 +421,10 @@ class LocalCluster:
             )
             server = VLLMServer(spec, f"{self.log_dir}/vllm-{index}.log").spawn()
             self.vllm_servers.append(server)
-        print(
-            f"starting {len(self.vllm_servers)} vLLM server(s); logs in {self.log_dir} (minutes on a CPU)", flush=True
-        )
+        self.say(f"  [{self._elapsed()}] starting {len(self.vllm_servers)} vLLM server(s) (minutes on a CPU)")
         for server in self.vllm_servers:
             server.wait_ready()
-            print(f"vLLM at {server.url} ready after {server.ready_s:.0f} s", flush=True)
+            self.say(f"  [{self._elapsed()}] vLLM at {server.url} ready after {server.ready_s:.0f} s")
         args.vllm_urls = [server.url for server in self.vllm_servers]
 
     def _vllm_flags(self, rank: int) -> list[str]:
@@ -283,9 +434,9 @@ class LocalCluster:
         url = args.vllm_urls[rank // args.vllm_server_ranks]
         return ["--engine", "vllm", "--vllm-url", url, "--vllm-server-ranks", str(args.vllm_server_ranks)]
 
-    @staticmethod
-    def _await_gateway(http: str, timeout: float = 30) -> None:
+    def _await_gateway(self, http: str, timeout: float = 30) -> None:
         """Until the gateway has found the dispatchers (its /health says ok)."""
+        gateway = self.services[-1]
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -294,19 +445,32 @@ class LocalCluster:
                         return
             except OSError:
                 pass
+            if not gateway.alive():
+                raise gateway.failure()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway at {http} is not healthy after {timeout}s")
-            time.sleep(0.1)
+                raise ServiceFailed(f"gateway at {http} is not healthy after {timeout}s; see {gateway.log_path}")
+            time.sleep(0.1)  # polling a status only observable by polling
 
-    @staticmethod
-    def _await_workers(address: str, count: int, timeout: float = 60) -> None:
+    def _await_workers(self, address: str, count: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(address) as channel:
             stub = dispatch_pb2_grpc.DispatchStub(channel)
             while len(stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5).workers) < count:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"dispatcher {address} sees fewer than {count} workers after {timeout}s")
-                time.sleep(0.1)
+                    raise ServiceFailed(f"dispatcher {address} sees fewer than {count} workers after {timeout}s")
+                time.sleep(0.1)  # polling a status only observable by polling
+
+    def _watch_etcd(self) -> None:
+        proc = self.etcd.proc if self.etcd else None
+        if proc is not None:
+            proc.wait()
+            self.wake.set()
+
+    def restart_etcd(self) -> None:
+        """etcd again on the same ports and data (the supervisor's; from the main thread)."""
+        assert self.etcd is not None
+        self.etcd.start()
+        threading.Thread(target=self._watch_etcd, daemon=True).start()
 
     def stop(self) -> list[str]:
         """Schedulers first (they deregister), then dispatchers and bootstrap, then etcd.
@@ -324,11 +488,14 @@ class LocalCluster:
         leftover = self._leftover_keys()
         if self.etcd:
             self.etcd.close()
-        state.clear()
+        state.clear(self.args.name)
+        if self._own_log_dir and self.log_dir and os.path.isdir(self.log_dir) and not os.listdir(self.log_dir):
+            shutil.rmtree(self.log_dir, ignore_errors=True)  # nothing started: no empty dir left behind
         return leftover
 
     def _leftover_keys(self) -> list[str]:
-        if not self.etcd or not self.etcd.proc:
+        """Keys under this cluster's prefix in its own etcd (never another cluster's)."""
+        if not self.etcd or not self.etcd.proc or self.etcd.proc.poll() is not None:
             return []
 
         async def keys() -> list[str]:
@@ -344,20 +511,53 @@ class LocalCluster:
             return []
 
 
+def pin_port(proc: ServiceProcess) -> None:
+    """A restart binds the port the first start got (`--port 0` picked one): clients keep the address."""
+    bound = proc.address.rsplit(":", 1)[-1]
+    argv = list(proc.argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--port":
+            argv[i + 1] = bound
+    proc.argv = argv
+
+
 def run(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(args)
-    stop = threading.Event()
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    cluster = LocalCluster(args, say)
+    stop = cluster.stopping
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        cluster.wake.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        info = cluster.start()
-        print_summary(info)
-        stop.wait()
+        cluster.check()
+    except (StartRefused, state.StateError) as exc:
+        say(f"pdlb up: {exc}")
+        return 2
+    status = 0
+    try:
+        try:
+            info = cluster.start()
+        except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
+            say(f"pdlb up: could not start the cluster: {exc}")
+            status = 1
+        except StartInterrupted as exc:
+            say(f"pdlb up: {exc}")
+        else:
+            print_summary(info)
+            Supervisor(cluster, say, args.max_restarts).run(stop)
     finally:
-        print("\nstopping: schedulers, dispatchers, bootstrap, etcd ...", flush=True)
+        say("\nstopping: schedulers, dispatchers, bootstrap, etcd ...")
         leftover = cluster.stop()
-        print("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"), flush=True)
-    return 0
+        say("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"))
+        if status and os.path.isdir(cluster.log_dir):
+            say(f"logs of the failed start: {cluster.log_dir}")
+    return status
 
 
 def print_summary(info: dict) -> None:
@@ -373,6 +573,6 @@ def print_summary(info: dict) -> None:
     print(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
     print(
         'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
-        "      (Ctrl-C stops everything)",
+        "      (Ctrl-C stops everything; a child that dies is restarted)",
         flush=True,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import grpc
@@ -17,6 +18,11 @@ from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdlb", description="pdlb: DP rank dispatch for PD-disaggregated LLM serving")
+    parser.add_argument(
+        "--cluster",
+        default=os.environ.get("PDLB_CLUSTER", ""),
+        help="which `pdlb up` cluster to talk to, by --name (default: the only one running) [env: PDLB_CLUSTER]",
+    )
     parser.add_argument("--dispatcher", default="", help="mixed dispatcher host:port (default: from `pdlb up`)")
     parser.add_argument("--prefill", default="", help="prefill dispatcher host:port (default: from `pdlb up`)")
     parser.add_argument("--decode", default="", help="decode dispatcher host:port (default: from `pdlb up`)")
@@ -69,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dispatchers(args: argparse.Namespace) -> dict[str, str]:
     """Label -> address of the dispatchers to talk to: flags first, then the `pdlb up` state."""
-    saved = state.load()
     if args.dispatcher:
         return {"mixed": args.dispatcher}
+    saved = {} if args.prefill and args.decode else state.load(args.cluster)
     prefill, decode = (
         args.prefill or saved.get("prefill_dispatcher", ""),
         args.decode or saved.get("decode_dispatcher", ""),
@@ -147,7 +153,7 @@ async def cmd_workers(args: argparse.Namespace) -> int:
 
 
 async def cmd_rooms(args: argparse.Namespace) -> int:
-    address = args.bootstrap or state.load().get("bootstrap", "")
+    address = args.bootstrap or state.load(args.cluster).get("bootstrap", "")
     if not address:
         raise SystemExit("no bootstrap server: pass --bootstrap or start a PD cluster with `pdlb up`")
     async with open_channel(address) as channel:

@@ -1,8 +1,12 @@
-"""`pdlb top`: a live per-rank load dashboard fed by Dispatch.WatchLoad (rich)."""
+"""`pdlb top`: a live per-rank load dashboard fed by Dispatch.WatchLoad (rich). `q` quits."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 from rich.console import Group
 from rich.live import Live
@@ -18,6 +22,8 @@ STATE_STYLE = {
     dispatch_pb2.MEMBER_STATE_GONE: ("gone", "red"),
 }
 BAR_WIDTH = 20
+QUIT_KEYS = {"q", "Q"}
+HINT = Text("q: quit", style="grey50")
 
 
 def bar(value: float, maximum: float, style: str) -> Text:
@@ -27,7 +33,11 @@ def bar(value: float, maximum: float, style: str) -> Text:
 
 def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
     role = common_pb2.Role.Name(snapshot.role).removeprefix("ROLE_").lower()
-    table = Table(title=f"{label}: {role} dispatcher, method {snapshot.method}", title_justify="left", expand=False)
+    table = Table(
+        title=f"{label}: {role} dispatcher, method {snapshot.method}{_flow(snapshot.flow)}",
+        title_justify="left",
+        expand=False,
+    )
     for column in (
         "rank",
         "worker",
@@ -71,6 +81,16 @@ def render(label: str, snapshot: dispatch_pb2.WatchLoadResponse) -> Table:
     return table
 
 
+def _flow(f: dispatch_pb2.FlowControlState) -> str:
+    """The admission queue in the title: depth, wait percentiles, bound after waiting, shed."""
+    if not f.enabled:
+        return ""
+    return (
+        f", queue {f.queued_requests} ({f.queued_tokens} tokens, {f.tenants} tenants), "
+        f"wait p50 {f.wait_p50_ms:.0f} / p99 {f.wait_p99_ms:.0f} ms, admitted {f.admitted_total}, shed {f.shed_total}"
+    )
+
+
 def _group(g: common_pb2.DPGroupState) -> Text:
     if not g.group_id:
         return Text("-")
@@ -104,10 +124,18 @@ async def watch(dispatchers: dict[str, str], interval_ms: int, once: bool = Fals
 
             Console(width=160).print(Group(*(render(label, latest[label]) for label in dispatchers)))
             return
-        with Live(Text("waiting for the first snapshot ..."), refresh_per_second=10) as live:
-            while True:
-                await _next(updated, tasks)
-                live.update(Group(*(render(label, snap) for label, snap in latest.items())))
+        quit_asked = asyncio.Event()
+
+        def on_keys(typed: str) -> None:
+            if QUIT_KEYS & set(typed):
+                quit_asked.set()
+
+        with (
+            keypresses(on_keys),
+            Live(Group(Text("waiting for the first snapshot ..."), HINT), refresh_per_second=10) as live,
+        ):
+            while await _next(updated, tasks, quit_asked):
+                live.update(Group(*(render(label, snap) for label, snap in latest.items()), HINT))
     finally:
         for task in tasks:
             task.cancel()
@@ -115,10 +143,41 @@ async def watch(dispatchers: dict[str, str], interval_ms: int, once: bool = Fals
             await channel.close()
 
 
-async def _next(updated: asyncio.Event, tasks: list[asyncio.Task]) -> None:
-    waiter = asyncio.create_task(updated.wait())
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+async def _next(updated: asyncio.Event, tasks: list[asyncio.Task], quit_asked: asyncio.Event | None = None) -> bool:
+    """Wait for a new snapshot (True) or for quit (False); a broken stream raises."""
+    waiters = [asyncio.create_task(updated.wait())]
+    if quit_asked is not None:
+        waiters.append(asyncio.create_task(quit_asked.wait()))
+    try:
+        done, _ = await asyncio.wait([*waiters, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
     for task in tasks:
         if task in done:
             task.result()  # a broken stream raises here
     updated.clear()
+    return quit_asked is None or not quit_asked.is_set()
+
+
+@contextlib.contextmanager
+def keypresses(on_keys: Callable[[str], None]) -> Iterator[None]:
+    """Deliver what is typed on a terminal's stdin to `on_keys`, key by key (cbreak mode: no Enter
+    needed, Ctrl-C still interrupts); the terminal's settings are restored on exit. Nothing happens
+    when stdin is not a terminal."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+    tty.setcbreak(fd)
+    loop.add_reader(fd, lambda: on_keys(os.read(fd, 64).decode(errors="replace")))
+    try:
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -1,4 +1,9 @@
-"""Finds the bootstrap server: a fixed address, or whichever one is registered in etcd."""
+"""Finds the bootstrap server: a fixed address, or whichever one is registered in etcd.
+
+A membership flap (an etcd pause past the lease, the key deleted and put back) must not cut the
+calls that run: the last known address stays in use while no bootstrap is registered (a server
+that is really gone fails its calls with UNAVAILABLE), and the channel of a replaced server is
+closed with a grace period, so the room look-ups waiting on it still get their answers."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2_grpc
 
 DISCOVERY_TIMEOUT_S = 10.0
+REPLACED_GRACE_S = 120.0  # calls on a replaced server's channel may finish within this
 
 
 class BootstrapLocator:
@@ -31,15 +37,13 @@ class BootstrapLocator:
     def _on_change(self, change: Change) -> None:
         if change.value is not None and change.value.get("address"):
             self._use(str(change.value["address"]))
-        elif self._watch is not None and not self._watch.known:
-            self._use("")
 
     def _use(self, address: str) -> None:
         if address == self.address:
             return
         self.address = address
         if self._channel is not None:
-            asyncio.get_running_loop().create_task(self._channel.close())
+            asyncio.get_running_loop().create_task(self._channel.close(grace=REPLACED_GRACE_S))
         self._channel = None
 
     def channel(self) -> grpc.aio.Channel | None:

@@ -87,6 +87,7 @@ class EtcdProcess:
             cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
             if self.tls.client_ca:
                 cmd += ["--trusted-ca-file", self.tls.client_ca, "--client-cert-auth"]
+        os.makedirs(self.data_dir, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 guarded(cmd), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
@@ -101,7 +102,8 @@ class EtcdProcess:
         url = f"http://{self.host}:{self.metrics_port}/health"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
+                # the log is quoted: a data dir of our own is deleted on close()
+                raise RuntimeError(f"etcd on {self.endpoint} exited with {self.proc.returncode}: {self.last_error()}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as reply:
                     if b'"health":"true"' in reply.read():
@@ -110,6 +112,24 @@ class EtcdProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"etcd on {self.endpoint} not healthy after {timeout}s; see {self.log_path}")
+
+    def last_error(self) -> str:
+        """The last error etcd logged (its `"msg"` and `"error"` fields), else its last log line."""
+        import json
+
+        try:
+            with open(self.log_path, errors="replace") as log:
+                lines = [line.strip() for line in log if line.strip()]
+        except OSError:
+            return "(no log)"
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "panic"):
+                return f"{entry.get('msg', '')}: {entry.get('error', '')}".strip(": ")
+        return lines[-1] if lines else "(empty log)"
 
     def etcdctl(self, *args: str, cacert: str = "", cert: str = "", key: str = "", user: str = "") -> str:
         """Run etcdctl against this server; returns its output (raises with it on failure)."""

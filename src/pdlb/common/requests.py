@@ -23,6 +23,12 @@ DEFAULT_MAX_NEW_TOKENS = 16
 MAX_PROMPT_TOKENS_LIMIT = 1_000_000
 MAX_RANK = 1 << 20
 MAX_ROUTING_KEY_LEN = 256
+# Trailing metadata of a RESOURCE_EXHAUSTED from a dispatcher's admission queue: whole seconds a
+# refused client should wait (the gateway sends it as HTTP Retry-After).
+RETRY_AFTER_KEY = "retry-after"
+DEFAULT_TEMPERATURE = 1.0  # vLLM's, when a request leaves temperature unset (HTTP and gRPC alike)
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 MAX_TEXT_CHARS = 4 << 20  # tokenising is linear, but bound it before any work is done
 # Default characters-per-token bound of --max-prompt-chars: far above what natural text or code
 # tokenises to (3-5), so only prompts that could never fit the token limit are refused unread.
@@ -106,14 +112,40 @@ def check_request(
     max_new = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if max_new > MAX_NEW_TOKENS_LIMIT:
         raise InvalidRequest(f"request {rid}: max_new_tokens {max_new} exceeds {MAX_NEW_TOKENS_LIMIT}")
-    if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+    temperature = sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE
+    if not math.isfinite(temperature) or temperature < 0:
         raise InvalidRequest(f"request {rid}: temperature must be a finite number >= 0")
+    check_sampling(rid, sampling)
     if len(req.routing_key) > MAX_ROUTING_KEY_LEN:
         raise InvalidRequest(f"request {rid}: routing_key longer than {MAX_ROUTING_KEY_LEN} characters")
     for field in ("prefill_dp_rank", "decode_dp_rank"):
         if req.HasField(field) and not 0 <= getattr(req, field) < MAX_RANK:
             raise InvalidRequest(f"request {rid}: {field} {getattr(req, field)} is out of range")
-    return CheckedRequest(rid, input_ids, max_new, sampling.temperature)
+    return CheckedRequest(rid, input_ids, max_new, temperature)
+
+
+def check_sampling(rid: str, sampling: common_pb2.SamplingParams) -> None:
+    """The sampling parameters' ranges (vLLM's); raises InvalidRequest naming the parameter."""
+    ranges = {
+        "top_p": (sampling.top_p, 0.0, 1.0),
+        "min_p": (sampling.min_p, 0.0, 1.0),
+        "repetition_penalty": (sampling.repetition_penalty, 0.0, 2.0),
+        "presence_penalty": (sampling.presence_penalty, -2.0, 2.0),
+        "frequency_penalty": (sampling.frequency_penalty, -2.0, 2.0),
+    }
+    for name, (value, low, high) in ranges.items():
+        if not math.isfinite(value) or not low <= value <= high:
+            raise InvalidRequest(f"request {rid}: {name} {value} is outside [{low:g}, {high:g}]")
+    if sampling.top_k < -1:
+        raise InvalidRequest(f"request {rid}: top_k must be -1, 0 (all tokens) or a positive count")
+    if sampling.HasField("logprobs") and sampling.logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"request {rid}: logprobs {sampling.logprobs} exceeds {MAX_LOGPROBS}")
+    if sampling.min_tokens > sampling.max_new_tokens and sampling.max_new_tokens:
+        raise InvalidRequest(f"request {rid}: min_tokens {sampling.min_tokens} exceeds max_new_tokens")
+    if len(sampling.logit_bias) > MAX_LOGIT_BIAS or any(
+        not math.isfinite(b) or not -100 <= b <= 100 for b in sampling.logit_bias.values()
+    ):
+        raise InvalidRequest(f"request {rid}: logit_bias takes at most {MAX_LOGIT_BIAS} biases in [-100, 100]")
 
 
 async def check_request_off_loop(

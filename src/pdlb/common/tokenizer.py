@@ -55,8 +55,8 @@ class Tokenizer(ABC):
         return ids
 
     @abstractmethod
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of complete token ids; special tokens are dropped."""
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of complete token ids; special tokens are dropped unless skip_special_tokens is False."""
 
     def apply_chat_template(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> str:
         """Render (role, content) messages with the model's chat template (jinja, sandboxed)."""
@@ -108,8 +108,18 @@ class ByteTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return bytes(t for t in token_ids if 0 <= t < BYTE_VOCAB).decode("utf-8", errors="replace")
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return bytes(t for t in token_ids if 0 <= t < BYTE_VOCAB).decode("utf-8", errors="replace")
+        text, run = [], bytearray()
+        for t in token_ids:
+            if 0 <= t < BYTE_VOCAB:
+                run.append(t)
+                continue
+            text.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            text.append(self.special_tokens.get(t, ""))
+        return "".join(text) + run.decode("utf-8", errors="replace")
 
 
 class BPETokenizer(Tokenizer):
@@ -138,8 +148,9 @@ class BPETokenizer(Tokenizer):
         # tokenised in a worker thread does not stall the service's event loop.
         return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.backend.decode([t for t in token_ids if 0 <= t < self.vocab_size], skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [t for t in token_ids if 0 <= t < self.vocab_size]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def visible_tokens(token_ids: list[int], finish_reason: int) -> list[int]:
@@ -157,16 +168,17 @@ class StreamDecoder:
     the next token. Decoding that short window keeps the cost per token constant, and its leading
     context lets merges that re-space text (a byte-level BPE's leading space) come out right."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # start of the decoded window
         self.read = 0  # end of the released tokens
 
     def push(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(token_ids)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip_special_tokens)
+        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip_special_tokens)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         if self.read > self.prefix:
@@ -180,7 +192,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """What is left at the end of the stream (an incomplete character becomes U+FFFD)."""
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip_special_tokens)
+        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip_special_tokens)
         self.read = len(self.ids)
         return after[len(before) :] if len(after) > len(before) else ""

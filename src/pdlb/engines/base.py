@@ -61,7 +61,9 @@ class KVHandoffEngine(Engine, Protocol):
     kv_received_tokens: int  # decode side: prompt tokens of KV pulled
 
     async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
-        """Prefill side: the KV held for `room`, waiting up to `timeout` s for its prefill; None if none."""
+        """Prefill side: the KV held for `room`, waiting up to `timeout` s for its prefill; None when
+        the wait ran out. Raises AdmissionError (NOT_FOUND) at once when the room's KV was held here
+        and is gone (pulled by another request, or expired)."""
 
     async def read_held(self, held: HeldKV) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of held KV, each [num_layers, tokens, num_heads, head_dim] on the CPU."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdlb.v1 import common_pb2 as pdlb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdlb/v1/dispatch.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\":\n\x0cRouteRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\xce\x01\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x05\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x14\n\x0c\x64ispatch_seq\x18\x05 \x01(\x04\x12\x15\n\rdispatcher_id\x18\x06 \x01(\t\x12\x14\n\x07\x64p_wave\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cpredicted_ms\x18\x08 \x01(\x02\x42\n\n\x08_dp_wave\"=\n\x0fGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\xdd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x0f\n\x07\x64p_rank\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x14\n\x0cpredicted_ms\x18\t \x01(\x02\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xa9\x02\n\x0fWorkerLoadEntry\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12%\n\x08reported\x18\x02 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\x12\x19\n\x11inflight_requests\x18\x03 \x01(\r\x12\x17\n\x0finflight_tokens\x18\x04 \x01(\x04\x12\x15\n\rreport_age_ms\x18\x05 \x01(\x03\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.pdlb.v1.MemberState\x12\x18\n\x10\x64ispatched_total\x18\x07 \x01(\x04\x12\'\n\x08\x64p_group\x18\x08 \x01(\x0b\x32\x15.pdlb.v1.DPGroupState\x12\x17\n\x0fkv_index_blocks\x18\t \x01(\x04\"\x81\x01\n\x11WatchLoadResponse\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.pdlb.v1.Role\x12\x0e\n\x06method\x18\x03 \x01(\t\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.pdlb.v1.WorkerLoadEntry\"\x14\n\x12ListWorkersRequest\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.pdlb.v1.WorkerInfo*q\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMBER_STATE_LIVE\x10\x01\x12\x16\n\x12MEMBER_STATE_STALE\x10\x02\x12\x15\n\x11MEMBER_STATE_GONE\x10\x03\x32\x95\x02\n\x08\x44ispatch\x12\x36\n\x05Route\x12\x15.pdlb.v1.RouteRequest\x1a\x16.pdlb.v1.RouteResponse\x12\x41\n\x08Generate\x12\x18.pdlb.v1.GenerateRequest\x1a\x19.pdlb.v1.GenerateResponse0\x01\x12\x44\n\tWatchLoad\x12\x19.pdlb.v1.WatchLoadRequest\x1a\x1a.pdlb.v1.WatchLoadResponse0\x01\x12H\n\x0bListWorkers\x12\x1b.pdlb.v1.ListWorkersRequest\x1a\x1c.pdlb.v1.ListWorkersResponseB:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdlb/v1/dispatch.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\":\n\x0cRouteRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\xce\x01\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x05\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x14\n\x0c\x64ispatch_seq\x18\x05 \x01(\x04\x12\x15\n\rdispatcher_id\x18\x06 \x01(\t\x12\x14\n\x07\x64p_wave\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cpredicted_ms\x18\x08 \x01(\x02\x42\n\n\x08_dp_wave\"=\n\x0fGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\x86\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x0f\n\x07\x64p_rank\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x14\n\x0cpredicted_ms\x18\t \x01(\x02\x12\'\n\x08logprobs\x18\n \x03(\x0b\x32\x15.pdlb.v1.TokenLogprob\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xa9\x02\n\x0fWorkerLoadEntry\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12%\n\x08reported\x18\x02 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\x12\x19\n\x11inflight_requests\x18\x03 \x01(\r\x12\x17\n\x0finflight_tokens\x18\x04 \x01(\x04\x12\x15\n\rreport_age_ms\x18\x05 \x01(\x03\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.pdlb.v1.MemberState\x12\x18\n\x10\x64ispatched_total\x18\x07 \x01(\x04\x12\'\n\x08\x64p_group\x18\x08 \x01(\x0b\x32\x15.pdlb.v1.DPGroupState\x12\x17\n\x0fkv_index_blocks\x18\t \x01(\x04\"\xaa\x01\n\x11WatchLoadResponse\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.pdlb.v1.Role\x12\x0e\n\x06method\x18\x03 \x01(\t\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.pdlb.v1.WorkerLoadEntry\x12\'\n\x04\x66low\x18\x05 \x01(\x0b\x32\x19.pdlb.v1.FlowControlState\"\xba\x01\n\x10\x46lowControlState\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x04\x12\x0f\n\x07tenants\x18\x04 \x01(\r\x12\x16\n\x0e\x61\x64mitted_total\x18\x05 \x01(\x04\x12\x12\n\nshed_total\x18\x06 \x01(\x04\x12\x13\n\x0bwait_p50_ms\x18\x07 \x01(\x01\x12\x13\n\x0bwait_p99_ms\x18\x08 \x01(\x01\"\x14\n\x12ListWorkersRequest\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.pdlb.v1.WorkerInfo*q\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMBER_STATE_LIVE\x10\x01\x12\x16\n\x12MEMBER_STATE_STALE\x10\x02\x12\x15\n\x11MEMBER_STATE_GONE\x10\x03\x32\x95\x02\n\x08\x44ispatch\x12\x36\n\x05Route\x12\x15.pdlb.v1.RouteRequest\x1a\x16.pdlb.v1.RouteResponse\x12\x41\n\x08Generate\x12\x18.pdlb.v1.GenerateRequest\x1a\x19.pdlb.v1.GenerateResponse0\x01\x12\x44\n\tWatchLoad\x12\x19.pdlb.v1.WatchLoadRequest\x1a\x1a.pdlb.v1.WatchLoadResponse0\x01\x12H\n\x0bListWorkers\x12\x1b.pdlb.v1.ListWorkersRequest\x1a\x1c.pdlb.v1.ListWorkersResponseB:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdlb.v1.dispatch_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\nio.pdlb.v1P\001Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1'
-  _globals['_MEMBERSTATE']._serialized_start=1169
-  _globals['_MEMBERSTATE']._serialized_end=1282
+  _globals['_MEMBERSTATE']._serialized_start=1440
+  _globals['_MEMBERSTATE']._serialized_end=1553
   _globals['_ROUTEREQUEST']._serialized_start=57
   _globals['_ROUTEREQUEST']._serialized_end=115
   _globals['_ROUTERESPONSE']._serialized_start=118
@@ -42,17 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=326
   _globals['_GENERATEREQUEST']._serialized_end=387
   _globals['_GENERATERESPONSE']._serialized_start=390
-  _globals['_GENERATERESPONSE']._serialized_end=611
-  _globals['_WATCHLOADREQUEST']._serialized_start=613
-  _globals['_WATCHLOADREQUEST']._serialized_end=652
-  _globals['_WORKERLOADENTRY']._serialized_start=655
-  _globals['_WORKERLOADENTRY']._serialized_end=952
-  _globals['_WATCHLOADRESPONSE']._serialized_start=955
-  _globals['_WATCHLOADRESPONSE']._serialized_end=1084
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1086
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1106
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1108
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1167
-  _globals['_DISPATCH']._serialized_start=1285
-  _globals['_DISPATCH']._serialized_end=1562
+  _globals['_GENERATERESPONSE']._serialized_end=652
+  _globals['_WATCHLOADREQUEST']._serialized_start=654
+  _globals['_WATCHLOADREQUEST']._serialized_end=693
+  _globals['_WORKERLOADENTRY']._serialized_start=696
+  _globals['_WORKERLOADENTRY']._serialized_end=993
+  _globals['_WATCHLOADRESPONSE']._serialized_start=996
+  _globals['_WATCHLOADRESPONSE']._serialized_end=1166
+  _globals['_FLOWCONTROLSTATE']._serialized_start=1169
+  _globals['_FLOWCONTROLSTATE']._serialized_end=1355
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1357
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1377
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1379
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1438
+  _globals['_DISPATCH']._serialized_start=1556
+  _globals['_DISPATCH']._serialized_end=1833
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_common_pb2.InferenceRequest, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "dp_rank", "worker_id", "prompt_tokens", "cached_tokens", "predicted_ms")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "dp_rank", "worker_id", "prompt_tokens", "cached_tokens", "predicted_ms", "logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class GenerateResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -71,7 +72,8 @@ class GenerateResponse(_message.Message):
     prompt_tokens: int
     cached_tokens: int
     predicted_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., dp_rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., predicted_ms: _Optional[float] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., dp_rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
     __slots__ = ("interval_ms",)
@@ -102,16 +104,38 @@ class WorkerLoadEntry(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., reported: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., report_age_ms: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., dispatched_total: _Optional[int] = ..., dp_group: _Optional[_Union[_common_pb2.DPGroupState, _Mapping]] = ..., kv_index_blocks: _Optional[int] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
-    __slots__ = ("timestamp_ms", "role", "method", "workers")
+    __slots__ = ("timestamp_ms", "role", "method", "workers", "flow")
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    FLOW_FIELD_NUMBER: _ClassVar[int]
     timestamp_ms: int
     role: _common_pb2.Role
     method: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoadEntry]
-    def __init__(self, timestamp_ms: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., method: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerLoadEntry, _Mapping]]] = ...) -> None: ...
+    flow: FlowControlState
+    def __init__(self, timestamp_ms: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., method: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerLoadEntry, _Mapping]]] = ..., flow: _Optional[_Union[FlowControlState, _Mapping]] = ...) -> None: ...
+
+class FlowControlState(_message.Message):
+    __slots__ = ("enabled", "queued_requests", "queued_tokens", "tenants", "admitted_total", "shed_total", "wait_p50_ms", "wait_p99_ms")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    queued_requests: int
+    queued_tokens: int
+    tenants: int
+    admitted_total: int
+    shed_total: int
+    wait_p50_ms: float
+    wait_p99_ms: float
+    def __init__(self, enabled: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., tenants: _Optional[int] = ..., admitted_total: _Optional[int] = ..., shed_total: _Optional[int] = ..., wait_p50_ms: _Optional[float] = ..., wait_p99_ms: _Optional[float] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -75,7 +75,9 @@ class DispatchServicer:
     def Generate(self, request, context):
         """Pick a rank and forward the request to its worker, streaming the tokens back. A request whose
         worker fails before its first token is re-dispatched once to another rank; after that the
-        client gets UNAVAILABLE naming the request id.
+        client gets UNAVAILABLE naming the request id. ALREADY_EXISTS when a request with the same id,
+        or the same bootstrap room, is in flight through this dispatcher; the worker's statuses
+        (ALREADY_EXISTS, DEADLINE_EXCEEDED, NOT_FOUND ...) are passed on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

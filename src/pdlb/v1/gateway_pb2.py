@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdlb.v1 import common_pb2 as pdlb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdlb/v1/gateway.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"D\n\x16GatewayGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\xec\x01\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x16\n\x0e\x64\x65\x63ode_dp_rank\x18\x05 \x01(\x05\x12\x17\n\x0fprefill_dp_rank\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x0f\n\x07retries\x18\t \x01(\r2Z\n\x07Gateway\x12O\n\x08Generate\x12\x1f.pdlb.v1.GatewayGenerateRequest\x1a .pdlb.v1.GatewayGenerateResponse0\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdlb/v1/gateway.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"D\n\x16GatewayGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\"\x95\x02\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x16\n\x0e\x64\x65\x63ode_dp_rank\x18\x05 \x01(\x05\x12\x17\n\x0fprefill_dp_rank\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x0f\n\x07retries\x18\t \x01(\r\x12\'\n\x08logprobs\x18\n \x03(\x0b\x32\x15.pdlb.v1.TokenLogprob2Z\n\x07Gateway\x12O\n\x08Generate\x12\x1f.pdlb.v1.GatewayGenerateRequest\x1a .pdlb.v1.GatewayGenerateResponse0\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=56
   _globals['_GATEWAYGENERATEREQUEST']._serialized_end=124
   _globals['_GATEWAYGENERATERESPONSE']._serialized_start=127
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=363
-  _globals['_GATEWAY']._serialized_start=365
-  _globals['_GATEWAY']._serialized_end=455
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=404
+  _globals['_GATEWAY']._serialized_start=406
+  _globals['_GATEWAY']._serialized_end=496
 # @@protoc_insertion_point(module_scope)

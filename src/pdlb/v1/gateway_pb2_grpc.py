@@ -54,9 +54,11 @@ class GatewayServicer:
 
     def Generate(self, request, context):
         """Stream one request's tokens. Errors name the request id: INVALID_ARGUMENT (bad request),
-        RESOURCE_EXHAUSTED (too many streams here, or back-pressure from the cluster), UNAVAILABLE (no
-        dispatcher or worker for a role, or a failure the single retry could not mend),
-        DEADLINE_EXCEEDED (past the request's deadline).
+        ALREADY_EXISTS (a request with this id, or this client-chosen bootstrap room, is in flight
+        here), RESOURCE_EXHAUSTED (too many streams here, or back-pressure from the cluster), UNAVAILABLE (no
+        dispatcher or worker for a role, or a failure the single retry could not mend, such as a KV
+        hand-off lost twice), DEADLINE_EXCEEDED (past the request's deadline; in PD mode also while
+        the prefill half is still queued: the decode half waits for it as long as the deadline allows).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

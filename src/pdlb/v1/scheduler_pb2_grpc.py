@@ -63,9 +63,13 @@ class SchedulerServicer:
 
     def Generate(self, request, context):
         """Admit a request and stream its tokens. Errors: INVALID_ARGUMENT (empty or out-of-vocabulary
-        prompt, duplicate request id), RESOURCE_EXHAUSTED (the request can never fit the KV budget, or
-        the waiting queue is full), FAILED_PRECONDITION (wrong role for the request, or shutting down),
-        NOT_FOUND (decode: the room's prefill KV is not available).
+        prompt), ALREADY_EXISTS (a request with this id, or with this bootstrap room, is queued,
+        running, pulling its KV or holding prefill KV here; the first one is left intact),
+        RESOURCE_EXHAUSTED (the request can never fit the KV budget, or the waiting queue is full),
+        FAILED_PRECONDITION (wrong role for the request, or shutting down), DEADLINE_EXCEEDED (decode:
+        the room's prefill KV was not ready within the request's deadline, or without a deadline within
+        --kv-wait-timeout; a prefill queued for long is waited for, not failed), NOT_FOUND (decode: the
+        room's KV was pulled by another request or expired before the pull).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +92,9 @@ class SchedulerServicer:
     def PullKV(self, request, context):
         """PD: a decode worker pulls the prefill KV cache of a room from the prefill worker that holds
         it, as a stream of tensor chunks. The prefill worker frees the KV once the stream completes.
-        NOT_FOUND when the room is not held (never prefilled here, already pulled, or expired).
+        Waits for a room not held yet (its prefill queued or running here, or not arrived) up to the
+        call's deadline (without one: --kv-wait-timeout), then DEADLINE_EXCEEDED. NOT_FOUND at once
+        when the room's KV was held here and is gone (already pulled, or expired).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from pdlb.engines.kv_events import KVEventLog
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
+from pdlb.engines.torch.sampler import Sampled, SamplingConfig
 from pdlb.engines.torch.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
@@ -39,6 +40,7 @@ LENGTH, STOP, ABORT, PREFILL_DONE = (
 
 
 MAX_ROOM_WAITS = 10_000
+MAX_RELEASED_ROOMS = 10_000  # rooms whose held KV went (pulled or expired), remembered to answer at once
 
 
 class AdmissionError(Exception):
@@ -54,6 +56,7 @@ class Output:
     token_ids: list[int]
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     error: tuple[grpc.StatusCode, str] | None = None  # the request fails with this status instead
+    logprobs: list[Sampled] = field(default_factory=list)  # one per token when the request asked
 
 
 @dataclass
@@ -75,6 +78,8 @@ class Sequence:
     ignore_eos: bool = False
     seed: int = 0  # temperature sampling: token i is drawn with a generator seeded from (seed, seed_position + i)
     seed_position: int = 0
+    sampling: SamplingConfig | None = None  # parameters beyond temperature (None: plain sampling)
+    min_tokens: int = 0  # stop tokens neither end the generation nor get drawn before this many
     prefill_only: bool = False
     bootstrap_room: int | None = None
     preloaded: PreloadedKV | None = None
@@ -169,6 +174,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
         self.held: dict[int, HeldKV] = {}
+        # Bootstrap room -> the request that owns it here (queued, running, or its KV held until
+        # pulled): a second request with the room is refused, never allowed to replace the KV.
+        self.rooms: dict[int, str] = {}
+        self.released: OrderedDict[int, str] = OrderedDict()  # room -> what became of its held KV
         self.reserved = 0  # KV tokens promised to running requests and held rooms (beyond cache blocks)
         self.draining = False
         self.steps = 0
@@ -204,6 +213,13 @@ class Engine:
             raise AdmissionError(grpc.StatusCode.FAILED_PRECONDITION, "worker is shutting down; send it elsewhere")
         if seq.request_id in self.by_id:
             raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
+        owner = self.rooms.get(seq.bootstrap_room) if seq.bootstrap_room is not None else None
+        if owner is not None:
+            raise AdmissionError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {seq.request_id}: bootstrap room {seq.bootstrap_room} is already taken here by request "
+                f"{owner} (queued, running, or its KV held for its decode half); give every request a room of its own",
+            )
         bad = next((t for t in seq.prompt if not 0 <= t < config.vocab_size), None)
         if bad is not None:
             raise AdmissionError(
@@ -240,6 +256,8 @@ class Engine:
         """Queue an admissible request (`wave`: its request wave, read by lockstep groups only)."""
         self.check(seq)
         self.by_id[seq.request_id] = seq
+        if seq.bootstrap_room is not None:
+            self.rooms[seq.bootstrap_room] = seq.request_id
         self.waiting.append(seq)
         self.prompt_tokens_total += len(seq.prompt)
         self._idle.clear()
@@ -385,10 +403,20 @@ class Engine:
                         generator=token_generator(seq.seed, seq.seed_position + len(seq.output))
                         if done_prompt and seq.temperature > 0
                         else None,
+                        config=seq.sampling,
+                        prompt=seq.prompt,
+                        output=seq.output,
+                        banned=self._banned(seq) if done_prompt else frozenset(),
                     ),
                 )
             )
         return items
+
+    def _banned(self, seq: Sequence) -> frozenset[int]:
+        """Tokens the next draw must not be: the stop tokens, while min_tokens is not reached."""
+        if seq.seed_position + len(seq.output) >= seq.min_tokens:
+            return frozenset()
+        return seq.stop_ids if seq.ignore_eos else seq.stop_ids | {self.runner.eos_token_id}
 
     def _measure(self, items: list[tuple[Sequence, StepItem]], seconds: float, fit_tokens: int | None = None) -> None:
         """The step time (moving average) and the fitted line of step time against prefill tokens
@@ -416,27 +444,29 @@ class Engine:
             if prefilling and not seq.aborted:
                 self._cache_prompt(seq)
             if token is not None and not seq.aborted:
-                self._emit(seq, token)
+                self._emit(seq, token, item.sampled)
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, sampled: Sampled | None = None) -> None:
         seq.output.append(token)
         reason = self._finish_reason(seq, token)
+        logprobs = [sampled] if sampled is not None and seq.sampling and seq.sampling.logprobs is not None else []
         if reason is None:
-            seq.outbox.put_nowait(Output([token]))
+            seq.outbox.put_nowait(Output([token], logprobs=logprobs))
             return
         self.running.remove(seq)
         if reason == PREFILL_DONE and seq.bootstrap_room is not None:
             self._hold(seq, token)
-            seq.outbox.put_nowait(Output([token], reason))
+            seq.outbox.put_nowait(Output([token], reason, logprobs=logprobs))
             self._retire(seq, reason, keep_kv=True)
             return
-        seq.outbox.put_nowait(Output([token], reason))
+        seq.outbox.put_nowait(Output([token], reason, logprobs=logprobs))
         self._retire(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> int | None:
         if seq.prefill_only:
             return PREFILL_DONE
-        if token in seq.stop_ids or (token == self.runner.eos_token_id and not seq.ignore_eos):
+        stops = seq.seed_position + len(seq.output) > seq.min_tokens
+        if stops and (token in seq.stop_ids or (token == self.runner.eos_token_id and not seq.ignore_eos)):
             return STOP
         if len(seq.output) >= seq.max_new_tokens:
             return LENGTH
@@ -460,9 +490,14 @@ class Engine:
         seq.reserved_tokens = 0
         if not keep_kv:
             self._release_kv(seq.slots, seq.shared, seq.nodes)
+            self._release_room(seq.bootstrap_room, seq.request_id)
         seq.slots, seq.nodes = [], []
         self.by_id.pop(seq.request_id, None)
         self._wake()
+
+    def _release_room(self, room: int | None, request_id: str) -> None:
+        if room is not None and self.rooms.get(room) == request_id:
+            del self.rooms[room]
 
     def _release_kv(self, slots: list[int], shared: int, nodes: list[CacheNode]) -> None:
         if len(slots) > shared:
@@ -473,10 +508,8 @@ class Engine:
     # held KV (prefill role) ------------------------------------------------------------------
     def _hold(self, seq: Sequence, first_token: int) -> None:
         room = seq.bootstrap_room
-        assert room is not None
-        stale = self.held.pop(room, None)
-        if stale is not None:
-            self._free_held(stale)
+        assert room is not None and room not in self.held  # admission refused a second owner of the room
+        self.released.pop(room, None)
         prompt_slots = seq.slots[: len(seq.prompt)]
         extra = seq.slots[len(seq.prompt) :]
         if extra:
@@ -499,12 +532,19 @@ class Engine:
             event.set()
 
     async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
-        """Take a room's KV, waiting up to `timeout` for its prefill to finish here."""
+        """Take a room's KV, waiting up to `timeout` for its prefill to finish here; None when the
+        wait ran out. Raises AdmissionError(NOT_FOUND) at once when the room's KV was here and is
+        gone (pulled by another request, or expired): waiting could never bring it back."""
         held = self.take_held(room)
-        if held is not None or timeout <= 0:
+        if held is not None:
             return held
-        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+        self._raise_if_released(room)
+        if timeout <= 0:
             return None
+        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_ROOM_WAITS} pulls already wait for their rooms here"
+            )
         event = self._room_events.setdefault(room, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -513,7 +553,15 @@ class Engine:
         finally:
             if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
                 del self._room_events[room]
-        return self.take_held(room)
+        held = self.take_held(room)
+        if held is None:  # another pull of the same room took it first
+            self._raise_if_released(room)
+        return held
+
+    def _raise_if_released(self, room: int) -> None:
+        what = self.released.get(room)
+        if what is not None and room not in self.rooms:
+            raise AdmissionError(grpc.StatusCode.NOT_FOUND, f"room {room}: the KV held here for it was {what}")
 
     async def read_held(self, held: HeldKV) -> tuple[torch.Tensor, torch.Tensor]:
         """The held KV, read off the device on the runner thread: not on the event loop (a long
@@ -532,19 +580,25 @@ class Engine:
         return self.held.pop(room, None)
 
     def free_held(self, held: HeldKV) -> None:
-        self._free_held(held)
+        self._free_held(held, "already pulled (taken by a PullKV call)")
         self._notify()
 
-    def _free_held(self, held: HeldKV) -> None:
+    def _free_held(self, held: HeldKV, what: str) -> None:
         self.reserved -= held.private_tokens
         self._release_kv(held.slots, held.shared, held.nodes)
         held.slots, held.nodes, held.shared = [], [], 0
+        self._release_room(held.room, held.request_id)
+        self.released[held.room] = f"{what}; it belonged to request {held.request_id}"
+        self.released.move_to_end(held.room)
+        while len(self.released) > MAX_RELEASED_ROOMS:
+            self.released.popitem(last=False)
         self._wake()
 
     def _expire_held(self) -> None:
         now = time.monotonic()
         for room in [r for r, h in self.held.items() if h.expires_at <= now]:
-            self._free_held(self.held.pop(room))
+            what = f"not pulled within {self.kv_hold_ttl_s:g} s and freed (--kv-hold-ttl)"
+            self._free_held(self.held.pop(room), what)
 
     # state ---------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -601,6 +655,6 @@ class Engine:
     async def close(self) -> None:
         await self._stop_loop()
         for held in list(self.held.values()):
-            self._free_held(held)
+            self._free_held(held, "freed at shutdown")
         self.held.clear()
         self._executor.shutdown(wait=True)

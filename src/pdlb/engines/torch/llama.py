@@ -7,6 +7,7 @@ forward pass serves a mixed batch of prefill chunks and decode tokens (see model
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,17 +32,23 @@ class RMSNorm(nn.Module):
 
 
 class LlamaLayer(nn.Module):
+    """Q, K and V projections stacked in one matrix (rows: Q heads, K heads, V heads), and gate and
+    up in another (rows: gate, up), so each is one GEMM; checkpoints' separate matrices are stacked
+    on load (see LlamaModel.load_weights)."""
+
     def __init__(self, c: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        qkv_width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, qkv_width, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+# Checkpoint matrices stacked into one of ours, in this order along the output dimension.
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
@@ -71,6 +78,13 @@ class LlamaModel(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts as nn.Module does, except the rotary frequencies, which stay float32:
+        rounded to bfloat16 they would be off by up to 0.4%, a whole radian by position ~400."""
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     @classmethod
     def random(cls, config: LlamaConfig, seed: int = 0) -> LlamaModel:
         """Deterministic random weights (benchmarks and tests of mechanics; speed does not depend on values)."""
@@ -87,15 +101,30 @@ class LlamaModel(nn.Module):
         return model
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) or ours."""
-        own = {}
+        """Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) or ours.
+
+        Separate q/k/v and gate/up matrices (and q/k/v biases) are stacked into qkv_proj and
+        gate_up_proj; a part missing from the checkpoint is reported as missing."""
+        own: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}
         for name, tensor in weights.items():
             key = name.removeprefix("model.").replace("self_attn.", "").replace("mlp.", "")
             if key == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints store the copy anyway
-            own[key] = tensor
+            (parts if any(f".{p}." in key for ps in STACKED.values() for p in ps) else own)[key] = tensor
+        missing_parts = []
+        for prefix in {k.rsplit(".", 2)[0] for k in parts}:  # "layers.N"
+            for stacked, names in STACKED.items():
+                for kind in ("weight", "bias"):
+                    found = [parts.pop(f"{prefix}.{n}.{kind}", None) for n in names]
+                    if all(t is None for t in found):
+                        continue
+                    missing_parts += [f"{prefix}.{n}.{kind}" for n, t in zip(names, found, strict=True) if t is None]
+                    if all(t is not None for t in found):
+                        own[f"{prefix}.{stacked}.{kind}"] = torch.cat(found, 0)
         missing, unexpected = self.load_state_dict(own, strict=False)
-        missing = [m for m in missing if m != "inv_freq"]
+        missing = missing_parts + [m for m in missing if m != "inv_freq"]
+        unexpected = unexpected + sorted(parts)
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -112,55 +141,133 @@ class LlamaModel(nn.Module):
 
     def run_plan(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         """The forward pass over a plan's index tensors: no host work and no host sync, so a
-        decode plan with fixed shapes can be captured in a CUDA graph (see decode_graphs.py)."""
+        decode plan with fixed shapes can be captured in a CUDA graph (see decode_graphs.py).
+
+        On CUDA it runs the fused kernels (fused_kernels.py), elsewhere plain torch operations;
+        `self.fused` chooses (None: fused wherever the weights are on CUDA and Triton imports)."""
+        if self.uses_fused():
+            return self._run_fused(plan, pool)
+        return self._run_torch(plan, pool)
+
+    fused: bool | None = None  # None: decided by where the weights are (uses_fused)
+
+    def uses_fused(self) -> bool:
+        if self.fused is not None:
+            return self.fused
+        return self.embed_tokens.weight.is_cuda and _triton_available()
+
+    def _rotary_tables(self, plan: BatchPlan | DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every token's rotary angles, [T, head_dim / 2] float32."""
+        angles = plan.positions.float().unsqueeze(-1) * self.inv_freq
+        return angles.cos(), angles.sin()
+
+    def _attention_torch(
+        self,
+        plan: BatchPlan | DecodePlan,
+        pool: KVPool,
+        index: int,
+        q: torch.Tensor,
+        mask: torch.Tensor | None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Attention over the pool through SDPA: q [T, H, hd] of this layer, its K/V already
+        written to the pool (`new_kv`: the new tokens' K and V [T, Hkv, hd], if at hand); returns
+        [T, H * hd]."""
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        if plan.whole_prompt:
+            # one prompt from its first token: plain causal attention over its own K/V (no pool
+            # gather, no mask), which lets SDPA pick its flash kernel
+            if new_kv is None:
+                new_kv = pool.k[index, plan.write_slots], pool.v[index, plan.write_slots]
+            keys, values = new_kv[0].to(q.dtype), new_kv[1].to(q.dtype)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0),
+                keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0),
+                is_causal=True,
+                enable_gqa=group > 1,
+            )  # [1, H, T, hd]
+            return attended[0].transpose(0, 1).reshape(-1, c.num_heads * c.head_dim)
+        keys = pool.k[index, plan.kv_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, maxk, hd]
+        values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
+        queries = q[plan.q_index]  # [B, maxn, H, hd]
+        batch, max_new = queries.shape[:2]
+        # [B, maxn, Hkv, group, hd] -> [B, Hkv, group * maxn, hd]
+        queries = queries.view(batch, max_new, c.num_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)
+        queries = queries.reshape(batch, c.num_kv_heads, group * max_new, c.head_dim)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        attended = attended.reshape(batch, c.num_heads, max_new, c.head_dim)  # back to [B, H, maxn, hd]
+        return plan.valid_rows(attended)
+
+    def _run_torch(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         c = self.config
         x = self.embed_tokens(plan.tokens)
-        angles = plan.positions.float().unsqueeze(-1) * self.inv_freq  # [T, hd/2]
-        cos = torch.cat((angles.cos(), angles.cos()), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
-        sin = torch.cat((angles.sin(), angles.sin()), -1).to(x.dtype).unsqueeze(1)
+        cos, sin = self._rotary_tables(plan)
+        cos = torch.cat((cos, cos), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
+        sin = torch.cat((sin, sin), -1).to(x.dtype).unsqueeze(1)
         group = c.num_heads // c.num_kv_heads
         # Grouped-query attention without copying K/V per query head: the `group` query heads of a
         # KV head become extra query rows of that head (their mask rows repeat), which also keeps
         # the fused attention kernels eligible where enable_gqa would fall back to plain math.
-        if plan.whole_prompt:
-            mask = None  # causal attention over the prompt's own K/V needs none
-        else:
-            mask = plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
+        mask = None if plan.whole_prompt else plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for index, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            q = layer.q_proj(h).view(-1, c.num_heads, c.head_dim)
-            k = layer.k_proj(h).view(-1, c.num_kv_heads, c.head_dim)
-            v = layer.v_proj(h).view(-1, c.num_kv_heads, c.head_dim)
+            q, k, v = layer.qkv_proj(h).split((q_width, kv_width, kv_width), -1)
+            q, k = q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim)
+            v = v.view(-1, c.num_kv_heads, c.head_dim)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             pool.k[index, plan.write_slots] = k.to(pool.k.dtype)
             pool.v[index, plan.write_slots] = v.to(pool.v.dtype)
-            if plan.whole_prompt:
-                # one prompt from its first token: plain causal attention over its own K/V (no pool
-                # gather, no mask), which lets SDPA pick its flash kernel
-                attended = F.scaled_dot_product_attention(
-                    q.transpose(0, 1).unsqueeze(0),
-                    k.transpose(0, 1).unsqueeze(0),
-                    v.transpose(0, 1).unsqueeze(0),
-                    is_causal=True,
-                    enable_gqa=group > 1,
-                )  # [1, H, T, hd]
-                x = x + layer.o_proj(attended[0].transpose(0, 1).reshape(-1, c.num_heads * c.head_dim))
-            else:
-                keys = pool.k[index, plan.kv_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, maxk, hd]
-                values = pool.v[index, plan.kv_index].to(q.dtype).transpose(1, 2)
-                queries = q[plan.q_index]  # [B, maxn, H, hd]
-                batch, max_new = queries.shape[:2]
-                # [B, maxn, Hkv, group, hd] -> [B, Hkv, group * maxn, hd]
-                queries = queries.view(batch, max_new, c.num_kv_heads, group, c.head_dim).permute(0, 2, 3, 1, 4)
-                queries = queries.reshape(batch, c.num_kv_heads, group * max_new, c.head_dim)
-                attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-                attended = attended.reshape(batch, c.num_heads, max_new, c.head_dim)  # back to [B, H, maxn, hd]
-                x = x + layer.o_proj(plan.valid_rows(attended))
+            x = x + layer.o_proj(self._attention_torch(plan, pool, index, q, mask, (k, v)))
             h = layer.post_attention_layernorm(x)
-            x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        last = self.norm(x[plan.last_index])
+            gate, up = layer.gate_up_proj(h).chunk(2, -1)
+            x = x + layer.down_proj(F.silu(gate) * up)
+        return self._logits(self.norm(x[plan.last_index]))
+
+    def _run_fused(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
+        """The same computation in fewer kernels: the residual add fused into the next RMSNorm,
+        rotary and the K/V write in one kernel, decode attention reading the pool in place."""
+        from pdlb.engines.torch import fused_kernels as kernels
+
+        c = self.config
+        x = self.embed_tokens(plan.tokens)
+        cos, sin = self._rotary_tables(plan)
+        decode = plan.decode_only
+        mask = None
+        if not decode and not plan.whole_prompt:
+            group = c.num_heads // c.num_kv_heads
+            mask = plan.mask if group == 1 else plan.mask.repeat(1, 1, group, 1)
+        h = kernels.add_rms_norm(x, None, self.layers[0].input_layernorm.weight, c.rms_norm_eps)
+        for index, layer in enumerate(self.layers):
+            k_pool, v_pool = pool.k[index], pool.v[index]
+            q = kernels.rotary_kv_write(
+                layer.qkv_proj(h), cos, sin, plan.write_slots, k_pool, v_pool, c.num_heads, c.num_kv_heads
+            )
+            if decode:
+                attended = kernels.paged_decode_attention(q, k_pool, v_pool, plan.kv_index, plan.kv_lens)
+                attended = attended.view(-1, c.num_heads * c.head_dim)
+            else:
+                attended = self._attention_torch(plan, pool, index, q, mask)
+            h = kernels.add_rms_norm(x, layer.o_proj(attended), layer.post_attention_layernorm.weight, c.rms_norm_eps)
+            mlp = layer.down_proj(kernels.silu_mul(layer.gate_up_proj(h)))
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            h = kernels.add_rms_norm(x, mlp, following.weight, c.rms_norm_eps)
+        return self._logits(h[plan.last_index])
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(last, head).float()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

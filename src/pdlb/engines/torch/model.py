@@ -177,8 +177,11 @@ class BatchPlan:
         self.q_rows = torch.nonzero(q_valid.flatten()).flatten().to(device)
         self.mask = mask.unsqueeze(1).to(device)  # [B, 1, maxn, maxk]
         self.last_index = torch.tensor(last, dtype=torch.long, device=device)
+        self.kv_lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
         # a single prompt chunk from position 0 attends to nothing but itself
         self.whole_prompt = len(chunks) == 1 and chunks[0].start_pos == 0 and new_lens[0] > 1
+        # one new token per sequence: attention can read the pool through kv_index and kv_lens alone
+        self.decode_only = max_new == 1
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, maxn, hd] attention output -> [tokens, H * hd] rows of the real queries."""
@@ -206,6 +209,7 @@ class DecodePlan:
         self.last_index = torch.arange(batch, device=device)
         self._key_pos = torch.arange(context, device=device).view(1, 1, 1, context)
         self.whole_prompt = False
+        self.decode_only = True
         self.refresh_mask()
 
     def refresh_mask(self) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,16 +13,24 @@ from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
+from pdlb.engines.torch.sampler import Sampled, SamplingConfig, sample_row
 
 
 @dataclass
 class StepItem:
-    """One sequence in a step: its chunk, and how to sample its next token (if it needs one)."""
+    """One sequence in a step: its chunk, and how to sample its next token (if it needs one).
+    `config` (None: plain temperature sampling) and `banned` take the sampler's full path; the
+    runner leaves the draw's log-probabilities in `sampled` when the config asks for them."""
 
     chunk: SeqChunk
     sample: bool
     temperature: float = 0.0
     generator: torch.Generator | None = None
+    config: SamplingConfig | None = None
+    prompt: list[int] = field(default_factory=list)  # for the repetition penalty
+    output: list[int] = field(default_factory=list)  # for the penalties
+    banned: frozenset[int] = frozenset()  # stop tokens while min_tokens is not reached
+    sampled: Sampled | None = None
 
 
 class Runner(ABC):
@@ -104,6 +112,10 @@ class TorchRunner(Runner):
         for index, item in enumerate(items):
             if not item.sample:
                 out.append(None)
+            elif item.config is not None or item.banned:
+                config = item.config or SamplingConfig(temperature=item.temperature)
+                item.sampled = sample_row(logits[index], config, item.generator, item.prompt, item.output, item.banned)
+                out.append(item.sampled.token)
             elif item.temperature > 0:
                 probs = torch.softmax(logits[index].cpu() / item.temperature, dim=-1)
                 out.append(int(torch.multinomial(probs, 1, generator=item.generator)))
@@ -192,7 +204,11 @@ class SimRunner(Runner):
                 out.append(None)
                 continue
             context = bytes(str([self._slot_token.get(s, 0) for s in chunk.slots[max(0, end - 8) : end]]), "ascii")
-            out.append(hashlib.blake2b(context, digest_size=2).digest()[0])  # a byte token, never EOS
+            token = hashlib.blake2b(context, digest_size=2).digest()[0]  # a byte token, never EOS
+            if item.config is not None and item.config.logprobs is not None:
+                # The sim's next token is certain given its context: probability 1, the only likely one.
+                item.sampled = Sampled(token, 0.0, [(token, 0.0)][: item.config.logprobs])
+            out.append(token)
         return out
 
     def read_kv(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from pdlb.common.modes import role_of_mode
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
+from pdlb.services.dispatcher.flow_control import FlowOptions
 from pdlb.services.dispatcher.load_table import LoadTable, Role
 from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
@@ -111,7 +112,83 @@ def build_parser() -> FlagParser:
         type=int,
         help="cache_aware: sessions (routing_key) remembered, least recently used dropped",
     )
+    flow = FlowOptions()
+    parser.flag(
+        "--flow-control",
+        default=flow.enabled,
+        type=bool,
+        help="late binding: hold a request in the dispatcher's queue while no rank has room (a free batch slot, "
+        "enough free KV, a predicted wait under --max-wait-ms) and bind it when room frees",
+    )
+    parser.flag("--max-queued-requests", default=flow.max_queued_requests, type=int, help="flow control: queue bound")
+    parser.flag(
+        "--queue-ttl", default=flow.queue_ttl_s, type=float, help="flow control: longest wait in the queue, seconds"
+    )
+    parser.flag(
+        "--sheddable-queue-ttl",
+        default=flow.sheddable_ttl_s,
+        type=float,
+        help="flow control: longest wait of sheddable requests (priority >= --sheddable-priority), seconds",
+    )
+    parser.flag(
+        "--sheddable-priority",
+        default=flow.sheddable_priority,
+        type=int,
+        help="flow control: requests of this priority or a larger value (served later) are shed first",
+    )
+    parser.flag(
+        "--max-wait-ms",
+        default=flow.max_wait_ms,
+        type=float,
+        help="flow control, mixed and prefill: a rank whose predicted prefill wait exceeds this has no room "
+        "(0: batch slots and KV only)",
+    )
+    parser.flag(
+        "--fair-share-quantum",
+        default=flow.quantum_tokens,
+        type=int,
+        help="flow control: prompt tokens of credit a tenant gets per deficit-round-robin visit",
+    )
+    parser.flag(
+        "--tenant-weights",
+        default="",
+        help="flow control: comma separated tenant=weight (others weigh 1), e.g. gold=4,batch=0.5",
+    )
+    parser.flag(
+        "--max-tenants",
+        default=flow.max_tenants,
+        type=int,
+        help="flow control: tenants with queued requests tracked apart; further ones share one class",
+    )
     return parser
+
+
+def flow_options(args) -> FlowOptions:
+    weights = []
+    for item in csv_list(args.tenant_weights):
+        name, sep, raw = item.rpartition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = 0.0
+        if not sep or not name or not weight > 0:
+            raise SystemExit(f"--tenant-weights: {item!r} is not tenant=weight with a weight > 0")
+        weights.append((name, weight))
+    if args.max_queued_requests < 1 or args.fair_share_quantum < 1 or args.max_tenants < 1:
+        raise SystemExit("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
+    if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
+        raise SystemExit("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+    return FlowOptions(
+        enabled=args.flow_control,
+        max_queued_requests=args.max_queued_requests,
+        queue_ttl_s=args.queue_ttl,
+        sheddable_ttl_s=args.sheddable_queue_ttl,
+        sheddable_priority=args.sheddable_priority,
+        max_wait_ms=args.max_wait_ms,
+        quantum_tokens=args.fair_share_quantum,
+        tenant_weights=tuple(weights),
+        max_tenants=args.max_tenants,
+    )
 
 
 def policy_options(args) -> PolicyOptions:
@@ -159,6 +236,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         core.waves.forget(worker_id)
         core.kv_index.forget(worker_id)
         asyncio.get_running_loop().create_task(core.channels.prune())
+        core.flow.kick()  # with no worker left, queued requests fail UNAVAILABLE now
 
     members = Members(table, role, static=not args.etcd, on_removed=worker_removed, model=source.model_id)
     members.add_static(static)
@@ -173,6 +251,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.max_concurrent_requests,
         args.max_watchers,
         tokenizer=tokenizer,
+        flow=flow_options(args),
         max_prompt_chars=args.max_prompt_chars,
     )
     host = ServiceHost(
@@ -227,6 +306,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
 
     async def stop() -> None:
         core.draining = True
+        core.flow.fail_all("the dispatcher is shutting down; send it to another dispatcher")
         if registration:
             await registration.close()  # deregister first: schedulers stop reporting here
         await host.stop(args.shutdown_grace)

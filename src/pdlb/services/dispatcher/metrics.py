@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,8 +34,24 @@ class DispatcherMetrics:
             "StartWave messages sent to paused ranks of lockstep DP groups",
             registry=self.registry,
         )
+        self.shed = Counter(
+            "pdlb_queue_shed",
+            "Requests the admission queue failed with RESOURCE_EXHAUSTED, by reason "
+            "(ttl, deadline, full, displaced, shutdown)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "pdlb_queue_wait_seconds",
+            "Time requests waited in the admission queue before being bound to a rank",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.registry.register(LoadCollector(table))
         self._dispatch_children: dict[tuple[str, int], Counter] = {}
+
+    def count_shed(self, reason: str) -> None:
+        self.shed.labels(reason).inc()
 
     def count_dispatch(self, method: str, dp_rank: int) -> None:
         # Resolving labels takes a lock and builds a key; keep each (method, rank) child once.
@@ -42,6 +59,10 @@ class DispatcherMetrics:
         if child is None:
             child = self._dispatch_children[(method, dp_rank)] = self.dispatches.labels(method, str(dp_rank))
         child.inc()
+
+    def watch_queue(self, depth: Callable[[], tuple[int, int, int]]) -> None:
+        """Export the admission queue's (requests, prompt tokens, tenants), read at scrape time."""
+        self.registry.register(QueueCollector(depth))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port."""
@@ -72,6 +93,17 @@ class LoadCollector(Collector):
             if entry.last_report_at is not None:
                 age.add_metric([rank], now - entry.last_report_at)
         yield from (requests, tokens, inflight, kv, age)
+
+
+class QueueCollector(Collector):
+    def __init__(self, depth: Callable[[], tuple[int, int, int]]) -> None:
+        self.depth = depth
+
+    def collect(self):
+        requests, tokens, tenants = self.depth()
+        yield GaugeMetricFamily("pdlb_queue_requests", "Requests held in the admission queue", value=requests)
+        yield GaugeMetricFamily("pdlb_queue_tokens", "Prompt tokens of the queued requests", value=tokens)
+        yield GaugeMetricFamily("pdlb_queue_tenants", "Tenants with queued requests", value=tenants)
 
 
 def wall_ms() -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -33,13 +33,20 @@ class Router:
             return decode_rank
         return decode_rank if decode_rank is not None else prefill_rank
 
-    def decide(self, ctx: RouteContext, external: int | None = None, exclude: Collection[str] = ()) -> Decision:
-        """Pick a worker and count the request as in flight on it."""
+    def decide(
+        self,
+        ctx: RouteContext,
+        external: int | None = None,
+        exclude: Collection[str] = (),
+        among: Sequence[WorkerEntry] | None = None,
+    ) -> Decision:
+        """Pick a worker and count the request as in flight on it. `among`: the candidates to
+        choose from (flow control passes the ranks with room), instead of every live rank."""
         predicted = None
         if external is not None:
             entry, method = self._external(ctx, external), EXTERNAL
         else:
-            candidates = self.table.candidates()
+            candidates = self.table.candidates() if among is None else among
             if exclude:  # only on a re-dispatch: the common path stays free of per-rank work
                 candidates = [e for e in candidates if e.worker.worker_id not in exclude]
             if not candidates:

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit
+from pdlb.common.requests import RETRY_AFTER_KEY, InvalidRequest, check_request_off_loop, prompt_chars_limit
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.slots import Slots
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.dispatcher.channels import ChannelPool
+from pdlb.services.dispatcher.flow_control import FlowControl, FlowOptions, Shed
 from pdlb.services.dispatcher.kv_index import ExactPrefixIndex
 from pdlb.services.dispatcher.load_table import (
     LoadTable,
@@ -127,6 +128,7 @@ class DispatchCore:
         max_concurrent_requests: int = 10_000,
         max_watchers: int = 64,
         tokenizer: Tokenizer | None = None,
+        flow: FlowOptions | None = None,
         max_prompt_chars: int = 0,
     ) -> None:
         self.dispatcher_id = dispatcher_id
@@ -144,6 +146,9 @@ class DispatchCore:
         self.report_interval_ms = report_interval_ms
         self.room_recorder: RoomRecorder | None = None
         self.draining = False
+        # Request ids and bootstrap rooms of the Generate calls in flight (bounded by active_requests).
+        self.in_flight_ids: set[str] = set()
+        self.in_flight_rooms: set[int] = set()
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
         self.waves = WaveCoordinator(self._send_start_wave)
@@ -151,6 +156,12 @@ class DispatchCore:
         self.kv_index = ExactPrefixIndex()
         if isinstance(router.policy, PrefixIndexPolicy):
             router.policy.exact = self.kv_index
+        # Late binding: requests wait here until a rank has room (flow_control.py).
+        self.flow = FlowControl(
+            router, flow or FlowOptions(enabled=False), on_shed=metrics.count_shed, on_wait=metrics.queue_wait.observe
+        )
+        queue = self.flow.queue
+        metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants))
 
     def _send_start_wave(self, worker_id: str, start: load_report_pb2.StartWave) -> bool:
         outbox = self.report_outboxes.get(worker_id)
@@ -192,6 +203,27 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         except RoutingError as exc:
             self.core.metrics.failures.labels(exc.code.name).inc()
             await context.abort(exc.code, str(exc))
+        self.core.metrics.count_dispatch(decision.method, decision.entry.dp_rank)
+        return decision
+
+    async def _admit(
+        self, request: common_pb2.InferenceRequest, ctx: RouteContext, deadline: float, context
+    ) -> Decision:
+        """The first decision of a Generate: through the admission queue (late binding)."""
+        due = deadline
+        if request.ttft_deadline_ms:
+            due = min(due, time.monotonic() + request.ttft_deadline_ms / 1000)
+        try:
+            decision = await self.core.flow.decide(
+                ctx, priority=request.priority, tenant=request.tenant or request.routing_key, deadline_at=due
+            )
+        except RoutingError as exc:
+            self.core.metrics.failures.labels(exc.code.name).inc()
+            await context.abort(exc.code, str(exc))
+        except Shed as exc:
+            self.core.metrics.failures.labels("RESOURCE_EXHAUSTED").inc()
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_s)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.core.metrics.count_dispatch(decision.method, decision.entry.dp_rank)
         return decision
 
@@ -237,10 +269,37 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         ctx, external = await self._checked(request.request, context)
         await acquire(self.core.active_requests, context)
         try:
-            async for response in self._generate(request, ctx, external, context):
-                yield response
+            await self._claim(ctx, context)
+            try:
+                async for response in self._generate(request, ctx, external, context):
+                    yield response
+            finally:
+                self.core.in_flight_ids.discard(ctx.request_id)
+                if ctx.bootstrap_room is not None:
+                    self.core.in_flight_rooms.discard(ctx.bootstrap_room)
         finally:
             self.core.active_requests.release()
+            self.core.flow.kick()  # a finished, failed or cancelled request may have freed room
+
+    async def _claim(self, ctx: RouteContext, context) -> None:
+        """Refuse a request whose id or bootstrap room is in flight here (ALREADY_EXISTS): on two
+        ranks both would run, and one room's KV would be held twice."""
+        core, rid, room = self.core, ctx.request_id, ctx.bootstrap_room
+        if rid in core.in_flight_ids:
+            core.metrics.failures.labels("ALREADY_EXISTS").inc()
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
+            )
+        if room is not None and room in core.in_flight_rooms:
+            core.metrics.failures.labels("ALREADY_EXISTS").inc()
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {rid}: bootstrap room {room} is taken by another request in flight here; give every "
+                "request a room of its own",
+            )
+        core.in_flight_ids.add(rid)
+        if room is not None:
+            core.in_flight_rooms.add(room)
 
     async def _generate(
         self, request: dispatch_pb2.GenerateRequest, ctx: RouteContext, external: int | None, context
@@ -250,7 +309,10 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         )
         excluded: set[str] = set()
         while True:
-            decision = await self._decide(ctx, external, excluded, context)
+            if external is None and not excluded:
+                decision = await self._admit(request.request, ctx, deadline, context)
+            else:  # pinned by a router, or re-dispatched after a failure: never held
+                decision = await self._decide(ctx, external, excluded, context)
             worker = decision.entry.worker
             sent_any = False
             try:
@@ -263,6 +325,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     # Whether or not the worker took it, the request is not running there now.
                     self.core.table.cancel_dispatch(worker.worker_id, decision.seq)
                     self.core.waves.may_resend(worker.worker_id)
+                    self.core.flow.kick()
                 code = err.code()
                 retry = (
                     not sent_any
@@ -294,7 +357,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             dispatcher_id=self.core.dispatcher_id,
             dp_wave=self.core.waves.on_dispatch(worker.worker_id),
         )
-        decoder = StreamDecoder(self.core.tokenizer)
+        decoder = StreamDecoder(self.core.tokenizer, not request.request.sampling.keep_special_tokens)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
             try:
@@ -315,6 +378,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         prompt_tokens=chunk.prompt_tokens,
                         cached_tokens=chunk.cached_tokens,
                         predicted_ms=(decision.predicted_s or 0.0) * 1000,
+                        logprobs=chunk.logprobs,
                     )
             except asyncio.CancelledError:
                 if _client_cancelled(context):
@@ -363,11 +427,23 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             _entry_row(entry, now, groups.get(entry.worker.worker_id), len(known.get(entry.worker.worker_id, ())))
             for entry in table.ordered()
         ]
+        flow = self.core.flow
+        p50, p99 = flow.wait_percentiles_ms()
         return dispatch_pb2.WatchLoadResponse(
             timestamp_ms=wall_ms(),
             role=role_to_proto(self.core.router.role.value),
             method=self.core.router.policy.name,
             workers=rows,
+            flow=dispatch_pb2.FlowControlState(
+                enabled=flow.options.enabled,
+                queued_requests=len(flow.queue),
+                queued_tokens=flow.queue.tokens,
+                tenants=flow.queue.tenants,
+                admitted_total=flow.admitted_total,
+                shed_total=flow.shed_total,
+                wait_p50_ms=p50,
+                wait_p99_ms=p99,
+            ),
         )
 
     async def ListWorkers(self, request: dispatch_pb2.ListWorkersRequest, context) -> dispatch_pb2.ListWorkersResponse:
@@ -464,6 +540,7 @@ class LoadReportServicer(load_report_pb2_grpc.LoadReportServicer):
                 self.core.metrics.stale_reports.inc()
             elif applied:
                 self.core.router.policy.on_report(self.core.table.get(worker.worker_id))
+                self.core.flow.kick()  # the report may show room that frees queued requests
                 self.core.waves.on_report(
                     worker.worker_id, report.dp_group if report.HasField("dp_group") else None, report.incarnation
                 )

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from pdlb.common.slots import Slots
 from pdlb.services.gateway.upstreams import ROLES, Upstreams
-from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
+from pdlb.v1 import dispatch_pb2
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -68,11 +68,11 @@ class Dashboard:
 
     async def _follow(self, address: str, role: str) -> None:
         try:
-            stub = dispatch_pb2_grpc.DispatchStub(self.upstreams.channel(address))  # the requests' channel
-            request = dispatch_pb2.WatchLoadRequest(interval_ms=int(self.interval_s * 1000))
-            async for snapshot in stub.WatchLoad(request):
-                self._diff(role, snapshot)
-                self.latest[address] = (role, snapshot)
+            async with self.upstreams.dispatcher(address) as stub:  # the requests' channel
+                request = dispatch_pb2.WatchLoadRequest(interval_ms=int(self.interval_s * 1000))
+                async for snapshot in stub.WatchLoad(request):
+                    self._diff(role, snapshot)
+                    self.latest[address] = (role, snapshot)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:  # the dispatcher went, or its channel closed
             log.info("dashboard: WatchLoad on %s ended: %s", address, err)
             self.latest.pop(address, None)
@@ -126,7 +126,18 @@ class Dashboard:
                         else {"wave": group.wave, "running": group.running, "size": group.group_size},
                     }
                 )
-            roles.append({"role": role, "dispatcher": address, "method": snap.method, "workers": rows})
+            flow = snap.flow
+            queue = {
+                "enabled": flow.enabled,
+                "queued": flow.queued_requests,
+                "queued_tokens": flow.queued_tokens,
+                "tenants": flow.tenants,
+                "admitted": flow.admitted_total,
+                "shed": flow.shed_total,
+                "wait_p50_ms": flow.wait_p50_ms,
+                "wait_p99_ms": flow.wait_p99_ms,
+            }
+            roles.append({"role": role, "dispatcher": address, "method": snap.method, "workers": rows, "queue": queue})
         return {
             "t": time.time(),
             "mode": self.upstreams.mode(),

@@ -13,26 +13,40 @@ seeded sampler draws what the original would have; for greedy and seeded request
 stream is exactly the uninterrupted one. Not resumable: a second failure of the same request, a
 request pinned to a rank whose worker is gone (the pin is honoured, so the retry fails alike), and
 failures that are the request's own (bad input, back-pressure, deadline).
+
+Dispatcher replicas: each attempt prefers replicas the request has not failed on, and a failure
+whose dispatcher connection is down (a killed replica) is retried on another replica at once, up to
+MAX_DISPATCHER_MOVES times besides the retry above. A call cut under a running request (its channel
+closed) fails the attempt like a dead worker would: it is retried or resumed, never dropped silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from pdlb.client import new_room
-from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_chars_limit, sampling_seed
+from pdlb.common.requests import (
+    RETRY_AFTER_KEY,
+    InvalidRequest,
+    check_request_off_loop,
+    prompt_chars_limit,
+    sampling_seed,
+)
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 1
+MAX_RETRIES = 1  # retries after a failure behind a live dispatcher (a worker died, a KV hand-off failed)
+MAX_DISPATCHER_MOVES = 2  # further retries when the dispatcher itself was unreachable
+MEMBERSHIP_WAIT_S = 5.0  # how long a request waits for dispatchers to be known (a membership flap)
 # Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
 FINAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,9 +60,19 @@ FINAL = {
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+
+def retry_after_of(err: grpc.aio.AioRpcError) -> int | None:
+    """The `retry-after` trailing metadata (whole seconds) a dispatcher's queue sheds with."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY and str(value).isdigit():
+            return int(value)
+    return None
 
 
 @dataclass
@@ -61,6 +85,7 @@ class Chunk:
     prompt_tokens: int
     cached_tokens: int
     retries: int
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass
@@ -86,6 +111,10 @@ class Frontend:
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
+        # Request ids and client-chosen bootstrap rooms of the requests in flight here: a duplicate
+        # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
+        self.active_ids: set[str] = set()
+        self.active_rooms: set[int] = set()
 
     async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
         """Validate and tokenise (off the event loop); raises InvalidRequest."""
@@ -99,16 +128,46 @@ class Frontend:
         return Prepared(request, checked.input_ids, checked.max_new_tokens)
 
     async def generate(self, prepared: Prepared, timeout: float | None = None) -> AsyncIterator[Chunk]:
-        """Stream the request's tokens; raises RequestFailed with a status naming the request."""
+        """Stream the request's tokens; raises RequestFailed with a status naming the request
+        (ALREADY_EXISTS at once when its id, or the bootstrap room it chose, is in flight here)."""
+        original = prepared.request
+        rid = original.request_id
+        room = original.bootstrap_room if original.HasField("bootstrap_room") else None
+        if rid in self.active_ids:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
+            )
+        if room is not None and room in self.active_rooms:
+            raise RequestFailed(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {rid}: bootstrap room {room} is taken by another request in flight; leave it unset "
+                "(the gateway allocates one) or give every request its own",
+            )
+        self.active_ids.add(rid)
+        if room is not None:
+            self.active_rooms.add(room)
+        chunks = self._generate(prepared, timeout)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # at once, not when collected: it cancels the upstream calls
+            self.active_ids.discard(rid)
+            if room is not None:
+                self.active_rooms.discard(room)
+
+    async def _generate(self, prepared: Prepared, timeout: float | None) -> AsyncIterator[Chunk]:
         original = prepared.request
         rid = original.request_id
         deadline = time.monotonic() + min(timeout or self.timeout_s, self.timeout_s)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, not original.sampling.keep_special_tokens)
         sent: list[int] = []
         cached = 0
-        retries = 0
+        retries = moves = 0
+        avoid: set[str] = set()  # dispatchers this request failed on: other replicas first
         while True:
-            attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline)
+            used: list[str] = []
+            attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline, avoid, used)
             try:
                 async for response, prefill_rank, attempt_cached in attempt:
                     tokens = list(response.token_ids)
@@ -127,6 +186,7 @@ class Frontend:
                         len(prepared.prompt),
                         cached,
                         retries,
+                        list(response.logprobs),
                     )
                     if response.finish_reason:
                         return
@@ -143,19 +203,27 @@ class Frontend:
                 # Errors of a retry name its attempt id: the client knows only its own.
                 details = details.replace(_attempt_id(rid, retries), rid) if retries else details
                 left = deadline - time.monotonic()
-                if code in FINAL or retries >= MAX_RETRIES or left <= 0 or _pinned(original):
+                avoid.update(used)
+                # every used dispatcher is checked: each one found down is passed over by later requests
+                moved = code not in FINAL and [a for a in used if self.upstreams.check_broken(a)]
+                budget = moves < MAX_DISPATCHER_MOVES if moved else retries - moves < MAX_RETRIES
+                # a pin names a rank, not a dispatcher: a pinned request still moves off a dead replica
+                if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    raise RequestFailed(code, _named(rid, details, retries)) from None
+                    hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
+                    raise RequestFailed(code, _named(rid, details, retries), hint) from None
                 retries += 1
+                moves += bool(moved)
                 self.on_retry()
                 log.warning(
-                    "request %s failed (%s: %s) after %d tokens; %s on other ranks",
+                    "request %s failed (%s: %s) after %d tokens; %s on %s",
                     rid,
                     code.name,
                     details,
                     len(sent),
                     "resuming" if sent else "re-running it",
+                    "another dispatcher replica" if moved else "other ranks",
                 )
             finally:
                 await attempt.aclose()  # a client that left, or a stop string: cancel the upstream calls
@@ -175,69 +243,119 @@ class Frontend:
         return request
 
     async def _attempt(
-        self, request: common_pb2.InferenceRequest, deadline: float
+        self, request: common_pb2.InferenceRequest, deadline: float, avoid: set[str], used: list[str]
     ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int, int]]:
         """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
-        served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt)."""
-        mode = self.upstreams.mode()
-        if mode is None:
+        served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt).
+        One dispatcher per role is used; their addresses are appended to `used`."""
+        mode = await self.upstreams.wait_mode(min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0)))
+        picked = {role: self.upstreams.pick(role, avoid) for role in (("mixed",) if mode == "mixed" else PD)}
+        if mode is None or None in picked.values():
             raise RequestFailed(
                 grpc.StatusCode.UNAVAILABLE,
                 f"request {request.request_id}: no dispatchers known (mixed, or prefill + decode)",
             )
+        used += picked.values()  # type: ignore[arg-type]
         timeout = max(deadline - time.monotonic(), 0.001)
-        if mode == "mixed":
-            _, stub = self.upstreams.stub("mixed")  # type: ignore[misc]
-            call = stub.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
+        async with contextlib.AsyncExitStack() as stack:
+            stubs = {role: await stack.enter_async_context(self.upstreams.dispatcher(a)) for role, a in picked.items()}
+            if mode == "mixed":
+                call = stubs["mixed"].Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
+                try:
+                    async for response in call:
+                        yield response, -1, response.cached_tokens
+                except asyncio.CancelledError:
+                    _raise_if_cut(request, picked["mixed"])
+                    raise
+                finally:
+                    call.cancel()
+                return
+            if not request.HasField("bootstrap_room"):
+                request.bootstrap_room = new_room()
+            message = dispatch_pb2.GenerateRequest(request=request)
+            call = stubs["decode"].Generate(message, timeout=timeout)
+            prefill_rank, prefill_cached = -1, 0
+            prefill_error: list[BaseException] = []
+            prefill_known = asyncio.get_running_loop().create_future()
+            first_logprobs: list[common_pb2.TokenLogprob] = []  # the prefill worker drew the first token
+
+            async def prefill() -> None:
+                nonlocal prefill_rank, prefill_cached
+                try:
+                    async for response in stubs["prefill"].Generate(message, timeout=timeout):
+                        prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
+                        first_logprobs[:] = response.logprobs
+                        if not prefill_known.done():
+                            prefill_known.set_result(None)
+                except asyncio.CancelledError:
+                    _raise_if_cut(request, picked["prefill"])
+                    raise
+
+            def on_prefill_done(task: asyncio.Task) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    prefill_error.append(task.exception())
+                    call.cancel()
+
+            task = asyncio.create_task(prefill())
+            task.add_done_callback(on_prefill_done)
             try:
-                async for response in call:
-                    yield response, -1, response.cached_tokens
+                async for response in _handoff_errors(call, request):
+                    if response.token_ids and not prefill_known.done():
+                        # The prefill's last message is already on its way (the decode worker found
+                        # its KV): wait for it, so the first token carries the prefill rank and cache hit.
+                        await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if first_logprobs and len(response.logprobs) < len(response.token_ids):
+                        # The decode worker received its first token with the KV, without its logprob.
+                        merged = [first_logprobs.pop(), *response.logprobs]
+                        del response.logprobs[:]
+                        response.logprobs.extend(merged)
+                    yield response, prefill_rank, prefill_cached
+            except asyncio.CancelledError:
+                if prefill_error:
+                    err = prefill_error[0]
+                    if isinstance(err, grpc.aio.AioRpcError):
+                        raise RequestFailed(err.code(), f"prefill half: {err.details()}", retry_after_of(err)) from None
+                    if isinstance(err, RequestFailed):
+                        raise RequestFailed(err.code, f"prefill half: {err.message}", err.retry_after_s) from None
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
+                _raise_if_cut(request, picked["decode"])
+                raise
             finally:
                 call.cancel()
-            return
-        if not request.HasField("bootstrap_room"):
-            request.bootstrap_room = new_room()
-        picked_decode, picked_prefill = self.upstreams.stub("decode"), self.upstreams.stub("prefill")
-        if picked_decode is None or picked_prefill is None:
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: no PD dispatchers known")
-        message = dispatch_pb2.GenerateRequest(request=request)
-        call = picked_decode[1].Generate(message, timeout=timeout)
-        prefill_rank, prefill_cached = -1, 0
-        prefill_error: list[BaseException] = []
-        prefill_known = asyncio.get_running_loop().create_future()
+                if not task.done():
+                    task.cancel()
 
-        async def prefill() -> None:
-            nonlocal prefill_rank, prefill_cached
-            async for response in picked_prefill[1].Generate(message, timeout=timeout):
-                prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
-                if not prefill_known.done():
-                    prefill_known.set_result(None)
 
-        def on_prefill_done(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                prefill_error.append(task.exception())
-                call.cancel()
+PD = ("prefill", "decode")
 
-        task = asyncio.create_task(prefill())
-        task.add_done_callback(on_prefill_done)
-        try:
-            async for response in call:
-                if response.token_ids and not prefill_known.done():
-                    # The prefill's last message is already on its way (the decode worker found
-                    # its KV): wait for it, so the first token carries the prefill rank and cache hit.
-                    await asyncio.wait({prefill_known, task}, return_when=asyncio.FIRST_COMPLETED)
-                yield response, prefill_rank, prefill_cached
-        except asyncio.CancelledError:
-            if prefill_error:
-                err = prefill_error[0]
-                if isinstance(err, grpc.aio.AioRpcError):
-                    raise RequestFailed(err.code(), f"prefill half: {err.details()}") from None
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
+
+def _raise_if_cut(request: common_pb2.InferenceRequest, address: str) -> None:
+    """A CancelledError that is not this task's own cancellation (the client left, a stop string) is a
+    call cut under the request, by its channel closing: fail the attempt so it is retried, and never
+    end the client's stream silently."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11; before, every cancel is taken as ours
+    if cancelling is not None and cancelling() == 0:
+        raise RequestFailed(
+            grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: the call to dispatcher {address} was cut"
+        ) from None
+
+
+async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
+    """The decode half's stream. NOT_FOUND there means the room's KV was lost in the hand-off
+    (pulled by another request, or expired before the pull): not the request's fault, and no
+    "not found" for the client, so it fails UNAVAILABLE (retried with a new room). A hand-off that
+    ran out of time stays DEADLINE_EXCEEDED (HTTP 504)."""
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
             raise
-        finally:
-            call.cancel()
-            if not task.done():
-                task.cancel()
+        raise RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"request {request.request_id}: KV hand-off of room {request.bootstrap_room} failed: {err.details()}",
+        ) from None
 
 
 def _attempt_id(rid: str, retries: int) -> str:

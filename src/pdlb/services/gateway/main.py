@@ -15,7 +15,7 @@ from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.common.config import FlagParser, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration
-from pdlb.common.requests import InvalidRequest
+from pdlb.common.requests import MAX_NEW_TOKENS_LIMIT, InvalidRequest
 from pdlb.common.slots import Slots
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
@@ -25,6 +25,7 @@ from pdlb.services.gateway.metrics import GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.upstreams import Upstreams
+from pdlb.services.gateway.worker_api import WorkerApi
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("pdlb.gateway")
@@ -100,6 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     prompt_tokens=chunk.prompt_tokens if last else 0,
                     cached_tokens=chunk.cached_tokens if last else 0,
                     retries=chunk.retries,
+                    logprobs=chunk.logprobs,
                 )
             self.metrics.done("grpc", "ok")
         except RequestFailed as exc:
@@ -110,7 +112,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 def http_app(
-    api: OpenAIApi, streams: Slots, metrics: GatewayMetrics, dashboard: Dashboard, max_body: int, readiness: Readiness
+    api: OpenAIApi,
+    streams: Slots,
+    metrics: GatewayMetrics,
+    dashboard: Dashboard,
+    max_body: int,
+    readiness: Readiness,
+    workers: WorkerApi,
 ):
     @web.middleware
     async def errors(request: web.Request, handler):
@@ -119,6 +127,8 @@ def http_app(
         except ApiError as exc:
             metrics.done("http", str(exc.status))
             response = error_response(exc.status, exc.message, exc.param, exc.kind)
+            if exc.status == 429:
+                response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
             if exc.status == 408:
                 response.force_close()  # the rest of the body may still trickle in: drop the connection
             return response
@@ -165,7 +175,9 @@ def http_app(
     app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/health_generate", health)  # SGLang's name; routers may probe it
     app.router.add_get("/live", live)
+    workers.routes(app)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
     return app
@@ -198,7 +210,9 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
     dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix)
-    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, Readiness(upstreams, dashboard, bootstrap))
+    readiness = Readiness(upstreams, dashboard, bootstrap)
+    workers = WorkerApi(upstreams, dashboard, source.model_id, args.max_prompt_tokens, MAX_NEW_TOKENS_LIMIT)
+    app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, readiness, workers)
     # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
     # timeout (counted from the connection's start, and from each response): the header timeout.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=args.http_header_timeout)

@@ -20,9 +20,10 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from pdlb.common.requests import MAX_NEW_TOKENS_LIMIT, InvalidRequest
+from pdlb.common.requests import InvalidRequest
 from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
+from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
 from pdlb.services.gateway.stops import StopMatcher
 from pdlb.v1 import common_pb2
 
@@ -38,36 +39,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-# Parameters the API accepts only at their neutral value: anything else gets a 400 naming it.
-NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v in (None, 1),
-    "best_of": lambda v: v in (None, 1),
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
-    "echo": lambda v: v in (None, False),
-    "suffix": lambda v: v in (None, ""),
-    "top_p": lambda v: v in (None, 1, 1.0),
-    "presence_penalty": lambda v: v in (None, 0, 0.0),
-    "frequency_penalty": lambda v: v in (None, 0, 0.0),
-    "logit_bias": lambda v: v in (None, {}),
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none"),
-    "functions": lambda v: v in (None, []),
-    "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v in (None, {"type": "text"}),
-    "audio": lambda v: v is None,
-    "modalities": lambda v: v in (None, ["text"]),
-    "prediction": lambda v: v is None,
-    "parallel_tool_calls": lambda v: v in (None, True, False),
-}
-KNOWN = {
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
-    "stop_token_ids", "ignore_eos", "stream", "stream_options", "user", "data_parallel_rank",
-    "prefill_dp_rank", "decode_dp_rank", "metadata", "store", "service_tier", "reasoning_effort",
-    *NEUTRAL,
-}  # fmt: skip
+DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
+TENANT_HEADER = "X-pdlb-Tenant"
 
 
 class ApiError(Exception):
@@ -86,6 +59,15 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
     return web.json_response(error_body(status, message, param, kind), status=status)
 
 
+def failed_response(exc: RequestFailed) -> web.Response:
+    """A failed request as OpenAI error JSON; a shed one (429) with `Retry-After` seconds."""
+    status = HTTP_STATUS.get(exc.code, 500)
+    response = error_response(status, exc.message)
+    if status == 429:
+        response.headers["Retry-After"] = str(exc.retry_after_s or 1)
+    return response
+
+
 @dataclass
 class Parsed:
     chat: bool
@@ -93,6 +75,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # report log-probabilities: the token's and this many alternatives
 
 
 class OpenAIApi:
@@ -137,12 +120,10 @@ class OpenAIApi:
         body = await self.read_json(http)
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        unknown = sorted(set(body) - KNOWN)
-        if unknown:
-            raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", unknown[0])
-        for name, neutral in NEUTRAL.items():
-            if name in body and not neutral(body[name]):
-                raise ApiError(400, f"{name}={json.dumps(body[name])[:60]} is not supported by this server", name)
+        try:
+            body = check_names(body)
+        except ParamError as exc:
+            raise ApiError(400, exc.message, exc.param) from None
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "model is required (see GET /v1/models)", "model")
@@ -153,36 +134,10 @@ class OpenAIApi:
             self._messages(body, request)
         else:
             self._prompt(body, request)
-        sampling = request.sampling
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = body.get(key)
-        if max_tokens is None:
-            max_tokens = 16 if not chat else 0  # OpenAI's completion default; chat: up to the context
-        if not _is_int(max_tokens) or max_tokens < 0 or (not chat and max_tokens < 1):
-            raise ApiError(400, f"{key} must be a positive integer", key)
-        if max_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise ApiError(400, f"{key} {max_tokens} exceeds {MAX_NEW_TOKENS_LIMIT}", key)
-        sampling.max_new_tokens = max_tokens or 1024
-        temperature = body.get("temperature", 1.0)
-        if temperature is None:
-            temperature = 1.0
-        if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-            raise ApiError(400, "temperature must be a number from 0 to 2", "temperature")
-        sampling.temperature = float(temperature)
-        seed = body.get("seed")
-        if seed is not None:
-            if not _is_int(seed) or not 0 <= seed < 2**63:
-                raise ApiError(400, "seed must be an integer from 0 to 2^63-1", "seed")
-            sampling.seed = seed
-        stop_ids = body.get("stop_token_ids") or []
-        if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < 2**31 for t in stop_ids):
-            raise ApiError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
-        sampling.stop_token_ids.extend(stop_ids[:MAX_STOP_STRINGS])
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
-        sampling.ignore_eos = ignore_eos
-        stops = _stops(body.get("stop"))
+        try:
+            extras = sampling_from(body, chat, request.sampling)
+        except ParamError as exc:
+            raise ApiError(400, exc.message, exc.param) from None
         user = body.get("user")
         if user is not None:
             if not isinstance(user, str) or len(user) > 256:
@@ -191,6 +146,7 @@ class OpenAIApi:
         if key := http.headers.get("X-Session-Id", ""):
             request.routing_key = key[:256]
         self._ranks(http, body, request)
+        _flow(http, body, request)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
@@ -201,7 +157,7 @@ class OpenAIApi:
             prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
-        return Parsed(chat, prepared, stream, bool(options.get("include_usage")), stops)
+        return Parsed(chat, prepared, stream, bool(options.get("include_usage")), extras.stops, extras.logprobs)
 
     def _prompt(self, body: dict, request: common_pb2.InferenceRequest) -> None:
         prompt = body.get("prompt")
@@ -288,17 +244,44 @@ class OpenAIApi:
         finally:
             await chunks.aclose()  # cancels the upstream calls: the workers abort and free the KV
 
+    def _logprobs(self, parsed: Parsed, entries: list[common_pb2.TokenLogprob], offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for these tokens (chat: `content` entries; completions: parallel
+        lists), or None when the request did not ask for them. `offset`: text offset of the first."""
+        if parsed.logprobs is None:
+            return None
+        decode = self.frontend.tokenizer.decode
+        if parsed.chat:
+            return {
+                "content": [
+                    {
+                        **_token(decode([e.token_id], False), e.logprob),
+                        "top_logprobs": [_token(decode([t.token_id], False), t.logprob) for t in e.top_logprobs],
+                    }
+                    for e in entries
+                ]
+            }
+        texts = [decode([e.token_id], False) for e in entries]
+        offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return {
+            "tokens": texts,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{decode([t.token_id], False): t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": offsets,
+        }
+
     async def _whole(self, parsed: Parsed) -> web.Response:
         text, tokens, last = [], 0, None
         finish = "stop"
+        logprobs: list[common_pb2.TokenLogprob] = []
         try:
             async for chunk, piece, reason in self._run(parsed):
                 text.append(piece)
                 tokens += len(chunk.token_ids)
+                logprobs += chunk.logprobs
                 last = chunk
                 finish = reason or finish
         except RequestFailed as exc:
-            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+            return failed_response(exc)
         body = self._envelope(parsed, last)
         content = "".join(text)
         if parsed.chat:
@@ -308,12 +291,14 @@ class OpenAIApi:
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": self._logprobs(parsed, logprobs),
                 }
             ]
         else:
             body["object"] = "text_completion"
-            body["choices"] = [{"index": 0, "text": content, "finish_reason": finish, "logprobs": None}]
+            body["choices"] = [
+                {"index": 0, "text": content, "finish_reason": finish, "logprobs": self._logprobs(parsed, logprobs)}
+            ]
         body["usage"] = _usage(parsed, last, tokens)
         return web.json_response(body, headers=_rank_headers(last))
 
@@ -324,7 +309,7 @@ class OpenAIApi:
         except StopAsyncIteration:
             first = None
         except RequestFailed as exc:
-            return error_response(HTTP_STATUS.get(exc.code, 500), exc.message)
+            return failed_response(exc)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -343,13 +328,17 @@ class OpenAIApi:
             async for item in runner:
                 yield item
 
+        offset = 0
         try:
             async for chunk, text, reason in chunks():
                 tokens += len(chunk.token_ids)
                 last = chunk
-                if text or reason:
+                if text or reason or (parsed.logprobs is not None and chunk.logprobs):
                     delta = {"content": text} if parsed.chat else text
-                    await _event(response, self._chunk(parsed, chunk, delta, reason))
+                    body = self._chunk(parsed, chunk, delta, reason)
+                    body["choices"][0]["logprobs"] = self._logprobs(parsed, list(chunk.logprobs), offset)
+                    await _event(response, body)
+                    offset += len(text)
                 if reason:
                     break
         except RequestFailed as exc:
@@ -419,6 +408,21 @@ async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 
+def _flow(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+    """Flow-control fields: vLLM's `priority` (lower is served earlier), the TTFT deadline
+    (`X-pdlb-TTFT-Deadline-Ms` header) and the tenant (`X-pdlb-Tenant`; else the routing key)."""
+    priority = body.get("priority", 0)
+    if not _is_int(priority) or not -(2**31) <= priority < 2**31:
+        raise ApiError(400, "priority must be a 32-bit integer (lower is served earlier)", "priority")
+    request.priority = priority
+    if raw := http.headers.get(DEADLINE_HEADER):
+        if not raw.isdigit() or not 0 < int(raw) < 2**32:
+            raise ApiError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", DEADLINE_HEADER)
+        request.ttft_deadline_ms = int(raw)
+    if tenant := http.headers.get(TENANT_HEADER, ""):
+        request.tenant = tenant[:256]
+
+
 def _lone_surrogate(value: Any, path: str = "") -> str | None:
     """The path of the first string holding a lone UTF-16 surrogate (JSON lets `"\\ud800"` through;
     UTF-8 cannot carry it), or None."""
@@ -438,16 +442,9 @@ def _lone_surrogate(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _stops(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")
-    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters", "stop")
-    return stops

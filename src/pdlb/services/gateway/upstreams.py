@@ -1,19 +1,30 @@
-"""The dispatchers a gateway sends to, per role: found in etcd (and kept current) or given as flags."""
+"""The dispatchers a gateway sends to, per role: found in etcd (and kept current) or given as flags.
+
+Replicas of a role take requests in turn (one rotation per role). A replica whose connection broke
+under a request is avoided for `SUSPECT_S` while others are healthy, so after a kill -9 new requests
+go elsewhere at once instead of failing until the dead replica's lease expires. Channels live in a
+`ChannelPool`: a dispatcher that leaves the membership (an etcd pause past the lease, a deleted key)
+keeps its channel while calls run on it, so a membership flap never cuts running requests.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import time
+from collections.abc import AsyncIterator, Collection
 
 import grpc
 
+from pdlb.common.channel_pool import ChannelPool
 from pdlb.common.membership import Change, PrefixWatch, dispatchers_prefix
-from pdlb.common.security import open_channel
 from pdlb.v1 import dispatch_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROLES = ("mixed", "prefill", "decode")
+SUSPECT_S = 10.0  # how long a replica whose connection broke is passed over (a lease TTL, about)
 
 
 class Upstreams:
@@ -23,8 +34,10 @@ class Upstreams:
         self.static = {role: list(static.get(role, [])) for role in ROLES}
         self.found: dict[str, dict[str, str]] = {role: {} for role in ROLES}  # role -> etcd key -> address
         self.models: dict[str, str] = {}  # dispatcher address -> model id it routes
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._turn = itertools.count()
+        self._pool = ChannelPool(self._known)
+        self._turns = {role: itertools.count() for role in ROLES}
+        self._broken: dict[str, float] = {}  # address -> monotonic time its connection last broke (known ones)
+        self._changed = asyncio.Event()
         self._watch: PrefixWatch | None = None
 
     def watch(self, etcd: str, prefix: str) -> PrefixWatch:
@@ -36,19 +49,24 @@ class Upstreams:
         role = change.key.rstrip("/").split("/")[-2]
         if role not in ROLES:
             return
+        self._changed.set()
+        self._changed = asyncio.Event()
         if change.value is None:
             address = self.found[role].pop(change.key, None)
             log.info("%s dispatcher left: %s", role, address)
-            if address and not any(address in self.addresses(r) for r in ROLES):
-                channel = self._channels.pop(address, None)
-                if channel is not None:  # bounded: no channel outlives its dispatcher
-                    asyncio.get_running_loop().create_task(channel.close())
+            if address and address not in self._known():
+                self._broken.pop(address, None)
+                # closed only if no call runs on it by then, and it has not come back meanwhile
+                asyncio.get_running_loop().create_task(self._pool.prune())
             return
         address = str(change.value.get("address", ""))
         if address:
             self.found[role][change.key] = address
             self.models[address] = str(change.value.get("model", ""))
             log.info("%s dispatcher found: %s", role, address)
+
+    def _known(self) -> set[str]:
+        return {address for role in ROLES for address in self.addresses(role)}
 
     def addresses(self, role: str) -> list[str]:
         return sorted({*self.static[role], *self.found[role].values()})
@@ -61,23 +79,46 @@ class Upstreams:
             return "pd"
         return None
 
-    def stub(self, role: str) -> tuple[str, dispatch_pb2_grpc.DispatchStub] | None:
-        """A dispatcher of the role (round robin over its replicas)."""
+    async def wait_mode(self, timeout: float) -> str | None:
+        """`mode()`, waiting up to `timeout` seconds for dispatchers to be known (a membership flap:
+        every key deleted and put back within moments)."""
+        deadline = time.monotonic() + timeout
+        while (mode := self.mode()) is None and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return mode
+
+    def pick(self, role: str, avoid: Collection[str] = ()) -> str | None:
+        """A dispatcher of the role, in turn over its replicas; replicas in `avoid` (they failed this
+        request) and replicas whose connection broke lately are taken only when no other is left."""
         addresses = self.addresses(role)
         if not addresses:
             return None
-        address = addresses[next(self._turn) % len(addresses)]
-        return address, dispatch_pb2_grpc.DispatchStub(self.channel(address))
+        start = next(self._turns[role])
+        turn = [addresses[(start + i) % len(addresses)] for i in range(len(addresses))]
+        now = time.monotonic()
+        # min keeps the first of equals: the rotation decides among the healthy ones
+        return min(turn, key=lambda a: (now - self._broken.get(a, -SUSPECT_S) < SUSPECT_S, a in avoid))
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """The one channel to a dispatcher (requests and the dashboard's WatchLoad share it)."""
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = open_channel(address)
-        return channel
+    @contextlib.asynccontextmanager
+    async def dispatcher(self, address: str) -> AsyncIterator[dispatch_pb2_grpc.DispatchStub]:
+        """A stub for `address` whose channel stays open while the block runs, even if the dispatcher
+        leaves the membership meanwhile."""
+        async with self._pool.use(address) as channel:
+            yield dispatch_pb2_grpc.DispatchStub(channel)
+
+    def check_broken(self, address: str) -> bool:
+        """After a failed call: True (and the replica passed over for a while) when the connection to
+        the dispatcher itself is down, not merely a request that failed behind a live dispatcher."""
+        channel = self._pool.get(address)
+        if channel is not None and channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY:
+            return False
+        if address in self._known():  # bounded: only known dispatchers are tracked
+            self._broken[address] = time.monotonic()
+        log.warning("dispatcher %s is unreachable; passing it over for %.0fs", address, SUSPECT_S)
+        return True
 
     async def close(self) -> None:
         if self._watch:
             await self._watch.close()
-        for channel in self._channels.values():
-            await channel.close()
+        await self._pool.close()

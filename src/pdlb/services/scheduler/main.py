@@ -33,7 +33,7 @@ from pdlb.models.catalog import SMOLLM2, TINY, ModelSource, default_cache_dir, r
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.scheduler.metrics import serve_metrics
 from pdlb.services.scheduler.reporter import LoadReporter
-from pdlb.services.scheduler.service import DispatchAcks, SchedulerServicer
+from pdlb.services.scheduler.service import KV_WAIT_S, DispatchAcks, SchedulerServicer
 from pdlb.services.scheduler.vllm_attach import HealthGatedRegistration, open_vllm_engine
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -75,6 +75,14 @@ def build_parser() -> FlagParser:
     )
     p.flag("--metrics-port", default=0, type=int, help="Prometheus /metrics HTTP port (0: disabled)")
     p.flag("--kv-hold-ttl", default=60.0, type=float, help="prefill: seconds held KV waits for its decode side")
+    p.flag(
+        "--kv-wait-timeout",
+        default=KV_WAIT_S,
+        type=float,
+        help="PD: seconds a hand-off waits for its room when the request has no deadline (decode: the bootstrap "
+        "record and the KV; prefill: a pull for a room not prefilled yet); a request's deadline always wins, so "
+        "one queued at prefill waits as long as its deadline allows. Running out: DEADLINE_EXCEEDED",
+    )
     p.flag(
         "--engine",
         default="pdlb",
@@ -256,7 +264,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     )
     acks = DispatchAcks()
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix) if role != "mixed" else None
-    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer)
+    servicer = SchedulerServicer(engine, worker, role, acks, bootstrap, tokenizer, args.kv_wait_timeout)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     lockstep = engine if isinstance(engine, LockstepEngine) else None
     reporter = LoadReporter(

@@ -1,0 +1,316 @@
+"""Replay of the Mooncake conversation trace (FAST'25) on simulated ranks, methods side by side.
+
+The trace (`../shared/traces/mooncake_conversation_trace.jsonl` beside the checkout; see the
+README there) gives each request's arrival, input and output length and its 512-token prefix block
+hashes. It is scaled to the sim ranks:
+
+- lengths: divided by `--length-divisor` D, block size too (512 / D tokens), so prompts fit the
+  ranks and prefix sharing keeps its shape; prompts are capped at `--max-input` tokens (their block
+  lists cut with them), outputs at 256;
+- time: a window of `--num-requests` consecutive requests from `--offset`, its arrival times
+  compressed so the mean rate is `--load` x `--capacity` (requests/s), keeping the trace's bursts;
+- tokens: each hash id becomes a fixed block of token ids (drawn from a generator seeded with the
+  id; `bench/mooncake_trace.py` loads and scales it), so requests that share leading ids share that
+  prefix exactly and prefix caches hit for real.
+
+Each request's floor is its TTFT alone on an idle rank that caches the longest prefix any earlier
+request of the window had (the best cache it could have); queueing = TTFT - floor. Goodput is
+reported as SLO attainment at each load: the share of requests whose TTFT is within 3x its floor
++ 200 ms. `--high-share` marks that share of requests priority 0 and the rest priority 1
+(sheddable), to measure overload; `--flood-tenant` makes one tenant send that multiple of another's
+share to measure fair sharing.
+
+  python -m bench.trace_replay --loads 0.6,0.85 --seeds 1,2,3 --num-requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+
+from bench import balance_bench, mooncake_trace
+from pdlb.client import PDLBClient
+from pdlb.engines.torch.runners import CostModel
+from pdlb.workload import WorkItem, percentile, salted
+
+DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
+
+
+@dataclass
+class TraceItem:
+    item: WorkItem
+    floor: float
+    priority: int = 0
+    tenant: str = ""
+
+
+@dataclass
+class Outcome:
+    ttft: list[float] = field(default_factory=list)
+    queued: list[float] = field(default_factory=list)
+    slo_met: int = 0
+    ok: int = 0
+    shed: int = 0  # RESOURCE_EXHAUSTED
+    failed: int = 0  # anything else
+    retry_after_missing: int = 0
+    output_tokens: int = 0
+
+
+def scale(args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> list[TraceItem]:
+    """The window as sim work items (`bench.mooncake_trace`), time-compressed to a mean of `rate`
+    requests/s, with floors, priorities and tenants (see the module doc)."""
+    full = mooncake_trace.TraceScaling(args.offset, args.num_requests, args.length_divisor, max_input=args.max_input)
+    items, _ = mooncake_trace.load(Path(args.trace), full)
+    if len(items) < args.num_requests:
+        raise SystemExit(f"{args.trace}: only {len(items)} requests from offset {args.offset}")
+    span = items[-1].arrival_s or 1.0
+    scaling = replace(full, speedup=span / (len(items) / rate))
+    items, reusable = mooncake_trace.load(Path(args.trace), scaling)
+    rng = random.Random(seed)
+    out = []
+    for item, cached in zip(items, reusable, strict=True):
+        priority = 0 if rng.random() < args.high_share else 1
+        tenant = ""
+        if args.flood_tenant > 0:  # tenant "flood" sends flood_tenant x the share of tenant "steady"
+            tenant = "flood" if rng.random() < args.flood_tenant / (args.flood_tenant + 1) else "steady"
+        out.append(TraceItem(item, balance_bench.ttft_floor(item, cached, cost), priority, tenant))
+    return out
+
+
+async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int, str], Outcome], start: float):
+    from pdlb.v1 import common_pb2
+
+    await asyncio.sleep(max(0.0, t.item.arrival_s - (time.perf_counter() - start)))
+    req = common_pb2.InferenceRequest(
+        request_id=f"{run_id}-{t.item.index}",
+        input_ids=t.item.input_ids,
+        sampling=common_pb2.SamplingParams(max_new_tokens=t.item.max_new_tokens, ignore_eos=True),
+        priority=t.priority,
+        tenant=t.tenant,
+    )
+    res = out.setdefault((t.priority, t.tenant), Outcome())
+    sent = time.perf_counter()
+    first = None
+    try:
+        async for chunk in client.generate(req, timeout=600):
+            if chunk.token_ids and first is None:
+                first = time.perf_counter() - sent
+            res.output_tokens += len(chunk.token_ids)
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            res.shed += 1
+            if not any(k == "retry-after" for k, _ in err.trailing_metadata() or ()):
+                res.retry_after_missing += 1
+        else:
+            res.failed += 1
+        return
+    res.ok += 1
+    if first is not None:
+        res.ttft.append(first)
+        res.queued.append(first - t.floor)
+        res.slo_met += first <= 3 * t.floor + 0.2
+
+
+async def run(replicas: list[dict[str, str]], items: list[TraceItem], ranks: int, run_id: str) -> tuple[dict, float]:
+    clients = [PDLBClient(**addresses) for addresses in replicas]
+    stub = clients[0].mixed
+    await balance_bench.wait_ready_and_idle(stub, ranks)
+    out: dict[tuple[int, str], Outcome] = {}
+    start = time.perf_counter()
+    await asyncio.gather(*[one(clients[t.item.index % len(clients)], t, run_id, out, start) for t in items])
+    span = time.perf_counter() - start
+    await balance_bench.wait_ready_and_idle(stub, ranks)
+    for c in clients:
+        await c.close()
+    return out, span
+
+
+def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, None)) -> dict:
+    parts = [o for (p, t), o in out.items() if cls[0] in (None, p) and cls[1] in (None, t)]
+    merged = Outcome()
+    for o in parts:
+        merged.ttft += o.ttft
+        merged.queued += o.queued
+        for name in ("slo_met", "ok", "shed", "failed", "retry_after_missing", "output_tokens"):
+            setattr(merged, name, getattr(merged, name) + getattr(o, name))
+    total = merged.ok + merged.shed + merged.failed
+    return {
+        "requests": total,
+        "ok": merged.ok,
+        "shed": merged.shed,
+        "failed": merged.failed,
+        "retry_after_missing": merged.retry_after_missing,
+        "ttft_p50_ms": percentile(merged.ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(merged.ttft, 99) * 1000,
+        "queued_p99_ms": percentile(merged.queued, 99) * 1000,
+        "slo_attainment": merged.slo_met / total if total else float("nan"),
+        "throughput_tok_s": merged.output_tokens / span if span else 0.0,
+        "requests_per_s": merged.ok / span if span else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(mooncake_trace.DEFAULT_TRACE))
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--offset", type=int, default=0, help="first request of the window")
+    parser.add_argument("--num-requests", type=int, default=600)
+    parser.add_argument("--length-divisor", type=int, default=16, help="input/output lengths and block size / D")
+    parser.add_argument("--max-input", type=int, default=2048, help="prompt cap after scaling, tokens")
+    parser.add_argument("--capacity", type=float, default=16.0, help="requests/s the ranks serve (--probe)")
+    parser.add_argument("--loads", default="0.6,0.85", help="shares of --capacity")
+    parser.add_argument("--seeds", default="1,2,3", help="one run per seed (priorities, tenants, salts)")
+    parser.add_argument("--high-share", type=float, default=1.0, help="share of priority-0 requests (rest: 1)")
+    parser.add_argument("--flood-tenant", type=float, default=0.0, help="tenant 'flood' sends this x 'steady'")
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--slowdown", type=float, default=10.0)
+    parser.add_argument("--kv-tokens", type=int, default=16384)
+    parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--out", default=str(balance_bench.RESULTS))
+    parser.add_argument("--name", default="trace")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    cluster_args = argparse.Namespace(
+        mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
+        max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1,
+    )  # fmt: skip
+    cost = CostModel().scaled(args.slowdown)
+    cluster = balance_bench.Cluster(cluster_args, methods)
+    cluster.start()
+    results = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for load in [float(x) for x in args.loads.split(",")]:
+                items = scale(args, load * args.capacity, cost, seed)
+                shift = len(results) % len(methods)
+                for method in methods[shift:] + methods[:shift]:  # rotating order
+                    salt = len(results) + 1  # cold caches for every run
+                    salted_items = [
+                        TraceItem(s, t.floor, t.priority, t.tenant)
+                        for s, t in zip(salted([t.item for t in items], salt), items, strict=True)
+                    ]
+                    out, span = asyncio.run(
+                        run(cluster.dispatchers[method], salted_items, args.ranks, f"{method}-{seed}-{load}-{salt}")
+                    )
+                    row = {"method": method, "seed": seed, "load": load, "all": summary(out, span)}
+                    for p in sorted({p for p, _ in out}):
+                        row[f"priority_{p}"] = summary(out, span, (p, None))
+                    for tenant in sorted({t for _, t in out if t}):
+                        row[f"tenant_{tenant}"] = summary(out, span, (None, tenant))
+                    results.append(row)
+                    a = row["all"]
+                    print(
+                        f"seed {seed} load {load:.2f} {method:26} ok {a['ok']}/{a['requests']} shed {a['shed']} "
+                        f"TTFT p50 {a['ttft_p50_ms']:.0f} p99 {a['ttft_p99_ms']:.0f} ms queued p99 "
+                        f"{a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} "
+                        f"{a['throughput_tok_s']:.0f} tok/s {a['requests_per_s']:.1f} req/s"
+                        + "".join(
+                            f" | {k} p99 {v['ttft_p99_ms']:.0f} ms shed {v['shed']}"
+                            for k, v in row.items()
+                            if k.startswith(("priority_", "tenant_")) and len(row) > 4
+                        ),
+                        flush=True,
+                    )
+                    write(results, args, out_dir)
+    finally:
+        cluster.stop()
+    print(report(results))
+    return 0
+
+
+def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
+    """The runs so far: every run's numbers (JSON, local) and the table of medians (markdown)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "trace")}  # no local paths
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"settings": settings, "runs": results}))
+    runs = "\n".join(
+        f"| {r['method']} | {r['seed']} | {r['load']:g} | "
+        + " | ".join(
+            f"{k}: TTFT p99 {v['ttft_p99_ms']:.0f} ms, queued p99 {v['queued_p99_ms']:.0f} ms, "
+            f"SLO {v['slo_attainment']:.1%}, shed {v['shed']}/{v['requests']}"
+            for k, v in r.items()
+            if isinstance(v, dict)
+        )
+        + " |"
+        for r in results
+    )
+    (out_dir / f"{args.name}.md").write_text(
+        f"# Trace replay\n\nSettings: {json.dumps(settings)}\n\n## Medians over seeds\n\n{report(results)}\n\n"
+        f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
+    )
+    plot(results, out_dir / f"{args.name}_queued_p99.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Queueing p99 of each run against round robin's of the same seed and load (dots), per method."""
+    try:
+        import matplotlib
+    except ImportError:  # tables only
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = sorted({r["load"] for r in results})
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
+    for ax, load in zip(axes[0], loads, strict=True):
+        for x, method in enumerate(methods):
+            values = [r["all"]["queued_p99_ms"] for r in results if (r["load"], r["method"]) == (load, method)]
+            ax.scatter([x] * len(values), values, color="tab:gray" if method.startswith("peer_") else "tab:blue")
+            if values:
+                ax.plot([x - 0.3, x + 0.3], [statistics.median(values)] * 2, color="black")
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("queueing p99 (TTFT - floor), ms")
+        ax.set_title(f"load {load:g} of capacity: runs and median", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: list[dict]) -> str:
+    """Medians over seeds of each method's ratios to round robin's (same seed and load)."""
+    lines = [
+        "| load | method | queued p99 / round_robin | TTFT p99 / round_robin | throughput / round_robin | "
+        "SLO attainment | shed | runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for load in sorted({r["load"] for r in results}):
+        for method in dict.fromkeys(r["method"] for r in results):
+            ratios: dict[str, list[float]] = {"q": [], "t": [], "x": [], "slo": [], "shed": []}
+            for r in results:
+                if r["load"] != load or r["method"] != method:
+                    continue
+                rr = next(
+                    (b for b in results if (b["load"], b["seed"], b["method"]) == (load, r["seed"], "round_robin")),
+                    None,
+                )
+                if rr is None:
+                    continue
+                a, b = r["all"], rr["all"]
+                ratios["q"].append(a["queued_p99_ms"] / b["queued_p99_ms"] if b["queued_p99_ms"] > 0 else math.nan)
+                ratios["t"].append(a["ttft_p99_ms"] / b["ttft_p99_ms"])
+                ratios["x"].append(a["throughput_tok_s"] / b["throughput_tok_s"])
+                ratios["slo"].append(a["slo_attainment"])
+                ratios["shed"].append(a["shed"])
+            if ratios["t"]:
+                med = {k: statistics.median(v) for k, v in ratios.items()}
+                spread = f"{min(ratios['q']):.2f}-{max(ratios['q']):.2f}"
+                lines.append(
+                    f"| {load:g} | {method} | {med['q']:.2f} ({spread}) | {med['t']:.2f} | {med['x']:.2f} | "
+                    f"{med['slo']:.1%} | {med['shed']:.0f} | {len(ratios['t'])} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

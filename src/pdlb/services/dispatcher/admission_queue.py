@@ -1,0 +1,203 @@
+"""The dispatcher's queue of requests held until a rank has room: pure ordering, no I/O.
+
+Order, in the field's terms:
+- **priority first** (vLLM's convention: a lower value is served earlier; 0 by default): the head is
+  always a request of the best priority present, whatever its tenant;
+- **weighted fair sharing across tenants** within that priority: deficit round robin over prompt
+  tokens (each visit adds `quantum * weight` tokens of credit to a tenant; its head is served when
+  its credit covers the head's prompt), so a tenant that floods the queue gets its weight's share
+  and no more while others wait;
+- **deadline within a tenant** (earliest TTFT due time first, then arrival).
+
+Bounded: at most `capacity` requests; the tenant map only holds tenants with queued requests (a
+tenant's credit is dropped when its queue empties, as DRR does), so it is bounded by `capacity`
+and by `max_tenants`. Tenant keys longer than `MAX_TENANT_CHARS` are cut.
+
+When full, an arriving request displaces the queued request of the worst priority if that is worse
+than its own (the newest of them: the oldest has waited longest); otherwise it is refused. Callers
+fail the displaced or refused request with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_TENANT_CHARS = 128
+DEFAULT_QUANTUM_TOKENS = 2048
+
+
+class QueueFull(Exception):
+    """No room in the queue and no queued request of a worse priority to displace."""
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One queued request.
+
+    priority: lower is served earlier (vLLM). deadline_at / expires_at: monotonic seconds (inf: none);
+    expires_at is when the request stops waiting (its TTL or its deadline, whichever is first).
+    tokens: prompt tokens (the DRR cost). payload: what the caller needs back (context, future).
+    """
+
+    request_id: str
+    priority: int
+    tenant: str
+    tokens: int
+    enqueued_at: float
+    deadline_at: float = math.inf
+    expires_at: float = math.inf
+    payload: Any = None
+    seq: int = 0
+    queued: bool = field(default=False, repr=False)
+
+    def sort_key(self) -> tuple[int, float, int]:
+        return (self.priority, self.deadline_at, self.seq)
+
+
+@dataclass
+class _Tenant:
+    weight: float
+    heap: list[tuple[tuple[int, float, int], Waiter]] = field(default_factory=list)
+    size: int = 0
+    credit: float = 0.0
+
+    def head(self) -> Waiter | None:
+        while self.heap and not self.heap[0][1].queued:
+            heapq.heappop(self.heap)  # removed earlier (cancelled, expired, displaced)
+        return self.heap[0][1] if self.heap else None
+
+
+class AdmissionQueue:
+    """Requests waiting for room, ordered by priority, tenant share (DRR over prompt tokens) and
+    deadline. Not thread-safe: one asyncio loop owns it.
+
+    capacity: most queued requests. quantum_tokens: DRR credit per visit at weight 1. weights:
+    tenant -> weight (others get `default_weight`). max_tenants: most tenants with queued requests;
+    requests of further tenants share the tenant "" (the overflow class).
+    """
+
+    def __init__(
+        self,
+        capacity: int = 1024,
+        quantum_tokens: int = DEFAULT_QUANTUM_TOKENS,
+        weights: dict[str, float] | None = None,
+        default_weight: float = 1.0,
+        max_tenants: int = 1024,
+    ) -> None:
+        if capacity < 1 or quantum_tokens < 1 or max_tenants < 1 or default_weight <= 0:
+            raise ValueError("capacity, quantum_tokens, max_tenants and default_weight must be positive")
+        self.capacity = capacity
+        self.quantum = quantum_tokens
+        self.weights = dict(weights or {})
+        self.default_weight = default_weight
+        self.max_tenants = max_tenants
+        self.size = 0
+        self.tokens = 0
+        # Tenants with queued requests, in round-robin order; the first is the one being visited.
+        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
+        self._seq = itertools.count(1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def tenants(self) -> int:
+        return len(self._tenants)
+
+    def tenant_key(self, tenant: str) -> str:
+        """The key `tenant` is queued under (cut to MAX_TENANT_CHARS; "" once the map is full)."""
+        key = tenant[:MAX_TENANT_CHARS]
+        if key in self._tenants or len(self._tenants) < self.max_tenants:
+            return key
+        return ""
+
+    def push(self, waiter: Waiter) -> Waiter | None:
+        """Queue `waiter`; returns the request it displaced (the caller fails it), if any.
+
+        Raises QueueFull when the queue is full of requests of its priority or better.
+        """
+        displaced = None
+        if self.size >= self.capacity:
+            worst = self._worst()
+            if worst is None or worst.priority <= waiter.priority:
+                raise QueueFull(f"{self.size} requests are queued (the bound), none of lower priority")
+            self.remove(worst)
+            displaced = worst
+        waiter.tenant = self.tenant_key(waiter.tenant)
+        tenant = self._tenants.get(waiter.tenant)
+        if tenant is None:
+            tenant = self._tenants[waiter.tenant] = _Tenant(self.weights.get(waiter.tenant, self.default_weight))
+        waiter.seq = next(self._seq)
+        waiter.queued = True
+        heapq.heappush(tenant.heap, (waiter.sort_key(), waiter))
+        tenant.size += 1
+        self.size += 1
+        self.tokens += waiter.tokens
+        return displaced
+
+    def remove(self, waiter: Waiter) -> bool:
+        """Take `waiter` out (cancelled, expired, displaced); False when it was not queued."""
+        if not waiter.queued:
+            return False
+        waiter.queued = False
+        tenant = self._tenants[waiter.tenant]
+        tenant.size -= 1
+        self.size -= 1
+        self.tokens -= waiter.tokens
+        if tenant.size == 0:
+            del self._tenants[waiter.tenant]  # DRR: an idle tenant keeps no credit
+        return True
+
+    def peek(self) -> Waiter | None:
+        """The request to serve next (it stays queued until `pop`). Advances the DRR round as
+        needed, so calling it again without a pop returns the same request."""
+        if not self.size:
+            return None
+        heads = [(name, t, t.head()) for name, t in self._tenants.items()]
+        best = min(w.priority for _, _, w in heads if w is not None)
+        eligible = [(name, t, w) for name, t, w in heads if w is not None and w.priority == best]
+        # The first eligible tenant in round order whose credit covers its head is served; if none,
+        # whole rounds are added at once: each tenant needs ceil(shortfall / (quantum * weight)).
+        for _, t, w in eligible:
+            if t.credit >= w.tokens:
+                return w
+        rounds = min(math.ceil((w.tokens - t.credit) / (self.quantum * t.weight)) for _, t, w in eligible)
+        for _, t, _ in eligible:
+            t.credit += rounds * self.quantum * t.weight
+        for name, t, w in eligible:
+            if t.credit >= w.tokens:
+                self._tenants.move_to_end(name, last=False)  # the round continues from this tenant
+                return w
+        raise AssertionError("unreachable: some tenant's credit covers its head after the added rounds")
+
+    def pop(self, waiter: Waiter) -> None:
+        """Serve `waiter` (what `peek` returned): charge its tenant and move the round on when the
+        tenant's credit is spent."""
+        name = waiter.tenant
+        tenant = self._tenants[name]
+        tenant.credit -= waiter.tokens
+        self.remove(waiter)
+        if name in self._tenants:
+            nxt = tenant.head()
+            if nxt is None or tenant.credit < nxt.tokens:
+                self._tenants.move_to_end(name)  # its turn is over: the next tenant's round begins
+
+    def __iter__(self) -> Iterator[Waiter]:
+        for tenant in list(self._tenants.values()):
+            for _, waiter in list(tenant.heap):
+                if waiter.queued:
+                    yield waiter
+
+    def _worst(self) -> Waiter | None:
+        """The queued request to displace first: the worst priority, the newest of those."""
+        worst = None
+        for waiter in self:
+            if worst is None or (waiter.priority, waiter.seq) > (worst.priority, worst.seq):
+                worst = waiter
+        return worst

@@ -1,0 +1,251 @@
+"""Late binding: requests wait in the dispatcher, not in a rank's queue, until some rank has room.
+
+A request that arrives while every rank would make it queue (no free batch slot, not enough free
+KV for its prompt, or, with a wait threshold, a predicted prefill wait above it) is held in the
+`AdmissionQueue`. Whenever room may have freed (a load report, a finished or failed request, a
+cancellation, a worker joining), `kick()` binds queued requests in queue order, choosing the rank
+at that moment with the role's method, until the head does not fit anywhere.
+
+A held request waits at most its TTL (`queue_ttl_s`; `sheddable_ttl_s` for sheddable priorities)
+and never past its TTFT deadline; then, or when a request of better priority displaces it from a
+full queue, it fails with RESOURCE_EXHAUSTED and a retry hint (`retry-after` trailing metadata,
+seconds; the gateway turns it into HTTP 429 + `Retry-After`).
+
+Replicas: each dispatcher holds its own queue and knows nothing of the others' queues; the others'
+dispatches reach its table through the workers' reports (within one report interval), so a
+replica may bind a request to a rank another replica filled a moment ago. Pinned requests
+(`prefill_dp_rank` / `decode_dp_rank`) and re-dispatches after a worker failure are not held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, Waiter
+from pdlb.services.dispatcher.load_table import Role, WorkerEntry
+from pdlb.services.dispatcher.policies import RouteContext, RoutingError
+from pdlb.services.dispatcher.router import Decision, Router
+
+RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Flow-control settings (dispatcher flags of the same names)."""
+
+    enabled: bool = False  # off by default: its gain on the trace is within the noise (docs/BENCHMARKS.md)
+    max_queued_requests: int = 1024
+    queue_ttl_s: float = 30.0
+    sheddable_ttl_s: float = 5.0
+    sheddable_priority: int = 1  # priorities >= this are sheddable (vLLM: larger is later)
+    max_wait_ms: float = 0.0  # > 0: a rank whose predicted prefill wait exceeds this has no room
+    quantum_tokens: int = 2048
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    max_tenants: int = 1024
+
+
+class Shed(Exception):
+    """A request the queue gave up on: answer RESOURCE_EXHAUSTED with `retry_after_s`."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+
+@dataclass
+class _Held:
+    ctx: RouteContext
+    future: asyncio.Future[Decision]
+
+
+class FlowControl:
+    """Holds requests while no rank has room and binds them as room frees (see the module doc)."""
+
+    def __init__(
+        self,
+        router: Router,
+        options: FlowOptions,
+        on_shed: Callable[[str], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router, self.options, self.clock = router, options, clock
+        self.queue = AdmissionQueue(
+            capacity=options.max_queued_requests,
+            quantum_tokens=options.quantum_tokens,
+            weights=dict(options.tenant_weights),
+            max_tenants=options.max_tenants,
+        )
+        self.on_shed = on_shed or (lambda reason: None)
+        self.on_wait = on_wait or (lambda seconds: None)
+        self.admitted_total = 0  # requests bound after waiting in the queue
+        self.shed_total = 0
+        self.recent_waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds, of bound requests
+        self._kicking = False
+
+    # admission -------------------------------------------------------------------------------
+    async def decide(
+        self,
+        ctx: RouteContext,
+        priority: int = 0,
+        tenant: str = "",
+        deadline_at: float = math.inf,
+    ) -> Decision:
+        """The decision for `ctx`: at once when the queue is empty and a rank has room, else when
+        the request reaches the head and a rank has room. Raises Shed (held too long, displaced,
+        queue full) or RoutingError (no live worker)."""
+        if not self.options.enabled:
+            return self.router.decide(ctx)
+        if not self.queue.size:
+            roomy = self.roomy(ctx)
+            if roomy is None or roomy:
+                return self.router.decide(ctx, among=roomy)
+        now = self.clock()
+        ttl = self.options.sheddable_ttl_s if priority >= self.options.sheddable_priority else self.options.queue_ttl_s
+        held = _Held(ctx, asyncio.get_running_loop().create_future())
+        waiter = Waiter(
+            request_id=ctx.request_id,
+            priority=priority,
+            tenant=tenant,
+            tokens=max(ctx.num_tokens, 1),
+            enqueued_at=now,
+            deadline_at=deadline_at,
+            expires_at=min(now + ttl, deadline_at),
+            payload=held,
+        )
+        try:
+            displaced = self.queue.push(waiter)
+        except QueueFull as exc:
+            raise self._shed("full", f"request {ctx.request_id}: dispatcher queue full: {exc}") from None
+        if displaced is not None:
+            self._fail(displaced, "displaced", "displaced from the full queue by a request of better priority")
+        self.kick()
+        try:
+            if not held.future.done():
+                await asyncio.wait({held.future}, timeout=max(waiter.expires_at - self.clock(), 0.0))
+        except asyncio.CancelledError:
+            # The client went away while queued, or just as its request was bound: undo the binding.
+            if held.future.done() and not held.future.cancelled() and held.future.exception() is None:
+                decision = held.future.result()
+                self.router.table.cancel_dispatch(decision.entry.worker.worker_id, decision.seq)
+            raise
+        finally:
+            if self.queue.remove(waiter):  # still queued: cancelled or expired
+                self.kick()  # it may have been the head blocking requests behind it
+        if held.future.done():
+            return held.future.result()  # the decision, or the Shed/RoutingError it failed with
+        held.future.cancel()
+        reason = "deadline" if waiter.expires_at >= deadline_at else "ttl"
+        waited = self.clock() - waiter.enqueued_at
+        raise self._shed(
+            reason,
+            f"request {ctx.request_id}: no rank had room within "
+            + (
+                f"its TTFT deadline or the call's deadline ({waited:.2f} s queued)"
+                if reason == "deadline"
+                else f"the queue TTL ({ttl:g} s)"
+            ),
+        )
+
+    def kick(self) -> None:
+        """Bind queued requests, in queue order, while the head fits somewhere."""
+        if self._kicking or not self.queue.size:
+            return
+        self._kicking = True
+        try:
+            while (waiter := self.queue.peek()) is not None:
+                held: _Held = waiter.payload
+                if held.future.done():  # its waiting task was cancelled: drop it
+                    self.queue.remove(waiter)
+                    continue
+                roomy = self.roomy(held.ctx)
+                if roomy is not None and not roomy:
+                    return
+                self.queue.pop(waiter)
+                try:
+                    decision = self.router.decide(held.ctx, among=roomy)
+                except RoutingError as exc:
+                    held.future.set_exception(exc)
+                    continue
+                self.admitted_total += 1
+                waited = self.clock() - waiter.enqueued_at
+                self.recent_waits.append(waited)
+                self.on_wait(waited)
+                held.future.set_result(decision)
+        finally:
+            self._kicking = False
+
+    # room ------------------------------------------------------------------------------------
+    def roomy(self, ctx: RouteContext) -> list[WorkerEntry] | None:
+        """The ranks that take `ctx` without it queueing there (see the module doc); None when no
+        rank is live at all (the decision then fails UNAVAILABLE at once, nothing to wait for);
+        every rank when the prompt exceeds every rank's KV capacity (waiting would not help: the
+        chosen worker refuses it with RESOURCE_EXHAUSTED naming its budget)."""
+        candidates = self.router.table.candidates()
+        if not candidates:
+            return None
+        tokens = ctx.num_tokens
+        roomy = [entry for entry in candidates if self._fits(entry, tokens)]
+        if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
+            return candidates  # it fits no rank's KV even when idle: the worker says so at once
+        # The table's own list when every rank fits: policies keep per-list state across decisions.
+        return candidates if len(roomy) == len(candidates) else roomy
+
+    def _fits(self, entry: WorkerEntry, tokens: int) -> bool:
+        r = entry.reported
+        if r.kv_tokens_capacity and entry.kv_free < tokens:
+            return False
+        if self.options.max_wait_ms > 0 and self.router.role is not Role.DECODE:
+            return self._predicted_wait_ms(entry) <= self.options.max_wait_ms
+        if r.max_running_requests:
+            return not entry.slot_excess  # waiting + in flight + this one fit the free batch slots
+        return not entry.total_requests  # never reported its batch size: one request at a time
+
+    @staticmethod
+    def _predicted_wait_ms(entry: WorkerEntry) -> float:
+        """How long a request sent now would wait on the rank before its own prefill, in ms: for a
+        batch slot (the k-th frees after k x mean output x step time / running requests) and for
+        the prompt work queued ahead (its fitted step line); 0 for what is not measured yet."""
+        r = entry.reported
+        step_s = r.step_ms / 1000
+        wait_s = 0.0
+        if entry.slot_excess and r.max_running_requests:
+            wait_s += entry.slot_excess * (r.mean_output_tokens or 1.0) * step_s / max(r.running_requests, 1)
+        if r.prefill_tokens_per_s > 0:
+            per_token_s = 1 / r.prefill_tokens_per_s + (r.step_base_ms / 1000) / max(r.prefill_tokens_per_step, 1)
+            wait_s += entry.queued_tokens * per_token_s
+        return wait_s * 1000
+
+    # shedding --------------------------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: the recent median queue wait, at least 1."""
+        waits = sorted(self.recent_waits)
+        return max(1, math.ceil(waits[len(waits) // 2])) if waits else 1
+
+    def _shed(self, reason: str, message: str) -> Shed:
+        self.shed_total += 1
+        self.on_shed(reason)
+        retry = self.retry_after_s()
+        return Shed(reason, f"{message}; retry after {retry} s or add capacity", retry)
+
+    def _fail(self, waiter: Waiter, reason: str, why: str) -> None:
+        held: _Held = waiter.payload
+        if not held.future.done():
+            held.future.set_exception(self._shed(reason, f"request {waiter.request_id}: {why}"))
+
+    def fail_all(self, why: str) -> None:
+        """Shutting down: every queued request fails now instead of waiting out its TTL."""
+        for waiter in list(self.queue):
+            self.queue.remove(waiter)
+            self._fail(waiter, "shutdown", why)
+
+    def wait_percentiles_ms(self, qs: Sequence[float] = (50, 99)) -> list[float]:
+        waits = sorted(self.recent_waits)
+        if not waits:
+            return [0.0 for _ in qs]
+        return [waits[min(len(waits) - 1, int(q / 100 * len(waits)))] * 1000 for q in qs]

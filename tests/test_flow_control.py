@@ -1,0 +1,315 @@
+"""Flow control on a real dispatcher with real sim workers: requests wait in the dispatcher while
+no rank has a free batch slot, and are bound in priority / fair-share order as slots free; TTL,
+deadline and displacement shed with RESOURCE_EXHAUSTED + retry-after; cancelled requests leave the
+queue; a worker dying while requests are queued loses none of them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import grpc
+import openai
+import pytest
+from rich.console import Console
+
+from pdlb.cli.top import render
+from pdlb.common.etcd_process import free_port
+from pdlb.common.requests import RETRY_AFTER_KEY
+from pdlb.v1 import dispatch_pb2
+from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
+
+# One request at a time per rank; a decode step of the sim takes 4 ms x 10, so a request of N
+# output tokens holds its rank for about N x 40 ms.
+# Blockers hold a rank for as long as a test needs (their outputs would take about 80 s) and are
+# cancelled to free it: no test depends on how fast the loaded machine runs them.
+BLOCK = 2000
+SIM = ["--runner", "sim", "--sim-slowdown", "10", "--max-running-requests", "1", "--report-interval-ms", "50"]
+
+
+async def start_cluster(etcd, prefix, start_service, ranks: int, *dispatcher_flags: str, lease_ttl: int = 5):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", str(lease_ttl)]
+    dispatcher = start_service(
+        "dispatcher", *common, "--load-balance-method", "least_wait", "--flow-control", *dispatcher_flags
+    )
+    workers = [
+        start_service("scheduler", *common, *SIM, "--dp-rank", str(r), name=f"sim-{r}", wait=False)
+        for r in range(ranks)
+    ]
+    for proc in workers:
+        proc.wait_ready()
+    channel, stub = dispatch_stub(dispatcher.address)
+    await wait_for_workers(stub, ranks)
+
+    async def reporting() -> bool:
+        snap = await load_snapshot(stub)
+        return all(w.report_age_ms >= 0 and w.reported.max_running_requests == 1 for w in snap.workers)
+
+    await wait_until(reporting, what="every worker's first report")
+    return channel, stub, dispatcher, workers
+
+
+class Client:
+    """Runs Generate calls, recording when each got its first token and how each ended."""
+
+    def __init__(self, stub) -> None:
+        self.stub = stub
+        self.first_token_at: dict[str, float] = {}
+        self.outcome: dict[str, grpc.StatusCode] = {}
+        self.errors: dict[str, grpc.aio.AioRpcError] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def send(self, rid: str, tokens: int = 10, **fields) -> asyncio.Task:
+        self.tasks[rid] = asyncio.create_task(self._run(rid, tokens, fields))
+        return self.tasks[rid]
+
+    async def _run(self, rid: str, tokens: int, fields: dict) -> None:
+        req = request(rid, input_ids=[(hash(rid) + i) % 200 + 1 for i in range(32)], max_new_tokens=tokens, **fields)
+        try:
+            async for chunk in self.stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60):
+                if chunk.token_ids and rid not in self.first_token_at:
+                    self.first_token_at[rid] = time.monotonic()
+            self.outcome[rid] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as err:
+            self.outcome[rid] = err.code()
+            self.errors[rid] = err
+
+    async def started(self, rid: str) -> None:
+        await wait_until(lambda: rid in self.first_token_at or rid in self.outcome, what=f"{rid}'s first token")
+
+
+async def queued(stub) -> int:
+    return (await load_snapshot(stub)).flow.queued_requests
+
+
+async def wait_queued(stub, n: int) -> None:
+    async def check() -> bool:
+        return await queued(stub) == n
+
+    await wait_until(check, what=f"{n} requests queued at the dispatcher")
+
+
+async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, prefix, start_service):
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 2)
+    client = Client(stub)
+    try:
+        client.send("busy-a", tokens=BLOCK)
+        client.send("busy-b", tokens=BLOCK)
+        await client.started("busy-a")
+        await client.started("busy-b")
+        # Both ranks run one request: new ones wait in the dispatcher, not at a worker.
+        client.send("low", priority=5)
+        await wait_queued(stub, 1)
+        client.send("normal-late-deadline", ttft_deadline_ms=50_000)
+        await wait_queued(stub, 2)
+        client.send("normal-early-deadline", ttft_deadline_ms=20_000)
+        await wait_queued(stub, 3)
+        client.send("urgent", priority=-1)
+        await wait_queued(stub, 4)
+        snap = await load_snapshot(stub)
+        assert snap.flow.enabled and snap.flow.queued_tokens == 4 * 32
+        assert all(w.reported.waiting_requests == 0 for w in snap.workers), "nothing waits at a worker"
+        client.tasks["busy-a"].cancel()  # one slot frees: the head (urgent) is bound to it
+        await client.started("urgent")
+        client.tasks["busy-b"].cancel()
+        held = ["low", "normal-late-deadline", "normal-early-deadline", "urgent"]
+        await asyncio.wait_for(asyncio.gather(*(client.tasks[r] for r in held)), 60)
+        assert {client.outcome[r] for r in held} == {grpc.StatusCode.OK}, client.errors
+        order = sorted(
+            ["low", "normal-late-deadline", "normal-early-deadline", "urgent"], key=client.first_token_at.get
+        )
+        assert order == ["urgent", "normal-early-deadline", "normal-late-deadline", "low"]
+        snap = await load_snapshot(stub)
+        assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 4 and snap.flow.shed_total == 0
+        assert snap.flow.wait_p99_ms > 0
+    finally:
+        await channel.close()
+
+
+async def test_fair_share_a_flooding_tenant_does_not_starve_another(etcd, prefix, start_service):
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--fair-share-quantum", "32")
+    client = Client(stub)
+    try:
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        for i in range(8):
+            client.send(f"flood-{i}", tokens=3, tenant="flood")
+        await wait_queued(stub, 8)
+        client.send("quiet-0", tokens=3, tenant="quiet")
+        client.send("quiet-1", tokens=3, routing_key="quiet")  # the tenant defaults to the routing key
+        await wait_queued(stub, 10)
+        client.tasks.pop("busy").cancel()
+        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
+        assert set(client.outcome.values()) == {grpc.StatusCode.OK}, client.errors
+        order = sorted((rid for rid in client.first_token_at if rid != "busy"), key=client.first_token_at.get)
+        # Round robin over tenants: the quiet tenant's requests alternate with the flood's.
+        assert order.index("quiet-0") <= 2 and order.index("quiet-1") <= 4, order
+    finally:
+        await channel.close()
+
+
+async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix, start_service):
+    channel, stub, _, _ = await start_cluster(
+        etcd,
+        prefix,
+        start_service,
+        1,
+        "--queue-ttl",
+        "30",
+        "--sheddable-queue-ttl",
+        "0.5",
+        "--max-queued-requests",
+        "2",
+    )
+    client = Client(stub)
+    try:
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        t0 = time.monotonic()
+        await client.send("sheddable", priority=1)  # waits at most its 0.5 s TTL
+        assert client.outcome["sheddable"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0.4 < time.monotonic() - t0 < 2.0
+        err = client.errors["sheddable"]
+        assert "queue TTL" in err.details() and "retry after" in err.details()
+        assert int(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) >= 1
+        await client.send("due-soon", ttft_deadline_ms=300)
+        assert client.outcome["due-soon"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "TTFT deadline" in client.errors["due-soon"].details()
+        # A full queue: a better priority displaces the worst; an equal one is refused at once.
+        client.send("low", priority=3, ttft_deadline_ms=20_000)
+        client.send("normal-1")
+        await wait_queued(stub, 2)
+        client.send("normal-2")
+        await wait_until(lambda: "low" in client.outcome, what="the displaced request's status")
+        assert client.outcome["low"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "displaced" in client.errors["low"].details()
+        await client.send("normal-3")
+        assert client.outcome["normal-3"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in client.errors["normal-3"].details()
+        client.tasks.pop("busy").cancel()
+        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
+        assert [client.outcome[r] for r in ("normal-1", "normal-2")] == [grpc.StatusCode.OK] * 2
+        snap = await load_snapshot(stub)
+        assert snap.flow.shed_total == 4 and snap.flow.queued_requests == 0
+    finally:
+        await channel.close()
+
+
+async def test_cancelled_while_queued_leaves_the_queue(etcd, prefix, start_service):
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1)
+    client = Client(stub)
+    try:
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        doomed = client.send("doomed")
+        client.send("after")
+        await wait_queued(stub, 2)
+        doomed.cancel()
+        await wait_queued(stub, 1)
+        client.tasks["busy"].cancel()
+        await asyncio.wait_for(client.tasks["after"], 60)
+        assert client.outcome["after"] == grpc.StatusCode.OK and "doomed" not in client.first_token_at
+        snap = await load_snapshot(stub)
+        assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 1
+        assert all(w.inflight_requests == 0 for w in snap.workers)
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("survivors", [1, 0])
+async def test_worker_death_while_queued_loses_no_request(etcd, prefix, start_service, survivors):
+    """Requests queued when a worker is killed are served by the survivor, or, with none left,
+    fail UNAVAILABLE once the worker leaves; none hangs."""
+    channel, stub, _, workers = await start_cluster(etcd, prefix, start_service, 1 + survivors, lease_ttl=2)
+    client = Client(stub)
+    try:
+        for i in range(1 + survivors):
+            client.send(f"busy-{i}", tokens=BLOCK)
+        for i in range(1 + survivors):
+            await client.started(f"busy-{i}")
+        for i in range(4):
+            client.send(f"queued-{i}", tokens=5)
+        await wait_queued(stub, 4)
+        workers[0].kill()
+        for i in range(1 + survivors):  # the survivor's slot frees too
+            client.tasks.pop(f"busy-{i}").cancel()
+        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
+        queued_outcomes = {client.outcome[f"queued-{i}"] for i in range(4)}
+        if survivors:
+            assert queued_outcomes == {grpc.StatusCode.OK}, client.errors
+        else:
+            assert queued_outcomes == {grpc.StatusCode.UNAVAILABLE}, client.errors
+            assert "no live" in client.errors["queued-0"].details()
+        assert await queued(stub) == 0
+    finally:
+        await channel.close()
+
+
+async def test_http_priority_deadline_and_429_with_retry_after_through_the_gateway(etcd, prefix, start_service):
+    """The official `openai` client against the gateway: a sheddable request (vLLM's `priority`)
+    and one past its TTFT deadline header get 429 + Retry-After while the only rank is busy; a bad
+    priority gets 400 naming it; once the rank frees, requests are served."""
+    metrics_port = free_port()
+    channel, stub, _, _ = await start_cluster(
+        etcd, prefix, start_service, 1, "--sheddable-queue-ttl", "0.3", "--metrics-port", str(metrics_port)
+    )
+    http_port = free_port()
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    start_service("gateway", *common, "--http-port", str(http_port))
+    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    client = Client(stub)
+    try:
+        await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        with pytest.raises(openai.RateLimitError) as shed:
+            await api.completions.create(model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": 1})
+        assert int(shed.value.response.headers["Retry-After"]) >= 1
+        assert "queue TTL" in shed.value.body["message"]
+        with pytest.raises(openai.RateLimitError) as late:
+            await api.completions.create(
+                model="tiny-random", prompt="hello", max_tokens=2, extra_headers={"X-pdlb-TTFT-Deadline-Ms": "200"}
+            )
+        assert "TTFT deadline" in late.value.body["message"] and late.value.response.headers["Retry-After"]
+        with pytest.raises(openai.BadRequestError) as bad:
+            await api.completions.create(model="tiny-random", prompt="hello", extra_body={"priority": "high"})
+        assert bad.value.body["param"] == "priority"
+        client.tasks["busy"].cancel()
+        served = await api.completions.create(
+            model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": -1, "ignore_eos": True}
+        )
+        assert served.usage.completion_tokens == 2
+        snap = await load_snapshot(stub)
+        assert snap.flow.shed_total == 2 and snap.flow.admitted_total >= 1
+        # The same counts in the dispatcher's /metrics, `pdlb top` and the gateway's dashboard.
+        scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert 'pdlb_queue_shed_total{reason="ttl"} 1.0' in scrape
+        assert 'pdlb_queue_shed_total{reason="deadline"} 1.0' in scrape
+        assert "pdlb_queue_requests 0.0" in scrape and "pdlb_queue_wait_seconds_count" in scrape
+        console = Console(width=400, record=True)
+        console.print(render("mixed", snap))
+        frame = console.export_text()
+        assert "queue 0 (0 tokens, 0 tenants)" in frame and "shed 2" in frame
+
+        async def dashboard_shows_shed() -> bool:
+            state = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/dashboard/state"))
+            return [r["queue"]["shed"] for r in state["roles"]] == [2]
+
+        await wait_until(dashboard_shows_shed, what="the dashboard's queue counts")
+    finally:
+        await api.close()
+        await channel.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+async def _models_ready(api) -> bool:
+    try:
+        return bool((await api.models.list()).data)
+    except openai.APIError:
+        return False

@@ -1,0 +1,86 @@
+"""Which ranks flow control counts as having room, as pure logic over a load table: batch slots,
+KV capacity (decode admission), the predicted-wait bound, and binding in queue order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdlb.services.dispatcher.flow_control import FlowControl, FlowOptions, Shed
+from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
+from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy
+from pdlb.services.dispatcher.router import Router
+
+
+def cluster(role: Role, loads: list[ReportedLoad], **options) -> FlowControl:
+    table = LoadTable()
+    for rank, load in enumerate(loads):
+        table.upsert(Worker(f"w{rank}", role, rank, f"h:{rank}"))
+        table.apply_report(f"w{rank}", load, 0)
+    router = Router(role, table, create_policy("least_wait", role, PolicyOptions()))
+    return FlowControl(router, FlowOptions(enabled=True, **options))
+
+
+def ranks(flow: FlowControl, tokens: int) -> list[int] | None:
+    roomy = flow.roomy(RouteContext("r", tokens))
+    return None if roomy is None else [e.dp_rank for e in roomy]
+
+
+def test_free_batch_slots_decide_room():
+    full = ReportedLoad(running_requests=4, max_running_requests=4, kv_tokens_capacity=10_000)
+    free = ReportedLoad(running_requests=3, max_running_requests=4, kv_tokens_capacity=10_000)
+    flow = cluster(Role.MIXED, [full, free])
+    assert ranks(flow, 100) == [1]
+    flow.router.decide(RouteContext("a", 100))  # in flight to rank 1: its last slot is taken
+    assert ranks(flow, 100) == []
+
+
+def test_decode_admission_by_kv_capacity():
+    used = ReportedLoad(kv_tokens_used=900, kv_tokens_capacity=1000, max_running_requests=64)
+    roomy = ReportedLoad(kv_tokens_used=200, kv_tokens_capacity=1000, max_running_requests=64)
+    evictable = ReportedLoad(
+        kv_tokens_used=900, kv_tokens_evictable=800, kv_tokens_capacity=1000, max_running_requests=64
+    )
+    flow = cluster(Role.DECODE, [used, roomy, evictable])
+    assert ranks(flow, 500) == [1, 2]  # the prefix cache's evictable blocks count as free
+    assert ranks(flow, 850) == [2]
+    assert ranks(flow, 950) == []
+    assert ranks(flow, 1001) == [0, 1, 2]  # larger than any rank's KV: not held, the worker refuses it
+
+
+def test_predicted_wait_bound_replaces_the_slot_check():
+    # 10k prompt tokens queued at 10k tokens/s: about 1 s of prefill ahead on rank 0
+    busy = ReportedLoad(
+        running_requests=1,
+        max_running_requests=8,
+        prefill_pending_tokens=10_000,
+        prefill_tokens_per_s=10_000,
+        step_ms=20,
+        prefill_tokens_per_step=1000,
+    )
+    idle = ReportedLoad(max_running_requests=8, prefill_tokens_per_s=10_000, step_ms=20, prefill_tokens_per_step=1000)
+    assert ranks(cluster(Role.PREFILL, [busy, idle], max_wait_ms=500), 100) == [1]
+    assert ranks(cluster(Role.PREFILL, [busy, idle], max_wait_ms=5000), 100) == [0, 1]
+
+
+def test_no_live_worker_is_not_a_reason_to_wait():
+    assert ranks(cluster(Role.MIXED, []), 10) is None
+
+
+async def test_binding_in_queue_order_as_room_frees_and_ttl():
+    full = ReportedLoad(running_requests=1, max_running_requests=1)
+    flow = cluster(Role.MIXED, [full], queue_ttl_s=30, sheddable_ttl_s=0.05)
+    low = asyncio.create_task(flow.decide(RouteContext("low", 10), priority=2))
+    high = asyncio.create_task(flow.decide(RouteContext("high", 10), priority=0))
+    await asyncio.sleep(0)  # let both enter the queue
+    assert len(flow.queue) == 2
+    with pytest.raises(Shed) as shed:
+        await low  # sheddable: gone after its 50 ms
+    assert shed.value.reason == "ttl" and shed.value.retry_after_s >= 1
+    table = flow.router.table
+    table.apply_report("w0", ReportedLoad(max_running_requests=1), 0)  # the slot freed
+    flow.kick()
+    decision = await high
+    assert decision.entry.dp_rank == 0 and len(flow.queue) == 0 and flow.admitted_total == 1
+    assert flow.shed_total == 1

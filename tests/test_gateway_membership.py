@@ -1,0 +1,186 @@
+"""The gateway when its dispatchers come and go: replicas per role killed under load, and membership
+flaps (an etcd paused past the lease, dispatcher keys deleted) while requests stream. Real etcd,
+real services on loopback, real HTTP and gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+import grpc
+import pytest
+
+from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from tests.helpers import wait_until
+
+SIM = ["--runner", "sim", "--report-interval-ms", "50"]
+
+
+def pd_cluster(etcd: EtcdProcess, prefix: str, start_service, replicas: int, slowdown: str, ttl: str = "5"):
+    """bootstrap, `replicas` dispatchers per role, 2 + 2 sim workers, a gateway; returns
+    (gateway, its HTTP base URL, {role: [dispatcher processes]})."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", ttl]
+    start_service("bootstrap", *common)
+    dispatchers: dict[str, list] = {"prefill": [], "decode": []}
+    spawned = []
+    for role in dispatchers:
+        for r in range(replicas):
+            dispatchers[role].append(
+                start_service("dispatcher", *common, "--disaggregation-mode", role, name=f"disp-{role}-{r}", wait=False)
+            )
+            spawned.append(dispatchers[role][-1])
+        for r in range(2):
+            spawned.append(
+                start_service(
+                    "scheduler",
+                    *common,
+                    *SIM,
+                    "--sim-slowdown",
+                    slowdown,
+                    "--disaggregation-mode",
+                    role,
+                    "--dp-rank",
+                    str(r),
+                    name=f"{role}-{r}",
+                    wait=False,
+                )
+            )
+    for proc in spawned:
+        proc.wait_ready()
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port))
+    return gateway, f"http://127.0.0.1:{http_port}", dispatchers
+
+
+async def dispatched(address: str) -> int:
+    """Requests a dispatcher has sent to its workers so far (its WatchLoad snapshot)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dispatch_pb2_grpc.DispatchStub(channel)
+        async for snapshot in stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=50)):
+            return sum(w.dispatched_total for w in snapshot.workers)
+    return 0
+
+
+async def all_workers_seen(dispatchers: dict[str, list]) -> None:
+    async def ready() -> bool:
+        for procs in dispatchers.values():
+            for proc in procs:
+                async with grpc.aio.insecure_channel(proc.address) as channel:
+                    reply = await dispatch_pb2_grpc.DispatchStub(channel).ListWorkers(
+                        dispatch_pb2.ListWorkersRequest(), timeout=5
+                    )
+                if len(reply.workers) < 2:
+                    return False
+        return True
+
+    await wait_until(ready, timeout=60, what="every dispatcher replica to see its 2 workers")
+
+
+async def gateway_tokens(stub, rid: str, prompt: list[int], started: asyncio.Event | None = None) -> list[int]:
+    request = common_pb2.InferenceRequest(
+        request_id=rid, input_ids=prompt, sampling=common_pb2.SamplingParams(max_new_tokens=30, ignore_eos=True)
+    )
+    tokens: list[int] = []
+    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
+        tokens += chunk.token_ids
+        if tokens and started is not None:
+            started.set()
+    return tokens
+
+
+@pytest.mark.parametrize("victim", ["decode", "prefill"])
+async def test_replicas_share_the_load_and_a_killed_one_loses_no_request(etcd, prefix, start_service, victim):
+    """2 dispatchers per role: requests spread over both replicas of each role; after kill -9 of one
+    replica under load, every request (running on it, or arriving before its lease expires) completes
+    with the uninterrupted greedy output."""
+    gateway, _, dispatchers = pd_cluster(etcd, prefix, start_service, replicas=2, slowdown="4")
+    await all_workers_seen(dispatchers)
+    prompts = [[(37 * i + j) % 250 + 1 for j in range(16 + i)] for i in range(24)]
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        reference = [await gateway_tokens(stub, f"ref-{i}", p) for i, p in enumerate(prompts[:8])]
+        for role, procs in dispatchers.items():  # 8 requests: each replica of each role took some
+            counts = [await dispatched(p.address) for p in procs]
+            assert all(counts) and sum(counts) == 8, f"{role} replicas got {counts}"
+        first = asyncio.Event()
+        runs = []
+        for i, prompt in enumerate(prompts):
+            runs.append(asyncio.create_task(gateway_tokens(stub, f"run-{i}", prompt, first if i == 4 else None)))
+            await asyncio.sleep(0.05)
+            if i == 8:
+                await asyncio.wait_for(first.wait(), 30)
+                dispatchers[victim][0].kill()  # kill -9; its etcd key stays until the lease expires
+        results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 180)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[0]!r}"
+    assert results[:8] == reference
+    assert all(len(tokens) == 30 for tokens in results)
+
+
+async def sse_tokens(session: aiohttp.ClientSession, base: str, i: int, started: asyncio.Event) -> tuple[int, str]:
+    """One streamed completion; returns (completion tokens seen, the last data line)."""
+    body = {"model": "tiny-random", "prompt": f"flap {i}", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    pieces, last = 0, ""
+    async with session.post(f"{base}/v1/completions", json=body) as reply:
+        assert reply.status == 200, await reply.text()
+        async for raw in reply.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            last = line[6:]
+            if last == "[DONE]":
+                break
+            event = json.loads(last)
+            assert "error" not in event, event
+            if event.get("usage"):
+                pieces = event["usage"]["completion_tokens"]
+            if event.get("choices"):
+                started.set()
+    return pieces, last
+
+
+async def non_stream(session: aiohttp.ClientSession, base: str, i: int) -> dict:
+    body = {"model": "tiny-random", "prompt": f"flap n{i}", "max_tokens": 40, "ignore_eos": True}
+    async with session.post(f"{base}/v1/completions", json=body) as reply:
+        assert reply.status == 200, f"request {i}: {await reply.text()}"
+        return await reply.json()
+
+
+@pytest.mark.parametrize("flap", ["pause-etcd", "delete-keys"])
+async def test_membership_flap_does_not_cut_running_requests(prefix, start_service, tmp_path, flap):
+    """etcd paused (SIGSTOP) past the lease TTL, so every lease expires when it resumes, or the
+    dispatchers' keys deleted: running HTTP requests, streamed or not, all finish with every token and
+    [DONE]; requests sent during the flap are served too."""
+    etcd = EtcdProcess(data_dir=str(tmp_path / "etcd"))  # its own: it is paused
+    etcd.start()
+    try:
+        _, base, dispatchers = pd_cluster(etcd, prefix, start_service, replicas=1, slowdown="6", ttl="2")
+        await all_workers_seen(dispatchers)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(sse_tokens(session, base, i, started)) for i in range(8)]
+            plain = [asyncio.create_task(non_stream(session, base, i)) for i in range(4)]
+            await asyncio.wait_for(started.wait(), 30)
+            if flap == "pause-etcd":
+                os.kill(etcd.proc.pid, signal.SIGSTOP)
+                await asyncio.sleep(3.5)  # the flap itself: longer than the 2 s lease, nothing to await
+                os.kill(etcd.proc.pid, signal.SIGCONT)
+                # requests sent as the flap ends wait for the dispatchers to register again
+                plain += [asyncio.create_task(non_stream(session, base, 100 + i)) for i in range(2)]
+            else:  # the dispatchers stay unlisted (their leases live on): only running requests matter
+                etcd.etcdctl("del", "--prefix", f"{prefix}/dispatchers/")
+            results = await asyncio.wait_for(asyncio.gather(*streams), 120)
+            replies = await asyncio.wait_for(asyncio.gather(*plain), 120)
+        assert results == [(40, "[DONE]")] * len(streams)
+        assert [r["usage"]["completion_tokens"] for r in replies] == [40] * len(replies)
+        assert all(r["choices"][0]["text"] for r in replies)
+    finally:
+        if etcd.proc is not None:
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        etcd.close()

@@ -1,0 +1,105 @@
+"""The field's routers in front of a real pdlb gateway: SGLang's model gateway (`smg`, PyPI
+sglang-router 0.3.2) with `--dp-aware`, and vllm-router 0.1.17 with its DP-aware mode, over a mixed
+cluster of sim ranks. They must pass chat, streaming and completions through, and a rank the router
+picks must be the rank that serves (the dispatcher counts it as an external pin).
+
+The routers come from the virtualenv `make install-routers` builds (`ROUTERS_VENV`); the tests skip,
+saying so, when it is not there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+
+import aiohttp
+import pytest
+
+from bench import peer_routers
+from pdlb.common.etcd_process import free_port
+from tests.helpers import dispatch_stub, wait_for_workers
+
+MODEL = "tiny-random"
+RANKS = 2
+
+pytestmark = pytest.mark.skipif(
+    not all((peer_routers.venv() / "bin" / name).is_file() for name in ("smg", "vllm-router")),
+    reason=f"smg / vllm-router not installed in {peer_routers.venv()}: run `make install-routers` "
+    "(or set ROUTERS_VENV to their virtualenv)",
+)
+
+
+@pytest.fixture
+def gateway(etcd, prefix, start_service, tmp_path):
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    metrics = free_port()
+    dispatcher = start_service("dispatcher", *common, "--metrics-port", str(metrics), name="disp")
+    for rank in range(RANKS):
+        start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), name=f"sim-{rank}")
+    http_port = free_port()
+    start_service("gateway", *common, "--http-port", str(http_port))
+    return dispatcher, f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics}/metrics"
+
+
+def external_dispatches(metrics_url: str) -> dict[int, int]:
+    """Per rank, the dispatches decided by a pin in the request (method "external")."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        match = re.match(r"pdlb_dispatches_total\{(.*)\} ([0-9.e+]+)", line)
+        if match and 'method="external"' in match.group(1):
+            rank = int(re.search(r'dp_rank="(\d+)"', match.group(1)).group(1))
+            counts[rank] = int(float(match.group(2)))
+    return counts
+
+
+async def pass_through(url: str) -> list[dict]:
+    """Chat, streamed chat and completions through a router; the non-streamed bodies."""
+    bodies = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}
+        async with http.post(f"{url}/v1/chat/completions", json=chat) as reply:
+            body = await reply.json()
+            assert reply.status == 200, body
+            assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == 5
+            bodies.append(body)
+        async with http.post(f"{url}/v1/chat/completions", json={**chat, "stream": True}) as reply:
+            assert reply.status == 200, await reply.text()
+            events = [line for line in (await reply.text()).splitlines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
+            assert "".join(deltas)
+        completion = {"model": MODEL, "prompt": "Once upon", "max_tokens": 4, "ignore_eos": True}
+        async with http.post(f"{url}/v1/completions", json=completion) as reply:
+            body = await reply.json()
+            assert reply.status == 200, body
+            assert body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 4
+            bodies.append(body)
+    return bodies
+
+
+@pytest.mark.parametrize("kind", ["smg", "vllm-router"])
+async def test_dp_aware_router_picks_pdlb_ranks(gateway, kind, tmp_path):
+    dispatcher, base, metrics = gateway
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, RANKS)
+    router = peer_routers.Router(kind, "round_robin", [base], dp_size=RANKS, log_dir=tmp_path)
+    await asyncio.to_thread(router.start)
+    try:
+        await peer_routers.wait_serving(router.url, MODEL)
+        await pass_through(router.url)
+        before = external_dispatches(metrics)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(6):
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+                async with http.post(f"{router.url}/v1/completions", json=body) as reply:
+                    assert reply.status == 200, await reply.text()
+        after = external_dispatches(metrics)
+        # Every request came with the router's pin, and round robin over url@0, url@1 spread them evenly.
+        added = {rank: after.get(rank, 0) - before.get(rank, 0) for rank in range(RANKS)}
+        assert added == {0: 3, 1: 3}, (before, after)
+    finally:
+        router.stop()

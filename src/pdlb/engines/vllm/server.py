@@ -30,11 +30,14 @@ def repo_root() -> Path:
 
 
 def find_venv() -> Path | None:
-    """vLLM's virtualenv: $VLLM_VENV, else .vllm-venv at the repository root; None if it has no vLLM."""
+    """vLLM's virtualenv: $VLLM_VENV, else .vllm-venv at the repository root; None if it has no vLLM
+    or no exported model."""
     raw = os.environ.get("VLLM_VENV")
     venv = Path(raw).expanduser() if raw else repo_root() / DEFAULT_VENV
     python = venv / "bin" / "python"
     if not python.is_file() or not any((venv / "lib").glob("python3*/site-packages/vllm/__init__.py")):
+        return None
+    if not (venv / MODEL_SUBDIR / "config.json").is_file():  # the install stopped before the export
         return None
     return venv
 

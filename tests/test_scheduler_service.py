@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pdlb.common.membership import connect_client
+from pdlb.common.processes import ServiceFailed
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.v1 import dispatch_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, load_snapshot, request, rest_of, wait_for_workers, wait_until
@@ -41,7 +42,8 @@ async def test_weights_from_safetensors_change_the_output(start_service, tmp_pat
 async def test_wrong_weights_file_fails_at_start(start_service, tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file({"embed.weight": torch.zeros(3, 3)}, str(path))
-    with pytest.raises(RuntimeError, match="did not start"):
+    # Reported at once with the service's own error line, not after a start timeout.
+    with pytest.raises(ServiceFailed, match="bad-weights exited with status 1: .*loading state_dict"):
         start_service("scheduler", *SMALL, "--model-path", str(path), name="bad-weights")
 
 

@@ -68,7 +68,14 @@ class Backoff:
 
 
 class LeasedRegistration:
-    """Keeps one key alive under a lease until `close()`; re-registers if the lease is lost."""
+    """Keeps one key in etcd under a lease of `ttl` seconds until `close()`.
+
+    A background task refreshes the lease every TTL/3 and watches the key itself, so the key comes
+    back whenever it goes while its owner lives: deleted by hand (`etcdctl del`), its lease revoked,
+    or the lease expired (etcd paused or away past the TTL). It is put back at once, on the same
+    lease while that lives, else on a fresh one. Losses in quick succession, and etcd errors, are
+    retried with capped exponential backoff (`Backoff`); each is logged as a warning.
+    """
 
     def __init__(self, endpoint: str, key: str, value: dict, ttl: int) -> None:
         if ttl < 1:
@@ -78,36 +85,87 @@ class LeasedRegistration:
         self.client = connect_client(endpoint)
         self.lease_id: int | None = None
         self.registered = asyncio.Event()
+        self.restored_total = 0  # times the key was put back after it went
+        self._revision = 0  # etcd revision at which the key was last known to be ours
         self._task: asyncio.Task | None = None
 
+    @property
+    def period_s(self) -> float:
+        """Seconds between lease refreshes: a third of the TTL, so two may fail before it expires."""
+        return max(self.ttl / 3, 0.2)
+
     async def start(self) -> None:
-        """Register once (raising if etcd is unreachable), then keep the lease alive in the background."""
-        await self._register()
-        self._task = asyncio.create_task(self._keepalive(), name=f"lease:{self.key.decode()}")
+        """Register once (raising if etcd is unreachable), then keep the key in the background."""
+        await self._register(fresh_lease=True)
+        self._task = asyncio.create_task(self._keep(), name=f"lease:{self.key.decode()}")
 
-    async def _register(self) -> None:
-        lease = await self.client.lease(self.ttl)
-        await self.client.put(self.key, self.value, lease=lease)
-        self.lease_id = lease.id
+    async def _register(self, fresh_lease: bool) -> None:
+        if fresh_lease or self.lease_id is None:
+            lease = await self.client.lease(self.ttl)
+            self.lease_id = lease.id  # set before the put: close() revokes it even if the put fails
+        reply = await self.client.put(self.key, self.value, lease=self.lease_id)
+        self._revision = reply.header.revision
         self.registered.set()
-        log.info("registered %s (lease %x, ttl %ss)", self.key.decode(), lease.id, self.ttl)
+        log.info("registered %s (lease %x, ttl %ss)", self.key.decode(), self.lease_id, self.ttl)
 
-    async def _keepalive(self) -> None:
+    async def _restore(self) -> None:
+        """Put the key back unless it is there, with our value, on our lease, which is alive."""
+        current = await self.client.get(self.key)
+        info = await self.client.get_lease_info(self.lease_id, keys=False) if self.lease_id is not None else None
+        alive = info is not None and info.TTL > 0
+        if alive and current is not None and current.lease == self.lease_id and current.value == self.value:
+            self._revision = current.mod_revision
+            return
+        await self._register(fresh_lease=not alive)
+        self.restored_total += 1
+        log.warning(
+            "%s put back in etcd (%s)", self.key.decode(), "same lease" if alive else "its lease was gone: new lease"
+        )
+
+    async def _keep(self) -> None:
         backoff = Backoff()
+        losses = 0  # in a row, each within one refresh period of the last restore
+        restore = False  # the first pass follows start(): the key was just put
         while True:
-            await asyncio.sleep(max(self.ttl / 3, 0.2))
             try:
-                reply = await self.client.refresh_lease(self.lease_id)
-                if reply.TTL <= 0:  # the lease expired (etcd was away too long): register anew
-                    log.warning("lease of %s expired; registering again", self.key.decode())
-                    await self._register()
-                backoff.reset()
+                if restore:
+                    await self._restore()
+                restore = True
+                held_from = asyncio.get_running_loop().time()
+                why = await self._hold()
+                if asyncio.get_running_loop().time() - held_from >= self.period_s:
+                    losses = 0
+                    backoff.reset()
+                losses += 1
+                log.warning("etcd key %s %s; registering again", self.key.decode(), why)
+                if losses > 1:  # someone keeps deleting it: do not spin
+                    await asyncio.sleep(backoff.next())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 delay = backoff.next()
                 log.warning("etcd keep-alive for %s failed (%s); retry in %.1fs", self.key.decode(), exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _hold(self) -> str:
+        """Refresh the lease and watch the key until either is lost; returns why. Raises on etcd errors."""
+        watch = await self.client.watch(self.key, start_revision=self._revision + 1)
+        deleted = asyncio.create_task(_first_deletion(watch), name=f"watch-own:{self.key.decode()}")
+        try:
+            while True:
+                done, _ = await asyncio.wait({deleted}, timeout=self.period_s)
+                if done:
+                    deleted.result()  # raises when the watch broke (etcd restarted, connection lost)
+                    return "was deleted (by hand, or its lease was revoked or expired)"
+                reply = await self.client.refresh_lease(self.lease_id)
+                if reply.TTL <= 0:
+                    return f"lost its lease {self.lease_id:x} (expired: etcd was away too long)"
+        finally:
+            deleted.cancel()
+            with contextlib.suppress(BaseException):
+                await deleted
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), timeout=1)
 
     async def close(self) -> None:
         """Stop the keep-alive and delete the key at once by revoking the lease."""
@@ -123,6 +181,14 @@ class LeasedRegistration:
                 log.warning("could not revoke lease of %s: %s", self.key.decode(), exc)
         with contextlib.suppress(Exception):
             await self.client.close()
+
+
+async def _first_deletion(watch: aetcd.rtypes.Watch) -> None:
+    """Returns at the first DELETE event of the watch; raises if the watch ends without one."""
+    async for event in watch:
+        if event.kind == aetcd.EventKind.DELETE:
+            return
+    raise ConnectionError("the etcd watch ended")
 
 
 @dataclass(frozen=True)

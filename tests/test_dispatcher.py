@@ -6,13 +6,14 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 import urllib.request
 
 import grpc
 import pytest
 
 from pdlb.common.etcd_process import free_port
-from pdlb.v1 import common_pb2, dispatch_pb2, load_report_pb2, load_report_pb2_grpc
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from tests.helpers import (
     dispatch_stub,
     generate,
@@ -264,3 +265,33 @@ def _get(url: str) -> str:
 def report_from(address: str, worker_id: str, rank: int = 0) -> load_report_pb2.ReportRequest:
     worker = common_pb2.WorkerInfo(worker_id=worker_id, role=common_pb2.ROLE_MIXED, dp_rank=rank, address=address)
     return load_report_pb2.ReportRequest(worker=worker, incarnation="test", load=common_pb2.WorkerLoad())
+
+
+async def test_a_request_waits_for_a_worker_when_the_role_has_none(etcd, prefix, start_service):
+    """While no worker of the role is live (a membership flap empties the table for a moment), a
+    request waits for one to join, up to --worker-wait and never past its deadline; with
+    --worker-wait 0, or once the wait is over, it fails UNAVAILABLE naming the role."""
+    flags = etcd_flags(etcd, prefix)
+    waiting = start_service("dispatcher", *flags, "--worker-wait", "60", name="waits")
+    at_once = start_service("dispatcher", *flags, "--worker-wait", "0", name="at-once")
+    channel, stub = dispatch_stub(waiting.address)
+    async with channel, grpc.aio.insecure_channel(at_once.address) as other:
+        impatient = dispatch_pb2_grpc.DispatchStub(other)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await impatient.Route(dispatch_pb2.RouteRequest(request=request("none-0", "hi")), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no live mixed worker" in err.value.details()
+
+        # the deadline bounds the wait: it ends then, not after the 60 s --worker-wait
+        began = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Route(dispatch_pb2.RouteRequest(request=request("short", "hi")), timeout=1.0)
+        assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        assert 0.9 <= time.monotonic() - began < 20  # it waited, and was not held past its deadline
+
+        sent = [asyncio.create_task(generate(stub, request(f"early-{i}", "hi", max_new_tokens=3))) for i in range(3)]
+        routed = asyncio.ensure_future(stub.Route(dispatch_pb2.RouteRequest(request=request("early-r", "hi"))))
+        assert not await live_workers(stub)  # they were sent while the role had no worker
+        start_schedulers(start_service, flags, [0], "--runner", "sim")
+        for chunks in await asyncio.wait_for(asyncio.gather(*sent), 60):
+            assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == 1
+        assert (await asyncio.wait_for(routed, 60)).dp_rank == 0

@@ -20,7 +20,7 @@ from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
 from pdlb.services.dispatcher.policies import PolicyOptions, create_policy, method_names
 from pdlb.services.dispatcher.router import Router
-from pdlb.services.dispatcher.service import DispatchCore, DispatchServicer, LoadReportServicer
+from pdlb.services.dispatcher.service import WORKER_WAIT_S, DispatchCore, DispatchServicer, LoadReportServicer
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 
 log = logging.getLogger("pdlb.dispatcher")
@@ -58,6 +58,14 @@ def build_parser() -> FlagParser:
         default=60.0,
         type=float,
         help="seconds an unacknowledged dispatch stays counted as in flight",
+    )
+    parser.flag(
+        "--worker-wait",
+        default=WORKER_WAIT_S,
+        type=float,
+        help="seconds a request waits for a worker of this role to join while none is live (a membership "
+        "flap: the workers register again within moments), never past the request's deadline; then "
+        "UNAVAILABLE (0: at once)",
     )
     parser.flag("--stale-after", default=5.0, type=float, help="seconds without a report before a worker is STALE")
     parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")
@@ -225,6 +233,8 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     dispatcher_id = f"dispatcher-{role.value}-{uuid.uuid4().hex[:8]}"
     metrics = DispatcherMetrics(table)
     static = parse_static_workers(csv_list(args.workers), role)
+    if not args.worker_wait >= 0:
+        raise SystemExit(f"--worker-wait must be >= 0 seconds, not {args.worker_wait}")
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
@@ -253,6 +263,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         tokenizer=tokenizer,
         flow=flow_options(args),
         max_prompt_chars=args.max_prompt_chars,
+        worker_wait_s=args.worker_wait,
     )
     host = ServiceHost(
         args.host,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,6 +59,7 @@ class Members:
         self.model = model  # workers advertising another model are refused (one model per role)
         self._pending: OrderedDict[str, tuple[Worker, ReportedLoad, int, str]] = OrderedDict()
         self._ids_by_key: dict[str, str] = {}
+        self._joined = asyncio.Event()  # set (and replaced) whenever a worker joins the table
 
     def on_etcd_change(self, change: Change) -> None:
         if change.value is None:
@@ -74,11 +77,23 @@ class Members:
             return
         self._ids_by_key[change.key] = worker.worker_id
         self.table.upsert(worker)
+        self._announce_join()
         log.info("worker %s joined: rank %d at %s", worker.worker_id, worker.dp_rank, worker.address)
         pending = self._pending.pop(worker.worker_id, None)
         if pending is not None:
             _, load, acked, incarnation = pending
             self.table.apply_report(worker.worker_id, load, acked, incarnation)
+
+    def _announce_join(self) -> None:
+        self._joined.set()
+        self._joined = asyncio.Event()
+
+    async def wait_join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the next worker to join the table; True if one did."""
+        joined = self._joined
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(joined.wait(), max(timeout, 0.0))
+        return joined.is_set()
 
     def model_mismatch(self, worker: Worker) -> str | None:
         """Why the worker may not join (it serves another model), or None."""
@@ -93,6 +108,7 @@ class Members:
     def add_static(self, workers: list[Worker]) -> None:
         for worker in workers:
             self.table.upsert(worker)
+        self._announce_join()
 
     def on_report(self, worker: Worker, load: ReportedLoad, acked: int, incarnation: str) -> bool | None:
         """Apply a report. Returns None when the worker is unknown (report held until it registers).
@@ -121,6 +137,7 @@ class Members:
                 "dispatcher's --workers list; list it there or use etcd membership"
             )
         self.table.upsert(worker)  # first, so the address never looks unused (its channel stays open)
+        self._announce_join()
         for entry in listed:
             if entry.worker.worker_id != worker.worker_id:
                 self.table.remove(entry.worker.worker_id)

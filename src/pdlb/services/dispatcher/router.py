@@ -13,6 +13,14 @@ from pdlb.services.dispatcher.policies import Policy, RouteContext, RoutingError
 EXTERNAL = "external"
 
 
+class NoLiveWorker(RoutingError):
+    """UNAVAILABLE because the role has no live worker at all: during a membership flap the
+    workers' keys come back within moments, so the dispatcher may wait for one (`--worker-wait`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+
+
 @dataclass(frozen=True)
 class Decision:
     entry: WorkerEntry
@@ -41,7 +49,8 @@ class Router:
         among: Sequence[WorkerEntry] | None = None,
     ) -> Decision:
         """Pick a worker and count the request as in flight on it. `among`: the candidates to
-        choose from (flow control passes the ranks with room), instead of every live rank."""
+        choose from (flow control passes the ranks with room), instead of every live rank. Raises
+        RoutingError; NoLiveWorker when the table has no worker at all (and none is excluded)."""
         predicted = None
         if external is not None:
             entry, method = self._external(ctx, external), EXTERNAL
@@ -50,11 +59,12 @@ class Router:
             if exclude:  # only on a re-dispatch: the common path stays free of per-rank work
                 candidates = [e for e in candidates if e.worker.worker_id not in exclude]
             if not candidates:
-                raise RoutingError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"request {ctx.request_id}: no live {self.role.value} worker"
-                    + (" other than the one that failed" if exclude else ""),
-                )
+                message = f"request {ctx.request_id}: no live {self.role.value} worker"
+                if exclude:
+                    raise RoutingError(grpc.StatusCode.UNAVAILABLE, message + " other than the one that failed")
+                if self.table.candidates():  # an empty `among` while the table has workers
+                    raise RoutingError(grpc.StatusCode.UNAVAILABLE, message)
+                raise NoLiveWorker(message)
             entry, method = self.policy.select(ctx, candidates), self.policy.name
             predicted = getattr(self.policy, "last_prediction_s", None)
         try:
@@ -71,6 +81,8 @@ class Router:
                 f"request {ctx.request_id}: dp rank {rank} is outside 0..{max(self.dp_size - 1, 0)}",
             )
         entry = self.table.for_rank(rank)
+        if entry is None and not self.table.candidates():
+            raise NoLiveWorker(f"request {ctx.request_id}: dp rank {rank} has no live worker (no live worker at all)")
         if entry is None:
             raise RoutingError(
                 grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: dp rank {rank} has no live worker"

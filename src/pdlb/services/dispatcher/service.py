@@ -30,7 +30,7 @@ from pdlb.services.dispatcher.members import Members, NotAMember
 from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 from pdlb.services.dispatcher.policies.base import PrefixIndexPolicy
-from pdlb.services.dispatcher.router import Decision, Router
+from pdlb.services.dispatcher.router import Decision, NoLiveWorker, Router
 from pdlb.services.dispatcher.waves import WaveCoordinator
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from pdlb.v1 import scheduler_pb2 as sched_pb
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 NO_REDISPATCH_KEY = "pdlb-no-redispatch"  # trailing metadata set by schedulers (scheduler/service.py)
 
 MIN_WATCH_INTERVAL_MS = 50
+# How long a request waits for a worker of the role when none is live (--worker-wait): a membership
+# flap (etcd paused past the lease) empties the table for the moment the workers take to register again.
+WORKER_WAIT_S = 5.0
 REPORT_OUTBOX = 16  # messages queued to one reporting worker (StartWave is rare: one per wave)
 MAX_WATCH_INTERVAL_MS = 60_000
 # Worker statuses that mean "this worker could not take the request": safe to try another rank.
@@ -130,8 +133,10 @@ class DispatchCore:
         tokenizer: Tokenizer | None = None,
         flow: FlowOptions | None = None,
         max_prompt_chars: int = 0,
+        worker_wait_s: float = WORKER_WAIT_S,
     ) -> None:
         self.dispatcher_id = dispatcher_id
+        self.worker_wait_s = worker_wait_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.tokenizer = tokenizer or ByteTokenizer()  # text is tokenised here, before the decision
         self.active_requests = Slots("requests in flight", max_concurrent_requests, "--max-concurrent-requests")
@@ -197,9 +202,28 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         )
         return ctx, external
 
-    async def _decide(self, ctx: RouteContext, external: int | None, exclude: set[str], context) -> Decision:
+    async def _when_workers(self, decide: Callable[[], Awaitable[Decision]], due: float) -> Decision:
+        """`decide()`, tried again as workers join while the role has none live (NoLiveWorker), for
+        up to `worker_wait_s` seconds and never past `due` (monotonic); then NoLiveWorker stands."""
+        until = min(time.monotonic() + self.core.worker_wait_s, due)
+        while True:
+            try:
+                return await decide()
+            except NoLiveWorker:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise
+                if not self.core.table.candidates():  # else one joined meanwhile: decide again now
+                    await self.core.members.wait_join(left)
+
+    async def _decide(
+        self, ctx: RouteContext, external: int | None, exclude: set[str], context, due: float
+    ) -> Decision:
+        async def decide() -> Decision:
+            return self.core.router.decide(ctx, external, exclude)
+
         try:
-            decision = self.core.router.decide(ctx, external, exclude)
+            decision = await self._when_workers(decide, due)
         except RoutingError as exc:
             self.core.metrics.failures.labels(exc.code.name).inc()
             await context.abort(exc.code, str(exc))
@@ -213,9 +237,10 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         due = deadline
         if request.ttft_deadline_ms:
             due = min(due, time.monotonic() + request.ttft_deadline_ms / 1000)
+        tenant = request.tenant or request.routing_key
         try:
-            decision = await self.core.flow.decide(
-                ctx, priority=request.priority, tenant=request.tenant or request.routing_key, deadline_at=due
+            decision = await self._when_workers(
+                lambda: self.core.flow.decide(ctx, priority=request.priority, tenant=tenant, deadline_at=due), due
             )
         except RoutingError as exc:
             self.core.metrics.failures.labels(exc.code.name).inc()
@@ -241,7 +266,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
 
     async def Route(self, request: dispatch_pb2.RouteRequest, context) -> dispatch_pb2.RouteResponse:
         ctx, external = await self._checked(request.request, context)
-        decision = await self._decide(ctx, external, set(), context)
+        due = time.monotonic() + (context.time_remaining() or self.core.request_timeout_s)
+        decision = await self._decide(ctx, external, set(), context, due)
         await self._record_room(ctx, decision, context)
         return dispatch_pb2.RouteResponse(
             request_id=ctx.request_id,
@@ -312,7 +338,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             if external is None and not excluded:
                 decision = await self._admit(request.request, ctx, deadline, context)
             else:  # pinned by a router, or re-dispatched after a failure: never held
-                decision = await self._decide(ctx, external, excluded, context)
+                decision = await self._decide(ctx, external, excluded, context, deadline)
             worker = decision.entry.worker
             sent_any = False
             try:

@@ -295,3 +295,30 @@ async def test_a_request_waits_for_a_worker_when_the_role_has_none(etcd, prefix,
         for chunks in await asyncio.wait_for(asyncio.gather(*sent), 60):
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == 1
         assert (await asyncio.wait_for(routed, 60)).dp_rank == 0
+
+
+async def test_a_request_for_a_rank_that_just_left_waits_for_it_to_register_again(etcd, prefix, start_service):
+    """A worker's key deleted while the worker is frozen (SIGSTOP): requests pinned to its rank wait
+    (the rank left moments ago: a flap), and once the worker runs again it puts its key back by
+    itself and they are served. A rank that never had a worker fails UNAVAILABLE at once."""
+    flags = etcd_flags(etcd, prefix, ttl=30)
+    dispatcher = start_service("dispatcher", *flags, "--worker-wait", "60")
+    s0, _ = start_schedulers(start_service, flags, range(2), "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(stub, request("nowhere", "hi", decode_dp_rank=5), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "dp rank 5 has no live worker" in err.value.details()
+
+        os.kill(s0.pid, signal.SIGSTOP)
+        try:
+            etcd.etcdctl("del", "--prefix", f"{prefix}/workers/mixed/")
+            await wait_for_workers(stub, 1)  # rank 1 put its key back by itself; frozen rank 0 cannot
+            pinned = [asyncio.create_task(generate(stub, request(f"p{i}", "hi", decode_dp_rank=0))) for i in range(3)]
+            assert [w.dp_rank for w in await live_workers(stub)] == [1]  # sent while rank 0 had none
+        finally:
+            os.kill(s0.pid, signal.SIGCONT)
+        for chunks in await asyncio.wait_for(asyncio.gather(*pinned), 60):
+            assert chunks[-1].dp_rank == 0 and chunks[-1].finish_reason == 1
+        assert sorted(w.dp_rank for w in await live_workers(stub)) == [0, 1]

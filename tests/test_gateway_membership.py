@@ -1,5 +1,5 @@
 """The gateway when its dispatchers come and go: replicas per role killed under load, and membership
-flaps (an etcd paused past the lease, dispatcher keys deleted) while requests stream. Real etcd,
+flaps (an etcd paused past the lease, every key deleted, every lease revoked) while requests stream. Real etcd,
 real services on loopback, real HTTP and gRPC clients."""
 
 from __future__ import annotations
@@ -151,16 +151,25 @@ async def non_stream(session: aiohttp.ClientSession, base: str, i: int) -> dict:
         return await reply.json()
 
 
-@pytest.mark.parametrize("flap", ["pause-etcd", "delete-keys"])
+def registered_keys(etcd: EtcdProcess, prefix: str) -> set[str]:
+    """The keys every service of the cluster holds under the prefix."""
+    return set(etcd.etcdctl("get", "--prefix", f"{prefix}/", "--keys-only").split())
+
+
+@pytest.mark.parametrize("flap", ["pause-etcd", "delete-keys", "revoke-leases"])
 async def test_membership_flap_does_not_cut_running_requests(prefix, start_service, tmp_path, flap):
-    """etcd paused (SIGSTOP) past the lease TTL, so every lease expires when it resumes, or the
-    dispatchers' keys deleted: running HTTP requests, streamed or not, all finish with every token and
-    [DONE]; requests sent during the flap are served too."""
+    """etcd paused (SIGSTOP) past the lease TTL, so every lease expires when it resumes; every key
+    of the cluster deleted (`etcdctl del`) while the services live; or every lease revoked: running
+    HTTP requests, streamed or not, all finish with every token and [DONE]; each service registers
+    again (dispatchers, workers, bootstrap, gateway), and requests sent during and right after the
+    flap, even while the dispatchers' worker tables are empty, are served."""
     etcd = EtcdProcess(data_dir=str(tmp_path / "etcd"))  # its own: it is paused
     etcd.start()
     try:
         _, base, dispatchers = pd_cluster(etcd, prefix, start_service, replicas=1, slowdown="6", ttl="2")
         await all_workers_seen(dispatchers)
+        keys = registered_keys(etcd, prefix)
+        assert len(keys) == 8, keys  # bootstrap, 2 dispatchers, 4 workers, the gateway
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             started = asyncio.Event()
@@ -171,10 +180,18 @@ async def test_membership_flap_does_not_cut_running_requests(prefix, start_servi
                 os.kill(etcd.proc.pid, signal.SIGSTOP)
                 await asyncio.sleep(3.5)  # the flap itself: longer than the 2 s lease, nothing to await
                 os.kill(etcd.proc.pid, signal.SIGCONT)
-                # requests sent as the flap ends wait for the dispatchers to register again
-                plain += [asyncio.create_task(non_stream(session, base, 100 + i)) for i in range(2)]
-            else:  # the dispatchers stay unlisted (their leases live on): only running requests matter
-                etcd.etcdctl("del", "--prefix", f"{prefix}/dispatchers/")
+            elif flap == "delete-keys":
+                etcd.etcdctl("del", "--prefix", f"{prefix}/")
+            else:
+                for lease in etcd.etcdctl("lease", "list").splitlines()[1:]:  # "found N leases", then ids
+                    etcd.etcdctl("lease", "revoke", lease.strip())
+            # requests sent as the keys go and come back, one every 20 ms for about a second: each
+            # waits for the dispatchers (gateway) or their workers (dispatcher) to register again
+            for i in range(50):
+                plain.append(asyncio.create_task(non_stream(session, base, 100 + i)))
+                await asyncio.sleep(0.02)
+            await wait_until(lambda: registered_keys(etcd, prefix) == keys, timeout=30, what="every key back")
+            streams += [asyncio.create_task(sse_tokens(session, base, 200 + i, asyncio.Event())) for i in range(4)]
             results = await asyncio.wait_for(asyncio.gather(*streams), 120)
             replies = await asyncio.wait_for(asyncio.gather(*plain), 120)
         assert results == [(40, "[DONE]")] * len(streams)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -60,12 +61,15 @@ class Members:
         self._pending: OrderedDict[str, tuple[Worker, ReportedLoad, int, str]] = OrderedDict()
         self._ids_by_key: dict[str, str] = {}
         self._joined = asyncio.Event()  # set (and replaced) whenever a worker joins the table
+        self._rank_left_at: OrderedDict[int, float] = OrderedDict()  # rank -> when it last lost its worker
 
     def on_etcd_change(self, change: Change) -> None:
         if change.value is None:
             worker_id = self._ids_by_key.pop(change.key, None)
-            if worker_id and self.table.remove(worker_id):
+            entry = self.table.remove(worker_id) if worker_id else None
+            if entry is not None:
                 log.info("worker %s left (key %s)", worker_id, change.key)
+                self._rank_left(entry.dp_rank)
                 self.on_removed(worker_id)
             return
         worker = worker_from_value(change.value, self.role)
@@ -83,6 +87,17 @@ class Members:
         if pending is not None:
             _, load, acked, incarnation = pending
             self.table.apply_report(worker.worker_id, load, acked, incarnation)
+
+    def _rank_left(self, rank: int) -> None:
+        self._rank_left_at[rank] = time.monotonic()
+        self._rank_left_at.move_to_end(rank)
+        while len(self._rank_left_at) > MAX_PENDING_REPORTS:
+            self._rank_left_at.popitem(last=False)
+
+    def left_lately(self, rank: int, within_s: float) -> bool:
+        """Whether the DP rank lost a worker within the last `within_s` seconds."""
+        left_at = self._rank_left_at.get(rank)
+        return left_at is not None and time.monotonic() - left_at <= within_s
 
     def _announce_join(self) -> None:
         self._joined.set()

@@ -8,17 +8,9 @@ from dataclasses import dataclass
 import grpc
 
 from pdlb.services.dispatcher.load_table import LoadTable, Role, WorkerEntry
-from pdlb.services.dispatcher.policies import Policy, RouteContext, RoutingError
+from pdlb.services.dispatcher.policies import NoLiveWorker, Policy, RouteContext, RoutingError
 
 EXTERNAL = "external"
-
-
-class NoLiveWorker(RoutingError):
-    """UNAVAILABLE because the role has no live worker at all: during a membership flap the
-    workers' keys come back within moments, so the dispatcher may wait for one (`--worker-wait`)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
 @dataclass(frozen=True)
@@ -50,7 +42,8 @@ class Router:
     ) -> Decision:
         """Pick a worker and count the request as in flight on it. `among`: the candidates to
         choose from (flow control passes the ranks with room), instead of every live rank. Raises
-        RoutingError; NoLiveWorker when the table has no worker at all (and none is excluded)."""
+        RoutingError; NoLiveWorker when the table has no worker at all (and none is excluded) or
+        the rank the request must go to has none."""
         predicted = None
         if external is not None:
             entry, method = self._external(ctx, external), EXTERNAL
@@ -81,10 +74,10 @@ class Router:
                 f"request {ctx.request_id}: dp rank {rank} is outside 0..{max(self.dp_size - 1, 0)}",
             )
         entry = self.table.for_rank(rank)
-        if entry is None and not self.table.candidates():
-            raise NoLiveWorker(f"request {ctx.request_id}: dp rank {rank} has no live worker (no live worker at all)")
         if entry is None:
-            raise RoutingError(
-                grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: dp rank {rank} has no live worker"
+            # None: with no worker at all, whichever joins may be the rank (or let the policy in)
+            raise NoLiveWorker(
+                f"request {ctx.request_id}: dp rank {rank} has no live worker",
+                rank if self.table.candidates() else None,
             )
         return entry

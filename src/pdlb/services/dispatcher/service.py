@@ -28,9 +28,9 @@ from pdlb.services.dispatcher.load_table import (
 )
 from pdlb.services.dispatcher.members import Members, NotAMember
 from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
-from pdlb.services.dispatcher.policies import RouteContext, RoutingError
+from pdlb.services.dispatcher.policies import NoLiveWorker, RouteContext, RoutingError
 from pdlb.services.dispatcher.policies.base import PrefixIndexPolicy
-from pdlb.services.dispatcher.router import Decision, NoLiveWorker, Router
+from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.waves import WaveCoordinator
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from pdlb.v1 import scheduler_pb2 as sched_pb
@@ -203,18 +203,29 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         return ctx, external
 
     async def _when_workers(self, decide: Callable[[], Awaitable[Decision]], due: float) -> Decision:
-        """`decide()`, tried again as workers join while the role has none live (NoLiveWorker), for
-        up to `worker_wait_s` seconds and never past `due` (monotonic); then NoLiveWorker stands."""
-        until = min(time.monotonic() + self.core.worker_wait_s, due)
+        """`decide()`, tried again as workers join while no worker can take the request
+        (NoLiveWorker): the role has none live, or the rank it must go to lost its worker within the
+        last `worker_wait_s` seconds (a membership flap: the workers register again one by one).
+        Waits up to `worker_wait_s` seconds and never past `due` (monotonic); then NoLiveWorker stands.
+        A rank without a worker for longer fails at once."""
+        core = self.core
+        until = min(time.monotonic() + core.worker_wait_s, due)
+        retried = False
         while True:
             try:
                 return await decide()
-            except NoLiveWorker:
+            except NoLiveWorker as exc:
                 left = until - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (exc.rank is not None and not core.members.left_lately(exc.rank, core.worker_wait_s)):
                     raise
-                if not self.core.table.candidates():  # else one joined meanwhile: decide again now
-                    await self.core.members.wait_join(left)
+                missing = not core.table.candidates() if exc.rank is None else core.table.for_rank(exc.rank) is None
+                if not missing:
+                    if retried:  # the worker is there yet did not take it (no room): not a flap
+                        raise
+                    retried = True  # it joined meanwhile: decide again now, once
+                    continue
+                retried = False
+                await core.members.wait_join(left)
 
     async def _decide(
         self, ctx: RouteContext, external: int | None, exclude: set[str], context, due: float

@@ -2,6 +2,7 @@
 one place (`registry.py`)."""
 
 from pdlb.services.dispatcher.policies.base import (
+    NoLiveWorker,
     Policy,
     PolicyOptions,
     RotatingPolicy,
@@ -19,6 +20,7 @@ from pdlb.services.dispatcher.policies.registry import (
 __all__ = [
     "AUTO_BY_ROLE",
     "POLICIES",
+    "NoLiveWorker",
     "Policy",
     "PolicyOptions",
     "RotatingPolicy",

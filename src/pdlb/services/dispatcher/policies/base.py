@@ -30,6 +30,16 @@ class RoutingError(Exception):
         self.code = code
 
 
+class NoLiveWorker(RoutingError):
+    """UNAVAILABLE because no live worker can take the request: the role has none at all
+    (`rank` None), or the DP rank the request must go to has none (`rank`). During a membership
+    flap the workers' keys come back within moments, so the dispatcher may wait (`--worker-wait`)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.rank = rank
+
+
 @dataclass(frozen=True)
 class RouteContext:
     """What a policy may read of a request."""

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from pdlb.services.dispatcher.load_table import WorkerEntry
-from pdlb.services.dispatcher.policies.base import Policy, RouteContext, RoutingError, rank_of
+from pdlb.services.dispatcher.policies.base import NoLiveWorker, Policy, RouteContext, RoutingError, rank_of
 
 
 class FollowBootstrapRoom(Policy):
@@ -26,7 +26,6 @@ class FollowBootstrapRoom(Policy):
         index = bisect_left(candidates, rank, key=rank_of)
         if index < len(candidates) and candidates[index].worker.dp_rank == rank:
             return candidates[index]
-        raise RoutingError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"request {ctx.request_id}: room {ctx.bootstrap_room} maps to rank {rank}, which has no live worker",
+        raise NoLiveWorker(
+            f"request {ctx.request_id}: room {ctx.bootstrap_room} maps to rank {rank}, which has no live worker", rank
         )

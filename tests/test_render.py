@@ -128,7 +128,7 @@ for case in cases:
         ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
     else:
-        ids = tokenizer(body["prompt"])["input_ids"]
+        ids = body["prompt"] if isinstance(body["prompt"], list) else tokenizer(body["prompt"])["input_ids"]
     sampling = theirs.model_dump()["sampling_params"]
     out.append({
         "fields": sorted(theirs.model_dump()), "ours": sorted(ours),
@@ -139,11 +139,16 @@ print(json.dumps(out))
 """
 
 
+SAMPLED = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "presence_penalty"}
+SAMPLED |= {"logprobs", "logit_bias", "ignore_eos"}
+
+
 @pytest.mark.skipif(find_venv() is None, reason=missing_reason())
 async def test_render_matches_vllms_own_protocol_and_tokenizer(gateway):
     bodies = [
         (False, {"model": SMOLLM2, "prompt": PROMPT, "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 3}),
         (False, {"model": SMOLLM2, "prompt": PROMPT, "max_tokens": 7, "stop": ["."], "min_tokens": 2, "top_k": 5}),
+        (False, {"model": SMOLLM2, "prompt": [5, 6, 7], "logprobs": 2, "logit_bias": {"5": 1.5}, "ignore_eos": True}),
         (True, {"model": SMOLLM2, "messages": MESSAGES, "max_tokens": 4, "presence_penalty": 0.5}),
     ]
     cases = []
@@ -165,6 +170,7 @@ async def test_render_matches_vllms_own_protocol_and_tokenizer(gateway):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for (chat, body), case, result in zip(bodies, cases, json.loads(done.stdout.splitlines()[-1]), strict=True):
+        assert set(body) & SAMPLED <= set(result["sampling"]), body  # every field the body set was compared
         ours = case["rendered"] if chat else case["rendered"][0]
         assert result["ours"] == result["fields"], body  # the same top-level fields as vLLM's render
         assert result["validated_ids"] == result["vllm_ids"] == ours["token_ids"], body

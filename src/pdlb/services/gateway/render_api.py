@@ -12,7 +12,7 @@ is the bound after the prompt, `temperature` the default when unset). Multimodal
 disaggregation fields are null: the gateway has none.
 
 vllm-router's `cache_aware` policy asks each worker for these ids and matches prefixes on them
-(without them it falls back to matching nothing). Parsing, limits and bad-input errors are those of
+(when a worker cannot render, it routes on without that match). Parsing, limits and bad-input errors are those of
 `/v1/completions` and `/v1/chat/completions` (the same code); tokenising runs off the event loop.
 """
 

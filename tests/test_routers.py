@@ -103,3 +103,39 @@ async def test_dp_aware_router_picks_pdlb_ranks(gateway, kind, tmp_path):
         assert added == {0: 3, 1: 3}, (before, after)
     finally:
         router.stop()
+
+
+def renders(base: str) -> int:
+    """Render calls the gateway answered (vLLM's /v1/completions/render and chat's), from its metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(r'pdlb_gateway_requests_total\{api="render",outcome="200"\} ([0-9.e+]+)', text)
+    return int(float(match.group(1))) if match else 0
+
+
+async def test_vllm_router_cache_aware_matches_on_the_gateways_token_ids(gateway, tmp_path):
+    """vllm-router's cache_aware asks the worker to render every request into token ids and matches
+    prefixes on those: through pdlb's gateway each request is rendered once, then served, and a
+    shared prefix stays on the rank the router chose for it."""
+    dispatcher, base, _ = gateway
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, RANKS)
+    router = peer_routers.Router("vllm-router", "cache_aware", [base], dp_size=RANKS, log_dir=tmp_path)
+    await asyncio.to_thread(router.start)
+    try:
+        await peer_routers.wait_serving(router.url, MODEL)
+        before = renders(base)
+        await pass_through(router.url)  # chat, streamed chat, completions
+        system = "You are a careful assistant who answers in one line. " * 8
+        ranks = []
+        async with aiohttp.ClientSession() as http:
+            for i in range(4):
+                body = {"model": MODEL, "prompt": system + f"question {i}?", "max_tokens": 2, "ignore_eos": True}
+                async with http.post(f"{router.url}/v1/completions", json=body) as reply:
+                    assert reply.status == 200, await reply.text()
+                    ranks.append((await reply.json())["dp_rank"])
+        assert renders(base) - before == 3 + 4
+        assert len(set(ranks[1:])) == 1, f"cache_aware spread one prefix over ranks {ranks}"
+    finally:
+        router.stop()

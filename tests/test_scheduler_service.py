@@ -43,7 +43,7 @@ async def test_wrong_weights_file_fails_at_start(start_service, tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file({"embed.weight": torch.zeros(3, 3)}, str(path))
     # Reported at once with the service's own error line, not after a start timeout.
-    with pytest.raises(ServiceFailed, match="bad-weights exited with status 1: .*loading state_dict"):
+    with pytest.raises(ServiceFailed, match=r"bad-weights exited with status 1: .*loading state_dict"):
         start_service("scheduler", *SMALL, "--model-path", str(path), name="bad-weights")
 
 

@@ -21,9 +21,10 @@ from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import Frontend, RequestFailed
-from pdlb.services.gateway.metrics import GatewayMetrics
+from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
+from pdlb.services.gateway.render_api import RenderApi
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.services.gateway.worker_api import WorkerApi
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
@@ -125,7 +126,7 @@ def http_app(
         try:
             return await handler(request)
         except ApiError as exc:
-            metrics.done("http", str(exc.status))
+            metrics.done(request.get(API_KEY, "http"), str(exc.status))
             response = error_response(exc.status, exc.message, exc.param, exc.kind)
             if exc.status == 429:
                 response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
@@ -142,7 +143,7 @@ def http_app(
             raise  # the client went away
         except Exception as exc:  # a bug: still an OpenAI error body, never aiohttp's plain text
             log.exception("%s %s failed in the gateway", request.method, request.path)
-            metrics.done("http", "500")
+            metrics.done(request.get(API_KEY, "http"), "500")
             return error_response(500, f"internal error in the gateway: {type(exc).__name__}: {exc}")
 
     async def bounded(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -178,6 +179,7 @@ def http_app(
     app.router.add_get("/health_generate", health)  # SGLang's name; routers may probe it
     app.router.add_get("/live", live)
     workers.routes(app)
+    RenderApi(api, streams, metrics).routes(app)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
     return app

@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 WINDOW_S = 30.0
+RENDER_API = "render"  # vLLM's render endpoints: counted, but they generate nothing (not in the window)
+API_KEY = "pdlb_api"  # where a handler notes its API on the aiohttp request, for the error middleware
 MAX_SAMPLES = 50_000  # per series in the window: bounded whatever the request rate
 
 
@@ -73,7 +75,8 @@ class GatewayMetrics:
 
     def done(self, api: str, outcome: str) -> None:
         self.requests.labels(api, outcome).inc()
-        self.window_done.append(time.monotonic())
+        if api != RENDER_API:
+            self.window_done.append(time.monotonic())
 
     def window(self) -> dict:
         """Request rate and TTFT / ITL percentiles over the last WINDOW_S seconds."""

@@ -76,6 +76,7 @@ class Parsed:
     include_usage: bool
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None  # report log-probabilities: the token's and this many alternatives
+    model: str = ""  # the model the request named
 
 
 class OpenAIApi:
@@ -157,7 +158,7 @@ class OpenAIApi:
             prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
-        return Parsed(chat, prepared, stream, bool(options.get("include_usage")), extras.stops, extras.logprobs)
+        return Parsed(chat, prepared, stream, bool(options.get("include_usage")), extras.stops, extras.logprobs, model)
 
     def _prompt(self, body: dict, request: common_pb2.InferenceRequest) -> None:
         prompt = body.get("prompt")

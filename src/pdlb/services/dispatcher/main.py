@@ -63,9 +63,10 @@ def build_parser() -> FlagParser:
         "--worker-wait",
         default=WORKER_WAIT_S,
         type=float,
-        help="seconds a request waits for a worker of this role to join while none is live (a membership "
-        "flap: the workers register again within moments), never past the request's deadline; then "
-        "UNAVAILABLE (0: at once)",
+        help="seconds a request waits for a worker to join while this role has none live, or while the rank "
+        "it must go to (pinned, or its bootstrap room's) lost its worker within as many seconds (a membership "
+        "flap: workers register again within moments); never past the request's deadline; then UNAVAILABLE "
+        "(0: at once)",
     )
     parser.flag("--stale-after", default=5.0, type=float, help="seconds without a report before a worker is STALE")
     parser.flag("--report-interval-ms", default=100, type=int, help="periodic report interval asked of workers")

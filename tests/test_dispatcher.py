@@ -272,7 +272,10 @@ async def test_a_request_waits_for_a_worker_when_the_role_has_none(etcd, prefix,
     request waits for one to join, up to --worker-wait and never past its deadline; with
     --worker-wait 0, or once the wait is over, it fails UNAVAILABLE naming the role."""
     flags = etcd_flags(etcd, prefix)
-    waiting = start_service("dispatcher", *flags, "--worker-wait", "60", name="waits")
+    metrics_port = free_port()
+    waiting = start_service(
+        "dispatcher", *flags, "--worker-wait", "60", "--metrics-port", str(metrics_port), name="waits"
+    )
     at_once = start_service("dispatcher", *flags, "--worker-wait", "0", name="at-once")
     channel, stub = dispatch_stub(waiting.address)
     async with channel, grpc.aio.insecure_channel(at_once.address) as other:
@@ -295,6 +298,8 @@ async def test_a_request_waits_for_a_worker_when_the_role_has_none(etcd, prefix,
         for chunks in await asyncio.wait_for(asyncio.gather(*sent), 60):
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == 1
         assert (await asyncio.wait_for(routed, 60)).dp_rank == 0
+    body = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert "pdlb_worker_wait_seconds_count 5.0" in body  # the short one, 3 Generate, 1 Route
 
 
 async def test_a_request_for_a_rank_that_just_left_waits_for_it_to_register_again(etcd, prefix, start_service):

@@ -47,6 +47,13 @@ class DispatcherMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        self.worker_wait = Histogram(
+            "pdlb_worker_wait_seconds",
+            "Time requests waited for a worker to register while none could take them (a membership flap), "
+            "served or not (--worker-wait)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.registry.register(LoadCollector(table))
         self._dispatch_children: dict[tuple[str, int], Counter] = {}
 

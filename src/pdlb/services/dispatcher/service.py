@@ -209,23 +209,37 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         Waits up to `worker_wait_s` seconds and never past `due` (monotonic); then NoLiveWorker stands.
         A rank without a worker for longer fails at once."""
         core = self.core
-        until = min(time.monotonic() + core.worker_wait_s, due)
-        retried = False
-        while True:
-            try:
-                return await decide()
-            except NoLiveWorker as exc:
-                left = until - time.monotonic()
-                if left <= 0 or (exc.rank is not None and not core.members.left_lately(exc.rank, core.worker_wait_s)):
-                    raise
-                missing = not core.table.candidates() if exc.rank is None else core.table.for_rank(exc.rank) is None
-                if not missing:
-                    if retried:  # the worker is there yet did not take it (no room): not a flap
+        began = time.monotonic()
+        until = min(began + core.worker_wait_s, due)
+        retried, waited = False, False
+        try:
+            while True:
+                try:
+                    return await decide()
+                except NoLiveWorker as exc:
+                    left = until - time.monotonic()
+                    if left <= 0 or not self._in_flap(exc):
                         raise
-                    retried = True  # it joined meanwhile: decide again now, once
-                    continue
-                retried = False
-                await core.members.wait_join(left)
+                    if not self._missing(exc):
+                        if retried:  # the worker is there yet did not take it (no room): not a flap
+                            raise
+                        retried = True  # it joined meanwhile: decide again now, once
+                        continue
+                    retried, waited = False, True
+                    await core.members.wait_join(left)
+        finally:
+            if waited:
+                core.metrics.worker_wait.observe(time.monotonic() - began)
+
+    def _in_flap(self, exc: NoLiveWorker) -> bool:
+        """Whether the missing worker may be about to register again: the role has none at all, or
+        the rank lost its worker within the last `worker_wait_s` seconds."""
+        return exc.rank is None or self.core.members.left_lately(exc.rank, self.core.worker_wait_s)
+
+    def _missing(self, exc: NoLiveWorker) -> bool:
+        """Whether the table still lacks what `exc` missed (no worker at all, or none of the rank)."""
+        table = self.core.table
+        return not table.candidates() if exc.rank is None else table.for_rank(exc.rank) is None
 
     async def _decide(
         self, ctx: RouteContext, external: int | None, exclude: set[str], context, due: float

@@ -96,11 +96,11 @@ async def test_etcd_paused_past_the_lease_registers_again(prefix, tmp_path):
     etcd = EtcdProcess(data_dir=str(tmp_path / "etcd"))  # its own: it is paused
     etcd.start()
     try:
-        registration, watch, seen = await registered(etcd, prefix, ttl=1)
+        registration, watch, seen = await registered(etcd, prefix, ttl=2)
         try:
             first_lease = registration.lease_id
             os.kill(etcd.proc.pid, signal.SIGSTOP)
-            await asyncio.sleep(2.5)  # the pause itself: past the 1 s lease, nothing to await
+            await asyncio.sleep(3.5)  # the pause itself: past the 2 s lease, nothing to await
             os.kill(etcd.proc.pid, signal.SIGCONT)
             await wait_until(
                 lambda: lease_of(etcd, registration.key.decode()) not in ("", format(first_lease, "x")),

@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdlb.common.etcd_process import EtcdProcess, EtcdTLS, free_port
+from pdlb.common.processes import ServiceFailed
 from pdlb.common.security import TLSConfig, open_channel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 from tests.certs import Authority
@@ -102,9 +103,10 @@ async def test_mutual_tls_end_to_end_and_clients_without_a_valid_certificate_are
 
 def test_tls_flags_are_checked_at_start(start_service, pki, tmp_path):
     pair = pki["server"]
-    with pytest.raises(RuntimeError, match="did not start"):
+    # Each refusal is reported at once with the service's own line naming the flag or file.
+    with pytest.raises(ServiceFailed, match="exited with status 1: --tls-cert and --tls-key go together"):
         start_service("bootstrap", "--tls-cert", str(pair.cert), name="cert-without-key")
-    with pytest.raises(RuntimeError, match="did not start"):
+    with pytest.raises(ServiceFailed, match=r"exited with status 1: .*missing\.key"):
         start_service("bootstrap", "--tls-cert", str(pair.cert), "--tls-key", str(tmp_path / "missing.key"))
 
 
@@ -140,7 +142,7 @@ async def test_membership_through_etcd_with_tls_client_certificates_and_auth(pki
         keys = etcd.etcdctl("get", "--prefix", "--keys-only", prefix, **creds, user="root:rootpw")
         assert "/workers/" in keys
         # Wrong password: the service refuses to start rather than run without membership.
-        with pytest.raises(RuntimeError, match="did not start"):
+        with pytest.raises(ServiceFailed, match="etcd at .* refused user 'pdlb': .*authentication failed"):
             start_service(
                 "scheduler", *common, "--runner", "sim", name="bad-password", env={"PDLB_SCHEDULER_ETCD_PASSWORD": "no"}
             )

@@ -161,6 +161,10 @@ def etcd_security_from_args(args: argparse.Namespace) -> EtcdSecurity:
     )
 
 
+class EtcdCredentialsError(RuntimeError):
+    """etcd refused the configured user name or password."""
+
+
 class SecureEtcdClient(aetcd.Client):
     """aetcd opens plaintext channels only; this one opens a TLS channel, then authenticates."""
 
@@ -168,8 +172,22 @@ class SecureEtcdClient(aetcd.Client):
         super().__init__(username=security.user or None, password=security.password or None, **kw)
         self._security = security
 
-    @_handle_errors
     async def connect(self) -> None:
+        """Connect (and authenticate). Raises EtcdCredentialsError, naming the endpoint and user, when
+        etcd refuses the user name or password: a service then exits with that line, not a gRPC dump."""
+        try:
+            await self._connect()
+        except (grpc.aio.AioRpcError, aetcd.exceptions.InvalidArgumentError) as exc:
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            if self._username and "authentication failed" in (details or ""):
+                raise EtcdCredentialsError(
+                    f"etcd at {self._host}:{self._port} refused user {self._username!r}: {details} "
+                    "(check --etcd-user and --etcd-password)"
+                ) from None
+            raise
+
+    @_handle_errors
+    async def _connect(self) -> None:
         if not self._security.tls:
             await super().connect()
             return

@@ -142,7 +142,7 @@ async def test_membership_through_etcd_with_tls_client_certificates_and_auth(pki
         keys = etcd.etcdctl("get", "--prefix", "--keys-only", prefix, **creds, user="root:rootpw")
         assert "/workers/" in keys
         # Wrong password: the service refuses to start rather than run without membership.
-        with pytest.raises(ServiceFailed, match="etcd at .* refused user 'pdlb': .*authentication failed"):
+        with pytest.raises(ServiceFailed, match=r"etcd at .* refused user 'pdlb': .*authentication failed"):
             start_service(
                 "scheduler", *common, "--runner", "sim", name="bad-password", env={"PDLB_SCHEDULER_ETCD_PASSWORD": "no"}
             )

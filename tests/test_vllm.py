@@ -126,7 +126,9 @@ async def through_gateway(
     """(tokens, ranks that streamed them, retries) of one greedy request through the gateway;
     `started` is set once tokens arrive from rank `on_rank`."""
     request = common_pb2.InferenceRequest(
-        request_id=rid, input_ids=ids, sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+        request_id=rid,
+        input_ids=ids,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new, ignore_eos=True),
     )
     tokens, ranks, retries = [], [], 0
     async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=300):
@@ -173,7 +175,7 @@ async def test_abort_closes_the_stream_and_vllm_frees_the_request(servers, clust
             request_id="abort-me",
             input_ids=prompt(3),
             decode_dp_rank=1,
-            sampling=common_pb2.SamplingParams(max_new_tokens=1500, ignore_eos=True),
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True),
         )
         call = stub.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=300)
         first = await call.read()
@@ -208,7 +210,7 @@ async def test_load_reports_follow_vllms_queue_under_a_burst(servers, cluster):
                 request_id=f"burst-{i}",
                 input_ids=prompt(100 + i, 64),
                 decode_dp_rank=0,
-                sampling=common_pb2.SamplingParams(max_new_tokens=48, ignore_eos=True),
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True),
             )
             for i in range(burst)
         ]
@@ -244,7 +246,7 @@ async def test_load_reports_follow_vllms_queue_under_a_burst(servers, cluster):
             request_id="cached-1",
             input_ids=prompt(999, 272),
             decode_dp_rank=0,
-            sampling=common_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True),
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True),
         )
         await _drain(stub.Generate(dispatch_pb2.GenerateRequest(request=long), timeout=300))
         hits = (await reported()).cache_hit_tokens
@@ -260,6 +262,38 @@ async def test_load_reports_follow_vllms_queue_under_a_burst(servers, cluster):
 
 async def _drain(call) -> list:
     return [chunk async for chunk in call]
+
+
+async def test_sampling_parameters_reach_vllm_and_logprobs_are_refused(servers, cluster):
+    """The request's sampling parameters are vLLM's to apply: top_k 1 at temperature 1 gives the
+    greedy tokens, a logit bias of +100 on one token makes every draw that token, and logprobs,
+    which this engine does not pass back yet, are refused naming them rather than dropped."""
+    dispatcher, _, _ = cluster
+    channel, dstub = dispatch_stub(dispatcher.address)
+    ids = prompt(300, 32)
+
+    async def tokens(rid: str, **sampling) -> list[int]:
+        request = common_pb2.InferenceRequest(
+            request_id=rid,
+            input_ids=ids,
+            decode_dp_rank=0,
+            sampling=common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True, **sampling),
+        )
+        return [
+            t for c in await _drain(dstub.Generate(dispatch_pb2.GenerateRequest(request=request))) for t in c.token_ids
+        ]
+
+    async with channel:
+        await wait_for_workers(dstub, 3, timeout=60)
+        greedy = await tokens("greedy", temperature=0.0)
+        assert await tokens("top-k-1", temperature=1.0, top_k=1, seed=7) == greedy
+        forced = 4242
+        biased = await tokens("biased", temperature=1.0, seed=7, logit_bias={forced: 100.0})
+        assert biased == [forced] * 12
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await tokens("logprobs", temperature=0.0, logprobs=2)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "logprobs" in refused.value.details()
 
 
 def test_a_worker_refuses_a_vllm_server_with_another_tokenizer(servers, etcd, prefix, tmp_path):
@@ -317,7 +351,7 @@ async def test_killed_server_streams_resume_on_another_rank_and_restart_rejoins(
             request_id="after-restart",
             input_ids=prompts[0],
             decode_dp_rank=2,
-            sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True),
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True),
         )
         tokens = [
             t

@@ -185,6 +185,12 @@ class VLLMEngine:
             )
         if seq.request_id in self.inflight:
             raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
+        if seq.sampling is not None and seq.sampling.logprobs is not None:
+            raise AdmissionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {seq.request_id}: logprobs are not passed through from vLLM ranks yet; "
+                "send the request without logprobs",
+            )
         if seq.prefill_only or seq.preloaded is not None:
             raise AdmissionError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the vLLM engine serves mixed requests only (no pdlb KV hand-off)"
@@ -291,6 +297,21 @@ class VLLMEngine:
         }
         if seq.stop_ids:
             body["stop_token_ids"] = sorted(seq.stop_ids)
+        if seq.min_tokens > seq.seed_position:  # a resumed request has already streamed seed_position tokens
+            body["min_tokens"] = seq.min_tokens - seq.seed_position
+        if seq.sampling is not None:
+            # vLLM's own names and neutral values; 0 (all tokens) is -1 for vLLM's top_k
+            cfg = seq.sampling
+            body.update(
+                top_k=cfg.top_k or -1,
+                top_p=cfg.top_p,
+                min_p=cfg.min_p,
+                repetition_penalty=cfg.repetition_penalty,
+                presence_penalty=cfg.presence_penalty,
+                frequency_penalty=cfg.frequency_penalty,
+            )
+            if cfg.logit_bias:
+                body["logit_bias"] = {str(token): bias for token, bias in cfg.logit_bias}
         if seq.temperature > 0:
             # vLLM draws from one generator per request: a resumed sampled request does not continue
             # the original's draws (greedy requests resume exactly)

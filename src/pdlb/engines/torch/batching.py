@@ -49,6 +49,22 @@ class AdmissionError(Exception):
         self.code = code
 
 
+def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int) -> None:
+    """Refuse a prompt with a token id outside 0..vocab_size-1 or longer than max_prompt_tokens
+    (AdmissionError INVALID_ARGUMENT naming the request), whichever engine would run it."""
+    bad = next((t for t in seq.prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{vocab_size - 1}",
+        )
+    if len(seq.prompt) > max_prompt_tokens:
+        raise AdmissionError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {max_prompt_tokens}",
+        )
+
+
 @dataclass
 class Output:
     """What a request's stream receives: new tokens, and the finish reason on the last one."""
@@ -220,17 +236,7 @@ class Engine:
                 f"request {seq.request_id}: bootstrap room {seq.bootstrap_room} is already taken here by request "
                 f"{owner} (queued, running, or its KV held for its decode half); give every request a room of its own",
             )
-        bad = next((t for t in seq.prompt if not 0 <= t < config.vocab_size), None)
-        if bad is not None:
-            raise AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{config.vocab_size - 1}",
-            )
-        if len(seq.prompt) > limits.max_prompt_tokens:
-            raise AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {limits.max_prompt_tokens}",
-            )
+        check_prompt(seq, config.vocab_size, limits.max_prompt_tokens)
         if seq.reserve > config.max_position:
             raise AdmissionError(
                 grpc.StatusCode.INVALID_ARGUMENT,

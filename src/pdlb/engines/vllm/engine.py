@@ -30,7 +30,16 @@ import aiohttp
 import grpc
 
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import ABORT, LENGTH, STOP, AdmissionError, EngineLimits, Output, Sequence
+from pdlb.engines.torch.batching import (
+    ABORT,
+    LENGTH,
+    STOP,
+    AdmissionError,
+    EngineLimits,
+    Output,
+    Sequence,
+    check_prompt,
+)
 from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
 from pdlb.v1 import common_pb2
 
@@ -195,17 +204,7 @@ class VLLMEngine:
             raise AdmissionError(
                 grpc.StatusCode.FAILED_PRECONDITION, "the vLLM engine serves mixed requests only (no pdlb KV hand-off)"
             )
-        bad = next((t for t in seq.prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{self.vocab_size - 1}",
-            )
-        if len(seq.prompt) > limits.max_prompt_tokens:
-            raise AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {limits.max_prompt_tokens}",
-            )
+        check_prompt(seq, self.vocab_size, limits.max_prompt_tokens)
         if self.max_model_len and seq.reserve > self.max_model_len:
             raise AdmissionError(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -210,6 +210,37 @@ def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
         assert default in shown, default
 
 
+def test_up_stops_cleanly_on_sighup_after_its_console_went_away(cluster, tmp_path):
+    """A closed terminal: its output pipe is gone (every later line is a broken pipe) and SIGHUP
+    arrives. pdlb up still stops in order (exit 0) and removes its state, instead of dying on the
+    first line it cannot print and leaving etcd's data and the state file behind."""
+    up, state, _ = cluster
+    up.stdout.close()
+    up.send_signal(signal.SIGHUP)
+    assert up.wait(timeout=90) == 0
+    assert not (tmp_path / "state" / "clusters" / "local.json").exists()
+    assert "up_pid" in state  # the state that was there while it ran
+
+
+def test_up_refuses_an_unwritable_log_dir_and_ports_past_65535_before_starting(tmp_path):
+    """Both are refused at once, naming the flag, with nothing started (no etcd, no state, no
+    traceback): an unwritable --log-dir used to hang pdlb up, and --port 65530 to crash it once a
+    service's port (--port + offset) passed 65535."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    free = ["--port", "0", "--etcd-port", "0", "--http-port", "0", "--model", "tiny-random"]
+    refused = pdlb("up", *free, "--log-dir", str(blocked / "logs"), env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"pdlb up: --log-dir {blocked / 'logs'}: cannot write there" in refused.stdout
+    high = pdlb("up", "--etcd-port", "0", "--http-port", "0", "--port", "65530", env=env, timeout=30)
+    assert high.returncode == 2, high.stdout + high.stderr
+    assert "is past 65535" in high.stdout and "--port +" in high.stdout
+    for run in (refused, high):
+        assert "Traceback" not in run.stdout + run.stderr and "starting cluster" not in run.stdout
+    assert not list((tmp_path / "state").glob("clusters/*.json"))
+
+
 def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
     """`--model nosuch`: the dispatcher exits at start; pdlb up says so at once, with the child's own
     message and no traceback, stops what it started, and leaves no state behind."""

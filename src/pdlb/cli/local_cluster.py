@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -222,11 +223,20 @@ class LocalCluster:
                 "stop it, or give this one another --name and other ports"
             )
         for number, what in fixed_ports(args):
+            if number > 65535:
+                raise StartRefused(f"port {number} ({what}) is past 65535; choose a lower --port, or 0 for free ports")
             if port_taken(number):
                 raise StartRefused(
                     f"port {number} ({what}) is taken, by another cluster or program; "
                     "choose another, or 0 for any free port"
                 )
+        if args.log_dir:  # every service writes its log there: find out now, not from a child that cannot start
+            try:
+                os.makedirs(args.log_dir, exist_ok=True)
+                with tempfile.TemporaryFile(dir=args.log_dir):
+                    pass
+            except OSError as exc:
+                raise StartRefused(f"--log-dir {args.log_dir}: cannot write there ({exc.strerror or exc})") from None
 
     def start(self) -> dict:
         args = self.args
@@ -523,7 +533,10 @@ def pin_port(proc: ServiceProcess) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except OSError:  # the console went away (a closed pipe): the cluster runs on and still stops cleanly
+            sys.stdout = open(os.devnull, "w")
 
     cluster = LocalCluster(args, say)
     stop = cluster.stopping
@@ -532,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
         cluster.wake.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal was closed
         signal.signal(sig, on_signal)
     try:
         cluster.check()
@@ -549,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
         except StartInterrupted as exc:
             say(f"pdlb up: {exc}")
         else:
-            print_summary(info)
+            print_summary(info, say)
             Supervisor(cluster, say, args.max_restarts).run(stop)
     finally:
         say("\nstopping: schedulers, dispatchers, bootstrap, etcd ...")
@@ -560,19 +573,18 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def print_summary(info: dict) -> None:
-    print(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
-    print(f"  etcd                 {info['etcd']}")
+def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
+    say(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
+    say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:
-            print(f"  {key.replace('_', ' '):<20} {info[key]}")
+            say(f"  {key.replace('_', ' '):<20} {info[key]}")
     for name, address in info["workers"].items():
-        print(f"  {name:<20} {address}")
+        say(f"  {name:<20} {address}")
     for address in info.get("replicas", []):
-        print(f"  {'dispatcher replica':<20} {address}")
-    print(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
-    print(
+        say(f"  {'dispatcher replica':<20} {address}")
+    say(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
+    say(
         'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
-        "      (Ctrl-C stops everything; a child that dies is restarted)",
-        flush=True,
+        "      (Ctrl-C stops everything; a child that dies is restarted)"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -502,6 +503,34 @@ class LocalCluster:
         if self._own_log_dir and self.log_dir and os.path.isdir(self.log_dir) and not os.listdir(self.log_dir):
             shutil.rmtree(self.log_dir, ignore_errors=True)  # nothing started: no empty dir left behind
         return leftover
+
+    def forget(self, address: str) -> list[str]:
+        """Delete the registrations of a child that died at `address` (keys under this cluster's
+        prefix whose value names that address), so nobody routes to it for the rest of its lease;
+        returns the deleted keys. Best effort: with etcd away, its lease expires the key instead."""
+        if not address or not self.etcd or not self.etcd.proc or self.etcd.proc.poll() is not None:
+            return []
+
+        async def delete() -> list[str]:
+            client = connect_client(self.etcd.endpoint)
+            try:
+                gone = []
+                for kv in await client.get_prefix(self.prefix.encode()):
+                    try:
+                        value = json.loads(kv.value)
+                    except ValueError:
+                        continue
+                    if isinstance(value, dict) and value.get("address") == address:
+                        await client.delete(kv.key)
+                        gone.append(kv.key.decode())
+                return gone
+            finally:
+                await client.close()
+
+        try:
+            return asyncio.run(delete())
+        except Exception:
+            return []
 
     def _leftover_keys(self) -> list[str]:
         """Keys under this cluster's prefix in its own etcd (never another cluster's)."""

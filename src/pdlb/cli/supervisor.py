@@ -51,6 +51,8 @@ class Supervisor:
                 record = self.records.setdefault(name, Record(started=now))
                 if record.due is not None or record.gave_up:
                     continue
+                if name != "etcd":  # its registration would outlive it by a lease: drop it now
+                    self.cluster.forget(self._service(name).address)
                 if now - record.started >= STABLE_S:
                     record.in_a_row = 0
                 if record.in_a_row >= self.max_restarts:

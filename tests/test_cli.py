@@ -197,6 +197,8 @@ def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
     for flag in ("--prefill", "--decode", "--workers", "--dispatchers"):
         refused = pdlb("up", flag, "0", env=env)
         assert refused.returncode == 2 and f"argument {flag}: 0: at least 1 is needed" in refused.stderr
+    negative = pdlb("up", "--max-restarts", "-1", env=env)
+    assert negative.returncode == 2 and "argument --max-restarts: -1: 0 (never restart) or more" in negative.stderr
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
     assert "see above" not in shown
     for default in (

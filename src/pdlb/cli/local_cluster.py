@@ -48,6 +48,13 @@ def positive(text: str) -> int:
     return value
 
 
+def restarts(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: 0 (never restart) or more")
+    return value
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -127,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=port,
         default=50051,
         help=f"first dispatcher's port; the decode one gets +{DECODE_OFFSET}, the gateway's gRPC "
-        f"+{GATEWAY_OFFSET}, bootstrap +{BOOTSTRAP_OFFSET}, replicas +{REPLICA_OFFSET}... (0: free ports)",
+        f"+{GATEWAY_OFFSET}, bootstrap +{BOOTSTRAP_OFFSET}, replicas above +{REPLICA_OFFSET} (0: free ports)",
     )
     parser.add_argument(
         "--dispatchers",
@@ -149,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-restarts",
-        type=int,
+        type=restarts,
         default=5,
         help="restarts in a row of one dead child before pdlb up gives up on it (0: never restart)",
     )

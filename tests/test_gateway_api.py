@@ -175,6 +175,11 @@ async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd
                 error = (await reply.json())["error"]
             assert words in error["message"] and error["type"] == "invalid_request_error", error
             assert error["param"] == param, error
+        async with http.post(f"{base}/v1/completions", json={"model": "nosuch", "prompt": "x"}) as reply:
+            assert reply.status == 404 and (await reply.json())["error"]["code"] == "model_not_found"
+        async with http.post(f"{base}/generate", json={"text": "x"}) as reply:  # a path, not a model
+            error = (await reply.json())["error"]
+            assert reply.status == 404 and error["code"] == "not_found", error
         async with http.get(f"{base}/health") as reply:
             assert reply.status == 200
 

@@ -51,7 +51,9 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    code = {404: "model_not_found", 429: "rate_limit_exceeded", 413: "request_too_large"}.get(status)
+    code = {429: "rate_limit_exceeded", 413: "request_too_large"}.get(status)
+    if status == 404:  # an unknown model, or a path this server does not serve
+        code = "model_not_found" if param == "model" else "not_found"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -370,7 +370,8 @@ def _pinned(request: common_pb2.InferenceRequest) -> bool:
 
 def _named(rid: str, details: str, retries: int) -> str:
     text = details if rid in details else f"request {rid}: {details}"
-    return text + (f" (after {retries} retry on other ranks)" if retries else "")
+    # a retry goes to another rank, or to another dispatcher replica when one was unreachable
+    return text + (f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else "")
 
 
 __all__ = ["Chunk", "Frontend", "InvalidRequest", "Prepared", "RequestFailed"]

@@ -421,7 +421,8 @@ def write_results(results: list[RunResult], args: argparse.Namespace, out: Path)
     (out / f"{args.name}.json").write_text(json.dumps([{**asdict(r), "row": r.row()} for r in results]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags (the suite and the router benchmark parse workload flags with it too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--methods", default=DEFAULT_METHODS)
@@ -457,6 +458,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="", help="result file stem (default: balance[_pd][_torch])")
+    return parser
+
+
+def workload_spec(args: argparse.Namespace, rate: float, arrival: str, seed: int, num_requests: int) -> WorkloadSpec:
+    """The workload of parsed `build_parser()` flags at one rate, arrival process and seed."""
+    return WorkloadSpec(
+        num_requests=num_requests,
+        rate=rate,
+        arrival=arrival,
+        input_median=args.input_median,
+        output_median=args.output_median,
+        long_tail_fraction=args.long_tail_fraction,
+        doc_fraction=args.doc_fraction,
+        doc_median=args.doc_median,
+        burst_size=args.burst_size,
+        max_input=2048,
+        max_output=256,
+        seed=seed,
+        prefix_groups=args.prefix_groups,
+        prefix_len=args.prefix_len,
+        prompts_per_group=args.prompts_per_group,
+        shared_fraction=args.shared_fraction,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.name = args.name or "balance" + ("_pd" if args.mode == "pd" else "") + (
         "_torch" if args.runner == "torch" else ""
@@ -475,24 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for arrival in args.arrivals.split(","):
             for rate in [float(r) for r in args.rates.split(",")]:
-                spec = WorkloadSpec(
-                    num_requests=args.num_requests,
-                    rate=rate,
-                    arrival=arrival,
-                    input_median=args.input_median,
-                    output_median=args.output_median,
-                    long_tail_fraction=args.long_tail_fraction,
-                    doc_fraction=args.doc_fraction,
-                    doc_median=args.doc_median,
-                    burst_size=args.burst_size,
-                    max_input=2048,
-                    max_output=256,
-                    seed=args.seed,
-                    prefix_groups=args.prefix_groups,
-                    prefix_len=args.prefix_len,
-                    prompts_per_group=args.prompts_per_group,
-                    shared_fraction=args.shared_fraction,
-                )
+                spec = workload_spec(args, rate, arrival, args.seed, args.num_requests)
                 items = generate(spec)
                 # the same for every method: salting changes token ids, not lengths or groups
                 floors = [ttft_floor(i, spec.prefix_len if i.group >= 0 else 0, cost) for i in items] if cost else None

@@ -47,7 +47,7 @@ from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.torch.runners import CostModel
 from pdlb.v1 import dispatch_pb2_grpc
-from pdlb.workload import WorkItem, WorkloadSpec, generate, salted
+from pdlb.workload import WorkItem, generate, salted
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "tiny-random"
@@ -255,42 +255,11 @@ def workload(args: argparse.Namespace, seed: int) -> tuple[list[WorkItem], list[
         return items, reusable, ("mooncake", round(rate, 2)), scaling.describe()
     flags, recorded = balance_suite.WORKLOADS[args.workload]
     rate = round(balance_suite.LOADS[args.load] * recorded[1], 1)
-    bench_args = balance_bench_args([*flags, "--rates", str(rate), "--seed", str(seed)])
-    spec = WorkloadSpec(
-        num_requests=args.num_requests,
-        rate=rate,
-        arrival=bench_args.arrivals,
-        input_median=bench_args.input_median,
-        output_median=bench_args.output_median,
-        long_tail_fraction=bench_args.long_tail_fraction,
-        doc_fraction=bench_args.doc_fraction,
-        doc_median=bench_args.doc_median,
-        burst_size=bench_args.burst_size,
-        max_input=2048,
-        max_output=256,
-        seed=seed,
-        prefix_groups=bench_args.prefix_groups,
-        prefix_len=bench_args.prefix_len,
-        shared_fraction=bench_args.shared_fraction,
-    )
+    bench_args = balance_bench.build_parser().parse_args([*flags, "--rates", str(rate), "--seed", str(seed)])
+    spec = balance_bench.workload_spec(bench_args, rate, bench_args.arrivals, seed, args.num_requests)
     items = generate(spec)
     reusable = [spec.prefix_len if i.group >= 0 else 0 for i in items]  # as the suite's floors
     return items, reusable, (args.workload, rate), f"suite workload {args.workload} at {args.load} load ({rate} req/s)"
-
-
-def balance_bench_args(argv: list[str]) -> argparse.Namespace:
-    """The suite's workload flags, parsed as balance_bench parses them (one source of defaults)."""
-    ns = argparse.Namespace(
-        arrivals="poisson", input_median=256, output_median=48, long_tail_fraction=0.1, doc_fraction=0.0,
-        doc_median=1500, burst_size=16, prefix_groups=0, prefix_len=0, shared_fraction=1.0,
-    )  # fmt: skip
-    it = iter(argv)
-    for flag in it:
-        value = next(it)
-        key = flag.lstrip("-").replace("-", "_")
-        current = getattr(ns, key, None)
-        setattr(ns, key, type(current)(value) if current is not None and key != "arrivals" else value)
-    return ns
 
 
 def floors_of(items: list[WorkItem], reusable: list[int], cost: CostModel) -> list[float]:

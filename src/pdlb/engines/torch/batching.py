@@ -89,6 +89,8 @@ def compute_thread(threads: int) -> ThreadPoolExecutor:
 
 
 class Engine:
+    kv_connector = ""  # PD: KV travels as tensors in pdlb's PullKV stream
+
     def __init__(
         self,
         runner: Runner,

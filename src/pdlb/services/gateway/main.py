@@ -175,6 +175,7 @@ def http_app(
     app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
     app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", api.get_model)  # ids may hold a slash (org/name)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health)  # SGLang's name; routers may probe it
     app.router.add_get("/live", live)

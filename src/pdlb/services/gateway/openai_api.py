@@ -39,6 +39,10 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# Chat roles vLLM's chat templates take; any other is refused (a template would render it as text).
+ROLES = ("system", "user", "assistant", "tool", "developer")
+# Retry-After of a 503 (no dispatcher or worker of a role): a restarted service registers within seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
@@ -62,11 +66,13 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 
 def failed_response(exc: RequestFailed) -> web.Response:
-    """A failed request as OpenAI error JSON; a shed one (429) with `Retry-After` seconds."""
+    """A failed request as OpenAI error JSON; a shed one (429) and an unavailable one (503) with
+    `Retry-After` seconds (the dispatcher's hint, else 1 s for 429 and 5 s for 503)."""
     status = HTTP_STATUS.get(exc.code, 500)
     response = error_response(status, exc.message)
-    if status == 429:
-        response.headers["Retry-After"] = str(exc.retry_after_s or 1)
+    if status in (429, 503):
+        default = 1 if status == 429 else UNAVAILABLE_RETRY_AFTER_S
+        response.headers["Retry-After"] = str(exc.retry_after_s or default)
     return response
 
 
@@ -156,6 +162,8 @@ class OpenAIApi:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
+        if "stream_options" in body and not stream:  # as vLLM: it would be silently meaningless
+            raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
         try:
             prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
@@ -184,6 +192,13 @@ class OpenAIApi:
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise ApiError(400, f"messages[{index}] needs a role", f"messages[{index}].role")
+            if message["role"] not in ROLES:
+                raise ApiError(
+                    400,
+                    f"messages[{index}].role {message['role'][:40]!r} is not a chat role: "
+                    f"use one of {', '.join(ROLES)}",
+                    f"messages[{index}].role",
+                )
             content = message.get("content")
             if isinstance(content, list):  # content parts: text only
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -386,6 +401,14 @@ class OpenAIApi:
         created = int(time.time())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "pdlb"} for m in self.models()]
         return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, http: web.Request) -> web.Response:
+        """`GET /v1/models/{id}`: one model object as in the list; 404 model_not_found otherwise."""
+        model = http.match_info["model"]
+        if model not in self.models():
+            message = f"the model {model[:200]!r} does not exist; this server serves {self.model_id!r}"
+            raise ApiError(404, message, "model")
+        return web.json_response({"id": model, "object": "model", "created": int(time.time()), "owned_by": "pdlb"})
 
 
 def _usage(parsed: Parsed, last: Chunk | None, completion_tokens: int) -> dict:

@@ -410,7 +410,16 @@ async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
 
 
 async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
-    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service, ranks=(0, 1, 2))
+    """The worker endpoints advertise the workers' own length limits (the smallest over the live
+    ranks): a request at those limits is served on every rank, one token past them is refused."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, name="disp")
+    limits = {0: ["--max-prompt-tokens", "1000"], 1: ["--max-position", "2048"], 2: []}  # default: 4096 each
+    for rank, flags in limits.items():
+        start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), *flags, name=f"sim-{rank}")
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
     await ready_workers(dispatcher, 3)
     async with aiohttp.ClientSession() as http:
 
@@ -419,12 +428,27 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
                 assert reply.status == 200, path
                 return await reply.json()
 
+        async def complete(prompt_tokens: int, max_tokens: int, rank: int) -> tuple[int, dict]:
+            body = {"model": MODEL, "prompt": [7] * prompt_tokens, "max_tokens": max_tokens, "ignore_eos": True}
+            async with http.post(f"{base}/v1/completions", json={**body, "data_parallel_rank": rank}) as reply:
+                return reply.status, await reply.json()
+
         await wait_until(lambda: _dp_size(get), timeout=20, what="the gateway to see 3 ranks")
         info = await get("/server_info")
         assert info["dp_size"] == 3 and info["dp_size_per_role"] == {"mixed": 3}
-        assert info["served_model_name"] == MODEL and info["max_prompt_tokens"] == 32768
+        assert info["served_model_name"] == MODEL
+        # rank 0's prompt limit and rank 1's context, not the gateway's own 32k + 16k
+        assert (info["max_prompt_tokens"], info["context_length"], info["max_new_tokens"]) == (1000, 2048, 2047)
         assert (await get("/get_server_info")) == info
-        assert (await get("/model_info"))["served_model_name"] == MODEL
+        model_info = await get("/model_info")
+        assert model_info["served_model_name"] == MODEL and model_info["max_model_len"] == 2048
+        for rank in limits:  # at the advertised limits every rank serves
+            status, body = await complete(1000, 2048 - 1000, rank)
+            assert status == 200 and body["usage"]["completion_tokens"] == 1048, (rank, body)
+        status, body = await complete(1001, 1, 0)
+        assert status == 400 and "exceeds" in body["error"]["message"], body
+        status, body = await complete(1000, 2048 - 999, 1)
+        assert status == 400 and "context of 2048" in body["error"]["message"], body
         loads = await get("/get_load")
         assert [load["dp_rank"] for load in loads] == [0, 1, 2]
         assert all({"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load) for load in loads)

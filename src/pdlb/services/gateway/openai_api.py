@@ -154,8 +154,8 @@ class OpenAIApi:
             request.routing_key = user
         if key := http.headers.get("X-Session-Id", ""):
             request.routing_key = key[:256]
-        self._ranks(http, body, request)
-        _flow(http, body, request)
+        self.rank_pins(http, body, request)
+        flow_fields(http, body, request)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
@@ -211,7 +211,7 @@ class OpenAIApi:
             request.messages.append(common_pb2.ChatMessage(role=message["role"], content=content))
 
     @staticmethod
-    def _ranks(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+    def rank_pins(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
         """vLLM's X-data-parallel-rank header and SGLang-style body fields pin ranks."""
         pins = {"decode_dp_rank": body.get("decode_dp_rank"), "prefill_dp_rank": body.get("prefill_dp_rank")}
         general = body.get("data_parallel_rank")
@@ -243,9 +243,10 @@ class OpenAIApi:
             return await self._stream(http, parsed)
         return await self._whole(parsed)
 
-    async def _run(self, parsed: Parsed):
-        """The request's chunks with stop strings applied: (chunk, text, finish) triples."""
-        matcher = StopMatcher(parsed.stops)
+    async def run(self, parsed: Parsed, matcher: StopMatcher | None = None):
+        """The request's chunks with stop strings applied: (chunk, text, finish) triples. The
+        matcher (one of `parsed.stops` by default) tells which stop string ended the text."""
+        matcher = matcher or StopMatcher(parsed.stops)
         timer = Timer(self.observe)
         chunks = self.frontend.generate(parsed.prepared)
         try:
@@ -292,7 +293,7 @@ class OpenAIApi:
         finish = "stop"
         logprobs: list[common_pb2.TokenLogprob] = []
         try:
-            async for chunk, piece, reason in self._run(parsed):
+            async for chunk, piece, reason in self.run(parsed):
                 text.append(piece)
                 tokens += len(chunk.token_ids)
                 logprobs += chunk.logprobs
@@ -321,7 +322,7 @@ class OpenAIApi:
         return web.json_response(body, headers=_rank_headers(last))
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
-        runner = self._run(parsed)
+        runner = self.run(parsed)
         try:  # the first chunk before the headers: an early failure still gets its HTTP status
             first = await anext(runner)
         except StopAsyncIteration:
@@ -434,7 +435,7 @@ async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 
-def _flow(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
     """Flow-control fields: vLLM's `priority` (lower is served earlier), the TTFT deadline
     (`X-pdlb-TTFT-Deadline-Ms` header) and the tenant (`X-pdlb-Tenant`; else the routing key)."""
     priority = body.get("priority", 0)

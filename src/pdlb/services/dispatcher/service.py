@@ -98,6 +98,8 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         prefill_pending_tokens=load.prefill_pending_tokens,
         step_base_ms=_finite(load.step_base_ms),
         prefill_tokens_per_step=load.prefill_tokens_per_step,
+        max_prompt_tokens=load.max_prompt_tokens,
+        max_context_tokens=load.max_context_tokens,
     )
 
 

@@ -556,6 +556,8 @@ class Engine:
             + sum(len(s.prompt) - s.computed for s in self.running if s.computed < len(s.prompt)),
             step_base_ms=self.step_base_s * 1000,
             prefill_tokens_per_step=self.limits.chunked_prefill_size,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_context_tokens=min(self.runner.config.max_position, self.limits.max_total_tokens),
         )
 
     async def drain(self, timeout: float) -> None:

@@ -98,6 +98,8 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         prefill_pending_tokens=load.prefill_pending_tokens,
         step_base_ms=_finite(load.step_base_ms),
         prefill_tokens_per_step=load.prefill_tokens_per_step,
+        max_prompt_tokens=load.max_prompt_tokens,
+        max_context_tokens=load.max_context_tokens,
     )
 
 
@@ -375,7 +377,12 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 async for response in self._forward(request, ctx, decision, deadline, context):
                     sent_any = True
                     yield response
+                self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return
+            except (asyncio.CancelledError, GeneratorExit):
+                if sent_any:  # the client went away mid-stream: the worker drops it now
+                    self.core.table.record_finish(worker.worker_id, decision.seq)
+                raise
             except grpc.aio.AioRpcError as err:
                 if not sent_any:
                     # Whether or not the worker took it, the request is not running there now.

@@ -37,13 +37,23 @@ def supported(dtype: torch.dtype) -> bool:
 class PackedLinear(nn.Module):
     """`y = x @ W.T + b` over oneDNN's reordered W. x [..., in_features] -> [..., out_features]."""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = DECODE_ROWS_HINT) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: int = DECODE_ROWS_HINT
+    ) -> None:
+        """`weight` [out_features, in_features] and `bias` [out_features], as nn.Linear holds them."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
+        self.out_features, self.in_features = weight.shape
         # plain attributes, not parameters or buffers: nn.Module.to() cannot move an opaque tensor
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
-        self.bias_value = None if linear.bias is None else linear.bias.detach().clone()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+        self.bias_value = None if bias is None else bias.detach().clone()
+
+    def matches(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+        """Whether this layer gives F.linear's result on a probe input, within float rounding."""
+        probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        with torch.no_grad():
+            expected, got = F.linear(probe, weight, bias).float(), self(probe).float()
+        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
+        return torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias_value, "none", [], "")
@@ -53,24 +63,23 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a CPU model by a PackedLinear, once the packed layer is checked to
-    give F.linear's result on a probe input (within float rounding); returns how many were packed
-    (0 where `supported` says no, or a check fails: the model then stays as it was)."""
+    """Replace every nn.Linear of a CPU model by a PackedLinear, each checked first to give
+    F.linear's result (PackedLinear.matches); returns how many were packed (0 where `supported` says
+    no, or a check fails: the model then stays as it was). A model with a `pack_tied_head` method
+    (tied embeddings: the logits GEMM is no nn.Linear) has it called too."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not linears or linears[0][1].weight.device.type != "cpu" or not supported(linears[0][1].weight.dtype):
         return 0
     packed = {}
     for name, linear in linears:
-        candidate = PackedLinear(linear)
-        probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight.dtype)
-        with torch.no_grad():
-            expected, got = F.linear(probe, linear.weight, linear.bias), candidate(probe)
-        tolerance = 1e-3 if linear.weight.dtype == torch.float32 else 5e-2
-        if not torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance):
+        candidate = PackedLinear(linear.weight, linear.bias)
+        if not candidate.matches(linear.weight, linear.bias):
             log.warning("oneDNN's packed %s differs from F.linear; weights left unpacked", name)
             return 0
         packed[name] = candidate
     for name, candidate in packed.items():
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, leaf, candidate)
+    if hasattr(model, "pack_tied_head"):
+        model.pack_tied_head()
     return len(packed)

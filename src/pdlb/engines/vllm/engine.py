@@ -30,7 +30,7 @@ import aiohttp
 import grpc
 
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import (
+from pdlb.engines.request import (
     ABORT,
     LENGTH,
     STOP,

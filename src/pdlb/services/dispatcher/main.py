@@ -167,6 +167,14 @@ def build_parser() -> FlagParser:
         "(0: batch slots and KV only)",
     )
     parser.flag(
+        "--max-prefill-ahead-chunks",
+        default=flow.max_prefill_ahead_chunks,
+        type=float,
+        help="flow control, mixed and prefill, with --max-wait-ms 0: a rank with at least this many prefill chunks "
+        "of prompt work queued ahead (its --chunked-prefill-size) has no room, so bound requests start prefill "
+        "within about a step (0: batch slots and KV only)",
+    )
+    parser.flag(
         "--fair-share-quantum",
         default=flow.quantum_tokens,
         type=int,
@@ -201,6 +209,8 @@ def flow_options(args) -> FlowOptions:
         raise SystemExit("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
     if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
         raise SystemExit("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+    if not args.max_prefill_ahead_chunks >= 0:
+        raise SystemExit(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
         enabled=args.flow_control,
         max_queued_requests=args.max_queued_requests,
@@ -208,6 +218,7 @@ def flow_options(args) -> FlowOptions:
         sheddable_ttl_s=args.sheddable_queue_ttl,
         sheddable_priority=args.sheddable_priority,
         max_wait_ms=args.max_wait_ms,
+        max_prefill_ahead_chunks=args.max_prefill_ahead_chunks,
         quantum_tokens=args.fair_share_quantum,
         tenant_weights=tuple(weights),
         max_tenants=args.max_tenants,

@@ -377,7 +377,12 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 async for response in self._forward(request, ctx, decision, deadline, context):
                     sent_any = True
                     yield response
+                self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return
+            except (asyncio.CancelledError, GeneratorExit):
+                if sent_any:  # the client went away mid-stream: the worker drops it now
+                    self.core.table.record_finish(worker.worker_id, decision.seq)
+                raise
             except grpc.aio.AioRpcError as err:
                 if not sent_any:
                     # Whether or not the worker took it, the request is not running there now.

@@ -25,6 +25,8 @@ suite's ratios to round robin are taken against pdlb's `round_robin` of the same
   make install-routers
   python -m bench.router_balance_bench --workload heavy_tail --seeds 3
   python -m bench.router_balance_bench --workload mooncake --trace ../shared/traces/mooncake_conversation_trace.jsonl
+  # one seed per invocation (each fits a time slot), summarised together:
+  python -m bench.router_balance_bench --workload shared_mix --seeds 1 --first-seed 2 --append
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 
 from bench import peer_routers
 from pdlb.common.etcd_process import free_port
-from tests.helpers import dispatch_stub, wait_for_workers
+from tests.helpers import dispatch_stub, shared_prefix_ranks, wait_for_workers
 
 MODEL = "tiny-random"
 RANKS = 2
@@ -127,14 +127,7 @@ async def test_vllm_router_cache_aware_matches_on_the_gateways_token_ids(gateway
         await peer_routers.wait_serving(router.url, MODEL)
         before = renders(base)
         await pass_through(router.url)  # chat, streamed chat, completions
-        system = "You are a careful assistant who answers in one line. " * 8
-        ranks = []
-        async with aiohttp.ClientSession() as http:
-            for i in range(4):
-                body = {"model": MODEL, "prompt": system + f"question {i}?", "max_tokens": 2, "ignore_eos": True}
-                async with http.post(f"{router.url}/v1/completions", json=body) as reply:
-                    assert reply.status == 200, await reply.text()
-                    ranks.append((await reply.json())["dp_rank"])
+        ranks = await shared_prefix_ranks(router.url, MODEL, 4, repeats=8)
         assert renders(base) - before == 3 + 4
         assert len(set(ranks[1:])) == 1, f"cache_aware spread one prefix over ranks {ranks}"
     finally:

@@ -78,7 +78,7 @@ def check_names(body: dict[str, Any]) -> dict[str, Any]:
             allowed = " or ".join(json.dumps(choice) for choice in choices)
             raise ParamError(
                 name,
-                f"{name}={_shown(value)} is not supported by this server: it serves only {name}={allowed} "
+                f"{name}={shown_value(value)} is not supported by this server: it serves only {name}={allowed} "
                 "(or leave it out)",
             )
     return body
@@ -91,7 +91,7 @@ def _same(value: Any, accepted: Any) -> bool:
     return value == accepted
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown_value(value: Any, limit: int = 60) -> str:
     """The value as JSON when short, else its shape (a cut JSON text reads as a parse error)."""
     text = json.dumps(value)
     if len(text) <= limit:

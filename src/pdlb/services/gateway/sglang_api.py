@@ -45,7 +45,7 @@ from pdlb.services.gateway.openai_api import (
     failed_response,
     flow_fields,
 )
-from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
+from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from, shown_value
 from pdlb.services.gateway.stops import StopMatcher
 from pdlb.v1 import common_pb2
 
@@ -109,7 +109,9 @@ class SGLangApi:
             if name not in TOP_LEVEL_NEUTRAL:
                 raise ApiError(400, f"unsupported field: {name}", name)
             if value is not TOP_LEVEL_NEUTRAL[name]:
-                raise ApiError(400, f"{name}={json.dumps(value)[:20]} is not supported by this server", name)
+                served = json.dumps(TOP_LEVEL_NEUTRAL[name])
+                message = f"{name}={shown_value(value)} is not supported by this server: it serves only {name}={served}"
+                raise ApiError(400, message, name)
         model = body.get("model", self.api.model_id)
         if model not in self.api.models():
             raise ApiError(

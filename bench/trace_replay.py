@@ -204,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--out", default=str(balance_bench.RESULTS))
     parser.add_argument("--name", default="trace")
+    parser.add_argument(
+        "--combine",
+        default="",
+        help="comma separated names of earlier runs (their JSON under --out): write their runs together as --name "
+        "and run nothing (seeds split over several invocations)",
+    )
     args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    if args.combine:
+        return combine(args, out_dir)
     methods = args.methods.split(",")
     cluster_args = argparse.Namespace(
         mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
@@ -214,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     cluster = balance_bench.Cluster(cluster_args, methods)
     cluster.start()
     results = []
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -247,6 +255,27 @@ def main(argv: list[str] | None = None) -> int:
                         write(results, args, out_dir)
     finally:
         cluster.stop()
+    print(report(results))
+    if args.flood_tenant > 0:
+        print(flood_report(results))
+    if 0 < args.high_share < 1:
+        print(overload_report(results))
+    return 0
+
+
+def combine(args: argparse.Namespace, out_dir: Path) -> int:
+    """Merge the runs of earlier invocations (same settings but seeds) into one report."""
+    results = []
+    for name in args.combine.split(","):
+        saved = json.loads((out_dir / f"{name}.json").read_text())
+        for key in ("flood_tenant", "high_share", "num_requests"):
+            setattr(args, key, saved["settings"][key])
+        results += saved["runs"]
+    args.combine = ""
+    args.seeds = ",".join(sorted({str(r["seed"]) for r in results}))
+    args.loads = ",".join(f"{x:g}" for x in sorted({r["load"] for r in results}))
+    args.methods = ",".join(dict.fromkeys(r["method"] for r in results))
+    write(results, args, out_dir)
     print(report(results))
     if args.flood_tenant > 0:
         print(flood_report(results))

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import torch
 
     from pdlb.engines.kv_events import KVEventLog
-    from pdlb.engines.torch.batching import EngineLimits, HeldKV, Sequence
+    from pdlb.engines.request import EngineLimits, Sequence
+    from pdlb.engines.torch.batching import HeldKV
     from pdlb.v1 import common_pb2
 
 

@@ -30,7 +30,7 @@ import aiohttp
 import grpc
 
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import (
+from pdlb.engines.request import (
     ABORT,
     LENGTH,
     STOP,
@@ -260,6 +260,8 @@ class VLLMEngine:
             step_base_ms=self.rates.step_s * 1000,
             prefill_tokens_per_s=self.rates.prefill_tokens_per_s,
             mean_output_tokens=self.rates.mean_output_tokens,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_context_tokens=self.max_model_len,  # 0 (unknown) when vLLM did not say
         )
 
     async def drain(self, timeout: float) -> None:

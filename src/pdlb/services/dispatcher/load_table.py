@@ -61,6 +61,8 @@ class ReportedLoad:
     prefill_pending_tokens: int = 0
     step_base_ms: float = 0.0
     prefill_tokens_per_step: int = 0
+    max_prompt_tokens: int = 0  # the worker's length limits, passed on to the gateway (0: unknown)
+    max_context_tokens: int = 0
 
 
 @dataclass

@@ -21,8 +21,9 @@ from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
+from pdlb.engines.request import EngineLimits
 from pdlb.engines.torch.batching import Engine as BatchingEngine
-from pdlb.engines.torch.batching import EngineLimits, compute_thread
+from pdlb.engines.torch.batching import compute_thread
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.lockstep import LockstepEngine

@@ -15,8 +15,7 @@ from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine, KVHandoffEngine
-from pdlb.engines.torch.batching import AdmissionError, PreloadedKV, Sequence
-from pdlb.engines.torch.sampler import Sampled, SamplingConfig
+from pdlb.engines.request import AdmissionError, PreloadedKV, Sampled, SamplingConfig, Sequence
 from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 

@@ -13,7 +13,7 @@ import aiohttp
 
 from pdlb.common.membership import LeasedRegistration
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import EngineLimits
+from pdlb.engines.request import EngineLimits
 from pdlb.engines.vllm.engine import (
     TokenizerMismatch,
     VLLMEngine,

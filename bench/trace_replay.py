@@ -383,8 +383,8 @@ def overload_report(results: list[dict]) -> str:
     low = min(r["load"] for r in plain)
     lines = [
         f"| load | method | high TTFT p99 / at load {low:g} (per seed) | high TTFT p99 ms | low TTFT p99 ms | "
-        "shed high / low | failed | requests | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "shed high / low | shed without Retry-After | failed | requests (all answered) | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in plain}):
         for method in dict.fromkeys(r["method"] for r in plain):
@@ -403,7 +403,8 @@ def overload_report(results: list[dict]) -> str:
             lines.append(
                 f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
                 f"{med('ttft_p99_ms', 'priority_0'):.0f} | {med('ttft_p99_ms', 'priority_1'):.0f} | "
-                f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | {med('failed', 'all'):.0f} | "
+                f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | "
+                f"{med('retry_after_missing', 'all'):.0f} | {med('failed', 'all'):.0f} | "
                 f"{med('requests', 'all'):.0f} | {len(rows)} |"
             )
     return "\n".join(lines)

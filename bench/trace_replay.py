@@ -204,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--out", default=str(balance_bench.RESULTS))
     parser.add_argument("--name", default="trace")
+    parser.add_argument(
+        "--combine",
+        default="",
+        help="comma separated names of earlier runs (their JSON under --out): write their runs together as --name "
+        "and run nothing (seeds split over several invocations)",
+    )
     args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    if args.combine:
+        return combine(args, out_dir)
     methods = args.methods.split(",")
     cluster_args = argparse.Namespace(
         mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
@@ -214,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     cluster = balance_bench.Cluster(cluster_args, methods)
     cluster.start()
     results = []
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -247,6 +255,27 @@ def main(argv: list[str] | None = None) -> int:
                         write(results, args, out_dir)
     finally:
         cluster.stop()
+    print(report(results))
+    if args.flood_tenant > 0:
+        print(flood_report(results))
+    if 0 < args.high_share < 1:
+        print(overload_report(results))
+    return 0
+
+
+def combine(args: argparse.Namespace, out_dir: Path) -> int:
+    """Merge the runs of earlier invocations (same settings but seeds) into one report."""
+    results = []
+    for name in args.combine.split(","):
+        saved = json.loads((out_dir / f"{name}.json").read_text())
+        for key in ("flood_tenant", "high_share", "num_requests"):
+            setattr(args, key, saved["settings"][key])
+        results += saved["runs"]
+    args.combine = ""
+    args.seeds = ",".join(sorted({str(r["seed"]) for r in results}))
+    args.loads = ",".join(f"{x:g}" for x in sorted({r["load"] for r in results}))
+    args.methods = ",".join(dict.fromkeys(r["method"] for r in results))
+    write(results, args, out_dir)
     print(report(results))
     if args.flood_tenant > 0:
         print(flood_report(results))
@@ -354,8 +383,8 @@ def overload_report(results: list[dict]) -> str:
     low = min(r["load"] for r in plain)
     lines = [
         f"| load | method | high TTFT p99 / at load {low:g} (per seed) | high TTFT p99 ms | low TTFT p99 ms | "
-        "shed high / low | failed | requests | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "shed high / low | shed without Retry-After | failed | requests (all answered) | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in plain}):
         for method in dict.fromkeys(r["method"] for r in plain):
@@ -374,7 +403,8 @@ def overload_report(results: list[dict]) -> str:
             lines.append(
                 f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
                 f"{med('ttft_p99_ms', 'priority_0'):.0f} | {med('ttft_p99_ms', 'priority_1'):.0f} | "
-                f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | {med('failed', 'all'):.0f} | "
+                f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | "
+                f"{med('retry_after_missing', 'all'):.0f} | {med('failed', 'all'):.0f} | "
                 f"{med('requests', 'all'):.0f} | {len(rows)} |"
             )
     return "\n".join(lines)

@@ -123,11 +123,17 @@ class GroupCounters:
 
 
 FLOW_SUFFIX = "+flow"  # a method name with this suffix: the same method with flow control on
+# ... with flow control judging room by batch slots and KV only (not by prompt work queued ahead)
+FLOW_SLOTS_SUFFIX = "+flow-slots"
 
 
 def method_flags(method: str) -> list[str]:
     """Dispatcher flags of a benchmarked method: `least_wait+flow` is least_wait with late binding
-    (the dispatcher's admission queue); without the suffix, flow control is off."""
+    (the dispatcher's admission queue, its default room test); `least_wait+flow-slots` the same with
+    room judged by free batch slots and KV alone; without a suffix, flow control is off."""
+    if method.endswith(FLOW_SLOTS_SUFFIX):
+        base = method.removesuffix(FLOW_SLOTS_SUFFIX)
+        return ["--load-balance-method", base, "--flow-control", "--max-prefill-ahead-chunks", "0"]
     base = method.removesuffix(FLOW_SUFFIX)
     return ["--load-balance-method", base, "--flow-control" if method != base else "--no-flow-control"]
 

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from bench.runner_bench import decode_rate, prefill_rate
-from pdlb.engines.torch.batching import Engine, EngineLimits, compute_thread
+from pdlb.engines.request import EngineLimits
+from pdlb.engines.torch.batching import Engine, compute_thread
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.runners import TorchRunner
 from pdlb.models.config import LlamaConfig

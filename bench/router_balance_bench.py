@@ -25,6 +25,8 @@ suite's ratios to round robin are taken against pdlb's `round_robin` of the same
   make install-routers
   python -m bench.router_balance_bench --workload heavy_tail --seeds 3
   python -m bench.router_balance_bench --workload mooncake --trace ../shared/traces/mooncake_conversation_trace.jsonl
+  # one seed per invocation (each fits a time slot), summarised together:
+  python -m bench.router_balance_bench --workload shared_mix --seeds 1 --first-seed 2 --append
 """
 
 from __future__ import annotations
@@ -325,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--routers", default=ROUTER_METHODS, help="kind:policy list ('' for none)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=1, help="run seeds first-seed .. first-seed+seeds-1 (split a long run)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other seeds' rows of an earlier run of the same --name and summarise them all",
+    )
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0, help="sim cost model multiplier")
@@ -349,12 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(args, pdlb_methods, routers)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows: list[dict] = []
     described = ""
+    earlier = out / f"{args.name}.json"
+    if args.append and earlier.is_file():  # an earlier invocation's seeds (one run split to fit a time slot)
+        kept = json.loads(earlier.read_text())
+        rows = [r for r in kept["rows"] if r["seed"] not in seeds]
+        described = kept["workload"]
     try:
         cluster.start()
         asyncio.run(cluster.start_routers())
-        for seed in range(1, args.seeds + 1):
+        for seed in seeds:
             items, reusable, label, described = workload(args, seed)
             floors = floors_of(items, reusable, cost)
             shift = (seed - 1) % len(methods)
@@ -375,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "trace")}  # no local paths in results
     text = (
-        f"# Balancing against the real routers: {args.workload}\n\nWorkload: {described}; {args.seeds} seeds x "
+        f"# Balancing against the real routers: {args.workload}\n\nWorkload: {described}; "
+        f"{len({r['seed'] for r in rows})} seeds x "
         f"{args.num_requests} requests per method, {args.ranks} sim ranks.\n\nSettings: {json.dumps(settings)}\n\n"
         "Medians over seeds (ratios: min-max over seeds in brackets).\n\n" + summarise(rows)
     )

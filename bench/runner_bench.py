@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from pdlb.engines.torch.batching import Engine, EngineLimits, Sequence
+from pdlb.engines.request import EngineLimits, Sequence
+from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.engines.torch.runners import TorchRunner
 

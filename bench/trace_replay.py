@@ -158,6 +158,33 @@ def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, 
     }
 
 
+def run_line(row: dict) -> str:
+    """One run's numbers on one line, with each priority class and tenant."""
+    a = row["all"]
+    classes = [k for k in row if k.startswith(("priority_", "tenant_"))]
+    return (
+        f"seed {row['seed']} load {row['load']:.2f} {row['variant']:5} {row['method']:26} ok {a['ok']}/{a['requests']} "
+        f"shed {a['shed']} failed {a['failed']} TTFT p50 {a['ttft_p50_ms']:.0f} p99 {a['ttft_p99_ms']:.0f} ms "
+        f"queued p99 {a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} {a['throughput_tok_s']:.0f} tok/s "
+        f"{a['requests_per_s']:.1f} req/s"
+        + "".join(
+            f" | {k} p99 {row[k]['ttft_p99_ms']:.0f} ms shed {row[k]['shed']}" for k in classes if len(classes) > 1
+        )
+    )
+
+
+def variants(args: argparse.Namespace, items: list[TraceItem], seed: int) -> list[tuple[str, list[TraceItem]]]:
+    """The runs of one window: as is, or with a tenant flood first "fair" (the flood tenant thinned
+    to the steady tenant's rate: each sends its share) and then "flood" (all of it). The steady
+    tenant's requests and arrival times are the same in both, so its TTFT p99 compares directly."""
+    if args.flood_tenant <= 0:
+        return [("", items)]
+    rng = random.Random(seed * 7919)
+    keep = 1 / args.flood_tenant
+    fair = [t for t in items if t.tenant != "flood" or rng.random() < keep]
+    return [("fair", fair), ("flood", items)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(mooncake_trace.DEFAULT_TRACE))
@@ -177,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--out", default=str(balance_bench.RESULTS))
     parser.add_argument("--name", default="trace")
+    parser.add_argument(
+        "--combine",
+        default="",
+        help="comma separated names of earlier runs (their JSON under --out): write their runs together as --name "
+        "and run nothing (seeds split over several invocations)",
+    )
     args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    if args.combine:
+        return combine(args, out_dir)
     methods = args.methods.split(",")
     cluster_args = argparse.Namespace(
         mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
@@ -187,45 +223,64 @@ def main(argv: list[str] | None = None) -> int:
     cluster = balance_bench.Cluster(cluster_args, methods)
     cluster.start()
     results = []
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for load in [float(x) for x in args.loads.split(",")]:
                 items = scale(args, load * args.capacity, cost, seed)
-                shift = len(results) % len(methods)
-                for method in methods[shift:] + methods[:shift]:  # rotating order
-                    salt = len(results) + 1  # cold caches for every run
-                    salted_items = [
-                        TraceItem(s, t.floor, t.priority, t.tenant)
-                        for s, t in zip(salted([t.item for t in items], salt), items, strict=True)
-                    ]
-                    out, span = asyncio.run(
-                        run(cluster.dispatchers[method], salted_items, args.ranks, f"{method}-{seed}-{load}-{salt}")
-                    )
-                    row = {"method": method, "seed": seed, "load": load, "all": summary(out, span)}
-                    for p in sorted({p for p, _ in out}):
-                        row[f"priority_{p}"] = summary(out, span, (p, None))
-                    for tenant in sorted({t for _, t in out if t}):
-                        row[f"tenant_{tenant}"] = summary(out, span, (None, tenant))
-                    results.append(row)
-                    a = row["all"]
-                    print(
-                        f"seed {seed} load {load:.2f} {method:26} ok {a['ok']}/{a['requests']} shed {a['shed']} "
-                        f"TTFT p50 {a['ttft_p50_ms']:.0f} p99 {a['ttft_p99_ms']:.0f} ms queued p99 "
-                        f"{a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} "
-                        f"{a['throughput_tok_s']:.0f} tok/s {a['requests_per_s']:.1f} req/s"
-                        + "".join(
-                            f" | {k} p99 {v['ttft_p99_ms']:.0f} ms shed {v['shed']}"
-                            for k, v in row.items()
-                            if k.startswith(("priority_", "tenant_")) and len(row) > 4
-                        ),
-                        flush=True,
-                    )
-                    write(results, args, out_dir)
+                for variant, chosen in variants(args, items, seed):
+                    shift = len(results) % len(methods)
+                    for method in methods[shift:] + methods[:shift]:  # rotating order
+                        salt = len(results) + 1  # cold caches for every run
+                        salted_items = [
+                            TraceItem(s, t.floor, t.priority, t.tenant)
+                            for s, t in zip(salted([t.item for t in chosen], salt), chosen, strict=True)
+                        ]
+                        out, span = asyncio.run(
+                            run(cluster.dispatchers[method], salted_items, args.ranks, f"{method}-{seed}-{load}-{salt}")
+                        )
+                        row = {
+                            "method": method,
+                            "seed": seed,
+                            "load": load,
+                            "variant": variant,
+                            "all": summary(out, span),
+                        }
+                        for p in sorted({p for p, _ in out}):
+                            row[f"priority_{p}"] = summary(out, span, (p, None))
+                        for tenant in sorted({t for _, t in out if t}):
+                            row[f"tenant_{tenant}"] = summary(out, span, (None, tenant))
+                        results.append(row)
+                        print(run_line(row), flush=True)
+                        write(results, args, out_dir)
     finally:
         cluster.stop()
     print(report(results))
+    if args.flood_tenant > 0:
+        print(flood_report(results))
+    if 0 < args.high_share < 1:
+        print(overload_report(results))
+    return 0
+
+
+def combine(args: argparse.Namespace, out_dir: Path) -> int:
+    """Merge the runs of earlier invocations (same settings but seeds) into one report."""
+    results = []
+    for name in args.combine.split(","):
+        saved = json.loads((out_dir / f"{name}.json").read_text())
+        for key in ("flood_tenant", "high_share", "num_requests"):
+            setattr(args, key, saved["settings"][key])
+        results += saved["runs"]
+    args.combine = ""
+    args.seeds = ",".join(sorted({str(r["seed"]) for r in results}))
+    args.loads = ",".join(f"{x:g}" for x in sorted({r["load"] for r in results}))
+    args.methods = ",".join(dict.fromkeys(r["method"] for r in results))
+    write(results, args, out_dir)
+    print(report(results))
+    if args.flood_tenant > 0:
+        print(flood_report(results))
+    if 0 < args.high_share < 1:
+        print(overload_report(results))
     return 0
 
 
@@ -234,7 +289,7 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "trace")}  # no local paths
     (out_dir / f"{args.name}.json").write_text(json.dumps({"settings": settings, "runs": results}))
     runs = "\n".join(
-        f"| {r['method']} | {r['seed']} | {r['load']:g} | "
+        f"| {r['method']} | {r['seed']} | {r['load']:g}{' ' + r['variant'] if r.get('variant') else ''} | "
         + " | ".join(
             f"{k}: TTFT p99 {v['ttft_p99_ms']:.0f} ms, queued p99 {v['queued_p99_ms']:.0f} ms, "
             f"SLO {v['slo_attainment']:.1%}, shed {v['shed']}/{v['requests']}"
@@ -246,7 +301,9 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
     )
     (out_dir / f"{args.name}.md").write_text(
         f"# Trace replay\n\nSettings: {json.dumps(settings)}\n\n## Medians over seeds\n\n{report(results)}\n\n"
-        f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
+        + (f"## Tenant flood\n\n{flood_report(results)}\n\n" if args.flood_tenant > 0 else "")
+        + (f"## Overload, two priority classes\n\n{overload_report(results)}\n\n" if 0 < args.high_share < 1 else "")
+        + f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
     )
     plot(results, out_dir / f"{args.name}_queued_p99.png")
 
@@ -277,6 +334,82 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def flood_report(results: list[dict]) -> str:
+    """Per method, the steady tenant's TTFT p99 under the flood over its value when both tenants
+    send their share (same seed and load), median over seeds and spread; the goal is <= 1.2."""
+    lines = [
+        "| load | method | steady TTFT p99 flood / fair (spread) | steady p99 fair, flood ms | flood p99 ms | "
+        "shed (flood tenant) | runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for load in sorted({r["load"] for r in results if r.get("variant") == "flood"}):
+        for method in dict.fromkeys(r["method"] for r in results):
+            ratios, fair_ms, flood_ms, flood_p99, shed = [], [], [], [], []
+            for r in results:
+                if (r["load"], r["method"], r.get("variant")) != (load, method, "flood"):
+                    continue
+                fair = next(
+                    (
+                        b
+                        for b in results
+                        if (b["load"], b["method"], b["seed"], b.get("variant")) == (load, method, r["seed"], "fair")
+                    ),
+                    None,
+                )
+                if fair is None or "tenant_steady" not in r or "tenant_steady" not in fair:
+                    continue
+                a, b = r["tenant_steady"]["ttft_p99_ms"], fair["tenant_steady"]["ttft_p99_ms"]
+                ratios.append(a / b)
+                fair_ms.append(b)
+                flood_ms.append(a)
+                flood_p99.append(r["tenant_flood"]["ttft_p99_ms"])
+                shed.append(r["tenant_flood"]["shed"])
+            if ratios:
+                lines.append(
+                    f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                    f"{statistics.median(fair_ms):.0f}, {statistics.median(flood_ms):.0f} | "
+                    f"{statistics.median(flood_p99):.0f} | {statistics.median(shed):.0f} | {len(ratios)} |"
+                )
+    return "\n".join(lines)
+
+
+def overload_report(results: list[dict]) -> str:
+    """With two priority classes: per method, the high class's (priority 0) TTFT p99 at each load
+    over its value at the lowest load (same seed), medians over seeds; shed and failed counts per
+    class (medians). The goal at 1.5x capacity is <= 2, with the low class shed, not hanging."""
+    plain = [r for r in results if not r.get("variant") and "priority_1" in r and "priority_0" in r]
+    if not plain:
+        return ""
+    low = min(r["load"] for r in plain)
+    lines = [
+        f"| load | method | high TTFT p99 / at load {low:g} (per seed) | high TTFT p99 ms | low TTFT p99 ms | "
+        "shed high / low | shed without Retry-After | failed | requests (all answered) | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load in sorted({r["load"] for r in plain}):
+        for method in dict.fromkeys(r["method"] for r in plain):
+            rows = [r for r in plain if (r["load"], r["method"]) == (load, method)]
+            ratios = []
+            for r in rows:
+                base = next((b for b in plain if (b["load"], b["method"], b["seed"]) == (low, method, r["seed"])), None)
+                if base is not None:
+                    ratios.append(r["priority_0"]["ttft_p99_ms"] / base["priority_0"]["ttft_p99_ms"])
+            if not rows:
+                continue
+
+            def med(key: str, cls: str, rows=rows) -> float:
+                return statistics.median(r[cls][key] for r in rows)
+
+            lines.append(
+                f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                f"{med('ttft_p99_ms', 'priority_0'):.0f} | {med('ttft_p99_ms', 'priority_1'):.0f} | "
+                f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | "
+                f"{med('retry_after_missing', 'all'):.0f} | {med('failed', 'all'):.0f} | "
+                f"{med('requests', 'all'):.0f} | {len(rows)} |"
+            )
+    return "\n".join(lines)
+
+
 def report(results: list[dict]) -> str:
     """Medians over seeds of each method's ratios to round robin's (same seed and load)."""
     lines = [
@@ -288,7 +421,7 @@ def report(results: list[dict]) -> str:
         for method in dict.fromkeys(r["method"] for r in results):
             ratios: dict[str, list[float]] = {"q": [], "t": [], "x": [], "slo": [], "shed": []}
             for r in results:
-                if r["load"] != load or r["method"] != method:
+                if r["load"] != load or r["method"] != method or r.get("variant"):
                     continue
                 rr = next(
                     (b for b in results if (b["load"], b["seed"], b["method"]) == (load, r["seed"], "round_robin")),

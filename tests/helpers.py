@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import aiohttp
 import grpc
 
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
@@ -79,3 +80,21 @@ async def rest_of(call) -> list:
     while (message := await call.read()) is not grpc.aio.EOF:
         messages.append(message)
     return messages
+
+
+SHARED_SYSTEM_PROMPT = "You are a careful assistant who answers in one line. "
+
+
+async def shared_prefix_ranks(url: str, model: str, count: int, repeats: int = 20) -> list[int]:
+    """The rank that served each of `count` completions sent one after another through `url` (a
+    router or a gateway), all behind one long shared prefix (the system prompt `repeats` times)
+    and each with its own question: what a prefix-aware policy should keep on one rank."""
+    system = SHARED_SYSTEM_PROMPT * repeats
+    ranks = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for i in range(count):
+            body = {"model": model, "prompt": system + f"question {i}?", "max_tokens": 2, "ignore_eos": True}
+            async with session.post(f"{url}/v1/completions", json=body) as reply:
+                assert reply.status == 200, await reply.text()
+                ranks.append((await reply.json())["dp_rank"])
+    return ranks

@@ -92,7 +92,8 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     up, state, env = cluster
     generated = pdlb("generate", "hello there", "--max-new-tokens", "5", env=env)
     assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr
-    workers = pdlb("workers", env=env)
+    assert generated.stdout.endswith("\n")  # the completion ends its line; the summary is on stderr
+    workers = pdlb("workers", "--cluster", "local", env=env)  # connection flags after the subcommand too
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
     routed = pdlb("route", "hi", env=env)
     assert "method predicted_latency" in routed.stdout  # the default of mixed dispatchers
@@ -394,3 +395,14 @@ def test_up_restarts_a_lockstep_group_as_a_whole(tmp_path):
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+def test_connection_flags_are_taken_before_or_after_the_subcommand():
+    from pdlb.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--cluster", "a", "top"]).cluster == "a"
+    assert parser.parse_args(["top", "--cluster", "b"]).cluster == "b"
+    assert parser.parse_args(["--cluster", "a", "workers", "--dispatcher", "h:1"]).cluster == "a"  # kept
+    assert parser.parse_args(["rooms", "--bootstrap", "h:2", "7"]).bootstrap == "h:2"
+    assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply

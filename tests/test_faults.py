@@ -306,3 +306,51 @@ async def test_worker_rejoining_under_its_id_keeps_new_dispatches_counted(etcd, 
     # never reach a worker, so no report acknowledges them).
     assert routed == {0: 10, 1: 10}, routed
     assert in_flight == 10
+
+
+async def test_hung_worker_streams_resume_elsewhere_once_it_leaves_membership(etcd, prefix, start_service):
+    """A worker frozen mid-stream (SIGSTOP: its TCP connection stays open) leaves membership when its
+    lease expires; its silent streams are then cut by the dispatcher (--hung-stream-timeout) and the
+    gateway resumes them on the other rank with the uninterrupted tokens, long before gRPC
+    keep-alive or the deadline would end them."""
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    flags = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "2"]
+    start_service("dispatcher", *flags, "--load-balance-method", "round_robin", "--hung-stream-timeout", "2")
+    sim = [*SIM, "--sim-slowdown", "20"]  # slow enough that streams are still running when one rank freezes
+    workers = [start_service("scheduler", *flags, *sim, "--dp-rank", str(r), name=f"w{r}") for r in range(2)]
+    gateway = start_service("gateway", *flags)
+
+    async def run(stub, rid: str, started: asyncio.Event | None = None, ranks: list[int] | None = None):
+        req = common_pb2.InferenceRequest(
+            request_id=rid,
+            text="the same prompt every time",
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True),
+        )
+        tokens, retries = [], 0
+        ranks = [] if ranks is None else ranks  # the caller's list fills as chunks arrive
+        async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=req), timeout=120):
+            tokens += chunk.token_ids
+            ranks.append(chunk.decode_dp_rank)
+            retries = max(retries, chunk.retries)
+            if started is not None and len(tokens) >= 5:
+                started.set()
+        return tokens, ranks, retries
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        reference, _, _ = await run(stub, "reference")
+        started, seen = asyncio.Event(), []
+        task = asyncio.create_task(run(stub, "frozen", started, seen))
+        await asyncio.wait_for(started.wait(), 60)
+        frozen_rank = seen[-1]  # the rank streaming it
+        os.kill(workers[frozen_rank].pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            tokens, ranks, retries = await asyncio.wait_for(task, 60)
+            took_s = time.monotonic() - frozen_at
+        finally:
+            os.kill(workers[frozen_rank].pid, signal.SIGCONT)
+    assert tokens == reference  # resumed exactly, nothing lost or repeated
+    assert retries >= 1 and ranks[0] == frozen_rank and ranks[-1] == 1 - frozen_rank, (ranks, retries)
+    print(f"hung worker: stream resumed on rank {ranks[-1]} {took_s:.1f}s after the freeze")

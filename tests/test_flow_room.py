@@ -64,6 +64,22 @@ def test_predicted_wait_bound_replaces_the_slot_check():
     assert ranks(cluster(Role.PREFILL, [busy, idle], max_wait_ms=5000), 100) == [0, 1]
 
 
+def test_prompt_work_ahead_of_one_prefill_chunk_leaves_no_room():
+    # Both ranks have free batch slots; rank 0 still has 1,500 prompt tokens to prefill (chunk 1,024).
+    backlog = ReportedLoad(running_requests=2, max_running_requests=8, prefill_pending_tokens=1500)
+    light = ReportedLoad(running_requests=2, max_running_requests=8, prefill_pending_tokens=300)
+    for load in (backlog, light):
+        load.prefill_tokens_per_step = 1024
+    flow = cluster(Role.MIXED, [backlog, light])
+    assert ranks(flow, 100) == [1]
+    flow.router.decide(RouteContext("a", 800), among=flow.roomy(RouteContext("a", 800)))  # rank 1: 1,100 ahead
+    assert ranks(flow, 100) == []
+    assert ranks(cluster(Role.MIXED, [backlog, light], max_prefill_ahead_chunks=2), 100) == [0, 1]
+    assert ranks(cluster(Role.MIXED, [backlog, light], max_prefill_ahead_chunks=0), 100) == [0, 1]
+    # Decode ranks are admitted by KV and slots only: prompt work is the prefill rank's.
+    assert ranks(cluster(Role.DECODE, [backlog, light]), 100) == [0, 1]
+
+
 def test_no_live_worker_is_not_a_reason_to_wait():
     assert ranks(cluster(Role.MIXED, []), 10) is None
 

@@ -183,6 +183,11 @@ BAD = [
     (json.dumps({"model": MODEL, "prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
     (json.dumps({"model": MODEL, "prompt": "x", "echo": True}).encode(), 400, "echo"),
     (json.dumps({"model": MODEL, "prompt": "x", "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+    (
+        json.dumps({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}).encode(),
+        400,
+        "stream_options",
+    ),
     (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
     (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
@@ -206,6 +211,62 @@ async def test_bad_http_input_gets_openai_errors_and_the_gateway_stays_healthy(c
     assert code == 400 and reply["error"]["param"] == "messages"
     code, reply = await asyncio.to_thread(post, f"{base}/v1/nowhere", b"{}")
     assert code == 404 and "error" in reply
+
+
+async def test_openai_details_as_vllm_serves_them(etcd, prefix, start_service):
+    """What a trial user met, with vLLM's behaviour as the reference: GET /v1/models/{id}, chat
+    roles, a refused tool list named in a message that reads whole, stream_options without stream,
+    and a 503 with Retry-After once the only dispatcher is gone."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, name="disp-mixed")
+    start_service("scheduler", *common, *SIM, name="mixed-0")
+    http_port = free_port()
+    start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    await ready(base, 1)
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    try:
+        model = await client.models.retrieve(MODEL)
+        assert (model.id, model.object) == (MODEL, "model")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("no-such-model")
+        assert missing.value.body["code"] == "model_not_found" and "no-such-model" in missing.value.body["message"]
+
+        user = {"role": "user", "content": "hi"}
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "developer", "content": "be brief"}, user], max_tokens=2
+        )
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError) as role:
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "robot", "content": "x"}], max_tokens=2
+            )
+        assert role.value.body["param"] == "messages[0].role" and "'robot'" in role.value.body["message"]
+        assert "system, user, assistant, tool, developer" in role.value.body["message"]
+
+        tool = {"type": "function", "function": {"name": "get_weather", "description": "The weather " * 20}}
+        with pytest.raises(openai.BadRequestError) as tools:
+            await client.chat.completions.create(model=MODEL, messages=[user], tools=[tool], max_tokens=2)
+        message = tools.value.body["message"]
+        assert tools.value.body["param"] == "tools" and message.startswith("tools=[...1 item...] is not supported")
+        assert message.endswith("it serves only tools=[] (or leave it out)"), message
+
+        with pytest.raises(openai.BadRequestError) as options:
+            await client.chat.completions.create(
+                model=MODEL, messages=[user], max_tokens=2, stream_options={"include_usage": True}
+            )
+        assert options.value.body["param"] == "stream_options" and "stream is true" in options.value.body["message"]
+    finally:
+        await client.close()
+
+    dispatcher.kill()  # the mixed role's only dispatcher
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        await asyncio.to_thread(urllib.request.urlopen, request, timeout=60)
+    assert gone.value.code == 503, gone.value.read()
+    assert gone.value.headers["Retry-After"] == "5"
+    assert json.loads(gone.value.read())["error"]["type"] == "server_error"
 
 
 @pytest.mark.parametrize("cluster", ["pd"], indirect=True)

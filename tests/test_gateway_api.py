@@ -177,7 +177,7 @@ async def test_bodies_that_break_parsers_get_openai_errors_never_plain_text(etcd
             assert error["param"] == param, error
         async with http.post(f"{base}/v1/completions", json={"model": "nosuch", "prompt": "x"}) as reply:
             assert reply.status == 404 and (await reply.json())["error"]["code"] == "model_not_found"
-        async with http.post(f"{base}/generate", json={"text": "x"}) as reply:  # a path, not a model
+        async with http.post(f"{base}/nowhere", json={"text": "x"}) as reply:  # a path, not a model
             error = (await reply.json())["error"]
             assert reply.status == 404 and error["code"] == "not_found", error
         async with http.get(f"{base}/health") as reply:
@@ -410,7 +410,16 @@ async def test_health_says_which_role_cannot_serve(etcd, prefix, start_service):
 
 
 async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
-    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service, ranks=(0, 1, 2))
+    """The worker endpoints advertise the workers' own length limits (the smallest over the live
+    ranks): a request at those limits is served on every rank, one token past them is refused."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, name="disp")
+    limits = {0: ["--max-prompt-tokens", "1000"], 1: ["--max-position", "2048"], 2: []}  # default: 4096 each
+    for rank, flags in limits.items():
+        start_service("scheduler", *common, "--runner", "sim", "--dp-rank", str(rank), *flags, name=f"sim-{rank}")
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
     await ready_workers(dispatcher, 3)
     async with aiohttp.ClientSession() as http:
 
@@ -419,12 +428,27 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
                 assert reply.status == 200, path
                 return await reply.json()
 
+        async def complete(prompt_tokens: int, max_tokens: int, rank: int) -> tuple[int, dict]:
+            body = {"model": MODEL, "prompt": [7] * prompt_tokens, "max_tokens": max_tokens, "ignore_eos": True}
+            async with http.post(f"{base}/v1/completions", json={**body, "data_parallel_rank": rank}) as reply:
+                return reply.status, await reply.json()
+
         await wait_until(lambda: _dp_size(get), timeout=20, what="the gateway to see 3 ranks")
         info = await get("/server_info")
         assert info["dp_size"] == 3 and info["dp_size_per_role"] == {"mixed": 3}
-        assert info["served_model_name"] == MODEL and info["max_prompt_tokens"] == 32768
+        assert info["served_model_name"] == MODEL
+        # rank 0's prompt limit and rank 1's context, not the gateway's own 32k + 16k
+        assert (info["max_prompt_tokens"], info["context_length"], info["max_new_tokens"]) == (1000, 2048, 2047)
         assert (await get("/get_server_info")) == info
-        assert (await get("/model_info"))["served_model_name"] == MODEL
+        model_info = await get("/model_info")
+        assert model_info["served_model_name"] == MODEL and model_info["max_model_len"] == 2048
+        for rank in limits:  # at the advertised limits every rank serves
+            status, body = await complete(1000, 2048 - 1000, rank)
+            assert status == 200 and body["usage"]["completion_tokens"] == 1048, (rank, body)
+        status, body = await complete(1001, 1, 0)
+        assert status == 400 and "exceeds" in body["error"]["message"], body
+        status, body = await complete(1000, 2048 - 999, 1)
+        assert status == 400 and "context of 2048" in body["error"]["message"], body
         loads = await get("/get_load")
         assert [load["dp_rank"] for load in loads] == [0, 1, 2]
         assert all({"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load) for load in loads)
@@ -447,3 +471,77 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
 
 async def _dp_size(get) -> bool:
     return (await get("/server_info"))["dp_size"] == 3
+
+
+async def sglang_generate(http: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, list[dict]]:
+    """POST /generate; (status, the outputs: one, or every event of a stream before [DONE])."""
+    async with http.post(f"{url}/generate", json=body) as reply:
+        if not body.get("stream"):
+            return reply.status, [await reply.json()]
+        lines = [line for line in (await reply.text()).splitlines() if line.startswith("data: ")]
+        assert reply.status != 200 or lines[-1] == "data: [DONE]", lines[-3:]
+        return reply.status, [json.loads(line[6:]) for line in lines[:-1]]
+
+
+async def test_sglang_generate_in_sglangs_shape(etcd, prefix, start_service):
+    """SGLang's native /generate: text or input_ids, sampling_params, stream (whole output so far in
+    each event), rid, data_parallel_rank; meta_info with the token counts and finish reason."""
+    dispatcher, base, _ = toy_cluster(etcd, prefix, start_service)
+    await ready_workers(dispatcher, 2)
+    bytes_ = ByteTokenizer()
+    async with aiohttp.ClientSession() as http:
+        greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+        status, [out] = await sglang_generate(
+            http, base, {"text": "Once upon a time", "sampling_params": greedy, "rid": "story-1"}
+        )
+        assert status == 200, out
+        free, meta = out["output_ids"], out["meta_info"]
+        assert len(free) == 12 and out["text"] == bytes_.decode(free)
+        assert meta["id"] == "story-1" and meta["finish_reason"] == {"type": "length", "length": 12}
+        assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(bytes_.encode("Once upon a time")), 12)
+        assert meta["cached_tokens"] >= 0 and meta["e2e_latency"] > 0
+
+        # token ids in, streamed, pinned: each event holds the whole output so far
+        ids = bytes_.encode("Once upon a time")
+        for rank in (0, 1):
+            body = {"input_ids": ids, "sampling_params": greedy, "stream": True, "data_parallel_rank": rank}
+            status, events = await sglang_generate(http, base, body)
+            assert status == 200, events
+            assert events[-1]["output_ids"] == free and events[-1]["text"] == out["text"]  # same prompt, greedy
+            assert all(e["meta_info"]["dp_rank"] == rank for e in events)
+            assert [e["meta_info"]["finish_reason"] for e in events[:-1]] == [None] * (len(events) - 1)
+            lengths = [len(e["output_ids"]) for e in events]
+            # text grows with the ids (a character split over byte tokens waits for its last byte)
+            assert lengths == sorted(lengths) and all(out["text"].startswith(e["text"]) for e in events)
+
+        # a stop token and a stop string, with SGLang's finish reasons
+        cut = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+        stop_ids = {**greedy, "stop_token_ids": [free[cut]]}
+        status, [out] = await sglang_generate(http, base, {"text": "Once upon a time", "sampling_params": stop_ids})
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": free[cut]}, out
+        assert out["output_ids"] == free[: cut + 1] and out["text"] == bytes_.decode(free[:cut])
+        text = bytes_.decode(free)
+        at = next(i for i in range(1, len(text)) if text[i] not in text[:i] and text[i] != "\ufffd")
+        status, [out] = await sglang_generate(
+            http, base, {"text": "Once upon a time", "sampling_params": {**greedy, "stop": text[at]}}
+        )
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": text[at]}, out
+        assert out["text"] == text[:at], (out, text)
+
+        bad = [
+            ({"sampling_params": greedy}, "text"),
+            ({"text": "x", "input_ids": [1]}, "input_ids"),
+            ({"text": "x", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+            ({"text": "x", "sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
+            ({"text": "x", "sampling_params": {"n": 2}}, "sampling_params.n"),
+            ({"text": "x", "return_logprob": True}, "return_logprob"),
+            ({"text": "x", "image_data": "a.png"}, "image_data"),
+            ({"text": "x", "rid": "a b\n"}, "rid"),
+            ({"text": "x" * 40_000}, "text"),
+        ]
+        for body, param in bad:
+            status, [error] = await sglang_generate(http, base, body)
+            assert status == 400 and error["error"]["param"] == param, (body, error)
+            assert param.split(".")[-1] in error["error"]["message"] or param == "text", error
+        status, [error] = await sglang_generate(http, base, {"text": "x", "model": "gpt-4"})
+        assert status == 404 and error["error"]["code"] == "model_not_found", error

@@ -59,3 +59,23 @@ async def test_malformed_streams_fail_with_what_is_wrong(monkeypatch):
     huge.header.CopyFrom(header.header)
     huge.header.shape[:] = [1 << 20, 3, 1 << 10]  # a header claiming terabytes: refused before allocating
     await fails([huge], "bytes per token")
+
+
+async def test_a_connector_hand_off_is_one_header_with_the_params_and_nothing_else():
+    """Engines that move KV through their own connector (vLLM) send the header alone: the decode
+    side gets the prompt, first token, connector and kv_transfer_params back, no tensors; a chunk
+    after such a header, or params that are not a JSON object, fail naming what is wrong."""
+    params = {"do_remote_prefill": True, "remote_block_ids": [3, 4], "remote_host": "10.0.0.2"}
+    message = kv_transfer.encode_connector([5, 6, 7], 42, "ExampleConnector", params)
+    header, k, v = await decode_kv(_stream([message]))
+    assert (list(header.input_ids), header.first_token_id, header.kv_connector) == ([5, 6, 7], 42, "ExampleConnector")
+    assert k is None and v is None and kv_transfer.transfer_params(header) == params
+    none = kv_transfer.encode_connector([5], 1, "ExampleConnector", None)
+    assert kv_transfer.transfer_params(none.header) is None  # vLLM's ExampleConnector returns none
+    chunk = pb.PullKVResponse(chunk=pb.KVChunk(layer=0, data=b"x"))
+    with pytest.raises(TransferError, match="chunk after a ExampleConnector hand-off"):
+        await decode_kv(_stream([message, chunk]))
+    for bad, why in (("[1, 2]", "not a JSON object"), ("{nope", "not JSON")):
+        message.header.kv_transfer_params = bad
+        with pytest.raises(TransferError, match=why):
+            await decode_kv(_stream([message]))

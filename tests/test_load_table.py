@@ -44,6 +44,24 @@ def test_report_drops_only_acknowledged_dispatches():
     assert (entry.total_requests, entry.total_tokens) == (3, 300)
 
 
+def test_a_finished_request_frees_its_slot_before_the_next_report():
+    table = make_table(1)
+    entry = table.get("w0")
+    acked = table.record_dispatch("w0", 100)
+    table.apply_report("w0", ReportedLoad(running_requests=2, max_running_requests=2), acked)
+    assert entry.total_requests == 2 and entry.slot_excess == 1
+    table.record_finish("w0", acked)  # acknowledged: the report's running count is one too high
+    assert entry.total_requests == 1 and entry.slot_excess == 0
+    unacked = table.record_dispatch("w0", 100)
+    table.record_finish("w0", unacked)  # never reported: it simply is no longer in flight
+    assert entry.inflight_requests == 0 and entry.total_requests == 1
+    for _ in range(3):  # never below what the report counts as running
+        table.record_finish("w0", acked)
+    assert entry.total_requests == 0 and entry.finished_unreported == 2
+    table.apply_report("w0", ReportedLoad(running_requests=1, max_running_requests=2), unacked)
+    assert entry.total_requests == 1 and entry.finished_unreported == 0  # the new report counts afresh
+
+
 def test_stale_report_is_ignored():
     table = make_table(1)
     for _ in range(4):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
-from pdlb.engines.torch.batching import Engine, EngineLimits, Sequence
+from pdlb.engines.request import EngineLimits, Sequence
+from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import SeqChunk

@@ -186,6 +186,27 @@ async def test_router_assigns_both_ranks(pd):
     await client.close()
 
 
+async def test_bootstrap_lists_only_prefill_endpoints_that_are_members(pd):
+    """A prefill worker that dies for good (kill -9, never restarted) leaves the bootstrap's endpoint
+    list once its lease expires, as it leaves the dispatchers' tables."""
+    cluster = pd(decode_ranks=1)
+    await cluster.ready()
+    async with grpc.aio.insecure_channel(cluster.bootstrap.address) as channel:
+        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+
+        async def listed() -> list[int]:
+            reply = await stub.ListPrefillEndpoints(bootstrap_pb2.ListPrefillEndpointsRequest())
+            return [e.dp_rank for e in reply.endpoints]
+
+        assert await listed() == [0, 1]
+        cluster.prefills[1].kill()  # its key stays until the 3 s lease expires
+
+        async def only_rank_0() -> bool:
+            return await listed() == [0]
+
+        await wait_until(only_rank_0, timeout=20, what="the dead prefill rank to be unlisted")
+
+
 async def test_decode_arriving_before_prefill_waits_for_the_room(pd):
     cluster = pd(prefill_ranks=1, decode_ranks=1)
     await cluster.ready()

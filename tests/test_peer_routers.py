@@ -22,7 +22,7 @@ import pytest
 
 from bench import peer_routers
 from pdlb.common.etcd_process import free_port
-from tests.helpers import dispatch_stub, wait_for_workers
+from tests.helpers import dispatch_stub, shared_prefix_ranks, wait_for_workers
 
 pytestmark = [
     pytest.mark.skipif(
@@ -97,12 +97,5 @@ async def test_router_cache_aware_keeps_a_prefix_on_one_pdlb_rank(cluster, kind)
     router = peer_routers.Router(kind, "cache_aware", [urls["round_robin"]], dp_size=RANKS, log_dir=log_dir)
     routers.append(await asyncio.to_thread(router.start))
     await peer_routers.wait_serving(router.url, MODEL)
-    system = "You are a careful assistant who answers in one line. " * 20
-    ranks = []
-    async with aiohttp.ClientSession() as session:
-        for i in range(6):
-            body = {"model": MODEL, "prompt": system + f"question {i}?", "max_tokens": 2, "ignore_eos": True}
-            async with session.post(f"{router.url}/v1/completions", json=body) as reply:
-                assert reply.status == 200, await reply.text()
-                ranks.append((await reply.json())["dp_rank"])
+    ranks = await shared_prefix_ranks(router.url, MODEL, 6)
     assert len(set(ranks[1:])) == 1, f"{kind} cache_aware spread one prefix over ranks {ranks}"

@@ -7,7 +7,8 @@ import asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdlb.engines.torch.batching import Engine, EngineLimits
+from pdlb.engines.request import EngineLimits
+from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.prefix_cache import PrefixCache
 from pdlb.engines.torch.runners import CostModel, SimRunner
 from tests.test_scheduler_engine import CONFIG, collect, make_engine, prompt, seq

@@ -18,7 +18,7 @@ import pytest
 
 from bench import peer_routers
 from pdlb.common.etcd_process import free_port
-from tests.helpers import dispatch_stub, wait_for_workers
+from tests.helpers import dispatch_stub, shared_prefix_ranks, wait_for_workers
 
 MODEL = "tiny-random"
 RANKS = 2
@@ -127,15 +127,48 @@ async def test_vllm_router_cache_aware_matches_on_the_gateways_token_ids(gateway
         await peer_routers.wait_serving(router.url, MODEL)
         before = renders(base)
         await pass_through(router.url)  # chat, streamed chat, completions
-        system = "You are a careful assistant who answers in one line. " * 8
-        ranks = []
-        async with aiohttp.ClientSession() as http:
-            for i in range(4):
-                body = {"model": MODEL, "prompt": system + f"question {i}?", "max_tokens": 2, "ignore_eos": True}
-                async with http.post(f"{router.url}/v1/completions", json=body) as reply:
-                    assert reply.status == 200, await reply.text()
-                    ranks.append((await reply.json())["dp_rank"])
+        ranks = await shared_prefix_ranks(router.url, MODEL, 4, repeats=8)
         assert renders(base) - before == 3 + 4
         assert len(set(ranks[1:])) == 1, f"cache_aware spread one prefix over ranks {ranks}"
+    finally:
+        router.stop()
+
+
+async def test_smg_forwards_sglang_generate_to_the_ranks_it_picks(gateway, tmp_path):
+    """SGLang's native /generate through `smg --dp-aware`: smg adds its rank pick to the body and
+    the gateway serves it there, in SGLang's response shape, streamed or not."""
+    dispatcher, base, metrics = gateway
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, RANKS)
+    router = peer_routers.Router("smg", "round_robin", [base], dp_size=RANKS, log_dir=tmp_path)
+    await asyncio.to_thread(router.start)
+    try:
+        await peer_routers.wait_serving(router.url, MODEL)
+        before = external_dispatches(metrics)
+        served = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            for i in range(4):
+                body = {
+                    "text": f"Once upon a time {i}",
+                    "sampling_params": {"max_new_tokens": 5, "ignore_eos": True, "temperature": 0},
+                    "stream": i % 2 == 1,
+                }
+                async with http.post(f"{router.url}/generate", json=body) as reply:
+                    assert reply.status == 200, await reply.text()
+                    if body["stream"]:
+                        events = [line for line in (await reply.text()).splitlines() if line.startswith("data: ")]
+                        assert events[-1] == "data: [DONE]", events[-3:]
+                        out = json.loads(events[-2][6:])
+                    else:
+                        out = await reply.json()
+                assert len(out["output_ids"]) == 5 and out["text"], out
+                meta = out["meta_info"]
+                assert meta["finish_reason"] == {"type": "length", "length": 5} and meta["completion_tokens"] == 5
+                served.append(meta["dp_rank"])
+        after = external_dispatches(metrics)
+        added = {rank: after.get(rank, 0) - before.get(rank, 0) for rank in range(RANKS)}
+        assert added == {0: 2, 1: 2}, (served, before, after)  # every request pinned by smg, in turn
+        assert sorted(served) == [0, 0, 1, 1]
     finally:
         router.stop()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pdlb.common.etcd_process import free_port
+from pdlb.engines.request import SamplingConfig
 from pdlb.engines.torch.batching import token_generator
-from pdlb.engines.torch.sampler import SamplingConfig, sample_row
+from pdlb.engines.torch.sampler import sample_row
 from tests.helpers import dispatch_stub, wait_for_workers
 
 LOGITS = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])

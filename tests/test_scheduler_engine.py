@@ -8,7 +8,8 @@ import grpc
 import pytest
 import torch
 
-from pdlb.engines.torch.batching import AdmissionError, Engine, EngineLimits, Sequence
+from pdlb.engines.request import AdmissionError, EngineLimits, Sequence
+from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.engines.torch.runners import SimRunner, TorchRunner
 from pdlb.v1 import common_pb2

@@ -10,6 +10,7 @@ module is skipped, saying so. Select with `-m vllm`.
 from __future__ import annotations
 
 import asyncio
+import signal
 import urllib.request
 
 import grpc
@@ -294,6 +295,122 @@ async def test_sampling_parameters_reach_vllm_and_logprobs_are_refused(servers, 
             await tokens("logprobs", temperature=0.0, logprobs=2)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "logprobs" in refused.value.details()
+
+
+# Long enough that vLLM's ExampleConnector stores whole 128-token blocks of its KV (it stores the
+# full blocks of all but the last prompt token; a prompt of at most 129 tokens stores none).
+PD_TEXT = " ".join(
+    f"Item {i}: the {colour} box on shelf {i % 7} holds {i * 3} bolts and {i + 11} washers."
+    for i, colour in enumerate(["red", "green", "blue", "white", "black", "grey"] * 3)
+)
+
+
+def source_tokens(url: str, engine: str, source: str) -> float:
+    """vLLM's count of prompt tokens of one engine by where their KV came from (local_compute,
+    local_cache_hit, external_kv_transfer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vllm:prompt_tokens_by_source"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("engine") == engine
+        and sample.labels.get("source") == source
+    )
+
+
+async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(servers, tmp_path):
+    """`pdlb up --engine vllm` as a user runs it, twice.
+
+    Mixed, attached to server A (`--vllm-url`, ranks 0 and 1, round robin): chat and completions
+    through the gateway with the `openai` client; requests alternate between A's two engines (vLLM's
+    own per-engine counters); SIGTERM stops the cluster, and A, which pdlb up did not start, keeps
+    running. PD (`--mode pd --prefill 1 --decode 1`): pdlb up starts a prefill and a decode vLLM
+    server on one ExampleConnector storage directory; the greedy completion equals the mixed one,
+    the decode server loaded the prompt's KV through the connector (its prompt tokens by source:
+    external_kv_transfer), not computing it; chunks name the prefill rank; SIGTERM stops every
+    process, the vLLM servers included, and removes the storage directory."""
+    import openai
+
+    from tests.test_cli import alive, start_up
+
+    a = servers["a"]
+    mixed_dir, pd_dir = tmp_path / "mixed", tmp_path / "pd"
+    up, state, _ = start_up(
+        mixed_dir, "--mode", "mixed", "--engine", "vllm", "--vllm-url", a.url, "--vllm-server-ranks", "2",
+        "--method", "round_robin",
+    )  # fmt: skip
+    try:
+        api = openai.AsyncOpenAI(base_url=f"{state['http']}/v1", api_key="unused", max_retries=0)
+        before = [finished(a.url, engine, "length") for engine in ("0", "1")]
+        for _ in range(4):
+            short = await api.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=3, temperature=0)
+            assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+        async def both_engines_served_two() -> bool:
+            return [finished(a.url, e, "length") - b for e, b in zip(("0", "1"), before, strict=True)] == [2, 2]
+
+        await wait_until(both_engines_served_two, 30, "round robin over A's two engines")
+        chat = await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+        )
+        assert "Paris" in chat.choices[0].message.content
+        reference = await api.completions.create(model=MODEL, prompt=PD_TEXT, max_tokens=16, temperature=0)
+        assert reference.usage.prompt_tokens > 257, "the prompt must cover two connector blocks"
+        await api.close()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest = up.stdout.read()
+        assert up.wait(timeout=120) == 0, rest
+    assert "etcd keys left behind: none" in rest
+    assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
+    assert a.alive(), "pdlb up stopped a vLLM server it did not start"
+
+    up, state, _ = start_up(
+        pd_dir, "--mode", "pd", "--engine", "vllm", "--prefill", "1", "--decode", "1",
+        "--vllm-port", "0", "--vllm-dtype", "float32", "--vllm-eager",
+    )  # fmt: skip
+    storage = pd_dir / "state" / "vllm-kv" / "local"
+    try:
+        (prefill_url,), (decode_url,) = state["vllm"]["prefill"], state["vllm"]["decode"]
+        assert len(state["pids"]) > len(state["children"]) + 1  # the vLLM servers are pdlb up's too
+        loaded_before = source_tokens(decode_url, "0", "external_kv_transfer")
+        api = openai.AsyncOpenAI(base_url=f"{state['http']}/v1", api_key="unused", max_retries=0)
+        pd = await api.completions.create(model=MODEL, prompt=PD_TEXT, max_tokens=16, temperature=0)
+        assert pd.choices[0].text == reference.choices[0].text
+        assert pd.usage.completion_tokens == 16
+
+        async def decode_loaded() -> bool:
+            return source_tokens(decode_url, "0", "external_kv_transfer") - loaded_before >= 256
+
+        await wait_until(decode_loaded, 30, "the decode server to count the KV it loaded from the connector")
+        computed = source_tokens(decode_url, "0", "local_compute")
+        assert computed < pd.usage.prompt_tokens - 200, "the decode server computed the prompt itself"
+        assert source_tokens(prefill_url, "0", "local_compute") >= pd.usage.prompt_tokens
+        assert any(storage.iterdir()), "the prefill server stored no KV in the cluster's directory"
+
+        async with grpc.aio.insecure_channel(state["gateway"]) as channel:  # the gRPC API names both ranks
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            request = common_pb2.InferenceRequest(
+                request_id="pd-grpc",
+                input_ids=prompt(400, 300),
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True),
+            )
+            chunks = [c async for c in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=300)]
+            assert sum(len(c.token_ids) for c in chunks) == 8
+            assert {c.prefill_dp_rank for c in chunks if c.token_ids} == {0}
+        await api.close()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest = up.stdout.read()
+        assert up.wait(timeout=120) == 0, rest
+    assert "etcd keys left behind: none" in rest
+    assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes (vLLM servers included)"
+    assert not storage.exists(), "the connector's storage directory was left behind"
 
 
 def test_a_worker_refuses_a_vllm_server_with_another_tokenizer(servers, etcd, prefix, tmp_path):

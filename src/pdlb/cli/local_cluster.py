@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -100,19 +101,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=["pdlb", "vllm"],
         default="pdlb",
-        help="what runs requests: pdlb's own engine, or vLLM servers (mixed mode; one worker per vLLM DP rank)",
+        help="what runs requests: pdlb's own engine, or vLLM servers (one worker per vLLM DP rank; PD through "
+        "vLLM's KV connector)",
     )
     parser.add_argument(
         "--vllm-url",
         default="",
         help="vllm: attach to these running servers (URL[,URL...]) instead of starting one; each holds "
-        "--vllm-server-ranks DP ranks",
+        "--vllm-server-ranks DP ranks (PD: the prefill servers)",
+    )
+    parser.add_argument(
+        "--vllm-decode-url",
+        default="",
+        help="vllm, PD: the decode servers to attach to (URL[,URL...]), on the same KV connector as --vllm-url's",
+    )
+    parser.add_argument(
+        "--vllm-kv-connector",
+        default="ExampleConnector",
+        help="vllm, PD: the KV connector of the vLLM servers (pdlb up starts its own with vLLM's shared-storage "
+        "ExampleConnector, on one directory per cluster; attached servers must already run it)",
     )
     parser.add_argument(
         "--vllm-server-ranks",
         type=int,
         default=0,
-        help="vllm: DP ranks per server (default: --workers when pdlb starts the server, else 1)",
+        help="vllm: DP ranks per server (default: the role's ranks (--workers, --prefill, --decode) when pdlb "
+        "starts the servers, else 1)",
     )
     parser.add_argument("--vllm-port", type=port, default=8100, help="vllm: port of the server pdlb starts (0: free)")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vllm: --dtype of the server pdlb starts")
@@ -208,6 +222,7 @@ class LocalCluster:
     etcd: EtcdProcess | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     vllm_servers: list = field(default_factory=list)  # VLLMServer children, stopped after the schedulers
+    kv_storage: Path | None = None  # PD on vLLM servers pdlb started: their connector's shared directory
     prefix: str = "/pdlb"
     log_dir: str = ""
     info: dict = field(default_factory=dict)
@@ -256,10 +271,6 @@ class LocalCluster:
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"pdlb-{args.name}-")
         self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}); logs in {self.log_dir}")
         if args.engine == "vllm":
-            if args.mode != "mixed":
-                raise SystemExit(
-                    "pdlb up --engine vllm runs mixed workers (--mode mixed): vLLM's PD needs its own KV connectors"
-                )
             self._vllm_targets()
         self.etcd = EtcdProcess(client_port=args.etcd_port)
         self.etcd.start()
@@ -316,7 +327,10 @@ class LocalCluster:
         info = self.info
         info["workers"] = {s.name: s.address for s in self.services if s.name.startswith("scheduler")}
         etcd_pid = [self.etcd.proc.pid] if self.etcd and self.etcd.proc else []
-        info["pids"] = [s.pid for s in self.services if s.proc is not None] + etcd_pid
+        vllm_pids = [s.proc.pid for s in self.vllm_servers if s.proc is not None]
+        info["pids"] = [s.pid for s in self.services if s.proc is not None] + etcd_pid + vllm_pids
+        if getattr(self.args, "engine", "pdlb") == "vllm":
+            info["vllm"] = self.args.vllm_urls  # per role ("null": mixed): the servers the workers use
         info["children"] = {s.name: s.pid for s in self.services if s.proc is not None}
         state.save(self.args.name, info)
 
@@ -375,7 +389,7 @@ class LocalCluster:
                     str(rank),
                     "--runner",
                     self.args.runner,
-                    *self._vllm_flags(rank),
+                    *self._vllm_flags(mode, rank),
                     *TINY_MODEL,
                     *group,
                     *self.args.scheduler_arg,
@@ -411,46 +425,81 @@ class LocalCluster:
             pending[0].announced(0.2)  # wakes as soon as the first one is up (or gone)
 
     def _vllm_targets(self) -> None:
-        """The vLLM servers the workers use: those at --vllm-url, else one started here with
-        --data-parallel-size --workers (waits until it is healthy: minutes on a CPU)."""
+        """The vLLM servers the workers use, per role: those at --vllm-url (PD: and
+        --vllm-decode-url), else started here, one per --vllm-server-ranks ranks of a role (waits
+        until they are healthy: minutes on a CPU). PD servers pdlb starts share the cluster's KV
+        storage directory through vLLM's ExampleConnector."""
         from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, missing_reason
 
         args = self.args
         args.vllm_wait = 900.0
+        roles = {"null": args.workers} if args.mode == "mixed" else {"prefill": args.prefill, "decode": args.decode}
+        args.vllm_urls = {}
         if args.vllm_url:
-            args.vllm_urls = [u.strip() for u in args.vllm_url.split(",") if u.strip()]
+            if args.mode == "pd" and not args.vllm_decode_url:
+                raise SystemExit("pdlb up --mode pd --engine vllm --vllm-url needs --vllm-decode-url too")
             args.vllm_server_ranks = args.vllm_server_ranks or 1
-            args.workers = len(args.vllm_urls) * args.vllm_server_ranks
+            given = {"null": args.vllm_url, "prefill": args.vllm_url, "decode": args.vllm_decode_url}
+            for mode in roles:
+                args.vllm_urls[mode] = [u.strip() for u in given[mode].split(",") if u.strip()]
+            args.workers = len(args.vllm_urls.get("null", [])) * args.vllm_server_ranks
+            args.prefill = len(args.vllm_urls.get("prefill", [])) * args.vllm_server_ranks
+            args.decode = len(args.vllm_urls.get("decode", [])) * args.vllm_server_ranks
             return
         venv = find_venv()
         if venv is None:
             raise SystemExit(f"pdlb up --engine vllm: {missing_reason()}")
-        args.vllm_server_ranks = args.vllm_server_ranks or args.workers
-        if args.workers % args.vllm_server_ranks:
-            raise SystemExit("--workers must be a multiple of --vllm-server-ranks")
+        per_server = args.vllm_server_ranks
+        if any(count % (per_server or count) for count in roles.values()):
+            raise SystemExit("--workers, --prefill and --decode must be multiples of --vllm-server-ranks")
+        extra: list[str] = []
+        if args.mode == "pd":
+            if args.vllm_kv_connector != "ExampleConnector":
+                raise SystemExit("pdlb up starts vLLM servers on ExampleConnector only; attach others with --vllm-url")
+            storage = state.kv_storage_of(args.name)
+            shutil.rmtree(storage, ignore_errors=True)  # a cluster of this name that was killed left it
+            storage.mkdir(parents=True)
+            self.kv_storage = storage
+            config = {
+                "kv_connector": "ExampleConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"shared_storage_path": str(storage)},
+            }
+            extra = ["--kv-transfer-config", json.dumps(config)]
         vllm_port = args.vllm_port or free_port()
-        for index in range(args.workers // args.vllm_server_ranks):
-            spec = VLLMServerSpec(
-                port=vllm_port + index,
-                venv=venv,
-                dp_size=args.vllm_server_ranks,
-                dtype=args.vllm_dtype,
-                enforce_eager=args.vllm_eager,
-            )
-            server = VLLMServer(spec, f"{self.log_dir}/vllm-{index}.log").spawn()
-            self.vllm_servers.append(server)
+        by_role: dict[str, list] = {}
+        for mode, count in roles.items():
+            size = per_server or count
+            for _ in range(count // size):
+                index = len(self.vllm_servers)
+                spec = VLLMServerSpec(
+                    port=vllm_port + index if args.vllm_port else free_port(),
+                    venv=venv,
+                    dp_size=size,
+                    dtype=args.vllm_dtype,
+                    enforce_eager=args.vllm_eager,
+                    extra_args=extra,
+                )
+                server = VLLMServer(spec, f"{self.log_dir}/vllm-{index}.log").spawn()
+                self.vllm_servers.append(server)
+                by_role.setdefault(mode, []).append(server)
+            args.vllm_server_ranks_of = {**getattr(args, "vllm_server_ranks_of", {}), mode: size}
         self.say(f"  [{self._elapsed()}] starting {len(self.vllm_servers)} vLLM server(s) (minutes on a CPU)")
         for server in self.vllm_servers:
             server.wait_ready()
             self.say(f"  [{self._elapsed()}] vLLM at {server.url} ready after {server.ready_s:.0f} s")
-        args.vllm_urls = [server.url for server in self.vllm_servers]
+        args.vllm_urls = {mode: [server.url for server in servers] for mode, servers in by_role.items()}
 
-    def _vllm_flags(self, rank: int) -> list[str]:
+    def _vllm_flags(self, mode: str, rank: int) -> list[str]:
         args = self.args
         if args.engine != "vllm":
             return []
-        url = args.vllm_urls[rank // args.vllm_server_ranks]
-        return ["--engine", "vllm", "--vllm-url", url, "--vllm-server-ranks", str(args.vllm_server_ranks)]
+        per_server = getattr(args, "vllm_server_ranks_of", {}).get(mode) or args.vllm_server_ranks
+        url = args.vllm_urls[mode][rank // per_server]
+        flags = ["--engine", "vllm", "--vllm-url", url, "--vllm-server-ranks", str(per_server)]
+        if mode != "null":
+            flags += ["--vllm-kv-connector", args.vllm_kv_connector]
+        return flags
 
     def _await_gateway(self, http: str, timeout: float = 30) -> None:
         """Until the gateway has found the dispatchers (its /health says ok)."""
@@ -503,6 +552,8 @@ class LocalCluster:
             service.terminate()
         for server in self.vllm_servers:
             server.stop()
+        if self.kv_storage is not None:
+            shutil.rmtree(self.kv_storage, ignore_errors=True)  # every prompt's KV of this cluster's PD
         leftover = self._leftover_keys()
         if self.etcd:
             self.etcd.close()

@@ -18,6 +18,60 @@ from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdlb", description="pdlb: DP rank dispatch for PD-disaggregated LLM serving")
+    add_connection_flags(parser)
+    # the same flags after the subcommand too (`pdlb top --cluster b`): SUPPRESS keeps a subparser
+    # from overwriting what was given before the subcommand with its default
+    connection = argparse.ArgumentParser(add_help=False)
+    add_connection_flags(connection)
+    for action in connection._actions:
+        action.default = argparse.SUPPRESS
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[connection], **kwargs)
+
+    from pdlb.cli import bench_client, local_cluster
+
+    local_cluster.add_arguments(sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)"))
+    gen = command("generate", help="stream the completion of a prompt")
+    gen.add_argument("text")
+    gen.add_argument(
+        "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
+    )
+    gen.add_argument("--system", default="", help="with --chat: a system message first")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
+    route = command("route", help="ask which rank would serve a prompt (counts as a dispatch)")
+    route.add_argument("text")
+    route.add_argument("--room", type=int, default=None, help="bootstrap room")
+    command("workers", help="list the workers of each dispatcher")
+    rooms = command("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")
+    rooms.add_argument("room", nargs="*", type=int)
+    top = command("top", help="live load dashboard")
+    top.add_argument("--interval-ms", type=int, default=250)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    bench_client.add_arguments(command("bench-client", help="load generator with a latency summary"))
+    export = command(
+        "export-tokenizer",
+        help="write a model's tokenizer as a Hugging Face directory (tokenizer.json + tokenizer_config.json) "
+        "for tools that load one by path, such as aiperf",
+    )
+    export.add_argument("directory", help="where to write the files (created if missing)")
+    export.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged model id, .gguf file or HF directory"
+    )
+    health = command(
+        "health", help="exit 0 when the gRPC service at ADDRESS reports SERVING (container health checks, probes)"
+    )
+    health.add_argument("address", help="host:port of any pdlb service")
+    health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    return parser
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags saying which cluster or services a command talks to (accepted before or after it)."""
     parser.add_argument(
         "--cluster",
         default=os.environ.get("PDLB_CLUSTER", ""),
@@ -31,46 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", default="", help="PEM CA that signed the services' certificates")
     parser.add_argument("--tls-server-name", default="", help="name expected in server certificates")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    from pdlb.cli import bench_client, local_cluster
-
-    local_cluster.add_arguments(sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)"))
-    gen = sub.add_parser("generate", help="stream the completion of a prompt")
-    gen.add_argument("text")
-    gen.add_argument(
-        "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
-    )
-    gen.add_argument("--system", default="", help="with --chat: a system message first")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
-    route = sub.add_parser("route", help="ask which rank would serve a prompt (counts as a dispatch)")
-    route.add_argument("text")
-    route.add_argument("--room", type=int, default=None, help="bootstrap room")
-    sub.add_parser("workers", help="list the workers of each dispatcher")
-    rooms = sub.add_parser("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")
-    rooms.add_argument("room", nargs="*", type=int)
-    top = sub.add_parser("top", help="live load dashboard")
-    top.add_argument("--interval-ms", type=int, default=250)
-    top.add_argument("--once", action="store_true", help="print one frame and exit")
-    bench_client.add_arguments(sub.add_parser("bench-client", help="load generator with a latency summary"))
-    export = sub.add_parser(
-        "export-tokenizer",
-        help="write a model's tokenizer as a Hugging Face directory (tokenizer.json + tokenizer_config.json) "
-        "for tools that load one by path, such as aiperf",
-    )
-    export.add_argument("directory", help="where to write the files (created if missing)")
-    export.add_argument(
-        "--model", default="smollm2-135m-instruct", help="packaged model id, .gguf file or HF directory"
-    )
-    health = sub.add_parser(
-        "health", help="exit 0 when the gRPC service at ADDRESS reports SERVING (container health checks, probes)"
-    )
-    health.add_argument("address", help="host:port of any pdlb service")
-    health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
-    return parser
 
 
 def dispatchers(args: argparse.Namespace) -> dict[str, str]:
@@ -119,7 +133,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
         await client.close()
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
     usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
-    print(f"\n[rank {last.dp_rank if last else '-'}, {reason}, {usage}]", file=sys.stderr)
+    print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
+    print(f"[rank {last.dp_rank if last else '-'}, {reason}, {usage}]", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def kv_storage_of(name: str) -> Path:
+    """Where the vLLM servers of cluster `name` share PD's KV (vLLM's ExampleConnector stores each
+    prompt's KV there); `pdlb up` removes it when the cluster stops."""
+    return state_dir().parent / "vllm-kv" / check_name(name)
+
+
 def path_of(name: str) -> Path:
     return state_dir() / f"{check_name(name)}.json"
 

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import torch
 
     from pdlb.engines.kv_events import KVEventLog
-    from pdlb.engines.torch.batching import EngineLimits, HeldKV, Sequence
+    from pdlb.engines.request import ConnectorKV, EngineLimits, Sequence
+    from pdlb.engines.torch.batching import HeldKV
     from pdlb.v1 import common_pb2
 
 
@@ -54,13 +55,16 @@ class Engine(Protocol):
 
 
 class KVHandoffEngine(Engine, Protocol):
-    """An engine that also runs PD roles through pdlb's own KV hand-off (prefill holds KV per
-    bootstrap room until the decode side pulls it)."""
+    """An engine that also runs PD roles through pdlb's KV hand-off: the prefill side holds, per
+    bootstrap room, the prompt's KV (`HeldKV`, pdlb's engine: sent as tensors) or, where the
+    engines move KV through their own connector (vLLM), what the decode request needs to load it
+    (`ConnectorKV`), until the decode side pulls it."""
 
+    kv_connector: str  # "": KV travels as tensors in pdlb's PullKV stream; else the engines' connector
     kv_receive_s: float  # decode side: seconds from a pull's first message to reassembled KV, summed
     kv_received_tokens: int  # decode side: prompt tokens of KV pulled
 
-    async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
+    async def wait_held(self, room: int, timeout: float) -> HeldKV | ConnectorKV | None:
         """Prefill side: the KV held for `room`, waiting up to `timeout` s for its prefill; None when
         the wait ran out. Raises AdmissionError (NOT_FOUND) at once when the room's KV was held here
         and is gone (pulled by another request, or expired)."""
@@ -68,5 +72,5 @@ class KVHandoffEngine(Engine, Protocol):
     async def read_held(self, held: HeldKV) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of held KV, each [num_layers, tokens, num_heads, head_dim] on the CPU."""
 
-    def free_held(self, held: HeldKV) -> None:
+    def free_held(self, held: HeldKV | ConnectorKV) -> None:
         """Release held KV (after transfer, or when the decode side went away)."""

@@ -87,7 +87,7 @@ class BootstrapServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPrefillEndpoints(self, request, context):
-        """List the registered prefill KV hand-off endpoints.
+        """List the registered prefill KV hand-off endpoints (with etcd, only those of current prefill members).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

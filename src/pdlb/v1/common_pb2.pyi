@@ -129,7 +129,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "running_tokens", "waiting_tokens", "kv_tokens_used", "kv_tokens_capacity", "cache_hit_tokens", "prompt_tokens_total", "max_running_requests", "kv_tokens_evictable", "prefill_tokens_per_s", "step_ms", "mean_output_tokens", "prefill_pending_tokens", "step_base_ms", "prefill_tokens_per_step")
+    __slots__ = ("running_requests", "waiting_requests", "running_tokens", "waiting_tokens", "kv_tokens_used", "kv_tokens_capacity", "cache_hit_tokens", "prompt_tokens_total", "max_running_requests", "kv_tokens_evictable", "prefill_tokens_per_s", "step_ms", "mean_output_tokens", "prefill_pending_tokens", "step_base_ms", "prefill_tokens_per_step", "max_prompt_tokens", "max_context_tokens")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class WorkerLoad(_message.Message):
     PREFILL_PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEP_BASE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     running_tokens: int
@@ -162,7 +164,9 @@ class WorkerLoad(_message.Message):
     prefill_pending_tokens: int
     step_base_ms: float
     prefill_tokens_per_step: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_tokens_evictable: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., step_ms: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., prefill_pending_tokens: _Optional[int] = ..., step_base_ms: _Optional[float] = ..., prefill_tokens_per_step: _Optional[int] = ...) -> None: ...
+    max_prompt_tokens: int
+    max_context_tokens: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., kv_tokens_evictable: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., step_ms: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., prefill_pending_tokens: _Optional[int] = ..., step_base_ms: _Optional[float] = ..., prefill_tokens_per_step: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "dp_rank", "address", "model")

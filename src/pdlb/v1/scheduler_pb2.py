@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdlb.v1 import common_pb2 as pdlb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdlb/v1/scheduler.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"\xae\x01\n\x18SchedulerGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\x12\x14\n\x0c\x64ispatch_seq\x18\x02 \x01(\x04\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x14\n\x07\x64p_wave\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_dp_wave\"\xc7\x01\n\x19SchedulerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.pdlb.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x10\n\x0eGetLoadRequest\"Y\n\x0fGetLoadResponse\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\";\n\rPullKVRequest\x12\x16\n\x0e\x62ootstrap_room\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x91\x01\n\x08KVHeader\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12#\n\x05\x64type\x18\x05 \x01(\x0e\x32\x14.pdlb.v1.TensorDType\x12\x12\n\nnum_chunks\x18\x06 \x01(\r\"H\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"c\n\x0ePullKVResponse\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.pdlb.v1.KVHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.pdlb.v1.KVChunkH\x00\x42\t\n\x07payload*~\n\x0bTensorDType\x12\x1d\n\x19TENSOR_D_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15TENSOR_D_TYPE_FLOAT32\x10\x01\x12\x19\n\x15TENSOR_D_TYPE_FLOAT16\x10\x02\x12\x1a\n\x16TENSOR_D_TYPE_BFLOAT16\x10\x03\x32\x93\x02\n\tScheduler\x12S\n\x08Generate\x12!.pdlb.v1.SchedulerGenerateRequest\x1a\".pdlb.v1.SchedulerGenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.pdlb.v1.AbortRequest\x1a\x16.pdlb.v1.AbortResponse\x12<\n\x07GetLoad\x12\x17.pdlb.v1.GetLoadRequest\x1a\x18.pdlb.v1.GetLoadResponse\x12;\n\x06PullKV\x12\x16.pdlb.v1.PullKVRequest\x1a\x17.pdlb.v1.PullKVResponse0\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdlb/v1/scheduler.proto\x12\x07pdlb.v1\x1a\x14pdlb/v1/common.proto\"\xae\x01\n\x18SchedulerGenerateRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.pdlb.v1.InferenceRequest\x12\x14\n\x0c\x64ispatch_seq\x18\x02 \x01(\x04\x12\x15\n\rdispatcher_id\x18\x03 \x01(\t\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\x14\n\x07\x64p_wave\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_dp_wave\"\xc7\x01\n\x19SchedulerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.pdlb.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.pdlb.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x10\n\x0eGetLoadRequest\"Y\n\x0fGetLoadResponse\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.pdlb.v1.WorkerInfo\x12!\n\x04load\x18\x02 \x01(\x0b\x32\x13.pdlb.v1.WorkerLoad\";\n\rPullKVRequest\x12\x16\n\x0e\x62ootstrap_room\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xc3\x01\n\x08KVHeader\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12#\n\x05\x64type\x18\x05 \x01(\x0e\x32\x14.pdlb.v1.TensorDType\x12\x12\n\nnum_chunks\x18\x06 \x01(\r\x12\x14\n\x0ckv_connector\x18\x07 \x01(\t\x12\x1a\n\x12kv_transfer_params\x18\x08 \x01(\t\"H\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"c\n\x0ePullKVResponse\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.pdlb.v1.KVHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.pdlb.v1.KVChunkH\x00\x42\t\n\x07payload*~\n\x0bTensorDType\x12\x1d\n\x19TENSOR_D_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15TENSOR_D_TYPE_FLOAT32\x10\x01\x12\x19\n\x15TENSOR_D_TYPE_FLOAT16\x10\x02\x12\x1a\n\x16TENSOR_D_TYPE_BFLOAT16\x10\x03\x32\x93\x02\n\tScheduler\x12S\n\x08Generate\x12!.pdlb.v1.SchedulerGenerateRequest\x1a\".pdlb.v1.SchedulerGenerateResponse0\x01\x12\x36\n\x05\x41\x62ort\x12\x15.pdlb.v1.AbortRequest\x1a\x16.pdlb.v1.AbortResponse\x12<\n\x07GetLoad\x12\x17.pdlb.v1.GetLoadRequest\x1a\x18.pdlb.v1.GetLoadResponse\x12;\n\x06PullKV\x12\x16.pdlb.v1.PullKVRequest\x1a\x17.pdlb.v1.PullKVResponse0\x01\x42:\n\nio.pdlb.v1P\x01Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdlb.v1.scheduler_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\nio.pdlb.v1P\001Z*github.com/pdlb/pdlb/gen/go/pdlb/v1;pdlbv1'
-  _globals['_TENSORDTYPE']._serialized_start=983
-  _globals['_TENSORDTYPE']._serialized_end=1109
+  _globals['_TENSORDTYPE']._serialized_start=1033
+  _globals['_TENSORDTYPE']._serialized_end=1159
   _globals['_SCHEDULERGENERATEREQUEST']._serialized_start=59
   _globals['_SCHEDULERGENERATEREQUEST']._serialized_end=233
   _globals['_SCHEDULERGENERATERESPONSE']._serialized_start=236
@@ -50,11 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLKVREQUEST']._serialized_start=599
   _globals['_PULLKVREQUEST']._serialized_end=658
   _globals['_KVHEADER']._serialized_start=661
-  _globals['_KVHEADER']._serialized_end=806
-  _globals['_KVCHUNK']._serialized_start=808
-  _globals['_KVCHUNK']._serialized_end=880
-  _globals['_PULLKVRESPONSE']._serialized_start=882
-  _globals['_PULLKVRESPONSE']._serialized_end=981
-  _globals['_SCHEDULER']._serialized_start=1112
-  _globals['_SCHEDULER']._serialized_end=1387
+  _globals['_KVHEADER']._serialized_end=856
+  _globals['_KVCHUNK']._serialized_start=858
+  _globals['_KVCHUNK']._serialized_end=930
+  _globals['_PULLKVRESPONSE']._serialized_start=932
+  _globals['_PULLKVRESPONSE']._serialized_end=1031
+  _globals['_SCHEDULER']._serialized_start=1162
+  _globals['_SCHEDULER']._serialized_end=1437
 # @@protoc_insertion_point(module_scope)

@@ -80,20 +80,24 @@ class PullKVRequest(_message.Message):
     def __init__(self, bootstrap_room: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("input_ids", "first_token_id", "num_layers", "shape", "dtype", "num_chunks")
+    __slots__ = ("input_ids", "first_token_id", "num_layers", "shape", "dtype", "num_chunks", "kv_connector", "kv_transfer_params")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    KV_CONNECTOR_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_PARAMS_FIELD_NUMBER: _ClassVar[int]
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
     num_layers: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: TensorDType
     num_chunks: int
-    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[TensorDType, str]] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    kv_connector: str
+    kv_transfer_params: str
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[TensorDType, str]] = ..., num_chunks: _Optional[int] = ..., kv_connector: _Optional[str] = ..., kv_transfer_params: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("layer", "is_value", "offset", "data")

@@ -24,101 +24,26 @@ import grpc
 import torch
 
 from pdlb.engines.kv_events import KVEventLog
+from pdlb.engines.request import (
+    ABORT,
+    LENGTH,
+    PREFILL_DONE,
+    STOP,
+    AdmissionError,
+    EngineLimits,
+    Output,
+    Sampled,
+    Sequence,
+    check_prompt,
+)
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
-from pdlb.engines.torch.sampler import Sampled, SamplingConfig
 from pdlb.engines.torch.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
-LENGTH, STOP, ABORT, PREFILL_DONE = (
-    common_pb2.FINISH_REASON_LENGTH,
-    common_pb2.FINISH_REASON_STOP,
-    common_pb2.FINISH_REASON_ABORT,
-    common_pb2.FINISH_REASON_PREFILL_DONE,
-)
-
-
 MAX_ROOM_WAITS = 10_000
 MAX_RELEASED_ROOMS = 10_000  # rooms whose held KV went (pulled or expired), remembered to answer at once
-
-
-class AdmissionError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int) -> None:
-    """Refuse a prompt with a token id outside 0..vocab_size-1 or longer than max_prompt_tokens
-    (AdmissionError INVALID_ARGUMENT naming the request), whichever engine would run it."""
-    bad = next((t for t in seq.prompt if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise AdmissionError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{vocab_size - 1}",
-        )
-    if len(seq.prompt) > max_prompt_tokens:
-        raise AdmissionError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {max_prompt_tokens}",
-        )
-
-
-@dataclass
-class Output:
-    """What a request's stream receives: new tokens, and the finish reason on the last one."""
-
-    token_ids: list[int]
-    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
-    error: tuple[grpc.StatusCode, str] | None = None  # the request fails with this status instead
-    logprobs: list[Sampled] = field(default_factory=list)  # one per token when the request asked
-
-
-@dataclass
-class PreloadedKV:
-    """PD decode: the prompt's KV pulled from the prefill worker, and its first token."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    first_token: int
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    prompt: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    stop_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    seed: int = 0  # temperature sampling: token i is drawn with a generator seeded from (seed, seed_position + i)
-    seed_position: int = 0
-    sampling: SamplingConfig | None = None  # parameters beyond temperature (None: plain sampling)
-    min_tokens: int = 0  # stop tokens neither end the generation nor get drawn before this many
-    prefill_only: bool = False
-    bootstrap_room: int | None = None
-    preloaded: PreloadedKV | None = None
-    outbox: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
-    slots: list[int] = field(default_factory=list)
-    nodes: list[CacheNode] = field(default_factory=list)  # locked prefix-cache path
-    shared: int = 0  # leading tokens whose slots belong to the prefix cache
-    reserved_tokens: int = 0  # KV tokens this request holds in the engine's reservation
-    cache_hit: int = 0  # prompt tokens found in the prefix cache at admission
-    computed: int = 0
-    output: list[int] = field(default_factory=list)
-    finish_reason: int | None = None
-    aborted: bool = False
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def reserve(self) -> int:
-        """KV tokens this request may ever hold."""
-        return len(self.prompt) + (1 if self.prefill_only else self.max_new_tokens)
-
-    @property
-    def context_len(self) -> int:
-        return len(self.prompt) + len(self.output)
 
 
 @dataclass
@@ -137,15 +62,6 @@ class HeldKV:
     @property
     def private_tokens(self) -> int:
         return len(self.slots) - self.shared
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_total_tokens: int
-    max_running_requests: int
-    chunked_prefill_size: int
-    max_waiting_requests: int
-    max_prompt_tokens: int
 
 
 EWMA_WEIGHT = 0.1  # of the newest sample: about the last 10-20 steps
@@ -173,6 +89,8 @@ def compute_thread(threads: int) -> ThreadPoolExecutor:
 
 
 class Engine:
+    kv_connector = ""  # PD: KV travels as tensors in pdlb's PullKV stream
+
     def __init__(
         self,
         runner: Runner,
@@ -638,6 +556,8 @@ class Engine:
             + sum(len(s.prompt) - s.computed for s in self.running if s.computed < len(s.prompt)),
             step_base_ms=self.step_base_s * 1000,
             prefill_tokens_per_step=self.limits.chunked_prefill_size,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_context_tokens=min(self.runner.config.max_position, self.limits.max_total_tokens),
         )
 
     async def drain(self, timeout: float) -> None:

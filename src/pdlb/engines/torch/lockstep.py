@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import grpc
 
-from pdlb.engines.torch.batching import ABORT, AdmissionError, Engine, Output, Sequence
+from pdlb.engines.request import ABORT, AdmissionError, Output, Sequence
+from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, WaveState
 from pdlb.v1 import common_pb2
 

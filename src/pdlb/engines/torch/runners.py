@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
+from pdlb.engines.request import Sampled, SamplingConfig
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
 from pdlb.engines.torch.packed_linear import pack_linears
-from pdlb.engines.torch.sampler import Sampled, SamplingConfig, sample_row
+from pdlb.engines.torch.sampler import sample_row
 
 
 @dataclass

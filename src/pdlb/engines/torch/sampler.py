@@ -12,51 +12,12 @@ and only requests that use these parameters take this path (plain greedy rows ar
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
+from pdlb.engines.request import Sampled, SamplingConfig
+
 MAX_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """A request's sampling parameters (neutral values mean off)."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0: all tokens
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: int | None = None  # None: none returned; n: the token's and the n most likely
-
-    @property
-    def shapes_logits(self) -> bool:
-        """Whether anything but temperature changes the distribution."""
-        return bool(
-            self.top_k > 0
-            or self.top_p < 1.0
-            or self.min_p > 0.0
-            or self.repetition_penalty != 1.0
-            or self.presence_penalty
-            or self.frequency_penalty
-            or self.logit_bias
-        )
-
-
-GREEDY = SamplingConfig()
-
-
-@dataclass
-class Sampled:
-    """The drawn token; with logprobs asked for, its log-probability and the most likely tokens."""
-
-    token: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 def sample_row(

@@ -14,6 +14,18 @@ KV use come from vLLM's counters. Health comes from `/health`: when the server s
 engine fails its requests with UNAVAILABLE (the gateway resumes them elsewhere) and reports itself
 unhealthy; the scheduler service then leaves membership, and joins again once the server is back
 and still serves the same tokenizer.
+
+PD (prefill and decode workers, `kv_connector` set): vLLM moves the KV itself, through the KV
+connector its servers were started with (`--kv-transfer-config`); pdlb keeps its own PD flow around
+it. A prefill rank sends the prompt with `max_tokens` 1 and `kv_transfer_params` asking for remote
+decode (vLLM's P/D protocol: `do_remote_decode`), not streamed (vLLM returns `kv_transfer_params`
+only in a whole response), and holds what came back per bootstrap room (a `ConnectorKV`) until the
+decode side pulls it through pdlb's PullKV, or `kv_hold_ttl_s` passes. A decode rank then sends the
+whole request with those `kv_transfer_params`, and its server loads the prompt's KV from the
+connector instead of computing it (vLLM's `vllm:prompt_tokens_by_source_total{source=
+"external_kv_transfer"}` counts it). Room ownership is kept as pdlb's own engine keeps it: one
+request per room on a rank, a second one refused with ALREADY_EXISTS, a pulled or expired room
+answered NOT_FOUND at once.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,13 +43,17 @@ import aiohttp
 import grpc
 
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import (
+from pdlb.engines.request import (
     ABORT,
     LENGTH,
+    PREFILL_DONE,
     STOP,
     AdmissionError,
+    ConnectorKV,
     EngineLimits,
     Output,
+    PreloadedKV,
+    Sampled,
     Sequence,
     check_prompt,
 )
@@ -48,6 +65,19 @@ log = logging.getLogger(__name__)
 FINISH = {"length": LENGTH, "stop": STOP, "abort": ABORT}
 MAX_ERROR_CHARS = 500  # of a vLLM error body quoted in a status message
 MAX_LINE_BYTES = 1 << 20  # one SSE line of a streamed completion
+MAX_BODY_BYTES = 16 << 20  # a whole (prefill) completion response: the prompt's ids echoed, and little else
+MAX_HELD_ROOMS = 10_000  # prefill: rooms whose connector hand-off waits for its decode side
+MAX_ROOM_WAITS = 10_000  # prefill: PullKV calls waiting for a room's prefill at once
+MAX_RELEASED_ROOMS = 10_000  # rooms whose hand-off went (pulled or expired), remembered to answer at once
+# vLLM's P/D protocol: the prefill request asks for its KV to be kept for a remote decode
+REMOTE_DECODE = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 # A busy CPU server answers /health late: one slow probe must not fail its streams. Unhealthy
 # means this many probes in a row failed or took longer than PROBE_TIMEOUT_S each (a dead server
 # resets its streams' connections at once anyway, and those fail by themselves).
@@ -153,12 +183,25 @@ class VLLMEngine:
         max_model_len: int,
         poll_interval_s: float = 0.5,
         session: aiohttp.ClientSession | None = None,
+        kv_connector: str = "",
+        kv_hold_ttl_s: float = 60.0,
     ) -> None:
         """`model`: the id the server serves (sent as `model`); `limits`: pdlb's bounds on this rank
         (max_running + max_waiting requests in flight at most, max_prompt_tokens);
         `poll_interval_s`: how often /health and /metrics are read; `session`: the HTTP client
-        session to use (default: a new one), closed by close()."""
+        session to use (default: a new one), closed by close(); `kv_connector`: the KV connector
+        the server was started with (PD roles; empty: mixed requests only); `kv_hold_ttl_s`:
+        prefill role, how long a room's hand-off waits for its decode side."""
         self.rank, self.model, self.limits = rank, model, limits
+        self.kv_connector, self.kv_hold_ttl_s = kv_connector, kv_hold_ttl_s
+        # PD rooms: the request that owns each room here (its prefill or decode in flight, or its
+        # hand-off held); the hand-offs held for decode sides; what became of released ones
+        self.rooms: dict[int, str] = {}
+        self.held: dict[int, ConnectorKV] = {}
+        self.released: OrderedDict[int, str] = OrderedDict()
+        self._room_events: dict[int, asyncio.Event] = {}
+        self.kv_receive_s = 0.0  # decode side: the scheduler service's PullKV accounting
+        self.kv_received_tokens = 0
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.poll_interval_s = poll_interval_s
         self.listeners: list[Callable[[], None]] = []
@@ -200,10 +243,8 @@ class VLLMEngine:
                 f"request {seq.request_id}: logprobs are not passed through from vLLM ranks yet; "
                 "send the request without logprobs",
             )
-        if seq.prefill_only or seq.preloaded is not None:
-            raise AdmissionError(
-                grpc.StatusCode.FAILED_PRECONDITION, "the vLLM engine serves mixed requests only (no pdlb KV hand-off)"
-            )
+        if seq.bootstrap_room is not None:
+            self._check_room(seq)
         check_prompt(seq, self.vocab_size, limits.max_prompt_tokens)
         if self.max_model_len and seq.reserve > self.max_model_len:
             raise AdmissionError(
@@ -217,13 +258,44 @@ class VLLMEngine:
                 f"request {seq.request_id}: {len(self.inflight)} requests already in flight on this rank; retry later",
             )
 
+    def _check_room(self, seq: Sequence) -> None:
+        room = seq.bootstrap_room
+        if not self.kv_connector:
+            raise AdmissionError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request {seq.request_id}: this vLLM worker serves mixed requests only; PD needs vLLM servers "
+                "started with a KV connector and workers given --vllm-kv-connector",
+            )
+        if isinstance(seq.preloaded, PreloadedKV):
+            raise AdmissionError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request {seq.request_id}: room {room} holds KV tensors from pdlb's own engine; a vLLM decode "
+                "rank loads KV only through its connector (run prefill and decode on the same engine)",
+            )
+        owner = self.rooms.get(room)  # type: ignore[arg-type]
+        if owner is not None:
+            raise AdmissionError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request {seq.request_id}: bootstrap room {room} is already taken here by request {owner} "
+                "(in flight, or its KV held for its decode half); give every request a room of its own",
+            )
+        if seq.prefill_only and len(self.held) >= MAX_HELD_ROOMS:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {seq.request_id}: {MAX_HELD_ROOMS} prefilled rooms already wait for their decode "
+                "side here; retry later",
+            )
+
     def submit(self, seq: Sequence, wave: int | None = None) -> None:
         self.check(seq)
         entry = _InFlight(seq)
         self.inflight[seq.request_id] = entry
+        if seq.bootstrap_room is not None:
+            self.rooms[seq.bootstrap_room] = seq.request_id
         self.prompt_tokens_total += len(seq.prompt)
         self._idle.clear()
-        entry.task = asyncio.create_task(self._stream(entry), name=f"vllm:{seq.request_id}")
+        run = self._prefill(entry) if seq.prefill_only else self._stream(entry)
+        entry.task = asyncio.create_task(run, name=f"vllm:{seq.request_id}")
         self._notify()
 
     def abort(self, request_id: str) -> bool:
@@ -260,6 +332,8 @@ class VLLMEngine:
             step_base_ms=self.rates.step_s * 1000,
             prefill_tokens_per_s=self.rates.prefill_tokens_per_s,
             mean_output_tokens=self.rates.mean_output_tokens,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_context_tokens=self.max_model_len,  # 0 (unknown) when vLLM did not say
         )
 
     async def drain(self, timeout: float) -> None:
@@ -311,6 +385,8 @@ class VLLMEngine:
             )
             if cfg.logit_bias:
                 body["logit_bias"] = {str(token): bias for token, bias in cfg.logit_bias}
+        if isinstance(seq.preloaded, ConnectorKV) and seq.preloaded.kv_transfer_params is not None:
+            body["kv_transfer_params"] = seq.preloaded.kv_transfer_params  # what the prefill returned
         if seq.temperature > 0:
             # vLLM draws from one generator per request: a resumed sampled request does not continue
             # the original's draws (greedy requests resume exactly)
@@ -343,10 +419,128 @@ class VLLMEngine:
         except ValueError as exc:  # a chunk that is not vLLM's JSON
             self._fail(seq, grpc.StatusCode.INTERNAL, f"vLLM at {self.rank.url} sent an unreadable chunk: {exc}")
         finally:
-            self.inflight.pop(seq.request_id, None)
-            if not self.inflight:
-                self._idle.set()
-            self._notify()
+            self._done(seq)
+
+    def _done(self, seq: Sequence) -> None:
+        self.inflight.pop(seq.request_id, None)
+        room = seq.bootstrap_room
+        if room is not None and room not in self.held and self.rooms.get(room) == seq.request_id:
+            del self.rooms[room]
+        if not self.inflight:
+            self._idle.set()
+        self._notify()
+
+    async def _prefill(self, entry: _InFlight) -> None:
+        """PD prefill: the prompt with max_tokens 1 asking for remote decode; the hand-off that
+        comes back is held for the room, and the first token streamed with PREFILL_DONE."""
+        seq = entry.seq
+        body = self._body(seq)
+        for key in ("stream", "stream_options", "min_tokens", "logprobs", "return_tokens_as_token_ids"):
+            body.pop(key, None)
+        body.update(max_tokens=1, kv_transfer_params=dict(REMOTE_DECODE))
+        headers = {**self._headers, "X-Request-Id": seq.request_id}
+        try:
+            async with self.session.post(f"{self.rank.url}/v1/completions", json=body, headers=headers) as resp:
+                if resp.status != 200:
+                    code = grpc.StatusCode.INVALID_ARGUMENT if resp.status == 400 else grpc.StatusCode.UNAVAILABLE
+                    error = await _error_text(resp)
+                    self._fail(seq, code, f"vLLM at {self.rank.url} answered the prefill HTTP {resp.status}: {error}")
+                    return
+                raw = await resp.content.read(MAX_BODY_BYTES + 1)
+            if len(raw) > MAX_BODY_BYTES:
+                raise ValueError(f"a prefill response over {MAX_BODY_BYTES} bytes")
+            answer = json.loads(raw)
+            tokens = [int(t) for t in answer["choices"][0].get("token_ids") or []]
+            if not tokens:
+                raise ValueError("a prefill response without token_ids")
+            cached = ((answer.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            seq.cache_hit = int(cached or 0)
+            params = answer.get("kv_transfer_params")
+            entry.first_token_at = time.monotonic()
+            self._hold(seq, tokens[0], params if isinstance(params, dict) else None)
+            self._finish(seq, tokens[:1], PREFILL_DONE)
+        except asyncio.CancelledError:
+            if seq.finish_reason is None:
+                self._finish(seq, [], ABORT)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            self._fail(seq, grpc.StatusCode.UNAVAILABLE, f"vLLM at {self.rank.url} failed mid-prefill: {exc!r}")
+        except (ValueError, KeyError, IndexError, TypeError) as exc:  # not vLLM's completion JSON
+            message = f"vLLM at {self.rank.url} sent an unreadable prefill answer: {exc!r}"
+            self._fail(seq, grpc.StatusCode.INTERNAL, message)
+        finally:
+            self._done(seq)
+
+    # PD hand-offs held for decode sides (prefill role) -----------------------------------------
+    def _hold(self, seq: Sequence, first_token: int, params: dict | None) -> None:
+        room = seq.bootstrap_room
+        assert room is not None  # a prefill request always has its room
+        self.released.pop(room, None)
+        self.held[room] = ConnectorKV(
+            room,
+            seq.request_id,
+            seq.prompt,
+            first_token,
+            self.kv_connector,
+            params,
+            expires_at=time.monotonic() + self.kv_hold_ttl_s,
+        )
+        asyncio.get_running_loop().call_later(self.kv_hold_ttl_s, self._expire_held)
+        event = self._room_events.pop(room, None)
+        if event is not None:
+            event.set()
+
+    async def wait_held(self, room: int, timeout: float) -> ConnectorKV | None:
+        """Take a room's hand-off, waiting up to `timeout` s for its prefill here; None when the
+        wait ran out. Raises AdmissionError(NOT_FOUND) at once when it was here and is gone."""
+        held = self.take_held(room)
+        if held is not None:
+            return held
+        self._raise_if_released(room)
+        if timeout <= 0:
+            return None
+        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
+            raise AdmissionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_ROOM_WAITS} pulls already wait for their rooms here"
+            )
+        event = self._room_events.setdefault(room, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
+                del self._room_events[room]
+        held = self.take_held(room)
+        if held is None:  # another pull of the same room took it first
+            self._raise_if_released(room)
+        return held
+
+    def take_held(self, room: int) -> ConnectorKV | None:
+        """Hand a room's hand-off to a PullKV call; the caller must `free_held` it afterwards."""
+        self._expire_held()
+        return self.held.pop(room, None)
+
+    def free_held(self, held: ConnectorKV) -> None:
+        self._release(held, "already pulled (taken by a PullKV call)")
+        self._notify()
+
+    def _release(self, held: ConnectorKV, what: str) -> None:
+        if self.rooms.get(held.room) == held.request_id:
+            del self.rooms[held.room]
+        self.released[held.room] = f"{what}; it belonged to request {held.request_id}"
+        self.released.move_to_end(held.room)
+        while len(self.released) > MAX_RELEASED_ROOMS:
+            self.released.popitem(last=False)
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        for room in [r for r, h in self.held.items() if h.expires_at <= now]:
+            self._release(self.held.pop(room), f"not pulled within {self.kv_hold_ttl_s:g} s (--kv-hold-ttl)")
+
+    def _raise_if_released(self, room: int) -> None:
+        what = self.released.get(room)
+        if what is not None and room not in self.rooms:
+            raise AdmissionError(grpc.StatusCode.NOT_FOUND, f"room {room}: the KV hand-off held here for it was {what}")
 
     async def _read_events(self, entry: _InFlight, resp: aiohttp.ClientResponse) -> None:
         seq = entry.seq
@@ -374,16 +568,17 @@ class VLLMEngine:
                     entry.first_token_at = time.monotonic()
                     self._notify()  # waiting -> running
                 entry.tokens += len(tokens)
+                logprobs: list[Sampled] = []
                 if reason is not None:
-                    self._finish(seq, tokens, reason)
+                    self._finish(seq, tokens, reason, logprobs)
                 elif tokens:
                     seq.output.extend(tokens)
-                    seq.outbox.put_nowait(Output(tokens))
+                    seq.outbox.put_nowait(Output(tokens, logprobs=logprobs))
 
-    def _finish(self, seq: Sequence, tokens: list[int], reason: int) -> None:
+    def _finish(self, seq: Sequence, tokens: list[int], reason: int, logprobs: list[Sampled] | None = None) -> None:
         seq.output.extend(tokens)
         seq.finish_reason = reason
-        seq.outbox.put_nowait(Output(tokens, reason))
+        seq.outbox.put_nowait(Output(tokens, reason, logprobs=logprobs or []))
 
     def _fail(self, seq: Sequence, code: grpc.StatusCode, message: str) -> None:
         if seq.finish_reason is not None:

@@ -9,7 +9,7 @@ import uuid
 
 from pdlb.common.config import FlagParser, add_common_flags
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
-from pdlb.common.membership import LeasedRegistration, bootstrap_prefix
+from pdlb.common.membership import LeasedRegistration, PrefixWatch, bootstrap_prefix, workers_prefix
 from pdlb.services.bootstrap.room_table import RoomTable
 from pdlb.services.bootstrap.service import BootstrapServicer
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc
@@ -35,6 +35,12 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     address = advertised(args.host, host.port, args.advertise_address)
     registration = None
     sweeper: asyncio.Task | None = None
+    # the prefill endpoint list follows membership (workers that leave are dropped)
+    members = (
+        PrefixWatch(args.etcd, workers_prefix(args.etcd_prefix, "prefill"), servicer.on_prefill_member)
+        if args.etcd
+        else None
+    )
 
     async def start() -> None:
         nonlocal registration, sweeper
@@ -48,10 +54,14 @@ async def serve(args, stop_event: asyncio.Event) -> None:
                 args.lease_ttl,
             )
             await registration.start()
+        if members is not None:
+            members.start()
         sweeper = asyncio.create_task(_sweep(table))
         print(f"pdlb-bootstrap listening on {address}", flush=True)
 
     async def stop() -> None:
+        if members is not None:
+            await members.close()
         if registration:
             await registration.close()
         if sweeper:

@@ -6,6 +6,7 @@ import time
 
 import grpc
 
+from pdlb.common.membership import Change
 from pdlb.services.bootstrap.room_table import Room, RoomConflict, RoomTable, TableFull
 from pdlb.v1 import bootstrap_pb2 as pb
 from pdlb.v1 import bootstrap_pb2_grpc as pb_grpc
@@ -19,6 +20,31 @@ class BootstrapServicer(pb_grpc.BootstrapServicer):
     def __init__(self, table: RoomTable) -> None:
         self.table = table
         self.endpoints: dict[str, pb.PrefillEndpoint] = {}
+        self._worker_of_key: dict[str, str] = {}  # prefill membership key -> worker id (bounded by etcd's keys)
+
+    def on_prefill_member(self, change: Change) -> None:
+        """Keep the endpoint list true to prefill membership (with etcd): a worker that leaves is
+        dropped, one that (re)joins is listed from its membership value, so a flap does not lose it
+        and a worker that is gone for good does not linger."""
+        if change.value is None:
+            worker_id = self._worker_of_key.pop(change.key, None)
+            if worker_id is not None:
+                self.endpoints.pop(worker_id, None)
+            return
+        try:
+            worker_id, rank, address = (
+                str(change.value["worker_id"]),
+                int(change.value["dp_rank"]),
+                str(change.value["address"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return  # malformed or foreign: the dispatchers refuse it too
+        if not worker_id or len(worker_id) > MAX_ID_LEN or rank < 0 or not address:
+            return
+        if worker_id not in self.endpoints and len(self.endpoints) >= MAX_ENDPOINTS:
+            return
+        self._worker_of_key[change.key] = worker_id
+        self.endpoints[worker_id] = pb.PrefillEndpoint(worker_id=worker_id, dp_rank=rank, address=address)
 
     def _to_proto(self, room: Room) -> pb.RoomRecord:
         # Table clock is monotonic; convert the expiry to wall-clock ms for clients.

@@ -1,7 +1,8 @@
 """Late binding: requests wait in the dispatcher, not in a rank's queue, until some rank has room.
 
 A request that arrives while every rank would make it queue (no free batch slot, not enough free
-KV for its prompt, or, with a wait threshold, a predicted prefill wait above it) is held in the
+KV for its prompt, more prompt work ahead of it than the rank prefills in one step, or, with a wait
+threshold, a predicted prefill wait above it) is held in the
 `AdmissionQueue`. Whenever room may have freed (a load report, a finished or failed request, a
 cancellation, a worker joining), `kick()` binds queued requests in queue order, choosing the rank
 at that moment with the role's method, until the head does not fit anywhere.
@@ -44,6 +45,10 @@ class FlowOptions:
     sheddable_ttl_s: float = 5.0
     sheddable_priority: int = 1  # priorities >= this are sheddable (vLLM: larger is later)
     max_wait_ms: float = 0.0  # > 0: a rank whose predicted prefill wait exceeds this has no room
+    # > 0: a mixed or prefill rank with more prompt work queued ahead (reported + sent since) than
+    # this many of its prefill chunks has no room, so a bound request starts prefill within a step
+    # or so instead of waiting in the rank's batch queue behind other prompts.
+    max_prefill_ahead_chunks: float = 1.0
     quantum_tokens: int = 2048
     tenant_weights: tuple[tuple[str, float], ...] = ()
     max_tenants: int = 1024
@@ -200,8 +205,12 @@ class FlowControl:
         r = entry.reported
         if r.kv_tokens_capacity and entry.kv_free < tokens:
             return False
-        if self.options.max_wait_ms > 0 and self.router.role is not Role.DECODE:
-            return self._predicted_wait_ms(entry) <= self.options.max_wait_ms
+        if self.router.role is not Role.DECODE:
+            if self.options.max_wait_ms > 0:
+                return self._predicted_wait_ms(entry) <= self.options.max_wait_ms
+            chunks, chunk = self.options.max_prefill_ahead_chunks, r.prefill_tokens_per_step
+            if chunks > 0 and chunk > 0 and entry.queued_tokens >= chunks * chunk:
+                return False
         if r.max_running_requests:
             return not entry.slot_excess  # waiting + in flight + this one fit the free batch slots
         return not entry.total_requests  # never reported its batch size: one request at a time

@@ -61,6 +61,8 @@ class ReportedLoad:
     prefill_pending_tokens: int = 0
     step_base_ms: float = 0.0
     prefill_tokens_per_step: int = 0
+    max_prompt_tokens: int = 0  # the worker's length limits, passed on to the gateway (0: unknown)
+    max_context_tokens: int = 0
 
 
 @dataclass
@@ -94,6 +96,9 @@ class WorkerEntry:
     kv_free: int = 0
     slot_excess: int = 0
     queued_tokens: int = 0
+    # Requests this dispatcher saw end on the worker since its last report (which still counts them
+    # as running): their batch slots are free now, a report interval before the worker says so.
+    finished_unreported: int = 0
 
     @property
     def dp_rank(self) -> int:
@@ -110,7 +115,8 @@ class WorkerEntry:
 
     def recount(self) -> None:
         r = self.reported
-        self.total_requests = r.running_requests + r.waiting_requests + len(self.inflight)
+        running = max(0, r.running_requests - self.finished_unreported)
+        self.total_requests = running + r.waiting_requests + len(self.inflight)
         self.total_tokens = r.running_tokens + r.waiting_tokens + self.inflight_tokens
         # Prompt work not done yet: what the worker still has to prefill (a worker too old to say
         # reports only its waiting prompts) and what was sent to it since its report.
@@ -118,7 +124,7 @@ class WorkerEntry:
         capacity = r.kv_tokens_capacity
         self.kv_free = capacity - self.kv_used
         # Requests that would queue for a batch slot ahead of (and including) one more request.
-        free_slots = max(0, r.max_running_requests - r.running_requests)
+        free_slots = max(0, r.max_running_requests - running)
         self.slot_excess = max(0, r.waiting_requests + len(self.inflight) + 1 - free_slots)
         # Not reported yet: rank it after every reported worker, by what was sent to it.
         self.kv_ratio = self.kv_used / capacity if capacity > 0 else 1.0 + self.inflight_tokens
@@ -195,6 +201,7 @@ class LoadTable:
         elif acked_seq < entry.acked_seq:
             return False
         entry.acked_seq = acked_seq
+        entry.finished_unreported = 0  # the report counts what ended before it
         entry.drop_through(acked_seq)
         entry.reported = load
         entry.last_report_at = self.clock()
@@ -219,6 +226,19 @@ class LoadTable:
         entry.dispatched_total += 1
         entry.recount()
         return entry.next_seq
+
+    def record_finish(self, worker_id: str, seq: int) -> None:
+        """A request the worker received has ended (its stream closed): unacknowledged, it is no
+        longer in flight; acknowledged, its report's running count is one too high until the next."""
+        entry = self.entries.get(worker_id)
+        if entry is None:
+            return
+        item = entry.inflight.pop(seq, None)
+        if item is not None:
+            entry.inflight_tokens -= item.tokens
+        elif entry.finished_unreported < entry.reported.running_requests:
+            entry.finished_unreported += 1
+        entry.recount()
 
     def cancel_dispatch(self, worker_id: str, seq: int) -> None:
         """Forget an in-flight request the worker never received (forwarding failed)."""

@@ -20,7 +20,13 @@ from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
 from pdlb.services.dispatcher.policies import PolicyOptions, create_policy, method_names
 from pdlb.services.dispatcher.router import Router
-from pdlb.services.dispatcher.service import WORKER_WAIT_S, DispatchCore, DispatchServicer, LoadReportServicer
+from pdlb.services.dispatcher.service import (
+    HUNG_STREAM_TIMEOUT_S,
+    WORKER_WAIT_S,
+    DispatchCore,
+    DispatchServicer,
+    LoadReportServicer,
+)
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 
 log = logging.getLogger("pdlb.dispatcher")
@@ -58,6 +64,14 @@ def build_parser() -> FlagParser:
         default=60.0,
         type=float,
         help="seconds an unacknowledged dispatch stays counted as in flight",
+    )
+    parser.flag(
+        "--hung-stream-timeout",
+        default=HUNG_STREAM_TIMEOUT_S,
+        type=float,
+        help="seconds a running stream may stay silent once its worker has left membership (a hung or frozen "
+        "worker) before it is cut: UNAVAILABLE after the first token (the gateway resumes it elsewhere), "
+        "re-dispatched before it (0: wait for gRPC keep-alive or the deadline)",
     )
     parser.flag(
         "--worker-wait",
@@ -153,6 +167,14 @@ def build_parser() -> FlagParser:
         "(0: batch slots and KV only)",
     )
     parser.flag(
+        "--max-prefill-ahead-chunks",
+        default=flow.max_prefill_ahead_chunks,
+        type=float,
+        help="flow control, mixed and prefill, with --max-wait-ms 0: a rank with at least this many prefill chunks "
+        "of prompt work queued ahead (its --chunked-prefill-size) has no room, so bound requests start prefill "
+        "within about a step (0: batch slots and KV only)",
+    )
+    parser.flag(
         "--fair-share-quantum",
         default=flow.quantum_tokens,
         type=int,
@@ -187,6 +209,8 @@ def flow_options(args) -> FlowOptions:
         raise SystemExit("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
     if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
         raise SystemExit("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+    if not args.max_prefill_ahead_chunks >= 0:
+        raise SystemExit(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
         enabled=args.flow_control,
         max_queued_requests=args.max_queued_requests,
@@ -194,6 +218,7 @@ def flow_options(args) -> FlowOptions:
         sheddable_ttl_s=args.sheddable_queue_ttl,
         sheddable_priority=args.sheddable_priority,
         max_wait_ms=args.max_wait_ms,
+        max_prefill_ahead_chunks=args.max_prefill_ahead_chunks,
         quantum_tokens=args.fair_share_quantum,
         tenant_weights=tuple(weights),
         max_tenants=args.max_tenants,
@@ -236,6 +261,8 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     static = parse_static_workers(csv_list(args.workers), role)
     if not args.worker_wait >= 0:
         raise SystemExit(f"--worker-wait must be >= 0 seconds, not {args.worker_wait}")
+    if not args.hung_stream_timeout >= 0:
+        raise SystemExit(f"--hung-stream-timeout must be >= 0 seconds, not {args.hung_stream_timeout}")
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
@@ -248,6 +275,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         core.kv_index.forget(worker_id)
         asyncio.get_running_loop().create_task(core.channels.prune())
         core.flow.kick()  # with no worker left, queued requests fail UNAVAILABLE now
+        core.hung.on_worker_left(worker_id)
 
     members = Members(table, role, static=not args.etcd, on_removed=worker_removed, model=source.model_id)
     members.add_static(static)
@@ -265,6 +293,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         flow=flow_options(args),
         max_prompt_chars=args.max_prompt_chars,
         worker_wait_s=args.worker_wait,
+        hung_stream_timeout_s=args.hung_stream_timeout,
     )
     host = ServiceHost(
         args.host,

@@ -31,6 +31,7 @@ from pdlb.services.dispatcher.metrics import DispatcherMetrics, wall_ms
 from pdlb.services.dispatcher.policies import NoLiveWorker, RouteContext, RoutingError
 from pdlb.services.dispatcher.policies.base import PrefixIndexPolicy
 from pdlb.services.dispatcher.router import Decision, Router
+from pdlb.services.dispatcher.stream_watch import HungStreamWatch
 from pdlb.services.dispatcher.waves import WaveCoordinator
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from pdlb.v1 import scheduler_pb2 as sched_pb
@@ -42,6 +43,7 @@ MIN_WATCH_INTERVAL_MS = 50
 # How long a request waits for a worker of the role when none is live (--worker-wait): a membership
 # flap (etcd paused past the lease) empties the table for the moment the workers take to register again.
 WORKER_WAIT_S = 5.0
+HUNG_STREAM_TIMEOUT_S = 10.0
 REPORT_OUTBOX = 16  # messages queued to one reporting worker (StartWave is rare: one per wave)
 MAX_WATCH_INTERVAL_MS = 60_000
 # Worker statuses that mean "this worker could not take the request": safe to try another rank.
@@ -96,6 +98,8 @@ def load_from_proto(load: common_pb2.WorkerLoad) -> ReportedLoad:
         prefill_pending_tokens=load.prefill_pending_tokens,
         step_base_ms=_finite(load.step_base_ms),
         prefill_tokens_per_step=load.prefill_tokens_per_step,
+        max_prompt_tokens=load.max_prompt_tokens,
+        max_context_tokens=load.max_context_tokens,
     )
 
 
@@ -134,6 +138,7 @@ class DispatchCore:
         flow: FlowOptions | None = None,
         max_prompt_chars: int = 0,
         worker_wait_s: float = WORKER_WAIT_S,
+        hung_stream_timeout_s: float = HUNG_STREAM_TIMEOUT_S,
     ) -> None:
         self.dispatcher_id = dispatcher_id
         self.worker_wait_s = worker_wait_s
@@ -146,6 +151,8 @@ class DispatchCore:
         self.members = members
         self.metrics = metrics
         self.channels = ChannelPool(self.table.addresses)
+        # Streams on a worker that left membership and went silent are cut (stream_watch.py).
+        self.hung = HungStreamWatch(hung_stream_timeout_s, lambda worker_id: worker_id in self.table.entries)
         self.request_timeout_s = request_timeout_s
         self.max_prompt_tokens = max_prompt_tokens
         self.report_interval_ms = report_interval_ms
@@ -370,7 +377,12 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 async for response in self._forward(request, ctx, decision, deadline, context):
                     sent_any = True
                     yield response
+                self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return
+            except (asyncio.CancelledError, GeneratorExit):
+                if sent_any:  # the client went away mid-stream: the worker drops it now
+                    self.core.table.record_finish(worker.worker_id, decision.seq)
+                raise
             except grpc.aio.AioRpcError as err:
                 if not sent_any:
                     # Whether or not the worker took it, the request is not running there now.
@@ -411,39 +423,46 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         decoder = StreamDecoder(self.core.tokenizer, not request.request.sampling.keep_special_tokens)
         async with self.core.channels.scheduler(worker.address) as stub:
             call = stub.Generate(forwarded, timeout=max(deadline - time.monotonic(), 0.001))
-            try:
-                async for chunk in call:
-                    if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
-                        # Recorded once the KV is held, so a re-dispatch never conflicts with it.
-                        await self._record_room(ctx, decision, context)
-                    text = decoder.push(visible_tokens(list(chunk.token_ids), chunk.finish_reason))
-                    if chunk.finish_reason:
-                        text += decoder.flush()
-                    yield dispatch_pb2.GenerateResponse(
-                        request_id=ctx.request_id,
-                        token_ids=chunk.token_ids,
-                        text=text,
-                        finish_reason=chunk.finish_reason,
-                        dp_rank=worker.dp_rank,
-                        worker_id=worker.worker_id,
-                        prompt_tokens=chunk.prompt_tokens,
-                        cached_tokens=chunk.cached_tokens,
-                        predicted_ms=(decision.predicted_s or 0.0) * 1000,
-                        logprobs=chunk.logprobs,
+            with self.core.hung.watching(worker.worker_id, call.cancel) as stream:
+                try:
+                    async for chunk in call:
+                        stream.touch()
+                        if chunk.finish_reason == common_pb2.FINISH_REASON_PREFILL_DONE:
+                            # Recorded once the KV is held, so a re-dispatch never conflicts with it.
+                            await self._record_room(ctx, decision, context)
+                        text = decoder.push(visible_tokens(list(chunk.token_ids), chunk.finish_reason))
+                        if chunk.finish_reason:
+                            text += decoder.flush()
+                        yield dispatch_pb2.GenerateResponse(
+                            request_id=ctx.request_id,
+                            token_ids=chunk.token_ids,
+                            text=text,
+                            finish_reason=chunk.finish_reason,
+                            dp_rank=worker.dp_rank,
+                            worker_id=worker.worker_id,
+                            prompt_tokens=chunk.prompt_tokens,
+                            cached_tokens=chunk.cached_tokens,
+                            predicted_ms=(decision.predicted_s or 0.0) * 1000,
+                            logprobs=chunk.logprobs,
+                        )
+                except asyncio.CancelledError:
+                    if _client_cancelled(context):
+                        raise
+                    # The call was cancelled under us (its channel closed, or the worker hung): the
+                    # client must still get a status, never a stream left open until its deadline.
+                    why = (
+                        f"left membership and sent nothing for {stream.hung_for_s:.1f}s (hung)"
+                        if stream.hung_for_s
+                        else "was cancelled locally"
                     )
-            except asyncio.CancelledError:
-                if _client_cancelled(context):
-                    raise
-                # The call was cancelled under us (its channel closed): the client must still get
-                # a status, never a stream left open until its deadline.
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details=f"the call to worker {worker.worker_id} at {worker.address} was cancelled locally",
-                ) from None
-            finally:
-                call.cancel()
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        details=f"the call to worker {worker.worker_id} at {worker.address} {why}",
+                    ) from None
+                finally:
+                    call.cancel()
 
     async def _fail(self, context, request_id: str, worker: Worker, err: grpc.aio.AioRpcError, sent_any: bool) -> None:
         code = err.code()

@@ -74,7 +74,8 @@ class Dashboard:
                     self._diff(role, snapshot)
                     self.latest[address] = (role, snapshot)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as err:  # the dispatcher went, or its channel closed
-            log.info("dashboard: WatchLoad on %s ended: %s", address, err)
+            why = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
+            log.info("dashboard: WatchLoad on %s ended (%s)", address, why)  # one line, not the error's repr
             self.latest.pop(address, None)
 
     def _diff(self, role: str, snapshot: dispatch_pb2.WatchLoadResponse) -> None:

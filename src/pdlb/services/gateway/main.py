@@ -25,6 +25,7 @@ from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.render_api import RenderApi
+from pdlb.services.gateway.sglang_api import SGLangApi
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.services.gateway.worker_api import WorkerApi
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
@@ -175,11 +176,13 @@ def http_app(
     app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
     app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", api.get_model)  # ids may hold a slash (org/name)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health)  # SGLang's name; routers may probe it
     app.router.add_get("/live", live)
     workers.routes(app)
     RenderApi(api, streams, metrics).routes(app)
+    SGLangApi(api, streams, metrics).routes(app)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
     return app

@@ -39,6 +39,10 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# Chat roles vLLM's chat templates take; any other is refused (a template would render it as text).
+ROLES = ("system", "user", "assistant", "tool", "developer")
+# Retry-After of a 503 (no dispatcher or worker of a role): a restarted service registers within seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
@@ -62,11 +66,13 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 
 def failed_response(exc: RequestFailed) -> web.Response:
-    """A failed request as OpenAI error JSON; a shed one (429) with `Retry-After` seconds."""
+    """A failed request as OpenAI error JSON; a shed one (429) and an unavailable one (503) with
+    `Retry-After` seconds (the dispatcher's hint, else 1 s for 429 and 5 s for 503)."""
     status = HTTP_STATUS.get(exc.code, 500)
     response = error_response(status, exc.message)
-    if status == 429:
-        response.headers["Retry-After"] = str(exc.retry_after_s or 1)
+    if status in (429, 503):
+        default = 1 if status == 429 else UNAVAILABLE_RETRY_AFTER_S
+        response.headers["Retry-After"] = str(exc.retry_after_s or default)
     return response
 
 
@@ -148,14 +154,16 @@ class OpenAIApi:
             request.routing_key = user
         if key := http.headers.get("X-Session-Id", ""):
             request.routing_key = key[:256]
-        self._ranks(http, body, request)
-        _flow(http, body, request)
+        self.rank_pins(http, body, request)
+        flow_fields(http, body, request)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
+        if "stream_options" in body and not stream:  # as vLLM: it would be silently meaningless
+            raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
         try:
             prepared = await self.frontend.prepare(request)
         except InvalidRequest as exc:
@@ -184,6 +192,13 @@ class OpenAIApi:
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise ApiError(400, f"messages[{index}] needs a role", f"messages[{index}].role")
+            if message["role"] not in ROLES:
+                raise ApiError(
+                    400,
+                    f"messages[{index}].role {message['role'][:40]!r} is not a chat role: "
+                    f"use one of {', '.join(ROLES)}",
+                    f"messages[{index}].role",
+                )
             content = message.get("content")
             if isinstance(content, list):  # content parts: text only
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -196,7 +211,7 @@ class OpenAIApi:
             request.messages.append(common_pb2.ChatMessage(role=message["role"], content=content))
 
     @staticmethod
-    def _ranks(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+    def rank_pins(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
         """vLLM's X-data-parallel-rank header and SGLang-style body fields pin ranks."""
         pins = {"decode_dp_rank": body.get("decode_dp_rank"), "prefill_dp_rank": body.get("prefill_dp_rank")}
         general = body.get("data_parallel_rank")
@@ -228,9 +243,10 @@ class OpenAIApi:
             return await self._stream(http, parsed)
         return await self._whole(parsed)
 
-    async def _run(self, parsed: Parsed):
-        """The request's chunks with stop strings applied: (chunk, text, finish) triples."""
-        matcher = StopMatcher(parsed.stops)
+    async def run(self, parsed: Parsed, matcher: StopMatcher | None = None):
+        """The request's chunks with stop strings applied: (chunk, text, finish) triples. The
+        matcher (one of `parsed.stops` by default) tells which stop string ended the text."""
+        matcher = matcher or StopMatcher(parsed.stops)
         timer = Timer(self.observe)
         chunks = self.frontend.generate(parsed.prepared)
         try:
@@ -277,7 +293,7 @@ class OpenAIApi:
         finish = "stop"
         logprobs: list[common_pb2.TokenLogprob] = []
         try:
-            async for chunk, piece, reason in self._run(parsed):
+            async for chunk, piece, reason in self.run(parsed):
                 text.append(piece)
                 tokens += len(chunk.token_ids)
                 logprobs += chunk.logprobs
@@ -306,7 +322,7 @@ class OpenAIApi:
         return web.json_response(body, headers=_rank_headers(last))
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
-        runner = self._run(parsed)
+        runner = self.run(parsed)
         try:  # the first chunk before the headers: an early failure still gets its HTTP status
             first = await anext(runner)
         except StopAsyncIteration:
@@ -387,6 +403,14 @@ class OpenAIApi:
         data = [{"id": m, "object": "model", "created": created, "owned_by": "pdlb"} for m in self.models()]
         return web.json_response({"object": "list", "data": data})
 
+    async def get_model(self, http: web.Request) -> web.Response:
+        """`GET /v1/models/{id}`: one model object as in the list; 404 model_not_found otherwise."""
+        model = http.match_info["model"]
+        if model not in self.models():
+            message = f"the model {model[:200]!r} does not exist; this server serves {self.model_id!r}"
+            raise ApiError(404, message, "model")
+        return web.json_response({"id": model, "object": "model", "created": int(time.time()), "owned_by": "pdlb"})
+
 
 def _usage(parsed: Parsed, last: Chunk | None, completion_tokens: int) -> dict:
     prompt = len(parsed.prepared.prompt)
@@ -411,7 +435,7 @@ async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 
-def _flow(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
+def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
     """Flow-control fields: vLLM's `priority` (lower is served earlier), the TTFT deadline
     (`X-pdlb-TTFT-Deadline-Ms` header) and the tenant (`X-pdlb-Tenant`; else the routing key)."""
     priority = body.get("priority", 0)

@@ -7,7 +7,6 @@ names, ranges and defaults. A parameter sent as JSON null is the same as one not
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,26 +33,27 @@ NO_OP_ANY = {
     "separate_reasoning", "stream_reasoning", "include_reasoning", "reasoning_effort", "metadata", "store",
     "service_tier", "parallel_tool_calls", "spaces_between_special_tokens", "return_text_in_logprobs",
 }  # fmt: skip
-# Accepted only at the value that changes nothing; any other value is refused, naming it.
-NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v == 1,
-    "best_of": lambda v: v == 1,
-    "suffix": lambda v: v == "",
-    "tools": lambda v: v == [],
-    "tool_choice": lambda v: v in ("none", "auto"),  # without tools, "auto" calls none
-    "functions": lambda v: v == [],
-    "function_call": lambda v: v in ("none", "auto"),
-    "response_format": lambda v: v == {"type": "text"},
-    "modalities": lambda v: v == ["text"],
-    "no_stop_trim": lambda v: v is False,
-    "include_stop_str_in_output": lambda v: v is False,
-    "continue_final_message": lambda v: v is False,
-    "add_generation_prompt": lambda v: v is True,
-    "return_hidden_states": lambda v: v is False,
-    "use_beam_search": lambda v: v is False,
-    "length_penalty": lambda v: v == 1,
-    "chat_template_kwargs": lambda v: v == {},
-    "echo": lambda v: v is False,
+# Accepted only at the value that changes nothing (shown in the refusal); any other value is
+# refused, naming it.
+NEUTRAL: dict[str, Any] = {
+    "n": 1,
+    "best_of": 1,
+    "suffix": "",
+    "tools": [],
+    "tool_choice": ("none", "auto"),  # without tools, "auto" calls none
+    "functions": [],
+    "function_call": ("none", "auto"),
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "no_stop_trim": False,
+    "include_stop_str_in_output": False,
+    "continue_final_message": False,
+    "add_generation_prompt": True,
+    "return_hidden_states": False,
+    "use_beam_search": False,
+    "length_penalty": 1,
+    "chat_template_kwargs": {},
+    "echo": False,
 }
 # Honoured: read by `sampling_from` and the API module.
 HONOURED = {
@@ -70,12 +70,38 @@ def check_names(body: dict[str, Any]) -> dict[str, Any]:
     for name, value in body.items():
         if name in HONOURED or name in NO_OP_ANY:
             continue
-        neutral = NEUTRAL.get(name)
-        if neutral is None:
+        if name not in NEUTRAL:
             raise ParamError(name, f"unsupported parameter: {name}")
-        if not neutral(value):
-            raise ParamError(name, f"{name}={json.dumps(value)[:60]} is not supported by this server")
+        accepted = NEUTRAL[name]
+        choices = accepted if isinstance(accepted, tuple) else (accepted,)
+        if not any(_same(value, choice) for choice in choices):
+            allowed = " or ".join(json.dumps(choice) for choice in choices)
+            raise ParamError(
+                name,
+                f"{name}={shown_value(value)} is not supported by this server: it serves only {name}={allowed} "
+                "(or leave it out)",
+            )
     return body
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """JSON equality that keeps booleans apart from numbers (true is not 1)."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return value is accepted
+    return value == accepted
+
+
+def shown_value(value: Any, limit: int = 60) -> str:
+    """The value as JSON when short, else its shape (a cut JSON text reads as a parse error)."""
+    text = json.dumps(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, list):
+        return f"[...{len(value)} item{'s' if len(value) != 1 else ''}...]"
+    if isinstance(value, dict):
+        keys = ", ".join(json.dumps(k) for k in list(value)[:4])
+        return "{" + keys + (", ..." if len(value) > 4 else "") + "}"
+    return text[: limit - 3] + "..." + ('"' if isinstance(value, str) else "")
 
 
 @dataclass

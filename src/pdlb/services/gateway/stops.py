@@ -10,6 +10,7 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def push(self, text: str) -> tuple[str, bool]:
         """Text safe to release now, and whether a stop string was found (generation ends)."""
@@ -18,7 +19,9 @@ class StopMatcher:
         self.pending += text
         hits = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
         if hits:
-            released, self.pending = self.pending[: min(hits)], ""
+            at = min(hits)
+            self.matched = next(stop for stop in self.stops if self.pending.find(stop) == at)
+            released, self.pending = self.pending[:at], ""
             return released, True
         keep = max((_overlap(self.pending, stop) for stop in self.stops), default=0)
         cut = len(self.pending) - keep

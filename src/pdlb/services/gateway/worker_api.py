@@ -5,12 +5,16 @@ under their own policies:
 - `GET /server_info` (SGLang's, also `/get_server_info`): the model, `dp_size` (the ranks a router
   may pin with `data_parallel_rank`: the decode role's in PD, since the tokens come from there),
   `dp_size` per role, and the length limits;
-- `GET /model_info` (also `/get_model_info`): the model and whether it generates;
+- `GET /model_info` (also `/get_model_info`): the model, whether it generates, and its length limit;
 - `GET /get_load`: one entry per DP rank, in SGLang's shape (`dp_rank`, `num_reqs`,
   `num_waiting_reqs`, `num_tokens`), from the dispatchers' load tables (reported + in flight);
 - `GET /health_generate`: the same readiness as `/health`.
 
 Everything comes from the WatchLoad snapshots the dashboard already follows: no extra calls.
+The length limits are those of the workers, not the gateway's own: the smallest that the live
+workers of the roles a request crosses report (`max_prompt_tokens`, `max_context_tokens`), so a
+router or client that stays within them is never refused by a worker. Before any worker reported,
+the gateway's own limits stand.
 """
 
 from __future__ import annotations
@@ -59,8 +63,23 @@ class WorkerApi:
         ranks = self.rows(role)
         return max(ranks) + 1 if ranks else 0
 
+    def limits(self) -> tuple[int, int]:
+        """(longest prompt, most prompt + new tokens) in tokens that every live worker of the
+        roles a request crosses accepts (PD: prefill and decode), within the gateway's own limits."""
+        prompt, context = self.max_prompt_tokens, self.max_prompt_tokens + self.max_new_tokens
+        mode = self.upstreams.mode()
+        for role in ("mixed",) if mode == "mixed" else ("prefill", "decode") if mode else ():
+            for rows in self.rows(role).values():
+                for row in rows:
+                    if row.reported.max_prompt_tokens:  # 0: a worker that does not say
+                        prompt = min(prompt, row.reported.max_prompt_tokens)
+                    if row.reported.max_context_tokens:
+                        context = min(context, row.reported.max_context_tokens)
+        return min(prompt, context - 1), context  # a prompt leaves room for one new token
+
     async def server_info(self, request: web.Request) -> web.Response:
         role = self.pinned_role()
+        max_prompt, context = self.limits()
         per_role = {r: self.dp_size(r) for r in ("mixed", "prefill", "decode") if self.upstreams.addresses(r)}
         return web.json_response(
             {
@@ -72,9 +91,9 @@ class WorkerApi:
                 "dp_size": per_role.get(role, 0) if role else 0,
                 "dp_size_per_role": per_role,
                 "tp_size": 1,
-                "context_length": self.max_prompt_tokens + self.max_new_tokens,
-                "max_prompt_tokens": self.max_prompt_tokens,
-                "max_new_tokens": self.max_new_tokens,
+                "context_length": context,
+                "max_prompt_tokens": max_prompt,
+                "max_new_tokens": min(self.max_new_tokens, context - 1),
                 "max_total_num_tokens": self.kv_capacity(role) if role else 0,
             }
         )
@@ -89,7 +108,7 @@ class WorkerApi:
                 "served_model_name": self.model_id,
                 "tokenizer_path": self.model_id,
                 "is_generation": True,
-                "max_model_len": self.max_prompt_tokens + self.max_new_tokens,
+                "max_model_len": self.limits()[1],
             }
         )
 

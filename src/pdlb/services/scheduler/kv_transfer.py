@@ -1,11 +1,14 @@
 """PD KV hand-off: a prefill worker's held KV as a PullKV stream, and its reassembly on decode.
 
 Each layer's K and V travel as [num_heads, seq_len, head_dim] tensors (the documented wire shape),
-split into chunks of at most CHUNK_BYTES raw little-endian bytes.
+split into chunks of at most CHUNK_BYTES raw little-endian bytes. Engines that move KV through
+their own connector (vLLM) send the header alone, naming the connector and the decode request's
+`kv_transfer_params` (JSON, at most MAX_TRANSFER_PARAMS_BYTES).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
@@ -17,6 +20,7 @@ CHUNK_BYTES = 1 << 20
 # K and V of one token over all layers; far above any dense model's (Llama 3 405B: about 0.5 MiB),
 # it bounds what a malformed header can make the decode side allocate
 MAX_KV_BYTES_PER_TOKEN = 1 << 22
+MAX_TRANSFER_PARAMS_BYTES = 64 << 10  # a connector's kv_transfer_params (NIXL's: block ids, host, port)
 _DTYPES = {
     torch.float32: pb.TENSOR_D_TYPE_FLOAT32,
     torch.float16: pb.TENSOR_D_TYPE_FLOAT16,
@@ -55,6 +59,37 @@ def encode_kv(prompt: list[int], first_token: int, k: torch.Tensor, v: torch.Ten
             )
 
 
+def encode_connector(prompt: list[int], first_token: int, connector: str, params: dict | None) -> pb.PullKVResponse:
+    """The one message of a hand-off whose KV went through the engines' own `connector`: the
+    header, with `params` (the prefill's kv_transfer_params) as JSON."""
+    return pb.PullKVResponse(
+        header=pb.KVHeader(
+            input_ids=prompt,
+            first_token_id=first_token,
+            kv_connector=connector,
+            kv_transfer_params=json.dumps(params) if params is not None else "",
+        )
+    )
+
+
+def transfer_params(header: pb.KVHeader) -> dict | None:
+    """The kv_transfer_params of a connector hand-off's header (None: the connector returned none);
+    raises TransferError when they are not a JSON object."""
+    if not header.kv_transfer_params:
+        return None
+    if len(header.kv_transfer_params) > MAX_TRANSFER_PARAMS_BYTES:
+        raise TransferError(
+            f"kv_transfer_params of {len(header.kv_transfer_params)} bytes (at most {MAX_TRANSFER_PARAMS_BYTES})"
+        )
+    try:
+        params = json.loads(header.kv_transfer_params)
+    except ValueError as exc:
+        raise TransferError(f"kv_transfer_params are not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise TransferError("kv_transfer_params are not a JSON object")
+    return params
+
+
 def _wire_bytes(layer_tensor: torch.Tensor) -> bytes:
     # Reinterpret as bytes (works for bfloat16, which numpy lacks).
     return layer_tensor.transpose(0, 1).contiguous().view(torch.uint8).numpy().tobytes()
@@ -62,9 +97,10 @@ def _wire_bytes(layer_tensor: torch.Tensor) -> bytes:
 
 async def decode_kv(
     stream: AsyncIterator[pb.PullKVResponse],
-) -> tuple[pb.KVHeader, torch.Tensor, torch.Tensor]:
+) -> tuple[pb.KVHeader, torch.Tensor | None, torch.Tensor | None]:
     """Reassemble (header, k, v) with k, v shaped [num_layers, seq_len, num_heads, head_dim] (views of
-    one buffer that every chunk is copied into once, at its place)."""
+    one buffer that every chunk is copied into once, at its place). A connector hand-off (the
+    header names `kv_connector`) has no tensors: (header, None, None)."""
     header: pb.KVHeader | None = None
     buffer: np.ndarray | None = None
     received: dict[tuple[int, bool], int] = {}
@@ -74,9 +110,14 @@ async def decode_kv(
             if header is not None:
                 raise TransferError("KV stream sent a second header")
             header = message.header
+            if header.kv_connector:
+                transfer_params(header)  # checked here, before the decode request is sent
+                continue
             per_tensor = _check_header(header)
             buffer = np.empty(2 * header.num_layers * per_tensor, dtype=np.uint8)
             continue
+        if header is not None and header.kv_connector:
+            raise TransferError(f"KV stream sent a chunk after a {header.kv_connector} hand-off's header")
         if header is None or buffer is None:
             raise TransferError("KV stream sent a chunk before its header")
         chunk = message.chunk
@@ -92,6 +133,8 @@ async def decode_kv(
         buffer[start : start + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
         received[key] = done + len(chunk.data)
         chunks += 1
+    if header is not None and header.kv_connector:
+        return header, None, None
     if header is None or buffer is None or chunks != header.num_chunks:
         raise TransferError(f"KV stream ended after {chunks} of {header.num_chunks if header else '?'} chunks")
     for layer in range(header.num_layers):

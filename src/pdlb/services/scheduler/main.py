@@ -21,9 +21,10 @@ from pdlb.common.modes import role_of_mode
 from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
+from pdlb.engines.request import EngineLimits
 from pdlb.engines.torch import dtypes
 from pdlb.engines.torch.batching import Engine as BatchingEngine
-from pdlb.engines.torch.batching import EngineLimits, compute_thread
+from pdlb.engines.torch.batching import compute_thread
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.lockstep import LockstepEngine
@@ -97,6 +98,13 @@ def build_parser() -> FlagParser:
         type=int,
         help="vllm engine: DP ranks that server holds (its --data-parallel-size); this worker serves its rank "
         "dp_rank %% N, addressed with X-data-parallel-rank when N > 1",
+    )
+    p.flag(
+        "--vllm-kv-connector",
+        default="",
+        help="vllm engine, prefill/decode workers: the kv_connector the vLLM server was started with (its "
+        "--kv-transfer-config, e.g. ExampleConnector); vLLM moves the KV through it, pdlb hands the "
+        "kv_transfer_params over per bootstrap room",
     )
     p.flag("--vllm-wait", default=600.0, type=float, help="vllm engine: seconds to wait for the server to be healthy")
     p.flag(
@@ -357,11 +365,13 @@ async def serve(args, stop_event: asyncio.Event) -> None:
 def _check_vllm_args(args, role: str) -> None:
     if not args.vllm_url:
         raise SystemExit("--engine vllm needs --vllm-url (the vLLM server's base URL)")
-    if role != "mixed":
+    if role != "mixed" and not args.vllm_kv_connector:
         raise SystemExit(
-            "--engine vllm serves mixed requests only: vLLM disaggregates through its own KV connectors, "
-            "not pdlb's KV hand-off (see the README)"
+            f"--engine vllm as a {role} worker needs --vllm-kv-connector: vLLM moves PD's KV through the KV "
+            "connector its servers were started with (--kv-transfer-config), e.g. ExampleConnector"
         )
+    if role == "mixed" and args.vllm_kv_connector:
+        raise SystemExit("--vllm-kv-connector is for prefill and decode workers (--disaggregation-mode)")
     if args.dp_group_size > 1:
         raise SystemExit("--engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
     if args.metrics_port:

@@ -15,9 +15,14 @@ from pdlb.common.requests import InvalidRequest, check_request_off_loop, prompt_
 from pdlb.common.security import open_channel
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine, KVHandoffEngine
-from pdlb.engines.torch.batching import AdmissionError, PreloadedKV, Sequence
-from pdlb.engines.torch.sampler import Sampled, SamplingConfig
-from pdlb.services.scheduler.kv_transfer import TransferError, decode_kv, encode_kv
+from pdlb.engines.request import AdmissionError, ConnectorKV, PreloadedKV, Sampled, SamplingConfig, Sequence
+from pdlb.services.scheduler.kv_transfer import (
+    TransferError,
+    decode_kv,
+    encode_connector,
+    encode_kv,
+    transfer_params,
+)
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -203,7 +208,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return self.kv_wait_timeout_s, f"--kv-wait-timeout of {self.kv_wait_timeout_s:g} s"
         return max(remaining, 0.0), "the request's deadline"
 
-    async def _pull_kv(self, request: scheduler_pb2.SchedulerGenerateRequest, seq: Sequence, context) -> PreloadedKV:
+    async def _pull_kv(
+        self, request: scheduler_pb2.SchedulerGenerateRequest, seq: Sequence, context
+    ) -> PreloadedKV | ConnectorKV:
         room = seq.bootstrap_room
         wait_s, bound = self._wait_budget(context)
         until = time.monotonic() + wait_s
@@ -246,6 +253,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"request {seq.request_id}: room {room} holds the KV of a different prompt",
+            )
+        ours = self.engine.kv_connector
+        if header.kv_connector != ours:
+            what = f"vLLM's {header.kv_connector}" if header.kv_connector else "pdlb's own KV stream"
+            mine = f"vLLM's {ours}" if ours else "pdlb's own KV stream"
+            await _abort_kv(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request {seq.request_id}: room {room} was prefilled for {what}, but this decode worker "
+                f"loads KV through {mine}; run prefill and decode workers on the same engine",
+            )
+        if header.kv_connector:
+            return ConnectorKV(
+                room,
+                seq.request_id,
+                seq.prompt,
+                header.first_token_id,
+                header.kv_connector,
+                transfer_params(header),  # checked by decode_kv
             )
         return PreloadedKV(k=k, v=v, first_token=header.first_token_id)
 
@@ -325,9 +351,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 "or it was prefilled elsewhere)",
             )
         try:
-            k, v = await self.engine.read_held(held)
-            for message in encode_kv(held.prompt, held.first_token, k, v):
-                yield message
+            if isinstance(held, ConnectorKV):  # the KV went through the engines' connector: say where
+                yield encode_connector(held.prompt, held.first_token, held.kv_connector, held.kv_transfer_params)
+            else:
+                k, v = await self.engine.read_held(held)
+                for message in encode_kv(held.prompt, held.first_token, k, v):
+                    yield message
         finally:
             self.engine.free_held(held)  # after transfer, or when the decode side went away
 

@@ -13,7 +13,7 @@ import aiohttp
 
 from pdlb.common.membership import LeasedRegistration
 from pdlb.common.tokenizer import Tokenizer
-from pdlb.engines.torch.batching import EngineLimits
+from pdlb.engines.request import EngineLimits
 from pdlb.engines.vllm.engine import (
     TokenizerMismatch,
     VLLMEngine,
@@ -71,6 +71,8 @@ async def open_vllm_engine(args, limits: EngineLimits, tokenizer: Tokenizer) -> 
         max_model_len,
         poll_interval_s=args.vllm_poll_interval,
         session=session,
+        kv_connector=args.vllm_kv_connector,
+        kv_hold_ttl_s=args.kv_hold_ttl,
     )
     return engine
 

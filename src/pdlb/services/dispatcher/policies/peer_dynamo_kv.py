@@ -6,7 +6,13 @@ the prefix the worker already caches) and decode_blocks the worker's active KV b
 default weight 1.0 and temperature 0.0 the lowest cost wins. Dynamo learns the overlap from its
 workers' KV events (or, in its approximation mode, from its own routing decisions): here the
 approximate index of what this dispatcher sent where stands in. Active blocks are the reported KV
-in use (less the evictable prefix cache) plus the tokens in flight. Benchmarks only."""
+in use (less the evictable prefix cache) plus the tokens in flight. Benchmarks only.
+
+Re-implementation with no real counterpart here: Dynamo (PyPI ai-dynamo) routes only to workers
+registered in its own runtime (its discovery and KV event plane), not to a URL per DP rank as
+pdlb's ranks are served; wiring it in was not tried. vllm-router's `kv_aware` needs the workers'
+KV events too.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,11 @@ gives a worker a score in [0, 1]:
 - prefix cache: the share of the request's blocks the worker is believed to cache, from the
   approximate index of what this dispatcher sent where (llm-d's approximate prefix cache plugin
   works the same way);
-and the highest weighted sum wins, ties rotating. Benchmarks only."""
+and the highest weighted sum wins, ties rotating. Benchmarks only.
+
+Re-implementation with no real counterpart here: llm-d's inference scheduler runs as a Kubernetes
+gateway extension (Go), not installable from PyPI.
+"""
 
 from __future__ import annotations
 

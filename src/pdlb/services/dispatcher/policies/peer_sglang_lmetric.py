@@ -2,7 +2,11 @@
 issue states it from the gateway's documentation: score = new prefill tokens after the prefix
 match x (worker load + 1), lowest wins. New prefill tokens are the prompt less the prefix the
 worker is believed to cache (the approximate index of what this dispatcher sent where); load is the
-worker's running + waiting requests plus this dispatcher's requests in flight. Benchmarks only."""
+worker's running + waiting requests plus this dispatcher's requests in flight. Benchmarks only.
+
+Re-implementation with no real counterpart here: smg 0.3.2 (the version on PyPI) offers `random`,
+`round_robin`, `cache_aware`, `power_of_two`, `manual` and, for prefill, `bucket`; no `lmetric`.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,12 @@
 worker's holding tokens plus the tokens of requests dispatched since its last load update
 ("on-fly"). The on-fly list of a worker is cleared whenever the worker publishes its load, whether
 or not that load already includes them, so a request in flight across a report is forgotten.
-Benchmarks only."""
+Benchmarks only.
+
+Re-implementation with no real counterpart here: `minimum_tokens` is a load-balance method of
+SGLang's in-engine DP controller (an SGLang server, not installed here), not a router policy; smg
+0.3.2 has none.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """`peer_vllm_dp` (baseline): vLLM's DP load balancing (DPAsyncMPClient with the DPCoordinator):
 score = waiting * 4 + running from stats the coordinator publishes every 100 ms; between
 publications the front-end adds each of its own dispatches to the chosen engine's waiting count.
-Benchmarks only."""
+Benchmarks only.
+
+Re-implementation with no real counterpart compared here: the real one is the DP coordinator
+inside a vLLM server with `--data-parallel-size`, not vllm-router; `bench/vllm_bench.py` can run it
+(`vllm_internal`), but no comparison finished on the 2-core CPU machine (docs/BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 

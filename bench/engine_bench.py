@@ -184,10 +184,10 @@ async def measure(args, pdlb_address: str, vllm_url: str, vocab: int) -> list[di
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         targets = {"pdlb": stub, "vllm": (session, vllm_url)}
-        for side in SIDES:  # warm-up, not measured: one short request, then one full batch
+        for side in SIDES:  # warm-up, not measured: one short request, then 4 prompts of the full length
             await run_round(side, targets[side], prompts(999, 1, 16, vocab), 4, f"warm-{side}")
-            batch = prompts(998, args.concurrency, args.prompt, vocab)
-            await run_round(side, targets[side], batch, args.new, f"warm2-{side}")
+            batch = prompts(998, 4, args.prompt, vocab)
+            await run_round(side, targets[side], batch, 8, f"warm2-{side}")
         for index in range(args.rounds):
             order = SIDES if index % 2 == 0 else SIDES[::-1]
             for side in order:

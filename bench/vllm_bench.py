@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['tokens_per_s']:.1f} tok/s  ({row['makespan_s']:.0f} s)",
                     flush=True,
                 )
-        table = summarise(rows, methods)
+        table = summarise(rows, list(dict.fromkeys([*methods, *(r["method"] for r in rows)])))  # earlier runs' too
         runs = len({r["run"] for r in rows})
         header = (
             f"2 vLLM DP ranks (one server, --data-parallel-size 2, {args.dtype}), {args.requests} requests at "

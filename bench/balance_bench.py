@@ -129,11 +129,15 @@ FLOW_SLOTS_SUFFIX = "+flow-slots"
 
 def method_flags(method: str) -> list[str]:
     """Dispatcher flags of a benchmarked method: `least_wait+flow` is least_wait with late binding
-    (the dispatcher's admission queue, its default room test); `least_wait+flow-slots` the same with
-    room judged by free batch slots and KV alone; without a suffix, flow control is off."""
+    (the dispatcher's admission queue, its default room test); `least_wait+flow@0.25` the same with
+    `--max-prefill-ahead-chunks 0.25`; `least_wait+flow-slots` with room judged by free batch slots
+    and KV alone; without a suffix, flow control is off."""
     if method.endswith(FLOW_SLOTS_SUFFIX):
         base = method.removesuffix(FLOW_SLOTS_SUFFIX)
         return ["--load-balance-method", base, "--flow-control", "--max-prefill-ahead-chunks", "0"]
+    base, sep, chunks = method.partition(FLOW_SUFFIX + "@")
+    if sep:
+        return ["--load-balance-method", base, "--flow-control", "--max-prefill-ahead-chunks", chunks]
     base = method.removesuffix(FLOW_SUFFIX)
     return ["--load-balance-method", base, "--flow-control" if method != base else "--no-flow-control"]
 

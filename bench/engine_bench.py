@@ -178,22 +178,40 @@ def start_pdlb(args, model: Path, log_dir: str) -> ServiceProcess:
     return proc
 
 
-async def measure(args, pdlb_address: str, vllm_url: str, vocab: int) -> list[dict]:
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of a process, by thread name and id (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+async def measure(args, pdlb_address: str, vllm_url: str, vocab: int, pdlb_pid: int) -> list[dict]:
     rows = []
+    busy: dict[str, float] = {}  # CPU seconds of pdlb's worker threads during its measured rounds
     channel = grpc.aio.insecure_channel(pdlb_address)
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         targets = {"pdlb": stub, "vllm": (session, vllm_url)}
-        for side in SIDES:  # warm-up, not measured: one short request, then one full batch
+        for side in SIDES:  # warm-up, not measured: one short request, then 4 prompts of the full length
             await run_round(side, targets[side], prompts(999, 1, 16, vocab), 4, f"warm-{side}")
-            batch = prompts(998, args.concurrency, args.prompt, vocab)
-            await run_round(side, targets[side], batch, args.new, f"warm2-{side}")
+            batch = prompts(998, 4, args.prompt, vocab)
+            await run_round(side, targets[side], batch, 8, f"warm2-{side}")
         for index in range(args.rounds):
             order = SIDES if index % 2 == 0 else SIDES[::-1]
             for side in order:
                 batch = prompts(index * 2 + SIDES.index(side), args.concurrency, args.prompt, vocab)
                 row = {"side": side, "round": index, "load": load_average()}
+                before = thread_cpu_seconds(pdlb_pid) if side == "pdlb" else {}
                 row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}"))
+                for thread, seconds in thread_cpu_seconds(pdlb_pid).items() if side == "pdlb" else ():
+                    busy[thread] = busy.get(thread, 0.0) + seconds - before.get(thread, 0.0)
                 rows.append(row)
                 print(
                     f"round {index} {side:<5} {row['tokens_per_s']:6.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s "
@@ -202,6 +220,9 @@ async def measure(args, pdlb_address: str, vllm_url: str, vocab: int) -> list[di
                     flush=True,
                 )
     await channel.close()
+    wall = sum(r["seconds"] for r in rows if r["side"] == "pdlb")
+    top = sorted(busy.items(), key=lambda kv: -kv[1])[:6]
+    print("pdlb worker threads, CPU s per wall s of its rounds: " + ", ".join(f"{t} {s / wall:.2f}" for t, s in top))
     return rows
 
 
@@ -241,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         worker = start_pdlb(args, model, log_dir)
         worker.wait_ready(600)
         print(f"pdlb worker ready at {worker.address}; load average {load_average()}", flush=True)
-        rows = asyncio.run(measure(args, worker.address, server.url, vocab))
+        rows = asyncio.run(measure(args, worker.address, server.url, vocab, worker.pid))
     finally:
         if worker is not None:
             worker.terminate()
         server.stop()
     header = (
         f"pdlb's worker and vLLM ({'eager' if args.vllm_eager else 'compiled'}), {args.dtype}, {args.threads} threads "
-        f"each on cores {args.cpus}; {args.concurrency} concurrent prompts of {args.prompt} tokens, {args.new} new "
+        f"each on cores {args.cpus} (vLLM's bound there, pdlb's not); {args.concurrency} concurrent "
+        f"prompts of {args.prompt} tokens, {args.new} new "
         f"tokens, greedy; medians of {args.rounds} rounds (min-max); load average (1/5/15 min) "
         f"{rows[0]['load']} at the start, {rows[-1]['load']} at the end\n\n"
     )

@@ -125,17 +125,47 @@ async def run(replicas: list[dict[str, str]], items: list[TraceItem], ranks: int
     stub = clients[0].mixed
     await balance_bench.wait_ready_and_idle(stub, ranks)
     out: dict[tuple[int, str], Outcome] = {}
+    depths: list[tuple[int, int]] = []
+    sampler = asyncio.create_task(sample_queues(stub, depths))
     start = time.perf_counter()
     await asyncio.gather(*[one(clients[t.item.index % len(clients)], t, run_id, out, start) for t in items])
     span = time.perf_counter() - start
+    sampler.cancel()
+    out[QUEUES] = depths  # type: ignore[index]
     await balance_bench.wait_ready_and_idle(stub, ranks)
     for c in clients:
         await c.close()
     return out, span
 
 
+QUEUES = "queues"  # key of the sampled queue depths in a run's outcomes
+
+
+async def sample_queues(stub, depths: list[tuple[int, int]]) -> None:
+    """Every 100 ms while a run lasts: (requests waiting in the ranks' own queues, summed; requests
+    held in the dispatcher's queue), from the dispatcher's WatchLoad."""
+    from pdlb.v1 import dispatch_pb2
+
+    try:
+        async for snap in stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=100)):
+            depths.append((sum(w.reported.waiting_requests for w in snap.workers), snap.flow.queued_requests))
+    except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        return
+
+
+def queue_summary(depths: list[tuple[int, int]]) -> dict:
+    """Mean and max of the sampled depths (see `sample_queues`)."""
+    ranks, held = [d[0] for d in depths] or [0], [d[1] for d in depths] or [0]
+    return {
+        "rank_waiting_mean": statistics.fmean(ranks),
+        "rank_waiting_max": max(ranks),
+        "held_mean": statistics.fmean(held),
+        "held_max": max(held),
+    }
+
+
 def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, None)) -> dict:
-    parts = [o for (p, t), o in out.items() if cls[0] in (None, p) and cls[1] in (None, t)]
+    parts = [o for k, o in out.items() if k != QUEUES and cls[0] in (None, k[0]) and cls[1] in (None, k[1])]
     merged = Outcome()
     for o in parts:
         merged.ttft += o.ttft
@@ -160,13 +190,14 @@ def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, 
 
 def run_line(row: dict) -> str:
     """One run's numbers on one line, with each priority class and tenant."""
-    a = row["all"]
+    a, q = row["all"], row["queues"]
     classes = [k for k in row if k.startswith(("priority_", "tenant_"))]
     return (
         f"seed {row['seed']} load {row['load']:.2f} {row['variant']:5} {row['method']:26} ok {a['ok']}/{a['requests']} "
         f"shed {a['shed']} failed {a['failed']} TTFT p50 {a['ttft_p50_ms']:.0f} p99 {a['ttft_p99_ms']:.0f} ms "
         f"queued p99 {a['queued_p99_ms']:.0f} ms SLO {a['slo_attainment']:.1%} {a['throughput_tok_s']:.0f} tok/s "
-        f"{a['requests_per_s']:.1f} req/s"
+        f"{a['requests_per_s']:.1f} req/s | waiting at ranks mean {q['rank_waiting_mean']:.1f} max "
+        f"{q['rank_waiting_max']}, held mean {q['held_mean']:.1f} max {q['held_max']}"
         + "".join(
             f" | {k} p99 {row[k]['ttft_p99_ms']:.0f} ms shed {row[k]['shed']}" for k in classes if len(classes) > 1
         )
@@ -246,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                             "variant": variant,
                             "all": summary(out, span),
                         }
+                        row["queues"] = queue_summary(out.pop(QUEUES))
                         for p in sorted({p for p, _ in out}):
                             row[f"priority_{p}"] = summary(out, span, (p, None))
                         for tenant in sorted({t for _, t in out if t}):
@@ -294,7 +326,7 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
             f"{k}: TTFT p99 {v['ttft_p99_ms']:.0f} ms, queued p99 {v['queued_p99_ms']:.0f} ms, "
             f"SLO {v['slo_attainment']:.1%}, shed {v['shed']}/{v['requests']}"
             for k, v in r.items()
-            if isinstance(v, dict)
+            if isinstance(v, dict) and k != "queues"
         )
         + " |"
         for r in results
@@ -414,12 +446,12 @@ def report(results: list[dict]) -> str:
     """Medians over seeds of each method's ratios to round robin's (same seed and load)."""
     lines = [
         "| load | method | queued p99 / round_robin | TTFT p99 / round_robin | throughput / round_robin | "
-        "SLO attainment | shed | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "SLO attainment | shed | waiting at ranks, held (means) | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in results}):
         for method in dict.fromkeys(r["method"] for r in results):
-            ratios: dict[str, list[float]] = {"q": [], "t": [], "x": [], "slo": [], "shed": []}
+            ratios: dict[str, list[float]] = {"q": [], "t": [], "x": [], "slo": [], "shed": [], "w": [], "h": []}
             for r in results:
                 if r["load"] != load or r["method"] != method or r.get("variant"):
                     continue
@@ -435,12 +467,14 @@ def report(results: list[dict]) -> str:
                 ratios["x"].append(a["throughput_tok_s"] / b["throughput_tok_s"])
                 ratios["slo"].append(a["slo_attainment"])
                 ratios["shed"].append(a["shed"])
+                ratios["w"].append(r.get("queues", {}).get("rank_waiting_mean", math.nan))
+                ratios["h"].append(r.get("queues", {}).get("held_mean", math.nan))
             if ratios["t"]:
                 med = {k: statistics.median(v) for k, v in ratios.items()}
                 spread = f"{min(ratios['q']):.2f}-{max(ratios['q']):.2f}"
                 lines.append(
                     f"| {load:g} | {method} | {med['q']:.2f} ({spread}) | {med['t']:.2f} | {med['x']:.2f} | "
-                    f"{med['slo']:.1%} | {med['shed']:.0f} | {len(ratios['t'])} |"
+                    f"{med['slo']:.1%} | {med['shed']:.0f} | {med['w']:.1f}, {med['h']:.1f} | {len(ratios['t'])} |"
                 )
     return "\n".join(lines)
 

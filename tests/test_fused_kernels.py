@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from pdlb.engines.torch import fused_kernels as kernels
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
-from pdlb.engines.torch.llama import LlamaModel, _rotate_half
+from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
 
@@ -28,6 +28,12 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 # Rounding to the dtype at the same points as the reference: equal up to the dtype's last bit
 # (float32: summation order only).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The reference rotary helper (Llama's, as in transformers): (x1, x2) -> (-x2, x1) on the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

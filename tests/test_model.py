@@ -349,3 +349,76 @@ def test_rotary_frequencies_stay_float32_when_the_model_is_cast():
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(model.config))
     assert model.inv_freq.to(torch.bfloat16).float().ne(model.inv_freq).any()  # a cast would have changed it
+
+
+# bfloat16 against float32 transformers: bfloat16 rounding, not summation order. Measured on the
+# three texts below: 0.21-0.29 for pdlb, 0.20-0.33 for transformers' own bfloat16 (largest
+# |logit| ~20), so half a logit bounds both with room.
+BF16_LOGIT_TOLERANCE = 0.5
+
+
+def test_smollm2_bfloat16_logits_within_the_stated_bound_of_transformers(smollm2, smollm2_reference):
+    """bfloat16 weights, activations and KV: logits within BF16_LOGIT_TOLERANCE of transformers'
+    float32 ones, the same next token, and the same greedy answer to the reference chat prompt
+    (greedy tokens of other prompts part at near-ties, as transformers' own bfloat16 does)."""
+    source, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    model = LlamaModel(source.config())
+    model.load_weights(source.state_dict())
+    runner = TorchRunner(model, 1024, dtype=torch.bfloat16, eos_token_id=tokenizer.eos_token_id)
+    assert runner.pool.k.dtype == torch.bfloat16
+    for text in TEXTS[:3]:
+        ids = tokenizer.encode(text)
+        ours = _prefill_logits(runner, ids)
+        with torch.no_grad():
+            theirs = reference(torch.tensor([ids])).logits[0, -1]
+        assert (ours - theirs).abs().max().item() < BF16_LOGIT_TOLERANCE, text
+        assert int(ours.argmax()) == int(theirs.argmax()), text
+    ids = tokenizer.encode_chat([("user", "What is the capital of France?")])
+    want = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    slots = runner.allocate(len(ids) + 8)
+    got = [int(runner.model([SeqChunk(ids, 0, slots)], runner.pool)[0].argmax())]
+    while len(got) < len(want):
+        logits = runner.model([SeqChunk([got[-1]], len(ids) + len(got) - 1, slots)], runner.pool)[0]
+        got.append(int(logits.argmax()))
+    runner.release(slots)
+    assert got == want and "Paris" in tokenizer.decode(got)
+
+
+def test_cpu_packed_linears_give_the_plain_linears_logits(smollm2, smollm2_runner):
+    """The runner packs every linear layer (and the tied logits head) for oneDNN on a CPU where
+    torch supports it; logits equal those of the same weights through F.linear, to float rounding."""
+    from pdlb.engines.torch import packed_linear
+
+    source, tokenizer = smollm2
+    if not packed_linear.supported(torch.float32):
+        pytest.skip("this torch build has no oneDNN: linears stay unpacked")
+    assert smollm2_runner.packed_linears == 4 * source.config().num_layers  # qkv, o, gate_up, down per layer
+    assert isinstance(smollm2_runner.model.layers[0].qkv_proj, packed_linear.PackedLinear)
+    assert smollm2_runner.model.tied_head is not None
+    model = LlamaModel(source.config())
+    model.load_weights(source.state_dict())
+    plain = TorchRunner(model, 1024, eos_token_id=tokenizer.eos_token_id, pack_weights=False)
+    assert plain.packed_linears == 0 and isinstance(plain.model.layers[0].qkv_proj, torch.nn.Linear)
+    for text in TEXTS[:2]:
+        ids = tokenizer.encode(text)
+        assert (_prefill_logits(smollm2_runner, ids) - _prefill_logits(plain, ids)).abs().max().item() < 1e-3
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from pdlb.engines.torch import dtypes
+    from pdlb.services.scheduler.main import build_parser
+
+    assert build_parser().parse_args([]).dtype == "auto"
+    native = dtypes.cpu_has_native_bf16()
+    assert dtypes.resolve("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert dtypes.emulated_on(torch.bfloat16, "cpu") is not native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert dtypes.resolve("auto", "cpu") == torch.bfloat16 and not dtypes.emulated_on(torch.bfloat16, "cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert dtypes.resolve("auto", "cpu") == torch.float32 and dtypes.emulated_on(torch.bfloat16, "cpu")
+    assert dtypes.resolve("auto", "cuda:0") == torch.float32
+    assert dtypes.resolve("bfloat16", "cpu") == torch.bfloat16  # asked for by name: honoured, with a warning
+    with pytest.raises(ValueError, match="unknown dtype 'fp8': one of auto, bfloat16, float16, float32"):
+        dtypes.resolve("fp8", "cpu")

@@ -1,5 +1,7 @@
 """pdlb in front of real vLLM servers (CPU build, SmolLM2): rank addressing, aborts, load reports,
-a killed server's streams resumed elsewhere, a restarted server re-added, tokenizer refusal.
+sampling parameters and logprobs, `pdlb up --engine vllm` (mixed on attached servers, PD on its
+own prefill and decode servers through vLLM's ExampleConnector), a killed server's streams resumed
+elsewhere, a restarted server re-added, tokenizer refusal.
 
 One module-wide pair of servers (vLLM starts in minutes on a CPU): server A holds DP ranks 0 and 1
 (`--data-parallel-size 2`, addressed with X-data-parallel-rank), server B holds rank 2 alone. They
@@ -18,8 +20,8 @@ import pytest
 
 from pdlb.common.etcd_process import free_port
 from pdlb.engines.vllm.rank_metrics import parse_rank
-from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, missing_reason
-from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc
+from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, http_json, missing_reason
+from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, load_snapshot, wait_for_workers, wait_until
 
 pytestmark = [
@@ -265,24 +267,26 @@ async def _drain(call) -> list:
     return [chunk async for chunk in call]
 
 
-async def test_sampling_parameters_reach_vllm_and_logprobs_are_refused(servers, cluster):
+async def test_sampling_parameters_and_logprobs_are_vllms(servers, cluster):
     """The request's sampling parameters are vLLM's to apply: top_k 1 at temperature 1 gives the
-    greedy tokens, a logit bias of +100 on one token makes every draw that token, and logprobs,
-    which this engine does not pass back yet, are refused naming them rather than dropped."""
+    greedy tokens, a logit bias of +100 on one token makes every draw that token; logprobs come
+    back per token as vLLM's own answer to the same request sent to it directly (the drawn token's
+    logprob and the n most likely, most likely first)."""
     dispatcher, _, _ = cluster
     channel, dstub = dispatch_stub(dispatcher.address)
     ids = prompt(300, 32)
 
-    async def tokens(rid: str, **sampling) -> list[int]:
+    async def chunks(rid: str, **sampling) -> list:
         request = common_pb2.InferenceRequest(
             request_id=rid,
             input_ids=ids,
             decode_dp_rank=0,
             sampling=common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True, **sampling),
         )
-        return [
-            t for c in await _drain(dstub.Generate(dispatch_pb2.GenerateRequest(request=request))) for t in c.token_ids
-        ]
+        return await _drain(dstub.Generate(dispatch_pb2.GenerateRequest(request=request)))
+
+    async def tokens(rid: str, **sampling) -> list[int]:
+        return [t for c in await chunks(rid, **sampling) for t in c.token_ids]
 
     async with channel:
         await wait_for_workers(dstub, 3, timeout=60)
@@ -291,10 +295,27 @@ async def test_sampling_parameters_reach_vllm_and_logprobs_are_refused(servers, 
         forced = 4242
         biased = await tokens("biased", temperature=1.0, seed=7, logit_bias={forced: 100.0})
         assert biased == [forced] * 12
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await tokens("logprobs", temperature=0.0, logprobs=2)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "logprobs" in refused.value.details()
+        ours = [lp for c in await chunks("logprobs", temperature=0.0, logprobs=2) for lp in c.logprobs]
+    direct = http_json(
+        f"{servers['a'].url}/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": ids,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 2,
+            "return_tokens_as_token_ids": True,
+        },
+        headers={"X-data-parallel-rank": "0"},
+    )["choices"][0]["logprobs"]
+    assert [lp.token_id for lp in ours] == greedy
+    assert [f"token_id:{lp.token_id}" for lp in ours] == direct["tokens"]
+    assert [lp.logprob for lp in ours] == pytest.approx(direct["token_logprobs"], abs=1e-3)
+    for mine, theirs in zip(ours, direct["top_logprobs"], strict=True):
+        ranked = sorted(theirs.items(), key=lambda kv: -kv[1])[:2]
+        assert [f"token_id:{t.token_id}" for t in mine.top_logprobs] == [k for k, _ in ranked]
+        assert [t.logprob for t in mine.top_logprobs] == pytest.approx([v for _, v in ranked], abs=1e-3)
 
 
 # Long enough that vLLM's ExampleConnector stores whole 128-token blocks of its KV (it stores the
@@ -379,17 +400,21 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
         (prefill_url,), (decode_url,) = state["vllm"]["prefill"], state["vllm"]["decode"]
         assert len(state["pids"]) > len(state["children"]) + 1  # the vLLM servers are pdlb up's too
         loaded_before = source_tokens(decode_url, "0", "external_kv_transfer")
+        computed_before = source_tokens(decode_url, "0", "local_compute")
         api = openai.AsyncOpenAI(base_url=f"{state['http']}/v1", api_key="unused", max_retries=0)
         pd = await api.completions.create(model=MODEL, prompt=PD_TEXT, max_tokens=16, temperature=0)
         assert pd.choices[0].text == reference.choices[0].text
         assert pd.usage.completion_tokens == 16
 
+        # whole 128-token blocks (vLLM's CPU block size) of all but the last prompt token
+        stored = (pd.usage.prompt_tokens - 2) // 128 * 128
+
         async def decode_loaded() -> bool:
-            return source_tokens(decode_url, "0", "external_kv_transfer") - loaded_before >= 256
+            return source_tokens(decode_url, "0", "external_kv_transfer") - loaded_before == stored
 
         await wait_until(decode_loaded, 30, "the decode server to count the KV it loaded from the connector")
-        computed = source_tokens(decode_url, "0", "local_compute")
-        assert computed < pd.usage.prompt_tokens - 200, "the decode server computed the prompt itself"
+        computed = source_tokens(decode_url, "0", "local_compute") - computed_before
+        assert computed == pd.usage.prompt_tokens - stored, "the decode server computed more than the prompt's tail"
         assert source_tokens(prefill_url, "0", "local_compute") >= pd.usage.prompt_tokens
         assert any(storage.iterdir()), "the prefill server stored no KV in the cluster's directory"
 
@@ -404,6 +429,7 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
             assert sum(len(c.token_ids) for c in chunks) == 8
             assert {c.prefill_dp_rank for c in chunks if c.token_ids} == {0}
         await api.close()
+        await _prefill_rooms_are_owned(state["workers"]["scheduler-prefill-0"])
     finally:
         up.send_signal(signal.SIGTERM)
         rest = up.stdout.read()
@@ -411,6 +437,37 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes (vLLM servers included)"
     assert not storage.exists(), "the connector's storage directory was left behind"
+
+
+async def _prefill_rooms_are_owned(address: str) -> None:
+    """A vLLM prefill worker holds a room's hand-off for one request: a second request with the
+    room is refused ALREADY_EXISTS while it is held; the pull gets one header naming the connector,
+    with the prompt and first token; a second pull is answered NOT_FOUND at once."""
+    ids = prompt(500, 40)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+        def generate(rid: str):
+            request = common_pb2.InferenceRequest(
+                request_id=rid,
+                input_ids=ids,
+                bootstrap_room=987654321,
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=8),
+            )
+            return stub.Generate(scheduler_pb2.SchedulerGenerateRequest(request=request), timeout=120)
+
+        first = [c async for c in generate("room-owner")]
+        assert [c.finish_reason for c in first][-1] == common_pb2.FINISH_REASON_PREFILL_DONE
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            _ = [c async for c in generate("room-thief")]
+        assert taken.value.code() == grpc.StatusCode.ALREADY_EXISTS and "room-owner" in taken.value.details()
+        pull = scheduler_pb2.PullKVRequest(bootstrap_room=987654321, request_id="decode-side")
+        (message,) = [m async for m in stub.PullKV(pull, timeout=30)]
+        assert message.header.kv_connector == "ExampleConnector" and list(message.header.input_ids) == ids
+        assert message.header.first_token_id == first[-1].token_ids[-1]
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            _ = [m async for m in stub.PullKV(pull, timeout=30)]
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND and "already pulled" in gone.value.details()
 
 
 def test_a_worker_refuses_a_vllm_server_with_another_tokenizer(servers, etcd, prefix, tmp_path):

@@ -208,23 +208,25 @@ class LlamaModel(nn.Module):
         c = self.config
         x = self.embed_tokens(plan.tokens)
         cos, sin = self._rotary_tables(plan)
+        # rotate_half(x) * sin == roll(x, half) * (-sin, sin): one roll instead of a neg and a cat
         cos = torch.cat((cos, cos), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
-        sin = torch.cat((sin, sin), -1).to(x.dtype).unsqueeze(1)
+        sin = torch.cat((-sin, sin), -1).to(x.dtype).unsqueeze(1)
         layout = plan.attention_layout()
-        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        heads, kv_heads, half = c.num_heads, c.num_kv_heads, c.head_dim // 2
+        qk_width = (heads + kv_heads) * c.head_dim
         for index, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = layer.qkv_proj(h).split((q_width, kv_width, kv_width), -1)
-            q, k = q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim)
-            v = v.view(-1, c.num_kv_heads, c.head_dim)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            qkv = layer.qkv_proj(layer.input_layernorm(x))
+            # Q and K rotated together: [T, H + Hkv, hd]
+            qk = qkv[:, :qk_width].view(-1, heads + kv_heads, c.head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, qk_width:].view(-1, kv_heads, c.head_dim)
             k_pool, v_pool = pool.k[index], pool.v[index]
             k_pool[plan.write_slots] = k.to(k_pool.dtype)
             v_pool[plan.write_slots] = v.to(v_pool.dtype)
             x = x + layer.o_proj(pool_attention.attend(layout, q, k, v, k_pool, v_pool))
-            h = layer.post_attention_layernorm(x)
-            gate, up = layer.gate_up_proj(h).chunk(2, -1)
-            x = x + layer.down_proj(F.silu(gate) * up)
+            gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)
+            x = x + layer.down_proj(F.silu(gate).mul_(up))
         return self._logits(self.norm(x[plan.last_index]))
 
     def _run_fused(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
@@ -285,8 +287,3 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -8,6 +8,7 @@ the KV-token budget accounts for.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,12 +163,7 @@ class BatchPlan:
             spans.append((offset, n, chunk.start_pos))
             offset += n
             last.append(offset - 1)
-        starts = torch.tensor([c.start_pos for c in chunks]).view(-1, 1, 1)
-        query_pos = starts + torch.arange(max_new).view(1, -1, 1)
-        key_pos = torch.arange(max_kv).view(1, 1, -1)
         q_valid = torch.arange(max_new).view(1, -1) < torch.tensor(new_lens).view(-1, 1)
-        mask = (key_pos <= query_pos) & (key_pos < torch.tensor(kv_lens).view(-1, 1, 1))
-        mask |= ~q_valid.unsqueeze(-1) & (key_pos == 0)  # padded query rows see slot 0 only (no NaN)
         self.tokens = torch.tensor(tokens, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
@@ -177,7 +173,7 @@ class BatchPlan:
         # rows of the real (unpadded) queries, found here on the host: a boolean mask applied on
         # the device would make every layer wait for the GPU to count it
         self.q_rows = torch.nonzero(q_valid.flatten()).flatten().to(device)
-        self.mask = mask.unsqueeze(1).to(device)  # [B, 1, maxn, maxk]
+        self._mask_args = ([c.start_pos for c in chunks], kv_lens, q_valid, max_kv, device)
         self.last_index = torch.tensor(last, dtype=torch.long, device=device)
         self.kv_lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
         # a single prompt chunk from position 0 attends to nothing but itself
@@ -189,6 +185,17 @@ class BatchPlan:
     def attention_layout(self) -> AttentionLayout:
         """How each row attends in the plain-torch path (pool_attention.py), built on the host."""
         return AttentionLayout(*self._layout_args)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, maxn, maxk] which padded keys each padded query row attends to (the padded
+        attention call's mask; built on first use: the plain-torch path does without it)."""
+        starts, kv_lens, q_valid, max_kv, device = self._mask_args
+        query_pos = torch.tensor(starts).view(-1, 1, 1) + torch.arange(q_valid.shape[1]).view(1, -1, 1)
+        key_pos = torch.arange(max_kv).view(1, 1, -1)
+        mask = (key_pos <= query_pos) & (key_pos < torch.tensor(kv_lens).view(-1, 1, 1))
+        mask |= ~q_valid.unsqueeze(-1) & (key_pos == 0)  # padded query rows see slot 0 only (no NaN)
+        return mask.unsqueeze(1).to(device)
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, maxn, hd] attention output -> [tokens, H * hd] rows of the real queries."""

@@ -155,6 +155,33 @@ async def check_tokenizer(session: aiohttp.ClientSession, url: str, model: str, 
             )
 
 
+def token_id_of(placeholder: str) -> int:
+    """The id in vLLM's "token_id:<id>" (return_tokens_as_token_ids); ValueError otherwise."""
+    prefix, _, number = placeholder.partition(":")
+    if prefix != "token_id":
+        raise ValueError(f"a logprobs token {placeholder[:40]!r} that is not token_id:<id>")
+    return int(number)
+
+
+def logprobs_of(choice: dict, tokens: list[int], count: int | None) -> list[Sampled]:
+    """pdlb's per-token logprobs from a completion chunk's `logprobs` (vLLM's completions format:
+    token_logprobs, top_logprobs as {"token_id:<id>": logprob}); the `count` most likely tokens of
+    each position, most likely first (vLLM adds the drawn token when it is not among them: dropped,
+    as pdlb's engine lists exactly `count`). [] when none were asked for; ValueError when vLLM sent
+    fewer than one entry per token."""
+    if count is None or not tokens:
+        return []
+    got = choice.get("logprobs") or {}
+    values, tops = got.get("token_logprobs") or [], got.get("top_logprobs") or []
+    if len(values) != len(tokens) or len(tops) != len(tokens):
+        raise ValueError(f"{len(values)} logprobs for {len(tokens)} tokens")
+    sampled = []
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        ranked = sorted(((token_id_of(k), float(v)) for k, v in (top or {}).items()), key=lambda p: -p[1])
+        sampled.append(Sampled(token, float(value) if value is not None else None, ranked[:count]))
+    return sampled
+
+
 async def _error_text(resp: aiohttp.ClientResponse) -> str:
     """vLLM's error message (OpenAI error JSON), else the body's start."""
     raw = (await resp.content.read(64 << 10)).decode("utf-8", "replace")
@@ -237,12 +264,6 @@ class VLLMEngine:
             )
         if seq.request_id in self.inflight:
             raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
-        if seq.sampling is not None and seq.sampling.logprobs is not None:
-            raise AdmissionError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {seq.request_id}: logprobs are not passed through from vLLM ranks yet; "
-                "send the request without logprobs",
-            )
         if seq.bootstrap_room is not None:
             self._check_room(seq)
         check_prompt(seq, self.vocab_size, limits.max_prompt_tokens)
@@ -385,6 +406,10 @@ class VLLMEngine:
             )
             if cfg.logit_bias:
                 body["logit_bias"] = {str(token): bias for token, bias in cfg.logit_bias}
+            if cfg.logprobs is not None:
+                # vLLM's default logprobs are the model's raw ones, as pdlb's engine returns them;
+                # tokens come back as "token_id:<id>", not text
+                body.update(logprobs=cfg.logprobs, return_tokens_as_token_ids=True)
         if isinstance(seq.preloaded, ConnectorKV) and seq.preloaded.kv_transfer_params is not None:
             body["kv_transfer_params"] = seq.preloaded.kv_transfer_params  # what the prefill returned
         if seq.temperature > 0:
@@ -568,7 +593,7 @@ class VLLMEngine:
                     entry.first_token_at = time.monotonic()
                     self._notify()  # waiting -> running
                 entry.tokens += len(tokens)
-                logprobs: list[Sampled] = []
+                logprobs = logprobs_of(choice, tokens, seq.sampling.logprobs) if seq.sampling is not None else []
                 if reason is not None:
                     self._finish(seq, tokens, reason, logprobs)
                 elif tokens:

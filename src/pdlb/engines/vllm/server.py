@@ -191,9 +191,10 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def http_json(url: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-    """GET (body None) or POST JSON; the decoded answer. Raises urllib.error.HTTPError on >= 400."""
+def http_json(url: str, body: dict | None = None, timeout: float = 30.0, headers: dict | None = None) -> dict:
+    """GET (body None) or POST JSON with extra `headers`; the decoded answer. Raises
+    urllib.error.HTTPError on >= 400."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())

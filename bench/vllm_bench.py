@@ -10,9 +10,12 @@ every method, so weights, dtype and engine cores are the same:
 Same workload for every method (pdlb.workload, token-id prompts, greedy, ignore_eos), each run with
 its own token salt so no run warms another's prefix cache; methods interleaved run by run. Prints
 TTFT p50/p99 and output tokens/s per run, then medians over runs with the spread (min-max), and
-ratios against vLLM's internal balancing.
+ratios against vLLM's internal balancing. Each finished run is saved at once (`--json`), so a
+measurement can be split over several invocations (each starts the server afresh) and summarised
+together:
 
-    python -m bench.vllm_bench --runs 3 --requests 48 --rate 3
+    python -m bench.vllm_bench --runs 2 --requests 24 --rate 2
+    python -m bench.vllm_bench --runs 1 --first-run 2 --append --requests 24 --rate 2
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -166,6 +170,26 @@ def summarise(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(out)
 
 
+RUN_LINE = re.compile(
+    r"^run (\d+) (\S+)\s+TTFT p50 ([\d.]+) s  p99 ([\d.]+) s  ([\d.]+) tok/s  \((\d+) s\)$", re.MULTILINE
+)
+
+
+def rows_from_log(text: str) -> list[dict]:
+    """The runs an earlier invocation printed (its "run N method ..." lines), as rows."""
+    return [
+        {
+            "method": method,
+            "run": int(run),
+            "ttft_p50_s": float(p50),
+            "ttft_p99_s": float(p99),
+            "tokens_per_s": float(rate),
+            "makespan_s": float(makespan),
+        }
+        for run, method, p50, p99, rate, makespan in RUN_LINE.findall(text)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm-url", default="", help="a running server with --data-parallel-size 2 (default: start one)")
@@ -178,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-median", type=int, default=200, help="prompt length median, tokens")
     p.add_argument("--output-median", type=int, default=48, help="output length median, tokens")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--first-run", type=int, default=0, help="index of the first run (salts its tokens)")
+    p.add_argument("--append", action="store_true", help="add to the runs already in --json, summarise them all")
+    p.add_argument("--from-log", default="", help="with --append: also take the runs printed in this output file")
     p.add_argument("--out", default=str(RESULTS / "vllm_balance.md"), help="markdown results file")
+    p.add_argument("--json", default=str(RESULTS / "vllm_balance.json"), help="every run's numbers, saved per run")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     log_dir = tempfile.mkdtemp(prefix="pdlb-vllm-bench-")
@@ -226,27 +254,31 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         asyncio.run(run_once(url, salted(workload[:4], 251)))  # warm-up, not measured
-        rows = []
-        for run in range(args.runs):
+        rows = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).exists() else []
+        if args.append and args.from_log:
+            seen = {(r["method"], r["run"]) for r in rows}
+            rows += [r for r in rows_from_log(Path(args.from_log).read_text()) if (r["method"], r["run"]) not in seen]
+        for run in range(args.first_run, args.first_run + args.runs):
             for index, method in enumerate(methods):
                 items = salted(workload, 1 + run * len(methods) + index)
                 row = {"method": method, "run": run, **asyncio.run(run_once(bases[method], items))}
                 rows.append(row)
+                Path(args.json).write_text(json.dumps(rows, indent=1))
                 print(
                     f"run {run} {method:<18} TTFT p50 {row['ttft_p50_s']:.2f} s  p99 {row['ttft_p99_s']:.2f} s  "
                     f"{row['tokens_per_s']:.1f} tok/s  ({row['makespan_s']:.0f} s)",
                     flush=True,
                 )
-        table = summarise(rows, methods)
+        table = summarise(rows, list(dict.fromkeys([*methods, *(r["method"] for r in rows)])))  # earlier runs' too
+        runs = len({r["run"] for r in rows})
         header = (
             f"2 vLLM DP ranks (one server, --data-parallel-size 2, {args.dtype}), {args.requests} requests at "
             f"{args.rate}/s Poisson, input median {args.input_median}, output median {args.output_median}; "
-            f"medians of {args.runs} runs (min-max)\n\n"
+            f"medians of {runs} runs (min-max)\n\n"
         )
         print("\n" + header + table)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(header + table + "\n")
-        (RESULTS / "vllm_balance.json").write_text(json.dumps(rows, indent=1))
     finally:
         for proc in reversed(procs):
             proc.terminate(timeout=15)

@@ -281,7 +281,7 @@ class VLLMEngine:
 
     def _check_room(self, seq: Sequence) -> None:
         room = seq.bootstrap_room
-        if not self.kv_connector:
+        if not self.kv_connector and (seq.prefill_only or seq.preloaded is not None):
             raise AdmissionError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"request {seq.request_id}: this vLLM worker serves mixed requests only; PD needs vLLM servers "

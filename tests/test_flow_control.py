@@ -138,6 +138,7 @@ async def test_fair_share_a_flooding_tenant_does_not_starve_another(etcd, prefix
             client.send(f"flood-{i}", tokens=3, tenant="flood")
         await wait_queued(stub, 8)
         client.send("quiet-0", tokens=3, tenant="quiet")
+        await wait_queued(stub, 9)  # queued before quiet-1: within a tenant, arrival order holds
         client.send("quiet-1", tokens=3, routing_key="quiet")  # the tenant defaults to the routing key
         await wait_queued(stub, 10)
         client.tasks.pop("busy").cancel()
@@ -276,10 +277,14 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
         with pytest.raises(openai.BadRequestError) as bad:
             await api.completions.create(model="tiny-random", prompt="hello", extra_body={"priority": "high"})
         assert bad.value.body["param"] == "priority"
-        client.tasks["busy"].cancel()
-        served = await api.completions.create(
-            model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": -1, "ignore_eos": True}
+        serving = asyncio.create_task(
+            api.completions.create(
+                model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": -1, "ignore_eos": True}
+            )
         )
+        await wait_queued(stub, 1)  # held while the rank is busy, bound when its slot frees
+        client.tasks["busy"].cancel()
+        served = await asyncio.wait_for(serving, 60)
         assert served.usage.completion_tokens == 2
         snap = await load_snapshot(stub)
         assert snap.flow.shed_total == 2 and snap.flow.admitted_total >= 1

@@ -141,7 +141,7 @@ async def test_lockstep_group_requests_wait_for_a_slot_and_start_waves(etcd, pre
         wave = max(w.dp_group.wave for w in snap.workers)
         for i in range(3):
             client.send(f"held-{i}", tokens=3)
-        await wait_queued(stub, 3)
+            await wait_queued(stub, i + 1)  # queued one after another: arrival order is the send order
         client.tasks.pop("busy-a").cancel()
         await asyncio.wait_for(asyncio.gather(*(client.tasks[f"held-{i}"] for i in range(3))), 60)
         assert {client.outcome[f"held-{i}"] for i in range(3)} == {grpc.StatusCode.OK}, client.errors

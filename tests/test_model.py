@@ -405,6 +405,17 @@ def test_cpu_packed_linears_give_the_plain_linears_logits(smollm2, smollm2_runne
         assert (_prefill_logits(smollm2_runner, ids) - _prefill_logits(plain, ids)).abs().max().item() < 1e-3
 
 
+def test_vllm_servers_pdlb_starts_get_the_same_dtype_as_pdlbs_engine():
+    """`pdlb up --engine vllm` reads the CPU flags itself (no torch in the CLI); torch's own probes
+    are the reference."""
+    from pdlb.cli.main import build_parser
+    from pdlb.engines.torch import dtypes
+    from pdlb.engines.vllm.server import cpu_dtype
+
+    assert cpu_dtype() == ("bfloat16" if dtypes.cpu_has_native_bf16() else "float32")
+    assert build_parser().parse_args(["up"]).vllm_dtype == "auto"
+
+
 def test_dtype_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     from pdlb.engines.torch import dtypes
     from pdlb.services.scheduler.main import build_parser

@@ -129,7 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "starts the servers, else 1)",
     )
     parser.add_argument("--vllm-port", type=port, default=8100, help="vllm: port of the server pdlb starts (0: free)")
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="vllm: --dtype of the server pdlb starts")
+    parser.add_argument(
+        "--vllm-dtype",
+        default="auto",
+        help="vllm: --dtype of the server pdlb starts (auto: bfloat16 on CPUs with native bfloat16, AVX512-BF16 or "
+        "AMX, else float32, as pdlb's own engine)",
+    )
     parser.add_argument(
         "--vllm-eager",
         action=argparse.BooleanOptionalAction,
@@ -429,7 +434,7 @@ class LocalCluster:
         --vllm-decode-url), else started here, one per --vllm-server-ranks ranks of a role (waits
         until they are healthy: minutes on a CPU). PD servers pdlb starts share the cluster's KV
         storage directory through vLLM's ExampleConnector."""
-        from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, missing_reason
+        from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, cpu_dtype, find_venv, missing_reason
 
         args = self.args
         args.vllm_wait = 900.0
@@ -476,7 +481,7 @@ class LocalCluster:
                     port=vllm_port + index if args.vllm_port else free_port(),
                     venv=venv,
                     dp_size=size,
-                    dtype=args.vllm_dtype,
+                    dtype=cpu_dtype() if args.vllm_dtype == "auto" else args.vllm_dtype,
                     enforce_eager=args.vllm_eager,
                     extra_args=extra,
                 )

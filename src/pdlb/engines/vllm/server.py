@@ -49,6 +49,18 @@ def missing_reason() -> str:
     return f"vLLM is not installed at {where} (make install-vllm VLLM_VENV={where}, or set VLLM_VENV)"
 
 
+def cpu_dtype() -> str:
+    """The dtype a vLLM CPU server should run here: bfloat16 where the CPU multiplies it natively
+    (AVX512-BF16 or AMX, read from /proc/cpuinfo's flags, no torch import), else float32. Emulated
+    bfloat16 is several times slower and, on SmolLM2, can change greedy answers (ties in bfloat16)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 @dataclass
 class VLLMServerSpec:
     """One vLLM server: `dp_size` DP ranks (engine cores) behind one OpenAI API on `port`.

@@ -447,6 +447,7 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
             assert status == 200 and body["usage"]["completion_tokens"] == 1048, (rank, body)
         status, body = await complete(1001, 1, 0)
         assert status == 400 and "exceeds" in body["error"]["message"], body
+        assert "worker" not in body["error"]["message"], body  # the limit in the worker's words, no internals
         status, body = await complete(1000, 2048 - 999, 1)
         assert status == 400 and "context of 2048" in body["error"]["message"], body
         loads = await get("/get_load")

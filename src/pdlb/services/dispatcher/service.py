@@ -470,6 +470,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             code = grpc.StatusCode.UNAVAILABLE
         stage = "after streaming started" if sent_any else "before the first token"
         self.core.metrics.failures.labels(code.name).inc()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # The request itself is at fault (a length limit, a value the engine refuses): the client
+            # gets the worker's own words, which name the request; which worker said so is for the log.
+            log.info("request %s refused by worker %s: %s", request_id, worker.worker_id, err.details())
+            await context.abort(code, err.details())
         await context.abort(
             code,
             f"request {request_id}: worker {worker.worker_id} (rank {worker.dp_rank}) failed {stage}: "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -406,3 +407,21 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["--cluster", "a", "workers", "--dispatcher", "h:1"]).cluster == "a"  # kept
     assert parser.parse_args(["rooms", "--bootstrap", "h:2", "7"]).bootstrap == "h:2"
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
+
+
+def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
+    up, state, env = start_up(
+        tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
+        "--flow-control", "--dispatcher-arg=--max-queued-requests=7",
+    )  # fmt: skip
+    try:
+        top = pdlb("top", "--once", env=env)
+        assert top.returncode == 0 and "queue 0 (0 tokens" in top.stdout, top.stdout  # the queue line: enabled
+        generated = pdlb("generate", "hi", "--max-new-tokens", "3", env=env)
+        assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr
+        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in state["pids"] if alive(pid)]
+        dispatcher = next(a for a in argvs if any(part.endswith(b"pdlb-dispatcher") for part in a))
+        assert b"--flow-control" in dispatcher and b"--max-queued-requests=7" in dispatcher, dispatcher
+    finally:
+        rest = stop_up(up)
+    assert "etcd keys left behind: none" in rest

@@ -169,6 +169,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheduler-arg", action="append", default=[], help="extra flag for every scheduler (repeatable)"
     )
     parser.add_argument(
+        "--dispatcher-arg",
+        action="append",
+        default=[],
+        help="extra flag for every dispatcher (repeatable), e.g. --dispatcher-arg=--max-queued-requests=64",
+    )
+    parser.add_argument(
+        "--flow-control",
+        action="store_true",
+        help="dispatchers hold requests in their admission queue until a rank has room (pdlb-dispatcher "
+        "--flow-control; its other flow flags through --dispatcher-arg)",
+    )
+    parser.add_argument(
         "--lockstep",
         action="store_true",
         help="each role's ranks form one lockstep DP-attention group (request waves), as with DP attention",
@@ -360,6 +372,8 @@ class LocalCluster:
 
     def _run(self, kind: str, common: list[str], *flags: str, name: str = "", extra: list[str] | None = None) -> str:
         model = ["--model", self.args.model] if kind in ("dispatcher", "gateway") else []
+        if kind == "dispatcher":
+            extra = [*(extra or []), *(["--flow-control"] if self.args.flow_control else []), *self.args.dispatcher_arg]
         self._check_stop()
         proc = self._service(name or kind, [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])])
         proc.spawn()

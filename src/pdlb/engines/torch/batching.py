@@ -36,13 +36,13 @@ from pdlb.engines.request import (
     Sequence,
     check_prompt,
 )
+from pdlb.engines.room_waits import RoomWaits
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
 from pdlb.engines.torch.step_fit import StepFit
 from pdlb.v1 import common_pb2
 
-MAX_ROOM_WAITS = 10_000
 MAX_RELEASED_ROOMS = 10_000  # rooms whose held KV went (pulled or expired), remembered to answer at once
 
 
@@ -134,7 +134,7 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
-        self._room_events: dict[int, asyncio.Event] = {}
+        self._room_waits = RoomWaits()
         # One dedicated thread runs every step, so the event loop stays free to stream tokens and
         # reports while a step computes (see compute_thread for why it should be the only one).
         self._executor = executor or compute_thread(torch.get_num_threads())
@@ -451,36 +451,13 @@ class Engine:
         self.held[room] = held
         self.reserved += held.private_tokens
         asyncio.get_running_loop().call_later(self.kv_hold_ttl_s, self._wake)  # so expiry runs when idle
-        event = self._room_events.pop(room, None)
-        if event is not None:
-            event.set()
+        self._room_waits.held(room)
 
     async def wait_held(self, room: int, timeout: float) -> HeldKV | None:
         """Take a room's KV, waiting up to `timeout` for its prefill to finish here; None when the
         wait ran out. Raises AdmissionError(NOT_FOUND) at once when the room's KV was here and is
         gone (pulled by another request, or expired): waiting could never bring it back."""
-        held = self.take_held(room)
-        if held is not None:
-            return held
-        self._raise_if_released(room)
-        if timeout <= 0:
-            return None
-        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
-            raise AdmissionError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_ROOM_WAITS} pulls already wait for their rooms here"
-            )
-        event = self._room_events.setdefault(room, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
-        finally:
-            if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
-                del self._room_events[room]
-        held = self.take_held(room)
-        if held is None:  # another pull of the same room took it first
-            self._raise_if_released(room)
-        return held
+        return await self._room_waits.take(room, timeout, self.take_held, self._raise_if_released)
 
     def _raise_if_released(self, room: int) -> None:
         what = self.released.get(room)

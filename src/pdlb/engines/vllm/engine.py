@@ -57,6 +57,7 @@ from pdlb.engines.request import (
     Sequence,
     check_prompt,
 )
+from pdlb.engines.room_waits import RoomWaits
 from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
 from pdlb.v1 import common_pb2
 
@@ -67,7 +68,6 @@ MAX_ERROR_CHARS = 500  # of a vLLM error body quoted in a status message
 MAX_LINE_BYTES = 1 << 20  # one SSE line of a streamed completion
 MAX_BODY_BYTES = 16 << 20  # a whole (prefill) completion response: the prompt's ids echoed, and little else
 MAX_HELD_ROOMS = 10_000  # prefill: rooms whose connector hand-off waits for its decode side
-MAX_ROOM_WAITS = 10_000  # prefill: PullKV calls waiting for a room's prefill at once
 MAX_RELEASED_ROOMS = 10_000  # rooms whose hand-off went (pulled or expired), remembered to answer at once
 # vLLM's P/D protocol: the prefill request asks for its KV to be kept for a remote decode
 REMOTE_DECODE = {
@@ -226,7 +226,7 @@ class VLLMEngine:
         self.rooms: dict[int, str] = {}
         self.held: dict[int, ConnectorKV] = {}
         self.released: OrderedDict[int, str] = OrderedDict()
-        self._room_events: dict[int, asyncio.Event] = {}
+        self._room_waits = RoomWaits()
         self.kv_receive_s = 0.0  # decode side: the scheduler service's PullKV accounting
         self.kv_received_tokens = 0
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
@@ -510,35 +510,12 @@ class VLLMEngine:
             expires_at=time.monotonic() + self.kv_hold_ttl_s,
         )
         asyncio.get_running_loop().call_later(self.kv_hold_ttl_s, self._expire_held)
-        event = self._room_events.pop(room, None)
-        if event is not None:
-            event.set()
+        self._room_waits.held(room)
 
     async def wait_held(self, room: int, timeout: float) -> ConnectorKV | None:
         """Take a room's hand-off, waiting up to `timeout` s for its prefill here; None when the
         wait ran out. Raises AdmissionError(NOT_FOUND) at once when it was here and is gone."""
-        held = self.take_held(room)
-        if held is not None:
-            return held
-        self._raise_if_released(room)
-        if timeout <= 0:
-            return None
-        if room not in self._room_events and len(self._room_events) >= MAX_ROOM_WAITS:
-            raise AdmissionError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_ROOM_WAITS} pulls already wait for their rooms here"
-            )
-        event = self._room_events.setdefault(room, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
-        finally:
-            if self._room_events.get(room) is event and not event._waiters:  # type: ignore[attr-defined]
-                del self._room_events[room]
-        held = self.take_held(room)
-        if held is None:  # another pull of the same room took it first
-            self._raise_if_released(room)
-        return held
+        return await self._room_waits.take(room, timeout, self.take_held, self._raise_if_released)
 
     def take_held(self, room: int) -> ConnectorKV | None:
         """Hand a room's hand-off to a PullKV call; the caller must `free_held` it afterwards."""

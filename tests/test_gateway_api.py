@@ -18,7 +18,15 @@ from pdlb.client import PDLBClient
 from pdlb.common.etcd_process import free_port
 from pdlb.common.tokenizer import ByteTokenizer
 from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.helpers import dispatch_stub, request, wait_for_workers, wait_until
+from tests.helpers import (
+    dispatch_stub,
+    generate,
+    load_snapshot,
+    request,
+    rest_of,
+    wait_for_workers,
+    wait_until,
+)
 
 SMOLLM2 = "smollm2-135m-instruct"
 WORDS = ["hello", "world", "the", "cat", "Paris", "quantum", "zebra", "12345", "naïve", "🎉"]
@@ -112,7 +120,8 @@ async def test_gateway_health_answers_while_huge_prompts_are_tokenised(etcd, pre
                 await reply.read()
 
         await wait_until(lambda: complete("hi"), timeout=30, what="a first completion")
-        # Under the characters limit (16 x 32768 = 524288), over the token limit: tokenised, then 400.
+        # Under the characters limit (16 x 32768 = 524288), over the token limit (the worker's 4095):
+        # tokenised, then 400.
         huge = [long_text(500_000, seed) for seed in range(4)]
         started = time.perf_counter()
         busy = asyncio.gather(*(complete(text) for text in huge))
@@ -123,7 +132,7 @@ async def test_gateway_health_answers_while_huge_prompts_are_tokenised(etcd, pre
         latencies = await probe_while(busy, health)
         busy_s = time.perf_counter() - started
         for status, reply in busy.result():
-            assert status == 400 and "exceeds the limit 32768" in reply["error"]["message"], reply
+            assert status == 400 and "exceeds the limit 4095" in reply["error"]["message"], reply
         assert busy_s > 1.0, f"the huge prompts took only {busy_s:.2f}s: too little to measure a stall"
         assert len(latencies) >= 5 and max(latencies) < busy_s / 4, (max(latencies), busy_s)
 
@@ -449,7 +458,8 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
         assert status == 400 and "exceeds" in body["error"]["message"], body
         assert "worker" not in body["error"]["message"], body  # the limit in the worker's words, no internals
         status, body = await complete(1000, 2048 - 999, 1)
-        assert status == 400 and "context of 2048" in body["error"]["message"], body
+        assert status == 400 and "context is 2048 tokens" in body["error"]["message"], body
+        assert body["error"]["param"] == "max_tokens", body
         loads = await get("/get_load")
         assert [load["dp_rank"] for load in loads] == [0, 1, 2]
         assert all({"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load) for load in loads)
@@ -468,6 +478,84 @@ async def test_worker_endpoints_and_reflection_v1(etcd, prefix, start_service):
             replies = [reply async for reply in call(iter(requests))]
             assert "pdlb.v1.Gateway" in [s.name for s in replies[0].list_services_response.service], package
             assert replies[1].file_descriptor_response.file_descriptor_proto, package
+
+
+async def test_the_gateway_refuses_what_the_workers_cannot_take_before_dispatch(etcd, prefix, start_service):
+    """One source for the length limits: the workers' (sim ranks at --max-prompt-tokens 4096 and a
+    context of 4096 take prompts of at most 4095 tokens, leaving one for output). The gateway
+    advertises them, serves a request exactly at them, and refuses one past them itself, before
+    any dispatch, with an OpenAI error naming the field to shorten; a default max_tokens is cut to
+    the room left (vLLM's behaviour). The worker refuses in the same numbers."""
+    dispatcher, base, gateway = toy_cluster(etcd, prefix, start_service)
+    await ready_workers(dispatcher, 2)
+    channel, stub = dispatch_stub(dispatcher.address)
+
+    async def dispatched() -> int:
+        return sum(row.dispatched_total for row in (await load_snapshot(stub)).workers)
+
+    async with channel, aiohttp.ClientSession() as http:
+
+        async def post(path: str, body: dict) -> tuple[int, dict]:
+            async with http.post(f"{base}{path}", json={"model": MODEL, **body}) as reply:
+                return reply.status, await reply.json()
+
+        async def limits_known() -> bool:
+            async with http.get(f"{base}/server_info") as reply:
+                return (await reply.json())["max_prompt_tokens"] == 4095
+
+        await wait_until(limits_known, timeout=20, what="the gateway to see the workers' limits")
+        async with http.get(f"{base}/server_info") as reply:
+            info = await reply.json()
+        assert (info["max_prompt_tokens"], info["context_length"]) == (4095, 4096), info
+
+        at_limit = {"prompt": [7] * 4095, "max_tokens": 1, "ignore_eos": True}
+        status, body = await post("/v1/completions", at_limit)
+        assert status == 200 and body["usage"] == {**body["usage"], "prompt_tokens": 4095, "completion_tokens": 1}
+        before = await dispatched()
+
+        refusals = [
+            ("/v1/completions", {"prompt": [7] * 4096, "max_tokens": 1}, "prompt"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
+            ("/v1/completions", {"prompt": [7] * 4000, "max_tokens": 97}, "max_tokens"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4096},
+             "max_completion_tokens"),
+            ("/generate", {"input_ids": [7] * 4096}, "input_ids"),
+            ("/generate", {"text": "x" * 4000, "sampling_params": {"max_new_tokens": 200}},
+             "sampling_params.max_new_tokens"),
+        ]  # fmt: skip
+        for path, request_body, param in refusals:
+            status, body = await post(path, request_body)
+            assert status == 400, (path, param, body)
+            error = body["error"]
+            assert (error["param"], error["type"]) == (param, "invalid_request_error"), (path, error)
+            assert "context is 4096 tokens" in error["message"], error
+            if param in ("prompt", "messages", "input_ids"):
+                assert "exceeds the limit 4095" in error["message"], error
+            else:
+                assert "at most" in error["message"], error
+        assert await dispatched() == before  # refused at the gateway: no dispatcher saw them
+
+        # max_tokens left out: the default (16) is cut to the one token the context leaves
+        status, body = await post("/v1/completions", {"prompt": [7] * 4095, "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 1, body
+        assert body["choices"][0]["finish_reason"] == "length"
+
+        # gRPC callers of the gateway get the same refusal, as INVALID_ARGUMENT
+        async with grpc.aio.insecure_channel(gateway.address) as grpc_channel:
+            gateway_stub = gateway_pb2_grpc.GatewayStub(grpc_channel)
+            call = gateway_stub.Generate(
+                gateway_pb2.GatewayGenerateRequest(request=request("long", input_ids=[7] * 4000, max_new_tokens=97))
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await rest_of(call)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "context is 4096 tokens" in refused.value.details()
+
+        # a client of the dispatcher (no gateway check) hears the worker's refusal in the same numbers
+        with pytest.raises(grpc.aio.AioRpcError) as worker_refusal:
+            await generate(stub, request("direct", input_ids=[7] * 4096, max_new_tokens=1))
+        assert worker_refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds the limit 4095" in worker_refusal.value.details(), worker_refusal.value.details()
 
 
 async def _dp_size(get) -> bool:

@@ -48,6 +48,16 @@ class InvalidRequest(ValueError):
     """The request is malformed; the message says what to fix."""
 
 
+class TooLong(InvalidRequest):
+    """The request does not fit a length limit. `field`: what to shorten, "prompt" (the prompt
+    alone is longer than the limit) or "max_new_tokens" (the prompt fits, but not with this many
+    new tokens)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class CheckedRequest:
     request_id: str
@@ -105,7 +115,8 @@ def check_request(
     if not input_ids:
         raise InvalidRequest(f"request {rid}: empty prompt: set input_ids, text or messages")
     if len(input_ids) > max_prompt_tokens:
-        raise InvalidRequest(f"request {rid}: prompt of {len(input_ids)} tokens exceeds the limit {max_prompt_tokens}")
+        message = f"request {rid}: prompt of {len(input_ids)} tokens exceeds the limit {max_prompt_tokens}"
+        raise TooLong("prompt", message)
     if min(input_ids) < 0:
         raise InvalidRequest(f"request {rid}: negative token id {min(input_ids)}")
     sampling = req.sampling

@@ -84,19 +84,28 @@ class AdmissionError(Exception):
         self.code = code
 
 
-def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int) -> None:
-    """Refuse a prompt with a token id outside 0..vocab_size-1 or longer than max_prompt_tokens
-    (AdmissionError INVALID_ARGUMENT naming the request), whichever engine would run it."""
+def prompt_limit(max_prompt_tokens: int, context: int) -> int:
+    """The longest prompt (tokens) a rank takes: its --max-prompt-tokens, and at most `context` - 1
+    (a prompt leaves room for one new token; `context` 0: unknown). What it reports and checks."""
+    return min(max_prompt_tokens, context - 1) if context > 0 else max_prompt_tokens
+
+
+def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int, context: int = 0) -> None:
+    """Refuse a prompt with a token id outside 0..vocab_size-1 or longer than
+    prompt_limit(max_prompt_tokens, context) (AdmissionError INVALID_ARGUMENT naming the request),
+    whichever engine would run it."""
     bad = next((t for t in seq.prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{vocab_size - 1}",
         )
-    if len(seq.prompt) > max_prompt_tokens:
+    limit = prompt_limit(max_prompt_tokens, context)
+    if len(seq.prompt) > limit:
+        why = f" (a context of {context} tokens leaves room for one new token)" if limit < max_prompt_tokens else ""
         raise AdmissionError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds {max_prompt_tokens}",
+            f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds the limit {limit}{why}",
         )
 
 

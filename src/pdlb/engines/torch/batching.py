@@ -35,6 +35,7 @@ from pdlb.engines.request import (
     Sampled,
     Sequence,
     check_prompt,
+    prompt_limit,
 )
 from pdlb.engines.room_waits import RoomWaits
 from pdlb.engines.torch.model import SeqChunk
@@ -154,7 +155,7 @@ class Engine:
                 f"request {seq.request_id}: bootstrap room {seq.bootstrap_room} is already taken here by request "
                 f"{owner} (queued, running, or its KV held for its decode half); give every request a room of its own",
             )
-        check_prompt(seq, config.vocab_size, limits.max_prompt_tokens)
+        check_prompt(seq, config.vocab_size, limits.max_prompt_tokens, self.context_tokens)
         if seq.reserve > config.max_position:
             raise AdmissionError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -514,6 +515,11 @@ class Engine:
         for listener in self.listeners:
             listener()
 
+    @property
+    def context_tokens(self) -> int:
+        """The most prompt + new tokens one request may hold here: the model's context, within the KV budget."""
+        return min(self.runner.config.max_position, self.limits.max_total_tokens)
+
     def load(self) -> common_pb2.WorkerLoad:
         return common_pb2.WorkerLoad(
             running_requests=len(self.running),
@@ -533,8 +539,8 @@ class Engine:
             + sum(len(s.prompt) - s.computed for s in self.running if s.computed < len(s.prompt)),
             step_base_ms=self.step_base_s * 1000,
             prefill_tokens_per_step=self.limits.chunked_prefill_size,
-            max_prompt_tokens=self.limits.max_prompt_tokens,
-            max_context_tokens=min(self.runner.config.max_position, self.limits.max_total_tokens),
+            max_prompt_tokens=prompt_limit(self.limits.max_prompt_tokens, self.context_tokens),
+            max_context_tokens=self.context_tokens,
         )
 
     async def drain(self, timeout: float) -> None:

@@ -56,6 +56,7 @@ from pdlb.engines.request import (
     Sampled,
     Sequence,
     check_prompt,
+    prompt_limit,
 )
 from pdlb.engines.room_waits import RoomWaits
 from pdlb.engines.vllm.rank_metrics import RankRates, RankStats, parse_rank
@@ -266,7 +267,7 @@ class VLLMEngine:
             raise AdmissionError(grpc.StatusCode.ALREADY_EXISTS, f"request {seq.request_id} is already running here")
         if seq.bootstrap_room is not None:
             self._check_room(seq)
-        check_prompt(seq, self.vocab_size, limits.max_prompt_tokens)
+        check_prompt(seq, self.vocab_size, limits.max_prompt_tokens, self.max_model_len)
         if self.max_model_len and seq.reserve > self.max_model_len:
             raise AdmissionError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -353,7 +354,7 @@ class VLLMEngine:
             step_base_ms=self.rates.step_s * 1000,
             prefill_tokens_per_s=self.rates.prefill_tokens_per_s,
             mean_output_tokens=self.rates.mean_output_tokens,
-            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_prompt_tokens=prompt_limit(self.limits.max_prompt_tokens, self.max_model_len),
             max_context_tokens=self.max_model_len,  # 0 (unknown) when vLLM did not say
         )
 

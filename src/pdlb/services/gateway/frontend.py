@@ -33,8 +33,10 @@ import grpc
 
 from pdlb.client import new_room
 from pdlb.common.requests import (
+    MAX_NEW_TOKENS_LIMIT,
     RETRY_AFTER_KEY,
     InvalidRequest,
+    TooLong,
     check_request_off_loop,
     prompt_chars_limit,
     sampling_seed,
@@ -106,8 +108,12 @@ class Frontend:
         timeout_s: float,
         on_retry: Callable[[], None] = lambda: None,
         max_prompt_chars: int = 0,
+        limits: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
+        # (longest prompt, most prompt + new tokens) the live workers take (WorkerApi.limits): the
+        # limits checked before dispatch, and advertised in /server_info.
+        self.limits = limits or (lambda: (max_prompt_tokens, max_prompt_tokens + MAX_NEW_TOKENS_LIMIT))
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
@@ -116,16 +122,35 @@ class Frontend:
         self.active_ids: set[str] = set()
         self.active_rooms: set[int] = set()
 
-    async def prepare(self, request: common_pb2.InferenceRequest) -> Prepared:
-        """Validate and tokenise (off the event loop); raises InvalidRequest."""
-        checked = await check_request_off_loop(request, self.max_prompt_tokens, self.tokenizer, self.max_prompt_chars)
+    async def prepare(self, request: common_pb2.InferenceRequest, fit_new_tokens: bool = False) -> Prepared:
+        """Validate and tokenise (off the event loop) against the workers' length limits; raises
+        InvalidRequest, TooLong when the prompt, or the prompt with max_new_tokens, exceeds them.
+        `fit_new_tokens` (max_new_tokens was a default, not the client's): cut it to the room the
+        context leaves after the prompt instead of refusing (as vLLM does)."""
+        max_prompt, context = self.limits()
+        max_prompt = min(max_prompt, self.max_prompt_tokens)
+        try:
+            checked = await check_request_off_loop(request, max_prompt, self.tokenizer, self.max_prompt_chars)
+        except TooLong as exc:
+            raise TooLong(exc.field, f"{exc}: the model's context is {context} tokens; shorten the prompt") from None
+        max_new = checked.max_new_tokens
+        total = len(checked.input_ids) + max_new
+        if total > context and fit_new_tokens:
+            max_new = context - len(checked.input_ids)
+        elif total > context:
+            raise TooLong(
+                "max_new_tokens",
+                f"request {checked.request_id}: the model's context is {context} tokens; however, {total} were "
+                f"requested ({len(checked.input_ids)} in the prompt, {max_new} new). Ask for at most "
+                f"{context - len(checked.input_ids)} new tokens with this prompt, or shorten it",
+            )
         request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
         request.ClearField("input_ids")
         request.input_ids.extend(checked.input_ids)
         request.ClearField("text")
         request.ClearField("messages")
-        request.sampling.max_new_tokens = checked.max_new_tokens
-        return Prepared(request, checked.input_ids, checked.max_new_tokens)
+        request.sampling.max_new_tokens = max_new
+        return Prepared(request, checked.input_ids, max_new)
 
     async def generate(self, prepared: Prepared, timeout: float | None = None) -> AsyncIterator[Chunk]:
         """Stream the request's tokens; raises RequestFailed with a status naming the request

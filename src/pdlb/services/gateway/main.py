@@ -80,7 +80,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
         try:
-            prepared = await self.frontend.prepare(request.request)
+            # max_new_tokens unset: the default is cut to the room the context leaves, not refused
+            prepared = await self.frontend.prepare(request.request, not request.request.sampling.max_new_tokens)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.streams.try_acquire():
@@ -203,8 +204,16 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         }
     )
     metrics = GatewayMetrics()
+    dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
+    workers = WorkerApi(upstreams, dashboard, source.model_id, args.max_prompt_tokens, MAX_NEW_TOKENS_LIMIT)
     frontend = Frontend(
-        upstreams, tokenizer, args.max_prompt_tokens, args.request_timeout, metrics.retried, args.max_prompt_chars
+        upstreams,
+        tokenizer,
+        args.max_prompt_tokens,
+        args.request_timeout,
+        metrics.retried,
+        args.max_prompt_chars,
+        workers.limits,  # the workers' limits, checked before dispatch
     )
     streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 
@@ -213,10 +222,8 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         return sorted({source.model_id, *advertised_models})
 
     api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
-    dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix)
     readiness = Readiness(upstreams, dashboard, bootstrap)
-    workers = WorkerApi(upstreams, dashboard, source.model_id, args.max_prompt_tokens, MAX_NEW_TOKENS_LIMIT)
     app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, readiness, workers)
     # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
     # timeout (counted from the connection's start, and from each response): the header timeout.

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from pdlb.common.requests import InvalidRequest
+from pdlb.common.requests import InvalidRequest, TooLong
 from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
 from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
@@ -133,11 +133,7 @@ class OpenAIApi:
             body = check_names(body)
         except ParamError as exc:
             raise ApiError(400, exc.message, exc.param) from None
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model is required (see GET /v1/models)", "model")
-        if model not in self.models():
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}", "model")
+        model = self.check_model(body.get("model"))
         request = common_pb2.InferenceRequest(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
         if chat:
             self._messages(body, request)
@@ -156,19 +152,38 @@ class OpenAIApi:
             request.routing_key = key[:256]
         self.rank_pins(http, body, request)
         flow_fields(http, body, request)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", "stream")
+        stream = stream_flag(body)
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
         if "stream_options" in body and not stream:  # as vLLM: it would be silently meaningless
             raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
-        try:
-            prepared = await self.frontend.prepare(request)
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), "messages" if chat else "prompt") from None
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        # max_tokens unset: its default is cut to the room the context leaves (vLLM's behaviour)
+        prepared = await self.prepare(request, "messages" if chat else "prompt", key, fit=key not in body)
         return Parsed(chat, prepared, stream, bool(options.get("include_usage")), extras.stops, extras.logprobs, model)
+
+    def check_model(self, model: Any) -> str:
+        """The model a body names; ApiError 400 when missing, 404 (model_not_found) when not served."""
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model is required (see GET /v1/models)", "model")
+        if model not in self.models():
+            message = f"the model {model[:200]!r} does not exist; this server serves {self.model_id!r}"
+            raise ApiError(404, message, "model")
+        return model
+
+    async def prepare(
+        self, request: common_pb2.InferenceRequest, prompt_param: str, tokens_param: str, fit: bool
+    ) -> Prepared:
+        """The request checked and tokenised against the workers' limits (Frontend.prepare); ApiError
+        400 naming `prompt_param` for a bad or too-long prompt, `tokens_param` when the prompt fits
+        but not with the new tokens asked for."""
+        try:
+            return await self.frontend.prepare(request, fit)
+        except TooLong as exc:
+            raise ApiError(400, str(exc), prompt_param if exc.field == "prompt" else tokens_param) from None
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), prompt_param) from None
 
     def _prompt(self, body: dict, request: common_pb2.InferenceRequest) -> None:
         prompt = body.get("prompt")
@@ -405,10 +420,7 @@ class OpenAIApi:
 
     async def get_model(self, http: web.Request) -> web.Response:
         """`GET /v1/models/{id}`: one model object as in the list; 404 model_not_found otherwise."""
-        model = http.match_info["model"]
-        if model not in self.models():
-            message = f"the model {model[:200]!r} does not exist; this server serves {self.model_id!r}"
-            raise ApiError(404, message, "model")
+        model = self.check_model(http.match_info["model"])
         return web.json_response({"id": model, "object": "model", "created": int(time.time()), "owned_by": "pdlb"})
 
 
@@ -433,6 +445,14 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
 
 async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def stream_flag(body: dict) -> bool:
+    """The body's `stream` (false when absent); ApiError 400 when it is not a boolean."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", "stream")
+    return stream
 
 
 def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:

@@ -44,6 +44,7 @@ from pdlb.services.gateway.openai_api import (
     error_body,
     failed_response,
     flow_fields,
+    stream_flag,
 )
 from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from, shown_value
 from pdlb.services.gateway.stops import StopMatcher
@@ -112,11 +113,7 @@ class SGLangApi:
                 served = json.dumps(TOP_LEVEL_NEUTRAL[name])
                 message = f"{name}={shown_value(value)} is not supported by this server: it serves only {name}={served}"
                 raise ApiError(400, message, name)
-        model = body.get("model", self.api.model_id)
-        if model not in self.api.models():
-            raise ApiError(
-                404, f"the model {str(model)[:200]!r} does not exist; this server serves {self.api.model_id!r}", "model"
-            )
+        self.api.check_model(body.get("model", self.api.model_id))
         rid = body.get("rid", f"gen-{uuid.uuid4().hex}")
         if isinstance(rid, list) and len(rid) == 1:
             rid = rid[0]
@@ -128,7 +125,8 @@ class SGLangApi:
         except InvalidRequest as exc:
             raise ApiError(400, str(exc).replace("request_id", "rid"), "rid") from None
         _prompt(body, request)
-        translated = _sampling(body.get("sampling_params", {}))
+        params = _params(body.get("sampling_params", {}))
+        translated = _sampling(params)
         try:
             extras = sampling_from(check_names(translated), False, request.sampling)
         except ParamError as exc:
@@ -136,13 +134,10 @@ class SGLangApi:
             raise ApiError(400, exc.message.replace(exc.param, param), param) from None
         OpenAIApi.rank_pins(http, body, request)
         flow_fields(http, body, request)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", "stream")
-        try:
-            prepared = await self.api.frontend.prepare(request)
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), "text" if request.text else "input_ids") from None
+        stream = stream_flag(body)
+        fit = params.get("max_new_tokens") is None  # SGLang's default is cut to the room left, as vLLM's
+        prompt_param = "text" if request.text else "input_ids"
+        prepared = await self.api.prepare(request, prompt_param, "sampling_params.max_new_tokens", fit)
         return Parsed(False, prepared, stream, False, extras.stops, None, self.api.model_id)
 
     async def _outputs(self, parsed: Parsed):
@@ -228,12 +223,17 @@ def _prompt(body: dict, request: common_pb2.InferenceRequest) -> None:
         raise ApiError(400, "text or input_ids is required", "text")
 
 
-def _sampling(params: Any) -> dict:
-    """SGLang's sampling_params under the OpenAI names that request_params reads."""
+def _params(params: Any) -> dict:
+    """The body's sampling_params object (or the one of a batch of one); ApiError 400 otherwise."""
     if isinstance(params, list) and len(params) == 1:
         params = params[0]
     if not isinstance(params, dict):
         raise ApiError(400, "sampling_params must be an object", "sampling_params")
+    return params
+
+
+def _sampling(params: dict) -> dict:
+    """SGLang's sampling_params under the OpenAI names that request_params reads."""
     translated: dict[str, Any] = {"max_tokens": DEFAULT_MAX_NEW_TOKENS}
     for name, value in params.items():
         if value is None:

@@ -127,7 +127,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Generate(self, request: scheduler_pb2.SchedulerGenerateRequest, context) -> AsyncIterator:
         req = request.request
         try:
-            limit = self.engine.limits.max_prompt_tokens
+            # The limit the engine reports (within its context), so refusals name what is advertised.
+            limit = self.engine.load().max_prompt_tokens or self.engine.limits.max_prompt_tokens
             checked = await check_request_off_loop(req, limit, self.tokenizer, prompt_chars_limit(limit))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

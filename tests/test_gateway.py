@@ -243,6 +243,22 @@ async def test_openai_details_as_vllm_serves_them(etcd, prefix, start_service):
             )
         assert role.value.body["param"] == "messages[0].role" and "'robot'" in role.value.body["message"]
         assert "system, user, assistant, tool, developer" in role.value.body["message"]
+        # content missing where the role needs it, a name that is not a string: refused, naming the field
+        malformed = [
+            ([{"role": "user"}], "messages[0].content", "required for role 'user'"),
+            ([{"role": "system", "content": None}, user], "messages[0].content", "required for role 'system'"),
+            ([{**user, "name": 5}], "messages[0].name", "must be a string"),
+            ([{"role": "user", "content": [{"type": "text", "text": 7}]}], "messages[0].content[0].text", "string"),
+            ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "string or a list"),
+        ]
+        for messages, param, words in malformed:
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+            assert bad.value.body["param"] == param and words in bad.value.body["message"], (messages, bad.value.body)
+        # an assistant turn may be empty (OpenAI's schema), and a string name is fine
+        turns = [{**user, "name": "ann"}, {"role": "assistant"}, user]
+        chat = await client.chat.completions.create(model=MODEL, messages=turns, max_tokens=2)
+        assert chat.choices[0].finish_reason in ("stop", "length")
 
         tool = {"type": "function", "function": {"name": "get_weather", "description": "The weather " * 20}}
         with pytest.raises(openai.BadRequestError) as tools:

@@ -214,16 +214,7 @@ class OpenAIApi:
                     f"use one of {', '.join(ROLES)}",
                     f"messages[{index}].role",
                 )
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(400, f"messages[{index}]: only text content parts are supported", "messages")
-                content = "".join(str(p.get("text", "")) for p in content)
-            if content is None:
-                content = ""
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{index}].content must be a string", f"messages[{index}].content")
-            request.messages.append(common_pb2.ChatMessage(role=message["role"], content=content))
+            request.messages.append(common_pb2.ChatMessage(role=message["role"], content=_content(message, index)))
 
     @staticmethod
     def rank_pins(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
@@ -445,6 +436,33 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
 
 async def _event(response: web.StreamResponse, body: dict) -> None:
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _content(message: dict, index: int) -> str:
+    """A chat message's text: a string, or text content parts joined. ApiError 400 naming the field
+    for content missing where the role needs it (every role but assistant, whose turn may be
+    empty), content of another shape, and a `name` that is not a string (as vLLM refuses them)."""
+    where = f"messages[{index}]"
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, f"{where}.name must be a string", f"{where}.name")
+    content = message.get("content")
+    if content is None:
+        if message["role"] != "assistant":
+            raise ApiError(400, f"{where}.content is required for role {message['role']!r}", f"{where}.content")
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    texts = []
+    for number, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise ApiError(400, f"{where}.content[{number}]: only text content parts are supported", where)
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}.content[{number}].text must be a string", f"{where}.content[{number}].text")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def stream_flag(body: dict) -> bool:

@@ -283,6 +283,13 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
             )
         )
         await wait_queued(stub, 1)  # held while the rank is busy, bound when its slot frees
+        gateway_metrics = f"http://127.0.0.1:{http_port}/metrics"  # where users scrape: no dispatcher port needed
+
+        async def gateway_shows_queued() -> bool:
+            scrape = await asyncio.to_thread(_get, gateway_metrics)
+            return _sample(scrape, "pdlb_gateway_queue_requests") == 1.0
+
+        await wait_until(gateway_shows_queued, what="the gateway's /metrics to show the queued request")
         client.tasks["busy"].cancel()
         served = await asyncio.wait_for(serving, 60)
         assert served.usage.completion_tokens == 2
@@ -293,6 +300,16 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
         assert 'pdlb_queue_shed_total{reason="ttl"} 1.0' in scrape
         assert 'pdlb_queue_shed_total{reason="deadline"} 1.0' in scrape
         assert "pdlb_queue_requests 0.0" in scrape and "pdlb_queue_wait_seconds_count" in scrape
+
+        async def gateway_shows_shed() -> bool:
+            scrape = await asyncio.to_thread(_get, gateway_metrics)
+            return _sample(scrape, "pdlb_gateway_queue_shed_total") == 2.0
+
+        await wait_until(gateway_shows_shed, what="the gateway's /metrics to show the shed requests")
+        scrape = await asyncio.to_thread(_get, gateway_metrics)
+        assert _sample(scrape, "pdlb_gateway_queue_requests") == 0.0
+        assert _sample(scrape, "pdlb_gateway_queue_admitted_total") >= 1.0
+        assert _sample(scrape, "pdlb_gateway_queue_wait_p50_seconds") > 0.0  # the served one waited
         console = Console(width=400, record=True)
         console.print(render("mixed", snap))
         frame = console.export_text()
@@ -306,6 +323,16 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
     finally:
         await api.close()
         await channel.close()
+
+
+def _sample(scrape: str, name: str) -> float | None:
+    """The value of the one sample of `name` in a Prometheus text scrape (labels checked: mixed role)."""
+    values = [line for line in scrape.splitlines() if line.startswith(name + "{")]
+    assert len(values) <= 1, values
+    if not values:
+        return None
+    assert 'role="mixed"' in values[0] and 'dispatcher="' in values[0], values[0]
+    return float(values[0].rsplit(" ", 1)[1])
 
 
 def _get(url: str) -> str:

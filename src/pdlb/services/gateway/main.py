@@ -205,6 +205,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     )
     metrics = GatewayMetrics()
     dashboard = Dashboard(upstreams, metrics, args.dashboard_interval_ms, args.max_dashboards)
+    metrics.watch_queues(lambda: [(role, address, snap) for address, (role, snap) in list(dashboard.latest.items())])
     workers = WorkerApi(upstreams, dashboard, source.model_id, args.max_prompt_tokens, MAX_NEW_TOKENS_LIMIT)
     frontend = Frontend(
         upstreams,

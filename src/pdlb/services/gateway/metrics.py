@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pdlb.v1 import dispatch_pb2
 
 WINDOW_S = 30.0
 RENDER_API = "render"  # vLLM's render endpoints: counted, but they generate nothing (not in the window)
@@ -55,6 +60,11 @@ class GatewayMetrics:
         self.window_done: deque[float] = deque(maxlen=MAX_SAMPLES)
         self.retries_total = 0
 
+    def watch_queues(self, snapshots: Callable[[], Iterable[tuple[str, str, dispatch_pb2.WatchLoadResponse]]]) -> None:
+        """Export the admission queues of the dispatchers behind this gateway (flow control), read at
+        scrape time from `snapshots()`: (role, dispatcher address, latest WatchLoad snapshot) each."""
+        self.registry.register(QueueCollector(snapshots))
+
     def retried(self) -> None:
         self.retries.inc()
         self.retries_total += 1
@@ -96,6 +106,67 @@ class GatewayMetrics:
 
     async def http(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class QueueCollector(Collector):
+    """The dispatchers' admission queues as the gateway last received them over WatchLoad (one
+    report interval old at most), labelled by role and dispatcher; dispatchers without
+    --flow-control are left out. The same numbers as each dispatcher's own --metrics-port, here
+    where users scrape."""
+
+    def __init__(self, snapshots: Callable[[], Iterable[tuple[str, str, dispatch_pb2.WatchLoadResponse]]]) -> None:
+        self.snapshots = snapshots
+
+    def collect(self):
+        labels = ["role", "dispatcher"]
+        families = {
+            "requests": GaugeMetricFamily(
+                "pdlb_gateway_queue_requests", "Requests held in a dispatcher's admission queue", labels=labels
+            ),
+            "tokens": GaugeMetricFamily(
+                "pdlb_gateway_queue_tokens", "Prompt tokens of a dispatcher's queued requests", labels=labels
+            ),
+            "tenants": GaugeMetricFamily(
+                "pdlb_gateway_queue_tenants", "Tenants with requests in a dispatcher's queue", labels=labels
+            ),
+            "wait_p50": GaugeMetricFamily(
+                "pdlb_gateway_queue_wait_p50_seconds",
+                "Median queue wait of a dispatcher's recently bound requests (last 512)",
+                labels=labels,
+            ),
+            "wait_p99": GaugeMetricFamily(
+                "pdlb_gateway_queue_wait_p99_seconds",
+                "99th percentile queue wait of a dispatcher's recently bound requests (last 512)",
+                labels=labels,
+            ),
+            "admitted": CounterMetricFamily(
+                "pdlb_gateway_queue_admitted",
+                "Requests a dispatcher bound to a rank after waiting in its queue, since it started",
+                labels=labels,
+            ),
+            "shed": CounterMetricFamily(
+                "pdlb_gateway_queue_shed",
+                "Requests a dispatcher's queue failed with RESOURCE_EXHAUSTED (TTL, deadline, full, displaced), "
+                "since it started",
+                labels=labels,
+            ),
+        }
+        for role, address, snapshot in self.snapshots():
+            flow = snapshot.flow
+            if not flow.enabled:
+                continue
+            values = {
+                "requests": flow.queued_requests,
+                "tokens": flow.queued_tokens,
+                "tenants": flow.tenants,
+                "wait_p50": flow.wait_p50_ms / 1000,
+                "wait_p99": flow.wait_p99_ms / 1000,
+                "admitted": flow.admitted_total,
+                "shed": flow.shed_total,
+            }
+            for key, value in values.items():
+                families[key].add_metric([role, address], value)
+        yield from families.values()
 
 
 def _percentiles(values: list[float]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pdlb.cli.main import rendered
 from pdlb.common.orphan_guard import guarded
 
 
@@ -80,6 +82,14 @@ def test_up_serves_the_real_model_and_generate_chat_answers_in_words(tmp_path, m
     assert "etcd keys left behind: none" in rest
 
 
+def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
+    assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
+    assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk
+    assert rendered("a\ufffd", [97, 200]) == "<97><200>"
+    assert rendered("\x1b[2J", [27, 91]) == "<27><91>"  # a control sequence would act on the terminal
+    assert rendered("Paris", [12], as_ids=True) == "<12>"
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -91,9 +101,15 @@ def alive(pid: int) -> bool:
 
 def test_up_generate_workers_route_and_clean_shutdown(cluster):
     up, state, env = cluster
-    generated = pdlb("generate", "hello there", "--max-new-tokens", "5", env=env)
+    generated = pdlb("generate", "hello there", "--max-new-tokens", "40", env=env)
     assert generated.returncode == 0 and "FINISH_REASON_LENGTH" in generated.stderr
     assert generated.stdout.endswith("\n")  # the completion ends its line; the summary is on stderr
+    # The sim draws arbitrary byte ids: what does not decode to printable text shows as <id>, never
+    # as raw bytes or replacement characters.
+    assert all(c.isprintable() for c in generated.stdout[:-1]), repr(generated.stdout)
+    assert "<" in generated.stdout and "token id n, whose text is not printable" in generated.stderr
+    ids = pdlb("generate", "hello there", "--max-new-tokens", "40", "--token-ids", env=env)
+    assert ids.returncode == 0 and re.fullmatch(r"(<\d+>){40}\n", ids.stdout), ids.stdout
     workers = pdlb("workers", "--cluster", "local", env=env)  # connection flags after the subcommand too
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
     routed = pdlb("route", "hi", env=env)

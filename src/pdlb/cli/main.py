@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
+    gen.add_argument(
+        "--token-ids", action="store_true", help="print the generated token ids (as <id>) instead of their text"
+    )
     route = command("route", help="ask which rank would serve a prompt (counts as a dispatch)")
     route.add_argument("text")
     route.add_argument("--room", type=int, default=None, help="bootstrap room")
@@ -110,6 +113,15 @@ def client_for(args: argparse.Namespace) -> PDLBClient:
     return PDLBClient(prefill=found["prefill"], decode=found["decode"])
 
 
+def rendered(text: str, token_ids: list[int], as_ids: bool = False) -> str:
+    """What `pdlb generate` prints for one streamed chunk: its text, or its token ids as `<id>` when
+    asked for or when the text would not print (a replacement character from bytes that are not
+    UTF-8, or control characters other than newline and tab: what random ids decode to)."""
+    if as_ids or "\ufffd" in text or any(not c.isprintable() and c not in "\n\t" for c in text):
+        return "".join(f"<{token}>" for token in token_ids)
+    return text
+
+
 async def cmd_generate(args: argparse.Namespace) -> int:
     client = client_for(args)
     req = common_pb2.InferenceRequest(
@@ -125,15 +137,24 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     else:
         req.text = args.text
     last = None
+    shown_ids = False
     try:
         async for chunk in client.generate(req):
-            print(chunk.text, end="", flush=True)
+            piece = rendered(chunk.text, list(chunk.token_ids), args.token_ids)
+            shown_ids |= piece != chunk.text
+            print(piece, end="", flush=True)
             last = chunk
     finally:
         await client.close()
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
     usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
+    if shown_ids and not args.token_ids:
+        print(
+            "[<n>: token id n, whose text is not printable (a simulated worker draws arbitrary ids); "
+            "--token-ids prints every token as its id]",
+            file=sys.stderr,
+        )
     print(f"[rank {last.dp_rank if last else '-'}, {reason}, {usage}]", file=sys.stderr)
     return 0
 

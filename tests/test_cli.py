@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pdlb.cli.local_cluster import print_summary
 from pdlb.cli.main import rendered
 from pdlb.common.orphan_guard import guarded
 
@@ -82,6 +83,24 @@ def test_up_serves_the_real_model_and_generate_chat_answers_in_words(tmp_path, m
     assert "etcd keys left behind: none" in rest
 
 
+def test_the_start_summary_lists_the_vllm_servers():
+    lines: list[str] = []
+    info = {
+        "mode": "pd",
+        "log_dir": "logs",
+        "etcd": "127.0.0.1:2379",
+        "gateway": "127.0.0.1:50059",
+        "workers": {"scheduler-prefill-0": "127.0.0.1:50100"},
+        "http": "http://127.0.0.1:8000",
+        "vllm": {"prefill": ["http://127.0.0.1:8100"], "decode": ["http://127.0.0.1:8101"]},
+    }
+    print_summary(info, lines.append)
+    assert "  vLLM prefill server  http://127.0.0.1:8100" in lines
+    assert "  vLLM decode server   http://127.0.0.1:8101" in lines
+    print_summary({**info, "vllm": {"null": ["http://127.0.0.1:8100"]}}, lines.append)
+    assert "  vLLM server          http://127.0.0.1:8100" in lines
+
+
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
     assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk
@@ -121,6 +140,7 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
     assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
     rest = stop_up(up)
+    assert "stopping: schedulers, dispatchers, gateway, etcd ..." in rest  # what runs in mixed mode, no bootstrap
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
 
@@ -148,6 +168,7 @@ def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
         assert top.returncode == 0 and top.stdout.count("wave ") == 4, top.stdout
     finally:
         rest = stop_up(up)
+    assert "stopping: schedulers, bootstrap, dispatchers, gateway, etcd ..." in rest
     assert "etcd keys left behind: none" in rest
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("scheduler-*.log"))
     assert "leaving its DP group" not in logs  # stopped as a whole: no rank saw its group break

@@ -558,6 +558,17 @@ class LocalCluster:
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
 
+    def stop_order(self) -> list[str]:
+        """What `stop` stops, in its order, by kind: only what this cluster started."""
+        kinds = ["schedulers"] if any(s.name.startswith("scheduler") for s in self.services) else []
+        for service in self.services:
+            kind = "dispatchers" if service.name.startswith("dispatcher") else service.name
+            if not service.name.startswith("scheduler") and kind not in kinds:
+                kinds.append(kind)
+        if self.vllm_servers:
+            kinds.append("vLLM servers")
+        return kinds + (["etcd"] if self.etcd else [])
+
     def stop(self) -> list[str]:
         """Schedulers first (they deregister), then dispatchers and bootstrap, then etcd.
         Returns the etcd keys left behind (none when every service deregistered)."""
@@ -671,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
             print_summary(info, say)
             Supervisor(cluster, say, args.max_restarts).run(stop)
     finally:
-        say("\nstopping: schedulers, dispatchers, bootstrap, etcd ...")
+        say(f"\nstopping: {', '.join(cluster.stop_order())} ...")
         leftover = cluster.stop()
         say("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"))
         if status and os.path.isdir(cluster.log_dir):
@@ -689,6 +700,10 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
         say(f"  {name:<20} {address}")
     for address in info.get("replicas", []):
         say(f"  {'dispatcher replica':<20} {address}")
+    for role, urls in info.get("vllm", {}).items():  # --engine vllm: the servers the workers run on
+        label = "vLLM server" if role == "null" else f"vLLM {role} server"
+        for url in urls:
+            say(f"  {label:<20} {url}")
     say(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
     say(
         'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'

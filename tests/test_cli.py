@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlb.cli.local_cluster import print_summary
+from pdlb.cli.local_cluster import loading, print_summary
 from pdlb.cli.main import rendered
 from pdlb.common.orphan_guard import guarded
 
@@ -44,6 +44,7 @@ def start_up(tmp_path, *flags: str):
             break
     else:
         pytest.fail("pdlb up ended early:\n" + "".join(lines))
+    up.start_lines = lines  # type: ignore[attr-defined]  # what it printed while starting
     return up, json.loads((tmp_path / "state" / "clusters" / "local.json").read_text()), env
 
 
@@ -81,6 +82,17 @@ def test_up_serves_the_real_model_and_generate_chat_answers_in_words(tmp_path, m
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+def test_the_dequantisation_note_only_where_pdlb_loads_gguf_weights():
+    note = "dequantises its weights"
+    assert note in loading("pdlb", "torch", "smollm2-135m-instruct")
+    assert note in loading("pdlb", "torch", "models/llama.gguf")
+    assert note not in loading("vllm", "torch", "smollm2-135m-instruct")  # vLLM loads its own export
+    assert loading("vllm", "torch", "smollm2-135m-instruct") == "(smollm2-135m-instruct, on vLLM ranks)"
+    assert note not in loading("pdlb", "sim", "smollm2-135m-instruct")
+    assert note not in loading("pdlb", "torch", "models/hf-llama")  # safetensors: nothing to dequantise
+    assert note not in loading("pdlb", "torch", "tiny-random")
 
 
 def test_the_start_summary_lists_the_vllm_servers():

@@ -365,6 +365,9 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
         mixed_dir, "--mode", "mixed", "--engine", "vllm", "--vllm-url", a.url, "--vllm-server-ranks", "2",
         "--method", "round_robin",
     )  # fmt: skip
+    started = "".join(up.start_lines)
+    assert f"vLLM server          {a.url}" in started, started  # the attached server, in the summary
+    assert "dequantises" not in started, started  # pdlb's GGUF note: vLLM loads no pdlb weights
     try:
         api = openai.AsyncOpenAI(base_url=f"{state['http']}/v1", api_key="unused", max_retries=0)
         before = [finished(a.url, engine, "length") for engine in ("0", "1")]
@@ -398,6 +401,9 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
     storage = pd_dir / "state" / "vllm-kv" / "local"
     try:
         (prefill_url,), (decode_url,) = state["vllm"]["prefill"], state["vllm"]["decode"]
+        started = "".join(up.start_lines)
+        assert f"vLLM prefill server  {prefill_url}" in started and f"vLLM decode server   {decode_url}" in started
+        assert "dequantises" not in started, started
         assert len(state["pids"]) > len(state["children"]) + 1  # the vLLM servers are pdlb up's too
         loaded_before = source_tokens(decode_url, "0", "external_kv_transfer")
         computed_before = source_tokens(decode_url, "0", "local_compute")
@@ -434,6 +440,7 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
         up.send_signal(signal.SIGTERM)
         rest = up.stdout.read()
         assert up.wait(timeout=120) == 0, rest
+    assert "stopping: schedulers, bootstrap, dispatchers, gateway, vLLM servers, etcd ..." in rest
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes (vLLM servers included)"
     assert not storage.exists(), "the connector's storage directory was left behind"

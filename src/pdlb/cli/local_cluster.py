@@ -415,10 +415,8 @@ class LocalCluster:
                 ]
                 procs.append(self._service(f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}", argv))
         described = " + ".join(f"{n} {'mixed' if m == 'null' else m}" for m, n in counts.items())
-        real = self.args.runner == "torch" and self.args.model != TINY
-        loading = self.args.model if self.args.runner == "torch" else f"{self.args.model}, simulated"
-        note = "; a first start of a GGUF model dequantises its weights (about a minute)" if real else ""
-        self.say(f"  [{self._elapsed()}] starting {described} schedulers ({loading}){note}")
+        what = loading(getattr(self.args, "engine", "pdlb"), self.args.runner, self.args.model)
+        self.say(f"  [{self._elapsed()}] starting {described} schedulers {what}")
         for proc in procs:
             proc.spawn()
         self._await_started(procs)
@@ -636,6 +634,17 @@ class LocalCluster:
             return asyncio.run(keys())
         except Exception:
             return []
+
+
+def loading(engine: str, runner: str, model: str) -> str:
+    """What the schedulers run, as `pdlb up` announces them: the dequantisation note only where it
+    applies (pdlb's torch engine on a GGUF model; vLLM ranks and the sim load no pdlb weights)."""
+    if engine == "vllm":
+        return f"({model}, on vLLM ranks)"
+    if runner != "torch":
+        return f"({model}, simulated)"
+    gguf = model == SMOLLM2 or model.endswith(".gguf")  # the packaged SmolLM2 is a GGUF file
+    return f"({model})" + ("; a first start of a GGUF model dequantises its weights (about a minute)" if gguf else "")
 
 
 def pin_port(proc: ServiceProcess) -> None:

@@ -276,6 +276,7 @@ async def test_worker_rejoining_under_its_id_keeps_new_dispatches_counted(etcd, 
             return (await row(0)).inflight_requests == 0
 
         await wait_until(acknowledged, what="rank 0 to acknowledge its 30 requests")
+        assert (await row(0)).dispatched_total == 30
         os.kill(paused.pid, signal.SIGSTOP)
         try:
 
@@ -302,6 +303,9 @@ async def test_worker_rejoining_under_its_id_keeps_new_dispatches_counted(etcd, 
 
             await wait_until(reported_since, what="a report from rank 0 after the Route call")
         in_flight = (await row(0)).inflight_requests
+        dispatched = (await row(0)).dispatched_total
+    # dispatched_total counts since the dispatcher started, the rejoin does not reset it
+    assert dispatched == 40, dispatched
     # total_requests with equal loads alternates; every decision stays in flight (Route decisions
     # never reach a worker, so no report acknowledges them).
     assert routed == {0: 10, 1: 10}, routed

@@ -34,6 +34,27 @@ def ctx(tokens: int = 10, room: int | None = None, rid: str = "r") -> RouteConte
 # --- in-flight accounting --------------------------------------------------------------------------------
 
 
+def test_a_rejoining_worker_keeps_its_dispatch_count_and_departed_counts_are_bounded(monkeypatch):
+    """dispatched_total is "since the dispatcher started": a worker that leaves and rejoins under
+    its id keeps counting; the counts kept for departed workers are bounded."""
+    table = make_table(2)
+    for _ in range(3):
+        table.record_dispatch("w0", 5)
+    table.remove("w0")
+    rejoined = table.upsert(Worker("w0", Role.MIXED, 0, "127.0.0.1:9000"))
+    assert rejoined.dispatched_total == 3
+    table.record_dispatch("w0", 5)
+    moved = table.upsert(Worker("w0", Role.MIXED, 0, "127.0.0.1:9100"))  # same id, new address
+    assert moved.dispatched_total == 4
+    monkeypatch.setattr("pdlb.services.dispatcher.load_table.MAX_GONE_COUNTS", 2)
+    for name in ("a", "b", "c"):
+        table.upsert(Worker(name, Role.MIXED, 5, "127.0.0.1:1"))
+        table.record_dispatch(name, 1)
+        table.remove(name)
+    assert list(table._gone_dispatched) == ["b", "c"]
+    assert table.upsert(Worker("a", Role.MIXED, 5, "127.0.0.1:1")).dispatched_total == 0  # forgotten: oldest
+
+
 def test_report_drops_only_acknowledged_dispatches():
     table = make_table(1)
     seqs = [table.record_dispatch("w0", 100) for _ in range(3)]

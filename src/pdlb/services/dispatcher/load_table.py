@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 STATE_CHECK_S = 0.05
+MAX_GONE_COUNTS = 4096  # dispatch counts of departed workers kept for a rejoin (ids come from etcd keys)
 
 
 class Role(str, Enum):
@@ -162,6 +163,9 @@ class LoadTable:
         self._candidates_version = -1
         self._states_checked_at = float("-inf")
         self._last_seq = 0  # the table's dispatch counter: never reset, not even when a worker rejoins
+        # Dispatch counts of workers that left, by id: one that rejoins keeps counting from there
+        # (dispatched_total means since this dispatcher started). Oldest dropped past the bound.
+        self._gone_dispatched: OrderedDict[str, int] = OrderedDict()
 
     # membership ------------------------------------------------------------------------------
     def upsert(self, worker: Worker) -> WorkerEntry:
@@ -171,6 +175,9 @@ class LoadTable:
             entry = WorkerEntry(worker=worker, registered_at=self.clock())
             if previous is not None:  # same id, new address or rank
                 entry.next_seq = previous.next_seq
+                entry.dispatched_total = previous.dispatched_total
+            else:
+                entry.dispatched_total = self._gone_dispatched.pop(worker.worker_id, 0)
             self.entries[worker.worker_id] = entry
         entry.state = MemberState.LIVE
         self._changed_members()
@@ -180,6 +187,10 @@ class LoadTable:
         entry = self.entries.pop(worker_id, None)
         if entry is not None:
             entry.state = MemberState.GONE
+            if entry.dispatched_total:
+                self._gone_dispatched[worker_id] = entry.dispatched_total
+                while len(self._gone_dispatched) > MAX_GONE_COUNTS:
+                    self._gone_dispatched.popitem(last=False)
             self._changed_members()
         return entry
 

@@ -314,6 +314,31 @@ async def test_duplicate_room_on_one_prefill_rank_is_refused_and_the_first_kv_st
         assert loop.time() - started < 5
 
 
+async def test_a_room_held_on_one_prefill_rank_is_refused_at_dispatch_for_another_rank(pd):
+    """A second request with the room of one whose prefill holds its KV on rank 0, sent to rank 1
+    (the rank that would not see the clash), is refused ALREADY_EXISTS by the prefill dispatcher at
+    once, naming the holder, before any rank runs its prefill; the first request is served."""
+    cluster = pd(prefill_ranks=2, decode_ranks=1, method="round_robin")
+    await cluster.ready()
+    room = 4242
+    first = request("held-a", "the first prompt", max_new_tokens=5, bootstrap_room=room, prefill_dp_rank=0)
+    second = request("held-b", "another prompt", max_new_tokens=5, bootstrap_room=room, prefill_dp_rank=1)
+    p_channel, prefill = dispatch_stub(cluster.prefill_dispatcher.address)
+    d_channel, decode = dispatch_stub(cluster.decode_dispatcher.address)
+    async with p_channel, d_channel:
+        done = await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=first), timeout=60))
+        assert done[-1].finish_reason == 4 and done[-1].dp_rank == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _collect(prefill.Generate(dispatch_pb2.GenerateRequest(request=second), timeout=60))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        assert f"room {room} is already held by prefill rank 0" in err.value.details(), err.value.details()
+        rows = {r.worker.dp_rank: r for r in (await load_snapshot(prefill)).workers}
+        assert rows[1].reported.prompt_tokens_total == 0 and rows[1].inflight_requests == 0  # no prefill ran
+        chunks = await _collect(decode.Generate(dispatch_pb2.GenerateRequest(request=first), timeout=60))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == await cluster.mixed_tokens(request("ref", "the first prompt", max_new_tokens=5))
+
+
 async def test_a_duplicate_request_id_or_room_in_flight_is_refused_by_dispatcher_and_decode_worker(pd):
     """ALREADY_EXISTS wherever both copies meet: at a dispatcher (they would run on two ranks) and at
     a decode worker while the first waits for its room's KV."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import grpc
+
 from pdlb.common.bootstrap_locator import BootstrapLocator
 from pdlb.services.dispatcher.router import Decision
 from pdlb.v1 import bootstrap_pb2
 
 REGISTER_TIMEOUT_S = 5.0
+LOOKUP_TIMEOUT_S = 2.0
 
 
 class BootstrapRecorder:
@@ -30,6 +33,19 @@ class BootstrapRecorder:
             prefill_address=worker.address,
         )
         await stub.RegisterRoom(bootstrap_pb2.RegisterRoomRequest(record=record), timeout=REGISTER_TIMEOUT_S)
+
+    async def holder(self, room: int) -> bootstrap_pb2.RoomRecord | None:
+        """The record of `room` when another request's prefill already holds it (no waiting), else
+        None: unrecorded, or no bootstrap server to ask (then the record at the hand-off decides)."""
+        stub = self.locator.stub()
+        if stub is None:
+            return None
+        try:
+            lookup = bootstrap_pb2.LookupRoomRequest(bootstrap_room=room)
+            reply = await stub.LookupRoom(lookup, timeout=LOOKUP_TIMEOUT_S)
+        except grpc.aio.AioRpcError:  # NOT_FOUND: free; bootstrap away: RegisterRoom will say so
+            return None
+        return reply.record
 
     async def close(self) -> None:
         await self.locator.close()

@@ -309,6 +309,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     recorder = BootstrapRecorder(args.bootstrap, args.etcd, args.etcd_prefix) if role is Role.PREFILL else None
     if recorder:
         core.room_recorder = recorder.record
+        core.room_holder = recorder.holder
     watch = (
         PrefixWatch(args.etcd, workers_prefix(args.etcd_prefix, role.value), members.on_etcd_change)
         if args.etcd

@@ -33,7 +33,7 @@ from pdlb.services.dispatcher.policies.base import PrefixIndexPolicy
 from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.stream_watch import HungStreamWatch
 from pdlb.services.dispatcher.waves import WaveCoordinator
-from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
+from pdlb.v1 import bootstrap_pb2, common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from pdlb.v1 import scheduler_pb2 as sched_pb
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ _STATE = {
 
 # Called after a prefill decision with (room, decision); records the room in Bootstrap.
 RoomRecorder = Callable[[int, Decision], Awaitable[None]]
+RoomHolder = Callable[[int], Awaitable[bootstrap_pb2.RoomRecord | None]]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,6 +158,7 @@ class DispatchCore:
         self.max_prompt_tokens = max_prompt_tokens
         self.report_interval_ms = report_interval_ms
         self.room_recorder: RoomRecorder | None = None
+        self.room_holder: RoomHolder | None = None  # prefill: who holds a room already (Bootstrap)
         self.draining = False
         # Request ids and bootstrap rooms of the Generate calls in flight (bounded by active_requests).
         self.in_flight_ids: set[str] = set()
@@ -328,10 +330,13 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         await acquire(self.core.active_requests, context)
         try:
             await self._claim(ctx, context)
+            holder = self._room_holder(ctx)
             try:
-                async for response in self._generate(request, ctx, external, context):
+                async for response in self._generate(request, ctx, external, context, holder):
                     yield response
             finally:
+                if holder is not None:
+                    holder.cancel()
                 self.core.in_flight_ids.discard(ctx.request_id)
                 if ctx.bootstrap_room is not None:
                     self.core.in_flight_rooms.discard(ctx.bootstrap_room)
@@ -359,8 +364,42 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         if room is not None:
             core.in_flight_rooms.add(room)
 
+    def _room_holder(self, ctx: RouteContext) -> asyncio.Future | None:
+        """Prefill: Bootstrap's record of the request's room, looked up while the rank is chosen
+        (None when not a prefill request with a room, or nothing to ask)."""
+        core, room = self.core, ctx.bootstrap_room
+        if core.router.role is not Role.PREFILL or room is None or core.room_holder is None:
+            return None
+        return asyncio.ensure_future(core.room_holder(room))
+
+    async def _refuse_held_room(
+        self, ctx: RouteContext, decision: Decision, holder: asyncio.Future | None, context
+    ) -> None:
+        """Refuse at once (ALREADY_EXISTS) a room that Bootstrap records for another worker's prefill,
+        before the chosen rank computes it: unchecked, the clash would show only at the hand-off, after
+        that prefill ran. A room recorded for the chosen worker goes on: the worker itself refuses it
+        while it holds that room's KV, and takes it again once the KV was pulled (as before)."""
+        record = await holder if holder is not None else None
+        worker = decision.entry.worker
+        if record is None or record.prefill_worker_id == worker.worker_id:
+            return
+        self.core.table.cancel_dispatch(worker.worker_id, decision.seq)
+        self.core.flow.kick()
+        self.core.metrics.failures.labels("ALREADY_EXISTS").inc()
+        await context.abort(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"request {ctx.request_id}: bootstrap room {ctx.bootstrap_room} is already held by prefill rank "
+            f"{record.prefill_dp_rank} (worker {record.prefill_worker_id}) for another request; give every "
+            "request a room of its own",
+        )
+
     async def _generate(
-        self, request: dispatch_pb2.GenerateRequest, ctx: RouteContext, external: int | None, context
+        self,
+        request: dispatch_pb2.GenerateRequest,
+        ctx: RouteContext,
+        external: int | None,
+        context,
+        holder: asyncio.Future | None = None,
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         deadline = time.monotonic() + min(
             context.time_remaining() or self.core.request_timeout_s, self.core.request_timeout_s
@@ -371,6 +410,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 decision = await self._admit(request.request, ctx, deadline, context)
             else:  # pinned by a router, or re-dispatched after a failure: never held
                 decision = await self._decide(ctx, external, excluded, context, deadline)
+            await self._refuse_held_room(ctx, decision, holder, context)
             worker = decision.entry.worker
             sent_any = False
             try:

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -40,10 +41,11 @@ from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
 RESULTS = Path(__file__).parent / "results"
 
 
-def start_pdlb(method: str, etcd: EtcdProcess, vllm_url: str, log_dir: str) -> tuple[list[ServiceProcess], str]:
-    """A mixed dispatcher with `method`, a vLLM worker per DP rank, and a gateway; its HTTP base URL."""
+def start_pdlb(method: str, etcd: EtcdProcess, vllm_url: str, log_dir: str, procs: list[ServiceProcess]) -> str:
+    """A mixed dispatcher with `method`, a vLLM worker per DP rank, and a gateway, added to `procs`
+    as they are spawned (so the caller stops them whatever happens after); their HTTP base URL."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", f"/bench-{method}", "--model", SERVED_NAME]
-    procs = [
+    started = [
         ServiceProcess(
             f"dispatcher-{method}",
             [*script("pdlb-dispatcher"), *common, "--port", "0", "--load-balance-method", method],
@@ -51,7 +53,7 @@ def start_pdlb(method: str, etcd: EtcdProcess, vllm_url: str, log_dir: str) -> t
         )
     ]
     for rank in range(2):
-        procs.append(
+        started.append(
             ServiceProcess(
                 f"worker-{method}-{rank}",
                 [
@@ -74,18 +76,19 @@ def start_pdlb(method: str, etcd: EtcdProcess, vllm_url: str, log_dir: str) -> t
             )
         )
     http_port = free_port()
-    procs.append(
+    started.append(
         ServiceProcess(
             f"gateway-{method}",
             [*script("pdlb-gateway"), *common, "--port", "0", "--http-port", str(http_port)],
             log_dir,
         )
     )
-    for proc in procs:  # side by side: each imports torch, seconds on a busy machine
+    for proc in started:  # side by side: each imports torch, seconds on a busy machine
+        procs.append(proc)
         proc.spawn()
-    for proc in procs:
+    for proc in started:
         proc.wait_ready(timeout=300)
-    return procs, f"http://127.0.0.1:{http_port}"
+    return f"http://127.0.0.1:{http_port}"
 
 
 async def wait_gateway(session: aiohttp.ClientSession, base: str, timeout: float = 120) -> None:
@@ -190,6 +193,10 @@ def rows_from_log(text: str) -> list[dict]:
     ]
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm-url", default="", help="a running server with --data-parallel-size 2 (default: start one)")
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "vllm_balance.md"), help="markdown results file")
     p.add_argument("--json", default=str(RESULTS / "vllm_balance.json"), help="every run's numbers, saved per run")
     args = p.parse_args(argv)
+    # SIGTERM stops the run like Ctrl-C does: through the `finally` below, which stops every child
+    # (pdlb's services first, then etcd and the vLLM server's process group). Python's default
+    # SIGTERM would end this process with no cleanup at all.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     methods = args.methods.split(",")
     log_dir = tempfile.mkdtemp(prefix="pdlb-vllm-bench-")
     server = None
@@ -232,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         bases = {"vllm_internal": url}
         for method in methods:
             if method != "vllm_internal":
-                started, bases[method] = start_pdlb(method, etcd, url, log_dir)
-                procs += started
+                bases[method] = start_pdlb(method, etcd, url, log_dir, procs)
 
         async def ready() -> None:
             async with aiohttp.ClientSession() as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -98,9 +99,16 @@ class ServiceHost:
         await self.server.stop(grace)
 
 
-def shutdown_event() -> asyncio.Event:
+class ShutdownEvent(asyncio.Event):
+    """Set on SIGTERM or SIGINT. `serving`: the service finished starting (run_until_signal), so a
+    signal drains it; before that, a signal cancels the start (see run_service)."""
+
+    serving = False
+
+
+def shutdown_event() -> ShutdownEvent:
     """An event set on SIGTERM or SIGINT (installed on the running loop)."""
-    event = asyncio.Event()
+    event = ShutdownEvent()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
@@ -112,6 +120,8 @@ async def run_until_signal(
 ) -> None:
     """Start a service, wait for the shutdown event, then stop it (drain, deregister, exit)."""
     await start()
+    if isinstance(stop_event, ShutdownEvent):
+        stop_event.serving = True
     await stop_event.wait()
     log.info("shutdown requested: draining")
     await stop()
@@ -123,14 +133,30 @@ def run_service(
     serve: Callable[[argparse.Namespace, asyncio.Event], Awaitable[None]],
     argv: list[str] | None = None,
 ) -> None:
-    """A service's console-script entry point: parse flags, log, serve until SIGTERM/SIGINT."""
+    """A service's console-script entry point: parse flags, log, serve until SIGTERM/SIGINT. A
+    signal that arrives while the service is still starting (waiting for a vLLM server, etcd, a
+    model) cancels the start and exits at once: nothing is serving yet, so there is nothing to drain
+    (a registration made so far expires with its lease)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     security.configure(security.tls_from_args(args))
     security.configure_etcd(security.etcd_security_from_args(args))
 
     async def run() -> None:
-        await serve(args, shutdown_event())
+        event = shutdown_event()
+        serving = asyncio.ensure_future(serve(args, event))
+        signalled = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done() and not event.serving:
+                log.info("shutdown requested while starting: stopping without serving")
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                return
+            await serving
+        finally:
+            signalled.cancel()
 
     asyncio.run(run())
 

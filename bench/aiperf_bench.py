@@ -34,7 +34,7 @@ from pdlb.cli import bench_client, local_cluster
 from pdlb.client import PDLBClient
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.tokenizer_export import export_tokenizer
-from pdlb.workload import WorkloadSpec, generate, percentile
+from pdlb.workload import WorkloadSpec, generate, percentile_fields
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "req_s", "tok_s")
@@ -114,10 +114,8 @@ async def run_bench_client(args: argparse.Namespace, dispatcher: str, seed: int)
     ttft = [r.ttft_s * 1000 for r in ok]
     itl = [x * 1000 for r in ok for x in r.itl_s]
     return {
-        "ttft_p50": percentile(ttft, 50),
-        "ttft_p99": percentile(ttft, 99),
-        "itl_p50": percentile(itl, 50),
-        "itl_p99": percentile(itl, 99),
+        **percentile_fields("ttft", ttft),
+        **percentile_fields("itl", itl),
         "req_s": len(ok) / elapsed,
         "tok_s": sum(r.tokens for r in ok) / elapsed,
         "ok": len(ok),

@@ -28,7 +28,7 @@ from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.runners import CostModel, StepItem
 from pdlb.v1 import common_pb2, dispatch_pb2
-from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
+from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, percentile_fields, salted
 
 CHUNKED_PREFILL = 1024  # the schedulers' --chunked-prefill-size
 DEFAULT_METHODS = "least_wait,total_requests,total_tokens,kv_aware,round_robin,peer_sglang_minimum_tokens,peer_vllm_dp"
@@ -63,14 +63,11 @@ class RunResult:
             "rate": self.rate,
             "ok": self.ok,
             "failed": self.failed,
-            "ttft_p50_ms": percentile(self.ttft, 50) * 1000,
-            "ttft_p99_ms": percentile(self.ttft, 99) * 1000,
-            "ttft_floor_p99_ms": percentile(self.floors, 99) * 1000,
-            "queued_p50_ms": percentile(self.queued, 50) * 1000,
-            "queued_p99_ms": percentile(self.queued, 99) * 1000,
-            "itl_p50_ms": percentile(self.itl, 50) * 1000,
-            "itl_p99_ms": percentile(self.itl, 99) * 1000,
-            "e2e_p50_ms": percentile(self.e2e, 50) * 1000,
+            **percentile_fields("ttft", self.ttft, unit="ms", scale=1000),
+            **percentile_fields("ttft_floor", self.floors, (99,), unit="ms", scale=1000),
+            **percentile_fields("queued", self.queued, unit="ms", scale=1000),
+            **percentile_fields("itl", self.itl, unit="ms", scale=1000),
+            **percentile_fields("e2e", self.e2e, (50,), unit="ms", scale=1000),
             "throughput_tok_s": self.output_tokens / self.span_s if self.span_s else 0.0,
             "requests_per_s": self.ok / self.span_s if self.span_s else 0.0,
             "imbalance_mean": statistics.fmean(active) if active else float("nan"),

@@ -40,7 +40,7 @@ from pdlb.common.etcd_process import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.vllm.server import MODEL_SUBDIR, SERVED_NAME, VLLMServer, VLLMServerSpec, find_venv, missing_reason
 from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from pdlb.workload import percentile
+from pdlb.workload import percentile_fields
 
 RESULTS = Path(__file__).parent / "results"
 SIDES = ("pdlb", "vllm")
@@ -109,8 +109,7 @@ def summarise_round(timings: list[Timing], started: float) -> dict[str, float]:
     end = max(t.arrivals[-1] for t in timings if t.arrivals)
     return {
         "tokens_per_s": sum(t.tokens for t in timings) / (end - started),
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p99_s": percentile(ttfts, 99),
+        **percentile_fields("ttft", ttfts, unit="s"),
         "tpot_ms": statistics.median(tpots) * 1e3 if tpots else float("nan"),
         "tokens": sum(t.tokens for t in timings),
         "seconds": end - started,

@@ -40,7 +40,7 @@ import grpc
 from bench import balance_bench, mooncake_trace
 from pdlb.client import PDLBClient
 from pdlb.engines.torch.runners import CostModel
-from pdlb.workload import WorkItem, percentile, salted
+from pdlb.workload import WorkItem, percentile_fields, salted
 
 DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
 
@@ -179,9 +179,8 @@ def summary(out: dict, span: float, cls: tuple[int | None, str | None] = (None, 
         "shed": merged.shed,
         "failed": merged.failed,
         "retry_after_missing": merged.retry_after_missing,
-        "ttft_p50_ms": percentile(merged.ttft, 50) * 1000,
-        "ttft_p99_ms": percentile(merged.ttft, 99) * 1000,
-        "queued_p99_ms": percentile(merged.queued, 99) * 1000,
+        **percentile_fields("ttft", merged.ttft, unit="ms", scale=1000),
+        **percentile_fields("queued", merged.queued, (99,), unit="ms", scale=1000),
         "slo_attainment": merged.slo_met / total if total else float("nan"),
         "throughput_tok_s": merged.output_tokens / span if span else 0.0,
         "requests_per_s": merged.ok / span if span else 0.0,

@@ -36,7 +36,7 @@ import aiohttp
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.vllm.server import SERVED_NAME, VLLMServer, VLLMServerSpec, find_venv, missing_reason
-from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile, salted
+from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile_fields, salted
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -141,8 +141,7 @@ async def run_once(base: str, items: list[WorkItem]) -> dict:
         makespan = time.monotonic() - start
     ttfts = [t for t, _ in results]
     return {
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p99_s": percentile(ttfts, 99),
+        **percentile_fields("ttft", ttfts, unit="s"),
         "tokens_per_s": sum(n for _, n in results) / makespan,
         "makespan_s": makespan,
     }

@@ -109,3 +109,12 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def percentile_fields(
+    name: str, values: list[float], qs: tuple[float, ...] = (50, 99), unit: str = "", scale: float = 1.0
+) -> dict[str, float]:
+    """A results row's percentile columns: `{name}_p{q}_{unit}` (no unit: `{name}_p{q}`) for each q,
+    the nearest-rank percentile of `values` times `scale` (e.g. 1000 for seconds shown as ms)."""
+    suffix = f"_{unit}" if unit else ""
+    return {f"{name}_p{q:g}{suffix}": percentile(values, q) * scale for q in qs}

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,12 +329,9 @@ class OpenAIApi:
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
         runner = self.run(parsed)
-        try:  # the first chunk before the headers: an early failure still gets its HTTP status
-            first = await anext(runner)
-        except StopAsyncIteration:
-            first = None
-        except RequestFailed as exc:
-            return failed_response(exc)
+        first, failed = await first_of(runner)
+        if failed is not None:
+            return failed
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -345,7 +342,8 @@ class OpenAIApi:
         await response.prepare(http)
         tokens, last = 0, None
         if parsed.chat:
-            await _event(response, self._chunk(parsed, first and first[0], {"role": "assistant", "content": ""}, None))
+            opening = {"role": "assistant", "content": ""}
+            await sse_event(response, self._chunk(parsed, first and first[0], opening, None))
 
         async def chunks():  # the first one, already read, then the rest
             if first is not None:
@@ -362,17 +360,17 @@ class OpenAIApi:
                     delta = {"content": text} if parsed.chat else text
                     body = self._chunk(parsed, chunk, delta, reason)
                     body["choices"][0]["logprobs"] = self._logprobs(parsed, list(chunk.logprobs), offset)
-                    await _event(response, body)
+                    await sse_event(response, body)
                     offset += len(text)
                 if reason:
                     break
         except RequestFailed as exc:
-            await _event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away: nobody to tell
         except Exception as exc:  # headers are sent: the status goes in the stream
             log.exception("request %s failed in the gateway", parsed.prepared.request.request_id)
-            await _event(response, error_body(500, f"internal error in the gateway: {type(exc).__name__}: {exc}"))
+            await sse_event(response, error_body(500, f"internal error in the gateway: {type(exc).__name__}: {exc}"))
         finally:
             await runner.aclose()
         if parsed.include_usage and last is not None:
@@ -380,7 +378,7 @@ class OpenAIApi:
             usage["object"] = "chat.completion.chunk" if parsed.chat else "text_completion"
             usage["choices"] = []
             usage["usage"] = _usage(parsed, last, tokens)
-            await _event(response, usage)
+            await sse_event(response, usage)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -434,7 +432,20 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
     return headers
 
 
-async def _event(response: web.StreamResponse, body: dict) -> None:
+async def first_of(items: AsyncIterator[Any]) -> tuple[Any, web.Response | None]:
+    """The first item of a response's stream, read before any header goes out so that an early
+    failure still gets its own HTTP status: (the item, or None when the stream was empty, None), or
+    (None, the failure's error response)."""
+    try:
+        return await anext(items), None
+    except StopAsyncIteration:
+        return None, None
+    except RequestFailed as exc:
+        return None, failed_response(exc)
+
+
+async def sse_event(response: web.StreamResponse, body: dict) -> None:
+    """One server-sent event carrying `body` as compact JSON."""
     await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 

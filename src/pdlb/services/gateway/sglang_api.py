@@ -43,7 +43,9 @@ from pdlb.services.gateway.openai_api import (
     Parsed,
     error_body,
     failed_response,
+    first_of,
     flow_fields,
+    sse_event,
     stream_flag,
 )
 from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from, shown_value
@@ -178,22 +180,19 @@ class SGLangApi:
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
         outputs = self._outputs(parsed)
-        try:  # the first output before the headers: an early failure still gets its HTTP status
-            first = await anext(outputs)
-        except StopAsyncIteration:
-            first = None
-        except RequestFailed as exc:
-            return failed_response(exc)
+        first, failed = await first_of(outputs)
+        if failed is not None:
+            return failed
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
         try:
             if first is not None:
-                await _event(response, first[0])
+                await sse_event(response, first[0])
                 if not first[1]:
                     async for output, _ in outputs:
-                        await _event(response, output)
+                        await sse_event(response, output)
         except RequestFailed as exc:
-            await _event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
         finally:
             await outputs.aclose()  # cancels the upstream calls when the client left
         await response.write(b"data: [DONE]\n\n")
@@ -246,10 +245,6 @@ def _sampling(params: dict) -> dict:
 
 def _sglang_name(openai_name: str) -> str:
     return next((name for name, mapped in SAMPLING_NAMES.items() if mapped == openai_name), openai_name)
-
-
-async def _event(response: web.StreamResponse, body: dict) -> None:
-    await response.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 
 def _is_int(value: Any) -> bool:

@@ -27,7 +27,9 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +45,6 @@ from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from pdlb.workload import percentile_fields
 
 RESULTS = Path(__file__).parent / "results"
-SIDES = ("pdlb", "vllm")
 
 
 def prompts(seed: int, count: int, length: int, vocab: int) -> list[list[int]]:
@@ -118,7 +119,7 @@ def summarise_round(timings: list[Timing], started: float) -> dict[str, float]:
 
 async def run_round(side: str, target, batch: list[list[int]], new: int, tag: str) -> dict[str, float]:
     started = time.perf_counter()
-    if side == "pdlb":
+    if side != "vllm":
         timings = await asyncio.gather(*(pdlb_one(target, f"{tag}-{i}", ids, new) for i, ids in enumerate(batch)))
     else:
         session, url = target
@@ -135,7 +136,7 @@ def load_average() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def table(rows: list[dict], dtype: str) -> str:
+def table(rows: list[dict], dtype: str, sides: list[str]) -> str:
     def cell(side: str, key: str, digits: int) -> tuple[float, str]:
         values = [r[key] for r in rows if r["side"] == side]
         med = statistics.median(values)
@@ -146,33 +147,53 @@ def table(rows: list[dict], dtype: str) -> str:
         "| side | dtype | output tok/s | TTFT p50 s | TTFT p99 s | TPOT ms |",
         "|---|---|---|---|---|---|",
     ]
-    medians = {}
-    for side in SIDES:
+    for side in sides:
         cells = [cell(side, k, d) for k, d in keys]
-        medians[side] = [m for m, _ in cells]
         out.append(f"| {side} | {dtype} | " + " | ".join(text for _, text in cells) + " |")
-    ratios = []
-    for k, _ in keys:  # the ratio within each round, then its median (and spread)
-        per_round = [
-            p[k] / v[k]
-            for p, v in zip(
-                [r for r in rows if r["side"] == "pdlb"], [r for r in rows if r["side"] == "vllm"], strict=True
-            )
-        ]
-        ratios.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
-    out.append(f"| **pdlb / vLLM** | {dtype} | " + " | ".join(ratios) + " |")
+    for side in sides[:-1]:  # every pdlb variant against vLLM (the last side)
+        ratios = []
+        for k, _ in keys:  # the ratio within each round, then its median (and spread)
+            per_round = [
+                p[k] / v[k]
+                for p, v in zip(
+                    [r for r in rows if r["side"] == side], [r for r in rows if r["side"] == "vllm"], strict=True
+                )
+            ]
+            ratios.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
+        out.append(f"| **{side} / vLLM** | {dtype} | " + " | ".join(ratios) + " |")
     return "\n".join(out)
 
 
-def start_pdlb(args, model: Path, log_dir: str) -> ServiceProcess:
+def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    """`NAME=[VAR=value ...] [--flag value ...]` -> (name, environment, extra pdlb-scheduler flags)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or name == "vllm":
+        raise SystemExit(f"--pdlb-variant {text!r}: write NAME=FLAGS (NAME not vllm), e.g. bound=--torch-bind-cpus 0-1")
+    env, flags = {}, []
+    for token in shlex.split(rest):
+        var, eq, value = token.partition("=")
+        if eq and not flags and var.isupper():
+            env[var] = value
+        else:
+            flags.append(token)
+    return name, env, flags
+
+
+def contend(processes: int) -> list[subprocess.Popen]:
+    """`processes` busy loops (plain Python, one core each at most) standing for other work on the
+    machine, the same for every side of every round."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+
+
+def start_pdlb(args, model: Path, log_dir: str, name: str, env: dict[str, str], flags: list[str]) -> ServiceProcess:
     argv = [
         *script("pdlb-scheduler"),
         "--port", "0", "--model", str(model), "--dtype", args.dtype, "--torch-threads", str(args.threads),
         "--max-running-requests", str(max(64, args.concurrency)),
         "--max-total-tokens", str(max(8192, args.concurrency * (args.prompt + args.new) + 1024)),
-        "--weights-cache-dir", "",
+        "--weights-cache-dir", "", *flags,
     ]  # fmt: skip
-    proc = ServiceProcess("pdlb-worker", argv, log_dir)
+    proc = ServiceProcess(f"pdlb-worker-{name}", argv, log_dir, env=env)
     proc.spawn()
     return proc
 
@@ -191,37 +212,50 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
-async def measure(args, pdlb_address: str, vllm_url: str, vocab: int, pdlb_pid: int) -> list[dict]:
+async def measure(args, workers: dict[str, ServiceProcess], vllm_url: str, vocab: int) -> list[dict]:
     rows = []
-    busy: dict[str, float] = {}  # CPU seconds of pdlb's worker threads during its measured rounds
-    channel = grpc.aio.insecure_channel(pdlb_address)
-    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    busy: dict[str, float] = {}  # CPU seconds of the first pdlb worker's threads during its measured rounds
+    first = next(iter(workers))
+    channels = {name: grpc.aio.insecure_channel(w.address) for name, w in workers.items()}
+    sides = [*workers, "vllm"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
-        targets = {"pdlb": stub, "vllm": (session, vllm_url)}
-        for side in SIDES:  # warm-up, not measured: one short request, then 4 prompts of the full length
+        targets = {name: scheduler_pb2_grpc.SchedulerStub(c) for name, c in channels.items()}
+        targets["vllm"] = (session, vllm_url)
+        for side in sides:  # warm-up, not measured: one short request, then 4 prompts of the full length
             await run_round(side, targets[side], prompts(999, 1, 16, vocab), 4, f"warm-{side}")
             batch = prompts(998, 4, args.prompt, vocab)
             await run_round(side, targets[side], batch, 8, f"warm2-{side}")
-        for index in range(args.rounds):
-            order = SIDES if index % 2 == 0 else SIDES[::-1]
-            for side in order:
-                batch = prompts(index * 2 + SIDES.index(side), args.concurrency, args.prompt, vocab)
-                row = {"side": side, "round": index, "load": load_average()}
-                before = thread_cpu_seconds(pdlb_pid) if side == "pdlb" else {}
-                row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}"))
-                for thread, seconds in thread_cpu_seconds(pdlb_pid).items() if side == "pdlb" else ():
-                    busy[thread] = busy.get(thread, 0.0) + seconds - before.get(thread, 0.0)
-                rows.append(row)
-                print(
-                    f"round {index} {side:<5} {row['tokens_per_s']:6.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s "
-                    f"p99 {row['ttft_p99_s']:.2f} s  TPOT {row['tpot_ms']:.1f} ms  ({row['seconds']:.1f} s; "
-                    f"load {row['load']})",
-                    flush=True,
-                )
-    await channel.close()
-    wall = sum(r["seconds"] for r in rows if r["side"] == "pdlb")
+        busy_loops = contend(args.contend)
+        try:
+            for index in range(args.rounds):
+                # the order rotates by round, so each side goes first as often as the others
+                order = sides[index % len(sides) :] + sides[: index % len(sides)]
+                for side in order:
+                    batch = prompts(index * len(sides) + sides.index(side), args.concurrency, args.prompt, vocab)
+                    row = {"side": side, "round": index, "load": load_average()}
+                    pid = workers[first].pid
+                    before = thread_cpu_seconds(pid) if side == first else {}
+                    row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}"))
+                    for thread, seconds in thread_cpu_seconds(pid).items() if side == first else ():
+                        busy[thread] = busy.get(thread, 0.0) + seconds - before.get(thread, 0.0)
+                    rows.append(row)
+                    print(
+                        f"round {index} {side:<8} {row['tokens_per_s']:6.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s "
+                        f"p99 {row['ttft_p99_s']:.2f} s  TPOT {row['tpot_ms']:.1f} ms  ({row['seconds']:.1f} s; "
+                        f"load {row['load']})",
+                        flush=True,
+                    )
+        finally:
+            for loop in busy_loops:
+                loop.kill()
+                loop.wait()
+    for channel in channels.values():
+        await channel.close()
+    wall = sum(r["seconds"] for r in rows if r["side"] == first)
     top = sorted(busy.items(), key=lambda kv: -kv[1])[:6]
-    print("pdlb worker threads, CPU s per wall s of its rounds: " + ", ".join(f"{t} {s / wall:.2f}" for t, s in top))
+    print(
+        f"{first} worker threads, CPU s per wall s of its rounds: " + ", ".join(f"{t} {s / wall:.2f}" for t, s in top)
+    )
     return rows
 
 
@@ -240,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         default=False,
         help="start vLLM with --enforce-eager (no torch.compile: faster start, slower steps)",
     )
+    p.add_argument(
+        "--pdlb-variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="a pdlb worker to measure beside the others: name, then environment (VAR=value) and "
+        "pdlb-scheduler flags, e.g. 'bound=--torch-bind-cpus 0-1' (repeatable; default one worker "
+        "named pdlb with no extra flags)",
+    )
+    p.add_argument("--contend", type=int, default=0, help="busy-loop processes running during the measured rounds")
     p.add_argument("--out", default="", help=f"markdown file for the table (default {RESULTS}/engine_<dtype>.md)")
     args = p.parse_args(argv)
     venv = find_venv()
@@ -254,26 +298,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = VLLMServer(spec, f"{log_dir}/vllm.log").spawn()
     print(f"starting vLLM ({args.dtype}, cores {args.cpus}) and pdlb's worker; logs in {log_dir}", flush=True)
-    worker = None
+    variants = [parse_variant(v) for v in args.pdlb_variant] or [("pdlb", {}, [])]
+    workers: dict[str, ServiceProcess] = {}
     try:
-        server.wait_ready()  # one at a time: both loading at once would slow both
+        server.wait_ready()  # one at a time: loading at once would slow each
         print(f"vLLM ready after {server.ready_s:.0f} s", flush=True)
-        worker = start_pdlb(args, model, log_dir)
-        worker.wait_ready(600)
-        print(f"pdlb worker ready at {worker.address}; load average {load_average()}", flush=True)
-        rows = asyncio.run(measure(args, worker.address, server.url, vocab, worker.pid))
+        for name, env, flags in variants:
+            started = time.perf_counter()
+            workers[name] = start_pdlb(args, model, log_dir, name, env, flags)
+            workers[name].wait_ready(600)
+            print(
+                f"pdlb worker {name} ready at {workers[name].address} after {time.perf_counter() - started:.0f} s; "
+                f"load average {load_average()}",
+                flush=True,
+            )
+        rows = asyncio.run(measure(args, workers, server.url, vocab))
     finally:
-        if worker is not None:
+        for worker in workers.values():
             worker.terminate()
         server.stop()
     header = (
         f"pdlb's worker and vLLM ({'eager' if args.vllm_eager else 'compiled'}), {args.dtype}, {args.threads} threads "
-        f"each on cores {args.cpus} (vLLM's bound there, pdlb's not); {args.concurrency} concurrent "
+        f"each on cores {args.cpus} (vLLM's bound there); pdlb variants "
+        f"{', '.join(repr(v) for v in args.pdlb_variant) or 'pdlb (default flags)'}; "
+        f"{args.contend} busy-loop processes beside; {args.concurrency} concurrent "
         f"prompts of {args.prompt} tokens, {args.new} new "
         f"tokens, greedy; medians of {args.rounds} rounds (min-max); load average (1/5/15 min) "
         f"{rows[0]['load']} at the start, {rows[-1]['load']} at the end\n\n"
     )
-    text = header + table(rows, args.dtype)
+    text = header + table(rows, args.dtype, [*workers, "vllm"])
     print("\n" + text)
     out = Path(args.out or RESULTS / f"engine_{args.dtype}.md")
     out.parent.mkdir(parents=True, exist_ok=True)

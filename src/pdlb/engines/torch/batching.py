@@ -38,6 +38,7 @@ from pdlb.engines.request import (
     prompt_limit,
 )
 from pdlb.engines.room_waits import RoomWaits
+from pdlb.engines.torch.cpu_binding import bind_current_team
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
@@ -79,14 +80,21 @@ def token_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(mixed, "little") & (2**63 - 1))
 
 
-def compute_thread(threads: int) -> ThreadPoolExecutor:
+def compute_thread(threads: int, bind_cpus: list[int] | None = None) -> ThreadPoolExecutor:
     """The thread that runs the model. On CPU it should be the only thread that ever runs parallel
     torch work: OpenMP keeps one team of workers per calling thread, and two teams spinning on the
     same cores made every decode step about 1.6x slower (measured on 2 cores). The count is set
-    inside the thread because OpenMP's thread count is per OS thread."""
+    inside the thread because OpenMP's thread count is per OS thread. `bind_cpus` (one core per
+    thread) binds that team there (cpu_binding.py); None or [] leaves it unbound."""
     return ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="runner", initializer=torch.set_num_threads, initargs=(max(1, threads),)
+        max_workers=1, thread_name_prefix="runner", initializer=_start_compute, initargs=(max(1, threads), bind_cpus)
     )
+
+
+def _start_compute(threads: int, bind_cpus: list[int] | None) -> None:
+    torch.set_num_threads(threads)
+    if bind_cpus:
+        bind_current_team(bind_cpus)
 
 
 class Engine:

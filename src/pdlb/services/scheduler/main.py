@@ -25,6 +25,7 @@ from pdlb.engines.request import EngineLimits
 from pdlb.engines.torch import dtypes
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.batching import compute_thread
+from pdlb.engines.torch.cpu_binding import cpus_to_bind
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.lockstep import LockstepEngine
@@ -148,6 +149,13 @@ def build_parser() -> FlagParser:
         help="capture every batch bucket's graph (at the smallest context bucket) at start, not on first use",
     )
     p.flag("--torch-threads", default=1, type=int, help="torch intra-op threads on CPU")
+    p.flag(
+        "--torch-bind-cpus",
+        default="none",
+        help="cores the torch threads are bound to, one each (e.g. 0-1), the gRPC threads left unbound. "
+        "auto: on a CPU device, bind when --torch-threads equals the cores this process may use; none: never "
+        "(default: binding showed no clear gain on a shared 2-core machine)",
+    )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
     p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
@@ -249,7 +257,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     # Torch computes on the runner thread only (loading included); this thread's small ops (KV
     # hand-off copies) stay single-threaded so that no second OpenMP team competes for the cores.
     torch.set_num_threads(1)
-    compute = compute_thread(args.torch_threads)
+    try:
+        bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
+    except ValueError as exc:
+        raise SystemExit(f"pdlb-scheduler: {exc}") from None
+    compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()

@@ -89,13 +89,20 @@ def test_one_request_is_always_allowed_and_scale_zero_disables():
     assert not off.over_share("flood", 10, ROOM)
 
 
-def test_prompt_tokens_are_capped_by_the_kv_share():
+def test_prompt_tokens_are_capped_by_the_token_share_until_prefilled():
     shares = TenantShares()
     shares.acquire("s", "steady", 10)
-    shares.acquire("long-0", "long", 6000)
     room = Room(requests=64, tokens=16_000)
+    shares.acquire("huge-0", "long", 20_000)  # alone past the share: one prompt is always allowed
+    shares.release("huge-0")
+    shares.acquire("long-0", "long", 6000)
     assert shares.over_share("long", 4000, room)  # 10,000 tokens would pass half of 16,000
     assert not shares.over_share("long", 1000, room)
+    assert shares.release_tokens("long-0") and not shares.release_tokens("long-0")
+    assert shares.in_flight("long") == (1, 0), "prefilled: its slot still counts, its prompt not"
+    assert not shares.over_share("long", 7000, room)
+    shares.release("long-0")
+    assert shares.in_flight("long") == (0, 0)
 
 
 def test_release_frees_the_share_and_is_idempotent():
@@ -148,3 +155,22 @@ async def test_flow_control_holds_the_flood_past_its_share_and_binds_another_ten
     with pytest.raises(Shed) as shed:
         await flow.decide(RouteContext("flood-5", 10), priority=1, tenant="flood")
     assert shed.value.reason == "ttl" and shed.value.retry_after_s >= 1
+
+
+async def test_flow_control_shares_the_prefill_room_until_the_first_token():
+    """Two ranks prefilling 1,024 tokens a step: while steady is active, flood's prompts awaiting
+    their first token may total half of 2,048 tokens; its first token frees that part at once."""
+    table = LoadTable()
+    for rank in range(2):
+        table.upsert(Worker(f"w{rank}", Role.MIXED, rank, f"h:{rank}"))
+        table.apply_report(f"w{rank}", ReportedLoad(max_running_requests=8, prefill_tokens_per_step=1024), 0)
+    router = Router(Role.MIXED, table, create_policy("least_wait", Role.MIXED, PolicyOptions()))
+    flow = FlowControl(router, FlowOptions(enabled=True, max_prefill_ahead_chunks=0))
+    await flow.decide(RouteContext("steady-0", 100), tenant="steady")
+    await flow.decide(RouteContext("flood-0", 600), tenant="flood")
+    held = asyncio.create_task(flow.decide(RouteContext("flood-1", 600), tenant="flood"))
+    await asyncio.sleep(0)
+    assert len(flow.queue) == 1, "1,200 prompt tokens would pass flood's 1,024"
+    flow.prefilled("flood-0")  # kicks: the held request fits now
+    assert (await asyncio.wait_for(held, 1)).entry is not None
+    assert flow.shares.in_flight("flood") == (2, 600)

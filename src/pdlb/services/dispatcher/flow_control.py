@@ -8,8 +8,9 @@ cancellation, a worker joining), `kick()` binds queued requests in queue order, 
 at that moment with the role's method, until the head does not fit anywhere.
 
 While other tenants are active, a tenant holds at most its weighted share of the cluster's batch
-slots and KV capacity (`TenantShares`, tenant_share.py); a request of a tenant past its share waits
-in the queue even when a rank has room, and requests of other tenants behind it are bound first.
+slots and of its prompt-token room (prefill work awaiting a first token; decode: KV) (`TenantShares`,
+tenant_share.py); a request of a tenant past its share waits in the queue even when a rank has
+room, and requests of other tenants behind it are bound first.
 
 A held request waits at most its TTL (`queue_ttl_s`; `sheddable_ttl_s` for sheddable priorities)
 and never past its TTFT deadline; then, or when a request of better priority displaces it from a
@@ -221,14 +222,22 @@ class FlowControl:
         Callers kick() afterwards."""
         self.shares.release(request_id)
 
+    def prefilled(self, request_id: str) -> None:
+        """A request's first token came back: on mixed and prefill ranks its prompt stops counting
+        against its tenant's share of the prefill room (its slot counts until it ends)."""
+        if self.router.role is not Role.DECODE and self.shares.release_tokens(request_id):
+            self.kick()
+
     def _over_share(self, tenant: str, ctx: RouteContext) -> bool:
         if not self.shares.enabled:
             return False
         candidates = self.router.table.candidates()
-        room = Room(
-            requests=sum(e.reported.max_running_requests for e in candidates),
-            tokens=sum(e.reported.kv_tokens_capacity for e in candidates),
-        )
+        if self.router.role is Role.DECODE:  # admission by KV: a request holds its KV until it ends
+            tokens = sum(e.reported.kv_tokens_capacity for e in candidates)
+        else:  # the prefill work the room test lets queue on each rank (at least one chunk)
+            chunks = max(self.options.max_prefill_ahead_chunks, 1.0)
+            tokens = int(sum(chunks * e.reported.prefill_tokens_per_step for e in candidates))
+        room = Room(requests=sum(e.reported.max_running_requests for e in candidates), tokens=tokens)
         return self.shares.over_share(tenant, max(ctx.num_tokens, 1), room, self.queue.tenant_names())
 
     # room ------------------------------------------------------------------------------------

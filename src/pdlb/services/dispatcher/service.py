@@ -376,7 +376,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             sent_any = False
             try:
                 async for response in self._forward(request, ctx, decision, deadline, context):
-                    sent_any = True
+                    if not sent_any:
+                        sent_any = True
+                        self.core.flow.prefilled(ctx.request_id)  # its prompt no longer counts as prefill work
                     yield response
                 self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return

@@ -9,8 +9,11 @@ sheds them) while other tenants' requests are bound at once. This is the per-flo
 llm-d's flow control and the per-class share of Dynamo's router, applied to what a tenant has in
 flight rather than to its queue.
 
-- **Share**: `scale * w / (w + sum of the other active tenants' weights)`, of the cluster's batch
-  slots (requests) and of its KV capacity (prompt tokens), the sums over the live ranks.
+- **Share**: `scale * w / (w + sum of the other active tenants' weights)` of the cluster's room,
+  summed over the live ranks: its batch slots (requests in flight), and its prompt-token room
+  (`Room.tokens`: on mixed and prefill ranks the prefill work flow control lets queue, counted
+  until the request's first token, since co-scheduled prefill chunks are what slow another
+  tenant's first token; on decode ranks the KV capacity, counted until the request ends).
 - **Active**: a tenant with requests queued, or in flight here, or whose last request ended within
   `active_window_s` (a steady tenant between two requests still counts, so the flood does not take
   its room in the gap).
@@ -42,8 +45,8 @@ class _Use:
 
 @dataclass(frozen=True)
 class Room:
-    """The cluster's room a share is taken of: batch slots and KV tokens summed over live ranks
-    (0: not reported, that part is not capped)."""
+    """The cluster's room a share is taken of, summed over live ranks: batch slots, and prompt
+    tokens (prefill work or KV, see the module doc); 0: not reported, that part is not capped."""
 
     requests: int = 0
     tokens: int = 0
@@ -72,7 +75,7 @@ class TenantShares:
         self.default_weight, self.scale = default_weight, scale
         self.active_window_s, self.max_tenants, self.clock = active_window_s, max_tenants, clock
         self._use: dict[str, _Use] = {}
-        self._leases: dict[str, tuple[str, int]] = {}  # request id -> (tenant key, tokens)
+        self._leases: dict[str, list] = {}  # request id -> [tenant key, tokens still counted]
         self.held_total = 0  # times a request was held because its tenant was past its share
 
     @property
@@ -92,7 +95,7 @@ class TenantShares:
         return self.weights.get(key, self.default_weight)
 
     def in_flight(self, tenant: str) -> tuple[int, int]:
-        """(requests, prompt tokens) `tenant` has in flight here."""
+        """(requests, prompt tokens still counted) `tenant` has in flight here."""
         use = self._use.get(tenant[:MAX_TENANT_CHARS])
         return (use.requests, use.tokens) if use else (0, 0)
 
@@ -104,7 +107,17 @@ class TenantShares:
         use = self._use.setdefault(key, _Use())
         use.requests += 1
         use.tokens += tokens
-        self._leases[request_id] = (key, tokens)
+        self._leases[request_id] = [key, tokens]
+
+    def release_tokens(self, request_id: str) -> bool:
+        """The request's prompt stops counting (its prefill is done); its slot still counts.
+        True when it freed tokens."""
+        lease = self._leases.get(request_id)
+        if lease is None or not lease[1]:
+            return False
+        self._use[lease[0]].tokens -= lease[1]
+        lease[1] = 0
+        return True
 
     def release(self, request_id: str) -> None:
         """The request finished, failed or was cancelled; unknown ids are ignored."""
@@ -139,7 +152,8 @@ class TenantShares:
             return False
         if room.requests and requests + 1 > share * room.requests:
             return True
-        return bool(room.tokens) and held_tokens + tokens > share * room.tokens
+        # Tokens: one prompt is always allowed, however long (else it could never be bound).
+        return bool(room.tokens and held_tokens) and held_tokens + tokens > share * room.tokens
 
     def _active(self, queued_tenants: Iterable[str]) -> set[str]:
         """The active tenants' keys; drops the entries of tenants no longer active."""

@@ -124,11 +124,32 @@ FLOW_SUFFIX = "+flow"  # a method name with this suffix: the same method with fl
 FLOW_SLOTS_SUFFIX = "+flow-slots"
 
 
+# `method:key=value:...` sets these dispatcher flags of a method's cluster, e.g. `+flow:share=0`.
+METHOD_OPTIONS = {
+    "share": "--tenant-share",
+    "window": "--tenant-active-window",
+    "sttl": "--sheddable-queue-ttl",
+    "ttl": "--queue-ttl",
+}
+
+
 def method_flags(method: str) -> list[str]:
     """Dispatcher flags of a benchmarked method: `least_wait+flow` is least_wait with late binding
     (the dispatcher's admission queue, its default room test); `least_wait+flow@0.25` the same with
     `--max-prefill-ahead-chunks 0.25`; `least_wait+flow-slots` with room judged by free batch slots
-    and KV alone; without a suffix, flow control is off."""
+    and KV alone; without a suffix, flow control is off. Options after `:` (METHOD_OPTIONS), e.g.
+    `least_wait+flow:share=0:sttl=2`, add their flags."""
+    method, *options = method.split(":")
+    extra = []
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in METHOD_OPTIONS:
+            raise SystemExit(f"method option {option!r}: expected one of {sorted(METHOD_OPTIONS)} as key=value")
+        extra += [METHOD_OPTIONS[key], value]
+    return _base_flags(method) + extra
+
+
+def _base_flags(method: str) -> list[str]:
     if method.endswith(FLOW_SLOTS_SUFFIX):
         base = method.removesuffix(FLOW_SLOTS_SUFFIX)
         return ["--load-balance-method", base, "--flow-control", "--max-prefill-ahead-chunks", "0"]

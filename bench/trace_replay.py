@@ -16,11 +16,14 @@ hashes. It is scaled to the sim ranks:
 Each request's floor is its TTFT alone on an idle rank that caches the longest prefix any earlier
 request of the window had (the best cache it could have); queueing = TTFT - floor. Goodput is
 reported as SLO attainment at each load: the share of requests whose TTFT is within 3x its floor
-+ 200 ms. `--high-share` marks that share of requests priority 0 and the rest priority 1
++ 200 ms, and with `--goodput` as goodput: the highest rate of the `--loads` ladder at which >= 99%
+of requests meet it (shed and failed requests count as missing it), per method and seed, against
+round robin's. `--high-share` marks that share of requests priority 0 and the rest priority 1
 (sheddable), to measure overload; `--flood-tenant` makes one tenant send that multiple of another's
 share to measure fair sharing.
 
   python -m bench.trace_replay --loads 0.6,0.85 --seeds 1,2,3 --num-requests 300
+  python -m bench.trace_replay --goodput --loads 0.2,0.35,0.5,0.65 --seeds 1
 """
 
 from __future__ import annotations
@@ -228,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1,2,3", help="one run per seed (priorities, tenants, salts)")
     parser.add_argument("--high-share", type=float, default=1.0, help="share of priority-0 requests (rest: 1)")
     parser.add_argument("--flood-tenant", type=float, default=0.0, help="tenant 'flood' sends this x 'steady'")
+    parser.add_argument(
+        "--goodput",
+        action="store_true",
+        help="also report goodput: the highest of --loads at which >= 99%% of requests meet TTFT <= 3 x floor + 200 ms",
+    )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0)
     parser.add_argument("--kv-tokens", type=int, default=16384)
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(flood_report(results))
     if 0 < args.high_share < 1:
         print(overload_report(results))
+    if args.goodput:
+        print(goodput_report(results, args.capacity))
     return 0
 
 
@@ -299,7 +309,7 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
     results = []
     for name in args.combine.split(","):
         saved = json.loads((out_dir / f"{name}.json").read_text())
-        for key in ("flood_tenant", "high_share", "num_requests"):
+        for key in ("flood_tenant", "high_share", "num_requests", "capacity", "goodput"):
             setattr(args, key, saved["settings"][key])
         results += saved["runs"]
     args.combine = ""
@@ -312,6 +322,8 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
         print(flood_report(results))
     if 0 < args.high_share < 1:
         print(overload_report(results))
+    if args.goodput:
+        print(goodput_report(results, args.capacity))
     return 0
 
 
@@ -334,6 +346,7 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
         f"# Trace replay\n\nSettings: {json.dumps(settings)}\n\n## Medians over seeds\n\n{report(results)}\n\n"
         + (f"## Tenant flood\n\n{flood_report(results)}\n\n" if args.flood_tenant > 0 else "")
         + (f"## Overload, two priority classes\n\n{overload_report(results)}\n\n" if 0 < args.high_share < 1 else "")
+        + (f"## Goodput\n\n{goodput_report(results, args.capacity)}\n\n" if args.goodput else "")
         + f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
     )
     plot(results, out_dir / f"{args.name}_queued_p99.png")
@@ -438,6 +451,55 @@ def overload_report(results: list[dict]) -> str:
                 f"{med('retry_after_missing', 'all'):.0f} | {med('failed', 'all'):.0f} | "
                 f"{med('requests', 'all'):.0f} | {len(rows)} |"
             )
+    return "\n".join(lines)
+
+
+SLO_TARGET = 0.99  # goodput: the share of requests that must meet TTFT <= 3 x floor + 200 ms
+
+
+def goodput(results: list[dict], method: str, seed: int) -> float | None:
+    """The highest load of `method`'s runs of `seed` whose SLO attainment is >= SLO_TARGET and
+    whose lower loads all met it too (a ladder, not a lucky rung); 0 when the lowest misses it;
+    None without runs."""
+    runs = sorted(
+        (r["load"], r["all"]["slo_attainment"]) for r in results if (r["method"], r["seed"]) == (method, seed)
+    )
+    if not runs:
+        return None
+    best = 0.0
+    for load, attained in runs:
+        if attained < SLO_TARGET:
+            break
+        best = load
+    return best
+
+
+def goodput_report(results: list[dict], capacity: float) -> str:
+    """Per method: goodput (req/s) per seed, its ratio to round robin's of the same seed (median and
+    spread), and the SLO attainment at each load of the ladder (median over seeds)."""
+    plain = [r for r in results if not r.get("variant")]
+    loads = sorted({r["load"] for r in plain})
+    seeds = sorted({r["seed"] for r in plain})
+    lines = [
+        "| method | goodput req/s per seed | goodput / round_robin (spread) | "
+        + " | ".join(f"SLO at {x:g}" for x in loads)
+        + " | seeds |",
+        "|---|---|---|" + "---|" * len(loads) + "---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in plain):
+        own = {s: goodput(plain, method, s) for s in seeds}
+        rates = [f"{own[s] * capacity:.1f}" if own[s] is not None else "-" for s in seeds]
+        ratios = []
+        for s in seeds:
+            rr = goodput(plain, "round_robin", s)
+            if own[s] is not None and rr:
+                ratios.append(own[s] / rr)
+        ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
+        slo = []
+        for x in loads:
+            values = [r["all"]["slo_attainment"] for r in plain if (r["method"], r["load"]) == (method, x)]
+            slo.append(f"{statistics.median(values):.1%}" if values else "-")
+        lines.append(f"| {method} | {', '.join(rates)} | {ratio} | " + " | ".join(slo) + f" | {len(seeds)} |")
     return "\n".join(lines)
 
 

@@ -151,6 +151,46 @@ async def test_fair_share_a_flooding_tenant_does_not_starve_another(etcd, prefix
         await channel.close()
 
 
+async def test_tenant_past_its_share_is_held_while_another_tenant_is_bound_at_once(etcd, prefix, start_service):
+    """Four ranks of one slot; tenant steady holds one. Flood's first two requests take its share
+    (half of the 4 slots while steady is active); its third waits in the dispatcher although a rank
+    is idle, and steady's next request is bound at once past it. Once steady is gone (window 0),
+    the flood's request is bound."""
+    metrics_port = free_port()
+    channel, stub, _, _ = await start_cluster(
+        etcd, prefix, start_service, 4, "--tenant-active-window", "0", "--metrics-port", str(metrics_port)
+    )
+    client = Client(stub)
+    try:
+        client.send("steady-0", tokens=BLOCK, tenant="steady")
+        await client.started("steady-0")
+        for rid in ("flood-0", "flood-1"):
+            client.send(rid, tokens=BLOCK, tenant="flood")
+            await client.started(rid)
+        client.send("flood-2", tokens=BLOCK, tenant="flood")
+        await wait_queued(stub, 1)
+        snap = await load_snapshot(stub)
+        assert sum(w.reported.running_requests + w.inflight_requests == 0 for w in snap.workers) == 1, (
+            "a rank is idle, yet the flood's request waits: its tenant holds its share"
+        )
+        client.send("steady-1", tokens=BLOCK, tenant="steady")
+        await client.started("steady-1")
+        assert "flood-2" not in client.first_token_at and await queued(stub) == 1
+        scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "pdlb_queue_share_held_total 1.0" in scrape
+        # Steady leaves: the flood may take the whole cluster, and its held request is bound.
+        for rid in ("steady-0", "steady-1"):
+            client.tasks.pop(rid).cancel()
+        await client.started("flood-2")
+        assert client.outcome.get("flood-2") is None, client.errors
+        await wait_queued(stub, 0)
+        for task in client.tasks.values():
+            task.cancel()
+        await asyncio.gather(*client.tasks.values(), return_exceptions=True)
+    finally:
+        await channel.close()
+
+
 async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix, start_service):
     channel, stub, _, _ = await start_cluster(
         etcd,

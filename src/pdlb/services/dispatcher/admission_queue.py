@@ -154,12 +154,19 @@ class AdmissionQueue:
             del self._tenants[waiter.tenant]  # DRR: an idle tenant keeps no credit
         return True
 
-    def peek(self) -> Waiter | None:
-        """The request to serve next (it stays queued until `pop`). Advances the DRR round as
-        needed, so calling it again without a pop returns the same request."""
+    def tenant_names(self) -> list[str]:
+        """The keys of the tenants with queued requests."""
+        return list(self._tenants)
+
+    def peek(self, skip: set[str] | frozenset[str] = frozenset()) -> Waiter | None:
+        """The request to serve next (it stays queued until `pop`), ignoring the tenants in `skip`
+        (held past their share). Advances the DRR round as needed, so calling it again without a
+        pop returns the same request."""
         if not self.size:
             return None
-        heads = [(name, t, t.head()) for name, t in self._tenants.items()]
+        heads = [(name, t, t.head()) for name, t in self._tenants.items() if name not in skip]
+        if not any(w is not None for _, _, w in heads):
+            return None
         best = min(w.priority for _, _, w in heads if w is not None)
         eligible = [(name, t, w) for name, t, w in heads if w is not None and w.priority == best]
         # The first eligible tenant in round order whose credit covers its head is served; if none,

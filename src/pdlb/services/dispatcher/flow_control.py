@@ -7,6 +7,11 @@ threshold, a predicted prefill wait above it) is held in the
 cancellation, a worker joining), `kick()` binds queued requests in queue order, choosing the rank
 at that moment with the role's method, until the head does not fit anywhere.
 
+While other tenants are active, a tenant holds at most its weighted share of the cluster's batch
+slots and of its prompt-token room (prefill work awaiting a first token; decode: KV) (`TenantShares`,
+tenant_share.py); a request of a tenant past its share waits in the queue even when a rank has
+room, and requests of other tenants behind it are bound first.
+
 A held request waits at most its TTL (`queue_ttl_s`; `sheddable_ttl_s` for sheddable priorities)
 and never past its TTFT deadline; then, or when a request of better priority displaces it from a
 full queue, it fails with RESOURCE_EXHAUSTED and a retry hint (`retry-after` trailing metadata,
@@ -31,6 +36,7 @@ from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, 
 from pdlb.services.dispatcher.load_table import Role, WorkerEntry
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 from pdlb.services.dispatcher.router import Decision, Router
+from pdlb.services.dispatcher.tenant_share import DEFAULT_ACTIVE_WINDOW_S, Room, TenantShares
 
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
 
@@ -52,6 +58,10 @@ class FlowOptions:
     quantum_tokens: int = 2048
     tenant_weights: tuple[tuple[str, float], ...] = ()
     max_tenants: int = 1024
+    # While other tenants are active, a tenant holds at most this multiple of its weighted share of
+    # the cluster's batch slots and KV tokens (0: no cap; tenant_share.py).
+    tenant_share_scale: float = 1.0
+    tenant_active_window_s: float = DEFAULT_ACTIVE_WINDOW_S
 
 
 class Shed(Exception):
@@ -66,6 +76,7 @@ class Shed(Exception):
 class _Held:
     ctx: RouteContext
     future: asyncio.Future[Decision]
+    past_share: bool = False  # held at least once because its tenant was past its share
 
 
 class FlowControl:
@@ -85,6 +96,13 @@ class FlowControl:
             quantum_tokens=options.quantum_tokens,
             weights=dict(options.tenant_weights),
             max_tenants=options.max_tenants,
+        )
+        self.shares = TenantShares(
+            weights=dict(options.tenant_weights),
+            scale=options.tenant_share_scale,
+            active_window_s=options.tenant_active_window_s,
+            max_tenants=options.max_tenants,
+            clock=clock,
         )
         self.on_shed = on_shed or (lambda reason: None)
         self.on_wait = on_wait or (lambda seconds: None)
@@ -108,11 +126,17 @@ class FlowControl:
             return self.router.decide(ctx)
         if not self.queue.size:
             roomy = self.roomy(ctx)
-            if roomy is None or roomy:
-                return self.router.decide(ctx, among=roomy)
+            past_share = bool(roomy) and self._over_share(tenant, ctx)
+            if roomy is None or (roomy and not past_share):
+                decision = self.router.decide(ctx, among=roomy)
+                self.shares.acquire(ctx.request_id, tenant, max(ctx.num_tokens, 1))
+                return decision
+        else:
+            past_share = False
         now = self.clock()
         ttl = self.options.sheddable_ttl_s if priority >= self.options.sheddable_priority else self.options.queue_ttl_s
-        held = _Held(ctx, asyncio.get_running_loop().create_future())
+        held = _Held(ctx, asyncio.get_running_loop().create_future(), past_share)
+        self.shares.held_total += past_share
         waiter = Waiter(
             request_id=ctx.request_id,
             priority=priority,
@@ -138,6 +162,7 @@ class FlowControl:
             if held.future.done() and not held.future.cancelled() and held.future.exception() is None:
                 decision = held.future.result()
                 self.router.table.cancel_dispatch(decision.entry.worker.worker_id, decision.seq)
+                self.release(ctx.request_id)
             raise
         finally:
             if self.queue.remove(waiter):  # still queued: cancelled or expired
@@ -162,8 +187,9 @@ class FlowControl:
         if self._kicking or not self.queue.size:
             return
         self._kicking = True
+        past_share: set[str] = set()  # tenants whose requests stay queued this pass
         try:
-            while (waiter := self.queue.peek()) is not None:
+            while (waiter := self.queue.peek(skip=past_share)) is not None:
                 held: _Held = waiter.payload
                 if held.future.done():  # its waiting task was cancelled: drop it
                     self.queue.remove(waiter)
@@ -171,12 +197,18 @@ class FlowControl:
                 roomy = self.roomy(held.ctx)
                 if roomy is not None and not roomy:
                     return
+                if roomy is not None and self._over_share(waiter.tenant, held.ctx):
+                    past_share.add(waiter.tenant)  # other tenants' requests go first
+                    self.shares.held_total += not held.past_share
+                    held.past_share = True
+                    continue
                 self.queue.pop(waiter)
                 try:
                     decision = self.router.decide(held.ctx, among=roomy)
                 except RoutingError as exc:
                     held.future.set_exception(exc)
                     continue
+                self.shares.acquire(held.ctx.request_id, waiter.tenant, waiter.tokens)
                 self.admitted_total += 1
                 waited = self.clock() - waiter.enqueued_at
                 self.recent_waits.append(waited)
@@ -184,6 +216,29 @@ class FlowControl:
                 held.future.set_result(decision)
         finally:
             self._kicking = False
+
+    def release(self, request_id: str) -> None:
+        """A request bound here ended (finished, failed, cancelled): its tenant's share frees.
+        Callers kick() afterwards."""
+        self.shares.release(request_id)
+
+    def prefilled(self, request_id: str) -> None:
+        """A request's first token came back: on mixed and prefill ranks its prompt stops counting
+        against its tenant's share of the prefill room (its slot counts until it ends)."""
+        if self.router.role is not Role.DECODE and self.shares.release_tokens(request_id):
+            self.kick()
+
+    def _over_share(self, tenant: str, ctx: RouteContext) -> bool:
+        if not self.shares.enabled:
+            return False
+        candidates = self.router.table.candidates()
+        if self.router.role is Role.DECODE:  # admission by KV: a request holds its KV until it ends
+            tokens = sum(e.reported.kv_tokens_capacity for e in candidates)
+        else:  # the prefill work the room test lets queue on each rank (at least one chunk)
+            chunks = max(self.options.max_prefill_ahead_chunks, 1.0)
+            tokens = int(sum(chunks * e.reported.prefill_tokens_per_step for e in candidates))
+        room = Room(requests=sum(e.reported.max_running_requests for e in candidates), tokens=tokens)
+        return self.shares.over_share(tenant, max(ctx.num_tokens, 1), room, self.queue.tenant_names())
 
     # room ------------------------------------------------------------------------------------
     def roomy(self, ctx: RouteContext) -> list[WorkerEntry] | None:

@@ -191,6 +191,19 @@ def build_parser() -> FlagParser:
         type=int,
         help="flow control: tenants with queued requests tracked apart; further ones share one class",
     )
+    parser.flag(
+        "--tenant-share",
+        default=flow.tenant_share_scale,
+        type=float,
+        help="flow control: while other tenants are active, a tenant holds at most this multiple of its weighted "
+        "share of the ranks' batch slots and KV tokens; its excess waits in the queue (0: no cap)",
+    )
+    parser.flag(
+        "--tenant-active-window",
+        default=flow.tenant_active_window_s,
+        type=float,
+        help="flow control: seconds a tenant counts as active after its last request ended (for --tenant-share)",
+    )
     return parser
 
 
@@ -209,6 +222,8 @@ def flow_options(args) -> FlowOptions:
         raise SystemExit("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
     if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
         raise SystemExit("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+    if not args.tenant_share >= 0 or not args.tenant_active_window >= 0:
+        raise SystemExit("--tenant-share and --tenant-active-window must be >= 0")
     if not args.max_prefill_ahead_chunks >= 0:
         raise SystemExit(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
@@ -222,6 +237,8 @@ def flow_options(args) -> FlowOptions:
         quantum_tokens=args.fair_share_quantum,
         tenant_weights=tuple(weights),
         max_tenants=args.max_tenants,
+        tenant_share_scale=args.tenant_share,
+        tenant_active_window_s=args.tenant_active_window,
     )
 
 

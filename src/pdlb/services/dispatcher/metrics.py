@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pdlb.services.dispatcher.load_table import LoadTable
@@ -67,8 +67,9 @@ class DispatcherMetrics:
             child = self._dispatch_children[(method, dp_rank)] = self.dispatches.labels(method, str(dp_rank))
         child.inc()
 
-    def watch_queue(self, depth: Callable[[], tuple[int, int, int]]) -> None:
-        """Export the admission queue's (requests, prompt tokens, tenants), read at scrape time."""
+    def watch_queue(self, depth: Callable[[], tuple[int, int, int, int]]) -> None:
+        """Export the admission queue's (requests, prompt tokens, tenants, requests held past their
+        tenant's share so far), read at scrape time."""
         self.registry.register(QueueCollector(depth))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
@@ -103,14 +104,19 @@ class LoadCollector(Collector):
 
 
 class QueueCollector(Collector):
-    def __init__(self, depth: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(self, depth: Callable[[], tuple[int, int, int, int]]) -> None:
         self.depth = depth
 
     def collect(self):
-        requests, tokens, tenants = self.depth()
+        requests, tokens, tenants, share_held = self.depth()
         yield GaugeMetricFamily("pdlb_queue_requests", "Requests held in the admission queue", value=requests)
         yield GaugeMetricFamily("pdlb_queue_tokens", "Prompt tokens of the queued requests", value=tokens)
         yield GaugeMetricFamily("pdlb_queue_tenants", "Tenants with queued requests", value=tenants)
+        yield CounterMetricFamily(
+            "pdlb_queue_share_held",
+            "Requests held in the admission queue because their tenant held its share of the ranks (--tenant-share)",
+            value=share_held,
+        )
 
 
 def wall_ms() -> int:

@@ -174,8 +174,8 @@ class DispatchCore:
         self.flow = FlowControl(
             router, flow or FlowOptions(enabled=False), on_shed=metrics.count_shed, on_wait=metrics.queue_wait.observe
         )
-        queue = self.flow.queue
-        metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants))
+        queue, shares = self.flow.queue, self.flow.shares
+        metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants, shares.held_total))
 
     def _send_start_wave(self, worker_id: str, start: load_report_pb2.StartWave) -> bool:
         outbox = self.report_outboxes.get(worker_id)
@@ -337,6 +337,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             finally:
                 if holder is not None:
                     holder.cancel()
+                self.core.flow.release(ctx.request_id)  # its tenant's share frees (kicked below)
                 self.core.in_flight_ids.discard(ctx.request_id)
                 if ctx.bootstrap_room is not None:
                     self.core.in_flight_rooms.discard(ctx.bootstrap_room)
@@ -415,7 +416,9 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             sent_any = False
             try:
                 async for response in self._forward(request, ctx, decision, deadline, context):
-                    sent_any = True
+                    if not sent_any:
+                        sent_any = True
+                        self.core.flow.prefilled(ctx.request_id)  # its prompt no longer counts as prefill work
                     yield response
                 self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return

@@ -1,0 +1,173 @@
+"""Each tenant's share of the cluster's room: pure bookkeeping, no I/O.
+
+Fair queue order (the admission queue's deficit round robin) decides who is bound next, but not how
+much of the cluster a tenant holds once bound: a tenant that floods fills every free batch slot as
+it frees, and another tenant's requests then run in steps loaded with the flood's prefills and
+decodes. So, while other tenants are active, a tenant may hold at most its weighted share of the
+cluster's room on the ranks; past it, its requests wait in the dispatcher's queue (where the TTL
+sheds them) while other tenants' requests are bound at once. This is the per-flow capacity of
+llm-d's flow control and the per-class share of Dynamo's router, applied to what a tenant has in
+flight rather than to its queue.
+
+- **Share**: `scale * w / (w + sum of the other active tenants' weights)` of the cluster's room,
+  summed over the live ranks: its batch slots (requests in flight), and its prompt-token room
+  (`Room.tokens`: on mixed and prefill ranks the prefill work flow control lets queue, counted
+  until the request's first token, since co-scheduled prefill chunks are what slow another
+  tenant's first token; on decode ranks the KV capacity, counted until the request ends).
+- **Active**: a tenant with requests queued, or in flight here, or whose last request ended within
+  `active_window_s` (a steady tenant between two requests still counts, so the flood does not take
+  its room in the gap).
+- A tenant alone, or holding nothing yet, is never held: one request in flight is always allowed, so
+  a tiny share cannot starve a tenant.
+
+Counts only what this dispatcher bound (replicas each keep their own). Bounded: at most
+`max_tenants` tenants are tracked apart (further ones share the key ""), and a tenant's entry is
+dropped once it holds nothing and its window has passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pdlb.services.dispatcher.admission_queue import MAX_TENANT_CHARS
+
+DEFAULT_ACTIVE_WINDOW_S = 2.0
+
+
+@dataclass
+class _Use:
+    requests: int = 0
+    tokens: int = 0
+    last_end: float = float("-inf")  # monotonic seconds its last request ended
+
+
+@dataclass(frozen=True)
+class Room:
+    """The cluster's room a share is taken of, summed over live ranks: batch slots, and prompt
+    tokens (prefill work or KV, see the module doc); 0: not reported, that part is not capped."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+class TenantShares:
+    """Per-tenant requests and prompt tokens in flight, and whether a tenant is past its share.
+
+    weights: tenant -> weight (others `default_weight`). scale: the share's multiplier (<= 0: no
+    cap at all; > 1 lets a tenant exceed its even share). active_window_s: seconds a tenant stays
+    active after its last request ended. Not thread-safe: one asyncio loop owns it.
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, float] | None = None,
+        default_weight: float = 1.0,
+        scale: float = 1.0,
+        active_window_s: float = DEFAULT_ACTIVE_WINDOW_S,
+        max_tenants: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if default_weight <= 0 or max_tenants < 1 or active_window_s < 0:
+            raise ValueError("default_weight and max_tenants must be positive, active_window_s >= 0")
+        self.weights = dict(weights or {})
+        self.default_weight, self.scale = default_weight, scale
+        self.active_window_s, self.max_tenants, self.clock = active_window_s, max_tenants, clock
+        self._use: dict[str, _Use] = {}
+        self._leases: dict[str, list] = {}  # request id -> [tenant key, tokens still counted]
+        self.held_total = 0  # times a request was held because its tenant was past its share
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0
+
+    def key(self, tenant: str) -> str:
+        """The key `tenant` is counted under (cut to MAX_TENANT_CHARS; "" once the map is full)."""
+        key = tenant[:MAX_TENANT_CHARS]
+        if key in self._use:
+            return key
+        if len(self._use) >= self.max_tenants:
+            self._active(())  # drops the tenants that hold nothing and are past their window
+        return key if len(self._use) < self.max_tenants else ""
+
+    def weight(self, key: str) -> float:
+        return self.weights.get(key, self.default_weight)
+
+    def in_flight(self, tenant: str) -> tuple[int, int]:
+        """(requests, prompt tokens still counted) `tenant` has in flight here."""
+        use = self._use.get(tenant[:MAX_TENANT_CHARS])
+        return (use.requests, use.tokens) if use else (0, 0)
+
+    def acquire(self, request_id: str, tenant: str, tokens: int) -> None:
+        """Count a request bound to a rank until `release(request_id)`."""
+        if request_id in self._leases:
+            return
+        key = self.key(tenant)
+        use = self._use.setdefault(key, _Use())
+        use.requests += 1
+        use.tokens += tokens
+        self._leases[request_id] = [key, tokens]
+
+    def release_tokens(self, request_id: str) -> bool:
+        """The request's prompt stops counting (its prefill is done); its slot still counts.
+        True when it freed tokens."""
+        lease = self._leases.get(request_id)
+        if lease is None or not lease[1]:
+            return False
+        self._use[lease[0]].tokens -= lease[1]
+        lease[1] = 0
+        return True
+
+    def release(self, request_id: str) -> None:
+        """The request finished, failed or was cancelled; unknown ids are ignored."""
+        lease = self._leases.pop(request_id, None)
+        if lease is None:
+            return
+        key, tokens = lease
+        use = self._use[key]
+        use.requests -= 1
+        use.tokens -= tokens
+        use.last_end = self.clock()
+
+    def share(self, tenant: str, queued_tenants: Iterable[str] = ()) -> float:
+        """`tenant`'s fraction of the room now (1.0 while no other tenant is active)."""
+        key = tenant[:MAX_TENANT_CHARS]
+        others = self._active(queued_tenants) - {key}
+        if not others:
+            return 1.0
+        mine = self.weight(key)
+        return min(1.0, self.scale * mine / (mine + sum(self.weight(t) for t in others)))
+
+    def over_share(self, tenant: str, tokens: int, room: Room, queued_tenants: Iterable[str] = ()) -> bool:
+        """Whether binding one more request of `tokens` prompt tokens would put `tenant` past its
+        share of `room` while other tenants are active (`queued_tenants`: those with queued requests)."""
+        if not self.enabled:
+            return False
+        requests, held_tokens = self.in_flight(tenant)
+        if not requests:
+            return False  # one request in flight is always allowed
+        share = self.share(tenant, queued_tenants)
+        if share >= 1.0:
+            return False
+        if room.requests and requests + 1 > share * room.requests:
+            return True
+        # Tokens: one prompt is always allowed, however long (else it could never be bound).
+        return bool(room.tokens and held_tokens) and held_tokens + tokens > share * room.tokens
+
+    def _active(self, queued_tenants: Iterable[str]) -> set[str]:
+        """The active tenants' keys; drops the entries of tenants no longer active."""
+        now = self.clock()
+        active = {t[:MAX_TENANT_CHARS] for t in queued_tenants}
+        idle = []
+        for key, use in self._use.items():
+            if use.requests or now - use.last_end < self.active_window_s:
+                active.add(key)
+            else:
+                idle.append(key)
+        for key in idle:
+            del self._use[key]
+        return active
+
+    def __len__(self) -> int:
+        return len(self._use)

@@ -125,3 +125,54 @@ def test_remove_cancelled_and_bounded_tenants():
     long_key = waiter("d", tenant="x" * 10_000)
     q.push(long_key)
     assert len(long_key.tenant) == MAX_TENANT_CHARS
+
+
+def test_full_queue_a_tenant_under_its_share_displaces_the_floods_newest():
+    """A flood fills the queue: another tenant's request of equal priority displaces the flood's
+    newest while its tenant holds fewer than its share (here half of 8), then it is refused."""
+    q = AdmissionQueue(capacity=8)
+    for i in range(8):
+        q.push(waiter(f"flood-{i}", tenant="flood"))
+    with pytest.raises(QueueFull):
+        q.push(waiter("flood-8", tenant="flood"))  # the flood is over its share: no displacement
+    for i in range(4):
+        displaced = q.push(waiter(f"quiet-{i}", tenant="quiet"))
+        assert displaced is not None and displaced.request_id == f"flood-{7 - i}"
+    with pytest.raises(QueueFull):
+        q.push(waiter("quiet-4", tenant="quiet"))  # quiet holds its share (4 of 8)
+    assert len(q) == 8 and q.tenants == 2
+    assert sorted(drain(q)) == sorted([f"flood-{i}" for i in range(4)] + [f"quiet-{i}" for i in range(4)])
+
+
+def test_fair_share_displacement_weights_priority_and_the_most_over_tenant():
+    q = AdmissionQueue(capacity=6, weights={"gold": 2.0})
+    q.push(waiter("a-0", tenant="a"))
+    for i in range(4):
+        q.push(waiter(f"b-{i}", tenant="b"))
+    q.push(waiter("b-urgent", tenant="b", priority=-1))  # b holds 5: 4 at priority 0, 1 better
+    # gold (weight 2 of 1 + 1 + 2 = 4) may hold 3 of 6; b (share 1.5) is most over its share.
+    for expected in ("b-3", "b-2", "b-1"):
+        displaced = q.push(waiter(f"gold-{expected}", tenant="gold"))
+        assert displaced is not None and displaced.request_id == expected
+    with pytest.raises(QueueFull):
+        q.push(waiter("gold-more", tenant="gold"))  # gold holds its share of 3
+    # A sheddable request never displaces one of better priority, whatever the shares.
+    q2 = AdmissionQueue(capacity=2)
+    q2.push(waiter("x-0", tenant="x"))
+    q2.push(waiter("x-1", tenant="x"))
+    with pytest.raises(QueueFull):
+        q2.push(waiter("y-low", tenant="y", priority=1))
+    # A better priority still displaces the worst first (newest of the worst), as before.
+    assert q2.push(waiter("y-high", tenant="y", priority=-1)).request_id == "x-1"
+
+
+def test_lazy_removal_keeps_the_heaps_bounded():
+    q = AdmissionQueue(capacity=8)
+    q.push(waiter("keep", tenant="t"))
+    for i in range(1000):
+        w = waiter(f"w-{i}", tenant="t")
+        q.push(w)
+        assert q.remove(w)
+    tenant = q._tenants["t"]
+    assert len(tenant.heap) <= 2 * tenant.size + 16 and len(tenant.worst_heap) <= 2 * tenant.size + 16
+    assert drain(q) == ["keep"]

@@ -191,6 +191,49 @@ async def test_tenant_past_its_share_is_held_while_another_tenant_is_bound_at_on
         await channel.close()
 
 
+async def test_full_queue_a_flood_does_not_lock_out_another_tenant(etcd, prefix, start_service):
+    """The user trial's case: a tenant floods a bounded queue (8) past its bound. Another tenant's
+    requests of equal priority are not refused: each displaces the flood's newest queued request
+    (RESOURCE_EXHAUSTED, displaced) until the quiet tenant holds its share (4 of 8); all of them
+    are then served as the ranks free."""
+    channel, stub, _, _ = await start_cluster(
+        etcd, prefix, start_service, 2, "--tenant-share", "1", "--max-queued-requests", "8", "--queue-ttl", "30"
+    )
+    client = Client(stub)
+    try:
+        for rid in ("busy-0", "busy-1"):
+            client.send(rid, tokens=BLOCK, tenant="flood")
+            await client.started(rid)
+        for i in range(8):  # one at a time, so the queue's arrival order is known
+            client.send(f"flood-{i}", tokens=3, tenant="flood")
+            await wait_queued(stub, i + 1)
+        refused = [client.send(f"flood-{i}", tokens=3, tenant="flood") for i in range(8, 30)]
+        await asyncio.wait_for(asyncio.gather(*refused), 30)
+        assert {client.outcome[f"flood-{i}"] for i in range(8, 30)} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all("queue full" in client.errors[f"flood-{i}"].details() for i in range(8, 30))
+        for i in range(4):
+            client.send(f"quiet-{i}", tokens=3, tenant="quiet")
+            victim = f"flood-{7 - i}"  # the flood's newest queued request goes
+            await wait_until(lambda v=victim: v in client.outcome, what=f"{victim} displaced")
+            assert client.outcome[victim] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            err = client.errors[victim]
+            assert "displaced" in err.details() and "fair share" in err.details()
+            assert int(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) >= 1
+            assert "quiet-" + str(i) not in client.outcome
+        assert await queued(stub) == 8
+        await client.send("quiet-4", tokens=3, tenant="quiet")  # quiet holds its share: refused
+        assert client.outcome["quiet-4"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for rid in ("busy-0", "busy-1"):
+            client.tasks.pop(rid).cancel()
+        served = [f"quiet-{i}" for i in range(4)] + [f"flood-{i}" for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(client.tasks[r] for r in served)), 60)
+        assert {client.outcome[r] for r in served} == {grpc.StatusCode.OK}, client.errors
+        snap = await load_snapshot(stub)
+        assert snap.flow.queued_requests == 0 and snap.flow.shed_total == 22 + 4 + 1
+    finally:
+        await channel.close()
+
+
 async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix, start_service):
     channel, stub, _, _ = await start_cluster(
         etcd,

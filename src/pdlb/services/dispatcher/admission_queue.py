@@ -14,8 +14,13 @@ tenant's credit is dropped when its queue empties, as DRR does), so it is bounde
 and by `max_tenants`. Tenant keys longer than `MAX_TENANT_CHARS` are cut.
 
 When full, an arriving request displaces the queued request of the worst priority if that is worse
-than its own (the newest of them: the oldest has waited longest); otherwise it is refused. Callers
-fail the displaced or refused request with RESOURCE_EXHAUSTED.
+than its own (the newest of them: the oldest has waited longest). Failing that, fair share decides
+within its priority: if its tenant holds fewer queued requests than its weighted share of the queue
+(`capacity * w / sum of the weights of the tenants queued, its own included`), it displaces the
+newest request of its priority of the tenant most over its share, so a tenant flooding a full queue
+cannot lock the others out. Otherwise it is refused. Finding the request to displace is
+O(tenants): each tenant keeps its requests in a second heap, worst priority then newest first.
+Callers fail the displaced or refused request with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ DEFAULT_QUANTUM_TOKENS = 2048
 
 
 class QueueFull(Exception):
-    """No room in the queue and no queued request of a worse priority to displace."""
+    """No room in the queue, no queued request of a worse priority to displace, and the arriving
+    request's tenant already holds its fair share of the queue (or no tenant is over its own)."""
 
 
 @dataclass(eq=False)
@@ -64,13 +70,34 @@ class Waiter:
 class _Tenant:
     weight: float
     heap: list[tuple[tuple[int, float, int], Waiter]] = field(default_factory=list)
+    # The same requests, the one to displace first on top: worst priority, then newest.
+    worst_heap: list[tuple[tuple[int, int], Waiter]] = field(default_factory=list)
     size: int = 0
     credit: float = 0.0
+
+    def push(self, waiter: Waiter) -> None:
+        heapq.heappush(self.heap, (waiter.sort_key(), waiter))
+        heapq.heappush(self.worst_heap, ((-waiter.priority, -waiter.seq), waiter))
+        self.size += 1
 
     def head(self) -> Waiter | None:
         while self.heap and not self.heap[0][1].queued:
             heapq.heappop(self.heap)  # removed earlier (cancelled, expired, displaced)
         return self.heap[0][1] if self.heap else None
+
+    def worst(self) -> Waiter | None:
+        """Its request to displace first: the worst priority, the newest of those."""
+        while self.worst_heap and not self.worst_heap[0][1].queued:
+            heapq.heappop(self.worst_heap)
+        return self.worst_heap[0][1] if self.worst_heap else None
+
+    def compact(self) -> None:
+        """Drop removed requests once they outnumber the queued ones (removal is lazy: a request
+        served from one heap's top may sit deep in the other), so each heap stays within 2x + 16."""
+        for heap in (self.heap, self.worst_heap):
+            if len(heap) > 2 * self.size + 16:
+                heap[:] = [entry for entry in heap if entry[1].queued]
+                heapq.heapify(heap)
 
 
 class AdmissionQueue:
@@ -120,23 +147,32 @@ class AdmissionQueue:
     def push(self, waiter: Waiter) -> Waiter | None:
         """Queue `waiter`; returns the request it displaced (the caller fails it), if any.
 
-        Raises QueueFull when the queue is full of requests of its priority or better.
+        Raises QueueFull when the queue is full of requests of its priority or better and its
+        tenant holds its fair share of the queue already (or no other tenant is over its share).
         """
+        waiter.tenant = self.tenant_key(waiter.tenant)
         displaced = None
         if self.size >= self.capacity:
             worst = self._worst()
-            if worst is None or worst.priority <= waiter.priority:
-                raise QueueFull(f"{self.size} requests are queued (the bound), none of lower priority")
-            self.remove(worst)
-            displaced = worst
-        waiter.tenant = self.tenant_key(waiter.tenant)
+            if worst is not None and worst.priority > waiter.priority:
+                displaced = worst
+            else:
+                displaced = self._over_share_victim(waiter)
+                if displaced is None:
+                    raise QueueFull(
+                        f"{self.size} requests are queued (the bound), none of lower priority, and "
+                        f"tenant {waiter.tenant!r} holds its fair share of the queue"
+                    )
+            self.remove(displaced)
+            # Its tenant's entry may have just been dropped: the key is taken again below.
+            waiter.tenant = self.tenant_key(waiter.tenant)
         tenant = self._tenants.get(waiter.tenant)
         if tenant is None:
             tenant = self._tenants[waiter.tenant] = _Tenant(self.weights.get(waiter.tenant, self.default_weight))
         waiter.seq = next(self._seq)
         waiter.queued = True
-        heapq.heappush(tenant.heap, (waiter.sort_key(), waiter))
-        tenant.size += 1
+        tenant.push(waiter)
+        tenant.compact()
         self.size += 1
         self.tokens += waiter.tokens
         return displaced
@@ -152,6 +188,8 @@ class AdmissionQueue:
         self.tokens -= waiter.tokens
         if tenant.size == 0:
             del self._tenants[waiter.tenant]  # DRR: an idle tenant keeps no credit
+        else:
+            tenant.compact()
         return True
 
     def tenant_names(self) -> list[str]:
@@ -202,9 +240,34 @@ class AdmissionQueue:
                     yield waiter
 
     def _worst(self) -> Waiter | None:
-        """The queued request to displace first: the worst priority, the newest of those."""
+        """The queued request to displace first: the worst priority, the newest of those. O(tenants)."""
         worst = None
-        for waiter in self:
-            if worst is None or (waiter.priority, waiter.seq) > (worst.priority, worst.seq):
+        for tenant in self._tenants.values():
+            waiter = tenant.worst()
+            if waiter is not None and (worst is None or (waiter.priority, waiter.seq) > (worst.priority, worst.seq)):
                 worst = waiter
         return worst
+
+    def weight(self, key: str) -> float:
+        return self.weights.get(key, self.default_weight)
+
+    def _over_share_victim(self, waiter: Waiter) -> Waiter | None:
+        """With the queue full of requests no worse than `waiter`'s priority: the request it
+        displaces by fair share, or None. Its tenant must hold fewer queued requests than its
+        weighted share of the queue; the victim is the newest request of `waiter`'s priority of
+        the tenant most over its share (requests per weight). O(tenants)."""
+        mine = self._tenants.get(waiter.tenant)
+        held = mine.size if mine is not None else 0
+        total_weight = sum(t.weight for t in self._tenants.values()) + (0.0 if mine else self.weight(waiter.tenant))
+        if held >= self.capacity * self.weight(waiter.tenant) / total_weight:
+            return None  # its tenant holds its share already
+        victim, most = None, 0.0
+        for name, tenant in self._tenants.items():
+            if name == waiter.tenant or tenant.size <= self.capacity * tenant.weight / total_weight:
+                continue  # not over its share
+            candidate = tenant.worst()
+            if candidate is None or candidate.priority != waiter.priority:
+                continue  # only requests of better priority: not displaced by this one
+            if tenant.size / tenant.weight > most:
+                victim, most = candidate, tenant.size / tenant.weight
+        return victim

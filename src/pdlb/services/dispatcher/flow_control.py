@@ -14,8 +14,10 @@ room, and requests of other tenants behind it are bound first.
 
 A held request waits at most its TTL (`queue_ttl_s`; `sheddable_ttl_s` for sheddable priorities)
 and never past its TTFT deadline; then, or when a request of better priority displaces it from a
-full queue, it fails with RESOURCE_EXHAUSTED and a retry hint (`retry-after` trailing metadata,
-seconds; the gateway turns it into HTTP 429 + `Retry-After`).
+full queue, or one of equal priority from a tenant under its fair share of the queue while its own
+tenant is over it (the newest of the tenant most over its share goes), it fails with
+RESOURCE_EXHAUSTED and a retry hint (`retry-after` trailing metadata, seconds; the gateway turns it
+into HTTP 429 + `Retry-After`).
 
 Replicas: each dispatcher holds its own queue and knows nothing of the others' queues; the others'
 dispatches reach its table through the workers' reports (within one report interval), so a
@@ -152,7 +154,14 @@ class FlowControl:
         except QueueFull as exc:
             raise self._shed("full", f"request {ctx.request_id}: dispatcher queue full: {exc}") from None
         if displaced is not None:
-            self._fail(displaced, "displaced", "displaced from the full queue by a request of better priority")
+            self._fail(
+                displaced,
+                "displaced",
+                "displaced from the full queue by a request of better priority"
+                if displaced.priority > priority
+                else f"displaced from the full queue: tenant {displaced.tenant!r} holds more than its fair share "
+                "of it and another tenant's request arrived",
+            )
         self.kick()
         try:
             if not held.future.done():

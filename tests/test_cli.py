@@ -474,3 +474,21 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "message"),
+    [
+        ("pdlb.services.scheduler.main", ["--runner", "sim", "--torch-bind-cpus", "abc"], "not a CPU id or range"),
+        ("pdlb.services.dispatcher.main", ["--tenant-share=-1"], "--tenant-share and --tenant-active-window must"),
+    ],
+)
+def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):
+    """A value argparse accepts but the service refuses as it starts: exit 1 with the one line, no
+    asyncio traceback (SystemExit raised inside the serving task used to escape the loop)."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--port", "0", *flags], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and "never retrieved" not in run.stderr, run.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pdlb.cli.local_cluster import loading, print_summary
-from pdlb.cli.main import rendered
+from pdlb.cli.main import StreamRendering, rendered
 from pdlb.common.orphan_guard import guarded
 
 
@@ -119,6 +119,21 @@ def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("a\ufffd", [97, 200]) == "<97><200>"
     assert rendered("\x1b[2J", [27, 91]) == "<27><91>"  # a control sequence would act on the terminal
     assert rendered("Paris", [12], as_ids=True) == "<12>"
+
+
+def test_a_stream_shows_every_token_once_when_bytes_are_held_between_chunks():
+    # The chunks a simulated worker streamed in a user's trial: a lone UTF-8 byte (id 132) comes
+    # with no text, and the next chunk carries it as U+FFFD; the held id used to vanish.
+    chunks = [("\ufffd", [193]), ("", [132]), ("\ufffdb", [82]), ("", [187]), ("", [226]), ("\ufffd\ufffdF", [70])]
+    rendering = StreamRendering()
+    shown = "".join(rendering.feed(text, ids) for text, ids in chunks) + rendering.end()
+    assert shown == "<193><132><82><187><226><70>"
+    completed = StreamRendering()  # two byte tokens that make one character print as it
+    assert completed.feed("", [195]) + completed.feed("é", [169]) + completed.end() == "é"
+    unfinished = StreamRendering()  # bytes still held when the stream ends show as their ids
+    assert unfinished.feed("a", [97]) + unfinished.feed("", [226]) + unfinished.end() == "a<226>"
+    as_ids = StreamRendering(as_ids=True)
+    assert "".join(as_ids.feed(t, i) for t, i in chunks) + as_ids.end() == "<193><132><82><187><226><70>"
 
 
 def alive(pid: int) -> bool:
@@ -474,3 +489,21 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "message"),
+    [
+        ("pdlb.services.scheduler.main", ["--runner", "sim", "--torch-bind-cpus", "abc"], "not a CPU id or range"),
+        ("pdlb.services.dispatcher.main", ["--tenant-share=-1"], "--tenant-share and --tenant-active-window must"),
+    ],
+)
+def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):
+    """A value argparse accepts but the service refuses as it starts: exit 1 with the one line, no
+    asyncio traceback (SystemExit raised inside the serving task used to escape the loop)."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--port", "0", *flags], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and "never retrieved" not in run.stderr, run.stderr

@@ -533,6 +533,10 @@ async def test_the_gateway_refuses_what_the_workers_cannot_take_before_dispatch(
                 assert "exceeds the limit 4095" in error["message"], error
             else:
                 assert "at most" in error["message"], error
+        # past the hard bound on any request: the message points to where this model's limit is
+        status, body = await post("/v1/completions", {"prompt": [7], "max_tokens": 16385})
+        assert status == 400 and body["error"]["param"] == "max_tokens", body
+        assert "(16384)" in body["error"]["message"] and "/server_info" in body["error"]["message"], body
         assert await dispatched() == before  # refused at the gateway: no dispatcher saw them
 
         # max_tokens left out: the default (16) is cut to the one token the context leaves

@@ -122,6 +122,29 @@ def rendered(text: str, token_ids: list[int], as_ids: bool = False) -> str:
     return text
 
 
+class StreamRendering:
+    """`rendered` over a whole stream. A chunk with ids but no text holds bytes of a character not
+    complete yet; its ids are kept and shown with the next chunk that prints as ids (or dropped when
+    the character completes as text), so every token shows once, in order, whatever its bytes."""
+
+    def __init__(self, as_ids: bool = False) -> None:
+        self.as_ids = as_ids
+        self.held: list[int] = []
+
+    def feed(self, text: str, token_ids: list[int]) -> str:
+        ids = self.held + list(token_ids)
+        if not text and not self.as_ids:
+            self.held = ids[-64:]  # bounded: a UTF-8 character is at most 4 bytes
+            return ""
+        self.held = []
+        return rendered(text, ids, self.as_ids)
+
+    def end(self) -> str:
+        """What is still held when the stream ends (bytes that never made a character), as ids."""
+        held, self.held = self.held, []
+        return "".join(f"<{token}>" for token in held)
+
+
 async def cmd_generate(args: argparse.Namespace) -> int:
     client = client_for(args)
     req = common_pb2.InferenceRequest(
@@ -138,14 +161,18 @@ async def cmd_generate(args: argparse.Namespace) -> int:
         req.text = args.text
     last = None
     shown_ids = False
+    rendering = StreamRendering(args.token_ids)
     try:
         async for chunk in client.generate(req):
-            piece = rendered(chunk.text, list(chunk.token_ids), args.token_ids)
+            piece = rendering.feed(chunk.text, list(chunk.token_ids))
             shown_ids |= piece != chunk.text
             print(piece, end="", flush=True)
             last = chunk
     finally:
         await client.close()
+    tail = rendering.end()
+    shown_ids |= bool(tail)
+    print(tail, end="")
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
     usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr

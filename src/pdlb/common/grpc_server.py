@@ -142,9 +142,18 @@ def run_service(
     security.configure(security.tls_from_args(args))
     security.configure_etcd(security.etcd_security_from_args(args))
 
-    async def run() -> None:
+    async def guarded(event: asyncio.Event) -> SystemExit | None:
+        # A flag refused while starting raises SystemExit; raised inside a task it would escape the
+        # loop with a "never retrieved" traceback, so it is handed back and raised outside it.
+        try:
+            await serve(args, event)
+        except SystemExit as exc:
+            return exc
+        return None
+
+    async def run() -> SystemExit | None:
         event = shutdown_event()
-        serving = asyncio.ensure_future(serve(args, event))
+        serving = asyncio.ensure_future(guarded(event))
         signalled = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,12 +162,14 @@ def run_service(
                 serving.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
-                return
-            await serving
+                return None
+            return await serving
         finally:
             signalled.cancel()
 
-    asyncio.run(run())
+    refused = asyncio.run(run())
+    if refused is not None:
+        raise refused
 
 
 def configure_logging(level: str) -> None:

@@ -119,7 +119,11 @@ def sampling_from(body: dict[str, Any], chat: bool, sampling: common_pb2.Samplin
     if not _is_int(max_tokens) or max_tokens < 1:
         raise ParamError(key, f"{key} must be a positive integer")
     if max_tokens > MAX_NEW_TOKENS_LIMIT:
-        raise ParamError(key, f"{key} {max_tokens} exceeds {MAX_NEW_TOKENS_LIMIT}")
+        raise ParamError(
+            key,
+            f"{key} {max_tokens} is more than any request may ask for ({MAX_NEW_TOKENS_LIMIT}); the model's "
+            "context bounds it further: GET /server_info gives max_new_tokens",
+        )
     sampling.max_new_tokens = max_tokens
     sampling.temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0)
     sampling.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)

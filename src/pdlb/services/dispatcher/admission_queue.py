@@ -168,7 +168,7 @@ class AdmissionQueue:
             waiter.tenant = self.tenant_key(waiter.tenant)
         tenant = self._tenants.get(waiter.tenant)
         if tenant is None:
-            tenant = self._tenants[waiter.tenant] = _Tenant(self.weights.get(waiter.tenant, self.default_weight))
+            tenant = self._tenants[waiter.tenant] = _Tenant(self.weight(waiter.tenant))
         waiter.seq = next(self._seq)
         waiter.queued = True
         tenant.push(waiter)

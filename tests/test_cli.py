@@ -134,6 +134,14 @@ def test_a_stream_shows_every_token_once_when_bytes_are_held_between_chunks():
     assert unfinished.feed("a", [97]) + unfinished.feed("", [226]) + unfinished.end() == "a<226>"
     as_ids = StreamRendering(as_ids=True)
     assert "".join(as_ids.feed(t, i) for t, i in chunks) + as_ids.end() == "<193><132><82><187><226><70>"
+    # A real model's stream ends on EOS (id 2 for SmolLM2) with no text: nothing shows for it, but
+    # bytes still held before it do; with --token-ids its id shows too.
+    eos = StreamRendering()
+    assert eos.feed("Paris.", [12]) + eos.feed("", [2], stopped=True) + eos.end() == "Paris."
+    held = StreamRendering()
+    assert held.feed("", [226]) + held.feed("", [2], stopped=True) + held.end() == "<226>"
+    eos_ids = StreamRendering(as_ids=True)
+    assert eos_ids.feed("Paris.", [12]) + eos_ids.feed("", [2], stopped=True) + eos_ids.end() == "<12><2>"
 
 
 def alive(pid: int) -> bool:

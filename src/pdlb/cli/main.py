@@ -131,8 +131,12 @@ class StreamRendering:
         self.as_ids = as_ids
         self.held: list[int] = []
 
-    def feed(self, text: str, token_ids: list[int]) -> str:
+    def feed(self, text: str, token_ids: list[int], stopped: bool = False) -> str:
+        """`stopped`: the chunk ends the stream on a stop token (EOS), whose id is not shown as
+        text: like the OpenAI endpoint, it prints nothing (with `as_ids` every id shows)."""
         ids = self.held + list(token_ids)
+        if stopped and not self.as_ids:
+            ids = ids[:-1]
         if not text and not self.as_ids:
             self.held = ids[-64:]  # bounded: a UTF-8 character is at most 4 bytes
             return ""
@@ -164,7 +168,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     rendering = StreamRendering(args.token_ids)
     try:
         async for chunk in client.generate(req):
-            piece = rendering.feed(chunk.text, list(chunk.token_ids))
+            stopped = chunk.finish_reason == common_pb2.FINISH_REASON_STOP
+            piece = rendering.feed(chunk.text, list(chunk.token_ids), stopped)
             shown_ids |= piece != chunk.text
             print(piece, end="", flush=True)
             last = chunk

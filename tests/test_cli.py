@@ -13,11 +13,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from pdlb.cli.local_cluster import loading, print_summary
 from pdlb.cli.main import StreamRendering, rendered
 from pdlb.common.orphan_guard import guarded
+from tests.helpers import dispatch_stub, load_snapshot, wait_until
 
 
 def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -175,7 +177,7 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
     assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
     rest = stop_up(up)
-    assert "stopping: schedulers, dispatchers, gateway, etcd ..." in rest  # what runs in mixed mode, no bootstrap
+    assert "stopping: gateway, dispatchers, schedulers, etcd ..." in rest  # what runs in mixed mode, no bootstrap
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
 
@@ -203,7 +205,7 @@ def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
         assert top.returncode == 0 and top.stdout.count("wave ") == 4, top.stdout
     finally:
         rest = stop_up(up)
-    assert "stopping: schedulers, bootstrap, dispatchers, gateway, etcd ..." in rest
+    assert "stopping: gateway, dispatchers, schedulers, bootstrap, etcd ..." in rest
     assert "etcd keys left behind: none" in rest
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("scheduler-*.log"))
     assert "leaving its DP group" not in logs  # stopped as a whole: no rank saw its group break
@@ -242,7 +244,6 @@ async def _replica_view(a: str, b: str) -> None:
     """A request running through replica A shows in replica B's table as the worker reports it
     (running), not as B's in-flight; in A's table it is acknowledged the same way."""
     from pdlb.v1 import common_pb2, dispatch_pb2
-    from tests.helpers import dispatch_stub, load_snapshot, wait_until
 
     (ch_a, stub_a), (ch_b, stub_b) = dispatch_stub(a), dispatch_stub(b)
     req = common_pb2.InferenceRequest(
@@ -497,6 +498,67 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path):
+    """SIGTERM to `pdlb up --flow-control` with one request running and three queued in the
+    dispatcher: the queued ones get 503 naming the shutdown while the running one still streams
+    (they used to wait for a worker after the schedulers stopped first, be re-run by the draining
+    gateway and fail 15 s later with "no dispatchers known"); the running one streams to its end;
+    pdlb up exits 0 and leaves nothing in etcd."""
+    up, state, _ = start_up(
+        tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
+        "--flow-control", "--scheduler-arg=--max-running-requests=1", "--scheduler-arg=--sim-slowdown=10",
+    )  # fmt: skip
+    try:
+        running, queued = asyncio.run(_sigterm_with_queued_requests(up, state))
+        rest = up.stdout.read()
+        assert up.wait(timeout=60) == 0, rest
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert all(status == 503 for status, _, _ in queued), queued
+    assert all("the dispatcher is shutting down" in message for _, message, _ in queued), queued
+    assert all(retry_after for _, _, retry_after in queued), queued
+    finish, tokens, done_before = running
+    assert not done_before, "the running request ended before the queued ones were answered"
+    assert (finish, tokens) == ("length", 150)  # it ran to its end through the drain
+    assert "stopping: gateway, dispatchers, schedulers, etcd ..." in rest
+    assert "etcd keys left behind: none" in rest
+
+
+async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tuple[tuple, list[tuple]]:
+    url = f"{state['http']}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "tiny-random", "prompt": "running", "max_tokens": 150, "ignore_eos": True, "stream": True}
+        running = await session.post(url, json={**body, "stream_options": {"include_usage": True}})
+        assert running.status == 200, await running.text()
+        assert (await running.content.readline()).startswith(b"data: ")  # its first token: it runs
+        queued = [
+            asyncio.ensure_future(
+                session.post(url, json={"model": "tiny-random", "prompt": f"queued {i}", "max_tokens": 4})
+            )
+            for i in range(3)
+        ]
+        channel, stub = dispatch_stub(state["dispatcher"])
+        async with channel:
+
+            async def three_queued() -> bool:
+                return (await load_snapshot(stub)).flow.queued_requests == 3
+
+            await wait_until(three_queued, 30, "three requests queued in the dispatcher")
+        up.send_signal(signal.SIGTERM)
+        answers = []
+        for reply in await asyncio.gather(*queued):  # each answered, none hangs (the test's timeout bounds it)
+            answers.append((reply.status, (await reply.json())["error"]["message"], reply.headers.get("Retry-After")))
+        done_before = running.content.at_eof()
+        finish, tokens = "", 0
+        async for line in running.content:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                finish = next((c["finish_reason"] for c in event["choices"] if c["finish_reason"]), finish)
+                tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        return (finish, tokens, done_before), answers
 
 
 @pytest.mark.parametrize(

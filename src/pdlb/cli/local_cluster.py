@@ -556,28 +556,40 @@ class LocalCluster:
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
 
+    def _stop_stages(self) -> list[tuple[str, list[ServiceProcess]]]:
+        """The services by kind, in the order `stop` stops them (only what this cluster started)."""
+        stages: dict[str, list[ServiceProcess]] = {"gateway": [], "dispatchers": [], "schedulers": []}
+        for service in self.services:
+            kind = service.name if service.name in ("gateway", "bootstrap") else service.name.split("-")[0] + "s"
+            stages.setdefault(kind, []).append(service)
+        return [(kind, services) for kind, services in stages.items() if services]
+
     def stop_order(self) -> list[str]:
         """What `stop` stops, in its order, by kind: only what this cluster started."""
-        kinds = ["schedulers"] if any(s.name.startswith("scheduler") for s in self.services) else []
-        for service in self.services:
-            kind = "dispatchers" if service.name.startswith("dispatcher") else service.name
-            if not service.name.startswith("scheduler") and kind not in kinds:
-                kinds.append(kind)
+        kinds = [kind for kind, _ in self._stop_stages()]
         if self.vllm_servers:
             kinds.append("vLLM servers")
         return kinds + (["etcd"] if self.etcd else [])
 
     def stop(self) -> list[str]:
-        """Schedulers first (they deregister), then dispatchers and bootstrap, then etcd.
+        """Front to back, so that nothing is lost: the gateway first (it refuses new requests and
+        retries none; the dispatchers are signalled once it says NOT_SERVING), then the dispatchers
+        (their queued requests fail at once with UNAVAILABLE naming the shutdown, forwarded ones run
+        on), both drained within their --shutdown-grace while the workers still serve; then the
+        schedulers (they deregister), bootstrap, vLLM servers and etcd.
         Returns the etcd keys left behind (none when every service deregistered)."""
-        order = sorted(self.services, key=lambda s: 0 if s.name.startswith("scheduler") else 1)
-        threads = [threading.Thread(target=s.terminate) for s in order if s.name.startswith("scheduler")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for service in order:
-            service.terminate()
+        stages = dict(self._stop_stages())
+        for gateway in stages.get("gateway", []):
+            gateway.signal_stop()
+            gateway.wait_draining()
+        for dispatcher in stages.get("dispatchers", []):
+            dispatcher.signal_stop()
+        for services in stages.values():
+            threads = [threading.Thread(target=s.terminate) for s in services]  # side by side within a kind
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         for server in self.vllm_servers:
             server.stop()
         if self.kv_storage is not None:

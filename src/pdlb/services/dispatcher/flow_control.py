@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, Waiter
 from pdlb.services.dispatcher.load_table import Role, WorkerEntry
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
@@ -312,10 +314,16 @@ class FlowControl:
             held.future.set_exception(self._shed(reason, f"request {waiter.request_id}: {why}"))
 
     def fail_all(self, why: str) -> None:
-        """Shutting down: every queued request fails now instead of waiting out its TTL."""
+        """Shutting down: every queued request fails now, UNAVAILABLE with `why` (not shed with a
+        retry hint: this dispatcher will not take it again), instead of waiting out its TTL."""
         for waiter in list(self.queue):
             self.queue.remove(waiter)
-            self._fail(waiter, "shutdown", why)
+            held: _Held = waiter.payload
+            if not held.future.done():
+                self.shed_total += 1
+                self.on_shed("shutdown")
+                message = f"request {waiter.request_id}: {why}; it was queued, nothing ran: send it again elsewhere"
+                held.future.set_exception(RoutingError(grpc.StatusCode.UNAVAILABLE, message))
 
     def wait_percentiles_ms(self, qs: Sequence[float] = (50, 99)) -> list[float]:
         waits = sorted(self.recent_waits)

@@ -364,8 +364,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
             ready.set_result(running)
 
     async def stop() -> None:
-        core.draining = True
-        core.flow.fail_all("the dispatcher is shutting down; send it to another dispatcher")
+        core.drain()  # queued requests fail now (UNAVAILABLE); forwarded ones run on within the grace
         if registration:
             await registration.close()  # deregister first: schedulers stop reporting here
         await host.stop(args.shutdown_grace)

@@ -488,6 +488,8 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
         "--flow-control", "--dispatcher-arg=--max-queued-requests=7",
     )  # fmt: skip
     try:
+        assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
+        assert any("(mixed, flow control on) is up" in line for line in up.start_lines), up.start_lines  # summary
         top = pdlb("top", "--once", env=env)
         assert top.returncode == 0 and "queue 0 (0 tokens" in top.stdout, top.stdout  # the queue line: enabled
         generated = pdlb("generate", "hi", "--max-new-tokens", "3", env=env)
@@ -498,6 +500,46 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
+
+
+def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):
+    """A flow-control flag without --flow-control used to be ignored in silence (pdlb-dispatcher and
+    `pdlb up --dispatcher-arg`): now one line names both flags, exit 2. Set through its environment
+    variable it is ignored with a warning naming the variable (the dispatcher serves)."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "pdlb.services.dispatcher.main", "--port", "0", "--tenant-share", "0.5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == (
+        "pdlb-dispatcher: --tenant-share acts only with --flow-control, which is off: add --flow-control or drop "
+        "--tenant-share"
+    )
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    up = pdlb("up", "--port", "0", "--etcd-port", "0", "--http-port", "0", "--dispatcher-arg=--queue-ttl=3", env=env)
+    assert up.returncode == 2, up.stdout + up.stderr
+    said = "pdlb up: --dispatcher-arg=--queue-ttl=3 acts only with --flow-control, which is off: add --flow-control"
+    assert said in up.stdout + up.stderr
+    assert "starting cluster" not in up.stdout  # refused before anything started
+    served = subprocess.Popen(
+        guarded([sys.executable, "-m", "pdlb.services.dispatcher.main", "--port", "0", "--model", "tiny-random"]),
+        env={**os.environ, "PDLB_DISPATCHER_TENANT_SHARE": "0.5", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in served.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        text = "".join(lines)
+        assert "flow control is off (--flow-control): PDLB_DISPATCHER_TENANT_SHARE ignored" in text, text
+        assert "listening on" in text, text
+    finally:
+        served.terminate()
+        served.wait(timeout=30)
 
 
 def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path):
@@ -565,7 +607,11 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
     ("module", "flags", "message"),
     [
         ("pdlb.services.scheduler.main", ["--runner", "sim", "--torch-bind-cpus", "abc"], "not a CPU id or range"),
-        ("pdlb.services.dispatcher.main", ["--tenant-share=-1"], "--tenant-share and --tenant-active-window must"),
+        (
+            "pdlb.services.dispatcher.main",
+            ["--flow-control", "--tenant-share=-1"],
+            "--tenant-share and --tenant-active-window must",
+        ),
     ],
 )
 def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):

@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flow-control",
         action="store_true",
         help="dispatchers hold requests in their admission queue until a rank has room (pdlb-dispatcher "
-        "--flow-control; its other flow flags through --dispatcher-arg)",
+        "--flow-control; its other flow flags through --dispatcher-arg, refused without this)",
     )
     parser.add_argument(
         "--lockstep",
@@ -249,13 +249,27 @@ class LocalCluster:
     _own_log_dir: bool = False
     _t0: float = field(default_factory=time.monotonic)
 
+    def flow_control(self) -> bool:
+        """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
+        return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
+
     def _port(self, offset: int) -> str:
         return str(self.args.port + offset) if self.args.port else "0"
 
     def check(self) -> None:
-        """Refuse before starting anything: a running cluster of this name, or a taken port."""
+        """Refuse before starting anything: a running cluster of this name, a taken port, or
+        flow-control flags for the dispatchers without --flow-control (they would act on nothing)."""
         args = self.args
         state.check_name(args.name)
+        if not self.flow_control():
+            from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
+
+            for arg in args.dispatcher_arg:
+                if arg.split("=", 1)[0] in FLOW_FLAGS:
+                    raise StartRefused(
+                        f"--dispatcher-arg={arg} acts only with --flow-control, which is off: add --flow-control or "
+                        "drop it"
+                    )
         other = state.running().get(args.name)
         if other is not None:
             raise StartRefused(
@@ -286,7 +300,8 @@ class LocalCluster:
         decode_method = getattr(args, "decode_method", "") or ("total_requests" if args.lockstep else "least_wait")
         self._own_log_dir = not args.log_dir
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"pdlb-{args.name}-")
-        self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}); logs in {self.log_dir}")
+        flow = ", flow control on" if self.flow_control() else ""
+        self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}{flow}); logs in {self.log_dir}")
         if args.engine == "vllm":
             self._vllm_targets()
         self.etcd = EtcdProcess(client_port=args.etcd_port)
@@ -294,7 +309,12 @@ class LocalCluster:
         threading.Thread(target=self._watch_etcd, daemon=True).start()
         self._ready("etcd", self.etcd.endpoint)
         common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
-        info: dict = {"mode": args.mode, "etcd": self.etcd.endpoint, "log_dir": self.log_dir}
+        info: dict = {
+            "mode": args.mode,
+            "flow_control": self.flow_control(),
+            "etcd": self.etcd.endpoint,
+            "log_dir": self.log_dir,
+        }
         self.info = info
         replicas: list[str] = []
         if args.mode == "mixed":
@@ -712,7 +732,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
-    say(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
+    flow = ", flow control on" if info.get("flow_control") else ""
+    say(f"pdlb local cluster ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
     say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:

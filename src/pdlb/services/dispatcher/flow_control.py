@@ -43,6 +43,20 @@ from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.tenant_share import DEFAULT_ACTIVE_WINDOW_S, Room, TenantShares
 
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
+# The dispatcher flags that act only with --flow-control (pdlb-dispatcher refuses them without it).
+FLOW_FLAGS = (
+    "--max-queued-requests",
+    "--queue-ttl",
+    "--sheddable-queue-ttl",
+    "--sheddable-priority",
+    "--max-wait-ms",
+    "--max-prefill-ahead-chunks",
+    "--fair-share-quantum",
+    "--tenant-weights",
+    "--max-tenants",
+    "--tenant-share",
+    "--tenant-active-window",
+)
 
 
 @dataclass(frozen=True)

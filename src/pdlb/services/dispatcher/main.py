@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 
-from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.config import FlagParser, FlagRefused, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, PrefixWatch, dispatchers_prefix, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
-from pdlb.services.dispatcher.flow_control import FlowOptions
+from pdlb.services.dispatcher.flow_control import FLOW_FLAGS, FlowOptions
 from pdlb.services.dispatcher.load_table import LoadTable, Role
 from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
@@ -141,7 +142,10 @@ def build_parser() -> FlagParser:
         default=flow.enabled,
         type=bool,
         help="late binding: hold a request in the dispatcher's queue while no rank has room (a free batch slot, "
-        "enough free KV, a predicted wait under --max-wait-ms) and bind it when room frees",
+        "enough free KV, a predicted wait under --max-wait-ms) and bind it when room frees. The flags marked "
+        "'flow control' act only with it: given on the command line without it they are refused; set through "
+        "their environment variables they are ignored with a warning (one environment may serve dispatchers "
+        "with and without it)",
     )
     parser.flag("--max-queued-requests", default=flow.max_queued_requests, type=int, help="flow control: queue bound")
     parser.flag(
@@ -208,6 +212,20 @@ def build_parser() -> FlagParser:
 
 
 def flow_options(args) -> FlowOptions:
+    """The flow-control options of the parsed flags. Raises FlagRefused for a flow-control flag given
+    on the command line without --flow-control, SystemExit for a value out of range."""
+    if not args.flow_control:
+        given = [flag for flag in FLOW_FLAGS if flag[2:].replace("-", "_") in getattr(args, "given_flags", ())]
+        if given:
+            raise FlagRefused(
+                f"pdlb-dispatcher: {given[0]} acts only with --flow-control, which is off: add --flow-control or "
+                f"drop {given[0]}"
+            )
+        envs = [
+            env for flag in FLOW_FLAGS if (env := "PDLB_DISPATCHER_" + flag[2:].replace("-", "_").upper()) in os.environ
+        ]
+        if envs:
+            log.warning("flow control is off (--flow-control): %s ignored", ", ".join(envs))
     weights = []
     for item in csv_list(args.tenant_weights):
         name, sep, raw = item.rpartition("=")
@@ -269,6 +287,7 @@ class Dispatcher:
 
 
 async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = None) -> None:
+    flow = flow_options(args)  # refused flags stop the start before anything loads
     role = Role(role_of_mode(args.disaggregation_mode))
     table = LoadTable(inflight_timeout_s=args.inflight_timeout, stale_after_s=args.stale_after)
     policy = create_policy(args.load_balance_method, role, policy_options(args))
@@ -307,7 +326,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.max_concurrent_requests,
         args.max_watchers,
         tokenizer=tokenizer,
-        flow=flow_options(args),
+        flow=flow,
         max_prompt_chars=args.max_prompt_chars,
         worker_wait_s=args.worker_wait,
         hung_stream_timeout_s=args.hung_stream_timeout,

@@ -615,11 +615,12 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
     ],
 )
 def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):
-    """A value argparse accepts but the service refuses as it starts: exit 1 with the one line, no
-    asyncio traceback (SystemExit raised inside the serving task used to escape the loop)."""
+    """A value argparse accepts but the service refuses as it starts: exit 2 (as argparse's own
+    refusals) with the one line, no asyncio traceback (SystemExit raised inside the serving task used
+    to escape the loop)."""
     run = subprocess.run(
         [sys.executable, "-m", module, "--port", "0", *flags], capture_output=True, text=True, timeout=60
     )
-    assert run.returncode == 1, run.stdout + run.stderr
-    assert message in run.stderr
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "Traceback" not in run.stderr and "never retrieved" not in run.stderr, run.stderr

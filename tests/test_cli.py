@@ -115,6 +115,29 @@ def test_the_start_summary_lists_the_vllm_servers():
     assert "  vLLM server          http://127.0.0.1:8100" in lines
 
 
+def test_make_run_starts_the_cluster_with_the_makefiles_python():
+    """`make run` ran whichever `pdlb` came first on PATH, not the one `make install` put in $(PYTHON)."""
+    root = Path(__file__).resolve().parent.parent
+    dry = subprocess.run(["make", "-n", "run", "PYTHON=/opt/venv/bin/python"], cwd=root, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == "/opt/venv/bin/python -m pdlb.cli.main up"
+
+
+def test_the_start_summary_names_the_cluster_and_how_to_reach_it():
+    """The summary said "local cluster (mixed)" whatever --name was, and its `try:` line omitted the
+    --cluster NAME the other commands need to find a cluster not named local."""
+    info = {"name": "b", "mode": "mixed", "log_dir": "logs", "etcd": "e", "workers": {}, "http": "http://h"}
+    lines: list[str] = []
+    print_summary(info, lines.append)
+    assert lines[0] == "pdlb local cluster 'b' (mixed) is up; logs in logs"
+    assert 'pdlb generate --cluster b --chat "What' in lines[-1] and "pdlb top --cluster b " in lines[-1]
+    assert "pdlb workers --cluster b " in lines[-1]
+    lines.clear()
+    print_summary({**info, "name": "local", "flow_control": True}, lines.append)
+    assert lines[0] == "pdlb local cluster 'local' (mixed, flow control on) is up; logs in logs"
+    assert "--cluster" not in lines[-1]  # the default cluster is found without it
+
+
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
     assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk
@@ -309,10 +332,10 @@ def test_up_refuses_an_unwritable_log_dir_and_ports_past_65535_before_starting(t
     free = ["--port", "0", "--etcd-port", "0", "--http-port", "0", "--model", "tiny-random"]
     refused = pdlb("up", *free, "--log-dir", str(blocked / "logs"), env=env, timeout=30)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"pdlb up: --log-dir {blocked / 'logs'}: cannot write there" in refused.stdout
+    assert f"pdlb up: --log-dir {blocked / 'logs'}: cannot write there" in refused.stderr
     high = pdlb("up", "--etcd-port", "0", "--http-port", "0", "--port", "65530", env=env, timeout=30)
     assert high.returncode == 2, high.stdout + high.stderr
-    assert "is past 65535" in high.stdout and "--port +" in high.stdout
+    assert "is past 65535" in high.stderr and "--port +" in high.stderr
     for run in (refused, high):
         assert "Traceback" not in run.stdout + run.stderr and "starting cluster" not in run.stdout
     assert not list((tmp_path / "state").glob("clusters/*.json"))
@@ -326,7 +349,7 @@ def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
     failed = pdlb("up", *flags, "--http-port", "0", env=env, timeout=45)  # not the old 60 s start timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
     said = "could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model nosuch"
-    assert said in failed.stdout
+    assert said in failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
     assert "etcd keys left behind: none" in failed.stdout
     assert not list((tmp_path / "state").glob("clusters/*.json"))
@@ -343,18 +366,19 @@ def test_second_up_is_refused_and_leaves_the_running_cluster_alone(cluster, tmp_
     free = ["--port", "0", "--http-port", "0", "--runner", "sim", "--model", "tiny-random", "--mode", "mixed"]
     same_name = pdlb("up", *free, "--etcd-port", "0", env=env)
     assert same_name.returncode == 2
-    assert f"a cluster named 'local' already runs (pdlb up pid {up.pid}" in same_name.stdout
+    assert f"a cluster named 'local' already runs (pdlb up pid {up.pid}" in same_name.stderr
     etcd_port = state["etcd"].rsplit(":", 1)[1]
     taken = pdlb("up", "--name", "second", *free, "--etcd-port", etcd_port, env=env)
     assert taken.returncode == 2
-    assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stdout
+    assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stderr  # a refusal: on stderr
+    assert not taken.stdout, taken.stdout
     assert "left behind" not in taken.stdout and "Traceback" not in taken.stdout + taken.stderr
     http_port = state["http"].rsplit(":", 1)[1]
     sim = free[4:]  # runner, model, mode
     ports = ["--port", "0", "--etcd-port", "0", "--http-port", http_port]
     busy_http = pdlb("up", "--name", "third", *sim, *ports, env=env)
     assert busy_http.returncode == 2
-    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stdout
+    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stderr
     assert not list(scratch.iterdir()), "a temp dir was left behind"
     workers = pdlb("workers", env=env)  # the first cluster is still found and serves
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
@@ -490,6 +514,7 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     try:
         assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
         assert any("(mixed, flow control on) is up" in line for line in up.start_lines), up.start_lines  # summary
+        assert any("starting 1 mixed scheduler (tiny-random" in line for line in up.start_lines), up.start_lines
         top = pdlb("top", "--once", env=env)
         assert top.returncode == 0 and "queue 0 (0 tokens" in top.stdout, top.stdout  # the queue line: enabled
         generated = pdlb("generate", "hi", "--max-new-tokens", "3", env=env)
@@ -519,7 +544,7 @@ def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_
     up = pdlb("up", "--port", "0", "--etcd-port", "0", "--http-port", "0", "--dispatcher-arg=--queue-ttl=3", env=env)
     assert up.returncode == 2, up.stdout + up.stderr
     said = "pdlb up: --dispatcher-arg=--queue-ttl=3 acts only with --flow-control, which is off: add --flow-control"
-    assert said in up.stdout + up.stderr
+    assert said in up.stderr
     assert "starting cluster" not in up.stdout  # refused before anything started
     served = subprocess.Popen(
         guarded([sys.executable, "-m", "pdlb.services.dispatcher.main", "--port", "0", "--model", "tiny-random"]),

@@ -310,6 +310,7 @@ class LocalCluster:
         self._ready("etcd", self.etcd.endpoint)
         common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
         info: dict = {
+            "name": args.name,
             "mode": args.mode,
             "flow_control": self.flow_control(),
             "etcd": self.etcd.endpoint,
@@ -436,7 +437,8 @@ class LocalCluster:
                 procs.append(self._service(f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}", argv))
         described = " + ".join(f"{n} {'mixed' if m == 'null' else m}" for m, n in counts.items())
         what = loading(getattr(self.args, "engine", "pdlb"), self.args.runner, self.args.model)
-        self.say(f"  [{self._elapsed()}] starting {described} schedulers {what}")
+        plural = "s" if sum(counts.values()) != 1 else ""
+        self.say(f"  [{self._elapsed()}] starting {described} scheduler{plural} {what}")
         for proc in procs:
             proc.spawn()
         self._await_started(procs)
@@ -708,14 +710,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.check()
     except (StartRefused, state.StateError) as exc:
-        say(f"pdlb up: {exc}")
+        print(f"pdlb up: {exc}", file=sys.stderr, flush=True)  # nothing started: a refusal, on stderr
         return 2
     status = 0
     try:
         try:
             info = cluster.start()
         except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
-            say(f"pdlb up: could not start the cluster: {exc}")
+            print(f"pdlb up: could not start the cluster: {exc}", file=sys.stderr, flush=True)
             status = 1
         except StartInterrupted as exc:
             say(f"pdlb up: {exc}")
@@ -733,7 +735,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
     flow = ", flow control on" if info.get("flow_control") else ""
-    say(f"pdlb local cluster ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
+    name = info.get("name", "local")
+    say(f"pdlb local cluster {name!r} ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
     say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:
@@ -747,7 +750,9 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
         for url in urls:
             say(f"  {label:<20} {url}")
     say(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
+    # the other commands find the default cluster alone; another one only by its name
+    which = "" if name == "local" else f" --cluster {name}"
     say(
-        'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
-        "      (Ctrl-C stops everything; a child that dies is restarted)"
+        f'try:  pdlb generate{which} --chat "What is the capital of France?"   |   pdlb top{which}   |   '
+        f"pdlb workers{which}      (Ctrl-C stops everything; a child that dies is restarted)"
     )

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdlb.common.requests import SHED_REASONS
 from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, Waiter
 from pdlb.services.dispatcher.load_table import Role, WorkerEntry
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
@@ -126,6 +127,7 @@ class FlowControl:
         self.on_wait = on_wait or (lambda seconds: None)
         self.admitted_total = 0  # requests bound after waiting in the queue
         self.shed_total = 0
+        self.shed_by_reason: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # sums to shed_total
         self.recent_waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds, of bound requests
         self._kicking = False
 
@@ -316,9 +318,13 @@ class FlowControl:
         waits = sorted(self.recent_waits)
         return max(1, math.ceil(waits[len(waits) // 2])) if waits else 1
 
-    def _shed(self, reason: str, message: str) -> Shed:
+    def _count_shed(self, reason: str) -> None:
         self.shed_total += 1
+        self.shed_by_reason[reason] += 1
         self.on_shed(reason)
+
+    def _shed(self, reason: str, message: str) -> Shed:
+        self._count_shed(reason)
         retry = self.retry_after_s()
         return Shed(reason, f"{message}; retry after {retry} s or add capacity", retry)
 
@@ -334,8 +340,7 @@ class FlowControl:
             self.queue.remove(waiter)
             held: _Held = waiter.payload
             if not held.future.done():
-                self.shed_total += 1
-                self.on_shed("shutdown")
+                self._count_shed("shutdown")
                 message = f"request {waiter.request_id}: {why}; it was queued, nothing ran: send it again elsewhere"
                 held.future.set_exception(RoutingError(grpc.StatusCode.UNAVAILABLE, message))
 

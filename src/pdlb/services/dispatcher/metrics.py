@@ -36,8 +36,8 @@ class DispatcherMetrics:
         )
         self.shed = Counter(
             "pdlb_queue_shed",
-            "Requests the admission queue failed with RESOURCE_EXHAUSTED, by reason "
-            "(ttl, deadline, full, displaced, shutdown)",
+            "Requests the admission queue failed, by reason: ttl, deadline, full, displaced (RESOURCE_EXHAUSTED), "
+            "shutdown (UNAVAILABLE)",
             ["reason"],
             registry=self.registry,
         )

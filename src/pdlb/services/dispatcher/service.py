@@ -583,6 +583,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 shed_total=flow.shed_total,
                 wait_p50_ms=p50,
                 wait_p99_ms=p99,
+                shed_by_reason={reason: n for reason, n in flow.shed_by_reason.items() if n},
             ),
         )
 

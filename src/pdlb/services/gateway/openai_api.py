@@ -54,7 +54,12 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    """OpenAI's error JSON. A 429 (back-pressure: a dispatcher's queue shed it, or the gateway's
+    stream slots are taken) is OpenAI's rate-limit shape, type `rate_limit_error` and code
+    `rate_limit_exceeded`, which its SDKs answer with RateLimitError and retry after Retry-After."""
+    kind = kind or (
+        "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    )
     code = {429: "rate_limit_exceeded", 413: "request_too_large"}.get(status)
     if status == 404:  # an unknown model, or a path this server does not serve
         code = "model_not_found" if param == "model" else "not_found"

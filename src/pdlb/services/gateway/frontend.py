@@ -152,7 +152,7 @@ class Frontend:
                 "max_new_tokens",
                 f"request {checked.request_id}: the model's context is {context} tokens; however, {total} were "
                 f"requested ({len(checked.input_ids)} in the prompt, {max_new} new). Ask for at most "
-                f"{context - len(checked.input_ids)} new tokens with this prompt, or shorten it",
+                f"{_tokens(context - len(checked.input_ids))} with this prompt, or shorten it",
             )
         request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
         request.ClearField("input_ids")
@@ -397,6 +397,10 @@ async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIt
             grpc.StatusCode.UNAVAILABLE,
             f"request {request.request_id}: KV hand-off of room {request.bootstrap_room} failed: {err.details()}",
         ) from None
+
+
+def _tokens(count: int) -> str:
+    return f"{count} new token{'' if count == 1 else 's'}"
 
 
 def _attempt_id(rid: str, retries: int) -> str:

@@ -567,14 +567,17 @@ def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_
         served.wait(timeout=30)
 
 
-def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path):
+@pytest.mark.parametrize(
+    "mode", [["--mode", "mixed", "--workers", "1"], ["--mode", "pd", "--prefill", "1", "--decode", "1"]]
+)
+def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path, mode):
     """SIGTERM to `pdlb up --flow-control` with one request running and three queued in the
     dispatcher: the queued ones get 503 naming the shutdown while the running one still streams
     (they used to wait for a worker after the schedulers stopped first, be re-run by the draining
     gateway and fail 15 s later with "no dispatchers known"); the running one streams to its end;
     pdlb up exits 0 and leaves nothing in etcd."""
     up, state, _ = start_up(
-        tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
+        tmp_path, *mode, "--runner", "sim", "--model", "tiny-random",
         "--flow-control", "--scheduler-arg=--max-running-requests=1", "--scheduler-arg=--sim-slowdown=10",
     )  # fmt: skip
     try:
@@ -590,7 +593,8 @@ def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(t
     finish, tokens, done_before = running
     assert not done_before, "the running request ended before the queued ones were answered"
     assert (finish, tokens) == ("length", 150)  # it ran to its end through the drain
-    assert "stopping: gateway, dispatchers, schedulers, etcd ..." in rest
+    bootstrap = "bootstrap, " if "pd" in mode else ""
+    assert f"stopping: gateway, dispatchers, schedulers, {bootstrap}etcd ..." in rest
     assert "etcd keys left behind: none" in rest
 
 
@@ -607,13 +611,16 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
             )
             for i in range(3)
         ]
-        channel, stub = dispatch_stub(state["dispatcher"])
-        async with channel:
+        addresses = [state[key] for key in ("dispatcher", "prefill_dispatcher", "decode_dispatcher") if key in state]
+        stubs = [dispatch_stub(address) for address in addresses]
 
-            async def three_queued() -> bool:
-                return (await load_snapshot(stub)).flow.queued_requests == 3
+        async def three_queued() -> bool:  # PD: each one's prefill or decode half, or both
+            queued = [(await load_snapshot(stub)).flow.queued_requests for _, stub in stubs]
+            return max(queued) == 3
 
-            await wait_until(three_queued, 30, "three requests queued in the dispatcher")
+        await wait_until(three_queued, 30, "three requests queued in a dispatcher")
+        for channel, _ in stubs:
+            await channel.close()
         up.send_signal(signal.SIGTERM)
         answers = []
         for reply in await asyncio.gather(*queued):  # each answered, none hangs (the test's timeout bounds it)

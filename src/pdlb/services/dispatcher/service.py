@@ -248,7 +248,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 except NoLiveWorker as exc:
                     left = until - time.monotonic()
                     if core.draining:
-                        raise RoutingError(grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}: {exc}") from None
+                        raise RoutingError(grpc.StatusCode.UNAVAILABLE, f"{exc}, and {SHUTTING_DOWN}") from None
                     if left <= 0 or not self._in_flap(exc):
                         raise
                     if not self._missing(exc):
@@ -257,7 +257,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         retried = True  # it joined meanwhile: decide again now, once
                         continue
                     retried, waited = False, True
-                    await core.wait_join(left)
+                    core.metrics.worker_waiting.inc()
+                    try:
+                        await core.wait_join(left)
+                    finally:
+                        core.metrics.worker_waiting.dec()
         finally:
             if waited:
                 core.metrics.worker_wait.observe(time.monotonic() - began)

@@ -126,7 +126,8 @@ def test_make_run_starts_the_cluster_with_the_makefiles_python():
 def test_the_start_summary_names_the_cluster_and_how_to_reach_it():
     """The summary said "local cluster (mixed)" whatever --name was, and its `try:` line omitted the
     --cluster NAME the other commands need to find a cluster not named local."""
-    info = {"name": "b", "mode": "mixed", "log_dir": "logs", "etcd": "e", "workers": {}, "http": "http://h"}
+    workers = {"scheduler-mixed-0": "127.0.0.1:1"}
+    info = {"name": "b", "mode": "mixed", "log_dir": "logs", "etcd": "e", "workers": workers, "http": "http://h"}
     lines: list[str] = []
     print_summary(info, lines.append)
     assert lines[0] == "pdlb local cluster 'b' (mixed) is up; logs in logs"

@@ -741,8 +741,8 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:
             say(f"  {key.replace('_', ' '):<20} {info[key]}")
-    for name, address in info["workers"].items():
-        say(f"  {name:<20} {address}")
+    for worker, address in info["workers"].items():
+        say(f"  {worker:<20} {address}")
     for address in info.get("replicas", []):
         say(f"  {'dispatcher replica':<20} {address}")
     for role, urls in info.get("vllm", {}).items():  # --engine vllm: the servers the workers run on

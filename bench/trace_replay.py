@@ -18,7 +18,8 @@ request of the window had (the best cache it could have); queueing = TTFT - floo
 reported as SLO attainment at each load: the share of requests whose TTFT is within 3x its floor
 + 200 ms, and with `--goodput` as goodput: the highest rate of the `--loads` ladder at which >= 99%
 of requests meet it (shed and failed requests count as missing it), per method and seed, against
-round robin's. `--high-share` marks that share of requests priority 0 and the rest priority 1
+round robin's. `--cache-critical` counts the requests that miss the SLO alone on an idle rank
+unless they hit their cached prefix (what no placement without that hit can meet, at any load). `--high-share` marks that share of requests priority 0 and the rest priority 1
 (sheddable), to measure overload; `--flood-tenant` makes one tenant send that multiple of another's
 share to measure fair sharing.
 
@@ -46,6 +47,7 @@ from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem, percentile_fields, salted
 
 DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
+SLO_FLOOR_FACTOR, SLO_SLACK_S = 3.0, 0.2  # the TTFT SLO: 3 x the request's own floor + 200 ms
 
 
 @dataclass
@@ -89,6 +91,17 @@ def scale(args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> 
     return out
 
 
+def cache_critical(args: argparse.Namespace, cost: CostModel) -> tuple[int, int]:
+    """(requests of the window that miss the SLO even alone on an idle rank unless they hit their
+    cached prefix, requests): the misses no placement avoids without that cache hit, so the
+    attainment a method can reach without it is at most 1 - first / second (load-free)."""
+    items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
+    critical = sum(
+        1 for t in items if balance_bench.ttft_floor(t.item, 0, cost) > SLO_FLOOR_FACTOR * t.floor + SLO_SLACK_S
+    )
+    return critical, len(items)
+
+
 async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int, str], Outcome], start: float):
     from pdlb.v1 import common_pb2
 
@@ -120,7 +133,7 @@ async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int
     if first is not None:
         res.ttft.append(first)
         res.queued.append(first - t.floor)
-        res.slo_met += first <= 3 * t.floor + 0.2
+        res.slo_met += first <= SLO_FLOOR_FACTOR * t.floor + SLO_SLACK_S
 
 
 async def run(replicas: list[dict[str, str]], items: list[TraceItem], ranks: int, run_id: str) -> tuple[dict, float]:
@@ -236,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also report goodput: the highest of --loads at which >= 99%% of requests meet TTFT <= 3 x floor + 200 ms",
     )
+    parser.add_argument(
+        "--cache-critical",
+        action="store_true",
+        help="only print how many requests of the window miss the SLO alone on an idle rank without their cached "
+        "prefix (no placement meets it for them without the cache hit), and exit",
+    )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0)
     parser.add_argument("--kv-tokens", type=int, default=16384)
@@ -252,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     if args.combine:
         return combine(args, out_dir)
+    if args.cache_critical:
+        critical, total = cache_critical(args, CostModel().scaled(args.slowdown))
+        print(
+            f"{critical} of {total} requests ({critical / total:.1%}) miss TTFT <= {SLO_FLOOR_FACTOR:g} x floor + "
+            f"{SLO_SLACK_S * 1000:.0f} ms alone on an idle rank unless they hit their cached prefix"
+        )
+        return 0
     methods = args.methods.split(",")
     cluster_args = argparse.Namespace(
         mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,

@@ -1,9 +1,14 @@
 """The trace replay's goodput: the highest load of a ladder at which >= 99% of requests met their
-TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed."""
+TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. And the requests
+that meet the SLO only with their cached prefix."""
 
 from __future__ import annotations
 
-from bench.trace_replay import goodput, goodput_report
+import argparse
+import json
+
+from bench.trace_replay import cache_critical, goodput, goodput_report
+from pdlb.engines.torch.runners import CostModel
 
 
 def rows(method: str, seed: int, attainment: list[float], loads=(0.2, 0.4, 0.6)) -> list[dict]:
@@ -31,3 +36,21 @@ def test_goodput_report_gives_rates_and_ratios_to_round_robin_per_seed():
     table = goodput_report(runs, capacity=10.0).splitlines()
     fast = next(line for line in table if line.startswith("| fast "))
     assert "| 6.0, 4.0 |" in fast and "2.00 (1.00-3.00)" in fast
+
+
+def test_cache_critical_counts_requests_that_need_their_cached_prefix(tmp_path):
+    """A long prompt that repeats an earlier 4,096-token prefix has a floor of one short chunk; cold,
+    its 5 chunks take longer than 3 x that floor + 200 ms, so only a cache hit meets its SLO. The
+    first request (nothing cached) and a short unrelated one meet it cold."""
+    rows = [
+        {"timestamp": 0, "input_length": 4096, "output_length": 4, "hash_ids": list(range(8))},
+        {"timestamp": 100, "input_length": 4608, "output_length": 4, "hash_ids": [*range(8), 8]},
+        {"timestamp": 200, "input_length": 300, "output_length": 4, "hash_ids": [9]},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = argparse.Namespace(
+        trace=str(path), offset=0, num_requests=3, length_divisor=1, max_input=8192, capacity=1.0,
+        high_share=1.0, flood_tenant=0.0,
+    )  # fmt: skip
+    assert cache_critical(args, CostModel().scaled(10)) == (1, 3)

@@ -50,7 +50,7 @@ lint:
 
 ## run: a local PD cluster (etcd, bootstrap, 2 dispatchers, 2 prefill + 2 decode schedulers); Ctrl-C stops it
 run:
-	pdlb up
+	$(PYTHON) -m pdlb.cli.main up
 
 ## bench: dispatcher overhead, balancing quality vs the peers, then shared-prefix traffic (tables on stdout, files in bench/results)
 bench:

@@ -13,11 +13,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from pdlb.cli.local_cluster import loading, print_summary
 from pdlb.cli.main import StreamRendering, rendered
 from pdlb.common.orphan_guard import guarded
+from tests.helpers import dispatch_stub, load_snapshot, wait_until
 
 
 def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -113,6 +115,30 @@ def test_the_start_summary_lists_the_vllm_servers():
     assert "  vLLM server          http://127.0.0.1:8100" in lines
 
 
+def test_make_run_starts_the_cluster_with_the_makefiles_python():
+    """`make run` ran whichever `pdlb` came first on PATH, not the one `make install` put in $(PYTHON)."""
+    root = Path(__file__).resolve().parent.parent
+    dry = subprocess.run(["make", "-n", "run", "PYTHON=/opt/venv/bin/python"], cwd=root, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == "/opt/venv/bin/python -m pdlb.cli.main up"
+
+
+def test_the_start_summary_names_the_cluster_and_how_to_reach_it():
+    """The summary said "local cluster (mixed)" whatever --name was, and its `try:` line omitted the
+    --cluster NAME the other commands need to find a cluster not named local."""
+    workers = {"scheduler-mixed-0": "127.0.0.1:1"}
+    info = {"name": "b", "mode": "mixed", "log_dir": "logs", "etcd": "e", "workers": workers, "http": "http://h"}
+    lines: list[str] = []
+    print_summary(info, lines.append)
+    assert lines[0] == "pdlb local cluster 'b' (mixed) is up; logs in logs"
+    assert 'pdlb generate --cluster b --chat "What' in lines[-1] and "pdlb top --cluster b " in lines[-1]
+    assert "pdlb workers --cluster b " in lines[-1]
+    lines.clear()
+    print_summary({**info, "name": "local", "flow_control": True}, lines.append)
+    assert lines[0] == "pdlb local cluster 'local' (mixed, flow control on) is up; logs in logs"
+    assert "--cluster" not in lines[-1]  # the default cluster is found without it
+
+
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
     assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk
@@ -175,7 +201,7 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)
     assert bench.returncode == 0 and "10/10 requests ok" in bench.stdout
     rest = stop_up(up)
-    assert "stopping: schedulers, dispatchers, gateway, etcd ..." in rest  # what runs in mixed mode, no bootstrap
+    assert "stopping: gateway, dispatchers, schedulers, etcd ..." in rest  # what runs in mixed mode, no bootstrap
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
 
@@ -203,7 +229,7 @@ def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
         assert top.returncode == 0 and top.stdout.count("wave ") == 4, top.stdout
     finally:
         rest = stop_up(up)
-    assert "stopping: schedulers, bootstrap, dispatchers, gateway, etcd ..." in rest
+    assert "stopping: gateway, dispatchers, schedulers, bootstrap, etcd ..." in rest
     assert "etcd keys left behind: none" in rest
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("scheduler-*.log"))
     assert "leaving its DP group" not in logs  # stopped as a whole: no rank saw its group break
@@ -242,7 +268,6 @@ async def _replica_view(a: str, b: str) -> None:
     """A request running through replica A shows in replica B's table as the worker reports it
     (running), not as B's in-flight; in A's table it is acknowledged the same way."""
     from pdlb.v1 import common_pb2, dispatch_pb2
-    from tests.helpers import dispatch_stub, load_snapshot, wait_until
 
     (ch_a, stub_a), (ch_b, stub_b) = dispatch_stub(a), dispatch_stub(b)
     req = common_pb2.InferenceRequest(
@@ -308,10 +333,10 @@ def test_up_refuses_an_unwritable_log_dir_and_ports_past_65535_before_starting(t
     free = ["--port", "0", "--etcd-port", "0", "--http-port", "0", "--model", "tiny-random"]
     refused = pdlb("up", *free, "--log-dir", str(blocked / "logs"), env=env, timeout=30)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"pdlb up: --log-dir {blocked / 'logs'}: cannot write there" in refused.stdout
+    assert f"pdlb up: --log-dir {blocked / 'logs'}: cannot write there" in refused.stderr
     high = pdlb("up", "--etcd-port", "0", "--http-port", "0", "--port", "65530", env=env, timeout=30)
     assert high.returncode == 2, high.stdout + high.stderr
-    assert "is past 65535" in high.stdout and "--port +" in high.stdout
+    assert "is past 65535" in high.stderr and "--port +" in high.stderr
     for run in (refused, high):
         assert "Traceback" not in run.stdout + run.stderr and "starting cluster" not in run.stdout
     assert not list((tmp_path / "state").glob("clusters/*.json"))
@@ -325,7 +350,7 @@ def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
     failed = pdlb("up", *flags, "--http-port", "0", env=env, timeout=45)  # not the old 60 s start timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
     said = "could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model nosuch"
-    assert said in failed.stdout
+    assert said in failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
     assert "etcd keys left behind: none" in failed.stdout
     assert not list((tmp_path / "state").glob("clusters/*.json"))
@@ -342,18 +367,19 @@ def test_second_up_is_refused_and_leaves_the_running_cluster_alone(cluster, tmp_
     free = ["--port", "0", "--http-port", "0", "--runner", "sim", "--model", "tiny-random", "--mode", "mixed"]
     same_name = pdlb("up", *free, "--etcd-port", "0", env=env)
     assert same_name.returncode == 2
-    assert f"a cluster named 'local' already runs (pdlb up pid {up.pid}" in same_name.stdout
+    assert f"a cluster named 'local' already runs (pdlb up pid {up.pid}" in same_name.stderr
     etcd_port = state["etcd"].rsplit(":", 1)[1]
     taken = pdlb("up", "--name", "second", *free, "--etcd-port", etcd_port, env=env)
     assert taken.returncode == 2
-    assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stdout
+    assert f"port {etcd_port} (--etcd-port: etcd) is taken" in taken.stderr  # a refusal: on stderr
+    assert not taken.stdout, taken.stdout
     assert "left behind" not in taken.stdout and "Traceback" not in taken.stdout + taken.stderr
     http_port = state["http"].rsplit(":", 1)[1]
     sim = free[4:]  # runner, model, mode
     ports = ["--port", "0", "--etcd-port", "0", "--http-port", http_port]
     busy_http = pdlb("up", "--name", "third", *sim, *ports, env=env)
     assert busy_http.returncode == 2
-    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stdout
+    assert f"port {http_port} (--http-port: the gateway's HTTP API) is taken" in busy_http.stderr
     assert not list(scratch.iterdir()), "a temp dir was left behind"
     workers = pdlb("workers", env=env)  # the first cluster is still found and serves
     assert workers.returncode == 0 and workers.stdout.count("rank ") == 2
@@ -487,6 +513,9 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
         "--flow-control", "--dispatcher-arg=--max-queued-requests=7",
     )  # fmt: skip
     try:
+        assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
+        assert any("(mixed, flow control on) is up" in line for line in up.start_lines), up.start_lines  # summary
+        assert any("starting 1 mixed scheduler (tiny-random" in line for line in up.start_lines), up.start_lines
         top = pdlb("top", "--once", env=env)
         assert top.returncode == 0 and "queue 0 (0 tokens" in top.stdout, top.stdout  # the queue line: enabled
         generated = pdlb("generate", "hi", "--max-new-tokens", "3", env=env)
@@ -499,19 +528,132 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     assert "etcd keys left behind: none" in rest
 
 
+def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):
+    """A flow-control flag without --flow-control used to be ignored in silence (pdlb-dispatcher and
+    `pdlb up --dispatcher-arg`): now one line names both flags, exit 2. Set through its environment
+    variable it is ignored with a warning naming the variable (the dispatcher serves)."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "pdlb.services.dispatcher.main", "--port", "0", "--tenant-share", "0.5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == (
+        "pdlb-dispatcher: --tenant-share acts only with --flow-control, which is off: add --flow-control or drop "
+        "--tenant-share"
+    )
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    up = pdlb("up", "--port", "0", "--etcd-port", "0", "--http-port", "0", "--dispatcher-arg=--queue-ttl=3", env=env)
+    assert up.returncode == 2, up.stdout + up.stderr
+    said = "pdlb up: --dispatcher-arg=--queue-ttl=3 acts only with --flow-control, which is off: add --flow-control"
+    assert said in up.stderr
+    assert "starting cluster" not in up.stdout  # refused before anything started
+    served = subprocess.Popen(
+        guarded([sys.executable, "-m", "pdlb.services.dispatcher.main", "--port", "0", "--model", "tiny-random"]),
+        env={**os.environ, "PDLB_DISPATCHER_TENANT_SHARE": "0.5", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in served.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        text = "".join(lines)
+        assert "flow control is off (--flow-control): PDLB_DISPATCHER_TENANT_SHARE ignored" in text, text
+        assert "listening on" in text, text
+    finally:
+        served.terminate()
+        served.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "mode", [["--mode", "mixed", "--workers", "1"], ["--mode", "pd", "--prefill", "1", "--decode", "1"]]
+)
+def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path, mode):
+    """SIGTERM to `pdlb up --flow-control` with one request running and three queued in the
+    dispatcher: the queued ones get 503 naming the shutdown while the running one still streams
+    (they used to wait for a worker after the schedulers stopped first, be re-run by the draining
+    gateway and fail 15 s later with "no dispatchers known"); the running one streams to its end;
+    pdlb up exits 0 and leaves nothing in etcd."""
+    up, state, _ = start_up(
+        tmp_path, *mode, "--runner", "sim", "--model", "tiny-random",
+        "--flow-control", "--scheduler-arg=--max-running-requests=1", "--scheduler-arg=--sim-slowdown=10",
+    )  # fmt: skip
+    try:
+        running, queued = asyncio.run(_sigterm_with_queued_requests(up, state))
+        rest = up.stdout.read()
+        assert up.wait(timeout=60) == 0, rest
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert all(status == 503 for status, _, _ in queued), queued
+    assert all("the dispatcher is shutting down" in message for _, message, _ in queued), queued
+    assert all(retry_after for _, _, retry_after in queued), queued
+    finish, tokens, done_before = running
+    assert not done_before, "the running request ended before the queued ones were answered"
+    assert (finish, tokens) == ("length", 150)  # it ran to its end through the drain
+    bootstrap = "bootstrap, " if "pd" in mode else ""
+    assert f"stopping: gateway, dispatchers, schedulers, {bootstrap}etcd ..." in rest
+    assert "etcd keys left behind: none" in rest
+
+
+async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tuple[tuple, list[tuple]]:
+    url = f"{state['http']}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "tiny-random", "prompt": "running", "max_tokens": 150, "ignore_eos": True, "stream": True}
+        running = await session.post(url, json={**body, "stream_options": {"include_usage": True}})
+        assert running.status == 200, await running.text()
+        assert (await running.content.readline()).startswith(b"data: ")  # its first token: it runs
+        queued = [
+            asyncio.ensure_future(
+                session.post(url, json={"model": "tiny-random", "prompt": f"queued {i}", "max_tokens": 4})
+            )
+            for i in range(3)
+        ]
+        addresses = [state[key] for key in ("dispatcher", "prefill_dispatcher", "decode_dispatcher") if key in state]
+        stubs = [dispatch_stub(address) for address in addresses]
+
+        async def three_queued() -> bool:  # PD: each one's prefill or decode half, or both
+            queued = [(await load_snapshot(stub)).flow.queued_requests for _, stub in stubs]
+            return max(queued) == 3
+
+        await wait_until(three_queued, 30, "three requests queued in a dispatcher")
+        for channel, _ in stubs:
+            await channel.close()
+        up.send_signal(signal.SIGTERM)
+        answers = []
+        for reply in await asyncio.gather(*queued):  # each answered, none hangs (the test's timeout bounds it)
+            answers.append((reply.status, (await reply.json())["error"]["message"], reply.headers.get("Retry-After")))
+        done_before = running.content.at_eof()
+        finish, tokens = "", 0
+        async for line in running.content:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                finish = next((c["finish_reason"] for c in event["choices"] if c["finish_reason"]), finish)
+                tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        return (finish, tokens, done_before), answers
+
+
 @pytest.mark.parametrize(
     ("module", "flags", "message"),
     [
         ("pdlb.services.scheduler.main", ["--runner", "sim", "--torch-bind-cpus", "abc"], "not a CPU id or range"),
-        ("pdlb.services.dispatcher.main", ["--tenant-share=-1"], "--tenant-share and --tenant-active-window must"),
+        (
+            "pdlb.services.dispatcher.main",
+            ["--flow-control", "--tenant-share=-1"],
+            "--tenant-share and --tenant-active-window must",
+        ),
     ],
 )
 def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):
-    """A value argparse accepts but the service refuses as it starts: exit 1 with the one line, no
-    asyncio traceback (SystemExit raised inside the serving task used to escape the loop)."""
+    """A value argparse accepts but the service refuses as it starts: exit 2 (as argparse's own
+    refusals) with the one line, no asyncio traceback (SystemExit raised inside the serving task used
+    to escape the loop)."""
     run = subprocess.run(
         [sys.executable, "-m", module, "--port", "0", *flags], capture_output=True, text=True, timeout=60
     )
-    assert run.returncode == 1, run.stdout + run.stderr
-    assert message in run.stderr
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "Traceback" not in run.stderr and "never retrieved" not in run.stderr, run.stderr

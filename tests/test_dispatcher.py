@@ -302,6 +302,32 @@ async def test_a_request_waits_for_a_worker_when_the_role_has_none(etcd, prefix,
     assert "pdlb_worker_wait_seconds_count 5.0" in body  # the short one, 3 Generate, 1 Route
 
 
+async def test_sigterm_fails_requests_waiting_for_a_worker_at_once(etcd, prefix, start_service):
+    """Requests waiting for a worker to join (--worker-wait 60) when the dispatcher gets SIGTERM fail
+    at once with UNAVAILABLE naming the shutdown: they used to wait out --worker-wait, holding the
+    dispatcher's exit and their clients."""
+    metrics_port = free_port()
+    flags = [*etcd_flags(etcd, prefix), "--worker-wait", "60", "--metrics-port", str(metrics_port)]
+    dispatcher = start_service("dispatcher", *flags)
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        sent = [asyncio.ensure_future(generate(stub, request(f"w{i}", "hi"), timeout=120)) for i in range(2)]
+
+        async def both_waiting() -> bool:
+            scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+            return "pdlb_worker_waiting_requests 2.0" in scrape
+
+        await wait_until(both_waiting, 30, "two requests waiting for a worker")
+        dispatcher.signal_stop()
+        done, _ = await asyncio.wait(sent, timeout=30)  # far below the 60 s --worker-wait
+        assert len(done) == 2, "a waiting request was held past the shutdown"
+        for task in done:
+            err = task.exception()
+            assert isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert "no live mixed worker, and the dispatcher is shutting down" in err.details(), err.details()
+    assert dispatcher.proc.wait(timeout=30) == 0
+
+
 async def test_a_request_for_a_rank_that_just_left_waits_for_it_to_register_again(etcd, prefix, start_service):
     """A worker's key deleted while the worker is frozen (SIGSTOP): requests pinned to its rank wait
     (the rank left moments ago: a flap), and once the worker runs again it puts its key back by

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pdlb.cli.top import render
 from pdlb.common.etcd_process import free_port
-from pdlb.common.requests import RETRY_AFTER_KEY
+from pdlb.common.requests import RETRY_AFTER_KEY, SHED_REASONS
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 
@@ -352,6 +352,8 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
             await api.completions.create(model="tiny-random", prompt="hello", max_tokens=2, extra_body={"priority": 1})
         assert int(shed.value.response.headers["Retry-After"]) >= 1
         assert "queue TTL" in shed.value.body["message"]
+        # OpenAI's rate-limit shape (it said invalid_request_error: the client's fault, not to retry)
+        assert (shed.value.body["type"], shed.value.body["code"]) == ("rate_limit_error", "rate_limit_exceeded")
         with pytest.raises(openai.RateLimitError) as late:
             await api.completions.create(
                 model="tiny-random", prompt="hello", max_tokens=2, extra_headers={"X-pdlb-TTFT-Deadline-Ms": "200"}
@@ -386,7 +388,13 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
 
         async def gateway_shows_shed() -> bool:
             scrape = await asyncio.to_thread(_get, gateway_metrics)
-            return _sample(scrape, "pdlb_gateway_queue_shed_total") == 2.0
+            return _sample(scrape, "pdlb_gateway_queue_shed_total", reason="ttl") == 1.0
+
+        await wait_until(gateway_shows_shed, what="the gateway's /metrics to show the shed requests")
+        scrape = await asyncio.to_thread(_get, gateway_metrics)
+        # by reason, every reason listed (a bounded label set), as on the dispatcher's own /metrics
+        shed_by_reason = {r: _sample(scrape, "pdlb_gateway_queue_shed_total", reason=r) for r in SHED_REASONS}
+        assert shed_by_reason == {"ttl": 1.0, "deadline": 1.0, "full": 0.0, "displaced": 0.0, "shutdown": 0.0}
 
         await wait_until(gateway_shows_shed, what="the gateway's /metrics to show the shed requests")
         scrape = await asyncio.to_thread(_get, gateway_metrics)
@@ -408,9 +416,11 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
         await channel.close()
 
 
-def _sample(scrape: str, name: str) -> float | None:
-    """The value of the one sample of `name` in a Prometheus text scrape (labels checked: mixed role)."""
-    values = [line for line in scrape.splitlines() if line.startswith(name + "{")]
+def _sample(scrape: str, name: str, reason: str = "") -> float | None:
+    """The value of the one sample of `name` (with that `reason` label, if given) in a Prometheus
+    text scrape (labels checked: mixed role)."""
+    lines = [line for line in scrape.splitlines() if line.startswith(name + "{")]
+    values = [line for line in lines if not reason or f'reason="{reason}"' in line]
     assert len(values) <= 1, values
     if not values:
         return None

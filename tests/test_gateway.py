@@ -250,6 +250,19 @@ async def test_openai_details_as_vllm_serves_them(etcd, prefix, start_service):
             ([{**user, "name": 5}], "messages[0].name", "must be a string"),
             ([{"role": "user", "content": [{"type": "text", "text": 7}]}], "messages[0].content[0].text", "string"),
             ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "string or a list"),
+            # these said "needs a role" whatever was wrong, and an image part named only messages[0] (vLLM: 400)
+            (["hi"], "messages[0]", "messages[0] must be an object with a role and content, not a string"),
+            ([{"content": "hi"}], "messages[0].role", "messages[0] needs a role: one of system, user,"),
+            (
+                [{"role": 1, "content": "hi"}],
+                "messages[0].role",
+                "role must be a string, one of system, user, assistant",
+            ),
+            (
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+                "messages[0].content[0]",
+                "only text content parts are supported (a part of type 'text'), not type 'image_url'",
+            ),
         ]
         for messages, param, words in malformed:
             with pytest.raises(openai.BadRequestError) as bad:

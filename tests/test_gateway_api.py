@@ -533,6 +533,8 @@ async def test_the_gateway_refuses_what_the_workers_cannot_take_before_dispatch(
                 assert "exceeds the limit 4095" in error["message"], error
             else:
                 assert "at most" in error["message"], error
+        status, body = await post("/v1/completions", {"prompt": [7] * 4095, "max_tokens": 2})
+        assert status == 400 and "Ask for at most 1 new token with this prompt" in body["error"]["message"], body
         # past the hard bound on any request: the message points to where this model's limit is
         status, body = await post("/v1/completions", {"prompt": [7], "max_tokens": 16385})
         assert status == 400 and body["error"]["param"] == "max_tokens", body

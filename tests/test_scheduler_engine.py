@@ -284,6 +284,7 @@ def test_step_defaults_are_picked_by_device_and_bad_values_refused():
     """--chunked-prefill-size 0 and --burst-window-ms -1 (the defaults) mean vLLM's CPU step size and
     a 10 ms burst window for the torch model on a CPU, and GPU-sized steps without a window
     elsewhere; a value given is kept."""
+    from pdlb.common.config import FlagRefused
     from pdlb.services.scheduler.main import build_parser, step_limits
 
     parse = build_parser().parse_args
@@ -292,7 +293,9 @@ def test_step_defaults_are_picked_by_device_and_bad_values_refused():
     assert step_limits(parse(["--runner", "sim"])) == (512, 0.0)
     assert step_limits(parse(["--chunked-prefill-size", "256", "--burst-window-ms", "0"])) == (256, 0.0)
     assert step_limits(parse(["--device", "cuda", "--burst-window-ms", "3"])) == (512, 0.003)
-    with pytest.raises(SystemExit, match="--chunked-prefill-size must be >= 0"):
+    with pytest.raises(FlagRefused) as refused:
         step_limits(parse(["--chunked-prefill-size", "-5"]))
-    with pytest.raises(SystemExit, match="--burst-window-ms must be >= 0, or -1"):
+    assert refused.value.code == 2 and "--chunked-prefill-size must be >= 0" in refused.value.message
+    with pytest.raises(FlagRefused) as refused:
         step_limits(parse(["--burst-window-ms", "-2"]))
+    assert "--burst-window-ms must be >= 0, or -1" in refused.value.message

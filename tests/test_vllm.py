@@ -440,7 +440,7 @@ async def test_pdlb_up_mixed_on_attached_vllm_then_pd_on_its_own_vllm_servers(se
         up.send_signal(signal.SIGTERM)
         rest = up.stdout.read()
         assert up.wait(timeout=120) == 0, rest
-    assert "stopping: schedulers, bootstrap, dispatchers, gateway, vLLM servers, etcd ..." in rest
+    assert "stopping: gateway, dispatchers, schedulers, bootstrap, vLLM servers, etcd ..." in rest
     assert "etcd keys left behind: none" in rest
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes (vLLM servers included)"
     assert not storage.exists(), "the connector's storage directory was left behind"

@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flow-control",
         action="store_true",
         help="dispatchers hold requests in their admission queue until a rank has room (pdlb-dispatcher "
-        "--flow-control; its other flow flags through --dispatcher-arg)",
+        "--flow-control; its other flow flags through --dispatcher-arg, refused without this)",
     )
     parser.add_argument(
         "--lockstep",
@@ -249,13 +249,27 @@ class LocalCluster:
     _own_log_dir: bool = False
     _t0: float = field(default_factory=time.monotonic)
 
+    def flow_control(self) -> bool:
+        """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
+        return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
+
     def _port(self, offset: int) -> str:
         return str(self.args.port + offset) if self.args.port else "0"
 
     def check(self) -> None:
-        """Refuse before starting anything: a running cluster of this name, or a taken port."""
+        """Refuse before starting anything: a running cluster of this name, a taken port, or
+        flow-control flags for the dispatchers without --flow-control (they would act on nothing)."""
         args = self.args
         state.check_name(args.name)
+        if not self.flow_control():
+            from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
+
+            for arg in args.dispatcher_arg:
+                if arg.split("=", 1)[0] in FLOW_FLAGS:
+                    raise StartRefused(
+                        f"--dispatcher-arg={arg} acts only with --flow-control, which is off: add --flow-control or "
+                        "drop it"
+                    )
         other = state.running().get(args.name)
         if other is not None:
             raise StartRefused(
@@ -286,7 +300,8 @@ class LocalCluster:
         decode_method = getattr(args, "decode_method", "") or ("total_requests" if args.lockstep else "least_wait")
         self._own_log_dir = not args.log_dir
         self.log_dir = args.log_dir or tempfile.mkdtemp(prefix=f"pdlb-{args.name}-")
-        self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}); logs in {self.log_dir}")
+        flow = ", flow control on" if self.flow_control() else ""
+        self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}{flow}); logs in {self.log_dir}")
         if args.engine == "vllm":
             self._vllm_targets()
         self.etcd = EtcdProcess(client_port=args.etcd_port)
@@ -294,7 +309,13 @@ class LocalCluster:
         threading.Thread(target=self._watch_etcd, daemon=True).start()
         self._ready("etcd", self.etcd.endpoint)
         common = ["--etcd", self.etcd.endpoint, "--etcd-prefix", self.prefix, "--lease-ttl", "5"]
-        info: dict = {"mode": args.mode, "etcd": self.etcd.endpoint, "log_dir": self.log_dir}
+        info: dict = {
+            "name": args.name,
+            "mode": args.mode,
+            "flow_control": self.flow_control(),
+            "etcd": self.etcd.endpoint,
+            "log_dir": self.log_dir,
+        }
         self.info = info
         replicas: list[str] = []
         if args.mode == "mixed":
@@ -416,7 +437,8 @@ class LocalCluster:
                 procs.append(self._service(f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}", argv))
         described = " + ".join(f"{n} {'mixed' if m == 'null' else m}" for m, n in counts.items())
         what = loading(getattr(self.args, "engine", "pdlb"), self.args.runner, self.args.model)
-        self.say(f"  [{self._elapsed()}] starting {described} schedulers {what}")
+        plural = "s" if sum(counts.values()) != 1 else ""
+        self.say(f"  [{self._elapsed()}] starting {described} scheduler{plural} {what}")
         for proc in procs:
             proc.spawn()
         self._await_started(procs)
@@ -556,28 +578,40 @@ class LocalCluster:
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
 
+    def _stop_stages(self) -> list[tuple[str, list[ServiceProcess]]]:
+        """The services by kind, in the order `stop` stops them (only what this cluster started)."""
+        stages: dict[str, list[ServiceProcess]] = {"gateway": [], "dispatchers": [], "schedulers": []}
+        for service in self.services:
+            kind = service.name if service.name in ("gateway", "bootstrap") else service.name.split("-")[0] + "s"
+            stages.setdefault(kind, []).append(service)
+        return [(kind, services) for kind, services in stages.items() if services]
+
     def stop_order(self) -> list[str]:
         """What `stop` stops, in its order, by kind: only what this cluster started."""
-        kinds = ["schedulers"] if any(s.name.startswith("scheduler") for s in self.services) else []
-        for service in self.services:
-            kind = "dispatchers" if service.name.startswith("dispatcher") else service.name
-            if not service.name.startswith("scheduler") and kind not in kinds:
-                kinds.append(kind)
+        kinds = [kind for kind, _ in self._stop_stages()]
         if self.vllm_servers:
             kinds.append("vLLM servers")
         return kinds + (["etcd"] if self.etcd else [])
 
     def stop(self) -> list[str]:
-        """Schedulers first (they deregister), then dispatchers and bootstrap, then etcd.
+        """Front to back, so that nothing is lost: the gateway first (it refuses new requests and
+        retries none; the dispatchers are signalled once it says NOT_SERVING), then the dispatchers
+        (their queued requests fail at once with UNAVAILABLE naming the shutdown, forwarded ones run
+        on), both drained within their --shutdown-grace while the workers still serve; then the
+        schedulers (they deregister), bootstrap, vLLM servers and etcd.
         Returns the etcd keys left behind (none when every service deregistered)."""
-        order = sorted(self.services, key=lambda s: 0 if s.name.startswith("scheduler") else 1)
-        threads = [threading.Thread(target=s.terminate) for s in order if s.name.startswith("scheduler")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for service in order:
-            service.terminate()
+        stages = dict(self._stop_stages())
+        for gateway in stages.get("gateway", []):
+            gateway.signal_stop()
+            gateway.wait_draining()
+        for dispatcher in stages.get("dispatchers", []):
+            dispatcher.signal_stop()
+        for services in stages.values():
+            threads = [threading.Thread(target=s.terminate) for s in services]  # side by side within a kind
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         for server in self.vllm_servers:
             server.stop()
         if self.kv_storage is not None:
@@ -676,14 +710,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.check()
     except (StartRefused, state.StateError) as exc:
-        say(f"pdlb up: {exc}")
+        print(f"pdlb up: {exc}", file=sys.stderr, flush=True)  # nothing started: a refusal, on stderr
         return 2
     status = 0
     try:
         try:
             info = cluster.start()
         except (ServiceFailed, RuntimeError, TimeoutError, OSError) as exc:
-            say(f"pdlb up: could not start the cluster: {exc}")
+            print(f"pdlb up: could not start the cluster: {exc}", file=sys.stderr, flush=True)
             status = 1
         except StartInterrupted as exc:
             say(f"pdlb up: {exc}")
@@ -700,13 +734,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
-    say(f"pdlb local cluster ({info['mode']}) is up; logs in {info['log_dir']}")
+    flow = ", flow control on" if info.get("flow_control") else ""
+    name = info.get("name", "local")
+    say(f"pdlb local cluster {name!r} ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
     say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:
             say(f"  {key.replace('_', ' '):<20} {info[key]}")
-    for name, address in info["workers"].items():
-        say(f"  {name:<20} {address}")
+    for worker, address in info["workers"].items():
+        say(f"  {worker:<20} {address}")
     for address in info.get("replicas", []):
         say(f"  {'dispatcher replica':<20} {address}")
     for role, urls in info.get("vllm", {}).items():  # --engine vllm: the servers the workers run on
@@ -714,7 +750,9 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
         for url in urls:
             say(f"  {label:<20} {url}")
     say(f"  OpenAI API           {info['http']}/v1   (dashboard: {info['http']}/dashboard)")
+    # the other commands find the default cluster alone; another one only by its name
+    which = "" if name == "local" else f" --cluster {name}"
     say(
-        'try:  pdlb generate --chat "What is the capital of France?"   |   pdlb top   |   pdlb workers'
-        "      (Ctrl-C stops everything; a child that dies is restarted)"
+        f'try:  pdlb generate{which} --chat "What is the capital of France?"   |   pdlb top{which}   |   '
+        f"pdlb workers{which}      (Ctrl-C stops everything; a child that dies is restarted)"
     )

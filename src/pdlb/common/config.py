@@ -11,8 +11,20 @@ import os
 from typing import Any
 
 
+class FlagRefused(SystemExit):
+    """A flag value a service refuses as it starts: `message` (one line, naming the flag) goes to
+    stderr and the process exits with status 2, as argparse's own refusals do (`run_service`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
 class FlagParser(argparse.ArgumentParser):
-    """An ArgumentParser whose `flag()` reads defaults from PDLB_<SERVICE>_<FLAG> variables."""
+    """An ArgumentParser whose `flag()` reads defaults from PDLB_<SERVICE>_<FLAG> variables.
+
+    Parsed namespaces carry `given_flags`: the dests of the flags written on the command line (not
+    defaults, not environment fallbacks), for checks that treat those apart."""
 
     def __init__(self, service: str, description: str) -> None:
         super().__init__(
@@ -21,6 +33,25 @@ class FlagParser(argparse.ArgumentParser):
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         self.env_prefix = f"PDLB_{service.upper()}_"
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, rest = super().parse_known_args(args, namespace)
+        # Parsed again with every default suppressed: what remains was given on the command line.
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            given, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in defaults:
+                action.default = default
+        parsed.given_flags = frozenset(vars(given))
+        return parsed, rest
+
+    def env_set(self, dest: str) -> str | None:
+        """The name of the environment variable that set the flag `dest`, if one did."""
+        env = self.env_name(dest.replace("_", "-"))
+        return env if env in os.environ else None
 
     def env_name(self, flag: str) -> str:
         return self.env_prefix + flag.lstrip("-").replace("-", "_").upper()

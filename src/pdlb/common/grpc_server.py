@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from pdlb.common import security
+from pdlb.common.config import FlagRefused
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,8 @@ def run_service(
             signalled.cancel()
 
     refused = asyncio.run(run())
+    if isinstance(refused, FlagRefused):
+        print(refused.message, file=sys.stderr, flush=True)
     if refused is not None:
         raise refused
 

@@ -154,6 +154,27 @@ class ServiceProcess:
                 self.proc.kill()
         return self.proc.wait()
 
+    def signal_stop(self) -> None:
+        """SIGTERM without waiting for the exit (`terminate` waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_draining(self, timeout: float = 5.0) -> bool:
+        """After `signal_stop`: until its health check says NOT_SERVING (it began to drain), its
+        server is gone, or it exited; watched (the health service's Watch stream), not polled.
+        False when none of that happened within `timeout` seconds."""
+        if not self.alive() or not self.address:
+            return True
+        try:
+            with open_sync_channel(self.address, self.tls) as channel:
+                replies = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=timeout)
+                for reply in replies:
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        return True
+        except grpc.RpcError as err:
+            return err.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # any other end: its server is going
+        return True
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -26,6 +26,9 @@ MAX_ROUTING_KEY_LEN = 256
 # Trailing metadata of a RESOURCE_EXHAUSTED from a dispatcher's admission queue: whole seconds a
 # refused client should wait (the gateway sends it as HTTP Retry-After).
 RETRY_AFTER_KEY = "retry-after"
+# Why a dispatcher's admission queue failed a request (FlowControlState.shed_by_reason's keys, the
+# `reason` label of the queue's shed counters): a fixed set, so metric labels stay bounded.
+SHED_REASONS = ("ttl", "deadline", "full", "displaced", "shutdown")
 DEFAULT_TEMPERATURE = 1.0  # vLLM's, when a request leaves temperature unset (HTTP and gRPC alike)
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300

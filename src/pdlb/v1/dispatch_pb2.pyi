@@ -118,7 +118,14 @@ class WatchLoadResponse(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., method: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerLoadEntry, _Mapping]]] = ..., flow: _Optional[_Union[FlowControlState, _Mapping]] = ...) -> None: ...
 
 class FlowControlState(_message.Message):
-    __slots__ = ("enabled", "queued_requests", "queued_tokens", "tenants", "admitted_total", "shed_total", "wait_p50_ms", "wait_p99_ms")
+    __slots__ = ("enabled", "queued_requests", "queued_tokens", "tenants", "admitted_total", "shed_total", "wait_p50_ms", "wait_p99_ms", "shed_by_reason")
+    class ShedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +134,7 @@ class FlowControlState(_message.Message):
     SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     WAIT_P50_MS_FIELD_NUMBER: _ClassVar[int]
     WAIT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    SHED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     queued_requests: int
     queued_tokens: int
@@ -135,7 +143,8 @@ class FlowControlState(_message.Message):
     shed_total: int
     wait_p50_ms: float
     wait_p99_ms: float
-    def __init__(self, enabled: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., tenants: _Optional[int] = ..., admitted_total: _Optional[int] = ..., shed_total: _Optional[int] = ..., wait_p50_ms: _Optional[float] = ..., wait_p99_ms: _Optional[float] = ...) -> None: ...
+    shed_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, enabled: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., tenants: _Optional[int] = ..., admitted_total: _Optional[int] = ..., shed_total: _Optional[int] = ..., wait_p50_ms: _Optional[float] = ..., wait_p99_ms: _Optional[float] = ..., shed_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -25,9 +25,10 @@ AUTO, NONE = "auto", "none"
 
 
 def parse_cpus(spec: str) -> list[int]:
-    """CPU ids of a list such as "0-3,6" (ranges inclusive), in order, without repeats.
+    """CPU ids of a list such as "0-3,6" (ranges inclusive), in order.
 
-    Raises ValueError naming the part that is not a CPU id or range."""
+    Raises ValueError naming the part that is not a CPU id or range, or the core named twice
+    (two threads bound to one core would take turns on it)."""
     cpus: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -38,7 +39,10 @@ def parse_cpus(spec: str) -> list[int]:
             raise ValueError(f"not a CPU id or range: {part!r} (write e.g. 0-3,6)") from None
         if first < 0 or last < first:
             raise ValueError(f"not a CPU id or range: {part!r} (write e.g. 0-3,6)")
-        cpus += [c for c in range(first, last + 1) if c not in cpus]
+        twice = [c for c in range(first, last + 1) if c in cpus]
+        if twice:
+            raise ValueError(f"core {twice[0]} is named twice in {spec!r}: one core per torch thread")
+        cpus += range(first, last + 1)
     return cpus
 
 
@@ -46,22 +50,30 @@ def cpus_to_bind(spec: str, threads: int, device: str) -> list[int]:
     """The cores a runner of `threads` compute threads on `device` binds to, one per thread, from
     the --torch-bind-cpus value: "none" (bind nothing: []), "auto" (on a CPU device, the process's
     allowed cores when there are exactly `threads` of them: the team takes the whole set anyway,
-    bound it only stops moving; else []), or a list ("0-1"), whose first `threads` cores are used.
+    bound it only stops moving; else []), or a list ("0-1") of exactly `threads` distinct cores.
 
-    Raises ValueError for a list with fewer cores than threads or cores outside the process's set."""
+    Raises ValueError for a list that names a core twice, more or fewer cores than threads (neither
+    flag wins: binding some threads, or leaving named cores idle, is never what was meant), or cores
+    outside the process's set."""
     spec = spec.strip().lower()
     if spec == NONE or threads < 1:
         return []
     allowed = sorted(os.sched_getaffinity(0))
     if spec == AUTO:
         return allowed if device == "cpu" and threads > 1 and len(allowed) == threads else []
-    cpus = parse_cpus(spec)
-    if len(cpus) < threads:
-        raise ValueError(f"--torch-bind-cpus {spec} names {len(cpus)} cores for {threads} torch threads")
-    outside = [c for c in cpus[:threads] if c not in allowed]
+    try:
+        cpus = parse_cpus(spec)
+    except ValueError as exc:
+        raise ValueError(f"--torch-bind-cpus {spec}: {exc}") from None
+    if len(cpus) != threads:
+        cores = f"{len(cpus)} core{'s' if len(cpus) != 1 else ''}"
+        raise ValueError(
+            f"--torch-bind-cpus {spec} names {cores} for --torch-threads {threads}: name one core per torch thread"
+        )
+    outside = [c for c in cpus if c not in allowed]
     if outside:
         raise ValueError(f"--torch-bind-cpus: cores {outside} are not in this process's CPU set {allowed}")
-    return cpus[:threads]
+    return cpus
 
 
 def _thread_ids() -> set[int]:

@@ -34,6 +34,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
+
+from pdlb.common.requests import SHED_REASONS
 from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, Waiter
 from pdlb.services.dispatcher.load_table import Role, WorkerEntry
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
@@ -41,6 +44,20 @@ from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.tenant_share import DEFAULT_ACTIVE_WINDOW_S, Room, TenantShares
 
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
+# The dispatcher flags that act only with --flow-control (pdlb-dispatcher refuses them without it).
+FLOW_FLAGS = (
+    "--max-queued-requests",
+    "--queue-ttl",
+    "--sheddable-queue-ttl",
+    "--sheddable-priority",
+    "--max-wait-ms",
+    "--max-prefill-ahead-chunks",
+    "--fair-share-quantum",
+    "--tenant-weights",
+    "--max-tenants",
+    "--tenant-share",
+    "--tenant-active-window",
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,7 @@ class Shed(Exception):
 class _Held:
     ctx: RouteContext
     future: asyncio.Future[Decision]
+    tenant: str  # as the client named it: the share keys it itself (the queue's key may be its overflow class)
     past_share: bool = False  # held at least once because its tenant was past its share
 
 
@@ -110,6 +128,7 @@ class FlowControl:
         self.on_wait = on_wait or (lambda seconds: None)
         self.admitted_total = 0  # requests bound after waiting in the queue
         self.shed_total = 0
+        self.shed_by_reason: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # sums to shed_total
         self.recent_waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds, of bound requests
         self._kicking = False
 
@@ -137,7 +156,7 @@ class FlowControl:
             past_share = False
         now = self.clock()
         ttl = self.options.sheddable_ttl_s if priority >= self.options.sheddable_priority else self.options.queue_ttl_s
-        held = _Held(ctx, asyncio.get_running_loop().create_future(), past_share)
+        held = _Held(ctx, asyncio.get_running_loop().create_future(), tenant, past_share)
         self.shares.held_total += past_share
         waiter = Waiter(
             request_id=ctx.request_id,
@@ -206,7 +225,7 @@ class FlowControl:
                 roomy = self.roomy(held.ctx)
                 if roomy is not None and not roomy:
                     return
-                if roomy is not None and self._over_share(waiter.tenant, held.ctx):
+                if roomy is not None and self._over_share(held.tenant, held.ctx):
                     past_share.add(waiter.tenant)  # other tenants' requests go first
                     self.shares.held_total += not held.past_share
                     held.past_share = True
@@ -217,7 +236,7 @@ class FlowControl:
                 except RoutingError as exc:
                     held.future.set_exception(exc)
                     continue
-                self.shares.acquire(held.ctx.request_id, waiter.tenant, waiter.tokens)
+                self.shares.acquire(held.ctx.request_id, held.tenant, waiter.tokens)
                 self.admitted_total += 1
                 waited = self.clock() - waiter.enqueued_at
                 self.recent_waits.append(waited)
@@ -300,9 +319,13 @@ class FlowControl:
         waits = sorted(self.recent_waits)
         return max(1, math.ceil(waits[len(waits) // 2])) if waits else 1
 
-    def _shed(self, reason: str, message: str) -> Shed:
+    def _count_shed(self, reason: str) -> None:
         self.shed_total += 1
+        self.shed_by_reason[reason] += 1
         self.on_shed(reason)
+
+    def _shed(self, reason: str, message: str) -> Shed:
+        self._count_shed(reason)
         retry = self.retry_after_s()
         return Shed(reason, f"{message}; retry after {retry} s or add capacity", retry)
 
@@ -312,10 +335,15 @@ class FlowControl:
             held.future.set_exception(self._shed(reason, f"request {waiter.request_id}: {why}"))
 
     def fail_all(self, why: str) -> None:
-        """Shutting down: every queued request fails now instead of waiting out its TTL."""
+        """Shutting down: every queued request fails now, UNAVAILABLE with `why` (not shed with a
+        retry hint: this dispatcher will not take it again), instead of waiting out its TTL."""
         for waiter in list(self.queue):
             self.queue.remove(waiter)
-            self._fail(waiter, "shutdown", why)
+            held: _Held = waiter.payload
+            if not held.future.done():
+                self._count_shed("shutdown")
+                message = f"request {waiter.request_id}: {why}; it was queued, nothing ran: send it again elsewhere"
+                held.future.set_exception(RoutingError(grpc.StatusCode.UNAVAILABLE, message))
 
     def wait_percentiles_ms(self, qs: Sequence[float] = (50, 99)) -> list[float]:
         waits = sorted(self.recent_waits)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 
-from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.config import FlagParser, FlagRefused, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, PrefixWatch, dispatchers_prefix, workers_prefix
 from pdlb.common.modes import role_of_mode
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
-from pdlb.services.dispatcher.flow_control import FlowOptions
+from pdlb.services.dispatcher.flow_control import FLOW_FLAGS, FlowOptions
 from pdlb.services.dispatcher.load_table import LoadTable, Role
 from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
@@ -141,7 +142,10 @@ def build_parser() -> FlagParser:
         default=flow.enabled,
         type=bool,
         help="late binding: hold a request in the dispatcher's queue while no rank has room (a free batch slot, "
-        "enough free KV, a predicted wait under --max-wait-ms) and bind it when room frees",
+        "enough free KV, a predicted wait under --max-wait-ms) and bind it when room frees. The flags marked "
+        "'flow control' act only with it: given on the command line without it they are refused; set through "
+        "their environment variables they are ignored with a warning (one environment may serve dispatchers "
+        "with and without it)",
     )
     parser.flag("--max-queued-requests", default=flow.max_queued_requests, type=int, help="flow control: queue bound")
     parser.flag(
@@ -208,6 +212,20 @@ def build_parser() -> FlagParser:
 
 
 def flow_options(args) -> FlowOptions:
+    """The flow-control options of the parsed flags. Raises FlagRefused for a flow-control flag given
+    on the command line without --flow-control, SystemExit for a value out of range."""
+    if not args.flow_control:
+        given = [flag for flag in FLOW_FLAGS if flag[2:].replace("-", "_") in getattr(args, "given_flags", ())]
+        if given:
+            raise FlagRefused(
+                f"pdlb-dispatcher: {given[0]} acts only with --flow-control, which is off: add --flow-control or "
+                f"drop {given[0]}"
+            )
+        envs = [
+            env for flag in FLOW_FLAGS if (env := "PDLB_DISPATCHER_" + flag[2:].replace("-", "_").upper()) in os.environ
+        ]
+        if envs:
+            log.warning("flow control is off (--flow-control): %s ignored", ", ".join(envs))
     weights = []
     for item in csv_list(args.tenant_weights):
         name, sep, raw = item.rpartition("=")
@@ -216,16 +234,18 @@ def flow_options(args) -> FlowOptions:
         except ValueError:
             weight = 0.0
         if not sep or not name or not weight > 0:
-            raise SystemExit(f"--tenant-weights: {item!r} is not tenant=weight with a weight > 0")
+            raise FlagRefused(f"pdlb-dispatcher: --tenant-weights: {item!r} is not tenant=weight with a weight > 0")
         weights.append((name, weight))
     if args.max_queued_requests < 1 or args.fair_share_quantum < 1 or args.max_tenants < 1:
-        raise SystemExit("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
+        raise FlagRefused("pdlb-dispatcher: --max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
     if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
-        raise SystemExit("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+        raise FlagRefused("pdlb-dispatcher: --queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
     if not args.tenant_share >= 0 or not args.tenant_active_window >= 0:
-        raise SystemExit("--tenant-share and --tenant-active-window must be >= 0")
+        raise FlagRefused("pdlb-dispatcher: --tenant-share and --tenant-active-window must be >= 0")
     if not args.max_prefill_ahead_chunks >= 0:
-        raise SystemExit(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
+        raise FlagRefused(
+            f"pdlb-dispatcher: --max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}"
+        )
     return FlowOptions(
         enabled=args.flow_control,
         max_queued_requests=args.max_queued_requests,
@@ -244,9 +264,14 @@ def flow_options(args) -> FlowOptions:
 
 def policy_options(args) -> PolicyOptions:
     if args.cache_block_size < 1 or args.cache_index_blocks < 1 or args.max_routing_keys < 1:
-        raise SystemExit("--cache-block-size, --cache-index-blocks and --max-routing-keys must be >= 1")
+        raise FlagRefused(
+            "pdlb-dispatcher: --cache-block-size, --cache-index-blocks and --max-routing-keys must be >= 1"
+        )
     if args.balance_abs_threshold < 0 or args.balance_rel_threshold < 1 or args.cache_load_weight < 0:
-        raise SystemExit("--balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1, --cache-load-weight >= 0")
+        raise FlagRefused(
+            "pdlb-dispatcher: --balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1, "
+            "--cache-load-weight >= 0"
+        )
     return PolicyOptions(
         dp_size=args.dp_size,
         cache_block_size=args.cache_block_size,
@@ -269,6 +294,7 @@ class Dispatcher:
 
 
 async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = None) -> None:
+    flow = flow_options(args)  # refused flags stop the start before anything loads
     role = Role(role_of_mode(args.disaggregation_mode))
     table = LoadTable(inflight_timeout_s=args.inflight_timeout, stale_after_s=args.stale_after)
     policy = create_policy(args.load_balance_method, role, policy_options(args))
@@ -277,9 +303,11 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     metrics = DispatcherMetrics(table)
     static = parse_static_workers(csv_list(args.workers), role)
     if not args.worker_wait >= 0:
-        raise SystemExit(f"--worker-wait must be >= 0 seconds, not {args.worker_wait}")
+        raise FlagRefused(f"pdlb-dispatcher: --worker-wait must be >= 0 seconds, not {args.worker_wait}")
     if not args.hung_stream_timeout >= 0:
-        raise SystemExit(f"--hung-stream-timeout must be >= 0 seconds, not {args.hung_stream_timeout}")
+        raise FlagRefused(
+            f"pdlb-dispatcher: --hung-stream-timeout must be >= 0 seconds, not {args.hung_stream_timeout}"
+        )
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
@@ -307,7 +335,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         args.max_concurrent_requests,
         args.max_watchers,
         tokenizer=tokenizer,
-        flow=flow_options(args),
+        flow=flow,
         max_prompt_chars=args.max_prompt_chars,
         worker_wait_s=args.worker_wait,
         hung_stream_timeout_s=args.hung_stream_timeout,
@@ -364,8 +392,7 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
             ready.set_result(running)
 
     async def stop() -> None:
-        core.draining = True
-        core.flow.fail_all("the dispatcher is shutting down; send it to another dispatcher")
+        core.drain()  # queued requests fail now (UNAVAILABLE); forwarded ones run on within the grace
         if registration:
             await registration.close()  # deregister first: schedulers stop reporting here
         await host.stop(args.shutdown_grace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,8 +36,8 @@ class DispatcherMetrics:
         )
         self.shed = Counter(
             "pdlb_queue_shed",
-            "Requests the admission queue failed with RESOURCE_EXHAUSTED, by reason "
-            "(ttl, deadline, full, displaced, shutdown)",
+            "Requests the admission queue failed, by reason: ttl, deadline, full, displaced (RESOURCE_EXHAUSTED), "
+            "shutdown (UNAVAILABLE)",
             ["reason"],
             registry=self.registry,
         )
@@ -52,6 +52,11 @@ class DispatcherMetrics:
             "Time requests waited for a worker to register while none could take them (a membership flap), "
             "served or not (--worker-wait)",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.worker_waiting = Gauge(
+            "pdlb_worker_waiting_requests",
+            "Requests waiting now for a worker to register (--worker-wait); a dispatcher shutting down fails them",
             registry=self.registry,
         )
         self.registry.register(LoadCollector(table))

@@ -44,6 +44,7 @@ MIN_WATCH_INTERVAL_MS = 50
 # flap (etcd paused past the lease) empties the table for the moment the workers take to register again.
 WORKER_WAIT_S = 5.0
 HUNG_STREAM_TIMEOUT_S = 10.0
+SHUTTING_DOWN = "the dispatcher is shutting down"
 REPORT_OUTBOX = 16  # messages queued to one reporting worker (StartWave is rare: one per wave)
 MAX_WATCH_INTERVAL_MS = 60_000
 # Worker statuses that mean "this worker could not take the request": safe to try another rank.
@@ -160,6 +161,7 @@ class DispatchCore:
         self.room_recorder: RoomRecorder | None = None
         self.room_holder: RoomHolder | None = None  # prefill: who holds a room already (Bootstrap)
         self.draining = False
+        self._drained = asyncio.Event()  # set by drain(): requests waiting for a worker stop waiting
         # Request ids and bootstrap rooms of the Generate calls in flight (bounded by active_requests).
         self.in_flight_ids: set[str] = set()
         self.in_flight_rooms: set[int] = set()
@@ -176,6 +178,24 @@ class DispatchCore:
         )
         queue, shares = self.flow.queue, self.flow.shares
         metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants, shares.held_total))
+
+    def drain(self) -> None:
+        """Shutting down: refuse new requests, and fail now (UNAVAILABLE, naming the shutdown) every
+        request that waits here, queued for room or for a worker to join; requests already sent to
+        a worker run on (the gRPC server's grace bounds them)."""
+        self.draining = True
+        self._drained.set()
+        self.flow.fail_all(SHUTTING_DOWN)
+
+    async def wait_join(self, timeout: float) -> None:
+        """Until a worker joins, the dispatcher drains, or `timeout` seconds pass."""
+        drained = asyncio.ensure_future(self._drained.wait())
+        joined = asyncio.ensure_future(self.members.wait_join(timeout))
+        try:
+            await asyncio.wait({drained, joined}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            joined.cancel()
 
     def _send_start_wave(self, worker_id: str, start: load_report_pb2.StartWave) -> bool:
         outbox = self.report_outboxes.get(worker_id)
@@ -227,6 +247,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     return await decide()
                 except NoLiveWorker as exc:
                     left = until - time.monotonic()
+                    if core.draining:
+                        raise RoutingError(grpc.StatusCode.UNAVAILABLE, f"{exc}, and {SHUTTING_DOWN}") from None
                     if left <= 0 or not self._in_flap(exc):
                         raise
                     if not self._missing(exc):
@@ -235,7 +257,11 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                         retried = True  # it joined meanwhile: decide again now, once
                         continue
                     retried, waited = False, True
-                    await core.members.wait_join(left)
+                    core.metrics.worker_waiting.inc()
+                    try:
+                        await core.wait_join(left)
+                    finally:
+                        core.metrics.worker_waiting.dec()
         finally:
             if waited:
                 core.metrics.worker_wait.observe(time.monotonic() - began)
@@ -316,7 +342,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
 
     async def _checked(self, request: common_pb2.InferenceRequest, context) -> tuple[RouteContext, int | None]:
         if self.core.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "dispatcher is shutting down; use another one")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}; send the request to another one")
         try:
             return await self._context_of(request)
         except InvalidRequest as exc:
@@ -561,6 +587,7 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 shed_total=flow.shed_total,
                 wait_p50_ms=p50,
                 wait_p99_ms=p99,
+                shed_by_reason={reason: n for reason, n in flow.shed_by_reason.items() if n},
             ),
         )
 

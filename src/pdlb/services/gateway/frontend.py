@@ -18,6 +18,10 @@ Dispatcher replicas: each attempt prefers replicas the request has not failed on
 whose dispatcher connection is down (a killed replica) is retried on another replica at once, up to
 MAX_DISPATCHER_MOVES times besides the retry above. A call cut under a running request (its channel
 closed) fails the attempt like a dead worker would: it is retried or resumed, never dropped silently.
+
+Shutting down (`drain()`): new requests are refused UNAVAILABLE, requests in flight run on, and one
+that fails is not retried (its dispatchers are going too): it fails at once, UNAVAILABLE, naming the
+shutdown.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 1  # retries after a failure behind a live dispatcher (a worker died, a KV hand-off failed)
 MAX_DISPATCHER_MOVES = 2  # further retries when the dispatcher itself was unreachable
 MEMBERSHIP_WAIT_S = 5.0  # how long a request waits for dispatchers to be known (a membership flap)
+SHUTTING_DOWN = "the gateway is shutting down"
 # Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
 FINAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -121,6 +126,11 @@ class Frontend:
         # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
         self.active_ids: set[str] = set()
         self.active_rooms: set[int] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Shutting down: refuse new requests; a request in flight that fails is not retried."""
+        self.draining = True
 
     async def prepare(self, request: common_pb2.InferenceRequest, fit_new_tokens: bool = False) -> Prepared:
         """Validate and tokenise (off the event loop) against the workers' length limits; raises
@@ -142,7 +152,7 @@ class Frontend:
                 "max_new_tokens",
                 f"request {checked.request_id}: the model's context is {context} tokens; however, {total} were "
                 f"requested ({len(checked.input_ids)} in the prompt, {max_new} new). Ask for at most "
-                f"{context - len(checked.input_ids)} new tokens with this prompt, or shorten it",
+                f"{_tokens(context - len(checked.input_ids))} with this prompt, or shorten it",
             )
         request = common_pb2.InferenceRequest.FromString(request.SerializeToString())
         request.ClearField("input_ids")
@@ -158,6 +168,8 @@ class Frontend:
         original = prepared.request
         rid = original.request_id
         room = original.bootstrap_room if original.HasField("bootstrap_room") else None
+        if self.draining:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {rid}: {SHUTTING_DOWN}; send it to another one")
         if rid in self.active_ids:
             raise RequestFailed(
                 grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already in flight here; request ids must be unique"
@@ -233,6 +245,10 @@ class Frontend:
                 moved = code not in FINAL and [a for a in used if self.upstreams.check_broken(a)]
                 budget = moves < MAX_DISPATCHER_MOVES if moved else retries - moves < MAX_RETRIES
                 # a pin names a rank, not a dispatcher: a pinned request still moves off a dead replica
+                if self.draining and code not in FINAL:
+                    # its dispatchers are stopping too: a retry would wait for ones that never come
+                    text = _named(rid, details, retries)
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"{text} ({SHUTTING_DOWN}: not retried)") from None
                 if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -381,6 +397,10 @@ async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIt
             grpc.StatusCode.UNAVAILABLE,
             f"request {request.request_id}: KV hand-off of room {request.bootstrap_room} failed: {err.details()}",
         ) from None
+
+
+def _tokens(count: int) -> str:
+    return f"{count} new token{'' if count == 1 else 's'}"
 
 
 def _attempt_id(rid: str, retries: int) -> str:

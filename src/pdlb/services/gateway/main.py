@@ -20,7 +20,7 @@ from pdlb.common.slots import Slots
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
-from pdlb.services.gateway.frontend import Frontend, RequestFailed
+from pdlb.services.gateway.frontend import SHUTTING_DOWN, Frontend, RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
@@ -74,11 +74,10 @@ def build_parser() -> FlagParser:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, frontend: Frontend, streams: Slots, metrics: GatewayMetrics) -> None:
         self.frontend, self.streams, self.metrics = frontend, streams, metrics
-        self.draining = False
 
     async def Generate(self, request: gateway_pb2.GatewayGenerateRequest, context) -> AsyncIterator:
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; use another one")
+        if self.frontend.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}; send the request to another one")
         try:
             # max_new_tokens unset: the default is cut to the room the context leaves, not refused
             prepared = await self.frontend.prepare(request.request, not request.request.sampling.max_new_tokens)
@@ -228,7 +227,14 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, readiness, workers)
     # aiohttp closes a connection that has not sent a whole request's headers within its keep-alive
     # timeout (counted from the connection's start, and from each response): the header timeout.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=args.http_header_timeout)
+    # On SIGTERM, HTTP requests in flight get --shutdown-grace to finish, as gRPC ones do.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=args.http_header_timeout,
+        shutdown_timeout=args.shutdown_grace,
+    )
     host = ServiceHost(args.host, args.port, [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
     servicer = GatewayServicer(frontend, streams, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)
@@ -264,13 +270,20 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         )
 
     async def stop() -> None:
-        servicer.draining = True
+        # First, before anything can fail a request in flight: refuse new requests and retry none
+        # (a supervisor stopping the cluster waits for NOT_SERVING before it stops the dispatchers).
+        frontend.drain()
+        await host.set_serving(False)
         if registration:
             await registration.close()
         await dashboard.close()
-        await host.stop(args.shutdown_grace)
-        await runner.shutdown()  # lets streaming HTTP responses finish (aiohttp's shutdown timeout)
-        await runner.cleanup()
+
+        async def http_drain() -> None:
+            await runner.shutdown()
+            await runner.cleanup()  # stops listening; streaming responses get the grace to finish
+
+        # gRPC and HTTP requests drain side by side, within one grace
+        await asyncio.gather(host.stop(args.shutdown_grace), http_drain())
         await upstreams.close()
         await bootstrap.close()
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pdlb.common.requests import SHED_REASONS
 from pdlb.v1 import dispatch_pb2
 
 WINDOW_S = 30.0
@@ -146,9 +147,9 @@ class QueueCollector(Collector):
             ),
             "shed": CounterMetricFamily(
                 "pdlb_gateway_queue_shed",
-                "Requests a dispatcher's queue failed with RESOURCE_EXHAUSTED (TTL, deadline, full, displaced), "
-                "since it started",
-                labels=labels,
+                "Requests a dispatcher's queue failed since it started, by reason: ttl, deadline, full, displaced "
+                "(RESOURCE_EXHAUSTED: HTTP 429), shutdown (UNAVAILABLE: HTTP 503)",
+                labels=[*labels, "reason"],
             ),
         }
         for role, address, snapshot in self.snapshots():
@@ -162,10 +163,11 @@ class QueueCollector(Collector):
                 "wait_p50": flow.wait_p50_ms / 1000,
                 "wait_p99": flow.wait_p99_ms / 1000,
                 "admitted": flow.admitted_total,
-                "shed": flow.shed_total,
             }
             for key, value in values.items():
                 families[key].add_metric([role, address], value)
+            for reason in SHED_REASONS:  # a fixed label set, whatever a dispatcher sends
+                families["shed"].add_metric([role, address, reason], flow.shed_by_reason.get(reason, 0))
         yield from families.values()
 
 

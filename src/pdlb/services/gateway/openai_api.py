@@ -54,7 +54,12 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    """OpenAI's error JSON. A 429 (back-pressure: a dispatcher's queue shed it, or the gateway's
+    stream slots are taken) is OpenAI's rate-limit shape, type `rate_limit_error` and code
+    `rate_limit_exceeded`, which its SDKs answer with RateLimitError and retry after Retry-After."""
+    kind = kind or (
+        "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    )
     code = {429: "rate_limit_exceeded", 413: "request_too_large"}.get(status)
     if status == 404:  # an unknown model, or a path this server does not serve
         code = "model_not_found" if param == "model" else "not_found"
@@ -205,8 +210,23 @@ class OpenAIApi:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", "messages")
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ApiError(400, f"messages[{index}] needs a role", f"messages[{index}].role")
+            if not isinstance(message, dict):
+                raise ApiError(
+                    400,
+                    f"messages[{index}] must be an object with a role and content, not {json_kind(message)}",
+                    f"messages[{index}]",
+                )
+            if "role" not in message:
+                raise ApiError(
+                    400, f"messages[{index}] needs a role: one of {', '.join(ROLES)}", f"messages[{index}].role"
+                )
+            if not isinstance(message["role"], str):
+                raise ApiError(
+                    400,
+                    f"messages[{index}].role must be a string, one of {', '.join(ROLES)}; not "
+                    f"{json_kind(message['role'])}",
+                    f"messages[{index}].role",
+                )
             if message["role"] not in ROLES:
                 raise ApiError(
                     400,
@@ -469,11 +489,28 @@ def _content(message: dict, index: int) -> str:
     texts = []
     for number, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text":
-            raise ApiError(400, f"{where}.content[{number}]: only text content parts are supported", where)
+            kind = f"type {str(part.get('type'))[:40]!r}" if isinstance(part, dict) else json_kind(part)
+            raise ApiError(
+                400,
+                f"{where}.content[{number}]: only text content parts are supported (a part of type 'text'), "
+                f"not {kind}: this model reads text only",
+                f"{where}.content[{number}]",
+            )
         if not isinstance(part.get("text"), str):
             raise ApiError(400, f"{where}.content[{number}].text must be a string", f"{where}.content[{number}].text")
         texts.append(part["text"])
     return "".join(texts)
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, as a message names it ("a string", "an array", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def stream_flag(body: dict) -> bool:

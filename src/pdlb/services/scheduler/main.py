@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pdlb.common.bootstrap_locator import BootstrapLocator
-from pdlb.common.config import FlagParser, add_common_flags, csv_list
+from pdlb.common.config import FlagParser, FlagRefused, add_common_flags, csv_list
 from pdlb.common.grpc_server import ServiceHost, advertised, run_service, run_until_signal
 from pdlb.common.membership import LeasedRegistration, workers_prefix
 from pdlb.common.modes import role_of_mode
@@ -55,11 +55,11 @@ def on_cpu_torch(args) -> bool:
 
 def step_limits(args) -> tuple[int, float]:
     """The prefill tokens per step and the burst window (seconds) of --chunked-prefill-size and
-    --burst-window-ms, device defaults applied; SystemExit names a value out of range."""
+    --burst-window-ms, device defaults applied; FlagRefused names a value out of range."""
     if args.chunked_prefill_size < 0:
-        raise SystemExit("--chunked-prefill-size must be >= 0 (0: by device)")
+        raise FlagRefused("pdlb-scheduler: --chunked-prefill-size must be >= 0 (0: by device)")
     if args.burst_window_ms < 0 and args.burst_window_ms != -1:
-        raise SystemExit("--burst-window-ms must be >= 0, or -1 (by device)")
+        raise FlagRefused("pdlb-scheduler: --burst-window-ms must be >= 0, or -1 (by device)")
     chunk = args.chunked_prefill_size or (CPU_CHUNKED_PREFILL if on_cpu_torch(args) else CHUNKED_PREFILL)
     window_ms = args.burst_window_ms
     if window_ms == -1:
@@ -191,7 +191,8 @@ def build_parser() -> FlagParser:
     p.flag(
         "--torch-bind-cpus",
         default="none",
-        help="cores the torch threads are bound to, one each (e.g. 0-1), the gRPC threads left unbound. "
+        help="cores the torch threads are bound to, one each (e.g. 0-1: exactly --torch-threads distinct cores, "
+        "else refused), the gRPC threads left unbound. "
         "auto: on a CPU device, bind when --torch-threads equals the cores this process may use; none: never "
         "(default: binding showed no clear gain on a shared 2-core machine)",
     )
@@ -282,7 +283,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
 async def serve(args, stop_event: asyncio.Event) -> None:
     role = role_of_mode(args.disaggregation_mode)
     if args.dp_rank < 0:
-        raise SystemExit("--dp-rank must be >= 0")
+        raise FlagRefused("pdlb-scheduler: --dp-rank must be >= 0")
     chunk, burst_window_s = step_limits(args)
     limits = EngineLimits(
         args.max_total_tokens,
@@ -293,7 +294,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         burst_window_s,
     )
     if args.page_size < 1:
-        raise SystemExit("--page-size must be >= 1")
+        raise FlagRefused("pdlb-scheduler: --page-size must be >= 1")
     page_size = args.page_size if args.prefix_cache else 0
     # Torch computes on the runner thread only (loading included); this thread's small ops (KV
     # hand-off copies) stay single-threaded so that no second OpenMP team competes for the cores.
@@ -301,7 +302,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     try:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
-        raise SystemExit(f"pdlb-scheduler: {exc}") from None
+        raise FlagRefused(f"pdlb-scheduler: {exc}") from None
     compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)
@@ -417,26 +418,33 @@ async def serve(args, stop_event: asyncio.Event) -> None:
 
 def _check_vllm_args(args, role: str) -> None:
     if not args.vllm_url:
-        raise SystemExit("--engine vllm needs --vllm-url (the vLLM server's base URL)")
+        raise FlagRefused("pdlb-scheduler: --engine vllm needs --vllm-url (the vLLM server's base URL)")
     if role != "mixed" and not args.vllm_kv_connector:
-        raise SystemExit(
-            f"--engine vllm as a {role} worker needs --vllm-kv-connector: vLLM moves PD's KV through the KV "
-            "connector its servers were started with (--kv-transfer-config), e.g. ExampleConnector"
+        raise FlagRefused(
+            f"pdlb-scheduler: --engine vllm as a {role} worker needs --vllm-kv-connector: vLLM moves PD's KV "
+            "through the KV connector its servers were started with (--kv-transfer-config), e.g. ExampleConnector"
         )
     if role == "mixed" and args.vllm_kv_connector:
-        raise SystemExit("--vllm-kv-connector is for prefill and decode workers (--disaggregation-mode)")
+        raise FlagRefused(
+            "pdlb-scheduler: --vllm-kv-connector is for prefill and decode workers (--disaggregation-mode)"
+        )
     if args.dp_group_size > 1:
-        raise SystemExit("--engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
+        raise FlagRefused("pdlb-scheduler: --engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
     if args.metrics_port:
-        raise SystemExit("--engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0")
+        raise FlagRefused(
+            "pdlb-scheduler: --engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0"
+        )
     if args.vllm_server_ranks < 1:
-        raise SystemExit("--vllm-server-ranks must be >= 1")
+        raise FlagRefused("pdlb-scheduler: --vllm-server-ranks must be >= 1")
 
 
 def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:
     size = args.dp_group_size
     if not args.dp_group_address:
-        raise SystemExit("--dp-group-size > 1 needs --dp-group-address host:port (the same on every rank of the group)")
+        raise FlagRefused(
+            "pdlb-scheduler: --dp-group-size > 1 needs --dp-group-address host:port (the same on every rank of "
+            "the group)"
+        )
     backend = args.dp_group_backend
     if backend == "auto":
         backend = "nccl" if args.device.startswith("cuda") and args.runner == "torch" else "gloo"

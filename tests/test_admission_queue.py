@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pdlb.services.dispatcher.admission_queue import MAX_TENANT_CHARS, AdmissionQueue, QueueFull, Waiter
+from pdlb.services.dispatcher.admission_queue import AdmissionQueue, QueueFull, Waiter
+from pdlb.services.dispatcher.tenant_key import MAX_TENANT_CHARS
 
 
 def waiter(rid: str, priority: int = 0, tenant: str = "", tokens: int = 100, deadline: float = math.inf) -> Waiter:

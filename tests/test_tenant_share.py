@@ -126,6 +126,23 @@ def test_tenant_map_is_bounded():
     assert shares.key("x" * 500) == ""
 
 
+def test_tenants_past_max_tenants_are_capped_as_the_overflow_class():
+    """Past `max_tenants`, tenants share the overflow key "" for counting and for the cap alike,
+    so they are held as one tenant instead of escaping the share."""
+    shares = TenantShares(max_tenants=2)
+    shares.acquire("a-0", "a", 10)
+    shares.acquire("b-0", "b", 10)
+    assert shares.key("c") == shares.key("d" * 500) == ""
+    shares.acquire("c-0", "c", 10)
+    shares.acquire("d-0", "d", 10)
+    assert shares.in_flight("c") == shares.in_flight("d") == shares.in_flight("") == (2, 20)
+    assert shares.share("c") == pytest.approx(1 / 3), "a, b and the overflow class are active"
+    assert shares.over_share("c", 10, ROOM) and shares.over_share("e", 10, ROOM), "3 would pass 8/3 slots"
+    assert not shares.over_share("a", 10, ROOM)
+    shares.release("a-0")
+    assert shares.key("a") == "a", "a is tracked while its window lasts"
+
+
 def flow_on(slots_per_rank: int, ranks: int, **options) -> FlowControl:
     table = LoadTable()
     for rank in range(ranks):
@@ -174,3 +191,20 @@ async def test_flow_control_shares_the_prefill_room_until_the_first_token():
     flow.prefilled("flood-0")  # kicks: the held request fits now
     assert (await asyncio.wait_for(held, 1)).entry is not None
     assert flow.shares.in_flight("flood") == (2, 600)
+
+
+async def test_flow_control_holds_a_tenant_past_max_tenants_by_the_overflow_class_share():
+    """With --max-tenants 2 and tenants a and b in flight, tenants c and d are counted and capped
+    as the overflow class: its third request waits while a's is bound at once."""
+    flow = flow_on(slots_per_rank=4, ranks=2, max_tenants=2)
+    for tenant in ("a", "b", "c", "d"):
+        assert (await flow.decide(RouteContext(f"{tenant}-0", 10), tenant=tenant)).entry is not None
+    assert flow.shares.in_flight("") == (2, 20)
+    held = asyncio.create_task(flow.decide(RouteContext("e-0", 10), tenant="e" * 300))
+    await asyncio.sleep(0)
+    assert len(flow.queue) == 1 and flow.shares.held_total == 1, "the overflow class holds its 8/3 slots"
+    assert (await asyncio.wait_for(flow.decide(RouteContext("a-1", 10), tenant="a"), 1)).entry is not None
+    flow.release("c-0")
+    flow.kick()
+    assert (await asyncio.wait_for(held, 1)).entry is not None
+    assert flow.shares.in_flight("") == (2, 20)

@@ -11,7 +11,8 @@ Order, in the field's terms:
 
 Bounded: at most `capacity` requests; the tenant map only holds tenants with queued requests (a
 tenant's credit is dropped when its queue empties, as DRR does), so it is bounded by `capacity`
-and by `max_tenants`. Tenant keys longer than `MAX_TENANT_CHARS` are cut.
+and by `max_tenants`. Tenants are keyed by `tenant_key` (tenant_key.py: names cut to
+`MAX_TENANT_CHARS`, tenants past `max_tenants` queued as the overflow class "").
 
 When full, an arriving request displaces the queued request of the worst priority if that is worse
 than its own (the newest of them: the oldest has waited longest). Failing that, fair share decides
@@ -33,7 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_TENANT_CHARS = 128
+from pdlb.services.dispatcher.tenant_key import tenant_key
+
 DEFAULT_QUANTUM_TOKENS = 2048
 
 
@@ -138,11 +140,9 @@ class AdmissionQueue:
         return len(self._tenants)
 
     def tenant_key(self, tenant: str) -> str:
-        """The key `tenant` is queued under (cut to MAX_TENANT_CHARS; "" once the map is full)."""
-        key = tenant[:MAX_TENANT_CHARS]
-        if key in self._tenants or len(self._tenants) < self.max_tenants:
-            return key
-        return ""
+        """The key `tenant` is queued under (`tenant_key`: its cut name, or "" once `max_tenants`
+        other tenants are queued)."""
+        return tenant_key(tenant, self._tenants, self.max_tenants)
 
     def push(self, waiter: Waiter) -> Waiter | None:
         """Queue `waiter`; returns the request it displaced (the caller fails it), if any.

@@ -95,6 +95,7 @@ class Shed(Exception):
 class _Held:
     ctx: RouteContext
     future: asyncio.Future[Decision]
+    tenant: str  # as the client named it: the share keys it itself (the queue's key may be its overflow class)
     past_share: bool = False  # held at least once because its tenant was past its share
 
 
@@ -155,7 +156,7 @@ class FlowControl:
             past_share = False
         now = self.clock()
         ttl = self.options.sheddable_ttl_s if priority >= self.options.sheddable_priority else self.options.queue_ttl_s
-        held = _Held(ctx, asyncio.get_running_loop().create_future(), past_share)
+        held = _Held(ctx, asyncio.get_running_loop().create_future(), tenant, past_share)
         self.shares.held_total += past_share
         waiter = Waiter(
             request_id=ctx.request_id,
@@ -224,7 +225,7 @@ class FlowControl:
                 roomy = self.roomy(held.ctx)
                 if roomy is not None and not roomy:
                     return
-                if roomy is not None and self._over_share(waiter.tenant, held.ctx):
+                if roomy is not None and self._over_share(held.tenant, held.ctx):
                     past_share.add(waiter.tenant)  # other tenants' requests go first
                     self.shares.held_total += not held.past_share
                     held.past_share = True
@@ -235,7 +236,7 @@ class FlowControl:
                 except RoutingError as exc:
                     held.future.set_exception(exc)
                     continue
-                self.shares.acquire(held.ctx.request_id, waiter.tenant, waiter.tokens)
+                self.shares.acquire(held.ctx.request_id, held.tenant, waiter.tokens)
                 self.admitted_total += 1
                 waited = self.clock() - waiter.enqueued_at
                 self.recent_waits.append(waited)

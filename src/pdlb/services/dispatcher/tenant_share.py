@@ -20,9 +20,10 @@ flight rather than to its queue.
 - A tenant alone, or holding nothing yet, is never held: one request in flight is always allowed, so
   a tiny share cannot starve a tenant.
 
-Counts only what this dispatcher bound (replicas each keep their own). Bounded: at most
-`max_tenants` tenants are tracked apart (further ones share the key ""), and a tenant's entry is
-dropped once it holds nothing and its window has passed.
+Counts only what this dispatcher bound (replicas each keep their own). Bounded: tenants are keyed
+by `tenant_key` (tenant_key.py), the admission queue's rule: at most `max_tenants` tenants are
+tracked apart and further ones share the overflow key "", which is counted and capped as one
+tenant; a tenant's entry is dropped once it holds nothing and its window has passed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pdlb.services.dispatcher.admission_queue import MAX_TENANT_CHARS
+from pdlb.services.dispatcher.tenant_key import MAX_TENANT_CHARS, tenant_key
 
 DEFAULT_ACTIVE_WINDOW_S = 2.0
 
@@ -83,20 +84,20 @@ class TenantShares:
         return self.scale > 0
 
     def key(self, tenant: str) -> str:
-        """The key `tenant` is counted under (cut to MAX_TENANT_CHARS; "" once the map is full)."""
-        key = tenant[:MAX_TENANT_CHARS]
-        if key in self._use:
-            return key
-        if len(self._use) >= self.max_tenants:
-            self._active(())  # drops the tenants that hold nothing and are past their window
-        return key if len(self._use) < self.max_tenants else ""
+        """The key `tenant` is counted and capped under (`tenant_key`: its cut name, or "" while
+        `max_tenants` other tenants are tracked)."""
+        key = tenant_key(tenant, self._use, self.max_tenants)
+        if key != tenant[:MAX_TENANT_CHARS]:  # the map is full: idle tenants' entries may free room
+            self._drop_idle()
+            key = tenant_key(tenant, self._use, self.max_tenants)
+        return key
 
     def weight(self, key: str) -> float:
         return self.weights.get(key, self.default_weight)
 
     def in_flight(self, tenant: str) -> tuple[int, int]:
         """(requests, prompt tokens still counted) `tenant` has in flight here."""
-        use = self._use.get(tenant[:MAX_TENANT_CHARS])
+        use = self._use.get(self.key(tenant))
         return (use.requests, use.tokens) if use else (0, 0)
 
     def acquire(self, request_id: str, tenant: str, tokens: int) -> None:
@@ -132,7 +133,7 @@ class TenantShares:
 
     def share(self, tenant: str, queued_tenants: Iterable[str] = ()) -> float:
         """`tenant`'s fraction of the room now (1.0 while no other tenant is active)."""
-        key = tenant[:MAX_TENANT_CHARS]
+        key = self.key(tenant)
         others = self._active(queued_tenants) - {key}
         if not others:
             return 1.0
@@ -157,17 +158,15 @@ class TenantShares:
 
     def _active(self, queued_tenants: Iterable[str]) -> set[str]:
         """The active tenants' keys; drops the entries of tenants no longer active."""
+        self._drop_idle()
+        return set(self._use) | {tenant_key(t, self._use, self.max_tenants) for t in queued_tenants}
+
+    def _drop_idle(self) -> None:
+        """Drop the entries of tenants that hold nothing and whose window has passed."""
         now = self.clock()
-        active = {t[:MAX_TENANT_CHARS] for t in queued_tenants}
-        idle = []
-        for key, use in self._use.items():
-            if use.requests or now - use.last_end < self.active_window_s:
-                active.add(key)
-            else:
-                idle.append(key)
+        idle = [k for k, use in self._use.items() if not use.requests and now - use.last_end >= self.active_window_s]
         for key in idle:
             del self._use[key]
-        return active
 
     def __len__(self) -> int:
         return len(self._use)

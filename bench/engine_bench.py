@@ -117,14 +117,22 @@ def summarise_round(timings: list[Timing], started: float) -> dict[str, float]:
     }
 
 
-async def run_round(side: str, target, batch: list[list[int]], new: int, tag: str) -> dict[str, float]:
+async def run_round(
+    side: str, target, batch: list[list[int]], new: int, tag: str, timeline: Path | None = None
+) -> dict[str, float]:
     started = time.perf_counter()
+    client_cpu = time.process_time()
     if side != "vllm":
         timings = await asyncio.gather(*(pdlb_one(target, f"{tag}-{i}", ids, new) for i, ids in enumerate(batch)))
     else:
         session, url = target
         timings = await asyncio.gather(*(vllm_one(session, url, ids, new) for ids in batch))
     row = summarise_round(list(timings), started)
+    row["client_cpu_s"] = time.process_time() - client_cpu
+    if timeline is not None:  # one JSON line per round: every request's send and token arrival times
+        record = {"side": side, "tag": tag, "started": started, "requests": [[t.sent, t.arrivals] for t in timings]}
+        with timeline.open("a") as out:
+            out.write(json.dumps(record) + "\n")
     expected = len(batch) * new
     if row["tokens"] != expected:
         raise RuntimeError(f"{side}: {row['tokens']} output tokens, expected {expected}")
@@ -198,6 +206,34 @@ def start_pdlb(args, model: Path, log_dir: str, name: str, env: dict[str, str], 
     return proc
 
 
+def group_cpu_seconds(groups: list[int]) -> float:
+    """CPU seconds (user + system) used so far by every live process of the process groups `groups`
+    (each server runs in a session of its own: vLLM's API server and engine core, a pdlb worker)."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) in groups:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+async def settle(groups: list[int], window_s: float = 0.25, idle_cores: float = 0.05, limit_s: float = 30.0) -> float:
+    """Wait until the servers' processes use less than `idle_cores` of a core over `window_s`, at most
+    `limit_s`; returns the seconds waited. A server may keep computing after its last token has
+    reached the client (vLLM's engine core went on for 1-2 s), and the next side's round must not
+    start on cores still taken: that cost whichever side followed it."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        before = group_cpu_seconds(groups)
+        await asyncio.sleep(window_s)  # a measuring window, not a wait for an event
+        if group_cpu_seconds(groups) - before < idle_cores * window_s:
+            break
+    return time.perf_counter() - started
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread of a process, by thread name and id (Linux /proc)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -212,7 +248,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
-async def measure(args, workers: dict[str, ServiceProcess], vllm_url: str, vocab: int) -> list[dict]:
+async def measure(args, workers: dict[str, ServiceProcess], server: VLLMServer, vocab: int) -> list[dict]:
     rows = []
     busy: dict[str, float] = {}  # CPU seconds of the first pdlb worker's threads during its measured rounds
     first = next(iter(workers))
@@ -220,7 +256,10 @@ async def measure(args, workers: dict[str, ServiceProcess], vllm_url: str, vocab
     sides = [*workers, "vllm"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         targets = {name: scheduler_pb2_grpc.SchedulerStub(c) for name, c in channels.items()}
-        targets["vllm"] = (session, vllm_url)
+        targets["vllm"] = (session, server.url)
+        assert server.proc is not None
+        groups = {name: w.pid for name, w in workers.items()} | {"vllm": server.proc.pid}
+        timeline = Path(args.timeline) if args.timeline else None
         for side in sides:  # warm-up, not measured: one short request, then 4 prompts of the full length
             await run_round(side, targets[side], prompts(999, 1, 16, vocab), 4, f"warm-{side}")
             batch = prompts(998, 4, args.prompt, vocab)
@@ -232,17 +271,21 @@ async def measure(args, workers: dict[str, ServiceProcess], vllm_url: str, vocab
                 order = sides[index % len(sides) :] + sides[: index % len(sides)]
                 for side in order:
                     batch = prompts(index * len(sides) + sides.index(side), args.concurrency, args.prompt, vocab)
-                    row = {"side": side, "round": index, "load": load_average()}
+                    settled = await settle(list(groups.values()))
+                    row = {"side": side, "round": index, "load": load_average(), "settle_s": settled}
                     pid = workers[first].pid
                     before = thread_cpu_seconds(pid) if side == first else {}
-                    row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}"))
+                    server_cpu = group_cpu_seconds([groups[side]])
+                    row.update(await run_round(side, targets[side], batch, args.new, f"r{index}-{side}", timeline))
+                    row["server_cpu_s"] = group_cpu_seconds([groups[side]]) - server_cpu
                     for thread, seconds in thread_cpu_seconds(pid).items() if side == first else ():
                         busy[thread] = busy.get(thread, 0.0) + seconds - before.get(thread, 0.0)
                     rows.append(row)
                     print(
                         f"round {index} {side:<8} {row['tokens_per_s']:6.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s "
                         f"p99 {row['ttft_p99_s']:.2f} s  TPOT {row['tpot_ms']:.1f} ms  ({row['seconds']:.1f} s; "
-                        f"load {row['load']})",
+                        f"load {row['load']}; settled {row['settle_s']:.1f} s before; CPU s: server "
+                        f"{row['server_cpu_s']:.1f}, client {row['client_cpu_s']:.1f})",
                         flush=True,
                     )
         finally:
@@ -284,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         "named pdlb with no extra flags)",
     )
     p.add_argument("--contend", type=int, default=0, help="busy-loop processes running during the measured rounds")
+    p.add_argument(
+        "--timeline",
+        default="",
+        help="JSON-lines file: per round and side, every request's send and token arrival times (perf_counter s)",
+    )
     p.add_argument("--out", default="", help=f"markdown file for the table (default {RESULTS}/engine_<dtype>.md)")
     args = p.parse_args(argv)
     venv = find_venv()
@@ -312,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"load average {load_average()}",
                 flush=True,
             )
-        rows = asyncio.run(measure(args, workers, server.url, vocab))
+        rows = asyncio.run(measure(args, workers, server, vocab))
     finally:
         for worker in workers.values():
             worker.terminate()

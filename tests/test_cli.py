@@ -590,6 +590,7 @@ def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(t
             up.kill()
     assert all(status == 503 for status, _, _ in queued), queued
     assert all("the dispatcher is shutting down" in message for _, message, _ in queued), queued
+    assert all(message.endswith("(the gateway is shutting down: not retried)") for _, message, _ in queued), queued
     assert all(retry_after for _, _, retry_after in queued), queued
     finish, tokens, done_before = running
     assert not done_before, "the running request ended before the queued ones were answered"

@@ -34,11 +34,11 @@ class WatchedRunner(TorchRunner):
 
 
 def make_engine(
-    max_total_tokens=2048, max_running=16, chunk=64, max_waiting=64, page_size=0
+    max_total_tokens=2048, max_running=16, chunk=64, max_waiting=64, page_size=0, burst_window_s=0.0
 ) -> tuple[Engine, WatchedRunner]:
     torch.set_num_threads(1)
     runner = WatchedRunner(TinyTransformer.random(CONFIG), max_total_tokens)
-    limits = EngineLimits(max_total_tokens, max_running, chunk, max_waiting, max_prompt_tokens=400)
+    limits = EngineLimits(max_total_tokens, max_running, chunk, max_waiting, 400, burst_window_s)
     engine = Engine(runner, limits, page_size=page_size)
     engine.start()
     return engine, runner
@@ -239,3 +239,63 @@ async def test_temperature_sampling_is_reproducible_with_a_seed():
     engine.submit(resumed)
     assert (await collect(resumed))[0] == outs[0][6:]
     await engine.close()
+
+
+async def submit_one_by_one(engine: Engine, seqs: list[Sequence]) -> None:
+    """Submit each request after letting the event loop run once, as a server's handlers do when a
+    burst of calls reaches it: the engine's loop sees the first request before the others."""
+    for s in seqs:
+        engine.submit(s)
+        await asyncio.sleep(0)  # one pass of the event loop, not a wait for time
+
+
+@pytest.mark.parametrize("window_s", [0.0, 30.0])
+async def test_an_idle_engine_takes_a_burst_arriving_one_by_one_in_one_step(window_s):
+    """With the burst window, the requests of a burst start in the same first step; without it,
+    the first one is stepped alone while the others arrive. Generous windows make the test
+    independent of the machine's speed: the wait ends when the prompts fill the step, long before."""
+    engine, runner = make_engine(chunk=4 * 30, burst_window_s=window_s)
+    engine.burst_quiet_s = window_s  # no end by a quiet gap: only a full step ends the wait
+    burst = [seq(f"b{i}", prompt(30, salt=i), max_new=3) for i in range(4)]
+    await submit_one_by_one(engine, burst)
+    results = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in burst)), 20)
+    assert all(len(tokens) == 3 for tokens, _ in results)
+    assert runner.batches[0] == (4 if window_s else 1)
+    await engine.close()
+
+
+async def test_the_burst_window_ends_after_a_quiet_gap_and_the_lone_request_runs():
+    """A lone request on an idle engine is not held for the whole window: the wait ends once no
+    other request arrived for the quiet gap; the same tokens come out as without the window."""
+    engine, _ = make_engine(chunk=256, burst_window_s=60.0)
+    engine.burst_quiet_s = 0.01
+    lone = seq("lone", prompt(40), max_new=5)
+    engine.submit(lone)
+    tokens, reason = await asyncio.wait_for(collect(lone), 20)  # never the 60 s window
+    plain, _ = make_engine(chunk=256)
+    twin = seq("twin", prompt(40), max_new=5)
+    plain.submit(twin)
+    assert tokens == (await collect(twin))[0] and reason == common_pb2.FINISH_REASON_LENGTH
+    await engine.close()
+    await plain.close()
+
+
+def test_step_defaults_are_picked_by_device_and_bad_values_refused():
+    """--chunked-prefill-size 0 and --burst-window-ms -1 (the defaults) mean vLLM's CPU step size and
+    a 10 ms burst window for the torch model on a CPU, and GPU-sized steps without a window
+    elsewhere; a value given is kept."""
+    from pdlb.common.config import FlagRefused
+    from pdlb.services.scheduler.main import build_parser, step_limits
+
+    parse = build_parser().parse_args
+    assert step_limits(parse([])) == (2048, 0.010)
+    assert step_limits(parse(["--device", "cuda:0"])) == (512, 0.0)
+    assert step_limits(parse(["--runner", "sim"])) == (512, 0.0)
+    assert step_limits(parse(["--chunked-prefill-size", "256", "--burst-window-ms", "0"])) == (256, 0.0)
+    assert step_limits(parse(["--device", "cuda", "--burst-window-ms", "3"])) == (512, 0.003)
+    with pytest.raises(FlagRefused) as refused:
+        step_limits(parse(["--chunked-prefill-size", "-5"]))
+    assert refused.value.code == 2 and "--chunked-prefill-size must be >= 0" in refused.value.message
+    with pytest.raises(FlagRefused) as refused:
+        step_limits(parse(["--burst-window-ms", "-2"]))
+    assert "--burst-window-ms must be >= 0, or -1" in refused.value.message

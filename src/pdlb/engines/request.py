@@ -30,13 +30,16 @@ LENGTH, STOP, ABORT, PREFILL_DONE = (
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Bounds of one DP rank: KV tokens, running batch, prefill chunk, waiting queue, prompt length."""
+    """Bounds of one DP rank: KV tokens, running batch, prefill chunk, waiting queue, prompt length,
+    and how long an idle rank may wait for the rest of a burst of requests before its first step
+    (seconds; 0: it starts at once)."""
 
     max_total_tokens: int
     max_running_requests: int
     chunked_prefill_size: int
     max_waiting_requests: int
     max_prompt_tokens: int
+    burst_window_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
 from pdlb.engines.torch import dtypes
+from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
-from pdlb.engines.torch.batching import compute_thread
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
 from pdlb.engines.torch.llama import LlamaModel
@@ -41,6 +41,30 @@ from pdlb.services.scheduler.vllm_attach import HealthGatedRegistration, open_vl
 from pdlb.v1 import bootstrap_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("pdlb.scheduler")
+
+
+CHUNKED_PREFILL = 512  # prefill tokens per step by default
+CPU_CHUNKED_PREFILL = 2048  # the same on a CPU: vLLM's CPU default (its OpenAI server's max_num_batched_tokens)
+CPU_BURST_WINDOW_MS = 10.0  # the burst window on a CPU
+
+
+def on_cpu_torch(args) -> bool:
+    """Whether this worker runs pdlb's torch model on a CPU (where the step-size defaults differ)."""
+    return args.engine == "pdlb" and args.runner == "torch" and args.device == "cpu"
+
+
+def step_limits(args) -> tuple[int, float]:
+    """The prefill tokens per step and the burst window (seconds) of --chunked-prefill-size and
+    --burst-window-ms, device defaults applied; FlagRefused names a value out of range."""
+    if args.chunked_prefill_size < 0:
+        raise FlagRefused("pdlb-scheduler: --chunked-prefill-size must be >= 0 (0: by device)")
+    if args.burst_window_ms < 0 and args.burst_window_ms != -1:
+        raise FlagRefused("pdlb-scheduler: --burst-window-ms must be >= 0, or -1 (by device)")
+    chunk = args.chunked_prefill_size or (CPU_CHUNKED_PREFILL if on_cpu_torch(args) else CHUNKED_PREFILL)
+    window_ms = args.burst_window_ms
+    if window_ms == -1:
+        window_ms = CPU_BURST_WINDOW_MS if on_cpu_torch(args) else 0.0
+    return chunk, window_ms / 1e3
 
 
 def build_parser() -> FlagParser:
@@ -65,7 +89,22 @@ def build_parser() -> FlagParser:
         type=int,
         help="longest waiting queue beyond free batch slots; more: RESOURCE_EXHAUSTED",
     )
-    p.flag("--chunked-prefill-size", default=512, type=int, help="prefill tokens per step at most")
+    p.flag(
+        "--chunked-prefill-size",
+        default=0,
+        type=int,
+        help=f"prefill tokens per step at most. 0: by device: {CPU_CHUNKED_PREFILL} for the torch runner on a CPU "
+        f"(vLLM's CPU default; a CPU's GEMMs reach their peak only at many rows), {CHUNKED_PREFILL} elsewhere",
+    )
+    p.flag(
+        "--burst-window-ms",
+        default=-1.0,
+        type=float,
+        help="an idle worker that receives a request waits up to this long for the rest of a burst (until "
+        f"no request came for {BURST_QUIET_S * 1e3:g} ms, or the waiting prompts fill a step), so one step "
+        f"takes the burst together. -1: by device: {CPU_BURST_WINDOW_MS:g} for the torch runner on a CPU "
+        "(its steps take hundreds of ms), 0 (off) elsewhere",
+    )
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
     p.flag("--prefix-cache", default=True, type=bool, help="share the KV of common prompt prefixes (radix cache)")
     p.flag("--page-size", default=16, type=int, help="prefix-cache block size in tokens")
@@ -245,12 +284,14 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     role = role_of_mode(args.disaggregation_mode)
     if args.dp_rank < 0:
         raise FlagRefused("pdlb-scheduler: --dp-rank must be >= 0")
+    chunk, burst_window_s = step_limits(args)
     limits = EngineLimits(
         args.max_total_tokens,
         args.max_running_requests,
-        args.chunked_prefill_size,
+        chunk,
         args.max_waiting_requests,
         args.max_prompt_tokens,
+        burst_window_s,
     )
     if args.page_size < 1:
         raise FlagRefused("pdlb-scheduler: --page-size must be >= 1")

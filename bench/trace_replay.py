@@ -19,8 +19,9 @@ reported as SLO attainment at each load: the share of requests whose TTFT is wit
 + 200 ms, and with `--goodput` as goodput: the highest rate of the `--loads` ladder at which >= 99%
 of requests meet it (shed and failed requests count as missing it), per method and seed, against
 round robin's. `--cache-critical` counts the requests that miss the SLO alone on an idle rank
-unless they hit their cached prefix (what no placement without that hit can meet, at any load). `--high-share` marks that share of requests priority 0 and the rest priority 1
-(sheddable), to measure overload; `--flood-tenant` makes one tenant send that multiple of another's
+unless they hit their cached prefix (what no placement without that hit can meet, at any load).
+`--high-share` marks that share of requests priority 0 and the rest priority 1 (sheddable), to
+measure overload; `--flood-tenant` makes one tenant send that multiple of another's
 share to measure fair sharing.
 
   python -m bench.trace_replay --loads 0.6,0.85 --seeds 1,2,3 --num-requests 300

@@ -183,7 +183,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
     if shown_ids and not args.token_ids:
         print(
-            "[<n>: token id n, whose text is not printable (a simulated worker draws arbitrary ids); "
+            "[<n>: token id n, whose text is not printable (simulated workers and the random tiny-random "
+            "model draw arbitrary ids); "
             "--token-ids prints every token as its id]",
             file=sys.stderr,
         )

@@ -323,6 +323,9 @@ async def test_client_disconnect_mid_stream_frees_the_workers(cluster):
         return True
 
     await wait_until(idle, timeout=15, what="every worker to abort the request and free its KV")
+    # counted among finished requests, as nginx's 499 (client closed request); it used to be left out
+    metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode())
+    assert 'pdlb_gateway_requests_total{api="http",outcome="499"} 1.0' in metrics, metrics
 
 
 async def reflected_gateway(channel: grpc.aio.Channel):

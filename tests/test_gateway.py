@@ -211,6 +211,9 @@ async def test_bad_http_input_gets_openai_errors_and_the_gateway_stays_healthy(c
     assert code == 400 and reply["error"]["param"] == "messages"
     code, reply = await asyncio.to_thread(post, f"{base}/v1/nowhere", b"{}")
     assert code == 404 and "error" in reply
+    # every refusal counts among finished requests, the body over --max-body-bytes too (it was left out)
+    metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode())
+    assert 'pdlb_gateway_requests_total{api="http",outcome="413"} 1.0' in metrics, metrics
 
 
 async def test_openai_details_as_vllm_serves_them(etcd, prefix, start_service):

@@ -141,6 +141,7 @@ def http_app(
                 response.force_close()  # the rest of the body may still trickle in: drop the connection
             return response
         except web.HTTPRequestEntityTooLarge:
+            metrics.done(request.get(API_KEY, "http"), "413")
             return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
         except web.HTTPException as exc:
             if exc.status < 400:

@@ -196,6 +196,8 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     assert "method predicted_latency" in routed.stdout  # the default of mixed dispatchers
     top = pdlb("top", "--once", env=env)
     assert top.returncode == 0 and "predicted_latency" in top.stdout and "live" in top.stdout
+    piped = pdlb("top", env=env, timeout=30)  # stdout not a terminal: one frame (it showed nothing, forever)
+    assert piped.returncode == 0 and "predicted_latency" in piped.stdout and "live" in piped.stdout
     with urllib.request.urlopen(f"{state['http']}/v1/models", timeout=10) as reply:  # the gateway pdlb up started
         assert json.loads(reply.read())["data"][0]["id"] == "tiny-random"
     bench = pdlb("bench-client", "--num-requests", "10", "--rate", "50", "--output-median", "4", env=env)

@@ -353,3 +353,28 @@ async def test_a_request_for_a_rank_that_just_left_waits_for_it_to_register_agai
         for chunks in await asyncio.wait_for(asyncio.gather(*pinned), 60):
             assert chunks[-1].dp_rank == 0 and chunks[-1].finish_reason == 1
         assert sorted(w.dp_rank for w in await live_workers(stub)) == [0, 1]
+
+
+async def test_sigterm_fails_a_request_running_past_the_grace_naming_it(etcd, prefix, start_service):
+    """A forwarded request still running when the dispatcher's --shutdown-grace runs out fails
+    UNAVAILABLE naming the grace and the shutdown: the client used to get gRPC's own 'Cancelling
+    all calls' (CANCELLED), which says nothing a person can act on."""
+    flags = etcd_flags(etcd, prefix)
+    dispatcher = start_service("dispatcher", *flags, "--shutdown-grace", "1")
+    start_schedulers(start_service, flags, [0], "--runner", "sim")
+    channel, stub = dispatch_stub(dispatcher.address)
+    async with channel:
+        await wait_for_workers(stub, 1)
+        # far more tokens than the sim worker makes in the 1 s grace
+        call = stub.Generate(
+            dispatch_pb2.GenerateRequest(request=request("long", "hi", max_new_tokens=4000)), timeout=120
+        )
+        first = await call.read()
+        assert first.token_ids, "the request did not start"
+        dispatcher.signal_stop()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await call.read() != grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "--shutdown-grace (1 s) ran out" in err.value.details(), err.value.details()
+    assert dispatcher.proc.wait(timeout=30) == 0

@@ -211,6 +211,9 @@ async def test_bad_http_input_gets_openai_errors_and_the_gateway_stays_healthy(c
     assert code == 400 and reply["error"]["param"] == "messages"
     code, reply = await asyncio.to_thread(post, f"{base}/v1/nowhere", b"{}")
     assert code == 404 and "error" in reply
+    # every refusal counts among finished requests, the body over --max-body-bytes too (it was left out)
+    metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode())
+    assert 'pdlb_gateway_requests_total{api="http",outcome="413"} 1.0' in metrics, metrics
 
 
 async def test_openai_details_as_vllm_serves_them(etcd, prefix, start_service):
@@ -323,6 +326,9 @@ async def test_client_disconnect_mid_stream_frees_the_workers(cluster):
         return True
 
     await wait_until(idle, timeout=15, what="every worker to abort the request and free its KV")
+    # counted among finished requests, as nginx's 499 (client closed request); it used to be left out
+    metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode())
+    assert 'pdlb_gateway_requests_total{api="http",outcome="499"} 1.0' in metrics, metrics
 
 
 async def reflected_gateway(channel: grpc.aio.Channel):

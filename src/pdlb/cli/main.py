@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     rooms.add_argument("room", nargs="*", type=int)
     top = command("top", help="live load dashboard")
     top.add_argument("--interval-ms", type=int, default=250)
-    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument(
+        "--once", action="store_true", help="print one frame and exit (also when stdout is not a terminal)"
+    )
     bench_client.add_arguments(command("bench-client", help="load generator with a latency summary"))
     export = command(
         "export-tokenizer",
@@ -183,7 +185,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
     if shown_ids and not args.token_ids:
         print(
-            "[<n>: token id n, whose text is not printable (a simulated worker draws arbitrary ids); "
+            "[<n>: token id n, whose text is not printable (simulated workers and the random tiny-random "
+            "model draw arbitrary ids); "
             "--token-ids prints every token as its id]",
             file=sys.stderr,
         )
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         from pdlb.cli import top
 
         try:
-            asyncio.run(top.watch(dispatchers(args), args.interval_ms, once=args.once))
+            # piped or redirected, a live screen would show nothing until killed: print one frame instead
+            once = args.once or not sys.stdout.isatty()
+            asyncio.run(top.watch(dispatchers(args), args.interval_ms, once=once))
         except KeyboardInterrupt:
             pass
         return 0

@@ -395,7 +395,10 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
         core.drain()  # queued requests fail now (UNAVAILABLE); forwarded ones run on within the grace
         if registration:
             await registration.close()  # deregister first: schedulers stop reporting here
-        await host.stop(args.shutdown_grace)
+        await host.set_serving(False)
+        # forwarded requests get the grace; those still running then fail naming it
+        await core.end_running(args.shutdown_grace)
+        await host.stop(1.0)
         if watch:
             await watch.close()
         if recorder:

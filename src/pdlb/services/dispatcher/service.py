@@ -165,6 +165,10 @@ class DispatchCore:
         # Request ids and bootstrap rooms of the Generate calls in flight (bounded by active_requests).
         self.in_flight_ids: set[str] = set()
         self.in_flight_rooms: set[int] = set()
+        # The tasks of the Generate calls in flight, so that a shutdown whose grace runs out can fail
+        # them with a status naming it (gRPC's own cut says only "Cancelling all calls").
+        self.running: set[asyncio.Task] = set()
+        self.cut_why = ""  # set when the shutdown grace ran out: the running calls' failure
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
         self.waves = WaveCoordinator(self._send_start_wave)
@@ -186,6 +190,23 @@ class DispatchCore:
         self.draining = True
         self._drained.set()
         self.flow.fail_all(SHUTTING_DOWN)
+
+    async def end_running(self, grace_s: float) -> None:
+        """Shutting down, after drain(): wait up to `grace_s` seconds for the Generate calls in flight
+        to finish, then fail those still running, UNAVAILABLE, naming the shutdown and the grace."""
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.wait(set(self.running), timeout=deadline - time.monotonic())
+        if not self.running:
+            return
+        self.cut_why = (
+            f"{SHUTTING_DOWN} and its --shutdown-grace ({grace_s:g} s) ran out while the request ran; "
+            "send it again elsewhere"
+        )
+        tasks = set(self.running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=5)  # each one sends its status; bounded, in case one does not
 
     async def wait_join(self, timeout: float) -> None:
         """Until a worker joins, the dispatcher drains, or `timeout` seconds pass."""
@@ -354,13 +375,22 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         ctx, external = await self._checked(request.request, context)
         await acquire(self.core.active_requests, context)
+        task = asyncio.current_task()
         try:
             await self._claim(ctx, context)
             holder = self._room_holder(ctx)
+            if task is not None:
+                self.core.running.add(task)
             try:
                 async for response in self._generate(request, ctx, external, context, holder):
                     yield response
+            except asyncio.CancelledError:
+                if not self.core.cut_why:
+                    raise  # the client went away
+                self.core.metrics.failures.labels("UNAVAILABLE").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: {self.core.cut_why}")
             finally:
+                self.core.running.discard(task)  # type: ignore[arg-type]
                 if holder is not None:
                     holder.cancel()
                 self.core.flow.release(ctx.request_id)  # its tenant's share frees (kicked below)

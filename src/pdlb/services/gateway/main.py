@@ -32,6 +32,9 @@ from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("pdlb.gateway")
 
+# The outcome of an HTTP request whose client went away before its answer ended (nginx's code).
+CLIENT_CLOSED = "499"
+
 
 def build_parser() -> FlagParser:
     p = FlagParser("gateway", "One front door: PD fan-out over gRPC, an OpenAI-compatible HTTP API and a dashboard.")
@@ -109,6 +112,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except RequestFailed as exc:
             self.metrics.done("grpc", exc.code.name)
             await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            self.metrics.done("grpc", grpc.StatusCode.CANCELLED.name)  # the client went away
+            raise
         finally:
             self.streams.release()
 
@@ -135,6 +141,7 @@ def http_app(
                 response.force_close()  # the rest of the body may still trickle in: drop the connection
             return response
         except web.HTTPRequestEntityTooLarge:
+            metrics.done(request.get(API_KEY, "http"), "413")
             return error_response(413, f"the request body exceeds {max_body} bytes (--max-body-bytes)")
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -154,6 +161,9 @@ def http_app(
             response = await (api.chat_completions(request) if chat else api.completions(request))
             metrics.done("http", str(response.status))
             return response
+        except (ConnectionError, asyncio.CancelledError):
+            metrics.done("http", CLIENT_CLOSED)
+            raise
         finally:
             streams.release()
 

@@ -118,7 +118,13 @@ def test_the_start_summary_lists_the_vllm_servers():
 def test_make_run_starts_the_cluster_with_the_makefiles_python():
     """`make run` ran whichever `pdlb` came first on PATH, not the one `make install` put in $(PYTHON)."""
     root = Path(__file__).resolve().parent.parent
-    dry = subprocess.run(["make", "-n", "run", "PYTHON=/opt/venv/bin/python"], cwd=root, capture_output=True, text=True)
+    # --no-print-directory: run from `make test`, a nested make would add its Entering/Leaving lines
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run", "PYTHON=/opt/venv/bin/python"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip() == "/opt/venv/bin/python -m pdlb.cli.main up"
 

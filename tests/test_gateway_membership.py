@@ -201,3 +201,88 @@ async def test_membership_flap_does_not_cut_running_requests(prefix, start_servi
         if etcd.proc is not None:
             os.kill(etcd.proc.pid, signal.SIGCONT)
         etcd.close()
+
+
+async def greedy_stream(stub, rid: str, prompt: list[int], started: asyncio.Event) -> tuple[list[int], int]:
+    """A greedy request's tokens through the gateway and how often it was retried; `started` is set
+    at its first token."""
+    request = common_pb2.InferenceRequest(
+        request_id=rid,
+        input_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
+    )
+    tokens, retries = [], 0
+    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
+        tokens += chunk.token_ids
+        retries = max(retries, chunk.retries)
+        if tokens:
+            started.set()
+    return tokens, retries
+
+
+def mixed_one_dispatcher(etcd: EtcdProcess, prefix: str, start_service, *gateway_flags: str):
+    """One mixed dispatcher on a fixed port (so it can be started again there), 2 slow sim workers, a
+    gateway; returns (gateway, dispatcher, the dispatcher's flags)."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    # a long lease: its key outlives the kill, as in a restart within the TTL
+    dispatcher_flags = [*common, "--lease-ttl", "30", "--port", str(free_port())]
+    dispatcher = start_service("dispatcher", *dispatcher_flags, name="disp-mixed")
+    for r in range(2):
+        start_service("scheduler", *common, *SIM, "--sim-slowdown", "8", "--dp-rank", str(r), name=f"mixed-{r}")
+    gateway = start_service("gateway", *common, *gateway_flags)
+    return gateway, dispatcher, dispatcher_flags
+
+
+async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, start_service):
+    """Mixed, one dispatcher, 4 streams in flight: kill -9 of the dispatcher, and it is started again on
+    its port. The gateway waits for it to come back (its retries are not spent on refused connections)
+    and resumes every stream: each equals the uninterrupted greedy output token for token."""
+    gateway, dispatcher, dispatcher_flags = mixed_one_dispatcher(etcd, prefix, start_service)
+    await all_workers_seen({"mixed": [dispatcher]})
+    prompts = [[(41 * i + j) % 250 + 1 for j in range(12 + i)] for i in range(4)]
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        reference = [(await greedy_stream(stub, f"ref-{i}", p, asyncio.Event()))[0] for i, p in enumerate(prompts)]
+        started = [asyncio.Event() for _ in prompts]
+        runs = [asyncio.create_task(greedy_stream(stub, f"run-{i}", p, started[i])) for i, p in enumerate(prompts)]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+        dispatcher.kill()  # kill -9 with 4 streams mid-way
+        again = await asyncio.to_thread(start_service, "dispatcher", *dispatcher_flags, name="disp-mixed-again")
+        assert again.address == dispatcher.address
+        results = await asyncio.wait_for(asyncio.gather(*runs), 120)
+    assert [tokens for tokens, _ in results] == reference
+    assert all(retries for _, retries in results), "a stream ended before the kill: nothing was tested"
+
+
+async def test_no_dispatcher_coming_back_fails_within_the_bound_naming_it(etcd, prefix, start_service):
+    """The only dispatcher is killed and stays down: a stream in flight, and a request sent after, fail
+    once --dispatcher-wait has passed (not within moments, not hanging), UNAVAILABLE / HTTP 503 with a
+    message in pdlb's terms (no dispatcher reachable), not gRPC's connection error."""
+    http_port = free_port()
+    gateway, dispatcher, _ = mixed_one_dispatcher(
+        etcd, prefix, start_service, "--dispatcher-wait", "1.5", "--http-port", str(http_port)
+    )
+    await all_workers_seen({"mixed": [dispatcher]})
+    expected = f"no mixed dispatcher reachable for 1.5 s ({dispatcher.address} not accepting connections"
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        started = asyncio.Event()
+        run = asyncio.create_task(greedy_stream(stub, "cut", [5, 6, 7], started))
+        await asyncio.wait_for(started.wait(), 30)
+        dispatcher.kill()
+        killed = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(run, 30)
+        waited = asyncio.get_running_loop().time() - killed
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    assert expected in caught.value.details() and "request cut:" in caught.value.details(), caught.value.details()
+    assert "Connection refused" not in caught.value.details()
+    assert waited >= 1.5, f"failed after {waited:.2f}s: it did not wait for the dispatcher"
+    body = {"model": "tiny-random", "prompt": "after", "max_tokens": 8}
+    async with aiohttp.ClientSession() as session:
+        started_at = asyncio.get_running_loop().time()
+        async with session.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body) as reply:
+            assert reply.status == 503, await reply.text()
+            error = (await reply.json())["error"]
+        assert asyncio.get_running_loop().time() - started_at >= 1.5
+    assert expected in error["message"] and "0 tokens streamed before" in error["message"], error

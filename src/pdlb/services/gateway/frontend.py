@@ -16,8 +16,12 @@ failures that are the request's own (bad input, back-pressure, deadline).
 
 Dispatcher replicas: each attempt prefers replicas the request has not failed on, and a failure
 whose dispatcher connection is down (a killed replica) is retried on another replica at once, up to
-MAX_DISPATCHER_MOVES times besides the retry above. A call cut under a running request (its channel
-closed) fails the attempt like a dead worker would: it is retried or resumed, never dropped silently.
+MAX_DISPATCHER_MOVES times besides the retry above. When no replica of a role is reachable (its only
+dispatcher restarting), the request first waits for one to come back, up to `dispatcher_wait_s` and
+within its deadline, then retries or resumes as above; past that it fails UNAVAILABLE naming the
+role and addresses that stayed down (DEADLINE_EXCEEDED when the deadline came first). A call cut
+under a running request (its channel closed) fails the attempt like a dead worker would: it is
+retried or resumed, never dropped silently.
 
 Shutting down (`drain()`): new requests are refused UNAVAILABLE, requests in flight run on, and one
 that fails is not retried (its dispatchers are going too): it fails at once, UNAVAILABLE, naming the
@@ -52,6 +56,7 @@ from pdlb.v1 import common_pb2, dispatch_pb2
 log = logging.getLogger(__name__)
 MAX_RETRIES = 1  # retries after a failure behind a live dispatcher (a worker died, a KV hand-off failed)
 MAX_DISPATCHER_MOVES = 2  # further retries when the dispatcher itself was unreachable
+DISPATCHER_WAIT_S = 5.0  # default of how long a request waits for an unreachable role's dispatcher to return
 MEMBERSHIP_WAIT_S = 5.0  # how long a request waits for dispatchers to be known (a membership flap)
 SHUTTING_DOWN = "the gateway is shutting down"
 # Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
@@ -114,6 +119,7 @@ class Frontend:
         on_retry: Callable[[], None] = lambda: None,
         max_prompt_chars: int = 0,
         limits: Callable[[], tuple[int, int]] | None = None,
+        dispatcher_wait_s: float = DISPATCHER_WAIT_S,
     ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
         # (longest prompt, most prompt + new tokens) the live workers take (WorkerApi.limits): the
@@ -122,6 +128,7 @@ class Frontend:
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
+        self.dispatcher_wait_s = dispatcher_wait_s
         # Request ids and client-chosen bootstrap rooms of the requests in flight here: a duplicate
         # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
         self.active_ids: set[str] = set()
@@ -254,6 +261,15 @@ class Frontend:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
+                if moved and (down := await self._await_dispatchers(min(self.dispatcher_wait_s, left))):
+                    waited = min(self.dispatcher_wait_s, left)
+                    addresses = ", ".join(a for role in down for a in self.upstreams.addresses(role))
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline <= time.monotonic() else code
+                    text = (
+                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({addresses} not accepting "
+                        f"connections; {len(sent)} tokens streamed before); start one, or raise --dispatcher-wait"
+                    )
+                    raise RequestFailed(code, _named(rid, text, retries)) from None
                 retries += 1
                 moves += bool(moved)
                 self.on_retry()
@@ -268,6 +284,14 @@ class Frontend:
                 )
             finally:
                 await attempt.aclose()  # a client that left, or a stop string: cancel the upstream calls
+
+    async def _await_dispatchers(self, timeout: float) -> list[str]:
+        """Every replica of a role unreachable (the only one restarting): wait up to `timeout` seconds
+        for one to come back; the roles still without one ([] when all have one)."""
+        if not self.upstreams.unreachable():
+            return []  # another replica is up: retry there at once
+        log.warning("no dispatcher reachable; waiting up to %.1fs for one to come back", timeout)
+        return await self.upstreams.wait_reachable(timeout)
 
     def _attempt_request(self, prepared: Prepared, sent: list[int], retries: int) -> common_pb2.InferenceRequest:
         if not retries:

@@ -25,6 +25,8 @@ from pdlb.v1 import dispatch_pb2_grpc
 log = logging.getLogger(__name__)
 ROLES = ("mixed", "prefill", "decode")
 SUSPECT_S = 10.0  # how long a replica whose connection broke is passed over (a lease TTL, about)
+# wait_reachable re-asks the channels at least this often (besides waking on their state changes)
+POLL_MIN_S, POLL_MAX_S = 0.05, 0.5
 
 
 class Upstreams:
@@ -106,6 +108,44 @@ class Upstreams:
         leaves the membership meanwhile."""
         async with self._pool.use(address) as channel:
             yield dispatch_pb2_grpc.DispatchStub(channel)
+
+    def unreachable(self) -> list[str]:
+        """The roles of the current mode none of whose known replicas has a connection up now (the
+        replicas are asked to connect); [] when every role has one, or when no mode is known."""
+        mode = self.mode()
+        roles = ("mixed",) if mode == "mixed" else ("prefill", "decode") if mode == "pd" else ()
+        return [role for role in roles if not any(self._ready(a) for a in self.addresses(role))]
+
+    def _ready(self, address: str) -> bool:
+        channel = self._pool.channel(address)
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            return False
+        self._broken.pop(address, None)  # it is back: no longer passed over
+        return True
+
+    async def wait_reachable(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` seconds until every role of the mode has a replica whose connection is
+        up (a dispatcher restarting on its address, or a new one joining); returns `unreachable()` at
+        the end: [] when one is up. Wakes on each channel state change and membership change, and
+        re-asks at least every POLL_MAX_S (doubling from POLL_MIN_S), so it never waits past `timeout`."""
+        deadline = time.monotonic() + timeout
+        poll = POLL_MIN_S
+        while (down := self.unreachable()) and (left := deadline - time.monotonic()) > 0:
+            async with contextlib.AsyncExitStack() as stack:
+                waits = [asyncio.ensure_future(self._changed.wait())]
+                for role in down:
+                    for address in self.addresses(role):
+                        channel = await stack.enter_async_context(self._pool.use(address))
+                        state = channel.get_state(try_to_connect=True)
+                        waits.append(asyncio.ensure_future(channel.wait_for_state_change(state)))
+                try:
+                    await asyncio.wait(waits, timeout=min(poll, left), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+                    await asyncio.gather(*waits, return_exceptions=True)
+            poll = min(poll * 2, POLL_MAX_S)
+        return down
 
     def check_broken(self, address: str) -> bool:
         """After a failed call: True (and the replica passed over for a while) when the connection to

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Collection
 import grpc
 
 from pdlb.common.channel_pool import ChannelPool
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Change, PrefixWatch, dispatchers_prefix
 from pdlb.v1 import dispatch_pb2_grpc
 
@@ -27,6 +28,14 @@ ROLES = ("mixed", "prefill", "decode")
 SUSPECT_S = 10.0  # how long a replica whose connection broke is passed over (a lease TTL, about)
 # wait_reachable re-asks the channels at least this often (besides waking on their state changes)
 POLL_MIN_S, POLL_MAX_S = 0.05, 0.5
+# gRPC reconnects to a lost peer after 1 s, then backs off up to 120 s (x1.6 a try): a dispatcher back
+# after 3 s would be seen only after 5.2 s. Requests wait for it (--dispatcher-wait), so try at least
+# every second: one connection attempt a second to a dead local address is cheap.
+DISPATCHER_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class Upstreams:
@@ -36,7 +45,7 @@ class Upstreams:
         self.static = {role: list(static.get(role, [])) for role in ROLES}
         self.found: dict[str, dict[str, str]] = {role: {} for role in ROLES}  # role -> etcd key -> address
         self.models: dict[str, str] = {}  # dispatcher address -> model id it routes
-        self._pool = ChannelPool(self._known)
+        self._pool = ChannelPool(self._known, DISPATCHER_CHANNEL_OPTIONS)
         self._turns = {role: itertools.count() for role in ROLES}
         self._broken: dict[str, float] = {}  # address -> monotonic time its connection last broke (known ones)
         self._changed = asyncio.Event()

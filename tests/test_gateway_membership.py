@@ -220,25 +220,37 @@ async def greedy_stream(stub, rid: str, prompt: list[int], started: asyncio.Even
     return tokens, retries
 
 
-def mixed_one_dispatcher(etcd: EtcdProcess, prefix: str, start_service, *gateway_flags: str):
-    """One mixed dispatcher on a fixed port (so it can be started again there), 2 slow sim workers, a
-    gateway; returns (gateway, dispatcher, the dispatcher's flags)."""
+def one_dispatcher_per_role(etcd: EtcdProcess, prefix: str, start_service, mode: str, *gateway_flags: str):
+    """One dispatcher per role (mixed, or prefill + decode with a bootstrap), 2 slow sim workers per
+    role, a gateway; the dispatcher of the last role listens on a fixed port, so it can be started
+    again there. Returns (gateway, {role: dispatcher}, that dispatcher's flags)."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
-    # a long lease: its key outlives the kill, as in a restart within the TTL
-    dispatcher_flags = [*common, "--lease-ttl", "30", "--port", str(free_port())]
-    dispatcher = start_service("dispatcher", *dispatcher_flags, name="disp-mixed")
-    for r in range(2):
-        start_service("scheduler", *common, *SIM, "--sim-slowdown", "8", "--dp-rank", str(r), name=f"mixed-{r}")
+    roles = ["mixed"] if mode == "mixed" else ["prefill", "decode"]
+    if mode == "pd":
+        start_service("bootstrap", *common)
+    dispatchers, flags = {}, []
+    for role in roles:
+        # a long lease: its key outlives the kill, as in a restart within the TTL
+        flags = [*common, "--lease-ttl", "30", "--port", str(free_port())]
+        if role != "mixed":
+            flags += ["--disaggregation-mode", role]
+        dispatchers[role] = start_service("dispatcher", *flags, name=f"disp-{role}")
+        role_flags = [*common, *SIM, "--sim-slowdown", "8"] + (["--disaggregation-mode", role] if mode == "pd" else [])
+        for r in range(2):
+            start_service("scheduler", *role_flags, "--dp-rank", str(r), name=f"{role}-{r}")
     gateway = start_service("gateway", *common, *gateway_flags)
-    return gateway, dispatcher, dispatcher_flags
+    return gateway, dispatchers, flags
 
 
-async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, start_service):
-    """Mixed, one dispatcher, 4 streams in flight: kill -9 of the dispatcher, and it is started again on
-    its port. The gateway waits for it to come back (its retries are not spent on refused connections)
-    and resumes every stream: each equals the uninterrupted greedy output token for token."""
-    gateway, dispatcher, dispatcher_flags = mixed_one_dispatcher(etcd, prefix, start_service)
-    await all_workers_seen({"mixed": [dispatcher]})
+@pytest.mark.parametrize("mode", ["mixed", "pd"])
+async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, start_service, mode):
+    """One dispatcher per role, 4 streams in flight: kill -9 of the (decode) dispatcher, and it is
+    started again on its port. The gateway waits for it to come back (its retries are not spent on
+    refused connections) and resumes every stream: each equals the uninterrupted greedy output token
+    for token."""
+    gateway, dispatchers, flags = one_dispatcher_per_role(etcd, prefix, start_service, mode)
+    await all_workers_seen({role: [d] for role, d in dispatchers.items()})
+    victim = dispatchers["mixed" if mode == "mixed" else "decode"]
     prompts = [[(41 * i + j) % 250 + 1 for j in range(12 + i)] for i in range(4)]
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -246,22 +258,23 @@ async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, star
         started = [asyncio.Event() for _ in prompts]
         runs = [asyncio.create_task(greedy_stream(stub, f"run-{i}", p, started[i])) for i, p in enumerate(prompts)]
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
-        dispatcher.kill()  # kill -9 with 4 streams mid-way
-        again = await asyncio.to_thread(start_service, "dispatcher", *dispatcher_flags, name="disp-mixed-again")
-        assert again.address == dispatcher.address
+        victim.kill()  # kill -9 with 4 streams mid-way
+        again = await asyncio.to_thread(start_service, "dispatcher", *flags, name="disp-again")
+        assert again.address == victim.address
         results = await asyncio.wait_for(asyncio.gather(*runs), 120)
     assert [tokens for tokens, _ in results] == reference
     assert all(retries for _, retries in results), "a stream ended before the kill: nothing was tested"
 
 
-async def test_no_dispatcher_coming_back_fails_within_the_bound_naming_it(etcd, prefix, start_service):
+async def test_no_dispatcher_coming_back_fails_after_the_bound_naming_it(etcd, prefix, start_service):
     """The only dispatcher is killed and stays down: a stream in flight, and a request sent after, fail
     once --dispatcher-wait has passed (not within moments, not hanging), UNAVAILABLE / HTTP 503 with a
     message in pdlb's terms (no dispatcher reachable), not gRPC's connection error."""
     http_port = free_port()
-    gateway, dispatcher, _ = mixed_one_dispatcher(
-        etcd, prefix, start_service, "--dispatcher-wait", "1.5", "--http-port", str(http_port)
+    gateway, dispatchers, _ = one_dispatcher_per_role(
+        etcd, prefix, start_service, "mixed", "--dispatcher-wait", "1.5", "--http-port", str(http_port)
     )
+    dispatcher = dispatchers["mixed"]
     await all_workers_seen({"mixed": [dispatcher]})
     expected = f"no mixed dispatcher reachable for 1.5 s ({dispatcher.address} not accepting connections"
     async with grpc.aio.insecure_channel(gateway.address) as channel:

@@ -299,3 +299,25 @@ async def test_no_dispatcher_coming_back_fails_after_the_bound_naming_it(etcd, p
             error = (await reply.json())["error"]
         assert asyncio.get_running_loop().time() - started_at >= 1.5
     assert expected in error["message"] and "0 tokens streamed before" in error["message"], error
+
+
+async def test_a_killed_dispatcher_deregistered_and_not_back_fails_after_the_bound(etcd, prefix, start_service):
+    """As `pdlb up` does with a dead child, the killed dispatcher's registration is deleted at once, and
+    no dispatcher comes back: the stream fails once --dispatcher-wait has passed, naming that none is
+    registered."""
+    gateway, dispatchers, _ = one_dispatcher_per_role(etcd, prefix, start_service, "mixed", "--dispatcher-wait", "1.5")
+    await all_workers_seen({"mixed": [dispatchers["mixed"]]})
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        started = asyncio.Event()
+        run = asyncio.create_task(greedy_stream(gateway_pb2_grpc.GatewayStub(channel), "gone", [8, 9], started))
+        await asyncio.wait_for(started.wait(), 30)
+        dispatchers["mixed"].kill()
+        killed = asyncio.get_running_loop().time()
+        await asyncio.to_thread(etcd.etcdctl, "del", "--prefix", f"{prefix}/dispatchers/")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(run, 30)
+        waited = asyncio.get_running_loop().time() - killed
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    details = caught.value.details()
+    assert "no mixed dispatcher reachable for 1.5 s (no mixed dispatcher registered;" in details, details
+    assert waited >= 1.5, f"failed after {waited:.2f}s: it did not wait for a dispatcher"

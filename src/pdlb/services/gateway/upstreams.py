@@ -118,11 +118,9 @@ class Upstreams:
         async with self._pool.use(address) as channel:
             yield dispatch_pb2_grpc.DispatchStub(channel)
 
-    def unreachable(self) -> list[str]:
-        """The roles of the current mode none of whose known replicas has a connection up now (the
-        replicas are asked to connect); [] when every role has one, or when no mode is known."""
-        mode = self.mode()
-        roles = ("mixed",) if mode == "mixed" else ("prefill", "decode") if mode == "pd" else ()
+    def unreachable(self, roles: Collection[str]) -> list[str]:
+        """The `roles` none of whose known replicas has a connection up now (the replicas are asked
+        to connect): a role with no replica known counts too. [] when every role has one."""
         return [role for role in roles if not any(self._ready(a) for a in self.addresses(role))]
 
     def _ready(self, address: str) -> bool:
@@ -132,14 +130,14 @@ class Upstreams:
         self._broken.pop(address, None)  # it is back: no longer passed over
         return True
 
-    async def wait_reachable(self, timeout: float) -> list[str]:
-        """Wait up to `timeout` seconds until every role of the mode has a replica whose connection is
-        up (a dispatcher restarting on its address, or a new one joining); returns `unreachable()` at
+    async def wait_reachable(self, roles: Collection[str], timeout: float) -> list[str]:
+        """Wait up to `timeout` seconds until each of `roles` has a replica whose connection is up (a
+        dispatcher restarting on its address, or a new one joining); returns `unreachable(roles)` at
         the end: [] when one is up. Wakes on each channel state change and membership change, and
         re-asks at least every POLL_MAX_S (doubling from POLL_MIN_S), so it never waits past `timeout`."""
         deadline = time.monotonic() + timeout
         poll = POLL_MIN_S
-        while (down := self.unreachable()) and (left := deadline - time.monotonic()) > 0:
+        while (down := self.unreachable(roles)) and (left := deadline - time.monotonic()) > 0:
             async with contextlib.AsyncExitStack() as stack:
                 waits = [asyncio.ensure_future(self._changed.wait())]
                 for role in down:

@@ -201,3 +201,123 @@ async def test_membership_flap_does_not_cut_running_requests(prefix, start_servi
         if etcd.proc is not None:
             os.kill(etcd.proc.pid, signal.SIGCONT)
         etcd.close()
+
+
+async def greedy_stream(stub, rid: str, prompt: list[int], started: asyncio.Event) -> tuple[list[int], int]:
+    """A greedy request's tokens through the gateway and how often it was retried; `started` is set
+    at its first token."""
+    request = common_pb2.InferenceRequest(
+        request_id=rid,
+        input_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
+    )
+    tokens, retries = [], 0
+    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
+        tokens += chunk.token_ids
+        retries = max(retries, chunk.retries)
+        if tokens:
+            started.set()
+    return tokens, retries
+
+
+def one_dispatcher_per_role(etcd: EtcdProcess, prefix: str, start_service, mode: str, *gateway_flags: str):
+    """One dispatcher per role (mixed, or prefill + decode with a bootstrap), 2 slow sim workers per
+    role, a gateway; the dispatcher of the last role listens on a fixed port, so it can be started
+    again there. Returns (gateway, {role: dispatcher}, that dispatcher's flags)."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    roles = ["mixed"] if mode == "mixed" else ["prefill", "decode"]
+    if mode == "pd":
+        start_service("bootstrap", *common)
+    dispatchers, flags = {}, []
+    for role in roles:
+        # a long lease: its key outlives the kill, as in a restart within the TTL
+        flags = [*common, "--lease-ttl", "30", "--port", str(free_port())]
+        if role != "mixed":
+            flags += ["--disaggregation-mode", role]
+        dispatchers[role] = start_service("dispatcher", *flags, name=f"disp-{role}")
+        role_flags = [*common, *SIM, "--sim-slowdown", "8"] + (["--disaggregation-mode", role] if mode == "pd" else [])
+        for r in range(2):
+            start_service("scheduler", *role_flags, "--dp-rank", str(r), name=f"{role}-{r}")
+    gateway = start_service("gateway", *common, *gateway_flags)
+    return gateway, dispatchers, flags
+
+
+@pytest.mark.parametrize("mode", ["mixed", "pd"])
+async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, start_service, mode):
+    """One dispatcher per role, 4 streams in flight: kill -9 of the (decode) dispatcher, and it is
+    started again on its port. The gateway waits for it to come back (its retries are not spent on
+    refused connections) and resumes every stream: each equals the uninterrupted greedy output token
+    for token."""
+    gateway, dispatchers, flags = one_dispatcher_per_role(etcd, prefix, start_service, mode)
+    await all_workers_seen({role: [d] for role, d in dispatchers.items()})
+    victim = dispatchers["mixed" if mode == "mixed" else "decode"]
+    prompts = [[(41 * i + j) % 250 + 1 for j in range(12 + i)] for i in range(4)]
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        reference = [(await greedy_stream(stub, f"ref-{i}", p, asyncio.Event()))[0] for i, p in enumerate(prompts)]
+        started = [asyncio.Event() for _ in prompts]
+        runs = [asyncio.create_task(greedy_stream(stub, f"run-{i}", p, started[i])) for i, p in enumerate(prompts)]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+        victim.kill()  # kill -9 with 4 streams mid-way
+        again = await asyncio.to_thread(start_service, "dispatcher", *flags, name="disp-again")
+        assert again.address == victim.address
+        results = await asyncio.wait_for(asyncio.gather(*runs), 120)
+    assert [tokens for tokens, _ in results] == reference
+    assert all(retries for _, retries in results), "a stream ended before the kill: nothing was tested"
+
+
+async def test_no_dispatcher_coming_back_fails_after_the_bound_naming_it(etcd, prefix, start_service):
+    """The only dispatcher is killed and stays down: a stream in flight, and a request sent after, fail
+    once --dispatcher-wait has passed (not within moments, not hanging), UNAVAILABLE / HTTP 503 with a
+    message in pdlb's terms (no dispatcher reachable), not gRPC's connection error."""
+    http_port = free_port()
+    gateway, dispatchers, _ = one_dispatcher_per_role(
+        etcd, prefix, start_service, "mixed", "--dispatcher-wait", "1.5", "--http-port", str(http_port)
+    )
+    dispatcher = dispatchers["mixed"]
+    await all_workers_seen({"mixed": [dispatcher]})
+    expected = f"no mixed dispatcher reachable for 1.5 s ({dispatcher.address} not accepting connections"
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        started = asyncio.Event()
+        run = asyncio.create_task(greedy_stream(stub, "cut", [5, 6, 7], started))
+        await asyncio.wait_for(started.wait(), 30)
+        dispatcher.kill()
+        killed = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(run, 30)
+        waited = asyncio.get_running_loop().time() - killed
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    assert expected in caught.value.details() and "request cut:" in caught.value.details(), caught.value.details()
+    assert "Connection refused" not in caught.value.details()
+    assert waited >= 1.5, f"failed after {waited:.2f}s: it did not wait for the dispatcher"
+    body = {"model": "tiny-random", "prompt": "after", "max_tokens": 8}
+    async with aiohttp.ClientSession() as session:
+        started_at = asyncio.get_running_loop().time()
+        async with session.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body) as reply:
+            assert reply.status == 503, await reply.text()
+            error = (await reply.json())["error"]
+        assert asyncio.get_running_loop().time() - started_at >= 1.5
+    assert expected in error["message"] and "0 tokens streamed before" in error["message"], error
+
+
+async def test_a_killed_dispatcher_deregistered_and_not_back_fails_after_the_bound(etcd, prefix, start_service):
+    """As `pdlb up` does with a dead child, the killed dispatcher's registration is deleted at once, and
+    no dispatcher comes back: the stream fails once --dispatcher-wait has passed, naming that none is
+    registered."""
+    gateway, dispatchers, _ = one_dispatcher_per_role(etcd, prefix, start_service, "mixed", "--dispatcher-wait", "1.5")
+    await all_workers_seen({"mixed": [dispatchers["mixed"]]})
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        started = asyncio.Event()
+        run = asyncio.create_task(greedy_stream(gateway_pb2_grpc.GatewayStub(channel), "gone", [8, 9], started))
+        await asyncio.wait_for(started.wait(), 30)
+        dispatchers["mixed"].kill()
+        killed = asyncio.get_running_loop().time()
+        await asyncio.to_thread(etcd.etcdctl, "del", "--prefix", f"{prefix}/dispatchers/")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(run, 30)
+        waited = asyncio.get_running_loop().time() - killed
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    details = caught.value.details()
+    assert "no mixed dispatcher reachable for 1.5 s (no mixed dispatcher registered;" in details, details
+    assert waited >= 1.5, f"failed after {waited:.2f}s: it did not wait for a dispatcher"

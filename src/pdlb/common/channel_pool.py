@@ -17,10 +17,12 @@ from pdlb.common.security import open_channel
 
 
 class ChannelPool:
-    def __init__(self, addresses_in_use: Callable[[], set[str]]) -> None:
+    def __init__(self, addresses_in_use: Callable[[], set[str]], options: list | None = None) -> None:
         """`addresses_in_use` is asked at prune time (not when a peer left), so a peer that comes back
-        (or another one at the same address) in the meantime keeps the channel."""
+        (or another one at the same address) in the meantime keeps the channel. `options`: gRPC
+        channel options (default: `grpc_server.CHANNEL_OPTIONS`)."""
         self._addresses_in_use = addresses_in_use
+        self._options = options
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: Counter[str] = Counter()
 
@@ -29,7 +31,7 @@ class ChannelPool:
         counted: `prune()` may close it under them."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, self._options)
         return channel
 
     def get(self, address: str) -> grpc.aio.Channel | None:

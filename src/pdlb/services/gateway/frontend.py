@@ -16,8 +16,12 @@ failures that are the request's own (bad input, back-pressure, deadline).
 
 Dispatcher replicas: each attempt prefers replicas the request has not failed on, and a failure
 whose dispatcher connection is down (a killed replica) is retried on another replica at once, up to
-MAX_DISPATCHER_MOVES times besides the retry above. A call cut under a running request (its channel
-closed) fails the attempt like a dead worker would: it is retried or resumed, never dropped silently.
+MAX_DISPATCHER_MOVES times besides the retry above. When no replica of a role is reachable (its only
+dispatcher restarting), the request first waits for one to come back, up to `dispatcher_wait_s` and
+within its deadline, then retries or resumes as above; past that it fails UNAVAILABLE naming the
+role and addresses that stayed down (DEADLINE_EXCEEDED when the deadline came first). A call cut
+under a running request (its channel closed) fails the attempt like a dead worker would: it is
+retried or resumed, never dropped silently.
 
 Shutting down (`drain()`): new requests are refused UNAVAILABLE, requests in flight run on, and one
 that fails is not retried (its dispatchers are going too): it fails at once, UNAVAILABLE, naming the
@@ -52,6 +56,7 @@ from pdlb.v1 import common_pb2, dispatch_pb2
 log = logging.getLogger(__name__)
 MAX_RETRIES = 1  # retries after a failure behind a live dispatcher (a worker died, a KV hand-off failed)
 MAX_DISPATCHER_MOVES = 2  # further retries when the dispatcher itself was unreachable
+DISPATCHER_WAIT_S = 5.0  # default of how long a request waits for an unreachable role's dispatcher to return
 MEMBERSHIP_WAIT_S = 5.0  # how long a request waits for dispatchers to be known (a membership flap)
 SHUTTING_DOWN = "the gateway is shutting down"
 # Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
@@ -114,6 +119,7 @@ class Frontend:
         on_retry: Callable[[], None] = lambda: None,
         max_prompt_chars: int = 0,
         limits: Callable[[], tuple[int, int]] | None = None,
+        dispatcher_wait_s: float = DISPATCHER_WAIT_S,
     ) -> None:
         self.upstreams, self.tokenizer = upstreams, tokenizer
         # (longest prompt, most prompt + new tokens) the live workers take (WorkerApi.limits): the
@@ -122,6 +128,7 @@ class Frontend:
         self.max_prompt_tokens, self.timeout_s = max_prompt_tokens, timeout_s
         self.max_prompt_chars = prompt_chars_limit(max_prompt_tokens, max_prompt_chars)
         self.on_retry = on_retry  # counted in the gateway's metrics
+        self.dispatcher_wait_s = dispatcher_wait_s
         # Request ids and client-chosen bootstrap rooms of the requests in flight here: a duplicate
         # is refused (ALREADY_EXISTS) before it reaches a worker. Bounded by the stream slots.
         self.active_ids: set[str] = set()
@@ -203,7 +210,7 @@ class Frontend:
         retries = moves = 0
         avoid: set[str] = set()  # dispatchers this request failed on: other replicas first
         while True:
-            used: list[str] = []
+            used: dict[str, str] = {}  # role -> the dispatcher this attempt used
             attempt = self._attempt(self._attempt_request(prepared, sent, retries), deadline, avoid, used)
             try:
                 async for response, prefill_rank, attempt_cached in attempt:
@@ -240,9 +247,9 @@ class Frontend:
                 # Errors of a retry name its attempt id: the client knows only its own.
                 details = details.replace(_attempt_id(rid, retries), rid) if retries else details
                 left = deadline - time.monotonic()
-                avoid.update(used)
+                avoid.update(used.values())
                 # every used dispatcher is checked: each one found down is passed over by later requests
-                moved = code not in FINAL and [a for a in used if self.upstreams.check_broken(a)]
+                moved = code not in FINAL and [a for a in used.values() if self.upstreams.check_broken(a)]
                 budget = moves < MAX_DISPATCHER_MOVES if moved else retries - moves < MAX_RETRIES
                 # a pin names a rank, not a dispatcher: a pinned request still moves off a dead replica
                 if self.draining and code not in FINAL:
@@ -254,6 +261,20 @@ class Frontend:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
+                if moved and (down := await self._await_dispatchers(list(used), min(self.dispatcher_wait_s, left))):
+                    waited = min(self.dispatcher_wait_s, left)
+                    where = "; ".join(
+                        f"{', '.join(addresses)} not accepting connections"
+                        if (addresses := self.upstreams.addresses(role))
+                        else f"no {role} dispatcher registered"
+                        for role in down
+                    )
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline <= time.monotonic() else code
+                    text = (
+                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({where}; {len(sent)} "
+                        "tokens streamed before); start one, or raise --dispatcher-wait"
+                    )
+                    raise RequestFailed(code, _named(rid, text, retries)) from None
                 retries += 1
                 moves += bool(moved)
                 self.on_retry()
@@ -268,6 +289,14 @@ class Frontend:
                 )
             finally:
                 await attempt.aclose()  # a client that left, or a stop string: cancel the upstream calls
+
+    async def _await_dispatchers(self, roles: list[str], timeout: float) -> list[str]:
+        """Every replica of one of `roles` unreachable or gone (the only one restarting): wait up to
+        `timeout` seconds for one to come back; the roles still without one ([] when all have one)."""
+        if not self.upstreams.unreachable(roles):
+            return []  # another replica is up: retry there at once
+        log.warning("no %s dispatcher reachable; waiting up to %.1fs for one to come back", "/".join(roles), timeout)
+        return await self.upstreams.wait_reachable(roles, timeout)
 
     def _attempt_request(self, prepared: Prepared, sent: list[int], retries: int) -> common_pb2.InferenceRequest:
         if not retries:
@@ -284,11 +313,11 @@ class Frontend:
         return request
 
     async def _attempt(
-        self, request: common_pb2.InferenceRequest, deadline: float, avoid: set[str], used: list[str]
+        self, request: common_pb2.InferenceRequest, deadline: float, avoid: set[str], used: dict[str, str]
     ) -> AsyncIterator[tuple[dispatch_pb2.GenerateResponse, int, int]]:
         """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
         served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt).
-        One dispatcher per role is used; their addresses are appended to `used`."""
+        One dispatcher per role is used; `used` gets role -> its address."""
         mode = await self.upstreams.wait_mode(min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0)))
         picked = {role: self.upstreams.pick(role, avoid) for role in (("mixed",) if mode == "mixed" else PD)}
         if mode is None or None in picked.values():
@@ -296,7 +325,7 @@ class Frontend:
                 grpc.StatusCode.UNAVAILABLE,
                 f"request {request.request_id}: no dispatchers known (mixed, or prefill + decode)",
             )
-        used += picked.values()  # type: ignore[arg-type]
+        used.update(picked)  # type: ignore[arg-type]
         timeout = max(deadline - time.monotonic(), 0.001)
         async with contextlib.AsyncExitStack() as stack:
             stubs = {role: await stack.enter_async_context(self.upstreams.dispatcher(a)) for role, a in picked.items()}

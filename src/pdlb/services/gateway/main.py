@@ -20,7 +20,7 @@ from pdlb.common.slots import Slots
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
-from pdlb.services.gateway.frontend import SHUTTING_DOWN, Frontend, RequestFailed
+from pdlb.services.gateway.frontend import DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
@@ -61,6 +61,13 @@ def build_parser() -> FlagParser:
         help="longest prompt text accepted, in characters, refused before tokenising (0: 16 per prompt token)",
     )
     p.flag("--request-timeout", default=600.0, type=float, help="longest a request may run, seconds")
+    p.flag(
+        "--dispatcher-wait",
+        default=DISPATCHER_WAIT_S,
+        type=float,
+        help="seconds a request waits, within its deadline, for a dispatcher of its role to come back when none "
+        "is reachable (its only one restarting) before failing 503 (0: fail at once)",
+    )
     p.flag(
         "--http-header-timeout",
         default=60.0,
@@ -224,6 +231,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         metrics.retried,
         args.max_prompt_chars,
         workers.limits,  # the workers' limits, checked before dispatch
+        args.dispatcher_wait,
     )
     streams = Slots("requests in flight", args.max_concurrent_streams, "--max-concurrent-streams")
 

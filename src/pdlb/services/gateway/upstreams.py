@@ -19,12 +19,23 @@ from collections.abc import AsyncIterator, Collection
 import grpc
 
 from pdlb.common.channel_pool import ChannelPool
+from pdlb.common.grpc_server import CHANNEL_OPTIONS
 from pdlb.common.membership import Change, PrefixWatch, dispatchers_prefix
 from pdlb.v1 import dispatch_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROLES = ("mixed", "prefill", "decode")
 SUSPECT_S = 10.0  # how long a replica whose connection broke is passed over (a lease TTL, about)
+# wait_reachable re-asks the channels at least this often (besides waking on their state changes)
+POLL_MIN_S, POLL_MAX_S = 0.05, 0.5
+# gRPC reconnects to a lost peer after 1 s, then backs off up to 120 s (x1.6 a try): a dispatcher back
+# after 3 s would be seen only after 5.2 s. Requests wait for it (--dispatcher-wait), so try at least
+# every second: one connection attempt a second to a dead local address is cheap.
+DISPATCHER_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class Upstreams:
@@ -34,7 +45,7 @@ class Upstreams:
         self.static = {role: list(static.get(role, [])) for role in ROLES}
         self.found: dict[str, dict[str, str]] = {role: {} for role in ROLES}  # role -> etcd key -> address
         self.models: dict[str, str] = {}  # dispatcher address -> model id it routes
-        self._pool = ChannelPool(self._known)
+        self._pool = ChannelPool(self._known, DISPATCHER_CHANNEL_OPTIONS)
         self._turns = {role: itertools.count() for role in ROLES}
         self._broken: dict[str, float] = {}  # address -> monotonic time its connection last broke (known ones)
         self._changed = asyncio.Event()
@@ -106,6 +117,42 @@ class Upstreams:
         leaves the membership meanwhile."""
         async with self._pool.use(address) as channel:
             yield dispatch_pb2_grpc.DispatchStub(channel)
+
+    def unreachable(self, roles: Collection[str]) -> list[str]:
+        """The `roles` none of whose known replicas has a connection up now (the replicas are asked
+        to connect): a role with no replica known counts too. [] when every role has one."""
+        return [role for role in roles if not any(self._ready(a) for a in self.addresses(role))]
+
+    def _ready(self, address: str) -> bool:
+        channel = self._pool.channel(address)
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            return False
+        self._broken.pop(address, None)  # it is back: no longer passed over
+        return True
+
+    async def wait_reachable(self, roles: Collection[str], timeout: float) -> list[str]:
+        """Wait up to `timeout` seconds until each of `roles` has a replica whose connection is up (a
+        dispatcher restarting on its address, or a new one joining); returns `unreachable(roles)` at
+        the end: [] when one is up. Wakes on each channel state change and membership change, and
+        re-asks at least every POLL_MAX_S (doubling from POLL_MIN_S), so it never waits past `timeout`."""
+        deadline = time.monotonic() + timeout
+        poll = POLL_MIN_S
+        while (down := self.unreachable(roles)) and (left := deadline - time.monotonic()) > 0:
+            async with contextlib.AsyncExitStack() as stack:
+                waits = [asyncio.ensure_future(self._changed.wait())]
+                for role in down:
+                    for address in self.addresses(role):
+                        channel = await stack.enter_async_context(self._pool.use(address))
+                        state = channel.get_state(try_to_connect=True)
+                        waits.append(asyncio.ensure_future(channel.wait_for_state_change(state)))
+                try:
+                    await asyncio.wait(waits, timeout=min(poll, left), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+                    await asyncio.gather(*waits, return_exceptions=True)
+            poll = min(poll * 2, POLL_MAX_S)
+        return down
 
     def check_broken(self, address: str) -> bool:
         """After a failed call: True (and the replica passed over for a while) when the connection to

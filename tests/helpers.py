@@ -9,7 +9,7 @@ from collections.abc import Callable
 import aiohttp
 import grpc
 
-from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
+from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, gateway_pb2
 
 
 def request(
@@ -98,3 +98,22 @@ async def shared_prefix_ranks(url: str, model: str, count: int, repeats: int = 2
                 assert reply.status == 200, await reply.text()
                 ranks.append((await reply.json())["dp_rank"])
     return ranks
+
+
+async def greedy_gateway_stream(
+    stub, rid: str, prompt: list[int], started: asyncio.Event | None = None
+) -> tuple[list[int], int]:
+    """All tokens of one greedy request (40 new, ignore_eos) through the gateway `stub`, and how often
+    it was retried; `started`, if given, is set at its first token."""
+    request = common_pb2.InferenceRequest(
+        request_id=rid,
+        input_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
+    )
+    tokens, retries = [], 0
+    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
+        tokens += chunk.token_ids
+        retries = max(retries, chunk.retries)
+        if tokens and started is not None:
+            started.set()
+    return tokens, retries

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pdlb.common.etcd_process import free_port
 from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.browser import Browser, chromium_path
-from tests.helpers import rest_of, wait_until
+from tests.helpers import greedy_gateway_stream, rest_of, wait_until
 
 MODEL = "tiny-random"
 EOS_OFF = {"ignore_eos": True}
@@ -401,24 +401,6 @@ async def test_single_call_pd_rpc_from_a_reflection_built_client(cluster):
         assert "prefill-fails" in caught.value.details() and "rank 7" in caught.value.details()
 
 
-async def gateway_tokens(stub, rid: str, prompt: list[int], started: asyncio.Event | None = None) -> tuple[list, int]:
-    """All tokens of one greedy request through the gateway, and how often it was retried."""
-    from pdlb.v1 import common_pb2, gateway_pb2
-
-    request = common_pb2.InferenceRequest(
-        request_id=rid,
-        input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
-    )
-    tokens, retries = [], 0
-    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
-        tokens += chunk.token_ids
-        retries = max(retries, chunk.retries)
-        if tokens and started is not None:
-            started.set()
-    return tokens, retries
-
-
 @pytest.mark.parametrize("victim", ["decode-1", "prefill-0"])
 async def test_kill_9_under_load_every_request_completes_exactly(etcd, prefix, start_service, victim):
     """A worker is killed while requests stream through the gateway: every request completes, and
@@ -430,12 +412,12 @@ async def test_kill_9_under_load_every_request_completes_exactly(etcd, prefix, s
     prompts = [[(31 * i + j) % 250 + 1 for j in range(20 + i)] for i in range(16)]
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        reference = [await gateway_tokens(stub, f"ref-{i}", p) for i, p in enumerate(prompts)]
+        reference = [await greedy_gateway_stream(stub, f"ref-{i}", p) for i, p in enumerate(prompts)]
         assert all(len(tokens) == 40 and retries == 0 for tokens, retries in reference)
         first = asyncio.Event()
         runs = []
         for i, prompt in enumerate(prompts):
-            runs.append(asyncio.create_task(gateway_tokens(stub, f"run-{i}", prompt, first if i == 8 else None)))
+            runs.append(asyncio.create_task(greedy_gateway_stream(stub, f"run-{i}", prompt, first if i == 8 else None)))
             await asyncio.sleep(0.05)  # the arrival schedule: 20 requests a second
         await asyncio.wait_for(first.wait(), 30)
         next(p for p in workers if p.name == victim).kill()

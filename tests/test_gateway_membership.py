@@ -15,7 +15,7 @@ import pytest
 
 from pdlb.common.etcd_process import EtcdProcess, free_port
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from tests.helpers import wait_until
+from tests.helpers import greedy_gateway_stream, wait_until
 
 SIM = ["--runner", "sim", "--report-interval-ms", "50"]
 
@@ -203,23 +203,6 @@ async def test_membership_flap_does_not_cut_running_requests(prefix, start_servi
         etcd.close()
 
 
-async def greedy_stream(stub, rid: str, prompt: list[int], started: asyncio.Event) -> tuple[list[int], int]:
-    """A greedy request's tokens through the gateway and how often it was retried; `started` is set
-    at its first token."""
-    request = common_pb2.InferenceRequest(
-        request_id=rid,
-        input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.0),
-    )
-    tokens, retries = [], 0
-    async for chunk in stub.Generate(gateway_pb2.GatewayGenerateRequest(request=request), timeout=120):
-        tokens += chunk.token_ids
-        retries = max(retries, chunk.retries)
-        if tokens:
-            started.set()
-    return tokens, retries
-
-
 def one_dispatcher_per_role(etcd: EtcdProcess, prefix: str, start_service, mode: str, *gateway_flags: str):
     """One dispatcher per role (mixed, or prefill + decode with a bootstrap), 2 slow sim workers per
     role, a gateway; the dispatcher of the last role listens on a fixed port, so it can be started
@@ -254,9 +237,11 @@ async def test_the_only_dispatcher_restarting_loses_no_stream(etcd, prefix, star
     prompts = [[(41 * i + j) % 250 + 1 for j in range(12 + i)] for i in range(4)]
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        reference = [(await greedy_stream(stub, f"ref-{i}", p, asyncio.Event()))[0] for i, p in enumerate(prompts)]
+        reference = [(await greedy_gateway_stream(stub, f"ref-{i}", p))[0] for i, p in enumerate(prompts)]
         started = [asyncio.Event() for _ in prompts]
-        runs = [asyncio.create_task(greedy_stream(stub, f"run-{i}", p, started[i])) for i, p in enumerate(prompts)]
+        runs = [
+            asyncio.create_task(greedy_gateway_stream(stub, f"run-{i}", p, started[i])) for i, p in enumerate(prompts)
+        ]
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
         victim.kill()  # kill -9 with 4 streams mid-way
         again = await asyncio.to_thread(start_service, "dispatcher", *flags, name="disp-again")
@@ -280,7 +265,7 @@ async def test_no_dispatcher_coming_back_fails_after_the_bound_naming_it(etcd, p
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         started = asyncio.Event()
-        run = asyncio.create_task(greedy_stream(stub, "cut", [5, 6, 7], started))
+        run = asyncio.create_task(greedy_gateway_stream(stub, "cut", [5, 6, 7], started))
         await asyncio.wait_for(started.wait(), 30)
         dispatcher.kill()
         killed = asyncio.get_running_loop().time()
@@ -309,7 +294,7 @@ async def test_a_killed_dispatcher_deregistered_and_not_back_fails_after_the_bou
     await all_workers_seen({"mixed": [dispatchers["mixed"]]})
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         started = asyncio.Event()
-        run = asyncio.create_task(greedy_stream(gateway_pb2_grpc.GatewayStub(channel), "gone", [8, 9], started))
+        run = asyncio.create_task(greedy_gateway_stream(gateway_pb2_grpc.GatewayStub(channel), "gone", [8, 9], started))
         await asyncio.wait_for(started.wait(), 30)
         dispatchers["mixed"].kill()
         killed = asyncio.get_running_loop().time()

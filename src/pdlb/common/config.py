@@ -24,7 +24,8 @@ class FlagParser(argparse.ArgumentParser):
     """An ArgumentParser whose `flag()` reads defaults from PDLB_<SERVICE>_<FLAG> variables.
 
     Parsed namespaces carry `given_flags`: the dests of the flags written on the command line (not
-    defaults, not environment fallbacks), for checks that treat those apart."""
+    defaults, not environment fallbacks), and `env_flags`: dest -> the environment variable that set
+    its default, for checks that treat those apart."""
 
     def __init__(self, service: str, description: str) -> None:
         super().__init__(
@@ -33,6 +34,7 @@ class FlagParser(argparse.ArgumentParser):
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         self.env_prefix = f"PDLB_{service.upper()}_"
+        self.env_set: dict[str, str] = {}  # dest -> the variable that set its default
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, rest = super().parse_known_args(args, namespace)
@@ -46,12 +48,8 @@ class FlagParser(argparse.ArgumentParser):
             for action, default in defaults:
                 action.default = default
         parsed.given_flags = frozenset(vars(given))
+        parsed.env_flags = dict(self.env_set)
         return parsed, rest
-
-    def env_set(self, dest: str) -> str | None:
-        """The name of the environment variable that set the flag `dest`, if one did."""
-        env = self.env_name(dest.replace("_", "-"))
-        return env if env in os.environ else None
 
     def env_name(self, flag: str) -> str:
         return self.env_prefix + flag.lstrip("-").replace("-", "_").upper()
@@ -62,6 +60,7 @@ class FlagParser(argparse.ArgumentParser):
         raw = os.environ.get(env)
         if raw is not None:
             default = _parse_env(raw, type, env)
+            self.env_set[name.lstrip("-").replace("-", "_")] = env
         if type is bool:
             self.add_argument(
                 name,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -215,15 +214,15 @@ def flow_options(args) -> FlowOptions:
     """The flow-control options of the parsed flags. Raises FlagRefused for a flow-control flag given
     on the command line without --flow-control, SystemExit for a value out of range."""
     if not args.flow_control:
-        given = [flag for flag in FLOW_FLAGS if flag[2:].replace("-", "_") in getattr(args, "given_flags", ())]
+        dests = {flag: flag[2:].replace("-", "_") for flag in FLOW_FLAGS}
+        given = [flag for flag, dest in dests.items() if dest in getattr(args, "given_flags", ())]
         if given:
             raise FlagRefused(
                 f"pdlb-dispatcher: {given[0]} acts only with --flow-control, which is off: add --flow-control or "
                 f"drop {given[0]}"
             )
-        envs = [
-            env for flag in FLOW_FLAGS if (env := "PDLB_DISPATCHER_" + flag[2:].replace("-", "_").upper()) in os.environ
-        ]
+        env_flags = getattr(args, "env_flags", {})
+        envs = [env_flags[dest] for dest in dests.values() if dest in env_flags]
         if envs:
             log.warning("flow control is off (--flow-control): %s ignored", ", ".join(envs))
     weights = []

@@ -261,8 +261,8 @@ class Frontend:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
-                if moved and (down := await self._await_dispatchers(list(used), min(self.dispatcher_wait_s, left))):
-                    waited = min(self.dispatcher_wait_s, left)
+                waited = min(self.dispatcher_wait_s, left)
+                if moved and (down := await self._await_dispatchers(list(used), waited)):
                     where = "; ".join(
                         f"{', '.join(addresses)} not accepting connections"
                         if (addresses := self.upstreams.addresses(role))

@@ -61,14 +61,14 @@ class Client:
         self.errors: dict[str, grpc.aio.AioRpcError] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
-    def send(self, rid: str, tokens: int = 10, **fields) -> asyncio.Task:
-        self.tasks[rid] = asyncio.create_task(self._run(rid, tokens, fields))
+    def send(self, rid: str, tokens: int = 10, timeout: float = 60, **fields) -> asyncio.Task:
+        self.tasks[rid] = asyncio.create_task(self._run(rid, tokens, timeout, fields))
         return self.tasks[rid]
 
-    async def _run(self, rid: str, tokens: int, fields: dict) -> None:
+    async def _run(self, rid: str, tokens: int, timeout: float, fields: dict) -> None:
         req = request(rid, input_ids=[(hash(rid) + i) % 200 + 1 for i in range(32)], max_new_tokens=tokens, **fields)
         try:
-            async for chunk in self.stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60):
+            async for chunk in self.stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=timeout):
                 if chunk.token_ids and rid not in self.first_token_at:
                     self.first_token_at[rid] = time.monotonic()
             self.outcome[rid] = grpc.StatusCode.OK
@@ -124,6 +124,27 @@ async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, pr
         snap = await load_snapshot(stub)
         assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 4 and snap.flow.shed_total == 0
         assert snap.flow.wait_p99_ms > 0
+    finally:
+        await channel.close()
+
+
+async def test_call_deadlines_do_not_reorder_the_queue(etcd, prefix, start_service):
+    """Requests without a TTFT deadline are bound in arrival order whatever their call deadlines
+    (each later one here has a shorter call timeout; they were bound latest-first, and requests sent
+    within ~100 ms of each other in any order, as gRPC rounds the timeout it sends)."""
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1)
+    client = Client(stub)
+    try:
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        held = ["first", "second", "third"]
+        for i, rid in enumerate(held):
+            client.send(rid, tokens=3, timeout=60 - 15 * i)
+            await wait_queued(stub, i + 1)
+        client.tasks["busy"].cancel()
+        await asyncio.wait_for(asyncio.gather(*(client.tasks[r] for r in held)), 30)
+        assert {client.outcome[r] for r in held} == {grpc.StatusCode.OK}, client.errors
+        assert sorted(held, key=client.first_token_at.get) == held
     finally:
         await channel.close()
 

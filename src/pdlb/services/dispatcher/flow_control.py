@@ -139,10 +139,17 @@ class FlowControl:
         priority: int = 0,
         tenant: str = "",
         deadline_at: float = math.inf,
+        expires_by: float = math.inf,
     ) -> Decision:
         """The decision for `ctx`: at once when the queue is empty and a rank has room, else when
         the request reaches the head and a rank has room. Raises Shed (held too long, displaced,
-        queue full) or RoutingError (no live worker)."""
+        queue full) or RoutingError (no live worker).
+
+        deadline_at: the request's TTFT due time (monotonic s; inf: none): it orders the queue
+        within a priority and bounds the wait. expires_by: a further bound on the wait only (the
+        call's deadline): it never reorders, because clients' call deadlines say nothing of
+        urgency and reach the server rounded (gRPC's timeout header keeps 3 significant digits:
+        100 ms at 60 s), which would reorder requests of one client sent close together."""
         if not self.options.enabled:
             return self.router.decide(ctx)
         if not self.queue.size:
@@ -165,7 +172,7 @@ class FlowControl:
             tokens=max(ctx.num_tokens, 1),
             enqueued_at=now,
             deadline_at=deadline_at,
-            expires_at=min(now + ttl, deadline_at),
+            expires_at=min(now + ttl, deadline_at, expires_by),
             payload=held,
         )
         try:
@@ -198,7 +205,7 @@ class FlowControl:
         if held.future.done():
             return held.future.result()  # the decision, or the Shed/RoutingError it failed with
         held.future.cancel()
-        reason = "deadline" if waiter.expires_at >= deadline_at else "ttl"
+        reason = "deadline" if waiter.expires_at >= min(deadline_at, expires_by) else "ttl"
         waited = self.clock() - waiter.enqueued_at
         raise self._shed(
             reason,

@@ -315,13 +315,15 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
         self, request: common_pb2.InferenceRequest, ctx: RouteContext, deadline: float, context
     ) -> Decision:
         """The first decision of a Generate: through the admission queue (late binding)."""
-        due = deadline
-        if request.ttft_deadline_ms:
-            due = min(due, time.monotonic() + request.ttft_deadline_ms / 1000)
+        ttft_due = time.monotonic() + request.ttft_deadline_ms / 1000 if request.ttft_deadline_ms else math.inf
+        due = min(deadline, ttft_due)
         tenant = request.tenant or request.routing_key
         try:
             decision = await self._when_workers(
-                lambda: self.core.flow.decide(ctx, priority=request.priority, tenant=tenant, deadline_at=due), due
+                lambda: self.core.flow.decide(
+                    ctx, priority=request.priority, tenant=tenant, deadline_at=ttft_due, expires_by=deadline
+                ),
+                due,
             )
         except RoutingError as exc:
             self.core.metrics.failures.labels(exc.code.name).inc()

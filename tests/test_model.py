@@ -18,6 +18,7 @@ import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.engines.request import EngineLimits, Sequence
+from pdlb.engines.torch import compiled_attention
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -124,9 +125,16 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_r
         assert int(ours.argmax()) == int(theirs.argmax())
 
 
-async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smollm2, smollm2_reference, smollm2_runner):
+@pytest.mark.parametrize(
+    "attention",
+    ["sdpa", pytest.param("compiled", marks=pytest.mark.skipif(not compiled_attention.available(), reason="no C++"))],
+)
+async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
+    smollm2, smollm2_reference, smollm2_runner, attention
+):
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
-    their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation."""
+    their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
+    with the decode rows' attention through SDPA or through the compiled kernel reading the pool."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -140,6 +148,10 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smoll
         out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
+    if attention == "compiled":
+        kernel = compiled_attention.shared()
+        kernel.warm_up(smollm2_runner.pool.k[0], smollm2_runner.pool.v[0], smollm2_runner.config.num_heads)
+        smollm2_runner.model.decode_attention = kernel
     engine.start()
     try:
         first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
@@ -148,6 +160,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smoll
         assert engine.cache_hit_tokens - hits > sum(len(p) for p in prompts) // 2  # prefixes came from the cache
     finally:
         await engine.close()
+        smollm2_runner.model.decode_attention = None
     for got in (first, again):
         for tokens, want in zip(got, expected, strict=True):
             assert tokens[: len(want)] == want  # transformers stops at EOS; the engine ignores it here

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from pdlb.engines.torch import compiled_attention
 from pdlb.engines.torch.model import BatchPlan, DecodePlan, SeqChunk
 from pdlb.engines.torch.pool_attention import attend
 
@@ -23,7 +25,19 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).reshape(q.shape[0], -1)
 
 
-def test_a_mixed_step_attends_like_each_sequence_alone():
+needs_compiler = pytest.mark.skipif(not compiled_attention.available(), reason="torch.compile needs a C++ compiler")
+# decode rows through index_select + SDPA, or through the compiled kernel that reads the pool in place
+KERNELS = pytest.mark.parametrize(
+    "kernel", [None, pytest.param("compiled", marks=needs_compiler)], ids=["sdpa", "compiled"]
+)
+
+
+def decode_kernel(name: str | None):
+    return compiled_attention.shared() if name == "compiled" else None
+
+
+@KERNELS
+def test_a_mixed_step_attends_like_each_sequence_alone(kernel):
     """A step with a prompt from position 0, a chunk continuing a cached context, and two decode
     tokens of different context lengths: every row as its sequence alone would attend."""
     torch.manual_seed(0)
@@ -40,7 +54,7 @@ def test_a_mixed_step_attends_like_each_sequence_alone():
     tokens = plan.tokens.shape[0]
     q = torch.randn(tokens, HEADS, HEAD_DIM)
     k_new, v_new = k_pool[plan.write_slots], v_pool[plan.write_slots]  # written before attention
-    got = attend(plan.attention_layout(), q, k_new, v_new, k_pool, v_pool)
+    got = attend(plan.attention_layout(), q, k_new, v_new, k_pool, v_pool, decode_kernel(kernel))
     assert got.shape == (tokens, HEADS * HEAD_DIM)
     offset = 0
     for chunk in chunks:
@@ -51,7 +65,8 @@ def test_a_mixed_step_attends_like_each_sequence_alone():
         offset += n
 
 
-def test_a_fixed_shape_decode_plan_reads_only_each_rows_context():
+@KERNELS
+def test_a_fixed_shape_decode_plan_reads_only_each_rows_context(kernel):
     """DecodePlan (padded rows, a slot table longer than every context): the padding slots and the
     pool's other slots do not change any row's result."""
     torch.manual_seed(1)
@@ -61,8 +76,32 @@ def test_a_fixed_shape_decode_plan_reads_only_each_rows_context():
     plan.fill(chunks)
     plan.refresh_mask()
     q = torch.randn(4, HEADS, HEAD_DIM)
-    got = attend(plan.attention_layout(), q, k_pool[:4], v_pool[:4], k_pool, v_pool)
+    got = attend(plan.attention_layout(), q, k_pool[:4], v_pool[:4], k_pool, v_pool, decode_kernel(kernel))
     for row, chunk in enumerate(chunks):
         context = torch.tensor(chunk.slots)
         want = reference(q[row : row + 1], k_pool[context], v_pool[context], chunk.start_pos)
         assert torch.allclose(got[row : row + 1].double(), want, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("contexts", [[7], [1, 9], [3, 3, 200]], ids=["one-row", "one-token-context", "long"])
+def test_the_compiled_kernel_reads_each_rows_context_in_place(contexts):
+    """The compiled kernel alone, at the sizes it pads (one row, a one-token context) and beside a
+    long context: every row equals the reference over its own slots; the pool is not written."""
+    torch.manual_seed(2)
+    k_pool, v_pool = torch.randn(SLOTS + 1, KV_HEADS, HEAD_DIM), torch.randn(SLOTS + 1, KV_HEADS, HEAD_DIM)
+    before = k_pool.clone(), v_pool.clone()
+    perm = (torch.randperm(SLOTS) + 1).tolist()
+    longest = max(contexts)
+    table = torch.zeros(len(contexts), longest, dtype=torch.long)
+    for row, n in enumerate(contexts):
+        table[row, :n] = torch.tensor(perm[:n])
+        perm = perm[n:] + perm[:n]
+    q = torch.randn(len(contexts), HEADS, HEAD_DIM)
+    got = compiled_attention.shared()(q, k_pool, v_pool, table, torch.tensor(contexts))
+    assert got.shape == (len(contexts), HEADS * HEAD_DIM)
+    for row, n in enumerate(contexts):
+        slots = table[row, :n]
+        want = reference(q[row : row + 1], k_pool[slots], v_pool[slots], n - 1)
+        assert torch.allclose(got[row : row + 1].double(), want, atol=1e-5), (row, n)
+    assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1])

@@ -154,6 +154,8 @@ class LlamaModel(nn.Module):
         return self._run_torch(plan, pool)
 
     fused: bool | None = None  # None: decided by where the weights are (uses_fused)
+    # the plain-torch path's decode attention (pool_attention.DecodeKernel); None: index_select + SDPA
+    decode_attention: pool_attention.DecodeKernel | None = None
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -224,7 +226,8 @@ class LlamaModel(nn.Module):
             k_pool, v_pool = pool.k[index], pool.v[index]
             k_pool[plan.write_slots] = k.to(k_pool.dtype)
             v_pool[plan.write_slots] = v.to(v_pool.dtype)
-            x = x + layer.o_proj(pool_attention.attend(layout, q, k, v, k_pool, v_pool))
+            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool, self.decode_attention)
+            x = x + layer.o_proj(attended)
             gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)
             x = x + layer.down_proj(F.silu(gate).mul_(up))
         return self._logits(self.norm(x[plan.last_index]))

@@ -22,7 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
-from pdlb.engines.torch import dtypes
+from pdlb.engines.torch import compiled_attention, dtypes
 from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
@@ -196,6 +196,15 @@ def build_parser() -> FlagParser:
         "auto: on a CPU device, bind when --torch-threads equals the cores this process may use; none: never "
         "(default: binding showed no clear gain on a shared 2-core machine)",
     )
+    p.flag(
+        "--cpu-attention",
+        default="sdpa",
+        choices=["sdpa", "compiled"],
+        help="decode attention of the Llama model on a CPU. sdpa: each row's K/V copied out of the pool "
+        "(index_select), then SDPA; compiled: torch.compile (inductor) attention that reads the pool in place, "
+        "compiled at start (needs a C++ compiler: c++, g++ or $CXX; ~10-30 s on 2 cores, less from inductor's "
+        "on-disk cache)",
+    )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
     p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
@@ -264,6 +273,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         cache = Path(args.weights_cache_dir) if args.weights_cache_dir else None
         model = LlamaModel(config)
         model.load_weights(source.state_dict(cache, int(args.weights_cache_gb * (1 << 30))))
+    started = time.perf_counter()
     runner = TorchRunner(
         model,
         args.max_total_tokens,
@@ -272,7 +282,13 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         tokenizer.eos_token_id,
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
+        compiled_attention=args.cpu_attention == "compiled",
     )
+    if runner.compiled_attention:
+        log.info(
+            "decode attention compiled (torch.compile, reads the KV pool in place); runner ready in %.1f s",
+            time.perf_counter() - started,
+        )
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
         count = runner.graphs.warmup()
@@ -303,6 +319,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
         raise FlagRefused(f"pdlb-scheduler: {exc}") from None
+    if args.cpu_attention == "compiled" and args.runner == "torch" and not compiled_attention.available():
+        raise FlagRefused(
+            "pdlb-scheduler: --cpu-attention compiled needs a C++ compiler for torch.compile (c++, g++ or "
+            "$CXX; on Debian: apt-get install g++); none found on PATH"
+        )
     compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)

@@ -18,7 +18,7 @@ import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.engines.request import EngineLimits, Sequence
-from pdlb.engines.torch import compiled_attention
+from pdlb.engines.torch import compiled_attention, compiled_ops
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -125,16 +125,52 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_r
         assert int(ours.argmax()) == int(theirs.argmax())
 
 
+NEEDS_COMPILER = pytest.mark.skipif(not compiled_attention.available(), reason="torch.compile needs a C++ compiler")
+
+
+def _compile_into(runner: TorchRunner, attention: bool, ops: bool) -> None:
+    """Give a CPU runner's model the compiled decode attention and/or element-wise ops (as the
+    runner's own flags would), compiled now."""
+    if attention:
+        kernel = compiled_attention.shared()
+        kernel.warm_up(runner.pool.k[0], runner.pool.v[0], runner.config.num_heads)
+        runner.model.decode_attention = kernel
+    if ops:
+        c = runner.config
+        compiled = compiled_ops.shared()
+        compiled.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, torch.float32)
+        runner.model.compiled_ops = compiled
+
+
+@NEEDS_COMPILER
+def test_smollm2_logits_with_compiled_ops_match_transformers(smollm2, smollm2_reference, smollm2_runner):
+    """The compiled element-wise ops (compiled_ops.py) keep the prefill logits within the tolerance."""
+    _, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    _compile_into(smollm2_runner, False, True)
+    try:
+        for text in TEXTS[:3]:
+            ids = tokenizer.encode(text)
+            ours = _prefill_logits(smollm2_runner, ids)
+            with torch.no_grad():
+                theirs = reference(torch.tensor([ids])).logits[0, -1]
+            assert (ours - theirs).abs().max().item() < LOGIT_TOLERANCE, text
+            assert int(ours.argmax()) == int(theirs.argmax())
+    finally:
+        smollm2_runner.model.compiled_ops = None
+
+
 @pytest.mark.parametrize(
     "attention",
-    ["sdpa", pytest.param("compiled", marks=pytest.mark.skipif(not compiled_attention.available(), reason="no C++"))],
+    ["sdpa", pytest.param("compiled", marks=NEEDS_COMPILER), pytest.param("compiled-ops", marks=NEEDS_COMPILER)],
 )
 async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     smollm2, smollm2_reference, smollm2_runner, attention
 ):
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
     their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
-    with the decode rows' attention through SDPA or through the compiled kernel reading the pool."""
+    with the decode rows' attention through SDPA or through the compiled kernel reading the pool,
+    and with the element-wise ops compiled too."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -148,10 +184,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
         out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
-    if attention == "compiled":
-        kernel = compiled_attention.shared()
-        kernel.warm_up(smollm2_runner.pool.k[0], smollm2_runner.pool.v[0], smollm2_runner.config.num_heads)
-        smollm2_runner.model.decode_attention = kernel
+    _compile_into(smollm2_runner, attention != "sdpa", attention == "compiled-ops")
     engine.start()
     try:
         first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
@@ -160,7 +193,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
         assert engine.cache_hit_tokens - hits > sum(len(p) for p in prompts) // 2  # prefixes came from the cache
     finally:
         await engine.close()
-        smollm2_runner.model.decode_attention = None
+        smollm2_runner.model.decode_attention = smollm2_runner.model.compiled_ops = None
     for got in (first, again):
         for tokens, want in zip(got, expected, strict=True):
             assert tokens[: len(want)] == want  # transformers stops at EOS; the engine ignores it here

@@ -12,6 +12,7 @@ import torch
 from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.request import Sampled, SamplingConfig
 from pdlb.engines.torch import compiled_attention as compiled_attention_kernel
+from pdlb.engines.torch import compiled_ops as compiled_ops_module
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
@@ -81,6 +82,7 @@ class TorchRunner(Runner):
         graph_max_batch: int = 256,
         pack_weights: bool = True,
         compiled_attention: bool = False,
+        compiled_ops: bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
@@ -88,7 +90,8 @@ class TorchRunner(Runner):
         (packed_linear.py; where this torch build and CPU support the dtype).
         `compiled_attention`: on a CPU, a Llama model's decode rows attend through inductor-compiled
         attention that reads the pool in place (compiled_attention.py), compiled here, before the
-        first step; raises RuntimeError if no C++ compiler is found."""
+        first step; raises RuntimeError if no C++ compiler is found. `compiled_ops`: likewise, the
+        layers' element-wise ops compiled in fused groups (compiled_ops.py)."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -96,13 +99,20 @@ class TorchRunner(Runner):
         self.eos_token_id = eos_token_id
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
         on_cuda = self.device.type == "cuda"
-        self.compiled_attention = compiled_attention and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        compilable = self.device.type == "cpu" and isinstance(model, LlamaModel)
+        self.compiled_attention = compiled_attention and compilable
+        self.compiled_ops = compiled_ops and compilable
+        if (self.compiled_attention or self.compiled_ops) and not compiled_attention_kernel.available():
+            raise RuntimeError("compiled attention and ops need a C++ compiler (c++, g++ or $CXX) for torch.compile")
         if self.compiled_attention:
-            if not compiled_attention_kernel.available():
-                raise RuntimeError("compiled attention needs a C++ compiler (c++, g++ or $CXX) for torch.compile")
             kernel = compiled_attention_kernel.shared()
             kernel.warm_up(self.pool.k[0], self.pool.v[0], model.config.num_heads)
             self.model.decode_attention = kernel
+        if self.compiled_ops:
+            c = model.config
+            ops = compiled_ops_module.shared()
+            ops.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, dtype)
+            self.model.compiled_ops = ops
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)

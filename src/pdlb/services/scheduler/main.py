@@ -205,6 +205,13 @@ def build_parser() -> FlagParser:
         "compiled at start (needs a C++ compiler: c++, g++ or $CXX; ~10-30 s on 2 cores, less from inductor's "
         "on-disk cache)",
     )
+    p.flag(
+        "--cpu-compiled-ops",
+        default=False,
+        type=bool,
+        help="on a CPU, the Llama layers' element-wise ops (residual add + RMSNorm, rotary, SiLU-mul) compiled by "
+        "torch.compile into fused kernels at start (needs a C++ compiler, like --cpu-attention compiled)",
+    )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
     p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
@@ -283,10 +290,13 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
         compiled_attention=args.cpu_attention == "compiled",
+        compiled_ops=args.cpu_compiled_ops,
     )
-    if runner.compiled_attention:
+    if runner.compiled_attention or runner.compiled_ops:
         log.info(
-            "decode attention compiled (torch.compile, reads the KV pool in place); runner ready in %.1f s",
+            "compiled: decode attention %s, element-wise ops %s; runner ready in %.1f s",
+            runner.compiled_attention,
+            runner.compiled_ops,
             time.perf_counter() - started,
         )
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
@@ -319,10 +329,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
         raise FlagRefused(f"pdlb-scheduler: {exc}") from None
-    if args.cpu_attention == "compiled" and args.runner == "torch" and not compiled_attention.available():
+    compiling = args.cpu_attention == "compiled" or args.cpu_compiled_ops
+    if compiling and args.runner == "torch" and not compiled_attention.available():
         raise FlagRefused(
-            "pdlb-scheduler: --cpu-attention compiled needs a C++ compiler for torch.compile (c++, g++ or "
-            "$CXX; on Debian: apt-get install g++); none found on PATH"
+            "pdlb-scheduler: --cpu-attention compiled and --cpu-compiled-ops need a C++ compiler for "
+            "torch.compile (c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
         )
     compute = compute_thread(args.torch_threads, bind)
     try:

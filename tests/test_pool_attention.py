@@ -4,6 +4,9 @@ its K/V repeated per query head, explicit causal softmax, in float64."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +108,21 @@ def test_the_compiled_kernel_reads_each_rows_context_in_place(contexts):
         want = reference(q[row : row + 1], k_pool[slots], v_pool[slots], n - 1)
         assert torch.allclose(got[row : row + 1].double(), want, atol=1e-5), (row, n)
     assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1])
+
+
+@pytest.mark.parametrize("flags", [["--cpu-attention", "compiled"], ["--cpu-compiled-ops"]])
+def test_the_scheduler_refuses_compiling_without_a_cpp_compiler(tmp_path, flags):
+    """No C++ compiler on PATH (and no CXX): one line naming the flags and what to install, exit 2,
+    before any model loads (torch.compile would otherwise fail at the first step)."""
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "pdlb.services.scheduler.main", "--port", "0", "--runner", "torch", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    said = "pdlb-scheduler: --cpu-attention compiled and --cpu-compiled-ops need a C++ compiler"
+    assert run.stderr.startswith(said), run.stderr
+    assert "apt-get install g++" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

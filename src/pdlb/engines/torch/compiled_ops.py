@@ -10,10 +10,10 @@ three groups are compiled (torch.compile, inductor, dynamic shapes), the GEMMs l
   sin's first half negated, as llama.py builds them);
 - `silu_mul(gate_up)`: [T, 2 * I] -> [T, I].
 
-RMSNorm is computed in float32 and cast back before the weight, as llama.RMSNorm does. A size of 1
-is specialised by torch.compile even with dynamic shapes, so `warm_up` compiles each group at one
-token and at several: no compile happens while serving. Needs a C++ compiler
-(compiled_attention.available()).
+RMSNorm is computed in float32 and cast back before the weight, as llama.RMSNorm does. llama.py calls
+them only in steps of at least COMPILED_OPS_MIN_TOKENS tokens (prefill): on a few rows a compiled
+call's guards cost more than the fusion saves. `warm_up` compiles them at start, so no compile
+happens while serving. Needs a C++ compiler (compiled_attention.available()).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class CompiledOps:
         self.silu_mul = compile_(_silu_mul)
 
     def warm_up(self, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, dtype) -> None:
-        """Compile every group at 1 and at 3 tokens (see the module's note on size 1)."""
-        for tokens in (3, 1):
+        """Compile every group for any token count above 1 (torch.compile specialises a size of 1
+        even with dynamic shapes; llama.py never passes fewer than COMPILED_OPS_MIN_TOKENS)."""
+        for tokens in (3,):
             x = torch.zeros(tokens, hidden, dtype=dtype)
             self.add_rms_norm(x, x, torch.ones(hidden, dtype=dtype), 1e-5)
             trig = torch.zeros(tokens, 1, head_dim, dtype=dtype)

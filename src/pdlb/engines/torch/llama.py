@@ -19,6 +19,11 @@ from pdlb.engines.torch.compiled_ops import CompiledOps
 from pdlb.engines.torch.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
 
+# Steps of fewer tokens run the element-wise ops eagerly even with compiled_ops set: at a decode batch
+# of 16 on 2 cores the ~120 compiled calls' guards and dispatch cost ~15 ms a step more than eager ops
+# (engine_bench, 2026-12-01), while a 2,048-token prefill step gained.
+COMPILED_OPS_MIN_TOKENS = 256
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -159,6 +164,7 @@ class LlamaModel(nn.Module):
     decode_attention: pool_attention.DecodeKernel | None = None
     # the plain-torch path's element-wise ops compiled in groups (compiled_ops.CompiledOps); None: eager
     compiled_ops: CompiledOps | None = None
+    compiled_ops_min_tokens = COMPILED_OPS_MIN_TOKENS  # smaller steps run them eagerly
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -220,6 +226,8 @@ class LlamaModel(nn.Module):
         heads, kv_heads, half = c.num_heads, c.num_kv_heads, c.head_dim // 2
         qk_width = (heads + kv_heads) * c.head_dim
         ops = self.compiled_ops
+        if ops is not None and plan.tokens.shape[0] < self.compiled_ops_min_tokens:
+            ops = None  # a compiled call's guards cost more than it saves on a few rows (decode steps)
         h = self.layers[0].input_layernorm(x) if ops is not None else None
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv_proj(h if ops is not None else layer.input_layernorm(x))

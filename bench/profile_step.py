@@ -7,7 +7,6 @@ the floor no implementation can beat: every weight and the attended K/V read onc
 bandwidth measured in the same run (a large device-to-device copy, bytes read plus written).
 
   python -m bench.profile_step --device cuda --dtype bfloat16 --shape smollm2,llama-1b --batch 64
-  python -m bench.profile_step --batch 16 --context 232 --attention sdpa,compiled  # on a CPU
 """
 
 from __future__ import annotations
@@ -47,14 +46,7 @@ def spread(samples: list[float]) -> str:
 def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]:
     config, dtype = SHAPES[shape], DTYPES[args.dtype]
     model = LlamaModel.random(config)
-    variants = args.attention.split(",")
-    started = time.perf_counter()
-    runner = TorchRunner(
-        model, args.batch * (args.context + 8), args.device, dtype, compiled_attention="compiled" in variants
-    )
-    if runner.compiled_attention:
-        print(f"runner start with compiled attention: {time.perf_counter() - started:.1f} s")
-    kernels = {"sdpa": None, "compiled": runner.model.decode_attention}
+    runner = TorchRunner(model, args.batch * (args.context + 8), args.device, dtype)
     items = []
     for i in range(args.batch):
         slots = runner.allocate(args.context + 1)
@@ -62,30 +54,20 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     on_cuda = args.device.startswith("cuda")
     for _ in range(3):  # capture and warm-up
         runner.step(items)
-    by_variant: dict[str, list[float]] = {name: [] for name in variants}
+    runs = []
     for _ in range(args.runs):
-        for name in variants:  # alternating, so that load changes hit every variant alike
-            runner.model.decode_attention = kernels[name]
-            for _ in range(3):
-                runner.step(items)
-            samples = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                runner.step(items)
-                samples.append((time.perf_counter() - start) * 1e3)
-            by_variant[name].append(statistics.median(samples))
-    runs = by_variant[variants[0]]
+        samples = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            runner.step(items)
+            samples.append((time.perf_counter() - start) * 1e3)
+        runs.append(statistics.median(samples))
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize  # K and V
     kv = per_token * args.batch * (args.context + 1)
     result = {"step_ms": statistics.median(runs)}
     print(f"## {shape}, batch {args.batch}, context {args.context}, {args.dtype}, {args.device}\n")
-    for name, medians in by_variant.items():
-        print(f"runner.step, {name} attention: {spread(medians)} over {args.runs} runs ({args.steps} steps each)")
-    if len(variants) > 1:
-        ratios = [a / b for a, b in zip(by_variant[variants[1]], by_variant[variants[0]], strict=True)]
-        low, high = min(ratios), max(ratios)
-        print(f"{variants[1]} / {variants[0]} per run: {statistics.median(ratios):.3f} (min {low:.3f}, max {high:.3f})")
+    print(f"runner.step: {spread(runs)} over {args.runs} runs (each the median of {args.steps} steps)")
     if on_cuda:
         chunks = [item.chunk for item in items]
         bucket = runner.graphs.bucket(chunks) if runner.graphs else None
@@ -131,12 +113,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repeats, for the spread")
     parser.add_argument("--steps", type=int, default=50, help="steps per run")
     parser.add_argument("--rows", type=int, default=15, help="rows of the profiler table")
-    parser.add_argument(
-        "--attention",
-        default="sdpa",
-        help="CPU decode attention, comma-separated for several timed alternately in one run: sdpa "
-        "(index_select + SDPA), compiled (inductor, reads the pool in place); the profile is of the last",
-    )
     args = parser.parse_args()
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
     with torch.no_grad():

@@ -160,8 +160,6 @@ class LlamaModel(nn.Module):
         return self._run_torch(plan, pool)
 
     fused: bool | None = None  # None: decided by where the weights are (uses_fused)
-    # the plain-torch path's decode attention (pool_attention.DecodeKernel); None: index_select + SDPA
-    decode_attention: pool_attention.DecodeKernel | None = None
     # the plain-torch path's element-wise ops compiled in groups (compiled_ops.CompiledOps); None: eager
     compiled_ops: CompiledOps | None = None
     compiled_ops_min_tokens = COMPILED_OPS_MIN_TOKENS  # smaller steps run them eagerly
@@ -239,7 +237,7 @@ class LlamaModel(nn.Module):
             k_pool, v_pool = pool.k[index], pool.v[index]
             k_pool[plan.write_slots] = k.to(k_pool.dtype)
             v_pool[plan.write_slots] = v.to(v_pool.dtype)
-            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool, self.decode_attention)
+            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool)
             if ops is None:
                 x = x + layer.o_proj(attended)
                 gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)

@@ -11,7 +11,6 @@ import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.request import Sampled, SamplingConfig
-from pdlb.engines.torch import compiled_attention as compiled_attention_kernel
 from pdlb.engines.torch import compiled_ops as compiled_ops_module
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -81,17 +80,15 @@ class TorchRunner(Runner):
         decode_graphs: bool | None = None,
         graph_max_batch: int = 256,
         pack_weights: bool = True,
-        compiled_attention: bool = False,
         compiled_ops: bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
         `pack_weights`: on a CPU, reorder the linear layers' weights once for oneDNN's GEMM
         (packed_linear.py; where this torch build and CPU support the dtype).
-        `compiled_attention`: on a CPU, a Llama model's decode rows attend through inductor-compiled
-        attention that reads the pool in place (compiled_attention.py), compiled here, before the
-        first step; raises RuntimeError if no C++ compiler is found. `compiled_ops`: likewise, the
-        layers' element-wise ops compiled in fused groups (compiled_ops.py)."""
+        `compiled_ops`: on a CPU, a Llama model's element-wise ops compiled in fused groups for its
+        prefill steps (compiled_ops.py), compiled here, before the first step; raises RuntimeError
+        if no C++ compiler is found."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -99,15 +96,9 @@ class TorchRunner(Runner):
         self.eos_token_id = eos_token_id
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
         on_cuda = self.device.type == "cuda"
-        compilable = self.device.type == "cpu" and isinstance(model, LlamaModel)
-        self.compiled_attention = compiled_attention and compilable
-        self.compiled_ops = compiled_ops and compilable
-        if (self.compiled_attention or self.compiled_ops) and not compiled_attention_kernel.available():
-            raise RuntimeError("compiled attention and ops need a C++ compiler (c++, g++ or $CXX) for torch.compile")
-        if self.compiled_attention:
-            kernel = compiled_attention_kernel.shared()
-            kernel.warm_up(self.pool.k[0], self.pool.v[0], model.config.num_heads)
-            self.model.decode_attention = kernel
+        self.compiled_ops = compiled_ops and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        if self.compiled_ops and not compiled_ops_module.available():
+            raise RuntimeError("compiled ops need a C++ compiler (c++, g++ or $CXX) for torch.compile")
         if self.compiled_ops:
             c = model.config
             ops = compiled_ops_module.shared()

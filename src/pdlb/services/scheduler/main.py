@@ -22,7 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
-from pdlb.engines.torch import compiled_attention, dtypes
+from pdlb.engines.torch import compiled_ops, dtypes
 from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
@@ -197,20 +197,12 @@ def build_parser() -> FlagParser:
         "(default: binding showed no clear gain on a shared 2-core machine)",
     )
     p.flag(
-        "--cpu-attention",
-        default="sdpa",
-        choices=["sdpa", "compiled"],
-        help="decode attention of the Llama model on a CPU. sdpa: each row's K/V copied out of the pool "
-        "(index_select), then SDPA; compiled: torch.compile (inductor) attention that reads the pool in place, "
-        "compiled at start (needs a C++ compiler: c++, g++ or $CXX; ~10-30 s on 2 cores, less from inductor's "
-        "on-disk cache)",
-    )
-    p.flag(
         "--cpu-compiled-ops",
         default=False,
         type=bool,
-        help="on a CPU, the Llama layers' element-wise ops (residual add + RMSNorm, rotary, SiLU-mul) compiled by "
-        "torch.compile into fused kernels at start (needs a C++ compiler, like --cpu-attention compiled)",
+        help="on a CPU, the Llama layers' element-wise ops (residual add + RMSNorm, rotary, SiLU-mul) of prefill "
+        "steps (>= 256 tokens) compiled by torch.compile into fused kernels at start (needs a C++ compiler: c++, "
+        "g++ or $CXX)",
     )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
@@ -289,16 +281,10 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         tokenizer.eos_token_id,
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
-        compiled_attention=args.cpu_attention == "compiled",
         compiled_ops=args.cpu_compiled_ops,
     )
-    if runner.compiled_attention or runner.compiled_ops:
-        log.info(
-            "compiled: decode attention %s, element-wise ops %s; runner ready in %.1f s",
-            runner.compiled_attention,
-            runner.compiled_ops,
-            time.perf_counter() - started,
-        )
+    if runner.compiled_ops:
+        log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
         count = runner.graphs.warmup()
@@ -329,11 +315,10 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
         raise FlagRefused(f"pdlb-scheduler: {exc}") from None
-    compiling = args.cpu_attention == "compiled" or args.cpu_compiled_ops
-    if compiling and args.runner == "torch" and not compiled_attention.available():
+    if args.cpu_compiled_ops and args.runner == "torch" and not compiled_ops.available():
         raise FlagRefused(
-            "pdlb-scheduler: --cpu-attention compiled and --cpu-compiled-ops need a C++ compiler for "
-            "torch.compile (c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
+            "pdlb-scheduler: --cpu-compiled-ops needs a C++ compiler for torch.compile "
+            "(c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
         )
     compute = compute_thread(args.torch_threads, bind)
     try:

@@ -210,7 +210,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
     except UnsupportedModel as exc:
-        raise SystemExit(f"pdlb-gateway: cannot use --model {args.model}: {exc}") from None
+        raise SystemExit(f"cannot use --model {args.model}: {exc}") from None
     gateway_id = f"gateway-{uuid.uuid4().hex[:8]}"
     upstreams = Upstreams(
         {

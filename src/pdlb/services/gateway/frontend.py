@@ -314,6 +314,15 @@ class Frontend:
                 if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    elif not budget and code not in FINAL:
+                        # retries spent (e.g. a dispatcher dying after each restart): say where it
+                        # failed last, not only gRPC's words for a connection's end
+                        where = ", ".join(f"{role} dispatcher {a}" for role, a in used.items())
+                        last = details.removeprefix(f"request {rid}: ")
+                        details = (
+                            f"request {rid}: failed again through {where} ({last}); {len(sent)} tokens streamed "
+                            "before; not retried further: check that dispatcher and its workers"
+                        )
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
                 waited = min(self.dispatcher_wait_s, left)

@@ -170,6 +170,7 @@ async def test_openai_package_completions_and_chat(cluster):
         await client.close()
 
 
+STREAM = {"model": MODEL, "prompt": "x", "stream": True}
 BAD = [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
@@ -190,6 +191,14 @@ BAD = [
         "stream_options",
     ),
     (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+    # stream_options' fields are checked (a string such as "no" asked for usage, an unknown field was ignored)
+    (json.dumps({**STREAM, "stream_options": {"include_usage": "no"}}).encode(), 400, "stream_options.include_usage"),
+    (json.dumps({**STREAM, "stream_options": {"usage": True}}).encode(), 400, "stream_options.usage"),
+    (
+        json.dumps({**STREAM, "stream_options": {"continuous_usage_stats": True}}).encode(),
+        400,
+        "stream_options.continuous_usage_stats",
+    ),
     (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
     (json.dumps({"model": MODEL, "prompt": "x" * 70_000}).encode(), 413, None),

@@ -164,6 +164,7 @@ class OpenAIApi:
             raise ApiError(400, "stream_options must be an object", "stream_options")
         if "stream_options" in body and not stream:  # as vLLM: it would be silently meaningless
             raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
+        stream_options(options)
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         # max_tokens unset: its default is cut to the room the context leaves (vLLM's behaviour)
         prepared = await self.prepare(request, "messages" if chat else "prompt", key, fit=key not in body)
@@ -455,6 +456,21 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
     if chunk.prefill_dp_rank >= 0:
         headers["X-pdlb-prefill-dp-rank"] = str(chunk.prefill_dp_rank)
     return headers
+
+
+def stream_options(options: dict) -> None:
+    """vLLM's stream_options, checked: `include_usage` and `continuous_usage_stats` are true, false or
+    null (a string such as "false" was taken as true); usage every chunk is not served. ApiError 400
+    naming the field, or an unknown one."""
+    for name, value in options.items():
+        param = f"stream_options.{name}"
+        if name not in ("include_usage", "continuous_usage_stats"):
+            raise ApiError(400, f"unsupported parameter: {param}", param)
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"{param} must be true or false, not {value!r:.40}", param)
+    if options.get("continuous_usage_stats"):
+        param = "stream_options.continuous_usage_stats"
+        raise ApiError(400, f"{param}=true is not supported: usage comes once, at the end (include_usage)", param)
 
 
 async def first_of(items: AsyncIterator[Any]) -> tuple[Any, web.Response | None]:

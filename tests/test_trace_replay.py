@@ -1,14 +1,18 @@
 """The trace replay's goodput: the highest load of a ladder at which >= 99% of requests met their
-TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. And the requests
-that meet the SLO only with their cached prefix."""
+TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. The requests
+that meet the SLO only with their cached prefix. The breakdown of the worst queueing."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bench.trace_replay import cache_critical, goodput, goodput_report
+import pytest
+
+from bench.balance_bench import ttft_floor
+from bench.trace_replay import breakdown, breakdown_report, cache_critical, goodput, goodput_report
 from pdlb.engines.torch.runners import CostModel
+from pdlb.workload import WorkItem
 
 
 def rows(method: str, seed: int, attainment: list[float], loads=(0.2, 0.4, 0.6)) -> list[dict]:
@@ -54,3 +58,27 @@ def test_cache_critical_counts_requests_that_need_their_cached_prefix(tmp_path):
         high_share=1.0, flood_tenant=0.0,
     )  # fmt: skip
     assert cache_critical(args, CostModel().scaled(10)) == (1, 3)
+
+
+def test_breakdown_splits_the_worst_queueing_into_cache_shortfall_and_the_rest():
+    """Three requests on two ranks. Request 2 is the worst: it got none of the 1,024 cached tokens
+    its floor assumes, and request 1 was in prefill on its rank when it was sent, while rank 1 had
+    no prompt in prefill. Its cache shortfall is what the cold prompt costs alone over its floor."""
+    cost = CostModel().scaled(10)
+    warm = ttft_floor(WorkItem(0, 0.0, [0] * 1100, 1), 1024, cost)
+    cold = ttft_floor(WorkItem(0, 0.0, [0] * 1100, 1), 0, cost)
+    row = {
+        "requests": [
+            # (index, sent s, TTFT s, floor s, rank, cached, prompt tokens, best cached)
+            (0, 0.0, 0.2, 0.15, 1, 0, 500, 0),
+            (1, 1.0, 0.5, 0.15, 0, 0, 500, 0),
+            (2, 1.1, cold + 0.3, warm, 0, 0, 1100, 1024),
+        ]
+    }
+    (worst,) = breakdown(row, cost, worst=0.01)
+    assert worst["index"] == 2
+    assert worst["cold_ms"] == pytest.approx((cold - warm) * 1000)
+    assert worst["rest_ms"] == pytest.approx(300)
+    assert worst["ahead"] == 1 and worst["joined"] == 0 and worst["idle_ranks"] == 1
+    table = breakdown_report([{"load": 0.6, "method": "m", **row}], cost).splitlines()
+    assert table[-1].startswith("| 0.6 | m | 1 |") and "| 100% | 100% | 100% | 1100 |" in table[-1]

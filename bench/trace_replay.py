@@ -37,6 +37,7 @@ import math
 import random
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -105,6 +106,34 @@ def cache_critical(args: argparse.Namespace, cost: CostModel) -> tuple[int, int]
         1 for t in items if balance_bench.ttft_floor(t.item, 0, cost) > SLO_FLOOR_FACTOR * t.floor + SLO_SLACK_S
     )
     return critical, len(items)
+
+
+def eviction_losses(args: argparse.Namespace, cost: CostModel, capacity_tokens: int) -> list[float]:
+    """What each request of the window loses over its floor (seconds, >= 0) when the best cache it
+    could have is one least-recently-used prefix cache of `capacity_tokens` (the ranks' whole KV
+    pooled, none of it held by running requests) instead of a cache that never evicts: its TTFT
+    alone on an idle rank with the leading blocks that cache still holds, less its floor. Load-free.
+    The ranks evict least recently used blocks and each holds an eighth of that, so a method whose
+    requests lose this much to eviction here is not expected to lose less on them; an eviction that
+    knew the future would lose none on this window (the pooled KV holds its working set)."""
+    items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
+    block = mooncake_trace.TRACE_BLOCK_TOKENS // args.length_divisor
+    cache: OrderedDict[int, None] = OrderedDict()  # block chain name -> (LRU order)
+    losses = []
+    for t in items:
+        ids, names, name = t.item.input_ids, [], 0
+        for start in range(0, len(ids), block):
+            name = hash((name, tuple(ids[start : start + block])))
+            names.append(name)
+        hit = next((k for k, n in enumerate(names) if n not in cache), len(names))
+        cached = min(hit * block, t.cached)
+        losses.append(max(0.0, balance_bench.ttft_floor(t.item, cached, cost) - t.floor))
+        for n in names:
+            cache[n] = None
+            cache.move_to_end(n)
+        while len(cache) * block > capacity_tokens:
+            cache.popitem(last=False)
+    return losses
 
 
 async def one(
@@ -278,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "prefix (no placement meets it for them without the cache hit), and exit",
     )
     parser.add_argument(
+        "--eviction-bound",
+        action="store_true",
+        help="only print what the requests of the window lose over their floors to eviction when the best cache "
+        "they could have is one LRU cache of the ranks' whole KV (--ranks x --kv-tokens), and exit",
+    )
+    parser.add_argument(
         "--per-request",
         action="store_true",
         help="keep each request's rank, cache hit and times, and break the worst queueing of each run down "
@@ -304,6 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{critical} of {total} requests ({critical / total:.1%}) miss TTFT <= {SLO_FLOOR_FACTOR:g} x floor + "
             f"{SLO_SLACK_S * 1000:.0f} ms alone on an idle rank unless they hit their cached prefix"
+        )
+        return 0
+    if args.eviction_bound:
+        losses = sorted(eviction_losses(args, CostModel().scaled(args.slowdown), args.ranks * args.kv_tokens))
+        worst = losses[-max(1, math.ceil(0.01 * len(losses)))]
+        over = sum(loss > SLO_SLACK_S for loss in losses)
+        print(
+            f"one LRU prefix cache of {args.ranks} x {args.kv_tokens} tokens: {over} of {len(losses)} requests lose "
+            f"more than {SLO_SLACK_S * 1000:.0f} ms of their floor to eviction; the worst 1% lose >= "
+            f"{worst * 1000:.0f} ms (p99 of the loss)"
         )
         return 0
     methods = args.methods.split(",")

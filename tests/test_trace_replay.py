@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bench.balance_bench import ttft_floor
-from bench.trace_replay import breakdown, breakdown_report, cache_critical, goodput, goodput_report
+from bench.trace_replay import breakdown, breakdown_report, cache_critical, eviction_losses, goodput, goodput_report
 from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem
 
@@ -82,3 +82,26 @@ def test_breakdown_splits_the_worst_queueing_into_cache_shortfall_and_the_rest()
     assert worst["ahead"] == 1 and worst["joined"] == 0 and worst["idle_ranks"] == 1
     table = breakdown_report([{"load": 0.6, "method": "m", **row}], cost).splitlines()
     assert table[-1].startswith("| 0.6 | m | 1 |") and "| 100% | 100% | 100% | 1100 |" in table[-1]
+
+
+def test_eviction_losses_count_the_prefixes_an_lru_cache_of_the_ranks_kv_no_longer_holds(tmp_path):
+    """Request 2 repeats request 0's 2,048-token prefix. With room for 3,072 tokens, request 1's
+    2,048 unrelated tokens evict the least recently used blocks, request 0's leading ones, so
+    request 2 prefills cold: it loses its cold TTFT less its floor. With room for all, it loses
+    nothing, and neither do requests with nothing cached to lose."""
+    rows = [
+        {"timestamp": 0, "input_length": 2048, "output_length": 4, "hash_ids": [0, 1, 2, 3]},
+        {"timestamp": 100, "input_length": 2048, "output_length": 4, "hash_ids": [4, 5, 6, 7]},
+        {"timestamp": 200, "input_length": 2560, "output_length": 4, "hash_ids": [0, 1, 2, 3, 8]},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = argparse.Namespace(
+        trace=str(path), offset=0, num_requests=3, length_divisor=1, max_input=8192, capacity=1.0,
+        high_share=1.0, flood_tenant=0.0,
+    )  # fmt: skip
+    cost = CostModel().scaled(10)
+    cold = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 0, cost)
+    warm = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 2048, cost)
+    assert eviction_losses(args, cost, capacity_tokens=3072) == pytest.approx([0.0, 0.0, cold - warm])
+    assert eviction_losses(args, cost, capacity_tokens=8192) == [0.0, 0.0, 0.0]

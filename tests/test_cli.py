@@ -536,6 +536,26 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     assert "etcd keys left behind: none" in rest
 
 
+@pytest.mark.parametrize(
+    ("service", "flags", "status", "said"),
+    [
+        ("scheduler", ["--dp-rank", "-1"], 2, "pdlb-scheduler: --dp-rank must be >= 0"),
+        ("dispatcher", ["--worker-wait", "-1"], 2, "pdlb-dispatcher: --worker-wait must be >= 0 seconds, not -1.0"),
+        ("gateway", ["--tls-cert", "cert.pem"], 1, "pdlb-gateway: --tls-cert and --tls-key go together"),
+        ("bootstrap", ["--etcd-user", "u"], 1, "pdlb-bootstrap: --etcd-user and --etcd-password go together"),
+    ],
+)
+def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, status, said):
+    """The service runner names the program once, before the refusal's message (the raisers no
+    longer write it; the TLS and etcd pairings used to print with no name at all)."""
+    refused = subprocess.run(
+        [sys.executable, "-m", f"pdlb.services.{service}.main", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == status, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == said
+
+
 def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):
     """A flow-control flag without --flow-control used to be ignored in silence (pdlb-dispatcher and
     `pdlb up --dispatcher-arg`): now one line names both flags, exit 2. Set through its environment

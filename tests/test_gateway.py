@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import grpc
 import openai
 import pytest
@@ -169,6 +170,7 @@ async def test_openai_package_completions_and_chat(cluster):
         await client.close()
 
 
+STREAM = {"model": MODEL, "prompt": "x", "stream": True}
 BAD = [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
@@ -189,6 +191,14 @@ BAD = [
         "stream_options",
     ),
     (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+    # stream_options' fields are checked (a string such as "no" asked for usage, an unknown field was ignored)
+    (json.dumps({**STREAM, "stream_options": {"include_usage": "no"}}).encode(), 400, "stream_options.include_usage"),
+    (json.dumps({**STREAM, "stream_options": {"usage": True}}).encode(), 400, "stream_options.usage"),
+    (
+        json.dumps({**STREAM, "stream_options": {"continuous_usage_stats": True}}).encode(),
+        400,
+        "stream_options.continuous_usage_stats",
+    ),
     (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
     (json.dumps({"model": MODEL, "prompt": "x", "frobnicate": 1}).encode(), 400, "frobnicate"),
     (json.dumps({"model": MODEL, "prompt": "x" * 70_000}).encode(), 413, None),
@@ -584,3 +594,72 @@ async def test_a_request_id_or_room_already_in_flight_is_refused_with_already_ex
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         again = [c async for c in stub.Generate(generate_request("twice", 31337, 4), timeout=30)]
         assert sum(len(c.token_ids) for c in again) == 4
+
+
+async def test_gateway_sigterm_fails_streams_running_past_the_grace_naming_it(etcd, prefix, start_service):
+    """SIGTERM to the gateway alone, with streams running past its --shutdown-grace: each one ends
+    with a failure naming the shutdown and the grace (an OpenAI error event, which the `openai`
+    package raises, then [DONE]; SGLang's /generate alike; gRPC UNAVAILABLE). HTTP streams used to
+    stop with neither [DONE] nor an error, gRPC ones with 'Cancelling all calls'."""
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    start_service("dispatcher", *common, name="disp-mixed")
+    flags = [*SIM, "--sim-slowdown", "4", "--max-total-tokens", "16384", "--dp-rank", "0"]
+    start_service("scheduler", *common, *flags, name="mixed-0")  # room for the three streams
+    http_port = free_port()
+    gateway = start_service("gateway", *common, "--http-port", str(http_port), "--shutdown-grace", "1")
+    base = f"http://127.0.0.1:{http_port}"
+    await ready(base, 1)
+    said = "the gateway is shutting down and its --shutdown-grace (1 s) ran out while the request ran"
+    long = 3000  # far more tokens than the sim worker makes in the 1 s grace
+    started = [asyncio.Event() for _ in range(3)]
+
+    async def openai_stream() -> openai.APIError:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=long,
+                stream=True,
+                extra_body=EOS_OFF,
+            )
+            with pytest.raises(openai.APIError) as failed:
+                async for _ in stream:
+                    started[0].set()
+            return failed.value
+
+    async def sglang_stream() -> list[str]:
+        body = {"text": "hi", "sampling_params": {"max_new_tokens": long, "ignore_eos": True}, "stream": True}
+        async with aiohttp.ClientSession() as http, http.post(f"{base}/generate", json=body) as reply:
+            assert reply.status == 200
+            events = []
+            async for line in reply.content:
+                if line.startswith(b"data: "):
+                    events.append(line.decode().strip())
+                    started[1].set()
+            return events
+
+    async def grpc_stream() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            request = common_pb2.InferenceRequest(request_id="long-grpc", text="hi")
+            request.sampling.max_new_tokens = long
+            request.sampling.ignore_eos = True
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _ in call:
+                    started[2].set()
+            return failed.value
+
+    runs = [asyncio.create_task(run()) for run in (openai_stream, sglang_stream, grpc_stream)]
+    streaming = asyncio.ensure_future(asyncio.gather(*(event.wait() for event in started)))
+    done, _ = await asyncio.wait([streaming, *runs], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    ended = [run.result() if not run.exception() else run.exception() for run in runs if run in done]
+    assert streaming in done, f"streams started: {[e.is_set() for e in started]}; ended early: {ended}"
+    gateway.signal_stop()
+    error, events, status = await asyncio.wait_for(asyncio.gather(*runs), 60)
+    assert error.type == "server_error" and said in error.message, error.message
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and said in events[-2], events[-2]
+    assert status.code() == grpc.StatusCode.UNAVAILABLE and said in status.details(), status
+    assert await asyncio.to_thread(gateway.proc.wait, 30) == 0

@@ -640,3 +640,31 @@ async def test_sglang_generate_in_sglangs_shape(etcd, prefix, start_service):
             assert param.split(".")[-1] in error["error"]["message"] or param == "text", error
         status, [error] = await sglang_generate(http, base, {"text": "x", "model": "gpt-4"})
         assert status == 404 and error["error"]["code"] == "model_not_found", error
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "said"),
+    [
+        ({"data_parallel_rank": -5}, {}, "data_parallel_rank must be an integer rank from 0 to 1048575, not -5"),
+        ({"data_parallel_rank": True}, {}, "data_parallel_rank must be an integer rank from 0 to 1048575, not True"),
+        ({}, {"X-data-parallel-rank": "-1"}, "X-data-parallel-rank must be an integer rank from 0 to 1048575, not -1"),
+        ({"prefill_dp_rank": 1 << 20}, {}, "prefill_dp_rank must be an integer rank from 0 to 1048575, not 1048576"),
+        ({"decode_dp_rank": "1"}, {}, "decode_dp_rank must be an integer rank from 0 to 1048575, not '1'"),
+    ],
+)
+def test_a_bad_rank_pin_is_refused_naming_what_the_client_sent(body, headers, said):
+    """A bad `data_parallel_rank` (or vLLM's header) used to be refused as `decode_dp_rank`, a field
+    the client never sent (where it maps in PD), and a rank past the bound as 'must be >= 0'."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from pdlb.services.gateway.openai_api import ApiError, OpenAIApi
+    from pdlb.v1 import common_pb2
+
+    with pytest.raises(ApiError) as refused:
+        OpenAIApi.rank_pins(
+            make_mocked_request("POST", "/v1/completions", headers=headers), body, common_pb2.InferenceRequest()
+        )
+    assert (refused.value.status, str(refused.value), refused.value.param) == (400, said, said.split()[0])
+    request = common_pb2.InferenceRequest()
+    OpenAIApi.rank_pins(make_mocked_request("POST", "/", headers={"X-data-parallel-rank": "3"}), {}, request)
+    assert request.decode_dp_rank == 3 and not request.HasField("prefill_dp_rank")

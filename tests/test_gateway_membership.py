@@ -306,3 +306,47 @@ async def test_a_killed_dispatcher_deregistered_and_not_back_fails_after_the_bou
     details = caught.value.details()
     assert "no mixed dispatcher reachable for 1.5 s (no mixed dispatcher registered;" in details, details
     assert waited >= 1.5, f"failed after {waited:.2f}s: it did not wait for a dispatcher"
+
+
+async def test_a_dispatcher_dying_after_every_restart_fails_the_stream_bounded_and_named(etcd, prefix, start_service):
+    """The only dispatcher dies again after every restart: the stream is resumed on each comeback
+    while its retries last (2 moves), and the next death fails it at once, UNAVAILABLE, saying the
+    dispatcher went away that often (not gRPC's bare connection error), never hanging."""
+    wait = ["--dispatcher-wait", "5"]
+    gateway, dispatchers, flags = one_dispatcher_per_role(etcd, prefix, start_service, "mixed", *wait)
+    victim = dispatchers["mixed"]
+    await all_workers_seen({"mixed": [victim]})
+    seen = {"retries": -1, "tokens": 0}
+    progressed = asyncio.Event()
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request = common_pb2.InferenceRequest(
+            request_id="flaky",
+            input_ids=[3, 4, 5],
+            sampling=common_pb2.SamplingParams(max_new_tokens=3000, ignore_eos=True, temperature=0.0),
+        )
+
+        async def stream() -> None:
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+            async for chunk in call:
+                seen["tokens"] += len(chunk.token_ids)
+                if chunk.retries > seen["retries"]:
+                    seen["retries"] = chunk.retries
+                    progressed.set()
+
+        run = asyncio.create_task(stream())
+        for death in range(3):
+            await asyncio.wait_for(progressed.wait(), 60)  # it runs (again) on this incarnation
+            progressed.clear()
+            victim.kill()
+            killed = asyncio.get_running_loop().time()
+            # started again on its port (as `pdlb up` does): the stream resumes there, until the last
+            victim = await asyncio.to_thread(start_service, "dispatcher", *flags, name=f"disp-again-{death}")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(run, 60)
+        failed_after = asyncio.get_running_loop().time() - killed
+    details = caught.value.details()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    said = f"request flaky: failed again through mixed dispatcher {victim.address} ("
+    assert details.startswith(said) and "not retried further" in details and "retries)" in details, details
+    assert f"{seen['tokens']} tokens streamed before" in details, (details, seen)
+    assert failed_after < 5, f"failed {failed_after:.1f} s after the last death: it waited again"

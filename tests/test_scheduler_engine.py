@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from pdlb.engines.request import AdmissionError, EngineLimits, Sequence
+from pdlb.engines.request import AdmissionError, EngineLimits, SamplingConfig, Sequence
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
 from pdlb.engines.torch.runners import SimRunner, TorchRunner
@@ -150,6 +150,13 @@ async def test_out_of_vocabulary_duplicate_and_queue_full():
     with pytest.raises(AdmissionError) as err:
         engine.submit(seq("oov", [1, 2, 999]))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "999" in str(err.value)
+    # a logit_bias on ids outside the vocabulary is refused, as vLLM does (it was ignored)
+    biased = SamplingConfig(logit_bias=((5, 1.0), (CONFIG.vocab_size, 2.0), (10**9, -1.0)))
+    with pytest.raises(AdmissionError) as err:
+        engine.submit(seq("oov-bias", [1, 2], sampling=biased))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    said = f"logit_bias names token ids outside the vocabulary 0..{CONFIG.vocab_size - 1}: {CONFIG.vocab_size}, {10**9}"
+    assert said in str(err.value), err.value
     engine.submit(seq("a", prompt(10), max_new=200))
     with pytest.raises(AdmissionError) as err:
         engine.submit(seq("a", prompt(10)))

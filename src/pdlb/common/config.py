@@ -12,8 +12,9 @@ from typing import Any
 
 
 class FlagRefused(SystemExit):
-    """A flag value a service refuses as it starts: `message` (one line, naming the flag) goes to
-    stderr and the process exits with status 2, as argparse's own refusals do (`run_service`)."""
+    """A flag value a service refuses as it starts: `message` (one line, naming the flag, without
+    the program's name, which `run_service` puts before it) goes to stderr and the process exits
+    with status 2, as argparse's own refusals do."""
 
     def __init__(self, message: str) -> None:
         super().__init__(2)

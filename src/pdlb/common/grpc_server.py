@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -138,11 +139,19 @@ def run_service(
     """A service's console-script entry point: parse flags, log, serve until SIGTERM/SIGINT. A
     signal that arrives while the service is still starting (waiting for a vLLM server, etcd, a
     model) cancels the start and exits at once: nothing is serving yet, so there is nothing to drain
-    (a registration made so far expires with its lease)."""
-    args = build_parser().parse_args(argv)
+    (a registration made so far expires with its lease).
+
+    A start refused by `serve` is one line on stderr prefixed with the program's name (the parser's
+    `prog`, as argparse's own refusals): `FlagRefused` exits with status 2, a `SystemExit` with a
+    message with status 1; the raisers write the message alone."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    security.configure(security.tls_from_args(args))
-    security.configure_etcd(security.etcd_security_from_args(args))
+    try:
+        security.configure(security.tls_from_args(args))
+        security.configure_etcd(security.etcd_security_from_args(args))
+    except SystemExit as exc:
+        refuse(parser.prog, exc)
 
     async def guarded(event: asyncio.Event) -> SystemExit | None:
         # A flag refused while starting raises SystemExit; raised inside a task it would escape the
@@ -170,10 +179,19 @@ def run_service(
             signalled.cancel()
 
     refused = asyncio.run(run())
-    if isinstance(refused, FlagRefused):
-        print(refused.message, file=sys.stderr, flush=True)
     if refused is not None:
-        raise refused
+        refuse(parser.prog, refused)
+
+
+def refuse(prog: str, refused: SystemExit) -> NoReturn:
+    """Exit for a start `refused`: its message on stderr after `prog`, then status 2 for a
+    FlagRefused, 1 for a SystemExit with a message, else the exit's own code."""
+    if isinstance(refused, FlagRefused):
+        print(f"{prog}: {refused.message}", file=sys.stderr, flush=True)
+    elif isinstance(refused.code, str):
+        print(f"{prog}: {refused.code}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise refused
 
 
 def configure_logging(level: str) -> None:

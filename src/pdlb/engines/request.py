@@ -95,13 +95,21 @@ def prompt_limit(max_prompt_tokens: int, context: int) -> int:
 
 def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int, context: int = 0) -> None:
     """Refuse a prompt with a token id outside 0..vocab_size-1 or longer than
-    prompt_limit(max_prompt_tokens, context) (AdmissionError INVALID_ARGUMENT naming the request),
-    whichever engine would run it."""
+    prompt_limit(max_prompt_tokens, context), and a logit_bias on a token id outside the vocabulary
+    (as vLLM does; it was ignored) (AdmissionError INVALID_ARGUMENT naming the request), whichever
+    engine would run it."""
     bad = next((t for t in seq.prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise AdmissionError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"request {seq.request_id}: token id {bad} is outside the vocabulary 0..{vocab_size - 1}",
+        )
+    biased = seq.sampling.logit_bias if seq.sampling is not None else ()
+    if outside := sorted(t for t, _ in biased if not 0 <= t < vocab_size):
+        raise AdmissionError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request {seq.request_id}: logit_bias names token ids outside the vocabulary 0..{vocab_size - 1}: "
+            f"{', '.join(map(str, outside[:5]))}{' ...' if len(outside) > 5 else ''}",
         )
     limit = prompt_limit(max_prompt_tokens, context)
     if len(seq.prompt) > limit:

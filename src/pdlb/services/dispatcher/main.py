@@ -233,8 +233,7 @@ def flow_options(args) -> FlowOptions:
         given = [flag for flag, dest in dests.items() if dest in getattr(args, "given_flags", ())]
         if given:
             raise FlagRefused(
-                f"pdlb-dispatcher: {given[0]} acts only with --flow-control, which is off: add --flow-control or "
-                f"drop {given[0]}"
+                f"{given[0]} acts only with --flow-control, which is off: add --flow-control or drop {given[0]}"
             )
         env_flags = getattr(args, "env_flags", {})
         envs = [env_flags[dest] for dest in dests.values() if dest in env_flags]
@@ -248,20 +247,18 @@ def flow_options(args) -> FlowOptions:
         except ValueError:
             weight = 0.0
         if not sep or not name or not weight > 0:
-            raise FlagRefused(f"pdlb-dispatcher: --tenant-weights: {item!r} is not tenant=weight with a weight > 0")
+            raise FlagRefused(f"--tenant-weights: {item!r} is not tenant=weight with a weight > 0")
         weights.append((name, weight))
     if args.max_queued_requests < 1 or args.fair_share_quantum < 1 or args.max_tenants < 1:
-        raise FlagRefused("pdlb-dispatcher: --max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
+        raise FlagRefused("--max-queued-requests, --fair-share-quantum and --max-tenants must be >= 1")
     if not args.queue_ttl > 0 or not args.sheddable_queue_ttl > 0 or args.max_wait_ms < 0:
-        raise FlagRefused("pdlb-dispatcher: --queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
+        raise FlagRefused("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
     if not args.tenant_share >= 0 or not args.tenant_active_window >= 0:
-        raise FlagRefused("pdlb-dispatcher: --tenant-share and --tenant-active-window must be >= 0")
+        raise FlagRefused("--tenant-share and --tenant-active-window must be >= 0")
     if args.reserved_slots < 0 or not args.reserve_window >= 0:
-        raise FlagRefused("pdlb-dispatcher: --reserved-slots and --reserve-window must be >= 0")
+        raise FlagRefused("--reserved-slots and --reserve-window must be >= 0")
     if not args.max_prefill_ahead_chunks >= 0:
-        raise FlagRefused(
-            f"pdlb-dispatcher: --max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}"
-        )
+        raise FlagRefused(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
         enabled=args.flow_control,
         max_queued_requests=args.max_queued_requests,
@@ -282,13 +279,10 @@ def flow_options(args) -> FlowOptions:
 
 def policy_options(args) -> PolicyOptions:
     if args.cache_block_size < 1 or args.cache_index_blocks < 1 or args.max_routing_keys < 1:
-        raise FlagRefused(
-            "pdlb-dispatcher: --cache-block-size, --cache-index-blocks and --max-routing-keys must be >= 1"
-        )
+        raise FlagRefused("--cache-block-size, --cache-index-blocks and --max-routing-keys must be >= 1")
     if args.balance_abs_threshold < 0 or args.balance_rel_threshold < 1 or args.cache_load_weight < 0:
         raise FlagRefused(
-            "pdlb-dispatcher: --balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1, "
-            "--cache-load-weight >= 0"
+            "--balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1, --cache-load-weight >= 0"
         )
     return PolicyOptions(
         dp_size=args.dp_size,
@@ -321,16 +315,14 @@ async def serve(args, stop_event: asyncio.Event, ready: asyncio.Future | None = 
     metrics = DispatcherMetrics(table)
     static = parse_static_workers(csv_list(args.workers), role)
     if not args.worker_wait >= 0:
-        raise FlagRefused(f"pdlb-dispatcher: --worker-wait must be >= 0 seconds, not {args.worker_wait}")
+        raise FlagRefused(f"--worker-wait must be >= 0 seconds, not {args.worker_wait}")
     if not args.hung_stream_timeout >= 0:
-        raise FlagRefused(
-            f"pdlb-dispatcher: --hung-stream-timeout must be >= 0 seconds, not {args.hung_stream_timeout}"
-        )
+        raise FlagRefused(f"--hung-stream-timeout must be >= 0 seconds, not {args.hung_stream_timeout}")
     try:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
     except UnsupportedModel as exc:
-        raise SystemExit(f"pdlb-dispatcher: cannot use --model {args.model}: {exc}") from None
+        raise SystemExit(f"cannot use --model {args.model}: {exc}") from None
 
     def worker_removed(worker_id: str) -> None:
         policy.on_worker_removed(worker_id)

@@ -25,7 +25,9 @@ retried or resumed, never dropped silently.
 
 Shutting down (`drain()`): new requests are refused UNAVAILABLE, requests in flight run on, and one
 that fails is not retried (its dispatchers are going too): it fails at once, UNAVAILABLE, naming the
-shutdown.
+shutdown. `end_running()` gives those in flight the shutdown grace, then cuts the ones still running:
+each fails UNAVAILABLE naming the shutdown and the grace (an error event in an HTTP stream, the
+status of a gRPC one), never a stream that just stops.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ MAX_DISPATCHER_MOVES = 2  # further retries when the dispatcher itself was unrea
 DISPATCHER_WAIT_S = 5.0  # default of how long a request waits for an unreachable role's dispatcher to return
 MEMBERSHIP_WAIT_S = 5.0  # how long a request waits for dispatchers to be known (a membership flap)
 SHUTTING_DOWN = "the gateway is shutting down"
+CUT_SETTLE_S = 5.0  # how long requests cut by a shutdown get to send their failure
 # Failures that are the request's own: retrying elsewhere would fail alike (or must not happen).
 FINAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -134,10 +137,40 @@ class Frontend:
         self.active_ids: set[str] = set()
         self.active_rooms: set[int] = set()
         self.draining = False
+        # The tasks serving a request (an HTTP handler, a gRPC call), bounded by the stream slots, so
+        # a shutdown whose grace runs out can cut them with a status naming it: those awaiting the
+        # upstream now, and those the shutdown cut.
+        self.running: set[asyncio.Task] = set()
+        self.upstream_waits: set[asyncio.Task] = set()
+        self.cut: set[asyncio.Task] = set()
+        self.cut_why = ""  # set when the shutdown grace ran out: the running requests' failure
 
     def drain(self) -> None:
         """Shutting down: refuse new requests; a request in flight that fails is not retried."""
         self.draining = True
+
+    async def end_running(self, grace_s: float, settle_s: float = CUT_SETTLE_S) -> None:
+        """Shutting down, after drain(): wait up to `grace_s` seconds for the requests in flight to
+        finish, then cut those still running, and wait up to `settle_s` seconds for them to end.
+        A cut request's stream raises RequestFailed (UNAVAILABLE, naming the shutdown and the
+        grace) where it would give its next chunk: at once when it awaits its upstream (cancelled),
+        else as soon as its consumer asks for more, so the failure is always the stream's own,
+        which the consumer sends as it sends any (never a cancellation landing in its own writes)."""
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.wait(set(self.running), timeout=deadline - time.monotonic())
+        if not self.running:
+            return
+        self.cut_why = (
+            f"{SHUTTING_DOWN} and its --shutdown-grace ({grace_s:g} s) ran out while the request ran; "
+            "send it again elsewhere"
+        )
+        log.warning("shutdown grace ran out: cutting %d request(s) still running", len(self.running))
+        tasks = set(self.running)
+        self.cut |= tasks
+        for task in tasks & self.upstream_waits:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=settle_s)
 
     async def prepare(self, request: common_pb2.InferenceRequest, fit_new_tokens: bool = False) -> Prepared:
         """Validate and tokenise (off the event loop) against the workers' length limits; raises
@@ -190,15 +223,37 @@ class Frontend:
         self.active_ids.add(rid)
         if room is not None:
             self.active_rooms.add(room)
+        task = asyncio.current_task()
+        assert task is not None
+        self.running.add(task)
         chunks = self._generate(prepared, timeout)
         try:
-            async for chunk in chunks:
+            while True:
+                if task in self.cut:
+                    raise self._cut_failure(task, rid)
+                self.upstream_waits.add(task)
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if task not in self.cut:
+                        raise  # the client went away
+                    task.uncancel()  # the shutdown's cut: failed, not cancelled
+                    raise self._cut_failure(task, rid) from None
+                finally:
+                    self.upstream_waits.discard(task)
                 yield chunk
         finally:
+            self.running.discard(task)
             await chunks.aclose()  # at once, not when collected: it cancels the upstream calls
             self.active_ids.discard(rid)
             if room is not None:
                 self.active_rooms.discard(room)
+
+    def _cut_failure(self, task: asyncio.Task, rid: str) -> RequestFailed:
+        self.cut.discard(task)
+        return RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {rid}: {self.cut_why}")
 
     async def _generate(self, prepared: Prepared, timeout: float | None) -> AsyncIterator[Chunk]:
         original = prepared.request
@@ -259,6 +314,15 @@ class Frontend:
                 if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    elif not budget and code not in FINAL:
+                        # retries spent (e.g. a dispatcher dying after each restart): say where it
+                        # failed last, not only gRPC's words for a connection's end
+                        where = ", ".join(f"{role} dispatcher {a}" for role, a in used.items())
+                        last = details.removeprefix(f"request {rid}: ")
+                        details = (
+                            f"request {rid}: failed again through {where} ({last}); {len(sent)} tokens streamed "
+                            "before; not retried further: check that dispatcher and its workers"
+                        )
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
                 waited = min(self.dispatcher_wait_s, left)

@@ -20,7 +20,7 @@ from pdlb.common.slots import Slots
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
-from pdlb.services.gateway.frontend import DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
+from pdlb.services.gateway.frontend import CUT_SETTLE_S, DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.readiness import Readiness
@@ -210,7 +210,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         source = resolve(args.model, args.served_model_name)
         tokenizer = source.tokenizer()
     except UnsupportedModel as exc:
-        raise SystemExit(f"pdlb-gateway: cannot use --model {args.model}: {exc}") from None
+        raise SystemExit(f"cannot use --model {args.model}: {exc}") from None
     gateway_id = f"gateway-{uuid.uuid4().hex[:8]}"
     upstreams = Upstreams(
         {
@@ -251,7 +251,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=args.http_header_timeout,
-        shutdown_timeout=args.shutdown_grace,
+        shutdown_timeout=args.shutdown_grace + CUT_SETTLE_S + 1.0,
     )
     host = ServiceHost(args.host, args.port, [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
     servicer = GatewayServicer(frontend, streams, metrics)
@@ -300,8 +300,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             await runner.shutdown()
             await runner.cleanup()  # stops listening; streaming responses get the grace to finish
 
-        # gRPC and HTTP requests drain side by side, within one grace
-        await asyncio.gather(host.stop(args.shutdown_grace), http_drain())
+        # gRPC and HTTP requests drain side by side, within one grace; those still running then
+        # are cut naming it (end_running), before gRPC and aiohttp would cut them without a word
+        # (their own bounds leave the cut requests time to send that failure)
+        late = args.shutdown_grace + CUT_SETTLE_S + 1.0
+        await asyncio.gather(frontend.end_running(args.shutdown_grace), host.stop(late), http_drain())
         await upstreams.close()
         await bootstrap.close()
 

@@ -43,6 +43,7 @@ FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # Retry-After of a 503 (no dispatcher or worker of a role): a restarted service registers within seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
+MAX_RANK = 1 << 20  # rank pins above this are refused: no cluster has that many ranks
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
@@ -163,6 +164,7 @@ class OpenAIApi:
             raise ApiError(400, "stream_options must be an object", "stream_options")
         if "stream_options" in body and not stream:  # as vLLM: it would be silently meaningless
             raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
+        stream_options(options)
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         # max_tokens unset: its default is cut to the room the context leaves (vLLM's behaviour)
         prepared = await self.prepare(request, "messages" if chat else "prompt", key, fit=key not in body)
@@ -238,22 +240,26 @@ class OpenAIApi:
 
     @staticmethod
     def rank_pins(http: web.Request, body: dict, request: common_pb2.InferenceRequest) -> None:
-        """vLLM's X-data-parallel-rank header and SGLang-style body fields pin ranks."""
-        pins = {"decode_dp_rank": body.get("decode_dp_rank"), "prefill_dp_rank": body.get("prefill_dp_rank")}
-        general = body.get("data_parallel_rank")
+        """vLLM's X-data-parallel-rank header and SGLang-style body fields pin ranks. ApiError 400
+        naming the field or header the client sent (not the pin it maps to) for a value that is not
+        a rank."""
+        # pin -> (value, where the client gave it)
+        pins = {name: (body.get(name), name) for name in ("decode_dp_rank", "prefill_dp_rank")}
+        general = (body.get("data_parallel_rank"), "data_parallel_rank")
         header = http.headers.get("X-data-parallel-rank")
         if header is not None:
             try:
-                general = int(header)
+                general = (int(header), "X-data-parallel-rank")
             except ValueError:
                 raise ApiError(400, "X-data-parallel-rank must be an integer", "X-data-parallel-rank") from None
-        if general is not None:  # mixed: the rank; PD: the decode rank (where the tokens come from)
-            pins["decode_dp_rank"] = pins["decode_dp_rank"] if pins["decode_dp_rank"] is not None else general
-        for name, value in pins.items():
+        if general[0] is not None and pins["decode_dp_rank"][0] is None:
+            pins["decode_dp_rank"] = general  # mixed: the rank; PD: the decode rank (where the tokens come from)
+        for name, (value, given) in pins.items():
             if value is None:
                 continue
-            if not _is_int(value) or not 0 <= value < 1 << 20:
-                raise ApiError(400, f"{name} must be a rank >= 0", name)
+            if not _is_int(value) or not 0 <= value < MAX_RANK:
+                said = f"{given} must be an integer rank from 0 to {MAX_RANK - 1}, not {value!r:.40}"
+                raise ApiError(400, said, given)
             setattr(request, name, value)
 
     # serving -----------------------------------------------------------------------------------
@@ -450,6 +456,21 @@ def _rank_headers(chunk: Chunk | None) -> dict[str, str]:
     if chunk.prefill_dp_rank >= 0:
         headers["X-pdlb-prefill-dp-rank"] = str(chunk.prefill_dp_rank)
     return headers
+
+
+def stream_options(options: dict) -> None:
+    """vLLM's stream_options, checked: `include_usage` and `continuous_usage_stats` are true, false or
+    null (a string such as "false" was taken as true); usage every chunk is not served. ApiError 400
+    naming the field, or an unknown one."""
+    for name, value in options.items():
+        param = f"stream_options.{name}"
+        if name not in ("include_usage", "continuous_usage_stats"):
+            raise ApiError(400, f"unsupported parameter: {param}", param)
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"{param} must be true or false, not {value!r:.40}", param)
+    if options.get("continuous_usage_stats"):
+        param = "stream_options.continuous_usage_stats"
+        raise ApiError(400, f"{param}=true is not supported: usage comes once, at the end (include_usage)", param)
 
 
 async def first_of(items: AsyncIterator[Any]) -> tuple[Any, web.Response | None]:

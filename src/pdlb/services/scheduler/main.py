@@ -57,9 +57,9 @@ def step_limits(args) -> tuple[int, float]:
     """The prefill tokens per step and the burst window (seconds) of --chunked-prefill-size and
     --burst-window-ms, device defaults applied; FlagRefused names a value out of range."""
     if args.chunked_prefill_size < 0:
-        raise FlagRefused("pdlb-scheduler: --chunked-prefill-size must be >= 0 (0: by device)")
+        raise FlagRefused("--chunked-prefill-size must be >= 0 (0: by device)")
     if args.burst_window_ms < 0 and args.burst_window_ms != -1:
-        raise FlagRefused("pdlb-scheduler: --burst-window-ms must be >= 0, or -1 (by device)")
+        raise FlagRefused("--burst-window-ms must be >= 0, or -1 (by device)")
     chunk = args.chunked_prefill_size or (CPU_CHUNKED_PREFILL if on_cpu_torch(args) else CHUNKED_PREFILL)
     window_ms = args.burst_window_ms
     if window_ms == -1:
@@ -283,7 +283,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
 async def serve(args, stop_event: asyncio.Event) -> None:
     role = role_of_mode(args.disaggregation_mode)
     if args.dp_rank < 0:
-        raise FlagRefused("pdlb-scheduler: --dp-rank must be >= 0")
+        raise FlagRefused("--dp-rank must be >= 0")
     chunk, burst_window_s = step_limits(args)
     limits = EngineLimits(
         args.max_total_tokens,
@@ -294,7 +294,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         burst_window_s,
     )
     if args.page_size < 1:
-        raise FlagRefused("pdlb-scheduler: --page-size must be >= 1")
+        raise FlagRefused("--page-size must be >= 1")
     page_size = args.page_size if args.prefix_cache else 0
     # Torch computes on the runner thread only (loading included); this thread's small ops (KV
     # hand-off copies) stay single-threaded so that no second OpenMP team competes for the cores.
@@ -302,7 +302,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     try:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
-        raise FlagRefused(f"pdlb-scheduler: {exc}") from None
+        raise FlagRefused(str(exc)) from None
     compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)
@@ -310,7 +310,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         runner = compute.submit(build_runner, args, source, tokenizer).result() if args.engine == "pdlb" else None
     except UnsupportedModel as exc:
         compute.shutdown()
-        raise SystemExit(f"pdlb-scheduler: cannot serve --model {args.model}: {exc}") from None
+        raise SystemExit(f"cannot serve --model {args.model}: {exc}") from None
     if args.engine == "vllm":
         _check_vllm_args(args, role)
     group = _group(args, role, runner, limits) if args.dp_group_size > 1 else None
@@ -326,7 +326,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             await asyncio.get_running_loop().run_in_executor(compute, group.join)
         except GroupBroken as exc:
             compute.shutdown()
-            raise SystemExit(f"pdlb-scheduler: {exc}") from None
+            raise SystemExit(str(exc)) from None
         engine = LockstepEngine(
             runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, group=group
         )
@@ -413,37 +413,32 @@ async def serve(args, stop_event: asyncio.Event) -> None:
 
     await run_until_signal(start, stop, stop_event)
     if lockstep and lockstep.ended:
-        raise SystemExit(f"pdlb-scheduler {worker_id}: {lockstep.ended}")
+        raise SystemExit(f"{worker_id}: {lockstep.ended}")
 
 
 def _check_vllm_args(args, role: str) -> None:
     if not args.vllm_url:
-        raise FlagRefused("pdlb-scheduler: --engine vllm needs --vllm-url (the vLLM server's base URL)")
+        raise FlagRefused("--engine vllm needs --vllm-url (the vLLM server's base URL)")
     if role != "mixed" and not args.vllm_kv_connector:
         raise FlagRefused(
-            f"pdlb-scheduler: --engine vllm as a {role} worker needs --vllm-kv-connector: vLLM moves PD's KV "
+            f"--engine vllm as a {role} worker needs --vllm-kv-connector: vLLM moves PD's KV "
             "through the KV connector its servers were started with (--kv-transfer-config), e.g. ExampleConnector"
         )
     if role == "mixed" and args.vllm_kv_connector:
-        raise FlagRefused(
-            "pdlb-scheduler: --vllm-kv-connector is for prefill and decode workers (--disaggregation-mode)"
-        )
+        raise FlagRefused("--vllm-kv-connector is for prefill and decode workers (--disaggregation-mode)")
     if args.dp_group_size > 1:
-        raise FlagRefused("pdlb-scheduler: --engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
+        raise FlagRefused("--engine vllm: vLLM runs its own DP waves; --dp-group-size must be 1")
     if args.metrics_port:
-        raise FlagRefused(
-            "pdlb-scheduler: --engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0"
-        )
+        raise FlagRefused("--engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0")
     if args.vllm_server_ranks < 1:
-        raise FlagRefused("pdlb-scheduler: --vllm-server-ranks must be >= 1")
+        raise FlagRefused("--vllm-server-ranks must be >= 1")
 
 
 def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:
     size = args.dp_group_size
     if not args.dp_group_address:
         raise FlagRefused(
-            "pdlb-scheduler: --dp-group-size > 1 needs --dp-group-address host:port (the same on every rank of "
-            "the group)"
+            "--dp-group-size > 1 needs --dp-group-address host:port (the same on every rank of the group)"
         )
     backend = args.dp_group_backend
     if backend == "auto":

@@ -41,7 +41,7 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, wait_s: float) ->
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             last = repr(exc)
         await asyncio.sleep(1.0)
-    raise SystemExit(f"pdlb-scheduler: the vLLM server at {url} was not healthy within {wait_s:.0f} s ({last})")
+    raise SystemExit(f"the vLLM server at {url} was not healthy within {wait_s:.0f} s ({last})")
 
 
 async def open_vllm_engine(args, limits: EngineLimits, tokenizer: Tokenizer) -> VLLMEngine:
@@ -50,7 +50,7 @@ async def open_vllm_engine(args, limits: EngineLimits, tokenizer: Tokenizer) -> 
     try:
         rank = VLLMRank.of(args.vllm_url, args.vllm_server_ranks, args.dp_rank % max(1, args.vllm_server_ranks))
     except ValueError as exc:
-        raise SystemExit(f"pdlb-scheduler: {exc}") from None
+        raise SystemExit(str(exc)) from None
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
     try:
         print(f"pdlb-scheduler rank {args.dp_rank}: waiting for vLLM at {rank.url}", flush=True)
@@ -59,7 +59,7 @@ async def open_vllm_engine(args, limits: EngineLimits, tokenizer: Tokenizer) -> 
         await check_tokenizer(session, rank.url, model, tokenizer)
     except (VLLMUnavailable, TokenizerMismatch) as exc:
         await session.close()
-        raise SystemExit(f"pdlb-scheduler: {exc}") from None
+        raise SystemExit(str(exc)) from None
     except BaseException:
         await session.close()
         raise

@@ -116,18 +116,6 @@ def test_stream_decoder_memory_stays_bounded(smollm2):
     assert text == tokenizer.decode(ids) and len(decoder.ids) < 200
 
 
-def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner):
-    _, tokenizer = smollm2
-    reference, _ = smollm2_reference
-    for text in TEXTS[:3]:
-        ids = tokenizer.encode(text)
-        ours = _prefill_logits(smollm2_runner, ids)
-        with torch.no_grad():
-            theirs = reference(torch.tensor([ids])).logits[0, -1]
-        assert (ours - theirs).abs().max().item() < LOGIT_TOLERANCE, text
-        assert int(ours.argmax()) == int(theirs.argmax())
-
-
 NEEDS_COMPILER = pytest.mark.skipif(not compiled_ops.available(), reason="torch.compile needs a C++ compiler")
 
 
@@ -142,12 +130,13 @@ def _compile_into(runner: TorchRunner, ops: bool) -> None:
         runner.model.compiled_ops_min_tokens = 1  # the test's short steps take the compiled ops too
 
 
-@NEEDS_COMPILER
-def test_smollm2_logits_with_compiled_ops_match_transformers(smollm2, smollm2_reference, smollm2_runner):
-    """The compiled element-wise ops (compiled_ops.py) keep the prefill logits within the tolerance."""
+@pytest.mark.parametrize("ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER)])
+def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner, ops):
+    """Prefill logits within the tolerance of transformers', eager and with the compiled element-wise
+    ops (compiled_ops.py)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
-    _compile_into(smollm2_runner, True)
+    _compile_into(smollm2_runner, ops == "compiled")
     try:
         for text in TEXTS[:3]:
             ids = tokenizer.encode(text)
@@ -158,7 +147,7 @@ def test_smollm2_logits_with_compiled_ops_match_transformers(smollm2, smollm2_re
             assert int(ours.argmax()) == int(theirs.argmax())
     finally:
         smollm2_runner.model.compiled_ops = None
-        del smollm2_runner.model.compiled_ops_min_tokens
+        smollm2_runner.model.__dict__.pop("compiled_ops_min_tokens", None)  # back to the class default
 
 
 def test_the_scheduler_refuses_compiled_ops_without_a_cpp_compiler(tmp_path):

@@ -515,6 +515,30 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["generate", "hi", "--max-new-tokens", "-3"], "pdlb generate: error: argument --max-new-tokens: -3 is out"),
+        (["generate", "hi", "--max-new-tokens", "2**40"], "pdlb generate: error: argument --max-new-tokens: '2**40'"),
+        (["route", "hi", "--room", "-1"], "pdlb route: error: argument --room: -1 is out of range"),
+        (["rooms", "5", "-1"], "pdlb rooms: error: argument room: -1 is out of range"),
+        (["top", "--interval-ms", "-5"], "pdlb top: error: argument --interval-ms: -5 is out of range"),
+        (["bench-client", "--max-concurrency", "0"], "pdlb bench-client: error: argument --max-concurrency: 0 is"),
+        (["bench-client", "--rate", "nan"], "pdlb bench-client: error: argument --rate: nan is out of range"),
+        (["bench-client", "--num-requests", "-1"], "pdlb bench-client: error: argument --num-requests: -1 is"),
+    ],
+)
+def test_a_numeric_flag_out_of_range_is_refused_in_one_line(argv, said):
+    """Values that protobuf cannot hold (a negative --max-new-tokens or room: a ValueError traceback
+    from the request builder) or that never make progress (--max-concurrency 0 hung forever) are
+    argparse's refusal naming the flag, exit 2, before anything is sent."""
+    env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}
+    refused = pdlb(*argv, "--dispatcher", "127.0.0.1:1", "--bootstrap", "127.0.0.1:1", env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(said), refused.stderr
+
+
 def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     up, state, env = start_up(
         tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",

@@ -18,7 +18,7 @@ import pytest
 
 from bench import peer_routers
 from pdlb.common.etcd_process import free_port
-from tests.helpers import dispatch_stub, shared_prefix_ranks, wait_for_workers
+from tests.helpers import dispatch_stub, load_snapshot, shared_prefix_ranks, wait_for_workers, wait_until
 
 MODEL = "tiny-random"
 RANKS = 2
@@ -172,3 +172,83 @@ async def test_smg_forwards_sglang_generate_to_the_ranks_it_picks(gateway, tmp_p
         assert sorted(served) == [0, 0, 1, 1]
     finally:
         router.stop()
+
+
+def gateway_answers(base: str, status: int) -> int:
+    """HTTP requests the gateway answered with `status` (its /metrics)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(rf'pdlb_gateway_requests_total\{{api="http",outcome="{status}"\}} ([0-9.e+]+)', text)
+    return int(float(match.group(1))) if match else 0
+
+
+RECOMMENDED = ["--disable-circuit-breaker", "--disable-retries"]  # README: routers before --flow-control
+SHED = 12  # more than the routers' circuit-breaker threshold (10 failures in a row)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"), [("smg", RECOMMENDED), ("vllm-router", RECOMMENDED), ("smg", []), ("vllm-router", [])]
+)
+async def test_router_before_flow_control_passes_429_on(etcd, prefix, start_service, tmp_path, kind, extra):
+    """A router in front of a gateway whose dispatcher sheds with --flow-control: the only rank is
+    held, its queue (1) is full, and SHED more requests through the router are shed. With the
+    README's flags every one reaches the client as 429 with the dispatcher's Retry-After, the gateway
+    answers each once (the router retried none), and the router serves the next requests as soon
+    as the rank frees (no circuit opened). With their defaults, both retry each 429 at once (the
+    gateway sees it several times), and smg then opens its circuit: later requests get 503
+    although the cluster serves, which is why the flags are needed."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
+    dispatcher = start_service("dispatcher", *common, "--flow-control", "--max-queued-requests", "1", name="disp")
+    sim = ["--runner", "sim", "--sim-slowdown", "10", "--max-running-requests", "1", "--report-interval-ms", "50"]
+    start_service("scheduler", *common, *sim, "--dp-rank", "0", name="sim-0")
+    http_port = free_port()
+    start_service("gateway", *common, "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    channel, stub = dispatch_stub(dispatcher.address)
+    await wait_for_workers(stub, 1)
+    router = peer_routers.Router(kind, "round_robin", [base], log_dir=tmp_path, extra=extra)
+    await asyncio.to_thread(router.start)
+    small = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+    try:
+        await peer_routers.wait_serving(router.url, MODEL)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            # the rank held by a long stream sent to the gateway itself (cancelled below), one queued
+            blocker = await http.post(f"{base}/v1/completions", json={**small, "max_tokens": 2000, "stream": True})
+            assert blocker.status == 200
+            await blocker.content.readline()  # its first event: it runs
+            queued = asyncio.create_task(http.post(f"{router.url}/v1/completions", json=small))
+
+            async def one_queued() -> bool:
+                return (await load_snapshot(stub)).flow.queued_requests == 1
+
+            await wait_until(one_queued, what="a request queued behind the held rank")
+            before = gateway_answers(base, 429)
+            answers = []
+            for _ in range(SHED):
+                async with http.post(f"{router.url}/v1/completions", json=small) as reply:
+                    answers.append((reply.status, reply.headers.get("Retry-After"), await reply.text()))
+            blocker.close()  # the rank frees: the queued request runs
+            async with await queued as reply:
+                assert reply.status == 200, await reply.text()
+            later = []
+            for _ in range(3):
+                async with http.post(f"{router.url}/v1/completions", json=small) as reply:
+                    later.append((reply.status, await reply.text()))
+        shed_at_gateway = gateway_answers(base, 429) - before
+        if extra:
+            assert [status for status, _, _ in answers] == [429] * SHED, answers
+            assert all(after and int(after) >= 1 for _, after, _ in answers), answers  # Retry-After passed on
+            assert all("rate_limit_exceeded" in body for _, _, body in answers), answers[0]
+            assert shed_at_gateway == SHED  # each answered once: the router retried none
+            assert [status for status, _ in later] == [200] * 3, later  # no circuit opened
+        elif kind == "smg":  # its defaults: each 429 retried, then its circuit opens while the cluster serves
+            assert [status for status, _, _ in answers[:2]] == [429, 429] and shed_at_gateway > 2, answers
+            assert [status for status, _ in later] == [503] * 3, later
+            assert all("no_available_workers" in body for _, body in later), later[0]
+        else:  # vllm-router's defaults: no circuit opened, but every 429 was retried at once
+            assert [status for status, _, _ in answers] == [429] * SHED, answers
+            assert shed_at_gateway > SHED, shed_at_gateway
+            assert [status for status, _ in later] == [200] * 3, later
+    finally:
+        router.stop()
+        await channel.close()

@@ -580,6 +580,31 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
     assert refused.stderr.strip() == said
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--workers", "4"], "pdlb up: --workers is for --mode mixed, and this cluster is --mode pd"),
+        (["--method", "round_robin"], "pdlb up: --method is for --mode mixed, and this cluster is --mode pd"),
+        (
+            ["--mode", "mixed", "--prefill", "2"],
+            "pdlb up: --prefill is for --mode pd, and this cluster is --mode mixed",
+        ),
+        (
+            ["--mode", "mixed", "--decode", "3", "--decode-method", "least_wait"],
+            "pdlb up: --decode, --decode-method are for --mode pd",
+        ),
+    ],
+)
+def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):
+    """`pdlb up --workers 4` started the default PD cluster of 2 + 2 ranks, the 4 ignored in silence
+    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
+    refused = pdlb("up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip().startswith(said) and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
+
+
 def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):
     """A flow-control flag without --flow-control used to be ignored in silence (pdlb-dispatcher and
     `pdlb up --dispatcher-arg`): now one line names both flags, exit 2. Set through its environment

@@ -580,6 +580,15 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
     assert refused.stderr.strip() == said
 
 
+def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
+    """`pdlb top` against a dispatcher that does not answer printed a grpc traceback."""
+    env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}
+    lost = pdlb("top", "--once", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:1", env=env, timeout=30)
+    assert lost.returncode == 1, lost.stdout + lost.stderr
+    assert "Traceback" not in lost.stderr and len(lost.stderr.strip().splitlines()) == 1, lost.stderr
+    assert re.match(r"pdlb top: (prefill|decode) dispatcher 127\.0\.0\.1:1: UNAVAILABLE: ", lost.stderr), lost.stderr
+
+
 @pytest.mark.parametrize(
     ("flags", "said"),
     [

@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(top.watch(dispatchers(args), args.interval_ms, once=once))
         except KeyboardInterrupt:
             pass
+        except top.StreamLost as exc:
+            print(f"pdlb top: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "bench-client":
         from pdlb.cli import bench_client

@@ -130,6 +130,7 @@ METHOD_OPTIONS = {
     "window": "--tenant-active-window",
     "sttl": "--sheddable-queue-ttl",
     "ttl": "--queue-ttl",
+    "reserve": "--reserved-slots",
 }
 
 

@@ -37,6 +37,7 @@ import math
 import random
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class TraceItem:
     floor: float
     priority: int = 0
     tenant: str = ""
+    cached: int = 0  # prompt tokens the floor takes as cached (the best cache the request could have)
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Outcome:
     failed: int = 0  # anything else
     retry_after_missing: int = 0
     output_tokens: int = 0
+    # With --per-request, one row per answered request: (index, sent s from the run's start, TTFT s,
+    # floor s, DP rank, cached prompt tokens, prompt tokens, tokens the floor took as cached).
+    records: list[tuple] = field(default_factory=list)
 
 
 def scale(args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> list[TraceItem]:
@@ -88,7 +93,7 @@ def scale(args: argparse.Namespace, rate: float, cost: CostModel, seed: int) -> 
         tenant = ""
         if args.flood_tenant > 0:  # tenant "flood" sends flood_tenant x the share of tenant "steady"
             tenant = "flood" if rng.random() < args.flood_tenant / (args.flood_tenant + 1) else "steady"
-        out.append(TraceItem(item, balance_bench.ttft_floor(item, cached, cost), priority, tenant))
+        out.append(TraceItem(item, balance_bench.ttft_floor(item, cached, cost), priority, tenant, cached))
     return out
 
 
@@ -103,7 +108,42 @@ def cache_critical(args: argparse.Namespace, cost: CostModel) -> tuple[int, int]
     return critical, len(items)
 
 
-async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int, str], Outcome], start: float):
+def eviction_losses(args: argparse.Namespace, cost: CostModel, capacity_tokens: int) -> list[float]:
+    """What each request of the window loses over its floor (seconds, >= 0) when the best cache it
+    could have is one least-recently-used prefix cache of `capacity_tokens` (the ranks' whole KV
+    pooled, none of it held by running requests) instead of a cache that never evicts: its TTFT
+    alone on an idle rank with the leading blocks that cache still holds, less its floor. Load-free.
+    The ranks evict least recently used blocks and each holds an eighth of that, so a method whose
+    requests lose this much to eviction here is not expected to lose less on them; an eviction that
+    knew the future would lose none on this window (the pooled KV holds its working set)."""
+    items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
+    block = mooncake_trace.TRACE_BLOCK_TOKENS // args.length_divisor
+    cache: OrderedDict[int, None] = OrderedDict()  # block chain name -> (LRU order)
+    losses = []
+    for t in items:
+        ids, names, name = t.item.input_ids, [], 0
+        for start in range(0, len(ids), block):
+            name = hash((name, tuple(ids[start : start + block])))
+            names.append(name)
+        hit = next((k for k, n in enumerate(names) if n not in cache), len(names))
+        cached = min(hit * block, t.cached)
+        losses.append(max(0.0, balance_bench.ttft_floor(t.item, cached, cost) - t.floor))
+        for n in names:
+            cache[n] = None
+            cache.move_to_end(n)
+        while len(cache) * block > capacity_tokens:
+            cache.popitem(last=False)
+    return losses
+
+
+async def one(
+    client: PDLBClient,
+    t: TraceItem,
+    run_id: str,
+    out: dict[tuple[int, str], Outcome],
+    start: float,
+    per_request: bool = False,
+):
     from pdlb.v1 import common_pb2
 
     await asyncio.sleep(max(0.0, t.item.arrival_s - (time.perf_counter() - start)))
@@ -117,10 +157,12 @@ async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int
     res = out.setdefault((t.priority, t.tenant), Outcome())
     sent = time.perf_counter()
     first = None
+    rank = cached = -1
     try:
         async for chunk in client.generate(req, timeout=600):
             if chunk.token_ids and first is None:
                 first = time.perf_counter() - sent
+                rank, cached = chunk.dp_rank, chunk.cached_tokens
             res.output_tokens += len(chunk.token_ids)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -135,9 +177,15 @@ async def one(client: PDLBClient, t: TraceItem, run_id: str, out: dict[tuple[int
         res.ttft.append(first)
         res.queued.append(first - t.floor)
         res.slo_met += first <= SLO_FLOOR_FACTOR * t.floor + SLO_SLACK_S
+        if per_request:
+            res.records.append(
+                (t.item.index, sent - start, first, t.floor, rank, cached, len(t.item.input_ids), t.cached)
+            )
 
 
-async def run(replicas: list[dict[str, str]], items: list[TraceItem], ranks: int, run_id: str) -> tuple[dict, float]:
+async def run(
+    replicas: list[dict[str, str]], items: list[TraceItem], ranks: int, run_id: str, per_request: bool = False
+) -> tuple[dict, float]:
     clients = [PDLBClient(**addresses) for addresses in replicas]
     stub = clients[0].mixed
     await balance_bench.wait_ready_and_idle(stub, ranks)
@@ -145,7 +193,9 @@ async def run(replicas: list[dict[str, str]], items: list[TraceItem], ranks: int
     depths: list[tuple[int, int]] = []
     sampler = asyncio.create_task(sample_queues(stub, depths))
     start = time.perf_counter()
-    await asyncio.gather(*[one(clients[t.item.index % len(clients)], t, run_id, out, start) for t in items])
+    await asyncio.gather(
+        *[one(clients[t.item.index % len(clients)], t, run_id, out, start, per_request) for t in items]
+    )
     span = time.perf_counter() - start
     sampler.cancel()
     out[QUEUES] = depths  # type: ignore[index]
@@ -256,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         help="only print how many requests of the window miss the SLO alone on an idle rank without their cached "
         "prefix (no placement meets it for them without the cache hit), and exit",
     )
+    parser.add_argument(
+        "--eviction-bound",
+        action="store_true",
+        help="only print what the requests of the window lose over their floors to eviction when the best cache "
+        "they could have is one LRU cache of the ranks' whole KV (--ranks x --kv-tokens), and exit",
+    )
+    parser.add_argument(
+        "--per-request",
+        action="store_true",
+        help="keep each request's rank, cache hit and times, and break the worst queueing of each run down "
+        "(cache shortfall, prefills sharing its rank; see breakdown_report)",
+    )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0)
     parser.add_argument("--kv-tokens", type=int, default=16384)
@@ -279,6 +341,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{SLO_SLACK_S * 1000:.0f} ms alone on an idle rank unless they hit their cached prefix"
         )
         return 0
+    if args.eviction_bound:
+        losses = sorted(eviction_losses(args, CostModel().scaled(args.slowdown), args.ranks * args.kv_tokens))
+        worst = losses[-max(1, math.ceil(0.01 * len(losses)))]
+        over = sum(loss > SLO_SLACK_S for loss in losses)
+        print(
+            f"one LRU prefix cache of {args.ranks} x {args.kv_tokens} tokens: {over} of {len(losses)} requests lose "
+            f"more than {SLO_SLACK_S * 1000:.0f} ms of their floor to eviction; the worst 1% lose >= "
+            f"{worst * 1000:.0f} ms (p99 of the loss)"
+        )
+        return 0
     methods = args.methods.split(",")
     cluster_args = argparse.Namespace(
         mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
@@ -298,11 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                     for method in methods[shift:] + methods[:shift]:  # rotating order
                         salt = len(results) + 1  # cold caches for every run
                         salted_items = [
-                            TraceItem(s, t.floor, t.priority, t.tenant)
+                            TraceItem(s, t.floor, t.priority, t.tenant, t.cached)
                             for s, t in zip(salted([t.item for t in chosen], salt), chosen, strict=True)
                         ]
                         out, span = asyncio.run(
-                            run(cluster.dispatchers[method], salted_items, args.ranks, f"{method}-{seed}-{load}-{salt}")
+                            run(
+                                cluster.dispatchers[method],
+                                salted_items,
+                                args.ranks,
+                                f"{method}-{seed}-{load}-{salt}",
+                                args.per_request,
+                            )
                         )
                         row = {
                             "method": method,
@@ -313,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                             "all": summary(out, span),
                         }
                         row["queues"] = queue_summary(out.pop(QUEUES))
+                        if args.per_request:
+                            row["requests"] = sorted(r for o in out.values() for r in o.records)
                         for p in sorted({p for p, _ in out}):
                             row[f"priority_{p}"] = summary(out, span, (p, None))
                         for tenant in sorted({t for _, t in out if t}):
@@ -329,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         print(overload_report(results))
     if args.goodput:
         print(goodput_report(results, args.capacity))
+    if args.per_request:
+        print(breakdown_report(results, cost))
     return 0
 
 
@@ -337,8 +419,8 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
     results = []
     for name in args.combine.split(","):
         saved = json.loads((out_dir / f"{name}.json").read_text())
-        for key in ("flood_tenant", "high_share", "num_requests", "capacity", "goodput"):
-            setattr(args, key, saved["settings"][key])
+        for key in ("flood_tenant", "high_share", "num_requests", "capacity", "goodput", "per_request", "slowdown"):
+            setattr(args, key, saved["settings"].get(key, getattr(args, key)))
         results += saved["runs"]
     args.combine = ""
     args.seeds = ",".join(sorted({str(r["seed"]) for r in results}))
@@ -352,6 +434,8 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
         print(overload_report(results))
     if args.goodput:
         print(goodput_report(results, args.capacity))
+    if args.per_request:
+        print(breakdown_report(results, CostModel().scaled(args.slowdown)))
     return 0
 
 
@@ -375,6 +459,12 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
         + (f"## Tenant flood\n\n{flood_report(results)}\n\n" if args.flood_tenant > 0 else "")
         + (f"## Overload, two priority classes\n\n{overload_report(results)}\n\n" if 0 < args.high_share < 1 else "")
         + (f"## Goodput\n\n{goodput_report(results, args.capacity)}\n\n" if args.goodput else "")
+        + (
+            f"## The worst 1% of requests by queueing, broken down\n\n"
+            f"{breakdown_report(results, CostModel().scaled(args.slowdown))}\n\n"
+            if args.per_request
+            else ""
+        )
         + f"## Every run\n\n| method | seed | load | classes |\n|---|---|---|---|\n{runs}\n"
     )
     plot(results, out_dir / f"{args.name}_queued_p99.png")
@@ -447,7 +537,7 @@ def flood_report(results: list[dict]) -> str:
 
 def overload_report(results: list[dict]) -> str:
     """With two priority classes: per method, the high class's (priority 0) TTFT p99 at each load
-    over its value at the lowest load (same seed), medians over seeds; served, shed and failed
+    over its value at the lowest load (same seed), medians over seeds, and its p50; served, shed and failed
     counts per class and the served rate (requests/s over the run, its drain included; medians),
     and the requests answered with any status against those sent, summed over seeds (equal: none
     hung). The goal at 1.5x capacity is <= 2, with the low class shed, not hanging."""
@@ -456,10 +546,10 @@ def overload_report(results: list[dict]) -> str:
         return ""
     low = min(r["load"] for r in plain)
     lines = [
-        f"| load | method | high TTFT p99 / at load {low:g} (per seed) | high TTFT p99 ms | low TTFT p99 ms | "
-        "served high / low | shed high / low | shed without Retry-After | failed | served req/s | "
+        f"| load | method | high TTFT p99 / at load {low:g} (per seed) | high TTFT p99 ms | high TTFT p50 ms | "
+        "low TTFT p99 ms | served high / low | shed high / low | shed without Retry-After | failed | served req/s | "
         "answered / sent | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in plain}):
         for method in dict.fromkeys(r["method"] for r in plain):
@@ -477,12 +567,88 @@ def overload_report(results: list[dict]) -> str:
 
             lines.append(
                 f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | "
-                f"{med('ttft_p99_ms', 'priority_0'):.0f} | {med('ttft_p99_ms', 'priority_1'):.0f} | "
+                f"{med('ttft_p99_ms', 'priority_0'):.0f} | {med('ttft_p50_ms', 'priority_0'):.0f} | "
+                f"{med('ttft_p99_ms', 'priority_1'):.0f} | "
                 f"{med('ok', 'priority_0'):.0f} / {med('ok', 'priority_1'):.0f} | "
                 f"{med('shed', 'priority_0'):.0f} / {med('shed', 'priority_1'):.0f} | "
                 f"{med('retry_after_missing', 'all'):.0f} | {med('failed', 'all'):.0f} | "
                 f"{med('requests_per_s', 'all'):.1f} | {sum(r['all']['requests'] for r in rows)} / "
                 f"{sum(r.get('sent', r['all']['requests']) for r in rows)} | {len(rows)} |"
+            )
+    return "\n".join(lines)
+
+
+def breakdown(row: dict, cost: CostModel, worst: float = 0.01) -> list[dict]:
+    """The worst `worst` share of a run's requests by queueing (TTFT - floor), each broken down:
+    `cold_ms`, what its cache shortfall cost (its TTFT alone on an idle rank with the cache it got,
+    less its floor, which assumes the best cache it could have); `rest_ms`, the remainder (waiting
+    for the rank's current step, sharing steps with other prompts' chunks, the dispatcher's queue,
+    RPC overhead); `ahead`, other prompts of the run in prefill on its rank when it was sent
+    (sent before it, first token after); `joined`, prompts sent to its rank during its prefill;
+    `idle_ranks`, ranks with no prompt in prefill when it was sent. Needs --per-request rows."""
+    rows = row.get("requests") or []
+    if not rows:
+        return []
+    by_rank: dict[int, list[tuple]] = {}
+    for r in rows:
+        by_rank.setdefault(r[4], []).append(r)
+    ranks = sorted(by_rank)
+    out = []
+    count = max(1, math.ceil(worst * len(rows)))
+    for index, sent, ttft, floor, rank, cached, prompt, best in sorted(rows, key=lambda r: r[3] - r[2])[:count]:
+        got = balance_bench.ttft_floor(WorkItem(index, 0.0, [0] * prompt, 1), max(cached, 0), cost)
+        cold = max(0.0, got - floor)
+        first = sent + ttft
+        mine = by_rank[rank]
+        out.append(
+            {
+                "index": index,
+                "queued_ms": (ttft - floor) * 1000,
+                "cold_ms": cold * 1000,
+                "rest_ms": (ttft - floor - cold) * 1000,
+                "prompt": prompt,
+                "cached": cached,
+                "best_cached": best,
+                "ahead": sum(1 for r in mine if r[1] < sent < r[1] + r[2] and r[0] != index),
+                "joined": sum(1 for r in mine if sent < r[1] < first and r[0] != index),
+                "idle_ranks": sum(
+                    1 for k in ranks if not any(r[1] <= sent < r[1] + r[2] and r[0] != index for r in by_rank[k])
+                ),
+            }
+        )
+    return out
+
+
+def breakdown_report(results: list[dict], cost: CostModel) -> str:
+    """Per load and method, over seeds: the worst 1% of requests by queueing, broken down (see
+    `breakdown`): medians of queueing, of what the cache shortfall cost and of the rest; the share
+    of them that got less cache than the best they could have, that had another prompt in prefill
+    on their rank when sent, and that were sent while some rank had no prompt in prefill."""
+    lines = [
+        "| load | method | worst-1% requests | queueing ms (median) | of it cache shortfall ms | rest ms | "
+        "short of cache | prefill ahead on its rank | a prefill-idle rank existed | prompt tokens (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for load in sorted({r["load"] for r in results}):
+        for method in dict.fromkeys(r["method"] for r in results):
+            worst = [
+                b
+                for r in results
+                if (r["load"], r["method"]) == (load, method) and not r.get("variant")
+                for b in breakdown(r, cost)
+            ]
+            if not worst:
+                continue
+            n = len(worst)
+
+            def med(key: str, worst=worst) -> float:
+                return statistics.median(b[key] for b in worst)
+
+            lines.append(
+                f"| {load:g} | {method} | {n} | {med('queued_ms'):.0f} | {med('cold_ms'):.0f} | {med('rest_ms'):.0f} | "
+                f"{sum(b['cached'] < b['best_cached'] for b in worst) / n:.0%} | "
+                f"{sum(b['ahead'] > 0 for b in worst) / n:.0%} | {sum(b['idle_ranks'] > 0 for b in worst) / n:.0%} | "
+                f"{med('prompt'):.0f} |"
             )
     return "\n".join(lines)
 

@@ -29,13 +29,16 @@ BLOCK = 2000
 SIM = ["--runner", "sim", "--sim-slowdown", "10", "--max-running-requests", "1", "--report-interval-ms", "50"]
 
 
-async def start_cluster(etcd, prefix, start_service, ranks: int, *dispatcher_flags: str, lease_ttl: int = 5):
+async def start_cluster(
+    etcd, prefix, start_service, ranks: int, *dispatcher_flags: str, lease_ttl: int = 5, slots: int = 1
+):
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", str(lease_ttl)]
     dispatcher = start_service(
         "dispatcher", *common, "--load-balance-method", "least_wait", "--flow-control", *dispatcher_flags
     )
+    sim = [*SIM, "--max-running-requests", str(slots)]  # the later flag wins
     workers = [
-        start_service("scheduler", *common, *SIM, "--dp-rank", str(r), name=f"sim-{r}", wait=False)
+        start_service("scheduler", *common, *sim, "--dp-rank", str(r), name=f"sim-{r}", wait=False)
         for r in range(ranks)
     ]
     for proc in workers:
@@ -45,7 +48,7 @@ async def start_cluster(etcd, prefix, start_service, ranks: int, *dispatcher_fla
 
     async def reporting() -> bool:
         snap = await load_snapshot(stub)
-        return all(w.report_age_ms >= 0 and w.reported.max_running_requests == 1 for w in snap.workers)
+        return all(w.report_age_ms >= 0 and w.reported.max_running_requests == slots for w in snap.workers)
 
     await wait_until(reporting, what="every worker's first report")
     return channel, stub, dispatcher, workers
@@ -298,6 +301,40 @@ async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix,
         assert [client.outcome[r] for r in ("normal-1", "normal-2")] == [grpc.StatusCode.OK] * 2
         snap = await load_snapshot(stub)
         assert snap.flow.shed_total == 4 and snap.flow.queued_requests == 0
+    finally:
+        await channel.close()
+
+
+async def test_slot_reserve_holds_sheddable_requests_and_binds_better_ones_into_it(etcd, prefix, start_service):
+    """One rank of 2 batch slots, one kept free of sheddable requests while requests of better
+    priority arrive: with one slot taken by a high-priority request, a sheddable one waits in the
+    dispatcher though a slot is free, and a high-priority one sent after it is bound into that slot
+    at once. The sheddable one is bound once both slots are free."""
+    flags = ("--reserved-slots", "1", "--reserve-window", "600", "--sheddable-queue-ttl", "600")
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, *flags, slots=2)
+    client = Client(stub)
+    try:
+        client.send("high-a", tokens=BLOCK, timeout=300, priority=0)
+        await client.started("high-a")
+        client.send("low", timeout=300, priority=1)
+        await wait_queued(stub, 1)
+        client.send("high-b", tokens=BLOCK, timeout=300, priority=0)
+        await client.started("high-b")
+        assert "low" not in client.first_token_at and await queued(stub) == 1, "the sheddable one still waits"
+        client.tasks["high-a"].cancel()
+
+        async def one_running() -> bool:
+            snap = await load_snapshot(stub)
+            return snap.workers[0].reported.running_requests == 1 and snap.workers[0].inflight_requests == 0
+
+        await wait_until(one_running, what="high-a's slot freed")
+        assert await queued(stub) == 1, "one free slot is the reserve: the sheddable one still waits"
+        client.tasks["high-b"].cancel()
+        await asyncio.wait_for(client.tasks["low"], 120)
+        assert client.outcome["low"] == grpc.StatusCode.OK, client.errors
+        snap = await load_snapshot(stub)
+        # both passed through the queue: high-b arrived with low queued and was bound past it at once
+        assert snap.flow.queued_requests == 0 and snap.flow.shed_total == 0 and snap.flow.admitted_total == 2
     finally:
         await channel.close()
 

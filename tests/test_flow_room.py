@@ -80,6 +80,20 @@ def test_prompt_work_ahead_of_one_prefill_chunk_leaves_no_room():
     assert ranks(cluster(Role.DECODE, [backlog, light]), 100) == [0, 1]
 
 
+def test_slot_reserve_is_kept_from_sheddable_requests_while_better_ones_arrive():
+    now = [0.0]
+    half = ReportedLoad(running_requests=2, max_running_requests=4, kv_tokens_capacity=10_000)
+    flow = cluster(Role.MIXED, [half], reserved_slots=2, reserve_window_s=5.0)
+    flow.clock = lambda: now[0]
+    low = RouteContext("low", 100)
+    assert [e.dp_rank for e in flow.roomy(low, sheddable=True)] == [0], "no better request seen: no reserve"
+    asyncio.run(flow.decide(RouteContext("high", 100), priority=0))  # bound at once: 1 slot left
+    assert flow.roomy(low, sheddable=True) == [], "the last free slot is within the reserve"
+    assert [e.dp_rank for e in flow.roomy(RouteContext("high-2", 100))] == [0]
+    now[0] = 5.1  # no better request for longer than the window: the reserve is released
+    assert [e.dp_rank for e in flow.roomy(low, sheddable=True)] == [0]
+
+
 def test_no_live_worker_is_not_a_reason_to_wait():
     assert ranks(cluster(Role.MIXED, []), 10) is None
 

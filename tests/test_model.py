@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -18,6 +21,7 @@ import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.engines.request import EngineLimits, Sequence
+from pdlb.engines.torch import compiled_ops
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -124,9 +128,57 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_r
         assert int(ours.argmax()) == int(theirs.argmax())
 
 
-async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smollm2, smollm2_reference, smollm2_runner):
+NEEDS_COMPILER = pytest.mark.skipif(not compiled_ops.available(), reason="torch.compile needs a C++ compiler")
+
+
+def _compile_into(runner: TorchRunner, ops: bool) -> None:
+    """Give a CPU runner's model the compiled element-wise ops (as its compiled_ops flag would),
+    compiled now, for steps of any size."""
+    if ops:
+        c = runner.config
+        compiled = compiled_ops.shared()
+        compiled.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, torch.float32)
+        runner.model.compiled_ops = compiled
+        runner.model.compiled_ops_min_tokens = 1  # the test's short steps take the compiled ops too
+
+
+@NEEDS_COMPILER
+def test_smollm2_logits_with_compiled_ops_match_transformers(smollm2, smollm2_reference, smollm2_runner):
+    """The compiled element-wise ops (compiled_ops.py) keep the prefill logits within the tolerance."""
+    _, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    _compile_into(smollm2_runner, True)
+    try:
+        for text in TEXTS[:3]:
+            ids = tokenizer.encode(text)
+            ours = _prefill_logits(smollm2_runner, ids)
+            with torch.no_grad():
+                theirs = reference(torch.tensor([ids])).logits[0, -1]
+            assert (ours - theirs).abs().max().item() < LOGIT_TOLERANCE, text
+            assert int(ours.argmax()) == int(theirs.argmax())
+    finally:
+        smollm2_runner.model.compiled_ops = None
+        del smollm2_runner.model.compiled_ops_min_tokens
+
+
+def test_the_scheduler_refuses_compiled_ops_without_a_cpp_compiler(tmp_path):
+    """No C++ compiler on PATH (and no CXX): one line naming the flag and what to install, exit 2,
+    before any model loads (torch.compile would otherwise fail at the first prefill)."""
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(tmp_path)}
+    argv = [sys.executable, "-m", "pdlb.services.scheduler.main", "--port", "0", "--cpu-compiled-ops"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.startswith("pdlb-scheduler: --cpu-compiled-ops needs a C++ compiler"), run.stderr
+    assert "apt-get install g++" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.parametrize("ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER)])
+async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
+    smollm2, smollm2_reference, smollm2_runner, ops
+):
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
-    their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation."""
+    their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
+    with the element-wise ops eager or compiled (compiled_ops.py)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -140,6 +192,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smoll
         out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
+    _compile_into(smollm2_runner, ops == "compiled")
     engine.start()
     try:
         first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
@@ -148,6 +201,8 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(smoll
         assert engine.cache_hit_tokens - hits > sum(len(p) for p in prompts) // 2  # prefixes came from the cache
     finally:
         await engine.close()
+        smollm2_runner.model.compiled_ops = None
+        smollm2_runner.model.__dict__.pop("compiled_ops_min_tokens", None)
     for got in (first, again):
         for tokens, want in zip(got, expected, strict=True):
             assert tokens[: len(want)] == want  # transformers stops at EOS; the engine ignores it here

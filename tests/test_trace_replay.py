@@ -1,14 +1,18 @@
 """The trace replay's goodput: the highest load of a ladder at which >= 99% of requests met their
-TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. And the requests
-that meet the SLO only with their cached prefix."""
+TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. The requests
+that meet the SLO only with their cached prefix. The breakdown of the worst queueing."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from bench.trace_replay import cache_critical, goodput, goodput_report
+import pytest
+
+from bench.balance_bench import ttft_floor
+from bench.trace_replay import breakdown, breakdown_report, cache_critical, eviction_losses, goodput, goodput_report
 from pdlb.engines.torch.runners import CostModel
+from pdlb.workload import WorkItem
 
 
 def rows(method: str, seed: int, attainment: list[float], loads=(0.2, 0.4, 0.6)) -> list[dict]:
@@ -54,3 +58,50 @@ def test_cache_critical_counts_requests_that_need_their_cached_prefix(tmp_path):
         high_share=1.0, flood_tenant=0.0,
     )  # fmt: skip
     assert cache_critical(args, CostModel().scaled(10)) == (1, 3)
+
+
+def test_breakdown_splits_the_worst_queueing_into_cache_shortfall_and_the_rest():
+    """Three requests on two ranks. Request 2 is the worst: it got none of the 1,024 cached tokens
+    its floor assumes, and request 1 was in prefill on its rank when it was sent, while rank 1 had
+    no prompt in prefill. Its cache shortfall is what the cold prompt costs alone over its floor."""
+    cost = CostModel().scaled(10)
+    warm = ttft_floor(WorkItem(0, 0.0, [0] * 1100, 1), 1024, cost)
+    cold = ttft_floor(WorkItem(0, 0.0, [0] * 1100, 1), 0, cost)
+    row = {
+        "requests": [
+            # (index, sent s, TTFT s, floor s, rank, cached, prompt tokens, best cached)
+            (0, 0.0, 0.2, 0.15, 1, 0, 500, 0),
+            (1, 1.0, 0.5, 0.15, 0, 0, 500, 0),
+            (2, 1.1, cold + 0.3, warm, 0, 0, 1100, 1024),
+        ]
+    }
+    (worst,) = breakdown(row, cost, worst=0.01)
+    assert worst["index"] == 2
+    assert worst["cold_ms"] == pytest.approx((cold - warm) * 1000)
+    assert worst["rest_ms"] == pytest.approx(300)
+    assert worst["ahead"] == 1 and worst["joined"] == 0 and worst["idle_ranks"] == 1
+    table = breakdown_report([{"load": 0.6, "method": "m", **row}], cost).splitlines()
+    assert table[-1].startswith("| 0.6 | m | 1 |") and "| 100% | 100% | 100% | 1100 |" in table[-1]
+
+
+def test_eviction_losses_count_the_prefixes_an_lru_cache_of_the_ranks_kv_no_longer_holds(tmp_path):
+    """Request 2 repeats request 0's 2,048-token prefix. With room for 3,072 tokens, request 1's
+    2,048 unrelated tokens evict the least recently used blocks, request 0's leading ones, so
+    request 2 prefills cold: it loses its cold TTFT less its floor. With room for all, it loses
+    nothing, and neither do requests with nothing cached to lose."""
+    rows = [
+        {"timestamp": 0, "input_length": 2048, "output_length": 4, "hash_ids": [0, 1, 2, 3]},
+        {"timestamp": 100, "input_length": 2048, "output_length": 4, "hash_ids": [4, 5, 6, 7]},
+        {"timestamp": 200, "input_length": 2560, "output_length": 4, "hash_ids": [0, 1, 2, 3, 8]},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = argparse.Namespace(
+        trace=str(path), offset=0, num_requests=3, length_divisor=1, max_input=8192, capacity=1.0,
+        high_share=1.0, flood_tenant=0.0,
+    )  # fmt: skip
+    cost = CostModel().scaled(10)
+    cold = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 0, cost)
+    warm = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 2048, cost)
+    assert eviction_losses(args, cost, capacity_tokens=3072) == pytest.approx([0.0, 0.0, cold - warm])
+    assert eviction_losses(args, cost, capacity_tokens=8192) == [0.0, 0.0, 0.0]

@@ -15,8 +15,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from pdlb.engines.torch import pool_attention
+from pdlb.engines.torch.compiled_ops import CompiledOps
 from pdlb.engines.torch.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
+
+# Steps of fewer tokens run the element-wise ops eagerly even with compiled_ops set: at a decode batch
+# of 16 on 2 cores the ~120 compiled calls' guards and dispatch cost ~15 ms a step more than eager ops
+# (engine_bench, 2026-12-01), while a 2,048-token prefill step gained.
+COMPILED_OPS_MIN_TOKENS = 256
 
 
 class RMSNorm(nn.Module):
@@ -154,6 +160,9 @@ class LlamaModel(nn.Module):
         return self._run_torch(plan, pool)
 
     fused: bool | None = None  # None: decided by where the weights are (uses_fused)
+    # the plain-torch path's element-wise ops compiled in groups (compiled_ops.CompiledOps); None: eager
+    compiled_ops: CompiledOps | None = None
+    compiled_ops_min_tokens = COMPILED_OPS_MIN_TOKENS  # smaller steps run them eagerly
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -214,19 +223,34 @@ class LlamaModel(nn.Module):
         layout = plan.attention_layout()
         heads, kv_heads, half = c.num_heads, c.num_kv_heads, c.head_dim // 2
         qk_width = (heads + kv_heads) * c.head_dim
+        ops = self.compiled_ops
+        if ops is not None and plan.tokens.shape[0] < self.compiled_ops_min_tokens:
+            ops = None  # a compiled call's guards cost more than it saves on a few rows (decode steps)
+        h = self.layers[0].input_layernorm(x) if ops is not None else None
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv_proj(layer.input_layernorm(x))
+            qkv = layer.qkv_proj(h if ops is not None else layer.input_layernorm(x))
             # Q and K rotated together: [T, H + Hkv, hd]
             qk = qkv[:, :qk_width].view(-1, heads + kv_heads, c.head_dim)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            qk = ops.rotary(qk, cos, sin) if ops is not None else torch.addcmul(qk * cos, qk.roll(half, -1), sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, qk_width:].view(-1, kv_heads, c.head_dim)
             k_pool, v_pool = pool.k[index], pool.v[index]
             k_pool[plan.write_slots] = k.to(k_pool.dtype)
             v_pool[plan.write_slots] = v.to(v_pool.dtype)
-            x = x + layer.o_proj(pool_attention.attend(layout, q, k, v, k_pool, v_pool))
-            gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)
-            x = x + layer.down_proj(F.silu(gate).mul_(up))
+            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool)
+            if ops is None:
+                x = x + layer.o_proj(attended)
+                gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)
+                x = x + layer.down_proj(F.silu(gate).mul_(up))
+                continue
+            # the residual add fused into the next RMSNorm, as the CUDA path does
+            x, h = ops.add_rms_norm(x, layer.o_proj(attended), layer.post_attention_layernorm.weight, c.rms_norm_eps)
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            x, h = ops.add_rms_norm(
+                x, layer.down_proj(ops.silu_mul(layer.gate_up_proj(h))), following.weight, c.rms_norm_eps
+            )
+        if ops is not None:
+            return self._logits(h[plan.last_index])
         return self._logits(self.norm(x[plan.last_index]))
 
     def _run_fused(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.request import Sampled, SamplingConfig
+from pdlb.engines.torch import compiled_ops as compiled_ops_module
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
@@ -79,11 +80,15 @@ class TorchRunner(Runner):
         decode_graphs: bool | None = None,
         graph_max_batch: int = 256,
         pack_weights: bool = True,
+        compiled_ops: bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
         `pack_weights`: on a CPU, reorder the linear layers' weights once for oneDNN's GEMM
-        (packed_linear.py; where this torch build and CPU support the dtype)."""
+        (packed_linear.py; where this torch build and CPU support the dtype).
+        `compiled_ops`: on a CPU, a Llama model's element-wise ops compiled in fused groups for its
+        prefill steps (compiled_ops.py), compiled here, before the first step; raises RuntimeError
+        if no C++ compiler is found."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -91,6 +96,14 @@ class TorchRunner(Runner):
         self.eos_token_id = eos_token_id
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
         on_cuda = self.device.type == "cuda"
+        self.compiled_ops = compiled_ops and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        if self.compiled_ops and not compiled_ops_module.available():
+            raise RuntimeError("compiled ops need a C++ compiler (c++, g++ or $CXX) for torch.compile")
+        if self.compiled_ops:
+            c = model.config
+            ops = compiled_ops_module.shared()
+            ops.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, dtype)
+            self.model.compiled_ops = ops
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)

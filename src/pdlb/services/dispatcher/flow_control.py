@@ -12,6 +12,11 @@ slots and of its prompt-token room (prefill work awaiting a first token; decode:
 tenant_share.py); a request of a tenant past its share waits in the queue even when a rank has
 room, and requests of other tenants behind it are bound first.
 
+With a slot reserve (`reserved_slots`), while requests of non-sheddable priority keep arriving, a
+sheddable request has room on a rank only if that many of its batch slots stay free after it; the
+others are bound into the reserve. The queue's order puts sheddable requests last, so one held by
+the reserve holds only sheddable ones behind it.
+
 A held request waits at most its TTL (`queue_ttl_s`; `sheddable_ttl_s` for sheddable priorities)
 and never past its TTFT deadline; then, or when a request of better priority displaces it from a
 full queue, or one of equal priority from a tenant under its fair share of the queue while its own
@@ -57,6 +62,8 @@ FLOW_FLAGS = (
     "--max-tenants",
     "--tenant-share",
     "--tenant-active-window",
+    "--reserved-slots",
+    "--reserve-window",
 )
 
 
@@ -81,6 +88,11 @@ class FlowOptions:
     # the cluster's batch slots and KV tokens (0: no cap; tenant_share.py).
     tenant_share_scale: float = 1.0
     tenant_active_window_s: float = DEFAULT_ACTIVE_WINDOW_S
+    # Batch slots per rank that sheddable requests leave free while requests of better priority
+    # arrive (one within reserve_window_s): the engine has no priorities, so a slot taken by a
+    # sheddable request is lost to them until it ends.
+    reserved_slots: int = 0
+    reserve_window_s: float = 5.0
 
 
 class Shed(Exception):
@@ -96,6 +108,7 @@ class _Held:
     ctx: RouteContext
     future: asyncio.Future[Decision]
     tenant: str  # as the client named it: the share keys it itself (the queue's key may be its overflow class)
+    sheddable: bool = False  # kept out of the slot reserve
     past_share: bool = False  # held at least once because its tenant was past its share
 
 
@@ -131,6 +144,7 @@ class FlowControl:
         self.shed_by_reason: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # sums to shed_total
         self.recent_waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds, of bound requests
         self._kicking = False
+        self._better_seen_at = -math.inf  # when a request of non-sheddable priority last arrived
 
     # admission -------------------------------------------------------------------------------
     async def decide(
@@ -152,8 +166,11 @@ class FlowControl:
         100 ms at 60 s), which would reorder requests of one client sent close together."""
         if not self.options.enabled:
             return self.router.decide(ctx)
+        sheddable = priority >= self.options.sheddable_priority
+        if not sheddable:
+            self._better_seen_at = self.clock()
         if not self.queue.size:
-            roomy = self.roomy(ctx)
+            roomy = self.roomy(ctx, sheddable)
             past_share = bool(roomy) and self._over_share(tenant, ctx)
             if roomy is None or (roomy and not past_share):
                 decision = self.router.decide(ctx, among=roomy)
@@ -163,7 +180,7 @@ class FlowControl:
             past_share = False
         now = self.clock()
         ttl = self.options.sheddable_ttl_s if priority >= self.options.sheddable_priority else self.options.queue_ttl_s
-        held = _Held(ctx, asyncio.get_running_loop().create_future(), tenant, past_share)
+        held = _Held(ctx, asyncio.get_running_loop().create_future(), tenant, sheddable, past_share)
         self.shares.held_total += past_share
         waiter = Waiter(
             request_id=ctx.request_id,
@@ -229,7 +246,7 @@ class FlowControl:
                 if held.future.done():  # its waiting task was cancelled: drop it
                     self.queue.remove(waiter)
                     continue
-                roomy = self.roomy(held.ctx)
+                roomy = self.roomy(held.ctx, held.sheddable)
                 if roomy is not None and not roomy:
                     return
                 if roomy is not None and self._over_share(held.tenant, held.ctx):
@@ -276,8 +293,9 @@ class FlowControl:
         return self.shares.over_share(tenant, max(ctx.num_tokens, 1), room, self.queue.tenant_names())
 
     # room ------------------------------------------------------------------------------------
-    def roomy(self, ctx: RouteContext) -> list[WorkerEntry] | None:
-        """The ranks that take `ctx` without it queueing there (see the module doc); None when no
+    def roomy(self, ctx: RouteContext, sheddable: bool = False) -> list[WorkerEntry] | None:
+        """The ranks that take `ctx` without it queueing there (see the module doc), leaving the slot
+        reserve free when it is `sheddable` and the reserve holds; None when no
         rank is live at all (the decision then fails UNAVAILABLE at once, nothing to wait for);
         every rank when the prompt exceeds every rank's KV capacity (waiting would not help: the
         chosen worker refuses it with RESOURCE_EXHAUSTED naming its budget)."""
@@ -285,13 +303,21 @@ class FlowControl:
         if not candidates:
             return None
         tokens = ctx.num_tokens
-        roomy = [entry for entry in candidates if self._fits(entry, tokens)]
+        reserve = self.reserve_slots() if sheddable else 0
+        roomy = [entry for entry in candidates if self._fits(entry, tokens, reserve)]
         if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
             return candidates  # it fits no rank's KV even when idle: the worker says so at once
         # The table's own list when every rank fits: policies keep per-list state across decisions.
         return candidates if len(roomy) == len(candidates) else roomy
 
-    def _fits(self, entry: WorkerEntry, tokens: int) -> bool:
+    def reserve_slots(self) -> int:
+        """Batch slots per rank sheddable requests leave free now: `reserved_slots` while a request of
+        non-sheddable priority arrived within `reserve_window_s`, else 0."""
+        if not self.options.reserved_slots or self.clock() - self._better_seen_at > self.options.reserve_window_s:
+            return 0
+        return self.options.reserved_slots
+
+    def _fits(self, entry: WorkerEntry, tokens: int, reserve: int = 0) -> bool:
         r = entry.reported
         if r.kv_tokens_capacity and entry.kv_free < tokens:
             return False
@@ -302,6 +328,10 @@ class FlowControl:
             if chunks > 0 and chunk > 0 and entry.queued_tokens >= chunks * chunk:
                 return False
         if r.max_running_requests:
+            if reserve:  # free slots after this one: the batch's, less those running, waiting or in flight
+                running = max(0, r.running_requests - entry.finished_unreported)
+                free = r.max_running_requests - running - r.waiting_requests - entry.inflight_requests - 1
+                return free >= reserve
             return not entry.slot_excess  # waiting + in flight + this one fit the free batch slots
         return not entry.total_requests  # never reported its batch size: one request at a time
 

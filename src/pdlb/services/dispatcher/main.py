@@ -207,6 +207,21 @@ def build_parser() -> FlagParser:
         type=float,
         help="flow control: seconds a tenant counts as active after its last request ended (for --tenant-share)",
     )
+    parser.flag(
+        "--reserved-slots",
+        default=flow.reserved_slots,
+        type=int,
+        help="flow control: batch slots per rank kept free of sheddable requests (priority >= --sheddable-priority) "
+        "while other requests arrive (one within --reserve-window), so a request of better priority is bound at "
+        "once instead of behind the sheddable ones already running (0: no reserve)",
+    )
+    parser.flag(
+        "--reserve-window",
+        default=flow.reserve_window_s,
+        type=float,
+        help="flow control: seconds the --reserved-slots reserve holds after the last request of non-sheddable "
+        "priority arrived",
+    )
     return parser
 
 
@@ -240,6 +255,8 @@ def flow_options(args) -> FlowOptions:
         raise FlagRefused("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
     if not args.tenant_share >= 0 or not args.tenant_active_window >= 0:
         raise FlagRefused("--tenant-share and --tenant-active-window must be >= 0")
+    if args.reserved_slots < 0 or not args.reserve_window >= 0:
+        raise FlagRefused("--reserved-slots and --reserve-window must be >= 0")
     if not args.max_prefill_ahead_chunks >= 0:
         raise FlagRefused(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
@@ -255,6 +272,8 @@ def flow_options(args) -> FlowOptions:
         max_tenants=args.max_tenants,
         tenant_share_scale=args.tenant_share,
         tenant_active_window_s=args.tenant_active_window,
+        reserved_slots=args.reserved_slots,
+        reserve_window_s=args.reserve_window,
     )
 
 

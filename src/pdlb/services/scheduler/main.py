@@ -22,7 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
-from pdlb.engines.torch import dtypes
+from pdlb.engines.torch import compiled_ops, dtypes
 from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
@@ -196,6 +196,14 @@ def build_parser() -> FlagParser:
         "auto: on a CPU device, bind when --torch-threads equals the cores this process may use; none: never "
         "(default: binding showed no clear gain on a shared 2-core machine)",
     )
+    p.flag(
+        "--cpu-compiled-ops",
+        default=False,
+        type=bool,
+        help="on a CPU, the Llama layers' element-wise ops (residual add + RMSNorm, rotary, SiLU-mul) of prefill "
+        "steps (>= 256 tokens) compiled by torch.compile into fused kernels at start (needs a C++ compiler: c++, "
+        "g++ or $CXX)",
+    )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
     p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
@@ -264,6 +272,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         cache = Path(args.weights_cache_dir) if args.weights_cache_dir else None
         model = LlamaModel(config)
         model.load_weights(source.state_dict(cache, int(args.weights_cache_gb * (1 << 30))))
+    started = time.perf_counter()
     runner = TorchRunner(
         model,
         args.max_total_tokens,
@@ -272,7 +281,10 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         tokenizer.eos_token_id,
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
+        compiled_ops=args.cpu_compiled_ops,
     )
+    if runner.compiled_ops:
+        log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
         count = runner.graphs.warmup()
@@ -303,6 +315,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
         raise FlagRefused(str(exc)) from None
+    if args.cpu_compiled_ops and args.runner == "torch" and not compiled_ops.available():
+        raise FlagRefused(
+            "--cpu-compiled-ops needs a C++ compiler for torch.compile "
+            "(c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
+        )
     compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)

@@ -515,6 +515,30 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["generate", "hi", "--max-new-tokens", "-3"], "pdlb generate: error: argument --max-new-tokens: -3 is out"),
+        (["generate", "hi", "--max-new-tokens", "2**40"], "pdlb generate: error: argument --max-new-tokens: '2**40'"),
+        (["route", "hi", "--room", "-1"], "pdlb route: error: argument --room: -1 is out of range"),
+        (["rooms", "5", "-1"], "pdlb rooms: error: argument room: -1 is out of range"),
+        (["top", "--interval-ms", "-5"], "pdlb top: error: argument --interval-ms: -5 is out of range"),
+        (["bench-client", "--max-concurrency", "0"], "pdlb bench-client: error: argument --max-concurrency: 0 is"),
+        (["bench-client", "--rate", "nan"], "pdlb bench-client: error: argument --rate: nan is out of range"),
+        (["bench-client", "--num-requests", "-1"], "pdlb bench-client: error: argument --num-requests: -1 is"),
+    ],
+)
+def test_a_numeric_flag_out_of_range_is_refused_in_one_line(argv, said):
+    """Values that protobuf cannot hold (a negative --max-new-tokens or room: a ValueError traceback
+    from the request builder) or that never make progress (--max-concurrency 0 hung forever) are
+    argparse's refusal naming the flag, exit 2, before anything is sent."""
+    env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}
+    refused = pdlb(*argv, "--dispatcher", "127.0.0.1:1", "--bootstrap", "127.0.0.1:1", env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(said), refused.stderr
+
+
 def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
     up, state, env = start_up(
         tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
@@ -554,6 +578,40 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
     )  # fmt: skip
     assert refused.returncode == status, refused.stdout + refused.stderr
     assert refused.stderr.strip() == said
+
+
+def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
+    """`pdlb top` against a dispatcher that does not answer printed a grpc traceback."""
+    env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}
+    lost = pdlb("top", "--once", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:1", env=env, timeout=30)
+    assert lost.returncode == 1, lost.stdout + lost.stderr
+    assert "Traceback" not in lost.stderr and len(lost.stderr.strip().splitlines()) == 1, lost.stderr
+    assert re.match(r"pdlb top: (prefill|decode) dispatcher 127\.0\.0\.1:1: UNAVAILABLE: ", lost.stderr), lost.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--workers", "4"], "pdlb up: --workers is for --mode mixed, and this cluster is --mode pd"),
+        (["--method", "round_robin"], "pdlb up: --method is for --mode mixed, and this cluster is --mode pd"),
+        (
+            ["--mode", "mixed", "--prefill", "2"],
+            "pdlb up: --prefill is for --mode pd, and this cluster is --mode mixed",
+        ),
+        (
+            ["--mode", "mixed", "--decode", "3", "--decode-method", "least_wait"],
+            "pdlb up: --decode, --decode-method are for --mode pd",
+        ),
+    ],
+)
+def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):
+    """`pdlb up --workers 4` started the default PD cluster of 2 + 2 ranks, the 4 ignored in silence
+    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
+    refused = pdlb("up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip().startswith(said) and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
 
 
 def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):

@@ -176,7 +176,7 @@ BAD = [
     (b"[1, 2]", 400, None),
     (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
     (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
-    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": 7, "prompt": "x"}).encode(), 400, "model"),
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
@@ -219,6 +219,14 @@ async def test_bad_http_input_gets_openai_errors_and_the_gateway_stays_healthy(c
         assert health["status"] == "ok"
     code, reply = await asyncio.to_thread(post, f"{base}/v1/chat/completions", json.dumps({"model": MODEL}).encode())
     assert code == 400 and reply["error"]["param"] == "messages"
+    # no model, null or "": the served one, as vLLM and SGLang answer (it was 400 "model is required")
+    for model in ({}, {"model": None}, {"model": ""}):
+        body = json.dumps({**model, "prompt": "x", "max_tokens": 2}).encode()
+        code, reply = await asyncio.to_thread(post, f"{base}/v1/completions", body)
+        assert code == 200 and reply["model"] == MODEL, (model, code, reply)
+        chat = json.dumps({**model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+        code, reply = await asyncio.to_thread(post, f"{base}/v1/chat/completions", chat)
+        assert code == 200 and reply["model"] == MODEL, (model, code, reply)
     code, reply = await asyncio.to_thread(post, f"{base}/v1/nowhere", b"{}")
     assert code == 404 and "error" in reply
     # every refusal counts among finished requests, the body over --max-body-bytes too (it was left out)

@@ -269,6 +269,7 @@ async def test_a_pinned_rank_without_a_worker_fails_at_once_naming_only_the_clie
             assert reply.status == 503, await reply.text()
             error = (await reply.json())["error"]
         assert "rank 1" in error["message"] and "~r" not in error["message"], error
+        assert "(live ranks: 0, 2)" in error["message"], error  # what the client may pin instead
         assert "retry" not in error["message"], error  # pins are not retried on other ranks
         async with http.post(f"{base}/v1/completions", json=body, headers={"X-data-parallel-rank": "2"}) as reply:
             assert reply.status == 200 and (await reply.json())["dp_rank"] == 2

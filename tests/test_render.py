@@ -76,7 +76,7 @@ async def test_render_answers_the_token_ids_in_vllms_shape(gateway):
 
 BAD = [
     b"{not json",
-    {"prompt": PROMPT},  # no model
+    {"model": 7, "prompt": PROMPT},  # a model that is not a string (left out, it is the served one)
     {"model": "gpt-4", "prompt": PROMPT},  # not served: 404
     {"model": SMOLLM2, "prompt": ""},
     {"model": SMOLLM2, "prompt": PROMPT, "temperature": 3},

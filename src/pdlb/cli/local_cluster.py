@@ -63,6 +63,28 @@ def port(text: str) -> int:
     return value
 
 
+class Given(argparse.Action):
+    """Stores the value and records the flag in `namespace.given` (a set of dests), so a flag given
+    with its default value can still be told from one left out."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+# flags that size or configure one mode's roles: given with the other mode they would act on nothing
+MODE_FLAGS = {"pd": ("prefill", "decode", "prefill_method", "decode_method"), "mixed": ("workers", "method")}
+
+
+def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line that only the mode not chosen reads, as typed (--workers)."""
+    given = getattr(args, "given", set()) | {
+        d for d in ("prefill_method", "decode_method", "method") if hasattr(args, d)
+    }
+    other = "mixed" if args.mode == "pd" else "pd"
+    return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
+
+
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """Every default in --help, except empty ones and those the help text already explains."""
 
@@ -75,9 +97,9 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = DefaultsShown
     parser.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="PD disaggregated, or mixed workers")
-    parser.add_argument("--prefill", type=positive, default=2, help="PD: prefill ranks")
-    parser.add_argument("--decode", type=positive, default=2, help="PD: decode ranks")
-    parser.add_argument("--workers", type=positive, default=2, help="mixed: DP ranks")
+    parser.add_argument("--prefill", type=positive, default=2, action=Given, help="PD: prefill ranks")
+    parser.add_argument("--decode", type=positive, default=2, action=Given, help="PD: decode ranks")
+    parser.add_argument("--workers", type=positive, default=2, action=Given, help="mixed: DP ranks")
     # Defaults follow the benchmarks (docs/BENCHMARKS.md): predicted_latency for mixed and prefill
     # dispatchers of independent workers, least_wait for decode; in lockstep groups cache_aware for
     # mixed and prefill, total_requests for decode.
@@ -261,6 +283,15 @@ class LocalCluster:
         flow-control flags for the dispatchers without --flow-control (they would act on nothing)."""
         args = self.args
         state.check_name(args.name)
+        stray = flags_of_the_other_mode(args)
+        if stray:
+            wanted = "pd" if args.mode == "mixed" else "mixed"
+            sizes = "--prefill N --decode M" if args.mode == "pd" else "--workers N"
+            verb, them = ("is", "it") if len(stray) == 1 else ("are", "them")
+            raise StartRefused(
+                f"{', '.join(stray)} {verb} for --mode {wanted}, and this cluster is --mode {args.mode} "
+                f"(its ranks: {sizes}); add --mode {wanted}, or drop {them}"
+            )
         if not self.flow_control():
             from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
 

@@ -10,6 +10,7 @@ import sys
 import grpc
 
 from pdlb.cli import state
+from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
 from pdlb.common.security import open_channel
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
     )
     gen.add_argument("--system", default="", help="with --chat: a system message first")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int_in(1, UINT32_MAX), default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
     gen.add_argument(
@@ -47,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route = command("route", help="ask which rank would serve a prompt (counts as a dispatch)")
     route.add_argument("text")
-    route.add_argument("--room", type=int, default=None, help="bootstrap room")
+    route.add_argument("--room", type=int_in(0, UINT64_MAX), default=None, help="bootstrap room")
     command("workers", help="list the workers of each dispatcher")
     rooms = command("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")
-    rooms.add_argument("room", nargs="*", type=int)
+    rooms.add_argument("room", nargs="*", type=int_in(0, UINT64_MAX))
     top = command("top", help="live load dashboard")
-    top.add_argument("--interval-ms", type=int, default=250)
+    top.add_argument("--interval-ms", type=int_in(1, UINT32_MAX), default=250)
     top.add_argument(
         "--once", action="store_true", help="print one frame and exit (also when stdout is not a terminal)"
     )
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(top.watch(dispatchers(args), args.interval_ms, once=once))
         except KeyboardInterrupt:
             pass
+        except top.StreamLost as exc:
+            print(f"pdlb top: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "bench-client":
         from pdlb.cli import bench_client

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
+import grpc
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
@@ -103,17 +104,28 @@ def _tokens(w: dispatch_pb2.WorkerLoadEntry) -> int:
     return w.reported.running_tokens + w.reported.waiting_tokens + w.inflight_tokens
 
 
+class StreamLost(Exception):
+    """A dispatcher's WatchLoad stream failed or ended: the message names the dispatcher and why."""
+
+
 async def watch(dispatchers: dict[str, str], interval_ms: int, once: bool = False) -> None:
-    """Show one table per dispatcher, refreshed on every snapshot; `once` prints a single frame."""
+    """Show one table per dispatcher, refreshed on every snapshot; `once` prints a single frame.
+    StreamLost when a dispatcher cannot be reached or its stream ends."""
     latest: dict[str, dispatch_pb2.WatchLoadResponse] = {}
     channels = {label: open_channel(address) for label, address in dispatchers.items()}
     updated = asyncio.Event()
 
     async def follow(label: str) -> None:
         stub = dispatch_pb2_grpc.DispatchStub(channels[label])
-        async for snapshot in stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=interval_ms)):
-            latest[label] = snapshot
-            updated.set()
+        where = f"{label} dispatcher {dispatchers[label]}"
+        try:
+            async for snapshot in stub.WatchLoad(dispatch_pb2.WatchLoadRequest(interval_ms=interval_ms)):
+                latest[label] = snapshot
+                updated.set()
+        except grpc.aio.AioRpcError as err:
+            raise StreamLost(f"{where}: {err.code().name}: {err.details()}") from None
+        # a stream that ends without an error would leave the screen frozen (or --once waiting forever)
+        raise StreamLost(f"{where} ended its load stream (it stopped?)")
 
     tasks = [asyncio.create_task(follow(label)) for label in dispatchers]
     try:

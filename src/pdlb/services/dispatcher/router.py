@@ -75,9 +75,12 @@ class Router:
             )
         entry = self.table.for_rank(rank)
         if entry is None:
+            live = [e.worker.dp_rank for e in self.table.candidates()]
+            # the ranks a client may pin instead (a typo'd or out-of-range pin reads as such)
+            shown = ", ".join(map(str, live[:16])) + (f" ... ({len(live)} in all)" if len(live) > 16 else "")
             # None: with no worker at all, whichever joins may be the rank (or let the policy in)
             raise NoLiveWorker(
-                f"request {ctx.request_id}: dp rank {rank} has no live worker",
-                rank if self.table.candidates() else None,
+                f"request {ctx.request_id}: dp rank {rank} has no live worker (live ranks: {shown or 'none'})",
+                rank if live else None,
             )
         return entry

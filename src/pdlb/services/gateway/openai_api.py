@@ -171,9 +171,12 @@ class OpenAIApi:
         return Parsed(chat, prepared, stream, bool(options.get("include_usage")), extras.stops, extras.logprobs, model)
 
     def check_model(self, model: Any) -> str:
-        """The model a body names; ApiError 400 when missing, 404 (model_not_found) when not served."""
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model is required (see GET /v1/models)", "model")
+        """The model a body names; left out, null or "" is the served model (as vLLM and SGLang
+        serve it). ApiError 400 when not a string, 404 (model_not_found) when not served."""
+        if model is None or model == "":
+            return self.model_id
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string (see GET /v1/models), not {model!r:.40}", "model")
         if model not in self.models():
             message = f"the model {model[:200]!r} does not exist; this server serves {self.model_id!r}"
             raise ApiError(404, message, "model")

@@ -1,0 +1,41 @@
+"""argparse types for the `pdlb` commands' numeric flags: a value out of range is argparse's one-line
+refusal naming the flag (exit 2), never a traceback from the request builder or a run that hangs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An integer in [low, high]; the bounds are the protobuf field's (uint32, uint64) or what the
+    command needs to make progress (a concurrency of 0 would never send anything)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """A finite number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: a number from {low:g} to {high:g}")
+        return value
+
+    return parse

@@ -168,6 +168,8 @@ class DispatchCore:
         # The tasks of the Generate calls in flight, so that a shutdown whose grace runs out can fail
         # them with a status naming it (gRPC's own cut says only "Cancelling all calls").
         self.running: set[asyncio.Task] = set()
+        self.upstream_waits: set[asyncio.Task] = set()  # those awaiting their worker's next chunk
+        self.cut: set[asyncio.Task] = set()  # those the shutdown cut, failed at their next chunk
         self.cut_why = ""  # set when the shutdown grace ran out: the running calls' failure
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
@@ -204,7 +206,8 @@ class DispatchCore:
             "send it again elsewhere"
         )
         tasks = set(self.running)
-        for task in tasks:
+        self.cut |= tasks
+        for task in tasks & self.upstream_waits:
             task.cancel()
         await asyncio.wait(tasks, timeout=5)  # each one sends its status; bounded, in case one does not
 
@@ -383,15 +386,30 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             holder = self._room_holder(ctx)
             if task is not None:
                 self.core.running.add(task)
+            chunks = self._generate(request, ctx, external, context, holder)
             try:
-                async for response in self._generate(request, ctx, external, context, holder):
+                # A shutdown's cut lands only where this call awaits its worker (or before its next
+                # chunk), never inside gRPC's own write of a chunk, which would end the call with
+                # gRPC's "Cancelling all calls" instead of the status naming the grace.
+                while task not in self.core.cut:
+                    self.core.upstream_waits.add(task)  # type: ignore[arg-type]
+                    try:
+                        response = await anext(chunks)
+                    except StopAsyncIteration:
+                        return  # served in full
+                    except asyncio.CancelledError:
+                        if task not in self.core.cut:
+                            raise  # the client went away
+                        task.uncancel()  # type: ignore[union-attr]  # the shutdown's cut: failed, not cancelled
+                        break
+                    finally:
+                        self.core.upstream_waits.discard(task)  # type: ignore[arg-type]
                     yield response
-            except asyncio.CancelledError:
-                if not self.core.cut_why:
-                    raise  # the client went away
                 self.core.metrics.failures.labels("UNAVAILABLE").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: {self.core.cut_why}")
             finally:
+                self.core.cut.discard(task)  # type: ignore[arg-type]
+                await chunks.aclose()  # at once, not when collected: it ends the forwarded call
                 self.core.running.discard(task)  # type: ignore[arg-type]
                 if holder is not None:
                     holder.cancel()

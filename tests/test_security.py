@@ -104,7 +104,9 @@ async def test_mutual_tls_end_to_end_and_clients_without_a_valid_certificate_are
 def test_tls_flags_are_checked_at_start(start_service, pki, tmp_path):
     pair = pki["server"]
     # Each refusal is reported at once with the service's own line naming the flag or file.
-    with pytest.raises(ServiceFailed, match="exited with status 1: --tls-cert and --tls-key go together"):
+    with pytest.raises(
+        ServiceFailed, match="exited with status 1: pdlb-bootstrap: --tls-cert and --tls-key go together"
+    ):
         start_service("bootstrap", "--tls-cert", str(pair.cert), name="cert-without-key")
     with pytest.raises(ServiceFailed, match=r"exited with status 1: .*missing\.key"):
         start_service("bootstrap", "--tls-cert", str(pair.cert), "--tls-key", str(tmp_path / "missing.key"))

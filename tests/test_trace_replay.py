@@ -42,6 +42,16 @@ def test_goodput_report_gives_rates_and_ratios_to_round_robin_per_seed():
     assert "| 6.0, 4.0 |" in fast and "2.00 (1.00-3.00)" in fast
 
 
+def _trace_args(tmp_path, trace_rows: list[dict]) -> argparse.Namespace:
+    """The replay's arguments for a trace file of `trace_rows`, unscaled, every request in the window."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in trace_rows))
+    return argparse.Namespace(
+        trace=str(path), offset=0, num_requests=len(trace_rows), length_divisor=1, max_input=8192, capacity=1.0,
+        high_share=1.0, flood_tenant=0.0,
+    )  # fmt: skip
+
+
 def test_cache_critical_counts_requests_that_need_their_cached_prefix(tmp_path):
     """A long prompt that repeats an earlier 4,096-token prefix has a floor of one short chunk; cold,
     its 5 chunks take longer than 3 x that floor + 200 ms, so only a cache hit meets its SLO. The
@@ -51,12 +61,7 @@ def test_cache_critical_counts_requests_that_need_their_cached_prefix(tmp_path):
         {"timestamp": 100, "input_length": 4608, "output_length": 4, "hash_ids": [*range(8), 8]},
         {"timestamp": 200, "input_length": 300, "output_length": 4, "hash_ids": [9]},
     ]
-    path = tmp_path / "trace.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    args = argparse.Namespace(
-        trace=str(path), offset=0, num_requests=3, length_divisor=1, max_input=8192, capacity=1.0,
-        high_share=1.0, flood_tenant=0.0,
-    )  # fmt: skip
+    args = _trace_args(tmp_path, rows)
     assert cache_critical(args, CostModel().scaled(10)) == (1, 3)
 
 
@@ -94,12 +99,7 @@ def test_eviction_losses_count_the_prefixes_an_lru_cache_of_the_ranks_kv_no_long
         {"timestamp": 100, "input_length": 2048, "output_length": 4, "hash_ids": [4, 5, 6, 7]},
         {"timestamp": 200, "input_length": 2560, "output_length": 4, "hash_ids": [0, 1, 2, 3, 8]},
     ]
-    path = tmp_path / "trace.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    args = argparse.Namespace(
-        trace=str(path), offset=0, num_requests=3, length_divisor=1, max_input=8192, capacity=1.0,
-        high_share=1.0, flood_tenant=0.0,
-    )  # fmt: skip
+    args = _trace_args(tmp_path, rows)
     cost = CostModel().scaled(10)
     cold = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 0, cost)
     warm = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 2048, cost)

@@ -8,11 +8,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 import grpc
 
 from pdlb.common.requests import RETRY_AFTER_KEY, InvalidRequest, check_request_off_loop, prompt_chars_limit
 from pdlb.common.roles import role_from_proto, role_to_proto
+from pdlb.common.shutdown_cut import Cut, ShutdownCut
 from pdlb.common.slots import Slots
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.dispatcher.channels import ChannelPool
@@ -167,10 +169,7 @@ class DispatchCore:
         self.in_flight_rooms: set[int] = set()
         # The tasks of the Generate calls in flight, so that a shutdown whose grace runs out can fail
         # them with a status naming it (gRPC's own cut says only "Cancelling all calls").
-        self.running: set[asyncio.Task] = set()
-        self.upstream_waits: set[asyncio.Task] = set()  # those awaiting their worker's next chunk
-        self.cut: set[asyncio.Task] = set()  # those the shutdown cut, failed at their next chunk
-        self.cut_why = ""  # set when the shutdown grace ran out: the running calls' failure
+        self.calls = ShutdownCut(SHUTTING_DOWN)
         # Lockstep groups: each worker's report stream carries StartWave back to it.
         self.report_outboxes: dict[str, asyncio.Queue[load_report_pb2.ReportResponse]] = {}
         self.waves = WaveCoordinator(self._send_start_wave)
@@ -196,20 +195,7 @@ class DispatchCore:
     async def end_running(self, grace_s: float) -> None:
         """Shutting down, after drain(): wait up to `grace_s` seconds for the Generate calls in flight
         to finish, then fail those still running, UNAVAILABLE, naming the shutdown and the grace."""
-        deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
-            await asyncio.wait(set(self.running), timeout=deadline - time.monotonic())
-        if not self.running:
-            return
-        self.cut_why = (
-            f"{SHUTTING_DOWN} and its --shutdown-grace ({grace_s:g} s) ran out while the request ran; "
-            "send it again elsewhere"
-        )
-        tasks = set(self.running)
-        self.cut |= tasks
-        for task in tasks & self.upstream_waits:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=5)  # each one sends its status; bounded, in case one does not
+        await self.calls.end(grace_s, settle_s=5)  # each one sends its status; bounded, in case one does not
 
     async def wait_join(self, timeout: float) -> None:
         """Until a worker joins, the dispatcher drains, or `timeout` seconds pass."""
@@ -380,37 +366,21 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         ctx, external = await self._checked(request.request, context)
         await acquire(self.core.active_requests, context)
-        task = asyncio.current_task()
         try:
             await self._claim(ctx, context)
             holder = self._room_holder(ctx)
-            if task is not None:
-                self.core.running.add(task)
-            chunks = self._generate(request, ctx, external, context, holder)
             try:
-                # A shutdown's cut lands only where this call awaits its worker (or before its next
-                # chunk), never inside gRPC's own write of a chunk, which would end the call with
-                # gRPC's "Cancelling all calls" instead of the status naming the grace.
-                while task not in self.core.cut:
-                    self.core.upstream_waits.add(task)  # type: ignore[arg-type]
-                    try:
-                        response = await anext(chunks)
-                    except StopAsyncIteration:
-                        return  # served in full
-                    except asyncio.CancelledError:
-                        if task not in self.core.cut:
-                            raise  # the client went away
-                        task.uncancel()  # type: ignore[union-attr]  # the shutdown's cut: failed, not cancelled
-                        break
-                    finally:
-                        self.core.upstream_waits.discard(task)  # type: ignore[arg-type]
-                    yield response
+                # A shutdown's cut lands where this call awaits its worker or asks for its next chunk
+                # (shutdown_cut.py), never inside gRPC's own write of a chunk.
+                async with aclosing(
+                    self.core.calls.stream(self._generate(request, ctx, external, context, holder))
+                ) as chunks:
+                    async for response in chunks:
+                        yield response
+            except Cut as cut:
                 self.core.metrics.failures.labels("UNAVAILABLE").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: {self.core.cut_why}")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {ctx.request_id}: {cut}")
             finally:
-                self.core.cut.discard(task)  # type: ignore[arg-type]
-                await chunks.aclose()  # at once, not when collected: it ends the forwarded call
-                self.core.running.discard(task)  # type: ignore[arg-type]
                 if holder is not None:
                     holder.cancel()
                 self.core.flow.release(ctx.request_id)  # its tenant's share frees (kicked below)

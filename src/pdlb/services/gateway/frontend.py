@@ -37,6 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -51,6 +52,7 @@ from pdlb.common.requests import (
     prompt_chars_limit,
     sampling_seed,
 )
+from pdlb.common.shutdown_cut import Cut, ShutdownCut
 from pdlb.common.tokenizer import StreamDecoder, Tokenizer, visible_tokens
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.v1 import common_pb2, dispatch_pb2
@@ -138,12 +140,8 @@ class Frontend:
         self.active_rooms: set[int] = set()
         self.draining = False
         # The tasks serving a request (an HTTP handler, a gRPC call), bounded by the stream slots, so
-        # a shutdown whose grace runs out can cut them with a status naming it: those awaiting the
-        # upstream now, and those the shutdown cut.
-        self.running: set[asyncio.Task] = set()
-        self.upstream_waits: set[asyncio.Task] = set()
-        self.cut: set[asyncio.Task] = set()
-        self.cut_why = ""  # set when the shutdown grace ran out: the running requests' failure
+        # a shutdown whose grace runs out can cut them with a status naming it.
+        self.calls = ShutdownCut(SHUTTING_DOWN)
 
     def drain(self) -> None:
         """Shutting down: refuse new requests; a request in flight that fails is not retried."""
@@ -153,24 +151,9 @@ class Frontend:
         """Shutting down, after drain(): wait up to `grace_s` seconds for the requests in flight to
         finish, then cut those still running, and wait up to `settle_s` seconds for them to end.
         A cut request's stream raises RequestFailed (UNAVAILABLE, naming the shutdown and the
-        grace) where it would give its next chunk: at once when it awaits its upstream (cancelled),
-        else as soon as its consumer asks for more, so the failure is always the stream's own,
-        which the consumer sends as it sends any (never a cancellation landing in its own writes)."""
-        deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
-            await asyncio.wait(set(self.running), timeout=deadline - time.monotonic())
-        if not self.running:
-            return
-        self.cut_why = (
-            f"{SHUTTING_DOWN} and its --shutdown-grace ({grace_s:g} s) ran out while the request ran; "
-            "send it again elsewhere"
-        )
-        log.warning("shutdown grace ran out: cutting %d request(s) still running", len(self.running))
-        tasks = set(self.running)
-        self.cut |= tasks
-        for task in tasks & self.upstream_waits:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=settle_s)
+        grace) where it would give its next chunk (shutdown_cut.py), so the failure is always the
+        stream's own, which the consumer sends as it sends any."""
+        await self.calls.end(grace_s, settle_s)
 
     async def prepare(self, request: common_pb2.InferenceRequest, fit_new_tokens: bool = False) -> Prepared:
         """Validate and tokenise (off the event loop) against the workers' length limits; raises
@@ -223,37 +206,16 @@ class Frontend:
         self.active_ids.add(rid)
         if room is not None:
             self.active_rooms.add(room)
-        task = asyncio.current_task()
-        assert task is not None
-        self.running.add(task)
-        chunks = self._generate(prepared, timeout)
         try:
-            while True:
-                if task in self.cut:
-                    raise self._cut_failure(task, rid)
-                self.upstream_waits.add(task)
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    return
-                except asyncio.CancelledError:
-                    if task not in self.cut:
-                        raise  # the client went away
-                    task.uncancel()  # the shutdown's cut: failed, not cancelled
-                    raise self._cut_failure(task, rid) from None
-                finally:
-                    self.upstream_waits.discard(task)
-                yield chunk
+            async with aclosing(self.calls.stream(self._generate(prepared, timeout))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except Cut as cut:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {rid}: {cut}") from None
         finally:
-            self.running.discard(task)
-            await chunks.aclose()  # at once, not when collected: it cancels the upstream calls
             self.active_ids.discard(rid)
             if room is not None:
                 self.active_rooms.discard(room)
-
-    def _cut_failure(self, task: asyncio.Task, rid: str) -> RequestFailed:
-        self.cut.discard(task)
-        return RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {rid}: {self.cut_why}")
 
     async def _generate(self, prepared: Prepared, timeout: float | None) -> AsyncIterator[Chunk]:
         original = prepared.request

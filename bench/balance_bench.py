@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.runners import CostModel, StepItem

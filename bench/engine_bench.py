@@ -38,7 +38,6 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from pdlb.common.etcd_process import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.vllm.server import MODEL_SUBDIR, SERVED_NAME, VLLMServer, VLLMServerSpec, find_venv, missing_reason
 from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -341,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     model = venv / MODEL_SUBDIR
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     log_dir = tempfile.mkdtemp(prefix="pdlb-engine-bench-")
-    spec = VLLMServerSpec(
-        port=free_port(), venv=venv, dtype=args.dtype, cpus=args.cpus, enforce_eager=args.vllm_eager, kv_cache_gib=2
-    )
+    spec = VLLMServerSpec(venv=venv, dtype=args.dtype, cpus=args.cpus, enforce_eager=args.vllm_eager, kv_cache_gib=2)
     server = VLLMServer(spec, f"{log_dir}/vllm.log").spawn()
     print(f"starting vLLM ({args.dtype}, cores {args.cpus}) and pdlb's worker; logs in {log_dir}", flush=True)
     variants = [parse_variant(v) for v in args.pdlb_variant] or [("pdlb", {}, [])]

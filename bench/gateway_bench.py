@@ -23,7 +23,8 @@ import aiohttp
 import grpc
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from pdlb.workload import percentile

@@ -15,7 +15,7 @@ import json
 import tempfile
 import time
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import common_pb2, dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, wait_until

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from bench.model_bench import SHAPES, hf_llama_config
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.models.config import LlamaConfig
 from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".venv-routers"

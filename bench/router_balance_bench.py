@@ -45,7 +45,8 @@ import aiohttp
 import grpc
 
 from bench import balance_bench, balance_suite, mooncake_trace, peer_routers
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.torch.runners import CostModel
 from pdlb.v1 import dispatch_pb2_grpc

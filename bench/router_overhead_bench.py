@@ -35,7 +35,7 @@ import aiohttp
 import grpc
 
 from bench import peer_routers
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 from pdlb.workload import percentile

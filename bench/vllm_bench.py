@@ -33,7 +33,8 @@ from pathlib import Path
 
 import aiohttp
 
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.engines.vllm.server import SERVED_NAME, VLLMServer, VLLMServerSpec, find_venv, missing_reason
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile_fields, salted
@@ -226,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if venv is None:
             print(missing_reason(), file=sys.stderr)
             return 2
-        spec = VLLMServerSpec(
-            port=free_port(), venv=venv, dp_size=2, cpus="0|1", dtype=args.dtype, enforce_eager=args.eager
-        )
+        spec = VLLMServerSpec(venv=venv, dp_size=2, cpus="0|1", dtype=args.dtype, enforce_eager=args.eager)
         server = VLLMServer(spec, f"{log_dir}/vllm.log").spawn()
         print(f"starting vLLM (--data-parallel-size 2, {args.dtype}); log {log_dir}/vllm.log", flush=True)
     etcd = EtcdProcess()

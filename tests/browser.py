@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 
 
 def chromium_path() -> str | None:

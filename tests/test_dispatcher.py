@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 import pytest
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, load_report_pb2, load_report_pb2_grpc
 from tests.helpers import (
     dispatch_stub,

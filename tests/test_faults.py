@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, live_workers, load_snapshot, request, wait_for_workers, wait_until
 

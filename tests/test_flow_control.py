@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from pdlb.cli.top import render
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.requests import RETRY_AFTER_KEY, SHED_REASONS
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until

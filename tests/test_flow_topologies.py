@@ -10,7 +10,7 @@ import asyncio
 import grpc
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 from tests.test_flow_control import BLOCK, SIM, Client, queued, wait_queued
 

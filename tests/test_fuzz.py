@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceProcess, script
 from pdlb.v1 import (
     bootstrap_pb2,

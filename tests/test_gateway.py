@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.browser import Browser, chromium_path
 from tests.helpers import greedy_gateway_stream, rest_of, wait_until

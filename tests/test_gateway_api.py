@@ -15,7 +15,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.common.tokenizer import ByteTokenizer
 from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import (

@@ -13,7 +13,8 @@ import aiohttp
 import grpc
 import pytest
 
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import greedy_gateway_stream, wait_until
 

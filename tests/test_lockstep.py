@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.v1 import common_pb2, dispatch_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 

@@ -133,7 +133,7 @@ def _metric(port: int, name: str) -> float:
 
 async def test_kv_handoff_costs_are_exported_on_both_sides(pd):
     """What an operator reads to know the hand-off's price: tokens and seconds on each side."""
-    from pdlb.common.etcd_process import free_port
+    from pdlb.common.free_port import free_port
 
     prefill_port, decode_port = free_port(), free_port()
     cluster = pd(

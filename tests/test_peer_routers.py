@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from bench import peer_routers
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from tests.helpers import dispatch_stub, shared_prefix_ranks, wait_for_workers
 
 pytestmark = [

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from pdlb.client import PDLBClient
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, generate, live_workers, request, wait_for_workers, wait_until
 

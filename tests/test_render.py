@@ -17,7 +17,7 @@ import subprocess
 import aiohttp
 import pytest
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.engines.vllm.server import MODEL_SUBDIR, find_venv, missing_reason
 from pdlb.models.catalog import resolve
 

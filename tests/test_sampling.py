@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.engines.request import SamplingConfig
 from pdlb.engines.torch.batching import token_generator
 from pdlb.engines.torch.sampler import sample_row

@@ -144,7 +144,7 @@ async def test_kill_9_removes_the_worker_after_the_lease_ttl(etcd, prefix, start
 async def test_prefix_cache_hits_show_in_load_and_metrics(start_service):
     import urllib.request
 
-    from pdlb.common.etcd_process import free_port
+    from pdlb.common.free_port import free_port
 
     metrics_port = free_port()
     proc = start_service("scheduler", *SMALL, "--page-size", "8", "--metrics-port", str(metrics_port), name="cached")

@@ -7,7 +7,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdlb.common.etcd_process import EtcdProcess, EtcdTLS, free_port
+from pdlb.common.etcd_process import EtcdProcess, EtcdTLS
+from pdlb.common.free_port import free_port
 from pdlb.common.processes import ServiceFailed
 from pdlb.common.security import TLSConfig, open_channel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc

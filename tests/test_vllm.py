@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import pytest
 
-from pdlb.common.etcd_process import free_port
+from pdlb.common.free_port import free_port
 from pdlb.engines.vllm.rank_metrics import parse_rank
 from pdlb.engines.vllm.server import VLLMServer, VLLMServerSpec, find_venv, http_json, missing_reason
 from pdlb.v1 import common_pb2, dispatch_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -43,11 +43,11 @@ def servers(tmp_path_factory):
     """Server A (ranks 0, 1) and server B (rank 2); stopped after the module."""
     venv, logs = find_venv(), tmp_path_factory.mktemp("vllm")
     a = VLLMServer(
-        VLLMServerSpec(port=free_port(), venv=venv, dp_size=2, cpus="0|1", dtype="float32", enforce_eager=True),
+        VLLMServerSpec(venv=venv, dp_size=2, cpus="0|1", dtype="float32", enforce_eager=True),
         logs / "a.log",
     )
     b = VLLMServer(
-        VLLMServerSpec(port=free_port(), venv=venv, dp_size=1, cpus="1", dtype="float32", enforce_eager=True),
+        VLLMServerSpec(venv=venv, dp_size=1, cpus="1", dtype="float32", enforce_eager=True),
         logs / "b.log",
     )
     try:

@@ -28,7 +28,8 @@ import grpc
 
 from pdlb.cli import state
 from pdlb.cli.supervisor import Supervisor
-from pdlb.common.etcd_process import EtcdProcess, free_port
+from pdlb.common.etcd_process import EtcdProcess
+from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
 from pdlb.models.catalog import SMOLLM2, TINY
@@ -536,14 +537,13 @@ class LocalCluster:
                 "kv_connector_extra_config": {"shared_storage_path": str(storage)},
             }
             extra = ["--kv-transfer-config", json.dumps(config)]
-        vllm_port = args.vllm_port or free_port()
         by_role: dict[str, list] = {}
         for mode, count in roles.items():
             size = per_server or count
             for _ in range(count // size):
                 index = len(self.vllm_servers)
                 spec = VLLMServerSpec(
-                    port=vllm_port + index if args.vllm_port else free_port(),
+                    port=args.vllm_port + index if args.vllm_port else 0,  # 0: chosen at spawn
                     venv=venv,
                     dp_size=size,
                     dtype=cpu_dtype() if args.vllm_dtype == "auto" else args.vllm_dtype,

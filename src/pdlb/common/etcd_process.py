@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdlb.common.free_port import free_port
 from pdlb.common.orphan_guard import guarded
 
 
@@ -40,12 +40,6 @@ class EtcdTLS:
     cert: str
     key: str
     client_ca: str = ""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class EtcdProcess:

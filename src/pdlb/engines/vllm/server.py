@@ -15,9 +15,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pdlb.common.free_port import free_port
 from pdlb.common.orphan_guard import guarded
 
 DEFAULT_VENV = ".vllm-venv"
@@ -63,14 +64,15 @@ def cpu_dtype() -> str:
 
 @dataclass
 class VLLMServerSpec:
-    """One vLLM server: `dp_size` DP ranks (engine cores) behind one OpenAI API on `port`.
+    """One vLLM server: `dp_size` DP ranks (engine cores) behind one OpenAI API on `port` (0: a free
+    port chosen at spawn, and chosen again if the server finds it taken; see VLLMServer).
 
     `cpus`: the CPU ids its engine cores are bound to, one group per rank ("0|1": rank 0 on cpu 0,
     rank 1 on cpu 1); `kv_cache_gib`: KV cache per rank; `enforce_eager`: skip torch.compile and
     graph capture (faster start-up, slower steps)."""
 
-    port: int
     venv: Path
+    port: int = 0
     dp_size: int = 1
     dtype: str = "bfloat16"
     max_model_len: int = 2048
@@ -129,21 +131,35 @@ class VLLMServerSpec:
 
 
 class VLLMServer:
-    """A vLLM server child process; its output goes to `log_path`."""
+    """A vLLM server child process; its output goes to `log_path`.
+
+    With `spec.port` 0 the server gets a port from `free_port` at spawn. If it then exits on
+    "Address already in use" before it is healthy (a process that names its ports took it in
+    between), `wait_ready` spawns it again on a newly chosen port, `port_retries` times at most;
+    `url` follows the port in use. A port the caller named is never changed."""
+
+    port_retries = 3
+    BIND_FAILED = "Address already in use"
 
     def __init__(self, spec: VLLMServerSpec, log_path: str | Path) -> None:
         self.spec, self.log_path = spec, Path(log_path)
+        self.choose_port = spec.port == 0
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_s = 0.0  # seconds from spawn to healthy
+        self.log_start = 0  # the log's size when the latest attempt started
+        self.respawns = 0
 
     @property
     def url(self) -> str:
         return self.spec.url
 
     def spawn(self) -> VLLMServer:
+        if self.choose_port:
+            self.spec = replace(self.spec, port=free_port())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()
             self.proc = subprocess.Popen(
                 guarded(self.spec.argv()),
                 stdout=log,
@@ -160,6 +176,10 @@ class VLLMServer:
         deadline = self.started_at + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
+                if self.proc is not None and self._lost_its_port() and self.respawns < self.port_retries:
+                    self.respawns += 1
+                    self.spawn()  # a new port; the deadline still counts from the first spawn
+                    continue
                 raise RuntimeError(f"vLLM server on :{self.spec.port} exited; log {self.log_path}:\n{self.log_tail()}")
             if http_ok(f"{self.url}/health"):
                 self.ready_s = time.monotonic() - self.started_at
@@ -167,6 +187,17 @@ class VLLMServer:
             time.sleep(0.5)  # polling a server that has no readiness event to wait on
         self.stop()
         raise RuntimeError(f"vLLM server on :{self.spec.port} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _lost_its_port(self) -> bool:
+        """Whether the latest attempt, on a port chosen for it, exited failing to bind."""
+        if not self.choose_port:
+            return False
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_start)
+                return self.BIND_FAILED in log.read().decode(errors="replace")
+        except OSError:
+            return False
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

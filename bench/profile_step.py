@@ -7,6 +7,11 @@ the floor no implementation can beat: every weight and the attended K/V read onc
 bandwidth measured in the same run (a large device-to-device copy, bytes read plus written).
 
   python -m bench.profile_step --device cuda --dtype bfloat16 --shape smollm2,llama-1b --batch 64
+  python -m bench.profile_step --batch 16 --context 232 --attention sdpa,paged  # on a CPU
+
+On a CPU, `--attention` names decode attentions timed alternately in one run (sdpa: index_select +
+SDPA; paged: pdlb's C++ kernel reading the pool in place, paged_attention_cpu.py): the step, and
+the decode attention alone per layer (every layer's pool, the step's slot table).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import time
 import torch
 
 from bench.model_bench import DTYPES, SHAPES
+from pdlb.engines.torch import paged_attention_cpu, pool_attention
 from pdlb.engines.torch.llama import LlamaModel
-from pdlb.engines.torch.model import SeqChunk
+from pdlb.engines.torch.model import BatchPlan, SeqChunk
 from pdlb.engines.torch.runners import StepItem, TorchRunner
 
 
@@ -47,6 +53,12 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     config, dtype = SHAPES[shape], DTYPES[args.dtype]
     model = LlamaModel.random(config)
     runner = TorchRunner(model, args.batch * (args.context + 8), args.device, dtype)
+    variants = args.attention.split(",")
+    kernels = {"sdpa": None}
+    if "paged" in variants:
+        started = time.perf_counter()
+        kernels["paged"] = paged_attention_cpu.shared()
+        print(f"paged kernel built or loaded in {time.perf_counter() - started:.1f} s")
     items = []
     for i in range(args.batch):
         slots = runner.allocate(args.context + 1)
@@ -54,20 +66,45 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     on_cuda = args.device.startswith("cuda")
     for _ in range(3):  # capture and warm-up
         runner.step(items)
-    runs = []
+    by_variant: dict[str, list[float]] = {name: [] for name in variants}
+    attention_ms: dict[str, list[float]] = {name: [] for name in variants}
+    layout = BatchPlan([item.chunk for item in items], runner.device).attention_layout()
+    q = torch.randn(args.batch, config.num_heads, config.head_dim, dtype=dtype, device=runner.device)
     for _ in range(args.runs):
-        samples = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            runner.step(items)
-            samples.append((time.perf_counter() - start) * 1e3)
-        runs.append(statistics.median(samples))
+        for name in variants:  # alternating, so that load changes hit every variant alike
+            runner.model.decode_attention = kernels[name]
+            for _ in range(3):
+                runner.step(items)
+            samples = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                runner.step(items)
+                samples.append((time.perf_counter() - start) * 1e3)
+            by_variant[name].append(statistics.median(samples))
+            samples = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                for layer in range(config.num_layers):
+                    k_pool, v_pool = runner.pool.k[layer], runner.pool.v[layer]
+                    pool_attention.attend(layout, q, q, q, k_pool, v_pool, kernels[name])
+                samples.append((time.perf_counter() - start) * 1e3 / config.num_layers)
+            attention_ms[name].append(statistics.median(samples))
+    runs = by_variant[variants[0]]
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize  # K and V
     kv = per_token * args.batch * (args.context + 1)
     result = {"step_ms": statistics.median(runs)}
     print(f"## {shape}, batch {args.batch}, context {args.context}, {args.dtype}, {args.device}\n")
-    print(f"runner.step: {spread(runs)} over {args.runs} runs (each the median of {args.steps} steps)")
+    for name, medians in by_variant.items():
+        print(f"runner.step, {name} attention: {spread(medians)} over {args.runs} runs ({args.steps} steps each)")
+        print(f"  decode attention alone, per layer: {spread(attention_ms[name])}")
+    if len(variants) > 1:
+        for label, table in (("step", by_variant), ("attention", attention_ms)):
+            ratios = [a / b for a, b in zip(table[variants[1]], table[variants[0]], strict=True)]
+            print(
+                f"{label} {variants[1]} / {variants[0]} per run: {statistics.median(ratios):.3f} "
+                f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+            )
     if on_cuda:
         chunks = [item.chunk for item in items]
         bucket = runner.graphs.bucket(chunks) if runner.graphs else None
@@ -113,6 +150,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repeats, for the spread")
     parser.add_argument("--steps", type=int, default=50, help="steps per run")
     parser.add_argument("--rows", type=int, default=15, help="rows of the profiler table")
+    parser.add_argument(
+        "--attention",
+        default="sdpa",
+        help="CPU decode attention, comma-separated for several timed alternately in one run: sdpa "
+        "(index_select + SDPA), paged (pdlb's C++ kernel, reads the pool in place); the profile is of the last",
+    )
     args = parser.parse_args()
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
     with torch.no_grad():

@@ -19,11 +19,11 @@ happens while serving. Needs a C++ compiler (`available()`).
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 
 import torch
 from torch.nn import functional as F
+
+from pdlb.engines.torch import cxx_build
 
 
 def _add_rms_norm(
@@ -46,7 +46,7 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def available() -> bool:
     """Whether inductor can build CPU kernels here: a C++ compiler on PATH (or named by CXX)."""
-    return any(shutil.which(name) for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if name)
+    return cxx_build.available()
 
 
 class CompiledOps:

@@ -163,6 +163,9 @@ class LlamaModel(nn.Module):
     # the plain-torch path's element-wise ops compiled in groups (compiled_ops.CompiledOps); None: eager
     compiled_ops: CompiledOps | None = None
     compiled_ops_min_tokens = COMPILED_OPS_MIN_TOKENS  # smaller steps run them eagerly
+    # the plain-torch path's decode attention reading the pool in place (paged_attention_cpu.py);
+    # None: index_select + SDPA
+    decode_attention: pool_attention.DecodeKernel | None = None
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -237,7 +240,7 @@ class LlamaModel(nn.Module):
             k_pool, v_pool = pool.k[index], pool.v[index]
             k_pool[plan.write_slots] = k.to(k_pool.dtype)
             v_pool[plan.write_slots] = v.to(v_pool.dtype)
-            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool)
+            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool, self.decode_attention)
             if ops is None:
                 x = x + layer.o_proj(attended)
                 gate, up = layer.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, -1)

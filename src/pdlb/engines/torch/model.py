@@ -244,7 +244,7 @@ class DecodePlan:
 
     def attention_layout(self) -> AttentionLayout:
         """Every row a decode token over the slot table, masked by kv_lens (device tensors only)."""
-        return AttentionLayout.fixed_decode(self.kv_index, self.mask)
+        return AttentionLayout.fixed_decode(self.kv_index, self.mask, self.kv_lens)
 
     def valid_rows(self, attended: torch.Tensor) -> torch.Tensor:
         """[B, H, 1, hd] attention output -> [B, H * hd]."""

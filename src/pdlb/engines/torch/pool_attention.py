@@ -8,7 +8,8 @@ the cheapest form instead:
 
 - decode tokens (one new token each): one batched attention; their K/V read from the pool with
   `index_select` over the flattened slot table (4x faster than advanced indexing on a CPU), the query
-  heads of a KV head as that head's query rows, a key-padding mask broadcast over heads;
+  heads of a KV head as that head's query rows, a key-padding mask broadcast over heads; or, given a
+  `decode_kernel` (paged_attention_cpu.py), one that reads the pool in place through the slot table;
 - a prompt chunk from position 0: causal attention over its own new K/V (no pool read, no mask);
 - a chunk that continues a cached prefix or an earlier chunk: its context's K/V read from the pool,
   an offset causal mask.
@@ -20,10 +21,15 @@ one layer. Shapes: q [T, H, hd] (T tokens of the step, in plan order), the layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+# (q [Bd, H, hd], k_pool, v_pool [slots, Hkv, hd], slot table [Bd, L] int64, lengths [Bd] int64)
+# -> [Bd, H * hd]: decode attention reading the pool in place (paged_attention_cpu.PagedDecodeAttention)
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -70,27 +76,31 @@ class AttentionLayout:
         self.decode_count = len(decode)
         self.all_decode = self.decode_count == len(spans) and self.decode_count == num_tokens
         self.decode_rows: torch.Tensor | None = None
-        self.decode_slots = self.decode_mask = None
+        self.decode_slots = self.decode_mask = self.decode_table = self.decode_lens = None
         self.decode_context = 0
         if decode:
             longest = max(kv_lens[b] for b in decode)
             rows = torch.tensor(decode)
             self.decode_context = longest
-            self.decode_slots = kv_index[rows, :longest].reshape(-1).to(device)
-            lens = torch.tensor([kv_lens[b] for b in decode]).view(-1, 1, 1, 1)
-            self.decode_mask = (torch.arange(longest).view(1, 1, 1, -1) < lens).to(device)  # [Bd, 1, 1, L]
+            self.decode_table = kv_index[rows, :longest].to(device)  # [Bd, L]
+            self.decode_slots = self.decode_table.reshape(-1)
+            lens = torch.tensor([kv_lens[b] for b in decode])
+            self.decode_lens = lens.to(device)  # [Bd]
+            key_pos = torch.arange(longest).view(1, 1, 1, -1)
+            self.decode_mask = (key_pos < lens.view(-1, 1, 1, 1)).to(device)  # [Bd, 1, 1, L]
             if not self.all_decode:
                 self.decode_rows = torch.tensor([spans[b][0] for b in decode], device=device)
 
     @classmethod
-    def fixed_decode(cls, kv_index: torch.Tensor, mask: torch.Tensor) -> AttentionLayout:
-        """A fixed-shape decode plan's layout (DecodePlan): kv_index [B, context] and its key-padding
-        mask [B, 1, 1, context], both already on the device."""
+    def fixed_decode(cls, kv_index: torch.Tensor, mask: torch.Tensor, kv_lens: torch.Tensor) -> AttentionLayout:
+        """A fixed-shape decode plan's layout (DecodePlan): kv_index [B, context], its key-padding
+        mask [B, 1, 1, context] and lengths [B], all already on the device."""
         layout = cls.__new__(cls)
         batch, context = kv_index.shape
         layout.num_tokens, layout.segments, layout.decode_count = batch, [], batch
         layout.all_decode, layout.decode_rows = True, None
         layout.decode_slots, layout.decode_mask, layout.decode_context = kv_index.reshape(-1), mask, context
+        layout.decode_table, layout.decode_lens = kv_index, kv_lens
         return layout
 
 
@@ -101,9 +111,12 @@ def attend(
     v_new: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
+    decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
     """One layer's attention. q [T, H, hd]; k_new, v_new [T, Hkv, hd] (this step's, already written
-    to the pool); k_pool, v_pool [slots, Hkv, hd] (this layer's pool). Returns [T, H * hd] in q's dtype."""
+    to the pool); k_pool, v_pool [slots, Hkv, hd] (this layer's pool). Returns [T, H * hd] in q's dtype.
+    `decode_kernel` (None: `index_select` and SDPA) attends the decode rows reading the pool in
+    place; prompt chunks take SDPA either way."""
     tokens, heads, head_dim = q.shape
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
@@ -112,13 +125,16 @@ def attend(
     if layout.decode_count:
         count, context = layout.decode_count, layout.decode_context
         rows = q if layout.decode_rows is None else q.index_select(0, layout.decode_rows)
-        # the `group` query heads of a KV head are that head's query rows: K/V are never repeated
-        queries = rows.view(count, kv_heads, group, head_dim)
-        keys = k_pool.index_select(0, layout.decode_slots).view(count, context, kv_heads, head_dim).transpose(1, 2)
-        values = v_pool.index_select(0, layout.decode_slots).view(count, context, kv_heads, head_dim).transpose(1, 2)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-        decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.decode_mask)
-        decoded = decoded.reshape(count, width)
+        if decode_kernel is not None:
+            decoded = decode_kernel(rows, k_pool, v_pool, layout.decode_table, layout.decode_lens)
+        else:
+            # the `group` query heads of a KV head are that head's query rows: K/V are never repeated
+            queries = rows.view(count, kv_heads, group, head_dim)
+            keys = k_pool.index_select(0, layout.decode_slots).view(count, context, kv_heads, head_dim)
+            values = v_pool.index_select(0, layout.decode_slots).view(count, context, kv_heads, head_dim)
+            keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)
+            decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.decode_mask)
+            decoded = decoded.reshape(count, width)
         if layout.all_decode:
             return decoded
     out = torch.empty(tokens, width, dtype=q.dtype, device=q.device)

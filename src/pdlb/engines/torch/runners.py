@@ -12,6 +12,7 @@ import torch
 from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.request import Sampled, SamplingConfig
 from pdlb.engines.torch import compiled_ops as compiled_ops_module
+from pdlb.engines.torch import paged_attention_cpu
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
@@ -81,6 +82,7 @@ class TorchRunner(Runner):
         graph_max_batch: int = 256,
         pack_weights: bool = True,
         compiled_ops: bool = False,
+        paged_attention: bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
@@ -88,7 +90,10 @@ class TorchRunner(Runner):
         (packed_linear.py; where this torch build and CPU support the dtype).
         `compiled_ops`: on a CPU, a Llama model's element-wise ops compiled in fused groups for its
         prefill steps (compiled_ops.py), compiled here, before the first step; raises RuntimeError
-        if no C++ compiler is found."""
+        if no C++ compiler is found.
+        `paged_attention`: on a CPU, a Llama model's decode rows attend through pdlb's C++ kernel that
+        reads the pool in place (paged_attention_cpu.py), built here (or loaded from its cache);
+        raises paged_attention_cpu.Unavailable naming why it cannot run."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -104,6 +109,16 @@ class TorchRunner(Runner):
             ops = compiled_ops_module.shared()
             ops.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, dtype)
             self.model.compiled_ops = ops
+        self.paged_attention = paged_attention and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        if self.paged_attention:
+            kernel = paged_attention_cpu.shared()
+            c = model.config
+            unsupported = kernel.supports(c.num_heads, c.num_kv_heads, c.head_dim)
+            if unsupported:
+                raise paged_attention_cpu.Unavailable(
+                    f"{paged_attention_cpu.WHAT} does not take this model: {unsupported}"
+                )
+            self.model.decode_attention = kernel
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)

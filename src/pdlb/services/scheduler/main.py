@@ -22,7 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
-from pdlb.engines.torch import compiled_ops, dtypes
+from pdlb.engines.torch import cxx_build, dtypes, paged_attention_cpu
 from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
@@ -204,6 +204,15 @@ def build_parser() -> FlagParser:
         "steps (>= 256 tokens) compiled by torch.compile into fused kernels at start (needs a C++ compiler: c++, "
         "g++ or $CXX)",
     )
+    p.flag(
+        "--cpu-decode-attention",
+        default="sdpa",
+        choices=["sdpa", "paged"],
+        help="decode attention of the Llama model on a CPU. sdpa: each decode row's K/V copied out of the pool "
+        "(index_select), then torch's SDPA; paged: pdlb's C++ kernel (AVX2/FMA, on torch's OpenMP threads) that "
+        "reads K/V in place through the slot table, built at start into ~/.cache/pdlb/kernels (needs a C++ "
+        "compiler: c++, g++ or $CXX; ~5 s once, then cached). Prefill chunks take SDPA either way",
+    )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
     p.flag("--hidden-size", default=64, type=int, help=f"{TINY}: width")
@@ -282,14 +291,35 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
         compiled_ops=args.cpu_compiled_ops,
+        paged_attention=args.cpu_decode_attention == "paged",
     )
     if runner.compiled_ops:
         log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
+    if runner.paged_attention:
+        log.info("decode attention: paged kernel %s", runner.model.decode_attention.library)
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
         count = runner.graphs.warmup()
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
     return runner
+
+
+def refuse_cpu_options_that_cannot_run(args) -> None:
+    """FlagRefused, before any model loads, for the CPU options that need what this machine lacks: a C++
+    compiler (--cpu-compiled-ops for torch.compile, --cpu-decode-attention paged for pdlb's kernel),
+    or for the kernel an AVX2/FMA CPU."""
+    if args.engine != "pdlb" or args.runner != "torch":
+        return
+    if args.cpu_compiled_ops and not cxx_build.available():
+        raise FlagRefused(cxx_build.missing_compiler_message("--cpu-compiled-ops", "torch.compile"))
+    if args.cpu_decode_attention == "paged" and args.device == "cpu":
+        if not cxx_build.available():
+            raise FlagRefused(
+                cxx_build.missing_compiler_message("--cpu-decode-attention paged", paged_attention_cpu.WHAT)
+            )
+        reason = paged_attention_cpu.unavailable_reason()
+        if reason is not None:
+            raise FlagRefused(f"--cpu-decode-attention paged: {reason}")
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:
@@ -315,11 +345,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         bind = cpus_to_bind(args.torch_bind_cpus, args.torch_threads, args.device)
     except ValueError as exc:
         raise FlagRefused(str(exc)) from None
-    if args.cpu_compiled_ops and args.runner == "torch" and not compiled_ops.available():
-        raise FlagRefused(
-            "--cpu-compiled-ops needs a C++ compiler for torch.compile "
-            "(c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
-        )
+    refuse_cpu_options_that_cannot_run(args)
     compute = compute_thread(args.torch_threads, bind)
     try:
         source = resolve(args.model, args.served_model_name)
@@ -328,6 +354,9 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     except UnsupportedModel as exc:
         compute.shutdown()
         raise SystemExit(f"cannot serve --model {args.model}: {exc}") from None
+    except paged_attention_cpu.Unavailable as exc:
+        compute.shutdown()
+        raise FlagRefused(f"--cpu-decode-attention paged: {exc}") from None
     if args.engine == "vllm":
         _check_vllm_args(args, role)
     group = _group(args, role, runner, limits) if args.dp_group_size > 1 else None

@@ -21,7 +21,7 @@ import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.engines.request import EngineLimits, Sequence
-from pdlb.engines.torch import compiled_ops
+from pdlb.engines.torch import compiled_ops, paged_attention_cpu
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -117,17 +117,30 @@ def test_stream_decoder_memory_stays_bounded(smollm2):
 
 
 NEEDS_COMPILER = pytest.mark.skipif(not compiled_ops.available(), reason="torch.compile needs a C++ compiler")
+NEEDS_PAGED_KERNEL = pytest.mark.skipif(
+    paged_attention_cpu.unavailable_reason() is not None,
+    reason=f"paged decode attention kernel: {paged_attention_cpu.unavailable_reason()}",
+)
 
 
-def _compile_into(runner: TorchRunner, ops: bool) -> None:
+def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False) -> None:
     """Give a CPU runner's model the compiled element-wise ops (as its compiled_ops flag would),
-    compiled now, for steps of any size."""
+    compiled now, for steps of any size; `paged`: the paged decode attention kernel (as
+    --cpu-decode-attention paged would)."""
     if ops:
         c = runner.config
         compiled = compiled_ops.shared()
         compiled.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, torch.float32)
         runner.model.compiled_ops = compiled
         runner.model.compiled_ops_min_tokens = 1  # the test's short steps take the compiled ops too
+    if paged:
+        runner.model.decode_attention = paged_attention_cpu.shared()
+
+
+def _back_to_defaults(runner: TorchRunner) -> None:
+    runner.model.compiled_ops = None
+    runner.model.decode_attention = None
+    runner.model.__dict__.pop("compiled_ops_min_tokens", None)  # back to the class default
 
 
 @pytest.mark.parametrize("ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER)])
@@ -146,28 +159,33 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_r
             assert (ours - theirs).abs().max().item() < LOGIT_TOLERANCE, text
             assert int(ours.argmax()) == int(theirs.argmax())
     finally:
-        smollm2_runner.model.compiled_ops = None
-        smollm2_runner.model.__dict__.pop("compiled_ops_min_tokens", None)  # back to the class default
+        _back_to_defaults(smollm2_runner)
 
 
-def test_the_scheduler_refuses_compiled_ops_without_a_cpp_compiler(tmp_path):
+@pytest.mark.parametrize("flags", [["--cpu-compiled-ops"], ["--cpu-decode-attention", "paged"]], ids=["ops", "paged"])
+def test_the_scheduler_refuses_compiled_ops_without_a_cpp_compiler(tmp_path, flags):
     """No C++ compiler on PATH (and no CXX): one line naming the flag and what to install, exit 2,
-    before any model loads (torch.compile would otherwise fail at the first prefill)."""
+    before any model loads (torch.compile would otherwise fail at the first prefill; the paged
+    kernel could not be built)."""
     env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(tmp_path)}
-    argv = [sys.executable, "-m", "pdlb.services.scheduler.main", "--port", "0", "--cpu-compiled-ops"]
+    argv = [sys.executable, "-m", "pdlb.services.scheduler.main", "--port", "0", *flags]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 2, run.stdout + run.stderr
-    assert run.stderr.startswith("pdlb-scheduler: --cpu-compiled-ops needs a C++ compiler"), run.stderr
+    assert run.stderr.startswith(f"pdlb-scheduler: {' '.join(flags)} needs a C++ compiler"), run.stderr
     assert "apt-get install g++" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-@pytest.mark.parametrize("ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER)])
+@pytest.mark.parametrize(
+    "ops",
+    ["eager", pytest.param("compiled", marks=NEEDS_COMPILER), pytest.param("paged", marks=NEEDS_PAGED_KERNEL)],
+)
 async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     smollm2, smollm2_reference, smollm2_runner, ops
 ):
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
     their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
-    with the element-wise ops eager or compiled (compiled_ops.py)."""
+    with the element-wise ops eager or compiled (compiled_ops.py), or the decode rows attending
+    through the paged kernel (paged_attention_cpu.py)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -181,7 +199,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
         out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
-    _compile_into(smollm2_runner, ops == "compiled")
+    _compile_into(smollm2_runner, ops == "compiled", paged=ops == "paged")
     engine.start()
     try:
         first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
@@ -190,12 +208,51 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
         assert engine.cache_hit_tokens - hits > sum(len(p) for p in prompts) // 2  # prefixes came from the cache
     finally:
         await engine.close()
-        smollm2_runner.model.compiled_ops = None
-        smollm2_runner.model.__dict__.pop("compiled_ops_min_tokens", None)
+        _back_to_defaults(smollm2_runner)
     for got in (first, again):
         for tokens, want in zip(got, expected, strict=True):
             assert tokens[: len(want)] == want  # transformers stops at EOS; the engine ignores it here
     assert "Paris" in tokenizer.decode(first[0])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("paged", marks=NEEDS_PAGED_KERNEL)])
+def test_smollm2_batched_decode_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner, attention):
+    """Three prompts of different lengths prefilled, then decoded together one token a step (fed
+    transformers' greedy tokens): every decode step's logits of every row within LOGIT_TOLERANCE of
+    transformers' logits at that position, through SDPA or the paged kernel."""
+    _, tokenizer = smollm2
+    reference, _ = smollm2_reference
+    prompts = [tokenizer.encode(t) for t in TEXTS[:3]]
+    new = 6
+    runner = smollm2_runner
+    _compile_into(runner, False, paged=attention == "paged")
+    slots = [runner.allocate(len(ids) + new) for ids in prompts]
+    try:
+        wanted = []
+        for ids in prompts:
+            with torch.no_grad():
+                out = reference.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=new,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            wanted.append((out.sequences[0, len(ids) :].tolist(), [step[0] for step in out.logits]))
+        for ids, row in zip(prompts, slots, strict=True):
+            runner.model([SeqChunk(ids, 0, row)], runner.pool)
+        for step in range(1, new):
+            chunks = [
+                SeqChunk([tokens[step - 1]], len(ids) + step - 1, row)
+                for ids, row, (tokens, _) in zip(prompts, slots, wanted, strict=True)
+            ]
+            logits = runner.model(chunks, runner.pool)
+            for b, (_, theirs) in enumerate(wanted):
+                assert (logits[b] - theirs[step]).abs().max().item() < LOGIT_TOLERANCE, (b, step)
+    finally:
+        for row in slots:
+            runner.release(row)
+        _back_to_defaults(runner)
 
 
 def _prefill_logits(runner: TorchRunner, ids: list[int]) -> torch.Tensor:
@@ -299,7 +356,8 @@ def test_fixed_shape_decode_plans_match_the_eager_path(smollm2, smollm2_runner):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("fixed_plans", [False, True], ids=["eager", "decode-plans"])
-async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_plans):
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("paged", marks=NEEDS_PAGED_KERNEL)])
+async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_plans, attention):
     _write_hf_dir(tmp_path / kind, kind)
     source = resolve(str(tmp_path / kind))
     assert source.model_id == kind and source.kind == "hf"
@@ -307,7 +365,14 @@ async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_p
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / kind), dtype=torch.float32).eval()
     model = LlamaModel(source.config())
     model.load_weights(source.state_dict())
-    runner = TorchRunner(model, 2048, eos_token_id=tokenizer.eos_token_id, decode_graphs=fixed_plans)
+    runner = TorchRunner(
+        model,
+        2048,
+        eos_token_id=tokenizer.eos_token_id,
+        decode_graphs=fixed_plans,
+        paged_attention=attention == "paged",
+    )
+    assert (runner.model.decode_attention is not None) == (attention == "paged")
     assert runner.pool.k.shape[2] == 2  # the pool holds the 2 KV heads only, not the 4 query heads
     ids = tokenizer.encode("Hello world! The year 2024")
     with torch.no_grad():

@@ -3,11 +3,14 @@ dispatchers that refuse workers of another model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
 from pdlb.client import PDLBClient
 from pdlb.common.free_port import free_port
+from pdlb.engines.torch import paged_attention_cpu
 from pdlb.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.helpers import dispatch_stub, generate, live_workers, request, wait_for_workers, wait_until
 
@@ -22,16 +25,49 @@ def chat(rid: str, question: str, max_new_tokens: int = 24) -> common_pb2.Infere
     )
 
 
+PAGED_KERNEL_MISSING = paged_attention_cpu.unavailable_reason()
+
+
+def maps_paged_kernel(pid: int) -> bool:
+    """Whether process `pid` has the paged decode attention kernel's library mapped."""
+    return "paged_attention_cpu-" in Path(f"/proc/{pid}/maps").read_text()
+
+
 @pytest.mark.slow
-async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, prefix):
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "sdpa",
+        pytest.param(
+            "paged",
+            marks=pytest.mark.skipif(PAGED_KERNEL_MISSING is not None, reason=f"paged kernel: {PAGED_KERNEL_MISSING}"),
+        ),
+    ],
+)
+async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, prefix, attention):
+    """Both workers' decode attention as --cpu-decode-attention says (paged: the kernel is loaded
+    in the worker processes)."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
     start_service("bootstrap", *common)
     prefill = start_service("dispatcher", *common, *SMOLLM2, "--disaggregation-mode", "prefill", name="d-prefill")
     decode = start_service("dispatcher", *common, *SMOLLM2, "--disaggregation-mode", "decode", name="d-decode")
     workers = [
-        start_service("scheduler", *common, *SMOLLM2, "--disaggregation-mode", mode, "--torch-threads", "2", name=mode)
+        start_service(
+            "scheduler",
+            *common,
+            *SMOLLM2,
+            "--disaggregation-mode",
+            mode,
+            "--torch-threads",
+            "2",
+            "--cpu-decode-attention",
+            attention,
+            name=mode,
+        )
         for mode in ("prefill", "decode")
     ]
+    for proc in workers:
+        assert maps_paged_kernel(proc.proc.pid) == (attention == "paged"), proc.name
     for proc in (prefill, decode):
         channel, stub = dispatch_stub(proc.address)
         async with channel:

@@ -3,20 +3,25 @@
 // paged_attention_cpu.py; see there for the shapes. One query token per sequence; float32
 // arithmetic throughout, K/V and Q converted on load from their own dtype (float32, bfloat16,
 // float16). Work is split over (sequence, KV head) pairs on the calling thread's OpenMP team
-// (torch's own runtime, already loaded: the same threads, the same thread count and binding).
+// (torch's own runtime, already loaded: the same threads, the same thread count and binding), in
+// contiguous ranges: a thread reads the heads of a sequence it holds in one pass over its slots.
 #include <immintrin.h>
 #include <omp.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 enum Status : int { OK = 0, SLOT_OUT_OF_RANGE = 1, BAD_LENGTH = 2, BAD_SHAPE = 3 };
 
-constexpr int BLOCK = 32;     // tokens per softmax block: their K and V rows stay in L1
+constexpr int BLOCK = 32;     // tokens per softmax block: their K and V rows stay in L1/L2
+// tokens ahead whose rows are requested early (prefetch): a sequence's rows are scattered over the
+// pool, where the hardware's own prefetchers cannot guess them (a few percent faster than none).
+constexpr int PREFETCH = 16;
 constexpr int MAX_HEAD_DIM = 256;
 constexpr int MAX_GROUP = 16;  // query heads per KV head
 
@@ -105,148 +110,173 @@ struct Args {
   float scale;
 };
 
-// One sequence's KV head: its G query heads over its context, in blocks of BLOCK tokens with a
-// running maximum and sum per query head (online softmax); each K and V row is read from the pool
-// once, for all G query heads.
+// Heads h0..h1-1 of sequence b: each KV head's G query heads over the context, in blocks of BLOCK
+// tokens with a running maximum and sum per query head (online softmax). Each K and V row is read
+// from the pool once, for all G query heads; the KV heads of one token row are read one after the
+// other (a slot's heads are adjacent in the pool), and rows PREFETCH tokens ahead are requested early.
 template <int KV, int G>
-int attend_unit(const Args& a, int b, int h, int group) {
+int attend_span(const Args& a, int b, int h0, int h1, int group) {
   const int g = G > 0 ? G : group;
-  const int hd = a.head_dim, chunks = hd / 8;
+  const int hd = a.head_dim, chunks = hd / 8, span = h1 - h0;
   const int64_t len = a.lens[b];
   if (len < 1 || len > a.table_cols) return BAD_LENGTH;
   const int64_t* slots = a.table + b * a.table_stride;
-  const char* k_base = static_cast<const char*>(a.k_pool) + h * a.kv_head_stride * elem_size<KV>();
-  const char* v_base = static_cast<const char*>(a.v_pool) + h * a.kv_head_stride * elem_size<KV>();
-  const int64_t row_bytes = a.slot_stride * elem_size<KV>();
+  constexpr int es = elem_size<KV>();
+  const char* k_pool = static_cast<const char*>(a.k_pool);
+  const char* v_pool = static_cast<const char*>(a.v_pool);
+  const int64_t row_bytes = a.slot_stride * es, head_bytes = a.kv_head_stride * es;
   const int q_size = a.q_dtype == F32 ? 4 : 2;
 
-  alignas(32) float q[MAX_GROUP][MAX_HEAD_DIM];
-  alignas(32) float acc[MAX_GROUP][MAX_HEAD_DIM];
+  thread_local std::vector<float> scratch;
+  const size_t per_head = static_cast<size_t>(g) * hd;
+  scratch.resize(2 * span * per_head + 2 * span * g);
+  float* q = scratch.data();                // [span][g][hd], scaled
+  float* acc = q + span * per_head;         // [span][g][hd]
+  float* m = acc + span * per_head;         // [span][g]
+  float* l = m + span * g;                  // [span][g]
   alignas(32) float p[MAX_GROUP][BLOCK];
-  float m[MAX_GROUP], l[MAX_GROUP];
   const __m256 scale = _mm256_set1_ps(a.scale);
-  for (int j = 0; j < g; ++j) {
-    const char* qj = static_cast<const char*>(a.q) + (b * a.q_row_stride + (h * g + j) * a.q_head_stride) * q_size;
-    for (int c = 0; c < chunks; ++c) {
-      _mm256_store_ps(q[j] + 8 * c, _mm256_mul_ps(load8_any(qj + 8 * c * q_size, a.q_dtype), scale));
-      _mm256_store_ps(acc[j] + 8 * c, _mm256_setzero_ps());
+  for (int hh = 0; hh < span; ++hh) {
+    for (int j = 0; j < g; ++j) {
+      const int head = (h0 + hh) * g + j;
+      const char* qj = static_cast<const char*>(a.q) + (b * a.q_row_stride + head * a.q_head_stride) * q_size;
+      float* qd = q + (hh * g + j) * hd;
+      float* ad = acc + (hh * g + j) * hd;
+      for (int c = 0; c < chunks; ++c) {
+        _mm256_storeu_ps(qd + 8 * c, _mm256_mul_ps(load8_any(qj + 8 * c * q_size, a.q_dtype), scale));
+        _mm256_storeu_ps(ad + 8 * c, _mm256_setzero_ps());
+      }
+      m[hh * g + j] = -INFINITY;
+      l[hh * g + j] = 0.0f;
     }
-    m[j] = -INFINITY;
-    l[j] = 0.0f;
   }
-  const char* k_rows[BLOCK];
-  const char* v_rows[BLOCK];
+  int64_t offsets[BLOCK];  // of the block's slots in the pools
   for (int64_t t0 = 0; t0 < len; t0 += BLOCK) {
     const int n = static_cast<int>(len - t0 < BLOCK ? len - t0 : BLOCK);
     for (int i = 0; i < n; ++i) {
       const int64_t slot = slots[t0 + i];
       if (slot < 0 || slot >= a.num_slots) return SLOT_OUT_OF_RANGE;
-      k_rows[i] = k_base + slot * row_bytes;
-      v_rows[i] = v_base + slot * row_bytes;
+      offsets[i] = slot * row_bytes;
     }
-    // the next block's rows are scattered over the pool: ask for them while this block computes
-    const int64_t next_end = t0 + BLOCK + BLOCK < len ? t0 + BLOCK + BLOCK : len;
-    for (int64_t t = t0 + BLOCK; t < next_end; ++t) {
-      const int64_t slot = slots[t];
-      if (slot < 0 || slot >= a.num_slots) continue;  // reported when its block comes
-      for (int off = 0; off < hd * elem_size<KV>(); off += 64) {
-        _mm_prefetch(k_base + slot * row_bytes + off, _MM_HINT_T0);
-        _mm_prefetch(v_base + slot * row_bytes + off, _MM_HINT_T0);
-      }
-    }
-    // scores
-    for (int j = 0; j < g; ++j) {
+    for (int hh = 0; hh < span; ++hh) {
+      const int64_t head_off = (h0 + hh) * head_bytes;
+      // scores of the block (query heads of this KV head x tokens)
       for (int i = 0; i < n; ++i) {
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        int c = 0;
-        for (; c + 1 < chunks; c += 2) {
-          s0 = _mm256_fmadd_ps(_mm256_load_ps(q[j] + 8 * c), load8<KV>(k_rows[i] + 8 * c * elem_size<KV>()), s0);
-          s1 = _mm256_fmadd_ps(_mm256_load_ps(q[j] + 8 * c + 8),
-                               load8<KV>(k_rows[i] + (8 * c + 8) * elem_size<KV>()), s1);
+        if (hh == 0 && t0 + i + PREFETCH < len) {
+          const int64_t ahead = slots[t0 + i + PREFETCH];
+          if (ahead >= 0 && ahead < a.num_slots) {
+            const int64_t first = ahead * row_bytes + h0 * head_bytes, bytes = span * head_bytes;
+            for (int64_t off = 0; off < bytes; off += 64) {
+              _mm_prefetch(k_pool + first + off, _MM_HINT_T0);
+              _mm_prefetch(v_pool + first + off, _MM_HINT_T0);
+            }
+          }
         }
-        if (c < chunks) s0 = _mm256_fmadd_ps(_mm256_load_ps(q[j] + 8 * c), load8<KV>(k_rows[i] + 8 * c * elem_size<KV>()), s0);
-        p[j][i] = hsum(_mm256_add_ps(s0, s1));
-      }
-    }
-    // softmax weights of the block, the running sums rescaled to its maximum
-    for (int j = 0; j < g; ++j) {
-      float block_max = p[j][0];
-      for (int i = 1; i < n; ++i) block_max = p[j][i] > block_max ? p[j][i] : block_max;
-      const float new_max = block_max > m[j] ? block_max : m[j];
-      if (new_max > m[j] && m[j] != -INFINITY) {
-        const float correction = std::exp(m[j] - new_max);
-        l[j] *= correction;
-        const __m256 cv = _mm256_set1_ps(correction);
-        for (int c = 0; c < chunks; ++c) _mm256_store_ps(acc[j] + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[j] + 8 * c), cv));
-      }
-      m[j] = new_max;
-      const __m256 mv = _mm256_set1_ps(new_max);
-      __m256 sum = _mm256_setzero_ps();
-      int i = 0;
-      for (; i + 8 <= n; i += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p[j] + i), mv));
-        _mm256_storeu_ps(p[j] + i, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      float rest = 0.0f;
-      for (; i < n; ++i) {
-        p[j][i] = std::exp(p[j][i] - new_max);
-        rest += p[j][i];
-      }
-      l[j] += hsum(sum) + rest;
-    }
-    // acc += p V: one 8-wide slice of the head at a time, every query head's slice in registers
-    for (int c = 0; c < chunks; ++c) {
-      if (G > 0) {
-        __m256 r[G > 0 ? G : 1];
-        for (int j = 0; j < G; ++j) r[j] = _mm256_load_ps(acc[j] + 8 * c);
-        for (int i = 0; i < n; ++i) {
-          const __m256 v = load8<KV>(v_rows[i] + 8 * c * elem_size<KV>());
-          for (int j = 0; j < G; ++j) r[j] = _mm256_fmadd_ps(_mm256_set1_ps(p[j][i]), v, r[j]);
+        const char* k = k_pool + offsets[i] + head_off;
+        for (int j = 0; j < g; ++j) {
+          const float* qd = q + (hh * g + j) * hd;
+          __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+          int c = 0;
+          for (; c + 1 < chunks; c += 2) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qd + 8 * c), load8<KV>(k + 8 * c * es), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qd + 8 * c + 8), load8<KV>(k + (8 * c + 8) * es), s1);
+          }
+          if (c < chunks) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qd + 8 * c), load8<KV>(k + 8 * c * es), s0);
+          p[j][i] = hsum(_mm256_add_ps(s0, s1));
         }
-        for (int j = 0; j < G; ++j) _mm256_store_ps(acc[j] + 8 * c, r[j]);
-      } else {
-        for (int i = 0; i < n; ++i) {
-          const __m256 v = load8<KV>(v_rows[i] + 8 * c * elem_size<KV>());
-          for (int j = 0; j < g; ++j)
-            _mm256_store_ps(acc[j] + 8 * c,
-                            _mm256_fmadd_ps(_mm256_set1_ps(p[j][i]), v, _mm256_load_ps(acc[j] + 8 * c)));
+      }
+      // softmax weights of the block, the running sums rescaled to its maximum
+      for (int j = 0; j < g; ++j) {
+        float& mj = m[hh * g + j];
+        float* ad = acc + (hh * g + j) * hd;
+        float block_max = p[j][0];
+        for (int i = 1; i < n; ++i) block_max = p[j][i] > block_max ? p[j][i] : block_max;
+        const float new_max = block_max > mj ? block_max : mj;
+        if (new_max > mj && mj != -INFINITY) {
+          const float correction = std::exp(mj - new_max);
+          l[hh * g + j] *= correction;
+          const __m256 cv = _mm256_set1_ps(correction);
+          for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(ad + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(ad + 8 * c), cv));
+        }
+        mj = new_max;
+        const __m256 mv = _mm256_set1_ps(new_max);
+        __m256 sum = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p[j] + i), mv));
+          _mm256_storeu_ps(p[j] + i, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        float rest = 0.0f;
+        for (; i < n; ++i) {
+          p[j][i] = std::exp(p[j][i] - new_max);
+          rest += p[j][i];
+        }
+        l[hh * g + j] += hsum(sum) + rest;
+      }
+      // acc += p V: one 8-wide slice of the head at a time, every query head's slice in registers
+      float* ah = acc + hh * per_head;
+      const char* v_head = v_pool + head_off;
+      for (int c = 0; c < chunks; ++c) {
+        if (G > 0) {
+          __m256 r[G > 0 ? G : 1];
+          for (int j = 0; j < G; ++j) r[j] = _mm256_loadu_ps(ah + j * hd + 8 * c);
+          for (int i = 0; i < n; ++i) {
+            const __m256 v = load8<KV>(v_head + offsets[i] + 8 * c * es);
+            for (int j = 0; j < G; ++j) r[j] = _mm256_fmadd_ps(_mm256_set1_ps(p[j][i]), v, r[j]);
+          }
+          for (int j = 0; j < G; ++j) _mm256_storeu_ps(ah + j * hd + 8 * c, r[j]);
+        } else {
+          for (int i = 0; i < n; ++i) {
+            const __m256 v = load8<KV>(v_head + offsets[i] + 8 * c * es);
+            for (int j = 0; j < g; ++j)
+              _mm256_storeu_ps(ah + j * hd + 8 * c,
+                               _mm256_fmadd_ps(_mm256_set1_ps(p[j][i]), v, _mm256_loadu_ps(ah + j * hd + 8 * c)));
+          }
         }
       }
     }
   }
-  for (int j = 0; j < g; ++j) {
-    const __m256 inv = _mm256_set1_ps(1.0f / l[j]);
-    char* out = static_cast<char*>(a.out) + (b * a.out_row_stride + (h * g + j) * hd) * q_size;
-    for (int c = 0; c < chunks; ++c)
-      store8(out + 8 * c * q_size, _mm256_mul_ps(_mm256_load_ps(acc[j] + 8 * c), inv), a.q_dtype);
+  for (int hh = 0; hh < span; ++hh) {
+    for (int j = 0; j < g; ++j) {
+      const int head = (h0 + hh) * g + j;
+      const __m256 inv = _mm256_set1_ps(1.0f / l[hh * g + j]);
+      const float* ad = acc + (hh * g + j) * hd;
+      char* out = static_cast<char*>(a.out) + (b * a.out_row_stride + head * hd) * q_size;
+      for (int c = 0; c < chunks; ++c) store8(out + 8 * c * q_size, _mm256_mul_ps(_mm256_loadu_ps(ad + 8 * c), inv), a.q_dtype);
+    }
   }
   return OK;
 }
 
 template <int KV>
-int attend_unit_kv(const Args& a, int b, int h, int group) {
+int attend_span_kv(const Args& a, int b, int h0, int h1, int group) {
   switch (group) {
-    case 1: return attend_unit<KV, 1>(a, b, h, group);
-    case 2: return attend_unit<KV, 2>(a, b, h, group);
-    case 3: return attend_unit<KV, 3>(a, b, h, group);
-    case 4: return attend_unit<KV, 4>(a, b, h, group);
-    case 5: return attend_unit<KV, 5>(a, b, h, group);
-    case 6: return attend_unit<KV, 6>(a, b, h, group);
-    case 7: return attend_unit<KV, 7>(a, b, h, group);
-    case 8: return attend_unit<KV, 8>(a, b, h, group);
-    default: return attend_unit<KV, 0>(a, b, h, group);
+    case 1: return attend_span<KV, 1>(a, b, h0, h1, group);
+    case 2: return attend_span<KV, 2>(a, b, h0, h1, group);
+    case 3: return attend_span<KV, 3>(a, b, h0, h1, group);
+    case 4: return attend_span<KV, 4>(a, b, h0, h1, group);
+    case 5: return attend_span<KV, 5>(a, b, h0, h1, group);
+    case 6: return attend_span<KV, 6>(a, b, h0, h1, group);
+    case 7: return attend_span<KV, 7>(a, b, h0, h1, group);
+    case 8: return attend_span<KV, 8>(a, b, h0, h1, group);
+    default: return attend_span<KV, 0>(a, b, h0, h1, group);
   }
 }
 
+// Units first..last-1 of the (sequence, KV head) pairs, sequence-major: each sequence's part of the
+// range in one pass over its context
 int attend_range(const Args& a, int first, int last) {
   const int group = a.heads / a.kv_heads;
-  for (int u = first; u < last; ++u) {
-    const int b = u / a.kv_heads, h = u % a.kv_heads;
-    const int status = a.kv_dtype == F32    ? attend_unit_kv<F32>(a, b, h, group)
-                       : a.kv_dtype == BF16 ? attend_unit_kv<BF16>(a, b, h, group)
-                                            : attend_unit_kv<F16>(a, b, h, group);
+  for (int u = first; u < last;) {
+    const int b = u / a.kv_heads, h0 = u % a.kv_heads;
+    const int end = (b + 1) * a.kv_heads < last ? (b + 1) * a.kv_heads : last;
+    const int h1 = h0 + (end - u);
+    const int status = a.kv_dtype == F32    ? attend_span_kv<F32>(a, b, h0, h1, group)
+                       : a.kv_dtype == BF16 ? attend_span_kv<BF16>(a, b, h0, h1, group)
+                                            : attend_span_kv<F16>(a, b, h0, h1, group);
     if (status != OK) return status;
+    u += h1 - h0;
   }
   return OK;
 }

@@ -276,3 +276,26 @@ def test_the_kernel_build_is_cached_by_everything_that_changes_the_binary(tmp_pa
     with pytest.raises(cxx_build.BuildFailed, match=r"could not build k\.cpp"):
         cxx_build.build(source, ["-O1"], tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("k-*.so"))) <= cxx_build.KEEP
+
+
+def test_auto_falls_back_to_sdpa_where_the_kernel_cannot_run_and_paged_says_why(monkeypatch, tmp_path):
+    """--cpu-decode-attention: auto takes the kernel where it builds and takes the model's shape,
+    else none with the reason; paged raises Unavailable naming it; sdpa never loads it."""
+    assert paged_attention_cpu.for_model("sdpa", 9, 3, 64)[0] is None
+    if KERNEL_MISSING is None:
+        kernel, _ = paged_attention_cpu.for_model("auto", 9, 3, 64)
+        assert kernel is paged_attention_cpu.shared()
+        kernel, why = paged_attention_cpu.for_model("auto", 9, 3, 60)
+        assert kernel is None and "head_dim 60" in why
+        with pytest.raises(paged_attention_cpu.Unavailable, match="head_dim 60"):
+            paged_attention_cpu.for_model("paged", 9, 3, 60)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH, and no kernel loaded yet
+    paged_attention_cpu.shared.cache_clear()
+    try:
+        kernel, why = paged_attention_cpu.for_model("auto", 9, 3, 64)
+        assert kernel is None and "no C++ compiler" in why
+        with pytest.raises(paged_attention_cpu.Unavailable, match="no C\\+\\+ compiler"):
+            paged_attention_cpu.for_model("paged", 9, 3, 64)
+    finally:
+        paged_attention_cpu.shared.cache_clear()  # later callers load the built kernel again

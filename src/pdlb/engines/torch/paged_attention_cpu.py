@@ -150,6 +150,29 @@ class PagedDecodeAttention:
         raise ValueError(f"paged decode attention: {self.supports(heads, kv_heads, head_dim) or 'unsupported shape'}")
 
 
+MODES = ("auto", "sdpa", "paged")
+
+
+def for_model(mode: str, heads: int, kv_heads: int, head_dim: int) -> tuple[PagedDecodeAttention | None, str]:
+    """The kernel a CPU model of this attention shape uses under `mode` (--cpu-decode-attention),
+    and why, in a few words. "sdpa": none; "paged": the kernel, or Unavailable naming why not;
+    "auto": the kernel where it can be built and takes the shape, else none (the reason says why)."""
+    if mode == "sdpa":
+        return None, "asked for sdpa"
+    if mode not in MODES:
+        raise ValueError(f"unknown decode attention {mode!r}: one of {', '.join(MODES)}")
+    try:
+        kernel = shared()
+        unsupported = kernel.supports(heads, kv_heads, head_dim)
+        if unsupported:
+            raise Unavailable(f"{WHAT} does not take this model: {unsupported}")
+    except Unavailable as exc:
+        if mode == "paged":
+            raise
+        return None, str(exc)
+    return kernel, f"built at {kernel.library}"
+
+
 @functools.cache
 def shared() -> PagedDecodeAttention:
     """The kernel, built (or found in the cache) and loaded once per process. Raises Unavailable

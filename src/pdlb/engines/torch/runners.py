@@ -82,7 +82,7 @@ class TorchRunner(Runner):
         graph_max_batch: int = 256,
         pack_weights: bool = True,
         compiled_ops: bool = False,
-        paged_attention: bool = False,
+        paged_attention: paged_attention_cpu.PagedDecodeAttention | bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
@@ -92,8 +92,8 @@ class TorchRunner(Runner):
         prefill steps (compiled_ops.py), compiled here, before the first step; raises RuntimeError
         if no C++ compiler is found.
         `paged_attention`: on a CPU, a Llama model's decode rows attend through pdlb's C++ kernel that
-        reads the pool in place (paged_attention_cpu.py), built here (or loaded from its cache);
-        raises paged_attention_cpu.Unavailable naming why it cannot run."""
+        reads the pool in place (paged_attention_cpu.py; True, or the kernel already loaded), built
+        here (or loaded from its cache); raises paged_attention_cpu.Unavailable naming why it cannot run."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -109,15 +109,10 @@ class TorchRunner(Runner):
             ops = compiled_ops_module.shared()
             ops.warm_up(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, dtype)
             self.model.compiled_ops = ops
-        self.paged_attention = paged_attention and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        self.paged_attention = bool(paged_attention) and self.device.type == "cpu" and isinstance(model, LlamaModel)
         if self.paged_attention:
-            kernel = paged_attention_cpu.shared()
             c = model.config
-            unsupported = kernel.supports(c.num_heads, c.num_kv_heads, c.head_dim)
-            if unsupported:
-                raise paged_attention_cpu.Unavailable(
-                    f"{paged_attention_cpu.WHAT} does not take this model: {unsupported}"
-                )
+            kernel, _ = paged_attention_cpu.for_model("paged", c.num_heads, c.num_kv_heads, c.head_dim)
             self.model.decode_attention = kernel
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):

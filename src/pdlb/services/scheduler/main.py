@@ -206,10 +206,11 @@ def build_parser() -> FlagParser:
     )
     p.flag(
         "--cpu-decode-attention",
-        default="sdpa",
-        choices=["sdpa", "paged"],
+        default="auto",
+        choices=list(paged_attention_cpu.MODES),
         help="decode attention of the Llama model on a CPU. sdpa: each decode row's K/V copied out of the pool "
-        "(index_select), then torch's SDPA; paged: pdlb's C++ kernel (AVX2/FMA, on torch's OpenMP threads) that "
+        "(index_select), then torch's SDPA; auto: paged where the kernel can be built (a C++ compiler, an AVX2 "
+        "CPU), else sdpa (logged); paged: pdlb's C++ kernel (AVX2/FMA, on torch's OpenMP threads) that "
         "reads K/V in place through the slot table, built at start into ~/.cache/pdlb/kernels (needs a C++ "
         "compiler: c++, g++ or $CXX; ~5 s once, then cached). Prefill chunks take SDPA either way",
     )
@@ -291,7 +292,7 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         decode_graphs=None if args.cuda_graphs else False,
         graph_max_batch=args.cuda_graph_max_batch,
         compiled_ops=args.cpu_compiled_ops,
-        paged_attention=args.cpu_decode_attention == "paged",
+        paged_attention=_paged_kernel(args, config) if source.kind != "tiny" else False,
     )
     if runner.compiled_ops:
         log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
@@ -302,6 +303,19 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         count = runner.graphs.warmup()
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
     return runner
+
+
+def _paged_kernel(args, config) -> paged_attention_cpu.PagedDecodeAttention | None:
+    """The paged decode attention kernel per --cpu-decode-attention for a Llama model on a CPU, or None
+    (logged, when auto falls back to SDPA). Raises paged_attention_cpu.Unavailable for an explicit paged."""
+    if args.device != "cpu":
+        return None
+    kernel, why = paged_attention_cpu.for_model(
+        args.cpu_decode_attention, config.num_heads, config.num_kv_heads, config.head_dim
+    )
+    if kernel is None and args.cpu_decode_attention == "auto":
+        log.warning("--cpu-decode-attention auto: decode attention through SDPA: %s", why)
+    return kernel
 
 
 def refuse_cpu_options_that_cannot_run(args) -> None:

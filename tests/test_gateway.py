@@ -671,3 +671,28 @@ async def test_gateway_sigterm_fails_streams_running_past_the_grace_naming_it(et
     assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and said in events[-2], events[-2]
     assert status.code() == grpc.StatusCode.UNAVAILABLE and said in status.details(), status
     assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
+
+
+async def test_a_dashboard_past_max_dashboards_gets_openai_shaped_429(start_service):
+    """One page open of --max-dashboards 1: a second one is refused 429 with the body every other
+    OpenAI-shaped error has (message, type, param, code; it lacked param and code) and Retry-After;
+    once the first page closes, a new one is served."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--max-dashboards", "1")
+    url = f"http://127.0.0.1:{http_port}/dashboard/events"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(url) as first:
+            assert first.status == 200
+            assert (await first.content.readline()).startswith(b"data: ")  # the page's slot is taken
+            async with http.get(url) as second:
+                assert second.status == 429 and second.headers["Retry-After"] == "1"
+                error = (await second.json())["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert (error["type"], error["param"], error["code"]) == ("rate_limit_error", None, "rate_limit_exceeded")
+        assert "1 dashboards open (--max-dashboards=1)" in error["message"], error
+
+        async def served() -> bool:  # the slot frees when the server sees the first page gone
+            async with http.get(url) as again:
+                return again.status == 200 and (await again.content.readline()).startswith(b"data: ")
+
+        await wait_until(served, timeout=10, what="a dashboard page served after the first closed")

@@ -580,6 +580,31 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
     assert refused.stderr.strip() == said
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["top", "--once"], "pdlb top: no running cluster named 'nosuch' (running: none); start it with `pdlb up`"),
+        (["workers"], "pdlb workers: no running cluster named 'nosuch'"),
+        (["generate", "hi"], "pdlb generate: no running cluster named 'nosuch'"),
+        (["route", "hi"], "pdlb route: no running cluster named 'nosuch'"),
+        (["rooms", "7"], "pdlb rooms: no running cluster named 'nosuch'"),
+        (["bench-client", "--num-requests", "1"], "pdlb bench-client: no running cluster named 'nosuch'"),
+        (["generate", "hi", "--tls-cert", "c.pem"], "pdlb generate: --tls-cert and --tls-key go together"),
+        (["generate", "hi", "--dispatcher", "127.0.0.1:1"], "pdlb generate: UNAVAILABLE: "),
+        (["workers", "--dispatcher", "127.0.0.1:1"], "pdlb workers: UNAVAILABLE: "),
+    ],
+)
+def test_a_command_refused_or_failed_says_so_after_the_programs_name(tmp_path, argv, said):
+    """`pdlb top --cluster nosuch` (and every other command's refusal, a failed RPC too: it read
+    `error: UNAVAILABLE: ...`) printed its message with no program name before it, unlike argparse's
+    refusals and `pdlb top`'s lost stream: one line `pdlb <command>: ...`, exit 1."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}  # no cluster runs
+    refused = pdlb(*argv, "--cluster", "nosuch", env=env, timeout=60)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(said), refused.stderr
+
+
 def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
     """`pdlb top` against a dispatcher that does not answer printed a grpc traceback."""
     env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}

@@ -508,7 +508,7 @@ class LocalCluster:
         args.vllm_urls = {}
         if args.vllm_url:
             if args.mode == "pd" and not args.vllm_decode_url:
-                raise SystemExit("pdlb up --mode pd --engine vllm --vllm-url needs --vllm-decode-url too")
+                raise SystemExit("--mode pd --engine vllm --vllm-url needs --vllm-decode-url too")
             args.vllm_server_ranks = args.vllm_server_ranks or 1
             given = {"null": args.vllm_url, "prefill": args.vllm_url, "decode": args.vllm_decode_url}
             for mode in roles:
@@ -519,14 +519,14 @@ class LocalCluster:
             return
         venv = find_venv()
         if venv is None:
-            raise SystemExit(f"pdlb up --engine vllm: {missing_reason()}")
+            raise SystemExit(f"--engine vllm: {missing_reason()}")
         per_server = args.vllm_server_ranks
         if any(count % (per_server or count) for count in roles.values()):
             raise SystemExit("--workers, --prefill and --decode must be multiples of --vllm-server-ranks")
         extra: list[str] = []
         if args.mode == "pd":
             if args.vllm_kv_connector != "ExampleConnector":
-                raise SystemExit("pdlb up starts vLLM servers on ExampleConnector only; attach others with --vllm-url")
+                raise SystemExit("vLLM servers started here use ExampleConnector only; attach others with --vllm-url")
             storage = state.kv_storage_of(args.name)
             shutil.rmtree(storage, ignore_errors=True)  # a cluster of this name that was killed left it
             storage.mkdir(parents=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -696,3 +697,28 @@ async def test_a_dashboard_past_max_dashboards_gets_openai_shaped_429(start_serv
                 return again.status == 200 and (await again.content.readline()).startswith(b"data: ")
 
         await wait_until(served, timeout=10, what="a dashboard page served after the first closed")
+
+
+async def test_an_out_of_vocabulary_prompt_id_is_refused_alike_in_pd_and_mixed_mode(cluster):
+    """A prompt id outside the workers' vocabulary is the request's own fault: 400 / INVALID_ARGUMENT
+    with the worker's words, read the same in both modes (PD said "prefill half: ..." before them,
+    an internal the client never asked about)."""
+    mode, gateway, base, workers = cluster
+    await ready(base, len(workers))
+    said = "token id 99999 is outside the vocabulary 0..319"  # the toy model's 320 ids
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.completions.create(model=MODEL, prompt=[5, 99999, 7], max_tokens=4)
+    message = refused.value.body["message"]
+    assert re.fullmatch(rf"request cmpl-[0-9a-f]{{32}}: {re.escape(said)}", message), (mode, message)
+
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request = common_pb2.InferenceRequest(request_id=f"oov-{mode}", input_ids=[5, 99999, 7])
+        request.sampling.max_new_tokens = 4
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await rest_of(call)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details() == f"request oov-{mode}: {said}", (mode, failed.value.details())

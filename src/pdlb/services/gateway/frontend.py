@@ -408,12 +408,7 @@ class Frontend:
                     yield response, prefill_rank, prefill_cached
             except asyncio.CancelledError:
                 if prefill_error:
-                    err = prefill_error[0]
-                    if isinstance(err, grpc.aio.AioRpcError):
-                        raise RequestFailed(err.code(), f"prefill half: {err.details()}", retry_after_of(err)) from None
-                    if isinstance(err, RequestFailed):
-                        raise RequestFailed(err.code, f"prefill half: {err.message}", err.retry_after_s) from None
-                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
+                    raise _prefill_failed(prefill_error[0]) from None
                 _raise_if_cut(request, picked["decode"])
                 raise
             finally:
@@ -423,6 +418,20 @@ class Frontend:
 
 
 PD = ("prefill", "decode")
+
+
+def _prefill_failed(err: BaseException) -> RequestFailed:
+    """The failure of a PD attempt whose prefill half failed with `err`. The request's own faults
+    (FINAL: bad input, back-pressure, its deadline) read as in mixed mode, the worker's or
+    dispatcher's words alone: which half found them is no concern of the client. A failure of the
+    cluster (retried, then reported) names the prefill half, where an operator looks."""
+    if isinstance(err, grpc.aio.AioRpcError):
+        code, details, hint = err.code(), err.details() or "", retry_after_of(err)
+    elif isinstance(err, RequestFailed):
+        code, details, hint = err.code, err.message, err.retry_after_s
+    else:
+        code, details, hint = grpc.StatusCode.UNAVAILABLE, str(err), None
+    return RequestFailed(code, details if code in FINAL else f"prefill half: {details}", hint)
 
 
 def _raise_if_cut(request: common_pb2.InferenceRequest, address: str) -> None:

@@ -23,6 +23,7 @@ from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import CUT_SETTLE_S, DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
+from pdlb.services.gateway.protocol_log import ProtocolLog
 from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.render_api import RenderApi
 from pdlb.services.gateway.sglang_api import SGLangApi
@@ -250,6 +251,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         app,
         handler_cancellation=True,
         access_log=None,
+        logger=ProtocolLog(),  # a malformed request: one warning line, not a traceback
         keepalive_timeout=args.http_header_timeout,
         shutdown_timeout=args.shutdown_grace + CUT_SETTLE_S + 1.0,
     )

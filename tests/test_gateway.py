@@ -5,6 +5,7 @@ server's reflection alone."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -763,7 +764,48 @@ async def test_a_malformed_http_request_is_refused_400_and_logged_in_one_line(st
     served = await raw_exchange(http_port, b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert served.startswith(b"HTTP/1.1 200") and served.endswith(b'{"status": "ok"}'), served
     log = gateway.log_path.read_text()
-    refusals = [line for line in log.splitlines() if "malformed HTTP request refused 400" in line]
+    refusals = [line for line in log.splitlines() if "malformed HTTP request: " in line]
     assert "Traceback" not in log, log
     assert len(refusals) == len(MALFORMED) - 1, log  # the bad method: at debug level
     assert all(" from 127.0.0.1: " in line for line in refusals), refusals
+
+
+async def test_a_body_that_does_not_decode_is_400_and_one_cut_off_is_499_never_a_500(start_service):
+    """A gzip body that is not gzip was a 500 "internal error in the gateway" with a traceback: it
+    is the client's 400, naming the encoding, and the connection closes (the rest of the body is
+    unknown: kept open, aiohttp reset the next request on it). A client that leaves mid-body counts
+    as 499 and leaves no traceback (aiohttp logged an ERROR one)."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port))
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    def gzipped(body: bytes) -> bytes:
+        return f"{head}Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+    answer = await raw_exchange(http_port, gzipped(b"not gzip at all"))  # read to EOF: closed
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "(Content-Encoding: gzip)" in error["message"], error
+    async with aiohttp.ClientSession() as http:  # a real gzip body decodes: its empty prompt is what is refused
+        async with http.post(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            data=gzip.compress(json.dumps({"prompt": "", "max_tokens": 2}).encode()),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ) as reply:
+            assert reply.status == 400 and (await reply.json())["error"]["param"] == "prompt"
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        writer.write(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+        await writer.drain()
+        writer.close()  # 11 bytes of 100 sent: the client leaves
+        await writer.wait_closed()
+        assert await reader.read() == b""
+
+        async def counted() -> bool:
+            async with http.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
+                return 'pdlb_gateway_requests_total{api="http",outcome="499"} 1.0' in await metrics.text()
+
+        await wait_until(counted, timeout=10, what="the cut-off request counted as 499")
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log

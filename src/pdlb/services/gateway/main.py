@@ -145,8 +145,8 @@ def http_app(
             response = error_response(exc.status, exc.message, exc.param, exc.kind)
             if exc.status == 429:
                 response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
-            if exc.status == 408:
-                response.force_close()  # the rest of the body may still trickle in: drop the connection
+            if exc.close:
+                response.force_close()  # the rest of the body is unknown: drop the connection
             return response
         except web.HTTPRequestEntityTooLarge:
             metrics.done(request.get(API_KEY, "http"), "413")

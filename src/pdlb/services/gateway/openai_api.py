@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
 from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
@@ -49,9 +50,19 @@ TENANT_HEADER = "X-pdlb-Tenant"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    """A refusal, answered as OpenAI error JSON; `close`: the rest of the body is unknown (it trickles,
+    or could not be decoded), so the connection is closed after the answer instead of reused."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        close: bool = False,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.close = status, message, param, kind, close
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
@@ -108,12 +119,24 @@ class OpenAIApi:
     # parsing -----------------------------------------------------------------------------------
     async def read_json(self, http: web.Request) -> Any:
         """The body as JSON; ApiError 408 when it trickles in slower than --http-body-timeout, 400
-        when it is not JSON, nests too deeply or holds text that is not valid Unicode."""
+        when its Content-Encoding does not decode it, or it is not JSON, nests too deeply or holds
+        text that is not valid Unicode."""
         try:
             raw = await asyncio.wait_for(http.read(), self.body_timeout_s)
         except TimeoutError:
             raise ApiError(
-                408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)"
+                408,
+                f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)",
+                close=True,
+            ) from None
+        except web.RequestPayloadError as exc:  # aiohttp could not decode it (a corrupt gzip body...)
+            cause = exc.__cause__
+            reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+            encoding = http.headers.get("Content-Encoding", "none")
+            raise ApiError(
+                400,
+                f"the request body could not be read (Content-Encoding: {encoding[:40]}): {reason[:200]}",
+                close=True,
             ) from None
         try:
             body = json.loads(raw)

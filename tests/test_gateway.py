@@ -809,3 +809,38 @@ async def test_a_body_that_does_not_decode_is_400_and_one_cut_off_is_499_never_a
         await wait_until(counted, timeout=10, what="the cut-off request counted as 499")
     log = gateway.log_path.read_text()
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+@pytest.mark.parametrize("flags", [[], ["--prefill-dispatcher", "127.0.0.1:1"]], ids=["none", "prefill-only"])
+async def test_a_request_with_no_dispatcher_known_fails_503_once_saying_what_to_start(start_service, flags):
+    """No dispatcher (or half of PD) known: one membership wait, then 503 naming what is missing
+    and where the gateway looks. It was retried, waiting twice, and its message read "failed again
+    through  (no dispatchers known ...)", naming no dispatcher; gRPC alike."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port), *flags)
+    known = "only a prefill one is known" if flags else "none is known"
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0) as c:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert failed.value.status_code == 503 and failed.value.response.headers["Retry-After"] == "5"
+    message = failed.value.body["message"]
+    assert re.fullmatch(
+        r"request cmpl-[0-9a-f]{32}: no dispatchers known after 5\.0 s \(a mixed one, or a prefill and a decode "
+        rf"one; {known}\): start them, or check the gateway's --etcd and --etcd-prefix or its --dispatcher, "
+        r"--prefill-dispatcher and --decode-dispatcher",
+        message,
+    ), message
+
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request = common_pb2.InferenceRequest(request_id="nowhere", text="hi")
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rest_of(call)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details().startswith("request nowhere: no dispatchers known after 5.0 s (a mixed one, or "), (
+        refused.value.details()
+    )
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
+        assert "pdlb_gateway_retries_total 0.0" in await metrics.text()  # not re-run: the wait was the retry

@@ -273,7 +273,9 @@ class Frontend:
                     # its dispatchers are stopping too: a retry would wait for ones that never come
                     text = _named(rid, details, retries)
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"{text} ({SHUTTING_DOWN}: not retried)") from None
-                if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
+                # no dispatcher known (`used` empty) even after the attempt's membership wait: a retry
+                # would only wait again
+                if code in FINAL or not used or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     elif not budget and code not in FINAL:
@@ -344,12 +346,17 @@ class Frontend:
         """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
         served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt).
         One dispatcher per role is used; `used` gets role -> its address."""
-        mode = await self.upstreams.wait_mode(min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0)))
+        waited = min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0))
+        mode = await self.upstreams.wait_mode(waited)
         picked = {role: self.upstreams.pick(role, avoid) for role in (("mixed",) if mode == "mixed" else PD)}
         if mode is None or None in picked.values():
+            halves = [role for role in PD if self.upstreams.addresses(role)]
+            known = f"only a {halves[0]} one is known" if halves else "none is known"
             raise RequestFailed(
                 grpc.StatusCode.UNAVAILABLE,
-                f"request {request.request_id}: no dispatchers known (mixed, or prefill + decode)",
+                f"request {request.request_id}: no dispatchers known after {waited:.1f} s (a mixed one, or a prefill "
+                f"and a decode one; {known}): start them, or check the gateway's --etcd and --etcd-prefix or its "
+                "--dispatcher, --prefill-dispatcher and --decode-dispatcher",
             )
         used.update(picked)  # type: ignore[arg-type]
         timeout = max(deadline - time.monotonic(), 0.001)

@@ -844,3 +844,27 @@ async def test_a_request_with_no_dispatcher_known_fails_503_once_saying_what_to_
     )
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
         assert "pdlb_gateway_retries_total 0.0" in await metrics.text()  # not re-run: the wait was the retry
+
+
+async def test_a_prompt_id_out_of_range_and_a_wrong_method_are_refused_saying_what_is_wrong(start_service):
+    """A prompt id of 10**10 was refused with "prompt token ids must be >= 0"; now the message names
+    the id, its place and what a token id is (the SGLang API's input_ids alike). A 405 lost
+    aiohttp's Allow header (RFC 9110 requires it) and did not say which method the path takes."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    said = "is not a token id: token ids are integers from 0 to the model's vocabulary size - 1"
+    async with aiohttp.ClientSession() as http:
+        for path, field, ids in [
+            ("/v1/completions", "prompt", [5, 10**10]),
+            ("/v1/completions", "prompt", [-3]),
+            ("/generate", "input_ids", [5, 6, 2**31]),
+        ]:
+            async with http.post(f"{base}{path}", json={field: ids}) as reply:
+                error = (await reply.json())["error"]
+            assert reply.status == 400 and error["param"] == field, error
+            assert error["message"] == f"{field}[{len(ids) - 1}] = {ids[-1]} {said}", error
+        async with http.delete(f"{base}/v1/completions") as reply:
+            error = (await reply.json())["error"]
+            assert reply.status == 405 and reply.headers["Allow"] == "POST", reply.headers
+        assert error["message"] == "DELETE /v1/completions: Method Not Allowed (it takes POST)", error

@@ -154,7 +154,12 @@ def http_app(
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
+            allow = exc.headers.get("Allow")  # a 405's: the methods the path takes (RFC 9110 asks for it)
+            takes = f" (it takes {allow})" if allow else ""
+            response = error_response(exc.status, f"{request.method} {request.path}: {exc.reason}{takes}")
+            if allow:
+                response.headers["Allow"] = allow
+            return response
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away
         except Exception as exc:  # a bug: still an OpenAI error body, never aiohttp's plain text

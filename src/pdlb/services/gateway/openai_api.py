@@ -45,6 +45,8 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 # Retry-After of a 503 (no dispatcher or worker of a role): a restarted service registers within seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
 MAX_RANK = 1 << 20  # rank pins above this are refused: no cluster has that many ranks
+# what a token id is, for refusals (the model's vocabulary bounds it further: its workers check that)
+TOKEN_IDS = "token ids are integers from 0 to the model's vocabulary size - 1"
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
@@ -225,8 +227,8 @@ class OpenAIApi:
         if isinstance(prompt, str) and prompt:
             request.text = prompt
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-            if not all(0 <= t < 2**31 for t in prompt):
-                raise ApiError(400, "prompt token ids must be >= 0", "prompt")
+            if bad := next(((i, t) for i, t in enumerate(prompt) if not 0 <= t < 2**31), None):
+                raise ApiError(400, f"prompt[{bad[0]}] = {str(bad[1])[:24]} is not a token id: {TOKEN_IDS}", "prompt")
             request.input_ids.extend(prompt)
         elif isinstance(prompt, list) and len(prompt) > 1:
             raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt")

@@ -868,3 +868,35 @@ async def test_a_prompt_id_out_of_range_and_a_wrong_method_are_refused_saying_wh
             error = (await reply.json())["error"]
             assert reply.status == 405 and reply.headers["Allow"] == "POST", reply.headers
         assert error["message"] == "DELETE /v1/completions: Method Not Allowed (it takes POST)", error
+
+
+async def test_sigterm_answers_a_request_whose_body_is_still_arriving_503_at_once(start_service):
+    """SIGTERM while a request's body still arrives: it never started here, so it gets 503 naming
+    the shutdown at once and the gateway exits without waiting out its grace (it held the exit for
+    the whole grace, then closed the connection without a word)."""
+    http_port = free_port()
+    gateway = start_service(
+        "gateway", "--http-port", str(http_port), "--max-concurrent-streams", "1", "--shutdown-grace", "60"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n"
+    writer.write(head.encode() + b'{"prompt": ')  # 11 bytes of 50
+    await writer.drain()
+    async with aiohttp.ClientSession() as http:
+
+        async def slot_taken() -> bool:  # the slow request holds the only stream slot: it is in its handler
+            async with http.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "x"}) as reply:
+                return reply.status == 429
+
+        await wait_until(slot_taken, timeout=10, what="the slow-body request in its handler")
+    gateway.signal_stop()
+    answer = await asyncio.wait_for(reader.read(), 30)  # to EOF: answered, then closed
+    writer.close()
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 503"), answer
+    error = json.loads(body)["error"]
+    assert error["type"] == "server_error", error
+    assert error["message"] == (
+        "the gateway is shutting down and the request body was still arriving; send the request to another one"
+    ), error
+    assert await asyncio.to_thread(gateway.proc.wait, 30) == 0  # well within its 60 s grace

@@ -139,6 +139,7 @@ class Frontend:
         self.active_ids: set[str] = set()
         self.active_rooms: set[int] = set()
         self.draining = False
+        self.drained = asyncio.Event()  # set with draining, for waits that end when it begins
         # The tasks serving a request (an HTTP handler, a gRPC call), bounded by the stream slots, so
         # a shutdown whose grace runs out can cut them with a status naming it.
         self.calls = ShutdownCut(SHUTTING_DOWN)
@@ -146,6 +147,7 @@ class Frontend:
     def drain(self) -> None:
         """Shutting down: refuse new requests; a request in flight that fails is not retried."""
         self.draining = True
+        self.drained.set()
 
     async def end_running(self, grace_s: float, settle_s: float = CUT_SETTLE_S) -> None:
         """Shutting down, after drain(): wait up to `grace_s` seconds for the requests in flight to

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
-from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
+from pdlb.services.gateway.frontend import SHUTTING_DOWN, Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
 from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
 from pdlb.services.gateway.stops import StopMatcher
@@ -119,18 +119,34 @@ class OpenAIApi:
         self.body_timeout_s = body_timeout_s
 
     # parsing -----------------------------------------------------------------------------------
-    async def read_json(self, http: web.Request) -> Any:
-        """The body as JSON; ApiError 408 when it trickles in slower than --http-body-timeout, 400
-        when its Content-Encoding does not decode it, or it is not JSON, nests too deeply or holds
-        text that is not valid Unicode."""
+    async def read_body(self, http: web.Request) -> bytes:
+        """The whole body. ApiError 408 when it trickles in slower than --http-body-timeout; 503 when
+        the gateway starts shutting down while it still arrives (the request never started here, so
+        the client can send it to another gateway at once; the shutdown waits for nothing)."""
+        if http.content.is_eof():  # all received with the headers (the usual): nothing to wait for
+            return await http.read()
+        reading = asyncio.ensure_future(http.read())
+        stopping = asyncio.ensure_future(self.frontend.drained.wait())
         try:
-            raw = await asyncio.wait_for(http.read(), self.body_timeout_s)
-        except TimeoutError:
-            raise ApiError(
-                408,
-                f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)",
-                close=True,
-            ) from None
+            await asyncio.wait((reading, stopping), timeout=self.body_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+        if reading.done() and not reading.cancelled():
+            return reading.result()
+        if stopping.done() and not stopping.cancelled():
+            message = f"{SHUTTING_DOWN} and the request body was still arriving; send the request to another one"
+            raise ApiError(503, message, kind="server_error", close=True)
+        raise ApiError(
+            408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)", close=True
+        )
+
+    async def read_json(self, http: web.Request) -> Any:
+        """The body as JSON (read_body's errors); ApiError 400 when its Content-Encoding does not
+        decode it, or it is not JSON, nests too deeply or holds text that is not valid Unicode."""
+        try:
+            raw = await self.read_body(http)
         except web.RequestPayloadError as exc:  # aiohttp could not decode it (a corrupt gzip body...)
             cause = exc.__cause__
             reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)

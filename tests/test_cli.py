@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -603,6 +604,30 @@ def test_a_command_refused_or_failed_says_so_after_the_programs_name(tmp_path, a
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert refused.stderr.startswith(said), refused.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["generate", "hi"], ["workers"], ["route", "hi"], ["bench-client", "--num-requests", "2"]],
+    ids=lambda argv: argv[0],
+)
+def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(tmp_path, argv):
+    """Ctrl-C while a command waits on a dispatcher (here one that accepts and never answers) printed
+    asyncio's KeyboardInterrupt traceback; now it exits 130 (128 + SIGINT), as shells expect."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(30)
+        env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        command = [sys.executable, "-m", "pdlb.cli.main", *argv, "--dispatcher", address]
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            connection, _ = server.accept()  # the command's call is under way
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            connection.close()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and not err.strip(), err
 
 
 def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():

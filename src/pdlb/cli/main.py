@@ -249,10 +249,14 @@ async def cmd_rooms(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; its exit status. A refusal or failure is one line on stderr after the
     program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
-    (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1."""
+    (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
+    Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)  # end the line the ^C was echoed on
+        return 130
     except SystemExit as exc:
         if not isinstance(exc.code, str):
             raise

@@ -900,3 +900,33 @@ async def test_sigterm_answers_a_request_whose_body_is_still_arriving_503_at_onc
         "the gateway is shutting down and the request body was still arriving; send the request to another one"
     ), error
     assert await asyncio.to_thread(gateway.proc.wait, 30) == 0  # well within its 60 s grace
+
+
+HEADER_NUMBERS = [  # (header or None for the body's logit_bias, value as sent, the param refused)
+    ("X-pdlb-TTFT-Deadline-Ms", "²".encode(), "X-pdlb-TTFT-Deadline-Ms"),  # was a 500: int('²') raised
+    ("X-pdlb-TTFT-Deadline-Ms", "\u0661\u0662".encode(), "X-pdlb-TTFT-Deadline-Ms"),  # Arabic-Indic 12: 12 ms
+    ("X-pdlb-TTFT-Deadline-Ms", b"99999999999999999999", "X-pdlb-TTFT-Deadline-Ms"),
+    ("X-data-parallel-rank", "\u0661".encode(), "X-data-parallel-rank"),  # was a pin to rank 1
+    ("X-data-parallel-rank", b"1_0", "X-data-parallel-rank"),  # was a pin to rank 10
+    (None, "\u0661\u0662".encode(), "logit_bias"),  # was a bias on token 12
+    (None, b" 7", "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("header", "value", "param"), HEADER_NUMBERS)
+async def test_numbers_in_headers_and_keys_are_ascii_digits_or_refused(start_service, header, value, param):
+    """Python's int() reads other scripts' digits, '_' and spaces, and raises on '²': a deadline
+    header of '²' was a 500, and Arabic-Indic '12' a 12 ms deadline, a rank pin or a logit_bias key. A number a
+    client sends as text is ASCII digits, or a 400 naming where it was sent."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0")
+    bias = {value.decode(): 1} if header is None else {}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": bias}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    sent = head + (f"{header}: ".encode() + value + b"\r\n" if header else b"")
+    answer = await raw_exchange(http_port, sent + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    status, _, reply = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    error = json.loads(reply)["error"]
+    assert error["param"] == param, error
+    assert "ASCII digits" in error["message"] or "from 1 to 4294967295" in error["message"], error

@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pdlb.common.requests import InvalidRequest, TooLong
 from pdlb.services.gateway.frontend import SHUTTING_DOWN, Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
-from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
+from pdlb.services.gateway.request_params import ParamError, ascii_int, check_names, sampling_from
 from pdlb.services.gateway.stops import StopMatcher
 from pdlb.v1 import common_pb2
 
@@ -292,10 +292,10 @@ class OpenAIApi:
         general = (body.get("data_parallel_rank"), "data_parallel_rank")
         header = http.headers.get("X-data-parallel-rank")
         if header is not None:
-            try:
-                general = (int(header), "X-data-parallel-rank")
-            except ValueError:
-                raise ApiError(400, "X-data-parallel-rank must be an integer", "X-data-parallel-rank") from None
+            if (rank := ascii_int(header)) is None:
+                said = f"X-data-parallel-rank must be an integer in ASCII digits, not {header!r:.40}"
+                raise ApiError(400, said, "X-data-parallel-rank")
+            general = (rank, "X-data-parallel-rank")
         if general[0] is not None and pins["decode_dp_rank"][0] is None:
             pins["decode_dp_rank"] = general  # mixed: the rank; PD: the decode rank (where the tokens come from)
         for name, (value, given) in pins.items():
@@ -594,9 +594,11 @@ def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequ
         raise ApiError(400, "priority must be a 32-bit integer (lower is served earlier)", "priority")
     request.priority = priority
     if raw := http.headers.get(DEADLINE_HEADER):
-        if not raw.isdigit() or not 0 < int(raw) < 2**32:
-            raise ApiError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", DEADLINE_HEADER)
-        request.ttft_deadline_ms = int(raw)
+        ms = ascii_int(raw)
+        if ms is None or not 0 < ms < 2**32:
+            said = f"{DEADLINE_HEADER} must be a whole number of milliseconds from 1 to {2**32 - 1}, not {raw!r:.40}"
+            raise ApiError(400, said, DEADLINE_HEADER)
+        request.ttft_deadline_ms = ms
     if tenant := http.headers.get(TENANT_HEADER, ""):
         request.tenant = tenant[:256]
 

@@ -89,6 +89,17 @@ def test_a_server_whose_chosen_port_is_taken_starts_again_on_another(tmp_path: P
         server.stop()
 
 
+def test_a_restart_keeps_the_port_the_server_was_healthy_on(tmp_path: Path):
+    server = VLLMServer(StandInSpec(venv=tmp_path), tmp_path / "server.log").spawn().wait_ready(timeout=60)
+    try:
+        port = server.spec.port
+        server.kill()
+        server.spawn().wait_ready(timeout=60)
+        assert server.spec.port == port and server.respawns == 0
+    finally:
+        server.stop()
+
+
 def test_a_port_the_caller_named_is_not_changed(tmp_path: Path, taken):
     server = VLLMServer(StandInSpec(venv=tmp_path, port=taken), tmp_path / "server.log").spawn()
     try:

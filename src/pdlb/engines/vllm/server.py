@@ -133,10 +133,11 @@ class VLLMServerSpec:
 class VLLMServer:
     """A vLLM server child process; its output goes to `log_path`.
 
-    With `spec.port` 0 the server gets a port from `free_port` at spawn. If it then exits on
-    "Address already in use" before it is healthy (a process that names its ports took it in
-    between), `wait_ready` spawns it again on a newly chosen port, `port_retries` times at most;
-    `url` follows the port in use. A port the caller named is never changed."""
+    With `spec.port` 0 the server gets a port from `free_port` at its first spawn. If it then
+    exits on "Address already in use" before it was ever healthy (a process that names its ports
+    took it in between), `wait_ready` spawns it again on a newly chosen port, `port_retries` times
+    at most; `url` follows the port in use. Once healthy, the port is its address: a later
+    `spawn` (a restart) uses it again. A port the caller named is never changed."""
 
     port_retries = 3
     BIND_FAILED = "Address already in use"
@@ -155,7 +156,7 @@ class VLLMServer:
         return self.spec.url
 
     def spawn(self) -> VLLMServer:
-        if self.choose_port:
+        if self.spec.port == 0:
             self.spec = replace(self.spec, port=free_port())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -178,11 +179,13 @@ class VLLMServer:
             if self.proc is None or self.proc.poll() is not None:
                 if self.proc is not None and self._lost_its_port() and self.respawns < self.port_retries:
                     self.respawns += 1
-                    self.spawn()  # a new port; the deadline still counts from the first spawn
+                    self.spec = replace(self.spec, port=free_port())
+                    self.spawn()  # the deadline still counts from the first spawn
                     continue
                 raise RuntimeError(f"vLLM server on :{self.spec.port} exited; log {self.log_path}:\n{self.log_tail()}")
             if http_ok(f"{self.url}/health"):
                 self.ready_s = time.monotonic() - self.started_at
+                self.choose_port = False  # its address now: a restart keeps it
                 return self
             time.sleep(0.5)  # polling a server that has no readiness event to wait on
         self.stop()

@@ -930,3 +930,18 @@ async def test_numbers_in_headers_and_keys_are_ascii_digits_or_refused(start_ser
     error = json.loads(reply)["error"]
     assert error["param"] == param, error
     assert "ASCII digits" in error["message"] or "from 1 to 4294967295" in error["message"], error
+
+
+@pytest.mark.parametrize("header", ["X-Session-Id", "X-pdlb-Tenant"])
+async def test_a_text_header_that_is_not_utf8_is_refused_400_naming_it(start_service, header):
+    """X-Session-Id or X-pdlb-Tenant bytes that are not UTF-8 were a 500 (aiohttp keeps them as lone
+    surrogates, which the request's protobuf string cannot hold); now a 400 naming the header."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0")
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    sent = head + header.encode() + b": \xff\xfe\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    status, _, reply = (await raw_exchange(http_port, sent)).partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), (status, reply)
+    error = json.loads(reply)["error"]
+    assert error["param"] == header and f"the {header} header must be UTF-8 text" in error["message"], error

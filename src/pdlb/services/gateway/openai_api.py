@@ -195,7 +195,7 @@ class OpenAIApi:
             if not isinstance(user, str) or len(user) > 256:
                 raise ApiError(400, "user must be a string of at most 256 characters", "user")
             request.routing_key = user
-        if key := http.headers.get("X-Session-Id", ""):
+        if key := header_text(http, "X-Session-Id"):
             request.routing_key = key[:256]
         self.rank_pins(http, body, request)
         flow_fields(http, body, request)
@@ -599,8 +599,18 @@ def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequ
             said = f"{DEADLINE_HEADER} must be a whole number of milliseconds from 1 to {2**32 - 1}, not {raw!r:.40}"
             raise ApiError(400, said, DEADLINE_HEADER)
         request.ttft_deadline_ms = ms
-    if tenant := http.headers.get(TENANT_HEADER, ""):
+    if tenant := header_text(http, TENANT_HEADER):
         request.tenant = tenant[:256]
+
+
+def header_text(http: web.Request, name: str) -> str:
+    """The header `name` as text ("" when absent); ApiError 400 naming it when its bytes are not
+    UTF-8 (aiohttp keeps such bytes as lone surrogates, which no protobuf string can carry: a 500)."""
+    value = http.headers.get(name, "")
+    if _lone_surrogate(value) is not None:
+        sent = value.encode(errors="backslashreplace")
+        raise ApiError(400, f"the {name} header must be UTF-8 text, not {sent!r:.60}", name)
+    return value
 
 
 def _lone_surrogate(value: Any, path: str = "") -> str | None:

@@ -133,6 +133,8 @@ class OpenAIApi:
             stopping.cancel()
             if not reading.done():
                 reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # retrieved: a client gone mid-body, while this handler is cancelled too
         if reading.done() and not reading.cancelled():
             return reading.result()
         if stopping.done() and not stopping.cancelled():

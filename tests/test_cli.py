@@ -652,11 +652,15 @@ def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
             ["--mode", "mixed", "--decode", "3", "--decode-method", "least_wait"],
             "pdlb up: --decode, --decode-method are for --mode pd",
         ),
+        # a --model naming nothing started etcd and bootstrap, then failed in the first dispatcher
+        (["--model", "/nonexistent/m.gguf"], "pdlb up: --model '/nonexistent/m.gguf': no such file or directory"),
+        (["--model", "smolm2"], "pdlb up: --model 'smolm2': not smollm2-135m-instruct, tiny-random, a .gguf file"),
     ],
 )
 def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):
     """`pdlb up --workers 4` started the default PD cluster of 2 + 2 ranks, the 4 ignored in silence
-    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2."""
+    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2.
+    A --model that names no model alike."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
     refused = pdlb("up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env, timeout=30)
     assert refused.returncode == 2, refused.stdout + refused.stderr

@@ -32,7 +32,8 @@ from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
-from pdlb.models.catalog import SMOLLM2, TINY
+from pdlb.models.catalog import SMOLLM2, TINY, resolve
+from pdlb.models.config import UnsupportedModel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
@@ -280,10 +281,15 @@ class LocalCluster:
         return str(self.args.port + offset) if self.args.port else "0"
 
     def check(self) -> None:
-        """Refuse before starting anything: a running cluster of this name, a taken port, or
-        flow-control flags for the dispatchers without --flow-control (they would act on nothing)."""
+        """Refuse before starting anything: a --model that names no model, a running cluster of this
+        name, a taken port, or flow-control flags for the dispatchers without --flow-control (they
+        would act on nothing)."""
         args = self.args
         state.check_name(args.name)
+        try:  # every dispatcher and the gateway resolve it first thing: a typo is found now
+            resolve(args.model)
+        except UnsupportedModel as exc:
+            raise StartRefused(str(exc)) from None
         stray = flags_of_the_other_mode(args)
         if stray:
             wanted = "pd" if args.mode == "mixed" else "mixed"

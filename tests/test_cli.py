@@ -352,13 +352,16 @@ def test_up_refuses_an_unwritable_log_dir_and_ports_past_65535_before_starting(t
 
 
 def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
-    """`--model nosuch`: the dispatcher exits at start; pdlb up says so at once, with the child's own
-    message and no traceback, stops what it started, and leaves no state behind."""
+    """`--model` a .gguf file that is not one: pdlb up's own check passes it, the dispatcher exits at
+    start; pdlb up says so at once, with the child's own message and no traceback, stops what it
+    started, and leaves no state behind."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
-    flags = ["--mode", "mixed", "--workers", "1", "--model", "nosuch", "--port", "0", "--etcd-port", "0"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    flags = ["--mode", "mixed", "--workers", "1", "--model", str(broken), "--port", "0", "--etcd-port", "0"]
     failed = pdlb("up", *flags, "--http-port", "0", env=env, timeout=45)  # not the old 60 s start timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    said = "could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model nosuch"
+    said = f"could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model {broken}"
     assert said in failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
     assert "etcd keys left behind: none" in failed.stdout

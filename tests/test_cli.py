@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -351,13 +352,16 @@ def test_up_refuses_an_unwritable_log_dir_and_ports_past_65535_before_starting(t
 
 
 def test_up_reports_a_child_that_dies_at_once_with_its_own_error(tmp_path):
-    """`--model nosuch`: the dispatcher exits at start; pdlb up says so at once, with the child's own
-    message and no traceback, stops what it started, and leaves no state behind."""
+    """`--model` a .gguf file that is not one: pdlb up's own check passes it, the dispatcher exits at
+    start; pdlb up says so at once, with the child's own message and no traceback, stops what it
+    started, and leaves no state behind."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
-    flags = ["--mode", "mixed", "--workers", "1", "--model", "nosuch", "--port", "0", "--etcd-port", "0"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    flags = ["--mode", "mixed", "--workers", "1", "--model", str(broken), "--port", "0", "--etcd-port", "0"]
     failed = pdlb("up", *flags, "--http-port", "0", env=env, timeout=45)  # not the old 60 s start timeout
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    said = "could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model nosuch"
+    said = f"could not start the cluster: dispatcher exited with status 1: pdlb-dispatcher: cannot use --model {broken}"
     assert said in failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
     assert "etcd keys left behind: none" in failed.stdout
@@ -580,6 +584,55 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
     assert refused.stderr.strip() == said
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["top", "--once"], "pdlb top: no running cluster named 'nosuch' (running: none); start it with `pdlb up`"),
+        (["workers"], "pdlb workers: no running cluster named 'nosuch'"),
+        (["generate", "hi"], "pdlb generate: no running cluster named 'nosuch'"),
+        (["route", "hi"], "pdlb route: no running cluster named 'nosuch'"),
+        (["rooms", "7"], "pdlb rooms: no running cluster named 'nosuch'"),
+        (["bench-client", "--num-requests", "1"], "pdlb bench-client: no running cluster named 'nosuch'"),
+        (["generate", "hi", "--tls-cert", "c.pem"], "pdlb generate: --tls-cert and --tls-key go together"),
+        (["generate", "hi", "--dispatcher", "127.0.0.1:1"], "pdlb generate: UNAVAILABLE: "),
+        (["workers", "--dispatcher", "127.0.0.1:1"], "pdlb workers: UNAVAILABLE: "),
+    ],
+)
+def test_a_command_refused_or_failed_says_so_after_the_programs_name(tmp_path, argv, said):
+    """`pdlb top --cluster nosuch` (and every other command's refusal, a failed RPC too: it read
+    `error: UNAVAILABLE: ...`) printed its message with no program name before it, unlike argparse's
+    refusals and `pdlb top`'s lost stream: one line `pdlb <command>: ...`, exit 1."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}  # no cluster runs
+    refused = pdlb(*argv, "--cluster", "nosuch", env=env, timeout=60)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(said), refused.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["generate", "hi"], ["workers"], ["route", "hi"], ["bench-client", "--num-requests", "2"]],
+    ids=lambda argv: argv[0],
+)
+def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(tmp_path, argv):
+    """Ctrl-C while a command waits on a dispatcher (here one that accepts and never answers) printed
+    asyncio's KeyboardInterrupt traceback; now it exits 130 (128 + SIGINT), as shells expect."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(30)
+        env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        command = [sys.executable, "-m", "pdlb.cli.main", *argv, "--dispatcher", address]
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            connection, _ = server.accept()  # the command's call is under way
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            connection.close()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and not err.strip(), err
+
+
 def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
     """`pdlb top` against a dispatcher that does not answer printed a grpc traceback."""
     env = {**os.environ, "PDLB_STATE_DIR": "/nonexistent-pdlb-state"}
@@ -602,11 +655,15 @@ def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
             ["--mode", "mixed", "--decode", "3", "--decode-method", "least_wait"],
             "pdlb up: --decode, --decode-method are for --mode pd",
         ),
+        # a --model naming nothing started etcd and bootstrap, then failed in the first dispatcher
+        (["--model", "/nonexistent/m.gguf"], "pdlb up: --model '/nonexistent/m.gguf': no such file or directory"),
+        (["--model", "smolm2"], "pdlb up: --model 'smolm2': not smollm2-135m-instruct, tiny-random, a .gguf file"),
     ],
 )
 def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):
     """`pdlb up --workers 4` started the default PD cluster of 2 + 2 ranks, the 4 ignored in silence
-    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2."""
+    (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2.
+    A --model that names no model alike."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
     refused = pdlb("up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env, timeout=30)
     assert refused.returncode == 2, refused.stdout + refused.stderr

@@ -5,8 +5,10 @@ server's reflection alone."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -671,3 +673,275 @@ async def test_gateway_sigterm_fails_streams_running_past_the_grace_naming_it(et
     assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and said in events[-2], events[-2]
     assert status.code() == grpc.StatusCode.UNAVAILABLE and said in status.details(), status
     assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
+
+
+async def test_a_dashboard_past_max_dashboards_gets_openai_shaped_429(start_service):
+    """One page open of --max-dashboards 1: a second one is refused 429 with the body every other
+    OpenAI-shaped error has (message, type, param, code; it lacked param and code) and Retry-After;
+    once the first page closes, a new one is served."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--max-dashboards", "1")
+    url = f"http://127.0.0.1:{http_port}/dashboard/events"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(url) as first:
+            assert first.status == 200
+            assert (await first.content.readline()).startswith(b"data: ")  # the page's slot is taken
+            async with http.get(url) as second:
+                assert second.status == 429 and second.headers["Retry-After"] == "1"
+                error = (await second.json())["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert (error["type"], error["param"], error["code"]) == ("rate_limit_error", None, "rate_limit_exceeded")
+        assert "1 dashboards open (--max-dashboards=1)" in error["message"], error
+
+        async def served() -> bool:  # the slot frees when the server sees the first page gone
+            async with http.get(url) as again:
+                return again.status == 200 and (await again.content.readline()).startswith(b"data: ")
+
+        await wait_until(served, timeout=10, what="a dashboard page served after the first closed")
+
+
+async def test_an_out_of_vocabulary_prompt_id_is_refused_alike_in_pd_and_mixed_mode(cluster):
+    """A prompt id outside the workers' vocabulary is the request's own fault: 400 / INVALID_ARGUMENT
+    with the worker's words, read the same in both modes (PD said "prefill half: ..." before them,
+    an internal the client never asked about)."""
+    mode, gateway, base, workers = cluster
+    await ready(base, len(workers))
+    said = "token id 99999 is outside the vocabulary 0..319"  # the toy model's 320 ids
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.completions.create(model=MODEL, prompt=[5, 99999, 7], max_tokens=4)
+    message = refused.value.body["message"]
+    assert re.fullmatch(rf"request cmpl-[0-9a-f]{{32}}: {re.escape(said)}", message), (mode, message)
+
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request = common_pb2.InferenceRequest(request_id=f"oov-{mode}", input_ids=[5, 99999, 7])
+        request.sampling.max_new_tokens = 4
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await rest_of(call)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details() == f"request oov-{mode}: {said}", (mode, failed.value.details())
+
+
+MALFORMED = [  # raw requests aiohttp's parser refuses, and words its 400 names the fault with
+    (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        "Content-Type",
+    ),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", "Content-Length"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "Content-Length"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "chunk"),
+    (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", "header"),
+    (b"GARBAGE\x01 / HTTP/1.1\r\n\r\n", "method"),  # aiohttp logs this one at debug level only
+]
+
+
+async def raw_exchange(port: int, raw: bytes) -> bytes:
+    """Send `raw` on a new connection; everything the server sends until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closed it
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_http_request_is_refused_400_and_logged_in_one_line(start_service):
+    """Requests aiohttp cannot parse get its 400 naming the fault and a closed connection (they never
+    reach the gateway's handlers, so the body is aiohttp's text: it has no hook to shape it), the
+    gateway serves on, and its log has one line per refusal (it had an ERROR traceback each)."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port))
+    for raw, words in MALFORMED:
+        answer = await raw_exchange(http_port, raw)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", (raw, answer)
+        assert words.lower() in body.decode().lower(), (raw, answer)
+    served = await raw_exchange(http_port, b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert served.startswith(b"HTTP/1.1 200") and served.endswith(b'{"status": "ok"}'), served
+    log = gateway.log_path.read_text()
+    refusals = [line for line in log.splitlines() if "malformed HTTP request: " in line]
+    assert "Traceback" not in log, log
+    assert len(refusals) == len(MALFORMED) - 1, log  # the bad method: at debug level
+    assert all(" from 127.0.0.1: " in line for line in refusals), refusals
+
+
+async def test_a_body_that_does_not_decode_is_400_and_one_cut_off_is_499_never_a_500(start_service):
+    """A gzip body that is not gzip was a 500 "internal error in the gateway" with a traceback: it
+    is the client's 400, naming the encoding, and the connection closes (the rest of the body is
+    unknown: kept open, aiohttp reset the next request on it). A client that leaves mid-body counts
+    as 499 and leaves no traceback (aiohttp logged an ERROR one)."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port))
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    def gzipped(body: bytes) -> bytes:
+        return f"{head}Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+    answer = await raw_exchange(http_port, gzipped(b"not gzip at all"))  # read to EOF: closed
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "(Content-Encoding: gzip)" in error["message"], error
+    async with aiohttp.ClientSession() as http:  # a real gzip body decodes: its empty prompt is what is refused
+        async with http.post(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            data=gzip.compress(json.dumps({"prompt": "", "max_tokens": 2}).encode()),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ) as reply:
+            assert reply.status == 400 and (await reply.json())["error"]["param"] == "prompt"
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        writer.write(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+        await writer.drain()
+        writer.close()  # 11 bytes of 100 sent: the client leaves
+        await writer.wait_closed()
+        assert await reader.read() == b""
+
+        async def counted() -> bool:
+            async with http.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
+                return 'pdlb_gateway_requests_total{api="http",outcome="499"} 1.0' in await metrics.text()
+
+        await wait_until(counted, timeout=10, what="the cut-off request counted as 499")
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+@pytest.mark.parametrize("flags", [[], ["--prefill-dispatcher", "127.0.0.1:1"]], ids=["none", "prefill-only"])
+async def test_a_request_with_no_dispatcher_known_fails_503_once_saying_what_to_start(start_service, flags):
+    """No dispatcher (or half of PD) known: one membership wait, then 503 naming what is missing
+    and where the gateway looks. It was retried, waiting twice, and its message read "failed again
+    through  (no dispatchers known ...)", naming no dispatcher; gRPC alike."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port), *flags)
+    known = "only a prefill one is known" if flags else "none is known"
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0) as c:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert failed.value.status_code == 503 and failed.value.response.headers["Retry-After"] == "5"
+    message = failed.value.body["message"]
+    assert re.fullmatch(
+        r"request cmpl-[0-9a-f]{32}: no dispatchers known after 5\.0 s \(a mixed one, or a prefill and a decode "
+        rf"one; {known}\): start them, or check the gateway's --etcd and --etcd-prefix or its --dispatcher, "
+        r"--prefill-dispatcher and --decode-dispatcher",
+        message,
+    ), message
+
+    from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        request = common_pb2.InferenceRequest(request_id="nowhere", text="hi")
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rest_of(call)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details().startswith("request nowhere: no dispatchers known after 5.0 s (a mixed one, or "), (
+        refused.value.details()
+    )
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/metrics") as metrics:
+        assert "pdlb_gateway_retries_total 0.0" in await metrics.text()  # not re-run: the wait was the retry
+
+
+async def test_a_prompt_id_out_of_range_and_a_wrong_method_are_refused_saying_what_is_wrong(start_service):
+    """A prompt id of 10**10 was refused with "prompt token ids must be >= 0"; now the message names
+    the id, its place and what a token id is (the SGLang API's input_ids alike). A 405 lost
+    aiohttp's Allow header (RFC 9110 requires it) and did not say which method the path takes."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port))
+    base = f"http://127.0.0.1:{http_port}"
+    said = "is not a token id: token ids are integers from 0 to the model's vocabulary size - 1"
+    async with aiohttp.ClientSession() as http:
+        for path, field, ids in [
+            ("/v1/completions", "prompt", [5, 10**10]),
+            ("/v1/completions", "prompt", [-3]),
+            ("/generate", "input_ids", [5, 6, 2**31]),
+        ]:
+            async with http.post(f"{base}{path}", json={field: ids}) as reply:
+                error = (await reply.json())["error"]
+            assert reply.status == 400 and error["param"] == field, error
+            assert error["message"] == f"{field}[{len(ids) - 1}] = {ids[-1]} {said}", error
+        async with http.delete(f"{base}/v1/completions") as reply:
+            error = (await reply.json())["error"]
+            assert reply.status == 405 and reply.headers["Allow"] == "POST", reply.headers
+        assert error["message"] == "DELETE /v1/completions: Method Not Allowed (it takes POST)", error
+
+
+async def test_sigterm_answers_a_request_whose_body_is_still_arriving_503_at_once(start_service):
+    """SIGTERM while a request's body still arrives: it never started here, so it gets 503 naming
+    the shutdown at once and the gateway exits without waiting out its grace (it held the exit for
+    the whole grace, then closed the connection without a word)."""
+    http_port = free_port()
+    gateway = start_service(
+        "gateway", "--http-port", str(http_port), "--max-concurrent-streams", "1", "--shutdown-grace", "60"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n"
+    writer.write(head.encode() + b'{"prompt": ')  # 11 bytes of 50
+    await writer.drain()
+    async with aiohttp.ClientSession() as http:
+
+        async def slot_taken() -> bool:  # the slow request holds the only stream slot: it is in its handler
+            async with http.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "x"}) as reply:
+                return reply.status == 429
+
+        await wait_until(slot_taken, timeout=10, what="the slow-body request in its handler")
+    gateway.signal_stop()
+    answer = await asyncio.wait_for(reader.read(), 30)  # to EOF: answered, then closed
+    writer.close()
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 503"), answer
+    error = json.loads(body)["error"]
+    assert error["type"] == "server_error", error
+    assert error["message"] == (
+        "the gateway is shutting down and the request body was still arriving; send the request to another one"
+    ), error
+    assert await asyncio.to_thread(gateway.proc.wait, 30) == 0  # well within its 60 s grace
+
+
+HEADER_NUMBERS = [  # (header or None for the body's logit_bias, value as sent, the param refused)
+    ("X-pdlb-TTFT-Deadline-Ms", "²".encode(), "X-pdlb-TTFT-Deadline-Ms"),  # was a 500: int('²') raised
+    ("X-pdlb-TTFT-Deadline-Ms", "\u0661\u0662".encode(), "X-pdlb-TTFT-Deadline-Ms"),  # Arabic-Indic 12: 12 ms
+    ("X-pdlb-TTFT-Deadline-Ms", b"99999999999999999999", "X-pdlb-TTFT-Deadline-Ms"),
+    ("X-data-parallel-rank", "\u0661".encode(), "X-data-parallel-rank"),  # was a pin to rank 1
+    ("X-data-parallel-rank", b"1_0", "X-data-parallel-rank"),  # was a pin to rank 10
+    (None, "\u0661\u0662".encode(), "logit_bias"),  # was a bias on token 12
+    (None, b" 7", "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("header", "value", "param"), HEADER_NUMBERS)
+async def test_numbers_in_headers_and_keys_are_ascii_digits_or_refused(start_service, header, value, param):
+    """Python's int() reads other scripts' digits, '_' and spaces, and raises on '²': a deadline
+    header of '²' was a 500, and Arabic-Indic '12' a 12 ms deadline, a rank pin or a logit_bias key. A number a
+    client sends as text is ASCII digits, or a 400 naming where it was sent."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0")
+    bias = {value.decode(): 1} if header is None else {}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": bias}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    sent = head + (f"{header}: ".encode() + value + b"\r\n" if header else b"")
+    answer = await raw_exchange(http_port, sent + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    status, _, reply = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    error = json.loads(reply)["error"]
+    assert error["param"] == param, error
+    assert "ASCII digits" in error["message"] or "from 1 to 4294967295" in error["message"], error
+
+
+@pytest.mark.parametrize("header", ["X-Session-Id", "X-pdlb-Tenant"])
+async def test_a_text_header_that_is_not_utf8_is_refused_400_naming_it(start_service, header):
+    """X-Session-Id or X-pdlb-Tenant bytes that are not UTF-8 were a 500 (aiohttp keeps them as lone
+    surrogates, which the request's protobuf string cannot hold); now a 400 naming the header."""
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0")
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    sent = head + header.encode() + b": \xff\xfe\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    status, _, reply = (await raw_exchange(http_port, sent)).partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), (status, reply)
+    error = json.loads(reply)["error"]
+    assert error["param"] == header and f"the {header} header must be UTF-8 text" in error["message"], error

@@ -403,8 +403,18 @@ def test_unsupported_checkpoints_fail_with_what_is_unsupported(tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UnsupportedModel, match=re.escape(words)):
             resolve(str(tmp_path / "m")).config()
-    with pytest.raises(UnsupportedModel, match=re.escape("not smollm2-135m-instruct, tiny-random, a .gguf file")):
+    # what was wrong with the value: a path that is not there, a file of another kind, an unknown name
+    # (all three read "not smollm2-135m-instruct, ..." before, a missing file too)
+    kinds = "smollm2-135m-instruct, tiny-random, a .gguf file or a Hugging Face model directory"
+    with pytest.raises(UnsupportedModel, match=re.escape(f"nowhere': no such file or directory (a model is {kinds})")):
         resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(UnsupportedModel, match=re.escape("'missing.gguf': no such file or directory")):
+        resolve("missing.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(UnsupportedModel, match=re.escape("weights.bin': a file, but not a .gguf one")):
+        resolve(str(tmp_path / "weights.bin"))
+    with pytest.raises(UnsupportedModel, match=re.escape(f"--model 'nosuchmodel': not {kinds}")):
+        resolve("nosuchmodel")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnsupportedModel, match=re.escape("needs config.json, tokenizer.json and")):
         resolve(str(tmp_path / "empty")).tokenizer()

@@ -104,3 +104,49 @@ async def test_dispatcher_with_etcd_routes_to_registered_scheduler(etcd, prefix,
     keys = [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
     assert not any("/workers/" in k for k in keys)
     await client.close()
+
+
+# Messages whose field 1 is a message whose string field (1, or 3: RoomRecord.prefill_worker_id)
+# is not UTF-8, and bytes that are no protobuf at all.
+NOT_UTF8 = b"\x0a\x03\x0a\x01\xff"
+NOT_UTF8_RECORD = b"\x0a\x03\x1a\x01\xff"
+CORRUPT = b"\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "shape"),
+    [
+        ("dispatcher", "/pdlb.v1.Dispatch/Route", "unary"),
+        ("dispatcher", "/pdlb.v1.Dispatch/Generate", "server stream"),
+        ("dispatcher", "/pdlb.v1.LoadReport/Report", "bidi stream"),
+        ("bootstrap", "/pdlb.v1.Bootstrap/RegisterRoom", "unary"),
+        ("gateway", "/pdlb.v1.Gateway/Generate", "server stream"),
+    ],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument(start_service, kind, method, shape):
+    """Bytes that are not the RPC's message (a string that is not UTF-8, a corrupt wire format)
+    were gRPC's UNKNOWN "Unexpected <class DecodeError>" with a traceback in the server's log; every
+    server now answers INVALID_ARGUMENT naming the method and protobuf's reason, and serves on."""
+    proc = start_service(kind)
+    async with grpc.aio.insecure_channel(proc.address) as channel:
+        raw = {"serializer": lambda b: b, "deserializer": lambda b: b}
+        not_utf8 = NOT_UTF8_RECORD if kind == "bootstrap" else NOT_UTF8
+        for sent, reason in ((not_utf8, "bad UTF-8"), (CORRUPT, "corrupt")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                if shape == "unary":
+                    await channel.unary_unary(method, raw["serializer"], raw["deserializer"])(sent, timeout=10)
+                elif shape == "server stream":
+                    call = channel.unary_stream(method, raw["serializer"], raw["deserializer"])(sent, timeout=10)
+                    [_ async for _ in call]
+                else:
+                    call = channel.stream_stream(method, raw["serializer"], raw["deserializer"])(
+                        iter([sent]), timeout=10
+                    )
+                    [_ async for _ in call]
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+            details = refused.value.details()
+            assert details.startswith(f"{method}: the request is not a valid message of this RPC"), details
+            assert reason in details, details
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert "Traceback" not in proc.log_path.read_text()

@@ -32,7 +32,8 @@ from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
-from pdlb.models.catalog import SMOLLM2, TINY
+from pdlb.models.catalog import SMOLLM2, TINY, resolve
+from pdlb.models.config import UnsupportedModel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 
 TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
@@ -280,10 +281,15 @@ class LocalCluster:
         return str(self.args.port + offset) if self.args.port else "0"
 
     def check(self) -> None:
-        """Refuse before starting anything: a running cluster of this name, a taken port, or
-        flow-control flags for the dispatchers without --flow-control (they would act on nothing)."""
+        """Refuse before starting anything: a --model that names no model, a running cluster of this
+        name, a taken port, or flow-control flags for the dispatchers without --flow-control (they
+        would act on nothing)."""
         args = self.args
         state.check_name(args.name)
+        try:  # every dispatcher and the gateway resolve it first thing: a typo is found now
+            resolve(args.model)
+        except UnsupportedModel as exc:
+            raise StartRefused(str(exc)) from None
         stray = flags_of_the_other_mode(args)
         if stray:
             wanted = "pd" if args.mode == "mixed" else "mixed"
@@ -508,7 +514,7 @@ class LocalCluster:
         args.vllm_urls = {}
         if args.vllm_url:
             if args.mode == "pd" and not args.vllm_decode_url:
-                raise SystemExit("pdlb up --mode pd --engine vllm --vllm-url needs --vllm-decode-url too")
+                raise SystemExit("--mode pd --engine vllm --vllm-url needs --vllm-decode-url too")
             args.vllm_server_ranks = args.vllm_server_ranks or 1
             given = {"null": args.vllm_url, "prefill": args.vllm_url, "decode": args.vllm_decode_url}
             for mode in roles:
@@ -519,14 +525,14 @@ class LocalCluster:
             return
         venv = find_venv()
         if venv is None:
-            raise SystemExit(f"pdlb up --engine vllm: {missing_reason()}")
+            raise SystemExit(f"--engine vllm: {missing_reason()}")
         per_server = args.vllm_server_ranks
         if any(count % (per_server or count) for count in roles.values()):
             raise SystemExit("--workers, --prefill and --decode must be multiples of --vllm-server-ranks")
         extra: list[str] = []
         if args.mode == "pd":
             if args.vllm_kv_connector != "ExampleConnector":
-                raise SystemExit("pdlb up starts vLLM servers on ExampleConnector only; attach others with --vllm-url")
+                raise SystemExit("vLLM servers started here use ExampleConnector only; attach others with --vllm-url")
             storage = state.kv_storage_of(args.name)
             shutil.rmtree(storage, ignore_errors=True)  # a cluster of this name that was killed left it
             storage.mkdir(parents=True)

@@ -247,7 +247,27 @@ async def cmd_rooms(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit status. A refusal or failure is one line on stderr after the
+    program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
+    (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
+    Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)  # end the line the ^C was echoed on
+        return 130
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(f"pdlb {args.command}: {exc.code}", file=sys.stderr, flush=True)
+        return 1
+    except grpc.aio.AioRpcError as err:
+        print(f"pdlb {args.command}: {err.code().name}: {err.details()}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     security.configure(security.tls_from_args(args))
     if args.command == "health":
         return _health(args)
@@ -278,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(bench())
     handler = {"generate": cmd_generate, "route": cmd_route, "workers": cmd_workers, "rooms": cmd_rooms}[args.command]
-    try:
-        return asyncio.run(handler(args))
-    except grpc.aio.AioRpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
+    return asyncio.run(handler(args))
 
 
 def _export_tokenizer(args: argparse.Namespace) -> int:
@@ -295,7 +311,7 @@ def _export_tokenizer(args: argparse.Namespace) -> int:
     try:
         written = export_tokenizer(resolve(args.model), Path(args.directory))
     except UnsupportedModel as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"pdlb export-tokenizer: {exc}", file=sys.stderr)
         return 2
     print("wrote", *written)
     return 0
@@ -312,7 +328,7 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
     except grpc.RpcError as err:
-        print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"pdlb health: {args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")

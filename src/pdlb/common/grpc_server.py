@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from pdlb.common import security
 from pdlb.common.config import FlagRefused
+from pdlb.common.malformed_requests import MalformedRequests
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class ServiceHost:
     """One grpc.aio server with standard health checking and reflection for the given services."""
 
     def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # a request that does not parse: INVALID_ARGUMENT naming why, not UNKNOWN and a traceback
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MalformedRequests()])
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

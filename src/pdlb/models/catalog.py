@@ -121,4 +121,9 @@ def resolve(spec: str, served_name: str = "") -> ModelSource:
         return ModelSource(served_name or path.stem, "gguf", path)
     if path.is_dir():
         return ModelSource(served_name or path.name, "hf", path)
-    raise UnsupportedModel(f"--model {spec!r}: not {SMOLLM2}, {TINY}, a .gguf file or a Hugging Face model directory")
+    kinds = f"{SMOLLM2}, {TINY}, a .gguf file or a Hugging Face model directory"
+    if path.is_file():
+        raise UnsupportedModel(f"--model {spec!r}: a file, but not a .gguf one (a model is {kinds})")
+    if path.suffix == ".gguf" or "/" in spec:  # meant as a path
+        raise UnsupportedModel(f"--model {spec!r}: no such file or directory (a model is {kinds})")
+    raise UnsupportedModel(f"--model {spec!r}: not {kinds}")

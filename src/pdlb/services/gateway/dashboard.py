@@ -21,6 +21,7 @@ import grpc
 from aiohttp import web
 
 from pdlb.common.slots import Slots
+from pdlb.services.gateway.openai_api import error_response
 from pdlb.services.gateway.upstreams import ROLES, Upstreams
 from pdlb.v1 import dispatch_pb2
 
@@ -155,10 +156,9 @@ class Dashboard:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         if not self.pages.try_acquire():
-            return web.json_response(
-                {"error": {"message": self.pages.refusal(), "type": "rate_limit_error"}},
-                status=429,
-            )
+            response = error_response(429, f"{self.pages.refusal()} at this gateway; close one, or retry later")
+            response.headers["Retry-After"] = "1"  # a slot frees as soon as any page closes
+            return response
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)

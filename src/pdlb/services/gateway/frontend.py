@@ -139,6 +139,7 @@ class Frontend:
         self.active_ids: set[str] = set()
         self.active_rooms: set[int] = set()
         self.draining = False
+        self.drained = asyncio.Event()  # set with draining, for waits that end when it begins
         # The tasks serving a request (an HTTP handler, a gRPC call), bounded by the stream slots, so
         # a shutdown whose grace runs out can cut them with a status naming it.
         self.calls = ShutdownCut(SHUTTING_DOWN)
@@ -146,6 +147,7 @@ class Frontend:
     def drain(self) -> None:
         """Shutting down: refuse new requests; a request in flight that fails is not retried."""
         self.draining = True
+        self.drained.set()
 
     async def end_running(self, grace_s: float, settle_s: float = CUT_SETTLE_S) -> None:
         """Shutting down, after drain(): wait up to `grace_s` seconds for the requests in flight to
@@ -273,7 +275,9 @@ class Frontend:
                     # its dispatchers are stopping too: a retry would wait for ones that never come
                     text = _named(rid, details, retries)
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"{text} ({SHUTTING_DOWN}: not retried)") from None
-                if code in FINAL or not budget or left <= 0 or (_pinned(original) and not moved):
+                # no dispatcher known (`used` empty) even after the attempt's membership wait: a retry
+                # would only wait again
+                if code in FINAL or not used or not budget or left <= 0 or (_pinned(original) and not moved):
                     if left <= 0:
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                     elif not budget and code not in FINAL:
@@ -344,12 +348,17 @@ class Frontend:
         """One attempt's responses with the prefill rank (-1 in mixed mode) and the prompt tokens
         served from a prefix cache (PD: the prefill worker's; the decode worker computes no prompt).
         One dispatcher per role is used; `used` gets role -> its address."""
-        mode = await self.upstreams.wait_mode(min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0)))
+        waited = min(MEMBERSHIP_WAIT_S, max(deadline - time.monotonic(), 0))
+        mode = await self.upstreams.wait_mode(waited)
         picked = {role: self.upstreams.pick(role, avoid) for role in (("mixed",) if mode == "mixed" else PD)}
         if mode is None or None in picked.values():
+            halves = [role for role in PD if self.upstreams.addresses(role)]
+            known = f"only a {halves[0]} one is known" if halves else "none is known"
             raise RequestFailed(
                 grpc.StatusCode.UNAVAILABLE,
-                f"request {request.request_id}: no dispatchers known (mixed, or prefill + decode)",
+                f"request {request.request_id}: no dispatchers known after {waited:.1f} s (a mixed one, or a prefill "
+                f"and a decode one; {known}): start them, or check the gateway's --etcd and --etcd-prefix or its "
+                "--dispatcher, --prefill-dispatcher and --decode-dispatcher",
             )
         used.update(picked)  # type: ignore[arg-type]
         timeout = max(deadline - time.monotonic(), 0.001)
@@ -408,12 +417,7 @@ class Frontend:
                     yield response, prefill_rank, prefill_cached
             except asyncio.CancelledError:
                 if prefill_error:
-                    err = prefill_error[0]
-                    if isinstance(err, grpc.aio.AioRpcError):
-                        raise RequestFailed(err.code(), f"prefill half: {err.details()}", retry_after_of(err)) from None
-                    if isinstance(err, RequestFailed):
-                        raise RequestFailed(err.code, f"prefill half: {err.message}", err.retry_after_s) from None
-                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"prefill half: {err}") from None
+                    raise _prefill_failed(prefill_error[0]) from None
                 _raise_if_cut(request, picked["decode"])
                 raise
             finally:
@@ -423,6 +427,20 @@ class Frontend:
 
 
 PD = ("prefill", "decode")
+
+
+def _prefill_failed(err: BaseException) -> RequestFailed:
+    """The failure of a PD attempt whose prefill half failed with `err`. The request's own faults
+    (FINAL: bad input, back-pressure, its deadline) read as in mixed mode, the worker's or
+    dispatcher's words alone: which half found them is no concern of the client. A failure of the
+    cluster (retried, then reported) names the prefill half, where an operator looks."""
+    if isinstance(err, grpc.aio.AioRpcError):
+        code, details, hint = err.code(), err.details() or "", retry_after_of(err)
+    elif isinstance(err, RequestFailed):
+        code, details, hint = err.code, err.message, err.retry_after_s
+    else:
+        code, details, hint = grpc.StatusCode.UNAVAILABLE, str(err), None
+    return RequestFailed(code, details if code in FINAL else f"prefill half: {details}", hint)
 
 
 def _raise_if_cut(request: common_pb2.InferenceRequest, address: str) -> None:

@@ -23,6 +23,7 @@ from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import CUT_SETTLE_S, DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
+from pdlb.services.gateway.protocol_log import ProtocolLog
 from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.render_api import RenderApi
 from pdlb.services.gateway.sglang_api import SGLangApi
@@ -144,8 +145,8 @@ def http_app(
             response = error_response(exc.status, exc.message, exc.param, exc.kind)
             if exc.status == 429:
                 response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
-            if exc.status == 408:
-                response.force_close()  # the rest of the body may still trickle in: drop the connection
+            if exc.close:
+                response.force_close()  # the rest of the body is unknown: drop the connection
             return response
         except web.HTTPRequestEntityTooLarge:
             metrics.done(request.get(API_KEY, "http"), "413")
@@ -153,7 +154,12 @@ def http_app(
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
+            allow = exc.headers.get("Allow")  # a 405's: the methods the path takes (RFC 9110 asks for it)
+            takes = f" (it takes {allow})" if allow else ""
+            response = error_response(exc.status, f"{request.method} {request.path}: {exc.reason}{takes}")
+            if allow:
+                response.headers["Allow"] = allow
+            return response
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away
         except Exception as exc:  # a bug: still an OpenAI error body, never aiohttp's plain text
@@ -250,6 +256,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         app,
         handler_cancellation=True,
         access_log=None,
+        logger=ProtocolLog(),  # a malformed request: one warning line, not a traceback
         keepalive_timeout=args.http_header_timeout,
         shutdown_timeout=args.shutdown_grace + CUT_SETTLE_S + 1.0,
     )

@@ -19,11 +19,12 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
-from pdlb.services.gateway.frontend import Chunk, Frontend, Prepared, RequestFailed
+from pdlb.services.gateway.frontend import SHUTTING_DOWN, Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
-from pdlb.services.gateway.request_params import ParamError, check_names, sampling_from
+from pdlb.services.gateway.request_params import ParamError, ascii_int, check_names, sampling_from
 from pdlb.services.gateway.stops import StopMatcher
 from pdlb.v1 import common_pb2
 
@@ -44,14 +45,26 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 # Retry-After of a 503 (no dispatcher or worker of a role): a restarted service registers within seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
 MAX_RANK = 1 << 20  # rank pins above this are refused: no cluster has that many ranks
+# what a token id is, for refusals (the model's vocabulary bounds it further: its workers check that)
+TOKEN_IDS = "token ids are integers from 0 to the model's vocabulary size - 1"
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    """A refusal, answered as OpenAI error JSON; `close`: the rest of the body is unknown (it trickles,
+    or could not be decoded), so the connection is closed after the answer instead of reused."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        close: bool = False,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.close = status, message, param, kind, close
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
@@ -106,14 +119,44 @@ class OpenAIApi:
         self.body_timeout_s = body_timeout_s
 
     # parsing -----------------------------------------------------------------------------------
-    async def read_json(self, http: web.Request) -> Any:
-        """The body as JSON; ApiError 408 when it trickles in slower than --http-body-timeout, 400
-        when it is not JSON, nests too deeply or holds text that is not valid Unicode."""
+    async def read_body(self, http: web.Request) -> bytes:
+        """The whole body. ApiError 408 when it trickles in slower than --http-body-timeout; 503 when
+        the gateway starts shutting down while it still arrives (the request never started here, so
+        the client can send it to another gateway at once; the shutdown waits for nothing)."""
+        if http.content.is_eof():  # all received with the headers (the usual): nothing to wait for
+            return await http.read()
+        reading = asyncio.ensure_future(http.read())
+        stopping = asyncio.ensure_future(self.frontend.drained.wait())
         try:
-            raw = await asyncio.wait_for(http.read(), self.body_timeout_s)
-        except TimeoutError:
+            await asyncio.wait((reading, stopping), timeout=self.body_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # retrieved: a client gone mid-body, while this handler is cancelled too
+        if reading.done() and not reading.cancelled():
+            return reading.result()
+        if stopping.done() and not stopping.cancelled():
+            message = f"{SHUTTING_DOWN} and the request body was still arriving; send the request to another one"
+            raise ApiError(503, message, kind="server_error", close=True)
+        raise ApiError(
+            408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)", close=True
+        )
+
+    async def read_json(self, http: web.Request) -> Any:
+        """The body as JSON (read_body's errors); ApiError 400 when its Content-Encoding does not
+        decode it, or it is not JSON, nests too deeply or holds text that is not valid Unicode."""
+        try:
+            raw = await self.read_body(http)
+        except web.RequestPayloadError as exc:  # aiohttp could not decode it (a corrupt gzip body...)
+            cause = exc.__cause__
+            reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+            encoding = http.headers.get("Content-Encoding", "none")
             raise ApiError(
-                408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)"
+                400,
+                f"the request body could not be read (Content-Encoding: {encoding[:40]}): {reason[:200]}",
+                close=True,
             ) from None
         try:
             body = json.loads(raw)
@@ -154,7 +197,7 @@ class OpenAIApi:
             if not isinstance(user, str) or len(user) > 256:
                 raise ApiError(400, "user must be a string of at most 256 characters", "user")
             request.routing_key = user
-        if key := http.headers.get("X-Session-Id", ""):
+        if key := header_text(http, "X-Session-Id"):
             request.routing_key = key[:256]
         self.rank_pins(http, body, request)
         flow_fields(http, body, request)
@@ -202,8 +245,8 @@ class OpenAIApi:
         if isinstance(prompt, str) and prompt:
             request.text = prompt
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-            if not all(0 <= t < 2**31 for t in prompt):
-                raise ApiError(400, "prompt token ids must be >= 0", "prompt")
+            if bad := next(((i, t) for i, t in enumerate(prompt) if not 0 <= t < 2**31), None):
+                raise ApiError(400, f"prompt[{bad[0]}] = {str(bad[1])[:24]} is not a token id: {TOKEN_IDS}", "prompt")
             request.input_ids.extend(prompt)
         elif isinstance(prompt, list) and len(prompt) > 1:
             raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt")
@@ -251,10 +294,10 @@ class OpenAIApi:
         general = (body.get("data_parallel_rank"), "data_parallel_rank")
         header = http.headers.get("X-data-parallel-rank")
         if header is not None:
-            try:
-                general = (int(header), "X-data-parallel-rank")
-            except ValueError:
-                raise ApiError(400, "X-data-parallel-rank must be an integer", "X-data-parallel-rank") from None
+            if (rank := ascii_int(header)) is None:
+                said = f"X-data-parallel-rank must be an integer in ASCII digits, not {header!r:.40}"
+                raise ApiError(400, said, "X-data-parallel-rank")
+            general = (rank, "X-data-parallel-rank")
         if general[0] is not None and pins["decode_dp_rank"][0] is None:
             pins["decode_dp_rank"] = general  # mixed: the rank; PD: the decode rank (where the tokens come from)
         for name, (value, given) in pins.items():
@@ -553,11 +596,23 @@ def flow_fields(http: web.Request, body: dict, request: common_pb2.InferenceRequ
         raise ApiError(400, "priority must be a 32-bit integer (lower is served earlier)", "priority")
     request.priority = priority
     if raw := http.headers.get(DEADLINE_HEADER):
-        if not raw.isdigit() or not 0 < int(raw) < 2**32:
-            raise ApiError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", DEADLINE_HEADER)
-        request.ttft_deadline_ms = int(raw)
-    if tenant := http.headers.get(TENANT_HEADER, ""):
+        ms = ascii_int(raw)
+        if ms is None or not 0 < ms < 2**32:
+            said = f"{DEADLINE_HEADER} must be a whole number of milliseconds from 1 to {2**32 - 1}, not {raw!r:.40}"
+            raise ApiError(400, said, DEADLINE_HEADER)
+        request.ttft_deadline_ms = ms
+    if tenant := header_text(http, TENANT_HEADER):
         request.tenant = tenant[:256]
+
+
+def header_text(http: web.Request, name: str) -> str:
+    """The header `name` as text ("" when absent); ApiError 400 naming it when its bytes are not
+    UTF-8 (aiohttp keeps such bytes as lone surrogates, which no protobuf string can carry: a 500)."""
+    value = http.headers.get(name, "")
+    if _lone_surrogate(value) is not None:
+        sent = value.encode(errors="backslashreplace")
+        raise ApiError(400, f"the {name} header must be UTF-8 text, not {sent!r:.60}", name)
+    return value
 
 
 def _lone_surrogate(value: Any, path: str = "") -> str | None:

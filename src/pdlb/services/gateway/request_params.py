@@ -7,12 +7,14 @@ names, ranges and defaults. A parameter sent as JSON null is the same as one not
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdlb.common.requests import DEFAULT_TEMPERATURE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_NEW_TOKENS_LIMIT
 from pdlb.v1 import common_pb2
 
+INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: a str pattern's \d matches any script's
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's completions default
@@ -161,10 +163,9 @@ def sampling_from(body: dict[str, Any], chat: bool, sampling: common_pb2.Samplin
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
         raise ParamError("logit_bias", f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
     for token, value in bias.items():
-        try:
-            token_id = int(token)
-        except ValueError:
-            raise ParamError("logit_bias", f"logit_bias key {token!r} is not a token id") from None
+        token_id = ascii_int(token)
+        if token_id is None:
+            raise ParamError("logit_bias", f"logit_bias key {token[:40]!r} is not a token id (ASCII digits)")
         if not 0 <= token_id < 2**31 or not _is_number(value) or not -100 <= value <= 100:
             raise ParamError("logit_bias", "logit_bias maps token ids to numbers from -100 to 100")
         sampling.logit_bias[token_id] = float(value)
@@ -212,6 +213,13 @@ def _stops(stop: Any) -> list[str]:
     if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
         raise ParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters")
     return stops
+
+
+def ascii_int(text: str) -> int | None:
+    """The integer a header value or JSON key spells in ASCII digits (a leading '-' allowed), else
+    None. Python's int() also takes other scripts' digits ('١٢' is 12, '²' raises), '_' between
+    digits and surrounding spaces: a client's text means what it shows, or is refused."""
+    return int(text) if INTEGER.fullmatch(text) else None
 
 
 def _is_int(value: Any) -> bool:

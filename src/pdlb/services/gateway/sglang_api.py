@@ -38,6 +38,7 @@ from pdlb.services.gateway.frontend import RequestFailed
 from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
 from pdlb.services.gateway.openai_api import (
     HTTP_STATUS,
+    TOKEN_IDS,
     ApiError,
     OpenAIApi,
     Parsed,
@@ -213,10 +214,10 @@ def _prompt(body: dict, request: common_pb2.InferenceRequest) -> None:
             raise ApiError(400, "text must be a non-empty string (one prompt per request)", "text")
         request.text = text
     elif ids is not None:
-        if not isinstance(ids, list) or not ids or not all(_is_int(t) and 0 <= t < 2**31 for t in ids):
-            raise ApiError(
-                400, "input_ids must be a non-empty list of token ids >= 0 (one prompt per request)", "input_ids"
-            )
+        if not isinstance(ids, list) or not ids or not all(_is_int(t) for t in ids):
+            raise ApiError(400, "input_ids must be a non-empty list of token ids (one prompt per request)", "input_ids")
+        if bad := next(((i, t) for i, t in enumerate(ids) if not 0 <= t < 2**31), None):
+            raise ApiError(400, f"input_ids[{bad[0]}] = {str(bad[1])[:24]} is not a token id: {TOKEN_IDS}", "input_ids")
         request.input_ids.extend(ids)
     else:
         raise ApiError(400, "text or input_ids is required", "text")

@@ -30,6 +30,17 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).reshape(q.shape[0], -1)
 
 
+def assert_rows_match_reference(got, q, chunks, k_pool, v_pool) -> None:
+    """Each chunk's rows of `got` (in plan order) equal `reference` over its context's K/V."""
+    offset = 0
+    for chunk in chunks:
+        n = len(chunk.new_tokens)
+        context = torch.tensor(chunk.slots[: chunk.start_pos + n])
+        want = reference(q[offset : offset + n], k_pool[context], v_pool[context], chunk.start_pos)
+        assert torch.allclose(got[offset : offset + n].double(), want, atol=1e-5), chunk.start_pos
+        offset += n
+
+
 def test_a_mixed_step_attends_like_each_sequence_alone():
     """A step with a prompt from position 0, a chunk continuing a cached context, and two decode
     tokens of different context lengths: every row as its sequence alone would attend."""
@@ -49,13 +60,7 @@ def test_a_mixed_step_attends_like_each_sequence_alone():
     k_new, v_new = k_pool[plan.write_slots], v_pool[plan.write_slots]  # written before attention
     got = attend(plan.attention_layout(), q, k_new, v_new, k_pool, v_pool)
     assert got.shape == (tokens, HEADS * HEAD_DIM)
-    offset = 0
-    for chunk in chunks:
-        n = len(chunk.new_tokens)
-        context = torch.tensor(chunk.slots[: chunk.start_pos + n])
-        want = reference(q[offset : offset + n], k_pool[context], v_pool[context], chunk.start_pos)
-        assert torch.allclose(got[offset : offset + n].double(), want, atol=1e-5), chunk.start_pos
-        offset += n
+    assert_rows_match_reference(got, q, chunks, k_pool, v_pool)
 
 
 def test_a_fixed_shape_decode_plan_reads_only_each_rows_context():
@@ -189,13 +194,7 @@ def test_steps_through_attend_with_the_paged_kernel_equal_the_sdpa_path():
     layout = plan.attention_layout()
     got = attend(layout, q, k_new, v_new, k_pool, v_pool, kernel)
     assert (got - attend(layout, q, k_new, v_new, k_pool, v_pool)).abs().max().item() < 1e-5
-    offset = 0
-    for chunk in chunks:
-        n = len(chunk.new_tokens)
-        context = torch.tensor(chunk.slots[: chunk.start_pos + n])
-        want = reference(q[offset : offset + n], k_pool[context], v_pool[context], chunk.start_pos)
-        assert torch.allclose(got[offset : offset + n].double(), want, atol=1e-5), chunk.start_pos
-        offset += n
+    assert_rows_match_reference(got, q, chunks, k_pool, v_pool)
     decode = DecodePlan(batch=4, context=80, device=torch.device("cpu"))
     decode.fill([chunks[0], chunks[2], chunks[4]])
     decode.refresh_mask()

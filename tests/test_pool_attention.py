@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import tempfile
 import threading
 
 import pytest
@@ -275,6 +276,42 @@ def test_the_kernel_build_is_cached_by_everything_that_changes_the_binary(tmp_pa
     with pytest.raises(cxx_build.BuildFailed, match=r"could not build k\.cpp"):
         cxx_build.build(source, ["-O1"], tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("k-*.so"))) <= cxx_build.KEEP
+
+
+def test_a_damaged_cached_kernel_is_built_again_never_loaded(tmp_path):
+    """A cached library truncated after its build (dlopen of it dies of SIGBUS, past any handler) no
+    longer matches the digest in its name: the next build removes it and builds the library again."""
+    if not cxx_build.available():
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "k.cpp"
+    source.write_text('extern "C" int answer() { return 42; }\n')
+    built = cxx_build.build(source, ["-O1"], tmp_path / "cache")
+    whole = built.read_bytes()
+    built.write_bytes(whole[:1000])
+    again = cxx_build.build(source, ["-O1"], tmp_path / "cache")
+    assert again.read_bytes() != whole[:1000] and ctypes.CDLL(str(again)).answer() == 42
+    assert [p.name for p in (tmp_path / "cache").glob("k-*.so")] == [again.name]
+
+
+def test_an_unwritable_cache_builds_into_a_private_temp_dir_and_never_a_foreign_one(tmp_path, monkeypatch):
+    """A cache directory that cannot be written: the library is built into <temp>/pdlb-kernels-<uid>,
+    created 0700; that directory, when open to others, is never used (its files are loaded as code)."""
+    if not cxx_build.available():
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "k.cpp"
+    source.write_text('extern "C" int answer() { return 7; }\n')
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    built = cxx_build.build(source, ["-O1"], blocked / "cache")
+    private = tmp_path / "temp" / f"pdlb-kernels-{os.getuid()}"
+    assert built.parent == private and ctypes.CDLL(str(built)).answer() == 7
+    assert private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)
+    source.write_text('extern "C" int answer() { return 8; }\n')
+    with pytest.raises(cxx_build.BuildFailed, match="private temp directory"):
+        cxx_build.build(source, ["-O1"], blocked / "cache")
 
 
 def test_auto_falls_back_to_sdpa_where_the_kernel_cannot_run_and_paged_says_why(monkeypatch, tmp_path):

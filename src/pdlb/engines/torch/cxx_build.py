@@ -4,12 +4,20 @@ Two CPU options need a compiler: torch.compile's inductor (compiled_ops.py) and 
 kernels (paged_attention_cpu.py). Both ask `compiler()` here, so a worker is refused at start with the
 same check and message (`missing_compiler_message`), before any model loads.
 
-`build` compiles one source file into `<cache>/<stem>-<key>.so`, where the key hashes everything
+`build` compiles one source file into `<cache>/<stem>-<key>-<digest>.so`. The key hashes everything
 that changes the binary (the source, the compiler and its version, the flags, and with -march=native
 this CPU's feature flags), so a changed source or another machine sharing the cache never loads a
-stale or foreign library. Workers starting together may build the same key at once: each writes a
-file of its own and renames it into place, so the one that lands is whole. At most `KEEP` libraries
-per stem are kept (older keys removed).
+stale or foreign library. The digest is the library's own SHA-256 (first 16 hex digits): a cached
+file whose bytes no longer match its name (truncated, overwritten) is removed and built again, since
+loading a truncated library kills the process with SIGBUS inside dlopen, past any Python handler.
+Workers starting together may build the same key at once: each writes a file of its own and renames
+it into place, so the one that lands is whole. At most `KEEP` libraries per stem are kept (older
+keys removed).
+
+The cache is $XDG_CACHE_HOME/pdlb/kernels (else ~/.cache/pdlb/kernels). Where it cannot be written,
+libraries go to a directory of this user's own under the system temp directory (created 0700; one
+owned by someone else or writable by others is never used, as its files would be loaded as code),
+and the reason is logged.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -87,16 +96,20 @@ def build(source: Path, flags: list[str], cache_dir: Path | None = None) -> Path
         key.update(b"\0")
     if "-march=native" in all_flags:
         key.update(_cpu_flags().encode())
+    name = f"{source.stem}-{key.hexdigest()[:16]}"
     cache = cache_dir or default_cache_dir()
+    for place in (cache, _private_fallback(create=False)):
+        if place is not None and (found := _cached(place, name)) is not None:
+            return found
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        cache = Path(tempfile.gettempdir()) / f"pdlb-kernels-{os.getuid()}"
-        cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=cache)
+        fd, partial = _scratch_file(cache, name)
+    except OSError as exc:
+        fallback = _private_fallback()
+        if fallback is None:
+            raise BuildFailed(f"neither {cache} nor a private temp directory can hold the library: {exc}") from None
+        log.warning("kernel cache %s is not writable (%s); building into %s", cache, exc, fallback)
+        cache = fallback
+        fd, partial = _scratch_file(cache, name)
     os.close(fd)
     try:
         run = subprocess.run(
@@ -105,6 +118,7 @@ def build(source: Path, flags: list[str], cache_dir: Path | None = None) -> Path
         if run.returncode != 0:
             tail = " | ".join((run.stderr or run.stdout).strip().splitlines()[-5:])
             raise BuildFailed(f"{Path(cxx).name} could not build {source.name}: {tail}")
+        target = cache / f"{name}-{_digest(Path(partial))}.so"
         os.replace(partial, target)
     except subprocess.TimeoutExpired:
         raise BuildFailed(f"building {source.name} took over {BUILD_TIMEOUT_S:g} s") from None
@@ -113,6 +127,45 @@ def build(source: Path, flags: list[str], cache_dir: Path | None = None) -> Path
     log.info("built %s into %s", source.name, target)
     _prune(cache, source.stem, keep=target)
     return target
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _cached(cache: Path, name: str) -> Path | None:
+    """A library of `name` in `cache` whose bytes match the digest in its file name; one that does
+    not is removed (or, where it cannot be, passed over) so that it is built again."""
+    for candidate in sorted(cache.glob(f"{name}-*.so")):
+        try:
+            if candidate.name == f"{name}-{_digest(candidate)}.so":
+                return candidate
+            log.warning("cached kernel %s does not match its digest (damaged); removing it", candidate)
+            candidate.unlink()
+        except OSError:
+            continue
+    return None
+
+
+def _scratch_file(cache: Path, name: str) -> tuple[int, str]:
+    cache.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{name}.", dir=cache)
+
+
+def _private_fallback(create: bool = True) -> Path | None:
+    """<temp>/pdlb-kernels-<uid>, created 0700 (with `create`); None when it is missing (without
+    `create`) or exists but is not this user's alone."""
+    place = Path(tempfile.gettempdir()) / f"pdlb-kernels-{os.getuid()}"
+    try:
+        if create:
+            place.mkdir(mode=0o700, exist_ok=True)
+        info = place.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("not using %s for kernels: not a directory of this user's alone", place)
+        return None
+    return place
 
 
 def _prune(cache: Path, stem: str, keep: Path) -> None:

@@ -610,8 +610,11 @@ def header_text(http: web.Request, name: str) -> str:
     UTF-8 (aiohttp keeps such bytes as lone surrogates, which no protobuf string can carry: a 500)."""
     value = http.headers.get(name, "")
     if _lone_surrogate(value) is not None:
-        sent = value.encode(errors="backslashreplace")
-        raise ApiError(400, f"the {name} header must be UTF-8 text, not {sent!r:.60}", name)
+        try:  # the bytes the client sent (aiohttp decoded them with surrogateescape)
+            sent = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            sent = value.encode("utf-8", "backslashreplace")
+        raise ApiError(400, f"the {name} header must be UTF-8 text, not the bytes {sent!r:.60}", name)
     return value
 
 

@@ -671,6 +671,19 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
     assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
 
 
+def test_engine_vllm_without_vllm_installed_is_refused_before_anything_starts(tmp_path):
+    """`pdlb up --engine vllm` with no vLLM virtualenv started etcd and the bootstrap, then failed
+    (exit 1): now one line naming where it looked and how to install it, exit 2, nothing started."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
+    env["VLLM_VENV"] = str(tmp_path / "no-vllm")
+    flags = ["--engine", "vllm", "--vllm-port", "0", "--port", "0", "--etcd-port", "0", "--http-port", "0"]
+    refused = pdlb("up", *flags, env=env, timeout=30)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    said = f"pdlb up: --engine vllm: vLLM is not installed at {tmp_path / 'no-vllm'} (make install-vllm"
+    assert refused.stderr.startswith(said) and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
+
+
 def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):
     """A flow-control flag without --flow-control used to be ignored in silence (pdlb-dispatcher and
     `pdlb up --dispatcher-arg`): now one line names both flags, exit 2. Set through its environment

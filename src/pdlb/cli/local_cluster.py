@@ -281,15 +281,20 @@ class LocalCluster:
         return str(self.args.port + offset) if self.args.port else "0"
 
     def check(self) -> None:
-        """Refuse before starting anything: a --model that names no model, a running cluster of this
-        name, a taken port, or flow-control flags for the dispatchers without --flow-control (they
-        would act on nothing)."""
+        """Refuse before starting anything: a --model that names no model, --engine vllm without vLLM
+        installed, a running cluster of this name, a taken port, or flow-control flags for the
+        dispatchers without --flow-control (they would act on nothing)."""
         args = self.args
         state.check_name(args.name)
         try:  # every dispatcher and the gateway resolve it first thing: a typo is found now
             resolve(args.model)
         except UnsupportedModel as exc:
             raise StartRefused(str(exc)) from None
+        if getattr(args, "engine", "pdlb") == "vllm" and not args.vllm_url:
+            from pdlb.engines.vllm.server import find_venv, missing_reason
+
+            if find_venv() is None:  # found now, not after etcd and the bootstrap have started
+                raise StartRefused(f"--engine vllm: {missing_reason()}")
         stray = flags_of_the_other_mode(args)
         if stray:
             wanted = "pd" if args.mode == "mixed" else "mixed"

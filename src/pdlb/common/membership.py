@@ -164,15 +164,14 @@ class LeasedRegistration:
             deleted.cancel()
             with contextlib.suppress(BaseException):
                 await deleted
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), timeout=1)
+            await _bounded(watch.cancel(), 1.0)
 
     async def close(self) -> None:
         """Stop the keep-alive and delete the key at once by revoking the lease."""
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            if not await _settled(self._task, 5.0):
+                log.warning("keep-alive of %s did not stop within 5 s; revoking its lease anyway", self.key.decode())
         if self.lease_id is not None:
             try:
                 await asyncio.wait_for(self.client.revoke_lease(self.lease_id), timeout=3)
@@ -181,6 +180,24 @@ class LeasedRegistration:
                 log.warning("could not revoke lease of %s: %s", self.key.decode(), exc)
         with contextlib.suppress(Exception):
             await self.client.close()
+
+
+async def _settled(task: asyncio.Task, timeout: float) -> bool:
+    """Wait up to `timeout` s for `task` to end (its result or error retrieved); False if it has not.
+    Not asyncio.wait_for: on its timeout that waits again, without a bound, for the task to take its
+    cancellation, and a close that hung there held a whole test run for minutes."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done and not task.cancelled():
+        task.exception()  # retrieved: an error of a task being stopped is not news
+    return bool(done)
+
+
+async def _bounded(awaitable, timeout: float) -> None:
+    """Run `awaitable` for up to `timeout` s, errors ignored; past it, cancel it and go on without
+    waiting for it to stop (see _settled)."""
+    task = asyncio.ensure_future(awaitable)
+    if not await _settled(task, timeout):
+        task.cancel()
 
 
 async def _first_deletion(watch: aetcd.rtypes.Watch) -> None:
@@ -264,8 +281,8 @@ class PrefixWatch:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            if not await _settled(self._task, 5.0):
+                log.warning("etcd watch on %s did not stop within 5 s; left to end with its client", self.prefix)
 
 
 def _decode(raw: bytes) -> dict:

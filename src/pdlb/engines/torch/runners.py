@@ -111,8 +111,10 @@ class TorchRunner(Runner):
             self.model.compiled_ops = ops
         self.paged_attention = bool(paged_attention) and self.device.type == "cpu" and isinstance(model, LlamaModel)
         if self.paged_attention:
-            c = model.config
-            kernel, _ = paged_attention_cpu.for_model("paged", c.num_heads, c.num_kv_heads, c.head_dim)
+            kernel = paged_attention
+            if not isinstance(kernel, paged_attention_cpu.PagedDecodeAttention):  # True: load and check it here
+                c = model.config
+                kernel, _ = paged_attention_cpu.for_model("paged", c.num_heads, c.num_kv_heads, c.head_dim)
             self.model.decode_attention = kernel
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):

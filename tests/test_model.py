@@ -21,7 +21,7 @@ import torch
 
 from pdlb.common.tokenizer import ByteTokenizer, StreamDecoder
 from pdlb.engines.request import EngineLimits, Sequence
-from pdlb.engines.torch import compiled_ops, paged_attention_cpu
+from pdlb.engines.torch import compiled_ops, cxx_build, decode_ops_cpu, paged_attention_cpu
 from pdlb.engines.torch.batching import Engine
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
@@ -116,17 +116,22 @@ def test_stream_decoder_memory_stays_bounded(smollm2):
     assert text == tokenizer.decode(ids) and len(decoder.ids) < 200
 
 
-NEEDS_COMPILER = pytest.mark.skipif(not compiled_ops.available(), reason="torch.compile needs a C++ compiler")
+NEEDS_COMPILER = pytest.mark.skipif(not cxx_build.available(), reason="torch.compile needs a C++ compiler")
 NEEDS_PAGED_KERNEL = pytest.mark.skipif(
     paged_attention_cpu.unavailable_reason() is not None,
     reason=f"paged decode attention kernel: {paged_attention_cpu.unavailable_reason()}",
 )
+NEEDS_FUSED_OPS = pytest.mark.skipif(
+    decode_ops_cpu.unavailable_reason() is not None,
+    reason=f"fused decode ops: {decode_ops_cpu.unavailable_reason()}",
+)
 
 
-def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False) -> None:
+def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False, fused: bool = False) -> None:
     """Give a CPU runner's model the compiled element-wise ops (as its compiled_ops flag would),
     compiled now, for steps of any size; `paged`: the paged decode attention kernel (as
-    --cpu-decode-attention paged would)."""
+    --cpu-decode-attention paged would); `fused`: the fused decode element-wise ops (as
+    --cpu-decode-ops fused would)."""
     if ops:
         c = runner.config
         compiled = compiled_ops.shared()
@@ -135,11 +140,14 @@ def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False) -> None:
         runner.model.compiled_ops_min_tokens = 1  # the test's short steps take the compiled ops too
     if paged:
         runner.model.decode_attention = paged_attention_cpu.shared()
+    if fused:
+        runner.model.decode_ops = decode_ops_cpu.shared()
 
 
 def _back_to_defaults(runner: TorchRunner) -> None:
     runner.model.compiled_ops = None
     runner.model.decode_attention = None
+    runner.model.decode_ops = None
     runner.model.__dict__.pop("compiled_ops_min_tokens", None)  # back to the class default
 
 
@@ -177,7 +185,13 @@ def test_the_scheduler_refuses_compiled_ops_without_a_cpp_compiler(tmp_path, fla
 
 @pytest.mark.parametrize(
     "ops",
-    ["eager", pytest.param("compiled", marks=NEEDS_COMPILER), pytest.param("paged", marks=NEEDS_PAGED_KERNEL)],
+    [
+        "eager",
+        pytest.param("compiled", marks=NEEDS_COMPILER),
+        pytest.param("paged", marks=NEEDS_PAGED_KERNEL),
+        pytest.param("paged+fused", marks=[NEEDS_PAGED_KERNEL, NEEDS_FUSED_OPS]),
+        pytest.param("fused", marks=NEEDS_FUSED_OPS),
+    ],
 )
 async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     smollm2, smollm2_reference, smollm2_runner, ops
@@ -185,7 +199,8 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
     their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
     with the element-wise ops eager or compiled (compiled_ops.py), or the decode rows attending
-    through the paged kernel (paged_attention_cpu.py)."""
+    through the paged kernel (paged_attention_cpu.py), the decode steps' element-wise ops fused in
+    C++ (decode_ops_cpu.py), or both (as the CPU worker's defaults)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -199,7 +214,7 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
         out = reference.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         expected.append(out[0, len(ids) :].tolist())
     engine = Engine(smollm2_runner, EngineLimits(4096, 8, 7, 16, 1024), page_size=4)
-    _compile_into(smollm2_runner, ops == "compiled", paged=ops == "paged")
+    _compile_into(smollm2_runner, ops == "compiled", paged=ops.startswith("paged"), fused=ops.endswith("fused"))
     engine.start()
     try:
         first = await _run_all(engine, prompts, new, "a")  # the chats share their system prompt already
@@ -215,17 +230,25 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     assert "Paris" in tokenizer.decode(first[0])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("paged", marks=NEEDS_PAGED_KERNEL)])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "sdpa",
+        pytest.param("paged", marks=NEEDS_PAGED_KERNEL),
+        pytest.param("paged+fused", marks=[NEEDS_PAGED_KERNEL, NEEDS_FUSED_OPS]),
+    ],
+)
 def test_smollm2_batched_decode_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner, attention):
     """Three prompts of different lengths prefilled, then decoded together one token a step (fed
     transformers' greedy tokens): every decode step's logits of every row within LOGIT_TOLERANCE of
-    transformers' logits at that position, through SDPA or the paged kernel."""
+    transformers' logits at that position, through SDPA or the paged kernel, and with the decode
+    steps' element-wise ops fused (decode_ops_cpu.py)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [tokenizer.encode(t) for t in TEXTS[:3]]
     new = 6
     runner = smollm2_runner
-    _compile_into(runner, False, paged=attention == "paged")
+    _compile_into(runner, False, paged=attention.startswith("paged"), fused=attention.endswith("fused"))
     slots = [runner.allocate(len(ids) + new) for ids in prompts]
     try:
         wanted = []
@@ -356,7 +379,14 @@ def test_fixed_shape_decode_plans_match_the_eager_path(smollm2, smollm2_runner):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("fixed_plans", [False, True], ids=["eager", "decode-plans"])
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("paged", marks=NEEDS_PAGED_KERNEL)])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "sdpa",
+        pytest.param("paged", marks=NEEDS_PAGED_KERNEL),
+        pytest.param("paged+fused", marks=[NEEDS_PAGED_KERNEL, NEEDS_FUSED_OPS]),
+    ],
+)
 async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_plans, attention):
     _write_hf_dir(tmp_path / kind, kind)
     source = resolve(str(tmp_path / kind))
@@ -370,9 +400,11 @@ async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_p
         2048,
         eos_token_id=tokenizer.eos_token_id,
         decode_graphs=fixed_plans,
-        paged_attention=attention == "paged",
+        paged_attention=attention.startswith("paged"),
+        decode_ops=attention.endswith("fused"),
     )
-    assert (runner.model.decode_attention is not None) == (attention == "paged")
+    assert (runner.model.decode_attention is not None) == attention.startswith("paged")
+    assert (runner.model.decode_ops is not None) == attention.endswith("fused")
     assert runner.pool.k.shape[2] == 2  # the pool holds the 2 KV heads only, not the 4 query heads
     ids = tokenizer.encode("Hello world! The year 2024")
     with torch.no_grad():

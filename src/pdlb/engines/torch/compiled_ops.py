@@ -13,7 +13,7 @@ three groups are compiled (torch.compile, inductor, dynamic shapes), the GEMMs l
 RMSNorm is computed in float32 and cast back before the weight, as llama.RMSNorm does. llama.py calls
 them only in steps of at least COMPILED_OPS_MIN_TOKENS tokens (prefill): on a few rows a compiled
 call's guards cost more than the fusion saves. `warm_up` compiles them at start, so no compile
-happens while serving. Needs a C++ compiler (`available()`).
+happens while serving. Needs a C++ compiler (cxx_build.available()).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import functools
 
 import torch
 from torch.nn import functional as F
-
-from pdlb.engines.torch import cxx_build
 
 
 def _add_rms_norm(
@@ -42,11 +40,6 @@ def _rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, -1)
     return F.silu(gate) * up
-
-
-def available() -> bool:
-    """Whether inductor can build CPU kernels here: a C++ compiler on PATH (or named by CXX)."""
-    return cxx_build.available()
 
 
 class CompiledOps:

@@ -42,12 +42,33 @@ class BuildFailed(RuntimeError):
     """The compiler did not produce the library; the message holds its last lines of output."""
 
 
+FALLBACKS = ("c++", "g++", "clang++")
+
+
+def _named() -> str:
+    return os.environ.get("CXX", "").strip()
+
+
 def compiler() -> str | None:
-    """The C++ compiler to use: $CXX when set and found, else c++, g++ or clang++ on PATH; None if none."""
-    for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
-        if name and (path := shutil.which(name)):
+    """The C++ compiler to use: the one $CXX names when set (None if it names nothing runnable: a
+    mistyped $CXX is not silently replaced by another compiler), else c++, g++ or clang++ on PATH;
+    None if none (`compiler_problem` says why)."""
+    if named := _named():
+        return shutil.which(named)
+    for name in FALLBACKS:
+        if path := shutil.which(name):
             return path
     return None
+
+
+def compiler_problem() -> str | None:
+    """Why `compiler()` finds none, in one line (a $CXX naming no executable, or no compiler on
+    PATH), or None when it finds one."""
+    if compiler() is not None:
+        return None
+    if named := _named():
+        return f"$CXX={named!r} names no executable file (not found on PATH; unset it to use c++ or g++)"
+    return "no C++ compiler found (c++, g++ or clang++ on PATH, or $CXX)"
 
 
 def available() -> bool:
@@ -57,9 +78,7 @@ def available() -> bool:
 
 def missing_compiler_message(flag: str, what: str) -> str:
     """The one-line refusal for `flag` when `compiler()` finds none; `what` says what it compiles."""
-    return (
-        f"{flag} needs a C++ compiler for {what} (c++, g++ or $CXX; on Debian: apt-get install g++); none found on PATH"
-    )
+    return f"{flag} needs a C++ compiler for {what}: {compiler_problem()} (on Debian: apt-get install g++)"
 
 
 def default_cache_dir() -> Path:
@@ -84,7 +103,7 @@ def build(source: Path, flags: list[str], cache_dir: Path | None = None) -> Path
     the cache holds it. Raises BuildFailed (no compiler, a compile error, or the timeout) naming why."""
     cxx = compiler()
     if cxx is None:
-        raise BuildFailed("no C++ compiler found (c++, g++ or $CXX)")
+        raise BuildFailed(str(compiler_problem()))
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from pdlb.engines.torch import pool_attention
 from pdlb.engines.torch.compiled_ops import CompiledOps
+from pdlb.engines.torch.decode_ops_cpu import DecodeOps
 from pdlb.engines.torch.model import BatchPlan, DecodePlan, KVPool, SeqChunk
 from pdlb.models.config import LlamaConfig
 
@@ -166,6 +167,9 @@ class LlamaModel(nn.Module):
     # the plain-torch path's decode attention reading the pool in place (paged_attention_cpu.py);
     # None: index_select + SDPA
     decode_attention: pool_attention.DecodeKernel | None = None
+    # the plain-torch path's element-wise ops of float32 decode steps fused in C++ (decode_ops_cpu.py);
+    # None: eager
+    decode_ops: DecodeOps | None = None
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -219,6 +223,8 @@ class LlamaModel(nn.Module):
     def _run_torch(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         c = self.config
         x = self.embed_tokens(plan.tokens)
+        if self.decode_ops is not None and plan.decode_only and x.dtype == pool.k.dtype == torch.float32:
+            return self._run_decode_fused(plan, pool, x, self.decode_ops)
         cos, sin = self._rotary_tables(plan)
         # rotate_half(x) * sin == roll(x, half) * (-sin, sin): one roll instead of a neg and a cat
         cos = torch.cat((cos, cos), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
@@ -255,6 +261,31 @@ class LlamaModel(nn.Module):
         if ops is not None:
             return self._logits(h[plan.last_index])
         return self._logits(self.norm(x[plan.last_index]))
+
+    def _run_decode_fused(
+        self, plan: BatchPlan | DecodePlan, pool: KVPool, x: torch.Tensor, ops: DecodeOps
+    ) -> torch.Tensor:
+        """A float32 decode step on a CPU with the element-wise ops in pdlb's C++ kernels
+        (decode_ops_cpu.py): per layer three calls between the GEMMs and attention instead of ~20
+        torch ops. `x` [B, D] is the step's embeddings, added to in place as the residual stream."""
+        c = self.config
+        cos, sin = self._rotary_tables(plan)  # [B, hd / 2] each
+        layout = plan.attention_layout()
+        h = ops.add_rms_norm(x, None, self.layers[0].input_layernorm.weight, c.rms_norm_eps)
+        q_width = c.num_heads * c.head_dim
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv_proj(h)
+            k_pool, v_pool = pool.k[index], pool.v[index]
+            ops.rotary_kv_write(qkv, cos, sin, plan.write_slots, k_pool, v_pool, c.num_heads, c.num_kv_heads)
+            q = qkv[:, :q_width].view(-1, c.num_heads, c.head_dim)
+            # decode rows only: attend reads K/V from the pool, never the new rows passed beside it
+            attended = pool_attention.attend(layout, q, q, q, k_pool, v_pool, self.decode_attention)
+            h = ops.add_rms_norm(x, layer.o_proj(attended), layer.post_attention_layernorm.weight, c.rms_norm_eps)
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            h = ops.add_rms_norm(
+                x, layer.down_proj(ops.silu_mul(layer.gate_up_proj(h))), following.weight, c.rms_norm_eps
+            )
+        return self._logits(h[plan.last_index])
 
     def _run_fused(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         """The same computation in fewer kernels: the residual add fused into the next RMSNorm,

@@ -47,8 +47,8 @@ class Unavailable(RuntimeError):
 
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be built or run here (one line), or None when it can."""
-    if not cxx_build.available():
-        return "no C++ compiler found (c++, g++ or $CXX)"
+    if (problem := cxx_build.compiler_problem()) is not None:
+        return problem
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"it needs an x86 CPU with AVX2 and FMA; torch reports {capability!r} here"

@@ -12,7 +12,7 @@ import torch
 from pdlb.common.tokenizer import EOS_TOKEN_ID
 from pdlb.engines.request import Sampled, SamplingConfig
 from pdlb.engines.torch import compiled_ops as compiled_ops_module
-from pdlb.engines.torch import paged_attention_cpu
+from pdlb.engines.torch import cxx_build, decode_ops_cpu, paged_attention_cpu
 from pdlb.engines.torch.decode_graphs import DecodeGraphs
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import KVPool, ModelConfig, SeqChunk, TinyTransformer
@@ -83,6 +83,7 @@ class TorchRunner(Runner):
         pack_weights: bool = True,
         compiled_ops: bool = False,
         paged_attention: paged_attention_cpu.PagedDecodeAttention | bool = False,
+        decode_ops: decode_ops_cpu.DecodeOps | bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
@@ -93,7 +94,10 @@ class TorchRunner(Runner):
         if no C++ compiler is found.
         `paged_attention`: on a CPU, a Llama model's decode rows attend through pdlb's C++ kernel that
         reads the pool in place (paged_attention_cpu.py; True, or the kernel already loaded), built
-        here (or loaded from its cache); raises paged_attention_cpu.Unavailable naming why it cannot run."""
+        here (or loaded from its cache); raises paged_attention_cpu.Unavailable naming why it cannot run.
+        `decode_ops`: on a CPU, a float32 Llama model's decode steps run their element-wise ops in
+        pdlb's fused C++ kernels (decode_ops_cpu.py; True, or the ops already loaded); raises
+        decode_ops_cpu.Unavailable naming why they cannot run."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -102,8 +106,8 @@ class TorchRunner(Runner):
         self.pool = KVPool(model.kv_shape(), max_total_tokens, self.device, dtype)
         on_cuda = self.device.type == "cuda"
         self.compiled_ops = compiled_ops and self.device.type == "cpu" and isinstance(model, LlamaModel)
-        if self.compiled_ops and not compiled_ops_module.available():
-            raise RuntimeError("compiled ops need a C++ compiler (c++, g++ or $CXX) for torch.compile")
+        if self.compiled_ops and (problem := cxx_build.compiler_problem()) is not None:
+            raise RuntimeError(f"compiled ops need a C++ compiler for torch.compile: {problem}")
         if self.compiled_ops:
             c = model.config
             ops = compiled_ops_module.shared()
@@ -116,6 +120,10 @@ class TorchRunner(Runner):
                 c = model.config
                 kernel, _ = paged_attention_cpu.for_model("paged", c.num_heads, c.num_kv_heads, c.head_dim)
             self.model.decode_attention = kernel
+        self.decode_ops = bool(decode_ops) and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        if self.decode_ops:
+            ops = decode_ops if isinstance(decode_ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()
+            self.model.decode_ops = ops
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)

@@ -22,7 +22,7 @@ from pdlb.common.roles import role_to_proto
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.base import Engine
 from pdlb.engines.request import EngineLimits
-from pdlb.engines.torch import cxx_build, dtypes, paged_attention_cpu
+from pdlb.engines.torch import cxx_build, decode_ops_cpu, dtypes, paged_attention_cpu
 from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
@@ -212,7 +212,18 @@ def build_parser() -> FlagParser:
         "(index_select), then torch's SDPA; auto: paged where the kernel can be built (a C++ compiler, an AVX2 "
         "CPU), else sdpa (logged); paged: pdlb's C++ kernel (AVX2/FMA, on torch's OpenMP threads) that "
         "reads K/V in place through the slot table, built at start into ~/.cache/pdlb/kernels (needs a C++ "
-        "compiler: c++, g++ or $CXX; ~5 s once, then cached). Prefill chunks take SDPA either way",
+        "compiler: c++, g++ or $CXX; ~5 s once, then cached). Prefill chunks take SDPA either way. The "
+        "tiny-random model has its own attention: it never takes the kernel (auto logs it; paged is refused)",
+    )
+    p.flag(
+        "--cpu-decode-ops",
+        default="auto",
+        choices=list(decode_ops_cpu.MODES),
+        help="element-wise ops (residual add + RMSNorm, rotary + the K/V write into the pool, SiLU-mul) of "
+        "the Llama model's float32 decode steps on a CPU. eager: one torch op each; auto: fused where they "
+        "can be built (a C++ compiler, an AVX2 CPU), else eager (logged); fused: pdlb's C++ kernels, three "
+        "calls per layer on torch's OpenMP threads, built at start into the paged kernel's cache (needs a "
+        "C++ compiler; ~3 s once). Prefill steps, other dtypes and tiny-random stay eager",
     )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
@@ -293,11 +304,19 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         graph_max_batch=args.cuda_graph_max_batch,
         compiled_ops=args.cpu_compiled_ops,
         paged_attention=_paged_kernel(args, config) if source.kind != "tiny" else False,
+        decode_ops=_decode_ops(args, dtype) if source.kind != "tiny" else False,
     )
     if runner.compiled_ops:
         log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
     if runner.paged_attention:
         log.info("decode attention: paged kernel %s", runner.model.decode_attention.library)
+    if runner.decode_ops:
+        log.info("decode element-wise ops: fused kernels %s", runner.model.decode_ops.library)
+    if source.kind == "tiny" and args.device == "cpu":
+        log.info(
+            "tiny-random has its own attention and ops: decode attention through SDPA and eager element-wise ops "
+            "(--cpu-decode-attention and --cpu-decode-ops apply to Llama-family models)"
+        )
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
         count = runner.graphs.warmup()
@@ -318,6 +337,21 @@ def _paged_kernel(args, config) -> paged_attention_cpu.PagedDecodeAttention | No
     return kernel
 
 
+def _decode_ops(args, dtype: torch.dtype) -> decode_ops_cpu.DecodeOps | None:
+    """The fused decode element-wise ops per --cpu-decode-ops for a Llama model on a CPU, or None
+    (logged, when auto falls back to eager). Raises decode_ops_cpu.Unavailable for an explicit fused."""
+    if args.device != "cpu":
+        return None
+    if dtype != torch.float32:
+        if args.cpu_decode_ops == "fused":
+            log.warning("--cpu-decode-ops fused: the kernels take float32 only; %s decode steps stay eager", dtype)
+        return None
+    ops, why = decode_ops_cpu.for_model(args.cpu_decode_ops)
+    if ops is None and args.cpu_decode_ops == "auto":
+        log.warning("--cpu-decode-ops auto: eager element-wise ops in decode steps: %s", why)
+    return ops
+
+
 def refuse_cpu_options_that_cannot_run(args) -> None:
     """FlagRefused, before any model loads, for the CPU options that need what this machine lacks: a C++
     compiler (--cpu-compiled-ops for torch.compile, --cpu-decode-attention paged for pdlb's kernel),
@@ -334,6 +368,22 @@ def refuse_cpu_options_that_cannot_run(args) -> None:
         reason = paged_attention_cpu.unavailable_reason()
         if reason is not None:
             raise FlagRefused(f"--cpu-decode-attention paged: {reason}")
+        if args.model == TINY:
+            raise FlagRefused(
+                "--cpu-decode-attention paged: tiny-random has its own attention and never takes the kernel "
+                "(it serves Llama-family models); use auto or sdpa"
+            )
+    if args.cpu_decode_ops == "fused" and args.device == "cpu":
+        if not cxx_build.available():
+            raise FlagRefused(cxx_build.missing_compiler_message("--cpu-decode-ops fused", decode_ops_cpu.WHAT))
+        reason = decode_ops_cpu.unavailable_reason()
+        if reason is not None:
+            raise FlagRefused(f"--cpu-decode-ops fused: {reason}")
+        if args.model == TINY:
+            raise FlagRefused(
+                "--cpu-decode-ops fused: tiny-random has its own layers and never takes the kernels "
+                "(they serve Llama-family models); use auto or eager"
+            )
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:
@@ -368,9 +418,10 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     except UnsupportedModel as exc:
         compute.shutdown()
         raise SystemExit(f"cannot serve --model {args.model}: {exc}") from None
-    except paged_attention_cpu.Unavailable as exc:
+    except paged_attention_cpu.Unavailable as exc:  # decode_ops_cpu.Unavailable is the same class
         compute.shutdown()
-        raise FlagRefused(f"--cpu-decode-attention paged: {exc}") from None
+        flag = "--cpu-decode-ops fused" if decode_ops_cpu.WHAT in str(exc) else "--cpu-decode-attention paged"
+        raise FlagRefused(f"{flag}: {exc}") from None
     if args.engine == "vllm":
         _check_vllm_args(args, role)
     group = _group(args, role, runner, limits) if args.dp_group_size > 1 else None

@@ -8,10 +8,13 @@ bandwidth measured in the same run (a large device-to-device copy, bytes read pl
 
   python -m bench.profile_step --device cuda --dtype bfloat16 --shape smollm2,llama-1b --batch 64
   python -m bench.profile_step --batch 16 --context 232 --attention sdpa,paged  # on a CPU
+  python -m bench.profile_step --batch 16 --context 232 --attention paged,paged+fused
 
-On a CPU, `--attention` names decode attentions timed alternately in one run (sdpa: index_select +
-SDPA; paged: pdlb's C++ kernel reading the pool in place, paged_attention_cpu.py): the step, and
-the decode attention alone per layer (every layer's pool, the step's slot table).
+On a CPU, `--attention` names decode variants timed alternately in one run (sdpa: index_select +
+SDPA; paged: pdlb's C++ kernel reading the pool in place, paged_attention_cpu.py; a `+fused` suffix
+adds the fused C++ element-wise ops of decode_ops_cpu.py, else they run eagerly): the step, and the
+decode attention alone per layer (every layer's pool, the step's slot table). The ratio line compares
+the second variant with the first.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 import torch
 
 from bench.model_bench import DTYPES, SHAPES
-from pdlb.engines.torch import paged_attention_cpu, pool_attention
+from pdlb.engines.torch import decode_ops_cpu, paged_attention_cpu, pool_attention
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.model import BatchPlan, SeqChunk
 from pdlb.engines.torch.runners import StepItem, TorchRunner
@@ -55,10 +58,15 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     runner = TorchRunner(model, args.batch * (args.context + 8), args.device, dtype)
     variants = args.attention.split(",")
     kernels = {"sdpa": None}
-    if "paged" in variants:
+    if any(name.split("+")[0] == "paged" for name in variants):
         started = time.perf_counter()
         kernels["paged"] = paged_attention_cpu.shared()
         print(f"paged kernel built or loaded in {time.perf_counter() - started:.1f} s")
+    fused_ops = None
+    if any(name.endswith("+fused") for name in variants):
+        started = time.perf_counter()
+        fused_ops = decode_ops_cpu.shared()
+        print(f"fused decode ops built or loaded in {time.perf_counter() - started:.1f} s")
     items = []
     for i in range(args.batch):
         slots = runner.allocate(args.context + 1)
@@ -72,7 +80,8 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
     q = torch.randn(args.batch, config.num_heads, config.head_dim, dtype=dtype, device=runner.device)
     for _ in range(args.runs):
         for name in variants:  # alternating, so that load changes hit every variant alike
-            runner.model.decode_attention = kernels[name]
+            runner.model.decode_attention = kernels[name.split("+")[0]]
+            runner.model.decode_ops = fused_ops if name.endswith("+fused") else None
             for _ in range(3):
                 runner.step(items)
             samples = []
@@ -86,7 +95,7 @@ def profile_shape(args, shape: str, bandwidth: float | None) -> dict[str, float]
                 start = time.perf_counter()
                 for layer in range(config.num_layers):
                     k_pool, v_pool = runner.pool.k[layer], runner.pool.v[layer]
-                    pool_attention.attend(layout, q, q, q, k_pool, v_pool, kernels[name])
+                    pool_attention.attend(layout, q, q, q, k_pool, v_pool, kernels[name.split("+")[0]])
                 samples.append((time.perf_counter() - start) * 1e3 / config.num_layers)
             attention_ms[name].append(statistics.median(samples))
     runs = by_variant[variants[0]]
@@ -153,8 +162,9 @@ def main() -> None:
     parser.add_argument(
         "--attention",
         default="sdpa",
-        help="CPU decode attention, comma-separated for several timed alternately in one run: sdpa "
-        "(index_select + SDPA), paged (pdlb's C++ kernel, reads the pool in place); the profile is of the last",
+        help="CPU decode variants, comma-separated for several timed alternately in one run: sdpa "
+        "(index_select + SDPA), paged (pdlb's C++ kernel, reads the pool in place), each with an optional "
+        "+fused (the fused C++ element-wise ops); the profile is of the last",
     )
     args = parser.parse_args()
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None

@@ -28,9 +28,9 @@ def chat(rid: str, question: str, max_new_tokens: int = 24) -> common_pb2.Infere
 PAGED_KERNEL_MISSING = paged_attention_cpu.unavailable_reason()
 
 
-def maps_paged_kernel(pid: int) -> bool:
-    """Whether process `pid` has the paged decode attention kernel's library mapped."""
-    return "paged_attention_cpu-" in Path(f"/proc/{pid}/maps").read_text()
+def maps_library(pid: int, stem: str) -> bool:
+    """Whether process `pid` has a kernel library of `stem` (paged_attention_cpu, decode_ops_cpu) mapped."""
+    return f"{stem}-" in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.mark.slow
@@ -45,8 +45,9 @@ def maps_paged_kernel(pid: int) -> bool:
     ],
 )
 async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, prefix, attention):
-    """Both workers' decode attention as --cpu-decode-attention says (paged: the kernel is loaded
-    in the worker processes)."""
+    """Both workers' decode attention as --cpu-decode-attention says and their decode element-wise
+    ops as --cpu-decode-ops says (sdpa with eager ops; paged with the fused ops: both kernels' libraries
+    are loaded in the worker processes)."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
     start_service("bootstrap", *common)
     prefill = start_service("dispatcher", *common, *SMOLLM2, "--disaggregation-mode", "prefill", name="d-prefill")
@@ -62,12 +63,15 @@ async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, pr
             "2",
             "--cpu-decode-attention",
             attention,
+            "--cpu-decode-ops",
+            "fused" if attention == "paged" else "eager",
             name=mode,
         )
         for mode in ("prefill", "decode")
     ]
     for proc in workers:
-        assert maps_paged_kernel(proc.proc.pid) == (attention == "paged"), proc.name
+        assert maps_library(proc.proc.pid, "paged_attention_cpu") == (attention == "paged"), proc.name
+        assert maps_library(proc.proc.pid, "decode_ops_cpu") == (attention == "paged"), proc.name
     for proc in (prefill, decode):
         channel, stub = dispatch_stub(proc.address)
         async with channel:

@@ -77,11 +77,26 @@ FINAL = {
 
 
 class RequestFailed(Exception):
-    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED."""
+    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED;
+    `field`: the InferenceRequest field an INVALID_ARGUMENT refused (worker_field), or ""."""
 
     def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.retry_after_s = code, message, retry_after_s
+        self.field = worker_field(message) if code == grpc.StatusCode.INVALID_ARGUMENT else ""
+
+
+# The workers' own refusals of a request (engines/request.py check_prompt: the vocabulary and the
+# prompt limit, which only they know for sure) and the InferenceRequest field each one is about, by
+# the words after "request ID: " that begin its message.
+WORKER_REFUSALS = (("logit_bias ", "logit_bias"), ("token id ", "input_ids"), ("prompt of ", "input_ids"))
+
+
+def worker_field(message: str) -> str:
+    """The InferenceRequest field a worker's INVALID_ARGUMENT `message` names ("logit_bias",
+    "input_ids"), or "" when it is none of WORKER_REFUSALS."""
+    _, _, said = message.partition(": ")
+    return next((name for words, name in WORKER_REFUSALS if said.startswith(words)), "")
 
 
 def retry_after_of(err: grpc.aio.AioRpcError) -> int | None:

@@ -31,6 +31,7 @@ from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
+from pdlb.common.plurals import counted
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
@@ -605,7 +606,9 @@ class LocalCluster:
             stub = dispatch_pb2_grpc.DispatchStub(channel)
             while len(stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5).workers) < count:
                 if time.monotonic() > deadline:
-                    raise ServiceFailed(f"dispatcher {address} sees fewer than {count} workers after {timeout}s")
+                    raise ServiceFailed(
+                        f"dispatcher {address} sees fewer than {counted(count, 'worker')} after {timeout}s"
+                    )
                 time.sleep(0.1)  # polling a status only observable by polling
 
     def _watch_etcd(self) -> None:

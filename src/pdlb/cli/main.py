@@ -13,6 +13,7 @@ from pdlb.cli import state
 from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
+from pdlb.common.plurals import counted
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -182,7 +183,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     shown_ids |= bool(tail)
     print(tail, end="")
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
-    usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
+    usage = f"{counted(last.prompt_tokens, 'prompt token')}, {last.cached_tokens} cached" if last else ""
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
     if shown_ids and not args.token_ids:
         print(

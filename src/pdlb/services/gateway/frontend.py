@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdlb.client import new_room
+from pdlb.common.plurals import counted
 from pdlb.common.requests import (
     MAX_NEW_TOKENS_LIMIT,
     RETRY_AFTER_KEY,
@@ -301,8 +302,9 @@ class Frontend:
                         where = ", ".join(f"{role} dispatcher {a}" for role, a in used.items())
                         last = details.removeprefix(f"request {rid}: ")
                         details = (
-                            f"request {rid}: failed again through {where} ({last}); {len(sent)} tokens streamed "
-                            "before; not retried further: check that dispatcher and its workers"
+                            f"request {rid}: failed again through {where} ({last}); "
+                            f"{counted(len(sent), 'token')} streamed before; not retried further: check that "
+                            "dispatcher and its workers"
                         )
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
@@ -316,8 +318,8 @@ class Frontend:
                     )
                     code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline <= time.monotonic() else code
                     text = (
-                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({where}; {len(sent)} "
-                        "tokens streamed before); start one, or raise --dispatcher-wait"
+                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({where}; "
+                        f"{counted(len(sent), 'token')} streamed before); start one, or raise --dispatcher-wait"
                     )
                     raise RequestFailed(code, _named(rid, text, retries)) from None
                 retries += 1
@@ -488,7 +490,7 @@ async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIt
 
 
 def _tokens(count: int) -> str:
-    return f"{count} new token{'' if count == 1 else 's'}"
+    return counted(count, "new token")
 
 
 def _attempt_id(rid: str, retries: int) -> str:
@@ -504,7 +506,7 @@ def _pinned(request: common_pb2.InferenceRequest) -> bool:
 def _named(rid: str, details: str, retries: int) -> str:
     text = details if rid in details else f"request {rid}: {details}"
     # a retry goes to another rank, or to another dispatcher replica when one was unreachable
-    return text + (f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else "")
+    return text + (f" (after {counted(retries, 'retry', 'retries')})" if retries else "")
 
 
 __all__ = ["Chunk", "Frontend", "InvalidRequest", "Prepared", "RequestFailed"]

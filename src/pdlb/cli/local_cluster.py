@@ -218,6 +218,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def pass_through_hint(unknown: list[str]) -> str | None:
+    """For flags `pdlb up` does not take (`unknown`, as argparse leaves them): when the first is a
+    flag of the dispatchers or the schedulers (`--tenant-share 0.5`), one line saying how to pass
+    it on (`--dispatcher-arg=--tenant-share=0.5`); None when it is neither's."""
+    from pdlb.services.dispatcher.main import build_parser as dispatcher_parser
+    from pdlb.services.scheduler.main import build_parser as scheduler_parser  # imports torch: only here
+
+    flag = next((arg for arg in unknown if arg.startswith("--")), None)
+    if flag is None:
+        return None
+    name = flag.split("=", 1)[0]
+    at = unknown.index(flag)
+    following = unknown[at + 1] if at + 1 < len(unknown) else "--"
+    value = None if "=" in flag or following.startswith("--") else following  # "-1" is a value
+    typed = flag if value is None else f"{flag}={value}"
+    owners = [
+        (service, option)
+        for service, option, parser in (
+            ("pdlb-dispatcher", "--dispatcher-arg", dispatcher_parser()),
+            ("pdlb-scheduler", "--scheduler-arg", scheduler_parser()),
+        )
+        if name in parser._option_string_actions  # argparse's table of the flags it takes
+    ]
+    if not owners:
+        return None
+    services = " and ".join(service for service, _ in owners)
+    how = " and ".join(f"{option}={typed}" for _, option in owners)
+    flow = " (with --flow-control)" if name in _flow_flags() else ""
+    return f"{name} is a flag of {services}, not of pdlb up: pass it on as {how}{flow}"
+
+
+def _flow_flags() -> tuple[str, ...]:
+    from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
+
+    return FLOW_FLAGS
+
+
 def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(port, what listens there) for every port the cluster binds that was not left to chance."""
     found = [(args.etcd_port, "--etcd-port: etcd"), (args.http_port, "--http-port: the gateway's HTTP API")]

@@ -252,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
     (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        from pdlb.cli.local_cluster import pass_through_hint
+
+        hint = pass_through_hint(unknown) if args.command == "up" else None
+        if hint:  # a service's flag given to `pdlb up`, which passes it on only through --*-arg
+            print(f"pdlb up: {hint}", file=sys.stderr, flush=True)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own refusal, exit 2
     try:
         return _run(args)
     except KeyboardInterrupt:

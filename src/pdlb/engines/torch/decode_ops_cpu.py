@@ -41,7 +41,9 @@ MODES = ("auto", "eager", "fused")
 # the kernels' status codes (decode_ops_cpu.cpp)
 _OK, _SLOT_OUT_OF_RANGE = 0, 1
 
-Unavailable = paged_attention_cpu.Unavailable
+
+class Unavailable(paged_attention_cpu.Unavailable):
+    """The ops cannot run here; the message says why, in one line."""
 
 
 def _f32_rows(name: str, t: torch.Tensor) -> None:

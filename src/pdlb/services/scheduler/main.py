@@ -418,9 +418,11 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     except UnsupportedModel as exc:
         compute.shutdown()
         raise SystemExit(f"cannot serve --model {args.model}: {exc}") from None
-    except paged_attention_cpu.Unavailable as exc:  # decode_ops_cpu.Unavailable is the same class
+    except paged_attention_cpu.Unavailable as exc:  # decode_ops_cpu.Unavailable is a subclass
         compute.shutdown()
-        flag = "--cpu-decode-ops fused" if decode_ops_cpu.WHAT in str(exc) else "--cpu-decode-attention paged"
+        flag = (
+            "--cpu-decode-ops fused" if isinstance(exc, decode_ops_cpu.Unavailable) else "--cpu-decode-attention paged"
+        )
         raise FlagRefused(f"{flag}: {exc}") from None
     if args.engine == "vllm":
         _check_vllm_args(args, role)

@@ -216,7 +216,7 @@ async def test_tenant_past_its_share_is_held_while_another_tenant_is_bound_at_on
 
 
 async def test_work_conserving_share_lends_idle_slots_and_keeps_headroom(etcd, prefix, start_service):
-    """Two ranks of 4 slots, the default work-conserving share. A lone flood takes all 8 slots.
+    """Two ranks of 4 slots, the work-conserving share. A lone flood takes all 8 slots.
     Steady's first request waits for the first slot to free and takes it before the flood's queued
     one; the next freed slot stays idle as steady's headroom (its peak, 1, plus 1) while the flood
     waits, and steady's second request binds into it at once. Room past steady's peak plus 1 is lent
@@ -224,7 +224,7 @@ async def test_work_conserving_share_lends_idle_slots_and_keeps_headroom(etcd, p
     held and lent loses nothing: the ranks and the queue end empty and both tenants are served."""
     metrics_port = free_port()
     channel, stub, _, _ = await start_cluster(
-        etcd, prefix, start_service, 2, "--metrics-port", str(metrics_port), slots=4
+        etcd, prefix, start_service, 2, "--work-conserving", "--metrics-port", str(metrics_port), slots=4
     )
     client = Client(stub)
 

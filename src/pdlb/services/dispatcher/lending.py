@@ -6,9 +6,11 @@ arrives in bursts. Kept hard, the rest of that room idles while requests that co
 Lent (the work-conserving sharing of Dynamo's weighted deficit round robin and of llm-d's flow
 control), a held request may take it, as long as the room left free still covers each owner's
 **headroom**: what the owner held at its recent peak, plus a margin, less what it holds now, never
-more than it is still entitled to. So an owner's arrivals up to its recent peak plus the margin
-bind at once; past that, it gets lent room back as lent requests end (the engines do not preempt,
-so it waits about one request's service time, or one prefill step for prompt room).
+more than it is still entitled to (for prompt room, which frees within a prefill step, callers
+pass what it holds now as the peak: the margin alone is kept). So an owner's arrivals up to its
+recent peak plus the margin bind at once; past that, it gets lent room back as lent requests end
+(the engines do not preempt, so it waits about one request's service time over the lent requests
+in flight for a slot, or one prefill step for prompt room).
 
 `RecentPeak` keeps the peak in two buckets of `PEAK_WINDOW_S` each (aligned to multiples of it):
 bounded (three numbers per owner), and a peak is forgotten one to two windows after it happened.

@@ -866,6 +866,8 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
     --max-body-bytes is 413 (a small compressed body must not expand without bound)."""
     import zlib
 
+    from multidict import CIMultiDict
+
     http_port = free_port()
     start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0", "--max-body-bytes", "4096")
     url = f"http://127.0.0.1:{http_port}/v1/completions"
@@ -885,6 +887,10 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
             async with http.post(url, data=data, headers=headers) as reply:
                 error = (await reply.json())["error"]
                 assert reply.status == 400 and error["param"] == "prompt", (encoding, error)
+        twice = CIMultiDict([("Content-Type", "application/json"), ("Content-Encoding", "deflate")])
+        twice.add("Content-Encoding", "gzip")  # two headers list the codings as one would
+        async with http.post(url, data=gzip.compress(zlib.compress(body)), headers=twice) as reply:
+            assert reply.status == 400 and (await reply.json())["error"]["param"] == "prompt"
         refusals = [
             ("gzip", gzip.compress(body)[:-12], 400, "the request body ends before its gzip stream does"),
             ("gzip", gzip.compress(b" " * 100_000), 413, "decodes (gzip) to more than 4096 bytes (--max-body-bytes)"),

@@ -163,7 +163,7 @@ class OpenAIApi:
         its coding does not decode it, or it is not JSON, nests too deeply or holds text that is not
         valid Unicode, 413 when it decodes past --max-body-bytes."""
         try:
-            applied = codings(http.headers.get("Content-Encoding"))
+            applied = codings(", ".join(http.headers.getall("Content-Encoding", ())))  # repeated: one list
         except BodyEncodingError as exc:  # refused before reading: the rest of the body is not read
             raise ApiError(exc.status, exc.message, close=True, headers={"Accept-Encoding": ACCEPTED}) from None
         try:

@@ -689,7 +689,7 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "pdlb up: --max-running-requests is a flag of pdlb-scheduler, not of pdlb up: pass it on as "
             "--scheduler-arg=--max-running-requests=2",
         ),
-        (["--no-such-flag", "1"], "pdlb: error: unrecognized arguments: --no-such-flag 1"),
+        (["--no-such-flag", "1"], "pdlb up: error: unrecognized arguments: --no-such-flag 1"),
     ],
 )
 def test_a_services_flag_given_to_up_says_how_to_pass_it_on(tmp_path, flags, said):

@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         if hint:  # a service's flag given to `pdlb up`, which passes it on only through --*-arg
             print(f"pdlb up: {hint}", file=sys.stderr, flush=True)
             return 2
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own refusal, exit 2
+        # argparse's own refusal, exit 2, from the command's parser: its usage and `pdlb up: error: ...`
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -544,9 +545,11 @@ def test_a_numeric_flag_out_of_range_is_refused_in_one_line(argv, said):
 
 
 def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
+    """--dispatcher-arg reaches the dispatchers, and --gateway-arg the gateway (pdlb up had no way
+    to set a gateway flag: here its body bound, which a request over it meets)."""
     up, state, env = start_up(
         tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
-        "--flow-control", "--dispatcher-arg=--max-queued-requests=7",
+        "--flow-control", "--dispatcher-arg=--max-queued-requests=7", "--gateway-arg=--max-body-bytes=1000",
     )  # fmt: skip
     try:
         assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
@@ -559,6 +562,14 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
         argvs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in state["pids"] if alive(pid)]
         dispatcher = next(a for a in argvs if any(part.endswith(b"pdlb-dispatcher") for part in a))
         assert b"--flow-control" in dispatcher and b"--max-queued-requests=7" in dispatcher, dispatcher
+        big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
+        request = urllib.request.Request(
+            f"{state['http']}/v1/completions", data=big, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        said = json.loads(refused.value.read())["error"]["message"]
+        assert refused.value.code == 413 and "exceeds 1000 bytes (--max-body-bytes)" in said, said
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
@@ -688,6 +699,16 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             ["--max-running-requests", "2", "--mode", "mixed"],
             "pdlb up: --max-running-requests is a flag of pdlb-scheduler, not of pdlb up: pass it on as "
             "--scheduler-arg=--max-running-requests=2",
+        ),
+        (
+            ["--http-body-timeout", "5"],
+            "pdlb up: --http-body-timeout is a flag of pdlb-gateway, not of pdlb up: pass it on as "
+            "--gateway-arg=--http-body-timeout=5",
+        ),
+        (
+            ["--gateway-arg=--http-port=9"],
+            "pdlb up: --gateway-arg=--http-port=9: pdlb up sets --http-port itself (the gateway must be where the "
+            "other commands look); use pdlb up's own --port, --http-port or --etcd-port",
         ),
         (["--no-such-flag", "1"], "pdlb up: error: unrecognized arguments: --no-such-flag 1"),
     ],

@@ -16,12 +16,14 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from pdlb.cli.local_cluster import loading, print_summary
 from pdlb.cli.main import StreamRendering, rendered
 from pdlb.common.orphan_guard import guarded
-from tests.helpers import dispatch_stub, load_snapshot, wait_until
+from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.helpers import dispatch_stub, load_snapshot, rest_of, wait_until
 
 
 def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -782,8 +784,9 @@ def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_
     "mode", [["--mode", "mixed", "--workers", "1"], ["--mode", "pd", "--prefill", "1", "--decode", "1"]]
 )
 def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path, mode):
-    """SIGTERM to `pdlb up --flow-control` with one request running and three queued in the
-    dispatcher: the queued ones get 503 naming the shutdown while the running one still streams
+    """SIGTERM to `pdlb up --flow-control` with one request running and four queued in the
+    dispatcher (three over HTTP, one over the gateway's gRPC): the queued ones get 503 (gRPC:
+    UNAVAILABLE) naming the shutdown while the running one still streams
     (they used to wait for a worker after the schedulers stopped first, be re-run by the draining
     gateway and fail 15 s later with "no dispatchers known"); the running one streams to its end;
     pdlb up exits 0 and leaves nothing in etcd."""
@@ -823,20 +826,31 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
             )
             for i in range(3)
         ]
+        gateway = grpc.aio.insecure_channel(state["gateway"])  # and one through the gateway's gRPC API
+        request = common_pb2.InferenceRequest(request_id="queued-grpc", text="queued 3")
+        request.sampling.max_new_tokens = 4
+        call = gateway_pb2_grpc.GatewayStub(gateway).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        queued_grpc = asyncio.ensure_future(rest_of(call))
         addresses = [state[key] for key in ("dispatcher", "prefill_dispatcher", "decode_dispatcher") if key in state]
         stubs = [dispatch_stub(address) for address in addresses]
 
-        async def three_queued() -> bool:  # PD: each one's prefill or decode half, or both
+        async def four_queued() -> bool:  # PD: each one's prefill or decode half, or both
             queued = [(await load_snapshot(stub)).flow.queued_requests for _, stub in stubs]
-            return max(queued) == 3
+            return max(queued) == 4
 
-        await wait_until(three_queued, 30, "three requests queued in a dispatcher")
+        await wait_until(four_queued, 30, "four requests queued in a dispatcher")
         for channel, _ in stubs:
             await channel.close()
         up.send_signal(signal.SIGTERM)
         answers = []
         for reply in await asyncio.gather(*queued):  # each answered, none hangs (the test's timeout bounds it)
             answers.append((reply.status, (await reply.json())["error"]["message"], reply.headers.get("Retry-After")))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await queued_grpc
+        await gateway.close()
+        grpc_said = failed.value.details()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (failed.value.code(), grpc_said)
+        assert "the dispatcher is shutting down" in grpc_said and "queued-grpc" in grpc_said, grpc_said
         done_before = running.content.at_eof()
         finish, tokens = "", 0
         async for line in running.content:

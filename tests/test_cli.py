@@ -313,10 +313,10 @@ def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
     assert "see above" not in shown
     for default in (
-        "--prefill PREFILL PD: prefill ranks (default: 2)",
-        "--workers WORKERS mixed: DP ranks (default: 2)",
+        "--prefill PREFILL PD: prefill ranks [env: PDLB_UP_PREFILL] (default: 2)",
+        "--workers WORKERS mixed: DP ranks [env: PDLB_UP_WORKERS] (default: 2)",
         "(default: 2379)",
-        "(0: free ports) (default: 50051)",
+        "(0: free ports) [env: PDLB_UP_PORT] (default: 50051)",
         "(default: 8000)",
         "(default: least_wait; total_requests with --lockstep)",
     ):
@@ -520,6 +520,52 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["--cluster", "a", "workers", "--dispatcher", "h:1"]).cluster == "a"  # kept
     assert parser.parse_args(["rooms", "--bootstrap", "h:2", "7"]).bootstrap == "h:2"
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
+
+
+def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path):
+    """As the services' flags do: PDLB_<COMMAND>_<FLAG> (PDLB_<FLAG> for the connection flags)
+    sets a default, the command line still wins, --help names the variable, and a value the flag
+    refuses is refused in one line naming the variable (exit 2)."""
+    from pdlb.cli.main import build_parser
+
+    for name, value in {
+        "PDLB_UP_MODE": "mixed",
+        "PDLB_UP_WORKERS": "3",
+        "PDLB_UP_FLOW_CONTROL": "1",
+        "PDLB_UP_METHOD": "least_wait",
+        "PDLB_UP_VLLM_EAGER": "no",
+        "PDLB_TOP_INTERVAL_MS": "100",
+        "PDLB_CLUSTER": "env-cluster",
+        "PDLB_DISPATCHER": "h:9",
+    }.items():
+        monkeypatch.setenv(name, value)
+    parser = build_parser()
+    up = parser.parse_args(["up"])
+    assert (up.mode, up.workers, up.flow_control, up.method, up.vllm_eager) == ("mixed", 3, True, "least_wait", False)
+    assert parser.parse_args(["up", "--workers", "5"]).workers == 5  # the line wins
+    top = parser.parse_args(["top"])
+    assert (top.interval_ms, top.cluster, top.dispatcher) == (100, "env-cluster", "h:9")
+    assert parser.parse_args(["top", "--cluster", "line"]).cluster == "line"
+
+    from pdlb.cli.local_cluster import flags_of_the_other_mode
+
+    # a method set in the environment for every run is no contradiction of the mode chosen
+    assert flags_of_the_other_mode(parser.parse_args(["up", "--mode", "pd"])) == []
+    assert flags_of_the_other_mode(parser.parse_args(["up", "--mode", "pd", "--method", "x"])) == ["--method"]
+
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    shown = " ".join(pdlb("up", "--help", env=env).stdout.split())
+    for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
+        assert f"[env: {variable}]" in shown, variable
+    for variable, value, said in (
+        ("PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
+        ("PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
+        ("PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
+        ("PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
+    ):
+        refused = pdlb("up", "--help", env={**env, variable: value})
+        assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb: {said}"), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -86,8 +86,12 @@ MODE_FLAGS = {"pd": ("prefill", "decode", "prefill_method", "decode_method"), "m
 
 def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     """The flags given on the command line that only the mode not chosen reads, as typed (--workers)."""
+    # a variable set for every run is no contradiction; a different value on the line is
+    from_env = getattr(args, "env_flags", {})
     given = getattr(args, "given", set()) | {
-        d for d in ("prefill_method", "decode_method", "method") if hasattr(args, d)
+        d
+        for d in ("prefill_method", "decode_method", "method")
+        if hasattr(args, d) and (d not in from_env or getattr(args, d) != os.environ.get(from_env[d]))
     }
     other = "mixed" if args.mode == "pd" else "pd"
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]

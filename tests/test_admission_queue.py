@@ -108,9 +108,13 @@ def test_full_queue_refuses_when_nothing_is_worse():
     q = AdmissionQueue(capacity=2)
     q.push(waiter("a", priority=1))
     q.push(waiter("b", priority=1))
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match=r"^2 requests are queued \(the bound\)"):
         q.push(waiter("c", priority=1))
     assert len(q) == 2
+    one = AdmissionQueue(capacity=1)  # its refusal read "1 requests are queued"
+    one.push(waiter("a", tenant="t"))
+    with pytest.raises(QueueFull, match=r"^1 request is queued \(the bound\), none of lower priority"):
+        one.push(waiter("b", tenant="t"))
 
 
 def test_remove_cancelled_and_bounded_tenants():

@@ -673,6 +673,39 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
     assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (
+            ["--flow-control", "--tenant-share", "0.5"],
+            "pdlb up: --tenant-share is a flag of pdlb-dispatcher, not of pdlb up: pass it on as "
+            "--dispatcher-arg=--tenant-share=0.5 (with --flow-control)",
+        ),
+        (
+            ["--reserved-slots=-1"],
+            "pdlb up: --reserved-slots is a flag of pdlb-dispatcher, not of pdlb up: pass it on as "
+            "--dispatcher-arg=--reserved-slots=-1 (with --flow-control)",
+        ),
+        (
+            ["--max-running-requests", "2", "--mode", "mixed"],
+            "pdlb up: --max-running-requests is a flag of pdlb-scheduler, not of pdlb up: pass it on as "
+            "--scheduler-arg=--max-running-requests=2",
+        ),
+        (["--no-such-flag", "1"], "pdlb: error: unrecognized arguments: --no-such-flag 1"),
+    ],
+)
+def test_a_services_flag_given_to_up_says_how_to_pass_it_on(tmp_path, flags, said):
+    """`pdlb up --flow-control --tenant-share 0.5` (what a user types after reading about flow
+    control) was argparse's bare "unrecognized arguments"; a flag of the dispatchers or the
+    schedulers now gets one line naming its service and the --*-arg that passes it on, exit 2,
+    before anything starts. A flag of nobody's is still argparse's refusal."""
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    refused = pdlb("up", "--port", "0", "--etcd-port", "0", "--http-port", "0", *flags, env=env, timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == said, refused.stderr
+    assert not refused.stdout and not (tmp_path / "state").exists()  # nothing started
+
+
 def test_engine_vllm_without_vllm_installed_is_refused_before_anything_starts(tmp_path):
     """`pdlb up --engine vllm` with no vLLM virtualenv started etcd and the bootstrap, then failed
     (exit 1): now one line naming where it looked and how to install it, exit 2, nothing started."""

@@ -498,3 +498,12 @@ async def _models_ready(api) -> bool:
         return bool((await api.models.list()).data)
     except openai.APIError:
         return False
+
+
+def test_pdlb_top_counts_one_queued_token_and_tenant_in_the_singular():
+    """`pdlb top`'s queue line read "queue 1 (1 tokens, 1 tenants)"."""
+    console = Console(width=400, record=True)
+    for queued, said in ((1, "queue 1 (1 token, 1 tenant)"), (2, "queue 2 (2 tokens, 2 tenants)")):
+        flow = dispatch_pb2.FlowControlState(enabled=True, queued_requests=queued, queued_tokens=queued, tenants=queued)
+        console.print(render("mixed", dispatch_pb2.WatchLoadResponse(method="least_wait", flow=flow)))
+        assert said in console.export_text(), said

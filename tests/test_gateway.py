@@ -712,6 +712,7 @@ async def test_an_out_of_vocabulary_prompt_id_is_refused_alike_in_pd_and_mixed_m
             await client.completions.create(model=MODEL, prompt=[5, 99999, 7], max_tokens=4)
     message = refused.value.body["message"]
     assert re.fullmatch(rf"request cmpl-[0-9a-f]{{32}}: {re.escape(said)}", message), (mode, message)
+    assert refused.value.body["param"] == "prompt", refused.value.body  # was null
 
     from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -723,6 +724,28 @@ async def test_an_out_of_vocabulary_prompt_id_is_refused_alike_in_pd_and_mixed_m
             await rest_of(call)
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert failed.value.details() == f"request oov-{mode}: {said}", (mode, failed.value.details())
+
+
+async def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_logit_bias(cluster):
+    """A logit_bias on a token id outside the vocabulary, which only the workers know, was refused
+    400 with `param: null`; vLLM names `logit_bias`, and so does the gateway now, streamed or not,
+    in both modes, and the SGLang API names `sampling_params.logit_bias`."""
+    mode, _gateway, base, workers = cluster
+    await ready(base, len(workers))
+    said = "logit_bias names token ids outside the vocabulary 0..319: 999999"
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                    logit_bias={"999999": 5, "3": 1}, stream=stream,
+                )  # fmt: skip
+            body = refused.value.body
+            assert body["param"] == "logit_bias" and body["message"].endswith(said), (mode, stream, body)
+    code, reply = await asyncio.to_thread(
+        post, f"{base}/generate", json.dumps({"text": "hi", "sampling_params": {"logit_bias": {"999999": 1}}}).encode()
+    )
+    assert code == 400 and reply["error"]["param"] == "sampling_params.logit_bias", reply
 
 
 MALFORMED = [  # raw requests aiohttp's parser refuses, and words its 400 names the fault with
@@ -809,6 +832,104 @@ async def test_a_body_that_does_not_decode_is_400_and_one_cut_off_is_499_never_a
         await wait_until(counted, timeout=10, what="the cut-off request counted as 499")
     log = gateway.log_path.read_text()
     assert "Traceback" not in log and " ERROR " not in log, log
+    assert "Unhandled exception" not in log, log  # the corrupt gzip: the gateway's 400, no fault of its own
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "br", "compress", "foo", "gzip, zstd"])
+async def test_a_content_encoding_not_supported_is_415_naming_the_supported_ones(start_service, encoding):
+    """`Content-Encoding: zstd` or `br` got aiohttp's plain-text 400 ("Please install `Brotli`")
+    before any of the gateway's code ran, and an unknown coding was read as if uncompressed. Now
+    each is 415 in OpenAI's error JSON naming the codings decoded, with `Accept-Encoding` (RFC 9110),
+    the connection closed; the gateway logs no fault of its own."""
+    http_port = free_port()
+    gateway = start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0")
+    body = b'{"prompt": "hi", "max_tokens": 2}'  # its coding is refused before the body is read
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Encoding: {encoding}\r\n"
+    answer = await raw_exchange(http_port, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    status, _, reply = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 415"), answer
+    assert b"\r\nAccept-Encoding: gzip, deflate, identity\r\n" in status, status
+    error = json.loads(reply)["error"]
+    assert error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(f"Content-Encoding {encoding.split(',')[-1].strip()!r} is not supported: "), (
+        error
+    )
+    assert "gzip or deflate" in error["message"], error
+    log = gateway.log_path.read_text()
+    assert "Unhandled exception" not in log and "Error handling request" not in log, log
+
+
+async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_service):
+    """The gateway decodes gzip (and x-gzip, several members), deflate (zlib-wrapped or raw, as
+    clients send it) and both in a row; a body cut short is 400 saying so, and one that decodes past
+    --max-body-bytes is 413 (a small compressed body must not expand without bound)."""
+    import zlib
+
+    http_port = free_port()
+    start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0", "--max-body-bytes", "4096")
+    url = f"http://127.0.0.1:{http_port}/v1/completions"
+    body = json.dumps({"prompt": "", "max_tokens": 2}).encode()  # decoded, its empty prompt is what is refused
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    cases = [
+        ("gzip", gzip.compress(body)),
+        ("x-gzip", gzip.compress(body[:10]) + gzip.compress(body[10:])),
+        ("deflate", zlib.compress(body)),
+        ("deflate", raw_deflate.compress(body) + raw_deflate.flush()),
+        ("deflate, gzip", gzip.compress(zlib.compress(body))),
+        ("identity", body),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for encoding, data in cases:
+            headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+            async with http.post(url, data=data, headers=headers) as reply:
+                error = (await reply.json())["error"]
+                assert reply.status == 400 and error["param"] == "prompt", (encoding, error)
+        refusals = [
+            ("gzip", gzip.compress(body)[:-12], 400, "the request body ends before its gzip stream does"),
+            ("gzip", gzip.compress(b" " * 100_000), 413, "decodes (gzip) to more than 4096 bytes (--max-body-bytes)"),
+            ("deflate", b"\x78\x9c not deflate", 400, "the request body is not valid deflate"),
+        ]
+        for encoding, data, status, said in refusals:
+            headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+            async with http.post(url, data=data, headers=headers) as reply:
+                error = (await reply.json())["error"]
+                assert reply.status == status and said in error["message"], (encoding, reply.status, error)
+
+
+async def test_a_chunked_body_broken_after_the_headers_is_408_saying_it_may_be_malformed(start_service):
+    """A chunked body whose framing breaks after the headers arrived (a chunk size that is not hex)
+    is dropped by aiohttp's parser without a word to the gateway, whose read then waits: it ends at
+    --http-body-timeout, and the 408 no longer says only that the body "did not arrive" but that it
+    may have stopped short or be malformed, so the client looks at what it sent."""
+    http_port = free_port()
+    start_service(
+        "gateway", "--http-port", str(http_port), "--dispatcher-wait", "0", "--http-body-timeout", "5",
+        "--max-concurrent-streams", "1",
+    )  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    writer.write(head + b'5\r\n{"pro\r\n')
+    await writer.drain()
+    async with aiohttp.ClientSession() as http:
+
+        async def in_handler() -> bool:  # it holds the only stream slot: it is in its handler, reading its body
+            async with http.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "x"}) as reply:
+                return reply.status == 429
+
+        await wait_until(in_handler, timeout=10, what="the chunked request in its handler")
+    writer.write(b"zz\r\n")  # not a chunk size
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 30)  # to EOF: answered, then closed
+    writer.close()
+    status, _, reply = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), answer
+    message = json.loads(reply)["error"]["message"]
+    assert message == (
+        "the request body did not arrive whole within 5 s (--http-body-timeout): it was sent too slowly, stopped "
+        "short of its Content-Length, or its chunked framing is malformed"
+    ), message
 
 
 @pytest.mark.parametrize("flags", [[], ["--prefill-dispatcher", "127.0.0.1:1"]], ids=["none", "prefill-only"])

@@ -15,6 +15,7 @@ import pytest
 
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
+from pdlb.common.plurals import counted
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import greedy_gateway_stream, wait_until
 
@@ -358,5 +359,5 @@ async def test_a_dispatcher_dying_after_every_restart_fails_the_stream_bounded_a
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
     said = f"request flaky: failed again through mixed dispatcher {victim.address} ("
     assert details.startswith(said) and "not retried further" in details and "retries)" in details, details
-    assert f"{seen['tokens']} tokens streamed before" in details, (details, seen)
+    assert f"{counted(seen['tokens'], 'token')} streamed before" in details, (details, seen)
     assert failed_after < 5, f"failed {failed_after:.1f} s after the last death: it waited again"

@@ -31,6 +31,7 @@ from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
+from pdlb.common.plurals import counted
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
 from pdlb.engines.torch.eviction import eviction_order
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
@@ -222,6 +223,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="restarts in a row of one dead child before pdlb up gives up on it (0: never restart)",
     )
+
+
+def pass_through_hint(unknown: list[str]) -> str | None:
+    """For flags `pdlb up` does not take (`unknown`, as argparse leaves them): when the first is a
+    flag of the dispatchers or the schedulers (`--tenant-share 0.5`), one line saying how to pass
+    it on (`--dispatcher-arg=--tenant-share=0.5`); None when it is neither's."""
+    from pdlb.services.dispatcher.main import build_parser as dispatcher_parser
+    from pdlb.services.scheduler.main import build_parser as scheduler_parser  # imports torch: only here
+
+    flag = next((arg for arg in unknown if arg.startswith("--")), None)
+    if flag is None:
+        return None
+    name = flag.split("=", 1)[0]
+    at = unknown.index(flag)
+    following = unknown[at + 1] if at + 1 < len(unknown) else "--"
+    value = None if "=" in flag or following.startswith("--") else following  # "-1" is a value
+    typed = flag if value is None else f"{flag}={value}"
+    owners = [
+        (service, option)
+        for service, option, parser in (
+            ("pdlb-dispatcher", "--dispatcher-arg", dispatcher_parser()),
+            ("pdlb-scheduler", "--scheduler-arg", scheduler_parser()),
+        )
+        if name in parser._option_string_actions  # argparse's table of the flags it takes
+    ]
+    if not owners:
+        return None
+    services = " and ".join(service for service, _ in owners)
+    how = " and ".join(f"{option}={typed}" for _, option in owners)
+    flow = " (with --flow-control)" if name in _flow_flags() else ""
+    return f"{name} is a flag of {services}, not of pdlb up: pass it on as {how}{flow}"
+
+
+def _flow_flags() -> tuple[str, ...]:
+    from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
+
+    return FLOW_FLAGS
 
 
 def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
@@ -627,7 +665,9 @@ class LocalCluster:
             stub = dispatch_pb2_grpc.DispatchStub(channel)
             while len(stub.ListWorkers(dispatch_pb2.ListWorkersRequest(), timeout=5).workers) < count:
                 if time.monotonic() > deadline:
-                    raise ServiceFailed(f"dispatcher {address} sees fewer than {count} workers after {timeout}s")
+                    raise ServiceFailed(
+                        f"dispatcher {address} sees fewer than {counted(count, 'worker')} after {timeout}s"
+                    )
                 time.sleep(0.1)  # polling a status only observable by polling
 
     def _watch_etcd(self) -> None:

@@ -13,6 +13,7 @@ from pdlb.cli import state
 from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
+from pdlb.common.plurals import counted
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -182,7 +183,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     shown_ids |= bool(tail)
     print(tail, end="")
     reason = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
-    usage = f"{last.prompt_tokens} prompt tokens, {last.cached_tokens} cached" if last else ""
+    usage = f"{counted(last.prompt_tokens, 'prompt token')}, {last.cached_tokens} cached" if last else ""
     print(flush=True)  # the completion ends its line on stdout; the summary goes to stderr
     if shown_ids and not args.token_ids:
         print(
@@ -251,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
     (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        from pdlb.cli.local_cluster import pass_through_hint
+
+        hint = pass_through_hint(unknown) if args.command == "up" else None
+        if hint:  # a service's flag given to `pdlb up`, which passes it on only through --*-arg
+            print(f"pdlb up: {hint}", file=sys.stderr, flush=True)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own refusal, exit 2
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pdlb.common.plurals import counted
 from pdlb.common.processes import ServiceFailed, ServiceProcess
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class Supervisor:
                     record.in_a_row = 0
                 if record.in_a_row >= self.max_restarts:
                     record.gave_up = True
-                    self.say(f"! {dead}; gave up after {record.in_a_row} restarts in a row (--max-restarts)")
+                    self.say(f"! {dead}; gave up after {counted(record.in_a_row, 'restart')} in a row (--max-restarts)")
                     continue
                 delay = min(FIRST_DELAY_S * 2**record.in_a_row, MAX_DELAY_S)
                 record.due = now + delay

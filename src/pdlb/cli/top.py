@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from pdlb.common.plurals import counted
 from pdlb.common.security import open_channel
 from pdlb.v1 import common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -87,7 +88,7 @@ def _flow(f: dispatch_pb2.FlowControlState) -> str:
     if not f.enabled:
         return ""
     return (
-        f", queue {f.queued_requests} ({f.queued_tokens} tokens, {f.tenants} tenants), "
+        f", queue {f.queued_requests} ({counted(f.queued_tokens, 'token')}, {counted(f.tenants, 'tenant')}), "
         f"wait p50 {f.wait_p50_ms:.0f} / p99 {f.wait_p99_ms:.0f} ms, admitted {f.admitted_total}, shed {f.shed_total}"
     )
 

@@ -14,6 +14,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pdlb.common.plurals import counted
 from pdlb.common.tokenizer import ByteTokenizer, ChatTemplateError, Tokenizer
 from pdlb.v1 import common_pb2
 
@@ -118,7 +119,7 @@ def check_request(
     if not input_ids:
         raise InvalidRequest(f"request {rid}: empty prompt: set input_ids, text or messages")
     if len(input_ids) > max_prompt_tokens:
-        message = f"request {rid}: prompt of {len(input_ids)} tokens exceeds the limit {max_prompt_tokens}"
+        message = f"request {rid}: prompt of {counted(len(input_ids), 'token')} exceeds the limit {max_prompt_tokens}"
         raise TooLong("prompt", message)
     if min(input_ids) < 0:
         raise InvalidRequest(f"request {rid}: negative token id {min(input_ids)}")

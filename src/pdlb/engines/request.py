@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from pdlb.common.plurals import counted
 from pdlb.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -113,10 +114,14 @@ def check_prompt(seq: Sequence, vocab_size: int, max_prompt_tokens: int, context
         )
     limit = prompt_limit(max_prompt_tokens, context)
     if len(seq.prompt) > limit:
-        why = f" (a context of {context} tokens leaves room for one new token)" if limit < max_prompt_tokens else ""
+        why = (
+            f" (a context of {counted(context, 'token')} leaves room for one new token)"
+            if limit < max_prompt_tokens
+            else ""
+        )
         raise AdmissionError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"request {seq.request_id}: prompt of {len(seq.prompt)} tokens exceeds the limit {limit}{why}",
+            f"request {seq.request_id}: prompt of {counted(len(seq.prompt), 'token')} exceeds the limit {limit}{why}",
         )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from pdlb.common.plurals import counted
 from pdlb.engines.kv_events import KVEventLog
 from pdlb.engines.request import (
     ABORT,
@@ -190,7 +191,7 @@ class Engine:
         if len(self.waiting) >= limits.max_waiting_requests + free_slots:
             raise AdmissionError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request {seq.request_id}: {len(self.waiting)} requests already waiting; retry later",
+                f"request {seq.request_id}: {counted(len(self.waiting), 'request')} already waiting; retry later",
             )
 
     def submit(self, seq: Sequence, wave: int | None = None) -> None:

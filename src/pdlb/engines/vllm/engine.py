@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import aiohttp
 import grpc
 
+from pdlb.common.plurals import counted
 from pdlb.common.tokenizer import Tokenizer
 from pdlb.engines.request import (
     ABORT,
@@ -277,7 +278,8 @@ class VLLMEngine:
         if len(self.inflight) >= limits.max_running_requests + limits.max_waiting_requests:
             raise AdmissionError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request {seq.request_id}: {len(self.inflight)} requests already in flight on this rank; retry later",
+                f"request {seq.request_id}: {counted(len(self.inflight), 'request')} already in flight on this rank; "
+                "retry later",
             )
 
     def _check_room(self, seq: Sequence) -> None:

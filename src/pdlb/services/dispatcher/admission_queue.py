@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdlb.common.plurals import counted
 from pdlb.services.dispatcher.tenant_key import tenant_key
 
 DEFAULT_QUANTUM_TOKENS = 2048
@@ -160,7 +161,8 @@ class AdmissionQueue:
                 displaced = self._over_share_victim(waiter)
                 if displaced is None:
                     raise QueueFull(
-                        f"{self.size} requests are queued (the bound), none of lower priority, and "
+                        f"{counted(self.size, 'request')} {'is' if self.size == 1 else 'are'} queued (the bound), "
+                        "none of lower priority, and "
                         f"tenant {waiter.tenant!r} holds its fair share of the queue"
                     )
             self.remove(displaced)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pdlb.common.plurals import counted
+
 STATE_CHECK_S = 0.05
 MAX_GONE_COUNTS = 4096  # dispatch counts of departed workers kept for a rejoin (ids come from etcd keys)
 
@@ -228,7 +230,7 @@ class LoadTable:
         self._expire(entry)
         if len(entry.inflight) >= self.max_inflight_per_worker:
             raise OverflowError(
-                f"worker {worker_id} has {len(entry.inflight)} unacknowledged requests; it is not reporting"
+                f"worker {worker_id} has {counted(len(entry.inflight), 'unacknowledged request')}; it is not reporting"
             )
         self._last_seq += 1
         entry.next_seq = self._last_seq

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdlb.client import new_room
+from pdlb.common.plurals import counted
 from pdlb.common.requests import (
     MAX_NEW_TOKENS_LIMIT,
     RETRY_AFTER_KEY,
@@ -77,11 +78,26 @@ FINAL = {
 
 
 class RequestFailed(Exception):
-    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED."""
+    """A request's failure; `retry_after_s`: the dispatcher's retry hint of a RESOURCE_EXHAUSTED;
+    `field`: the InferenceRequest field an INVALID_ARGUMENT refused (worker_field), or ""."""
 
     def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.retry_after_s = code, message, retry_after_s
+        self.field = worker_field(message) if code == grpc.StatusCode.INVALID_ARGUMENT else ""
+
+
+# The workers' own refusals of a request (engines/request.py check_prompt: the vocabulary and the
+# prompt limit, which only they know for sure) and the InferenceRequest field each one is about, by
+# the words after "request ID: " that begin its message.
+WORKER_REFUSALS = (("logit_bias ", "logit_bias"), ("token id ", "input_ids"), ("prompt of ", "input_ids"))
+
+
+def worker_field(message: str) -> str:
+    """The InferenceRequest field a worker's INVALID_ARGUMENT `message` names ("logit_bias",
+    "input_ids"), or "" when it is none of WORKER_REFUSALS."""
+    _, _, said = message.partition(": ")
+    return next((name for words, name in WORKER_REFUSALS if said.startswith(words)), "")
 
 
 def retry_after_of(err: grpc.aio.AioRpcError) -> int | None:
@@ -286,8 +302,9 @@ class Frontend:
                         where = ", ".join(f"{role} dispatcher {a}" for role, a in used.items())
                         last = details.removeprefix(f"request {rid}: ")
                         details = (
-                            f"request {rid}: failed again through {where} ({last}); {len(sent)} tokens streamed "
-                            "before; not retried further: check that dispatcher and its workers"
+                            f"request {rid}: failed again through {where} ({last}); "
+                            f"{counted(len(sent), 'token')} streamed before; not retried further: check that "
+                            "dispatcher and its workers"
                         )
                     hint = retry_after_of(err) if isinstance(err, grpc.aio.AioRpcError) else err.retry_after_s
                     raise RequestFailed(code, _named(rid, details, retries), hint) from None
@@ -301,8 +318,8 @@ class Frontend:
                     )
                     code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline <= time.monotonic() else code
                     text = (
-                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({where}; {len(sent)} "
-                        "tokens streamed before); start one, or raise --dispatcher-wait"
+                        f"no {' or '.join(down)} dispatcher reachable for {waited:.1f} s ({where}; "
+                        f"{counted(len(sent), 'token')} streamed before); start one, or raise --dispatcher-wait"
                     )
                     raise RequestFailed(code, _named(rid, text, retries)) from None
                 retries += 1
@@ -473,7 +490,7 @@ async def _handoff_errors(call, request: common_pb2.InferenceRequest) -> AsyncIt
 
 
 def _tokens(count: int) -> str:
-    return f"{count} new token{'' if count == 1 else 's'}"
+    return counted(count, "new token")
 
 
 def _attempt_id(rid: str, retries: int) -> str:
@@ -489,7 +506,7 @@ def _pinned(request: common_pb2.InferenceRequest) -> bool:
 def _named(rid: str, details: str, retries: int) -> str:
     text = details if rid in details else f"request {rid}: {details}"
     # a retry goes to another rank, or to another dispatcher replica when one was unreachable
-    return text + (f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else "")
+    return text + (f" (after {counted(retries, 'retry', 'retries')})" if retries else "")
 
 
 __all__ = ["Chunk", "Frontend", "InvalidRequest", "Prepared", "RequestFailed"]

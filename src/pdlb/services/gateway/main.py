@@ -145,6 +145,7 @@ def http_app(
             response = error_response(exc.status, exc.message, exc.param, exc.kind)
             if exc.status == 429:
                 response.headers["Retry-After"] = "1"  # a stream slot frees as soon as any request ends
+            response.headers.update(exc.headers)
             if exc.close:
                 response.force_close()  # the rest of the body is unknown: drop the connection
             return response
@@ -245,7 +246,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         advertised_models = {m for m in upstreams.models.values() if m}
         return sorted({source.model_id, *advertised_models})
 
-    api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout)
+    api = OpenAIApi(frontend, source.model_id, models, metrics.observe, args.http_body_timeout, args.max_body_bytes)
     bootstrap = BootstrapLocator(args.bootstrap, args.etcd, args.etcd_prefix)
     readiness = Readiness(upstreams, dashboard, bootstrap)
     app = http_app(api, streams, metrics, dashboard, args.max_body_bytes, readiness, workers)
@@ -255,6 +256,7 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
+        auto_decompress=False,  # the gateway decodes bodies itself (body_encoding.py): its own refusals, bounded
         access_log=None,
         logger=ProtocolLog(),  # a malformed request: one warning line, not a traceback
         keepalive_timeout=args.http_header_timeout,

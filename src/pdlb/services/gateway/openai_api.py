@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
+from pdlb.services.gateway.body_encoding import ACCEPTED, BodyEncodingError, codings, decode
 from pdlb.services.gateway.frontend import SHUTTING_DOWN, Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
 from pdlb.services.gateway.request_params import ParamError, ascii_int, check_names, sampling_from
@@ -47,6 +48,7 @@ UNAVAILABLE_RETRY_AFTER_S = 5
 MAX_RANK = 1 << 20  # rank pins above this are refused: no cluster has that many ranks
 # what a token id is, for refusals (the model's vocabulary bounds it further: its workers check that)
 TOKEN_IDS = "token ids are integers from 0 to the model's vocabulary size - 1"
+OFF_LOOP_BYTES = 64 << 10  # a compressed body this large or larger is decoded in a thread
 DEADLINE_HEADER = "X-pdlb-TTFT-Deadline-Ms"
 TENANT_HEADER = "X-pdlb-Tenant"
 
@@ -62,9 +64,11 @@ class ApiError(Exception):
         param: str | None = None,
         kind: str = "invalid_request_error",
         close: bool = False,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.close = status, message, param, kind, close
+        self.headers = headers or {}  # sent with the answer (a 415's Accept-Encoding)
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
@@ -84,11 +88,12 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
     return web.json_response(error_body(status, message, param, kind), status=status)
 
 
-def failed_response(exc: RequestFailed) -> web.Response:
+def failed_response(exc: RequestFailed, params: dict[str, str] | None = None) -> web.Response:
     """A failed request as OpenAI error JSON; a shed one (429) and an unavailable one (503) with
-    `Retry-After` seconds (the dispatcher's hint, else 1 s for 429 and 5 s for 503)."""
+    `Retry-After` seconds (the dispatcher's hint, else 1 s for 429 and 5 s for 503). `params`: the
+    API's name for each InferenceRequest field a worker refused (RequestFailed.field), its `param`."""
     status = HTTP_STATUS.get(exc.code, 500)
-    response = error_response(status, exc.message)
+    response = error_response(status, exc.message, (params or {}).get(exc.field))
     if status in (429, 503):
         default = 1 if status == 429 else UNAVAILABLE_RETRY_AFTER_S
         response.headers["Retry-After"] = str(exc.retry_after_s or default)
@@ -114,13 +119,16 @@ class OpenAIApi:
         models: Callable[[], list[str]],
         observe,
         body_timeout_s: float = 30.0,
+        max_body: int = 1 << 20,
     ) -> None:
         self.frontend, self.model_id, self.models, self.observe = frontend, model_id, models, observe
         self.body_timeout_s = body_timeout_s
+        self.max_body = max_body  # bytes: the raw body's bound (aiohttp's client_max_size), and the decoded one's
 
     # parsing -----------------------------------------------------------------------------------
     async def read_body(self, http: web.Request) -> bytes:
-        """The whole body. ApiError 408 when it trickles in slower than --http-body-timeout; 503 when
+        """The whole body. ApiError 408 when it trickles in slower than --http-body-timeout, stops
+        short, or breaks its chunked framing after the headers (aiohttp's parser never tells); 503 when
         the gateway starts shutting down while it still arrives (the request never started here, so
         the client can send it to another gateway at once; the shutdown waits for nothing)."""
         if http.content.is_eof():  # all received with the headers (the usual): nothing to wait for
@@ -140,24 +148,39 @@ class OpenAIApi:
         if stopping.done() and not stopping.cancelled():
             message = f"{SHUTTING_DOWN} and the request body was still arriving; send the request to another one"
             raise ApiError(503, message, kind="server_error", close=True)
+        # aiohttp's parser drops a chunked body whose framing breaks after the headers without a word
+        # to the handler (the read just waits), so a malformed body ends here too: the message says so
         raise ApiError(
-            408, f"the request body did not arrive within {self.body_timeout_s:g} s (--http-body-timeout)", close=True
+            408,
+            f"the request body did not arrive whole within {self.body_timeout_s:g} s (--http-body-timeout): it "
+            "was sent too slowly, stopped short of its Content-Length, or its chunked framing is malformed",
+            close=True,
         )
 
     async def read_json(self, http: web.Request) -> Any:
-        """The body as JSON (read_body's errors); ApiError 400 when its Content-Encoding does not
-        decode it, or it is not JSON, nests too deeply or holds text that is not valid Unicode."""
+        """The body as JSON (read_body's errors), its Content-Encoding undone (body_encoding.py:
+        gzip and deflate); ApiError 415 for a coding not supported (with Accept-Encoding), 400 when
+        its coding does not decode it, or it is not JSON, nests too deeply or holds text that is not
+        valid Unicode, 413 when it decodes past --max-body-bytes."""
+        try:
+            applied = codings(http.headers.get("Content-Encoding"))
+        except BodyEncodingError as exc:  # refused before reading: the rest of the body is not read
+            raise ApiError(exc.status, exc.message, close=True, headers={"Accept-Encoding": ACCEPTED}) from None
         try:
             raw = await self.read_body(http)
-        except web.RequestPayloadError as exc:  # aiohttp could not decode it (a corrupt gzip body...)
+        except web.RequestPayloadError as exc:  # aiohttp could not read it (its framing)
             cause = exc.__cause__
             reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-            encoding = http.headers.get("Content-Encoding", "none")
-            raise ApiError(
-                400,
-                f"the request body could not be read (Content-Encoding: {encoding[:40]}): {reason[:200]}",
-                close=True,
-            ) from None
+            raise ApiError(400, f"the request body could not be read: {reason[:200]}", close=True) from None
+        if applied:
+            try:  # a large body decodes off the event loop (about 1 ms per 100 KiB)
+                raw = (
+                    decode(raw, applied, self.max_body)
+                    if len(raw) < OFF_LOOP_BYTES
+                    else await asyncio.to_thread(decode, raw, applied, self.max_body)
+                )
+            except BodyEncodingError as exc:  # closed after, as README promises of a body that does not decode
+                raise ApiError(exc.status, exc.message, close=True) from None
         try:
             body = json.loads(raw)
         except RecursionError:
@@ -378,7 +401,7 @@ class OpenAIApi:
                 last = chunk
                 finish = reason or finish
         except RequestFailed as exc:
-            return failed_response(exc)
+            return failed_response(exc, worker_params(parsed))
         body = self._envelope(parsed, last)
         content = "".join(text)
         if parsed.chat:
@@ -401,7 +424,7 @@ class OpenAIApi:
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
         runner = self.run(parsed)
-        first, failed = await first_of(runner)
+        first, failed = await first_of(runner, worker_params(parsed))
         if failed is not None:
             return failed
         response = web.StreamResponse(
@@ -437,7 +460,8 @@ class OpenAIApi:
                 if reason:
                     break
         except RequestFailed as exc:
-            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+            param = worker_params(parsed).get(exc.field)
+            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message, param))
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away: nobody to tell
         except Exception as exc:  # headers are sent: the status goes in the stream
@@ -519,16 +543,21 @@ def stream_options(options: dict) -> None:
         raise ApiError(400, f"{param}=true is not supported: usage comes once, at the end (include_usage)", param)
 
 
-async def first_of(items: AsyncIterator[Any]) -> tuple[Any, web.Response | None]:
+async def first_of(items: AsyncIterator[Any], params: dict[str, str] | None = None) -> tuple[Any, web.Response | None]:
     """The first item of a response's stream, read before any header goes out so that an early
     failure still gets its own HTTP status: (the item, or None when the stream was empty, None), or
-    (None, the failure's error response)."""
+    (None, the failure's error response, `params` as failed_response's)."""
     try:
         return await anext(items), None
     except StopAsyncIteration:
         return None, None
     except RequestFailed as exc:
-        return None, failed_response(exc)
+        return None, failed_response(exc, params)
+
+
+def worker_params(parsed: Parsed) -> dict[str, str]:
+    """The OpenAI `param` of each InferenceRequest field a worker may refuse (RequestFailed.field)."""
+    return {"logit_bias": "logit_bias", "input_ids": "messages" if parsed.chat else "prompt"}
 
 
 async def sse_event(response: web.StreamResponse, body: dict) -> None:

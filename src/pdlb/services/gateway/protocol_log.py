@@ -5,8 +5,7 @@ a bad Content-Length, broken chunked framing, an over-long line) never reaches t
 middlewares and signals do not run, and aiohttp answers 400 with its own plain-text reason (it
 offers no public hook to shape that body: aio-libs/aiohttp#3287; the README says what is answered).
 What the gateway controls is its log: aiohttp logs each such request as an ERROR with the parser's
-traceback, a dozen lines any client can cause at will (a body that does not decode, which the
-gateway refuses 400 itself, once more when aiohttp drains the rest). Here it is one INFO line with
+traceback, a dozen lines any client can cause at will. Here it is one INFO line with
 aiohttp's reason, as web servers log a client's bad request; a client that goes away while it
 sends its body (an ERROR traceback too) is one DEBUG line (the request counts as 499 in the
 metrics); every other error aiohttp logs keeps its traceback.

@@ -69,6 +69,8 @@ SAMPLING_NAMES = {
         )
     },
 }  # fmt: skip
+# the `param` of each InferenceRequest field a worker may refuse (RequestFailed.field)
+WORKER_PARAMS = {"logit_bias": "sampling_params.logit_bias", "input_ids": "input_ids"}
 TOP_LEVEL = {"text", "input_ids", "sampling_params", "stream", "rid", "data_parallel_rank", "priority", "model"}
 # What smg 0.3.2 adds to every body it forwards (seen on the wire), at the values that change nothing.
 TOP_LEVEL_NEUTRAL: dict[str, Any] = {
@@ -176,12 +178,12 @@ class SGLangApi:
             async for output, _ in self._outputs(parsed):
                 last = output
         except RequestFailed as exc:
-            return failed_response(exc)
+            return failed_response(exc, WORKER_PARAMS)
         return web.json_response(last)
 
     async def _stream(self, http: web.Request, parsed: Parsed) -> web.StreamResponse:
         outputs = self._outputs(parsed)
-        first, failed = await first_of(outputs)
+        first, failed = await first_of(outputs, WORKER_PARAMS)
         if failed is not None:
             return failed
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -193,7 +195,8 @@ class SGLangApi:
                     async for output, _ in outputs:
                         await sse_event(response, output)
         except RequestFailed as exc:
-            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message))
+            param = WORKER_PARAMS.get(exc.field)
+            await sse_event(response, error_body(HTTP_STATUS.get(exc.code, 500), exc.message, param))
         finally:
             await outputs.aclose()  # cancels the upstream calls when the client left
         await response.write(b"data: [DONE]\n\n")

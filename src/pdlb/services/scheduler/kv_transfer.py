@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 import torch
 
+from pdlb.common.plurals import counted
 from pdlb.v1 import scheduler_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -155,7 +156,7 @@ def _check_header(header: pb.KVHeader) -> int:
         raise TransferError("KV header has an unknown dtype or a shape that is not [heads, seq_len, head_dim]")
     heads, seq_len, head_dim = header.shape
     if len(header.input_ids) != seq_len:
-        raise TransferError(f"KV covers {seq_len} tokens but the header lists {len(header.input_ids)}")
+        raise TransferError(f"KV covers {counted(seq_len, 'token')} but the header lists {len(header.input_ids)}")
     per_token = 2 * header.num_layers * heads * head_dim * dtype.itemsize
     if not 0 < per_token <= MAX_KV_BYTES_PER_TOKEN:
         raise TransferError(f"KV header announces {per_token} bytes per token (at most {MAX_KV_BYTES_PER_TOKEN})")

@@ -50,6 +50,7 @@ from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem, percentile_fields, salted
 
 DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
+EVICTION_SEP = "~"  # METHOD~ORDER: the method on ranks whose prefix caches evict in ORDER
 SLO_FLOOR_FACTOR, SLO_SLACK_S = 3.0, 0.2  # the TTFT SLO: 3 x the request's own floor + 200 ms
 
 
@@ -419,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         help="keep each request's rank, cache hit and times, and break the worst queueing of each run down "
         "(cache shortfall, prefills sharing its rank; see breakdown_report)",
     )
+    parser.add_argument(
+        "--prefix-eviction",
+        default="",
+        help="the ranks' prefix-cache eviction order (pdlb-scheduler --prefix-eviction; default: theirs). A method "
+        f"written METHOD{EVICTION_SEP}ORDER runs on a second set of ranks evicting in ORDER, in the same invocation",
+    )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0)
     parser.add_argument("--kv-tokens", type=int, default=16384)
@@ -446,13 +453,21 @@ def main(argv: list[str] | None = None) -> int:
         print(eviction_report(args, CostModel().scaled(args.slowdown)))
         return 0
     methods = args.methods.split(",")
-    cluster_args = argparse.Namespace(
-        mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
-        max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1,
-    )  # fmt: skip
+    evictions: dict[str, str] = {}  # method -> its ranks' eviction order ("" for the schedulers' default)
+    for method in methods:
+        evictions[method] = method.partition(EVICTION_SEP)[2] or args.prefix_eviction
     cost = CostModel().scaled(args.slowdown)
-    cluster = balance_bench.Cluster(cluster_args, methods)
-    cluster.start()
+    clusters, dispatchers = [], {}
+    for eviction in dict.fromkeys(evictions.values()):  # one set of ranks per order, each started once
+        mine = [m for m in methods if evictions[m] == eviction]
+        cluster_args = argparse.Namespace(
+            mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
+            max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1, prefix_eviction=eviction,
+        )  # fmt: skip
+        cluster = balance_bench.Cluster(cluster_args, list(dict.fromkeys(m.partition(EVICTION_SEP)[0] for m in mine)))
+        clusters.append(cluster)
+        cluster.start()
+        dispatchers.update({m: cluster.dispatchers[m.partition(EVICTION_SEP)[0]] for m in mine})
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -469,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                         out, span = asyncio.run(
                             run(
-                                cluster.dispatchers[method],
+                                dispatchers[method],
                                 salted_items,
                                 args.ranks,
                                 f"{method}-{seed}-{load}-{salt}",
@@ -481,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seed": seed,
                             "load": load,
                             "variant": variant,
+                            "eviction": evictions[method] or "default",
                             "sent": len(salted_items),
                             "all": summary(out, span),
                         }
@@ -495,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(run_line(row), flush=True)
                         write(results, args, out_dir)
     finally:
-        cluster.stop()
+        for cluster in clusters:
+            cluster.stop()
     print(report(results))
     if args.flood_tenant > 0:
         print(flood_report(results))

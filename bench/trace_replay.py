@@ -137,7 +137,12 @@ def block_names(ids: list[int], page: int) -> list[int]:
 
 
 def eviction_losses(
-    args: argparse.Namespace, cost: CostModel, eviction: str, placement: str = "pooled", seed: int = 0
+    args: argparse.Namespace,
+    cost: CostModel,
+    eviction: str,
+    placement: str = "pooled",
+    seed: int = 0,
+    recorded: list[tuple[int, int]] | None = None,
 ) -> list[float]:
     """What each request of the window loses over its floor (seconds, >= 0) to eviction, offline and
     load-free: the window's prompts go in order through the ranks' prefix caches
@@ -151,7 +156,8 @@ def eviction_losses(
     sharing its longest prefix beyond the trace's first block (the system prompt) went to, whether or
     not that rank still caches it, else the rank given the fewest prompt tokens over the last
     `--ranks` requests: a stand-in for the cache-aware methods, and a placement that does not depend
-    on the eviction order, so orders compare on the same placement."""
+    on the eviction order, so orders compare on the same placement; `recorded`, the (request, DP
+    rank) pairs of a real run in the order they were sent (`--placements-from`)."""
     items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
     ranks = 1 if placement == "pooled" else args.ranks
     kv = args.kv_tokens * (args.ranks if placement == "pooled" else 1)
@@ -164,11 +170,12 @@ def eviction_losses(
     recent: list[tuple[int, int]] = []  # (rank, prompt tokens), the last `ranks` requests
     placed: dict[int, int] = {}  # block chain name -> the rank the last request with it went to
     losses = []
-    for index, t in enumerate(items):
+    for index, given in recorded or [(i, -1) for i in range(len(items))]:
+        t = items[index]
         ids = t.item.input_ids
         names = block_names(ids, args.page_size)
-        rank = index % ranks
-        if placement == "affinity":
+        rank = given if given >= 0 else index % ranks
+        if placement == "affinity" and given < 0:
             shared = next((placed[n] for n in reversed(names[system:]) if n in placed), None)
             if shared is None:
                 work = [0] * ranks
@@ -214,12 +221,19 @@ def eviction_report(args: argparse.Namespace, cost: CostModel) -> str:
             return format(values[0], fmt)
         return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
-    for placement in args.placements.split(","):
+    placements = [(p, None) for p in args.placements.split(",") if p]
+    for name in [n for n in args.placements_from.split(",") if n]:  # real runs' placements
+        for run in json.loads((Path(args.out) / f"{name}.json").read_text())["runs"]:
+            if run.get("requests") and not run.get("variant"):
+                label = f"{run['method']} at {run['load']:g}, seed {run['seed']} (ranks: {run.get('eviction', 'lru')})"
+                sent = [(r[0], r[4]) for r in sorted(run["requests"], key=lambda r: r[1])]
+                placements.append((label, sent))
+    for placement, recorded in placements:
         for eviction in args.evictions.split(","):
             seeds = RANDOM_SEEDS if "random" in eviction else (0,)
             over, worst, mean = [], [], []
             for seed in seeds:
-                losses = sorted(eviction_losses(args, cost, eviction, placement, seed))
+                losses = sorted(eviction_losses(args, cost, eviction, placement, seed, recorded))
                 worst.append(losses[-max(1, math.ceil(0.01 * len(losses)))] * 1000)
                 over.append(sum(loss > SLO_SLACK_S for loss in losses))
                 mean.append(statistics.fmean(losses) * 1000)
@@ -412,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         "--placements",
         default=",".join(PLACEMENTS),
         help="--eviction-bound: pooled (one cache of all ranks' KV), round_robin, affinity (longest cached prefix)",
+    )
+    parser.add_argument(
+        "--placements-from",
+        default="",
+        help="--eviction-bound: also replay the placements of these earlier runs (comma separated names of their "
+        "JSON under --out, run with --per-request): each run's requests on the ranks they went to, in send order",
     )
     parser.add_argument("--page-size", type=int, default=16, help="--eviction-bound: the ranks' cache block, tokens")
     parser.add_argument(

@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         print(goodput_report(results, args.capacity))
     if args.per_request:
         print(breakdown_report(results, cost))
-        print(cache_report(results, cost))
+        print(cache_report(results, cost, window(args)))
     return 0
 
 
@@ -551,7 +551,10 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
     results = []
     for name in args.combine.split(","):
         saved = json.loads((out_dir / f"{name}.json").read_text())
-        for key in ("flood_tenant", "high_share", "num_requests", "capacity", "goodput", "per_request", "slowdown"):
+        for key in (
+            "flood_tenant", "high_share", "num_requests", "capacity", "goodput", "per_request", "slowdown", "offset",
+            "length_divisor", "max_input",
+        ):  # fmt: skip
             setattr(args, key, saved["settings"].get(key, getattr(args, key)))
         results += saved["runs"]
     args.combine = ""
@@ -568,7 +571,7 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
         print(goodput_report(results, args.capacity))
     if args.per_request:
         print(breakdown_report(results, CostModel().scaled(args.slowdown)))
-        print(cache_report(results, CostModel().scaled(args.slowdown)))
+        print(cache_report(results, CostModel().scaled(args.slowdown), window(args)))
     return 0
 
 
@@ -595,7 +598,8 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
         + (
             f"## The worst 1% of requests by queueing, broken down\n\n"
             f"{breakdown_report(results, CostModel().scaled(args.slowdown))}\n\n"
-            f"## Cache shortfall of every request\n\n{cache_report(results, CostModel().scaled(args.slowdown))}\n\n"
+            f"## Cache shortfall of every request\n\n"
+            f"{cache_report(results, CostModel().scaled(args.slowdown), window(args))}\n\n"
             if args.per_request
             else ""
         )
@@ -787,6 +791,15 @@ def breakdown_report(results: list[dict], cost: CostModel) -> str:
     return "\n".join(lines)
 
 
+def window(args: argparse.Namespace) -> list[TraceItem] | None:
+    """The run's window of the trace (token ids as the runs had them before salting), or None when
+    the trace is not there (a report from saved runs elsewhere)."""
+    try:
+        return scale(args, args.capacity, CostModel().scaled(args.slowdown), seed=0)
+    except (FileNotFoundError, SystemExit):
+        return None
+
+
 def shortfalls(row: dict, cost: CostModel) -> list[float]:
     """Per answered request of a run (--per-request rows): what its cache shortfall cost, seconds
     (its TTFT alone on an idle rank with the cache it got, less its floor), as the offline eviction
@@ -797,15 +810,34 @@ def shortfalls(row: dict, cost: CostModel) -> list[float]:
     ]
 
 
-def cache_report(results: list[dict], cost: CostModel) -> str:
-    """Per load and method: requests whose cache shortfall cost > 200 ms, the p99 of that cost and
-    the prompt tokens served from cache over those the best cache would have served, per seed
+def followed(row: dict, items: list[TraceItem], page: int, system: int) -> tuple[int, int]:
+    """(requests of a run that continue an earlier request's prompt beyond the system prompt's
+    `system` blocks, by at least 512 tokens, those of them sent to the DP rank that earlier request
+    went to): how often a method followed a conversation to the rank that computed its prefix."""
+    placed: dict[int, int] = {}
+    continued = same = 0
+    for index, _, _, _, rank, _, _, best in sorted(row.get("requests") or [], key=lambda r: r[1]):
+        names = block_names(items[index].item.input_ids, page)
+        earlier = next((placed[n] for n in reversed(names[system:]) if n in placed), None)
+        if earlier is not None and best >= 512:
+            continued += 1
+            same += earlier == rank
+        placed.update((n, rank) for n in names)
+    return continued, same
+
+
+def cache_report(results: list[dict], cost: CostModel, items: list[TraceItem] | None = None, page: int = 16) -> str:
+    """Per load and method: requests whose cache shortfall cost > 200 ms, the p99 of that cost,
+    the prompt tokens served from cache over those the best cache would have served, and (given the
+    window's `items`) how many continued conversations went to the rank of their prefix, per seed
     (medians over seeds first). Needs --per-request rows."""
     lines = [
         f"| load | method | ranks' eviction | requests short of their cache by > {SLO_SLACK_S * 1000:.0f} ms, median "
-        "(per seed) | shortfall p99 ms, median (per seed) | cached / best cached tokens |",
-        "|---|---|---|---|---|---|",
+        "(per seed) | shortfall p99 ms, median (per seed) | cached / best cached tokens | continued turns on their "
+        "prefix's rank (per seed) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    system = 32 // page  # the trace's first block (its system prompt) at the benchmark's scaling
     for load in sorted({r["load"] for r in results}):
         for method in dict.fromkeys(r["method"] for r in results):
             runs = [
@@ -815,8 +847,11 @@ def cache_report(results: list[dict], cost: CostModel) -> str:
             ]
             if not runs:
                 continue
-            over, p99, got, best = [], [], 0, 0
+            over, p99, got, best, follow = [], [], 0, 0, []
             for r in sorted(runs, key=lambda r: r["seed"]):
+                if items is not None:
+                    continued, same = followed(r, items, page, system)
+                    follow.append(f"{same}/{continued}")
                 costs = sorted(shortfalls(r, cost))
                 over.append(sum(c > SLO_SLACK_S for c in costs))
                 p99.append(costs[-max(1, math.ceil(0.01 * len(costs)))] * 1000)
@@ -825,7 +860,8 @@ def cache_report(results: list[dict], cost: CostModel) -> str:
             lines.append(
                 f"| {load:g} | {method} | {runs[0].get('eviction', 'default')} | {statistics.median(over):g} "
                 f"({', '.join(str(n) for n in over)}) | {statistics.median(p99):.0f} "
-                f"({', '.join(f'{v:.0f}' for v in p99)}) | {got / best if best else 0:.1%} |"
+                f"({', '.join(f'{v:.0f}' for v in p99)}) | {got / best if best else 0:.1%} | "
+                f"{', '.join(follow) or '-'} |"
             )
     return "\n".join(lines)
 

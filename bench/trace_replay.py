@@ -159,8 +159,9 @@ def eviction_losses(
     on the eviction order, so orders compare on the same placement; `recorded`, the (request, DP
     rank) pairs of a real run in the order they were sent (`--placements-from`)."""
     items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
-    ranks = 1 if placement == "pooled" else args.ranks
-    kv = args.kv_tokens * (args.ranks if placement == "pooled" else 1)
+    pooled = placement == "pooled" and recorded is None
+    ranks = 1 if pooled else args.ranks
+    kv = args.kv_tokens * (args.ranks if pooled else 1)
     banks = [_Slots(kv) for _ in range(ranks)]
     caches = [
         PrefixCache(args.page_size, bank.release, eviction=eviction_order(eviction, seed + rank))

@@ -11,16 +11,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from pdlb.cli.local_cluster import loading, print_summary
 from pdlb.cli.main import StreamRendering, rendered
 from pdlb.common.orphan_guard import guarded
-from tests.helpers import dispatch_stub, load_snapshot, wait_until
+from pdlb.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.helpers import dispatch_stub, load_snapshot, rest_of, wait_until
 
 
 def pdlb(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -310,10 +313,10 @@ def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
     assert "see above" not in shown
     for default in (
-        "--prefill PREFILL PD: prefill ranks (default: 2)",
-        "--workers WORKERS mixed: DP ranks (default: 2)",
+        "--prefill PREFILL PD: prefill ranks [env: PDLB_UP_PREFILL] (default: 2)",
+        "--workers WORKERS mixed: DP ranks [env: PDLB_UP_WORKERS] (default: 2)",
         "(default: 2379)",
-        "(0: free ports) (default: 50051)",
+        "(0: free ports) [env: PDLB_UP_PORT] (default: 50051)",
         "(default: 8000)",
         "(default: least_wait; total_requests with --lockstep)",
     ):
@@ -519,6 +522,52 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
 
 
+def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path):
+    """As the services' flags do: PDLB_<COMMAND>_<FLAG> (PDLB_<FLAG> for the connection flags)
+    sets a default, the command line still wins, --help names the variable, and a value the flag
+    refuses is refused in one line naming the variable (exit 2)."""
+    from pdlb.cli.main import build_parser
+
+    for name, value in {
+        "PDLB_UP_MODE": "mixed",
+        "PDLB_UP_WORKERS": "3",
+        "PDLB_UP_FLOW_CONTROL": "1",
+        "PDLB_UP_METHOD": "least_wait",
+        "PDLB_UP_VLLM_EAGER": "no",
+        "PDLB_TOP_INTERVAL_MS": "100",
+        "PDLB_CLUSTER": "env-cluster",
+        "PDLB_DISPATCHER": "h:9",
+    }.items():
+        monkeypatch.setenv(name, value)
+    parser = build_parser()
+    up = parser.parse_args(["up"])
+    assert (up.mode, up.workers, up.flow_control, up.method, up.vllm_eager) == ("mixed", 3, True, "least_wait", False)
+    assert parser.parse_args(["up", "--workers", "5"]).workers == 5  # the line wins
+    top = parser.parse_args(["top"])
+    assert (top.interval_ms, top.cluster, top.dispatcher) == (100, "env-cluster", "h:9")
+    assert parser.parse_args(["top", "--cluster", "line"]).cluster == "line"
+
+    from pdlb.cli.local_cluster import flags_of_the_other_mode
+
+    # a method set in the environment for every run is no contradiction of the mode chosen
+    assert flags_of_the_other_mode(parser.parse_args(["up", "--mode", "pd"])) == []
+    assert flags_of_the_other_mode(parser.parse_args(["up", "--mode", "pd", "--method", "x"])) == ["--method"]
+
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    shown = " ".join(pdlb("up", "--help", env=env).stdout.split())
+    for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
+        assert f"[env: {variable}]" in shown, variable
+    for variable, value, said in (
+        ("PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
+        ("PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
+        ("PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
+        ("PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
+    ):
+        refused = pdlb("up", "--help", env={**env, variable: value})
+        assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb: {said}"), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -544,9 +593,13 @@ def test_a_numeric_flag_out_of_range_is_refused_in_one_line(argv, said):
 
 
 def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
+    """--dispatcher-arg reaches the dispatchers, --prefix-eviction the schedulers, and --gateway-arg
+    the gateway (pdlb up had no way to set a gateway flag: here its body bound, which a request over
+    it meets)."""
     up, state, env = start_up(
         tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
-        "--flow-control", "--dispatcher-arg=--max-queued-requests=7", "--prefix-eviction", "slru-random",
+        "--flow-control", "--dispatcher-arg=--max-queued-requests=7", "--gateway-arg=--max-body-bytes=1000",
+        "--prefix-eviction", "slru-random",
     )  # fmt: skip
     try:
         assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
@@ -561,6 +614,14 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
         assert b"--flow-control" in dispatcher and b"--max-queued-requests=7" in dispatcher, dispatcher
         scheduler = next(a for a in argvs if any(part.endswith(b"pdlb-scheduler") for part in a))
         assert scheduler[scheduler.index(b"--prefix-eviction") + 1] == b"slru-random", scheduler
+        big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
+        request = urllib.request.Request(
+            f"{state['http']}/v1/completions", data=big, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        said = json.loads(refused.value.read())["error"]["message"]
+        assert refused.value.code == 413 and "exceeds 1000 bytes (--max-body-bytes)" in said, said
     finally:
         rest = stop_up(up)
     assert "etcd keys left behind: none" in rest
@@ -691,7 +752,17 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "pdlb up: --max-running-requests is a flag of pdlb-scheduler, not of pdlb up: pass it on as "
             "--scheduler-arg=--max-running-requests=2",
         ),
-        (["--no-such-flag", "1"], "pdlb: error: unrecognized arguments: --no-such-flag 1"),
+        (
+            ["--http-body-timeout", "5"],
+            "pdlb up: --http-body-timeout is a flag of pdlb-gateway, not of pdlb up: pass it on as "
+            "--gateway-arg=--http-body-timeout=5",
+        ),
+        (
+            ["--gateway-arg=--http-port=9"],
+            "pdlb up: --gateway-arg=--http-port=9: pdlb up sets --http-port itself (the gateway must be where the "
+            "other commands look); use pdlb up's own --port, --http-port or --etcd-port",
+        ),
+        (["--no-such-flag", "1"], "pdlb up: error: unrecognized arguments: --no-such-flag 1"),
     ],
 )
 def test_a_services_flag_given_to_up_says_how_to_pass_it_on(tmp_path, flags, said):
@@ -781,8 +852,9 @@ def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_
     "mode", [["--mode", "mixed", "--workers", "1"], ["--mode", "pd", "--prefill", "1", "--decode", "1"]]
 )
 def test_sigterm_fails_queued_requests_at_once_and_lets_the_running_one_finish(tmp_path, mode):
-    """SIGTERM to `pdlb up --flow-control` with one request running and three queued in the
-    dispatcher: the queued ones get 503 naming the shutdown while the running one still streams
+    """SIGTERM to `pdlb up --flow-control` with one request running and four queued in the
+    dispatcher (three over HTTP, one over the gateway's gRPC): the queued ones get 503 (gRPC:
+    UNAVAILABLE) naming the shutdown while the running one still streams
     (they used to wait for a worker after the schedulers stopped first, be re-run by the draining
     gateway and fail 15 s later with "no dispatchers known"); the running one streams to its end;
     pdlb up exits 0 and leaves nothing in etcd."""
@@ -822,20 +894,31 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
             )
             for i in range(3)
         ]
+        gateway = grpc.aio.insecure_channel(state["gateway"])  # and one through the gateway's gRPC API
+        request = common_pb2.InferenceRequest(request_id="queued-grpc", text="queued 3")
+        request.sampling.max_new_tokens = 4
+        call = gateway_pb2_grpc.GatewayStub(gateway).Generate(gateway_pb2.GatewayGenerateRequest(request=request))
+        queued_grpc = asyncio.ensure_future(rest_of(call))
         addresses = [state[key] for key in ("dispatcher", "prefill_dispatcher", "decode_dispatcher") if key in state]
         stubs = [dispatch_stub(address) for address in addresses]
 
-        async def three_queued() -> bool:  # PD: each one's prefill or decode half, or both
+        async def four_queued() -> bool:  # PD: each one's prefill or decode half, or both
             queued = [(await load_snapshot(stub)).flow.queued_requests for _, stub in stubs]
-            return max(queued) == 3
+            return max(queued) == 4
 
-        await wait_until(three_queued, 30, "three requests queued in a dispatcher")
+        await wait_until(four_queued, 30, "four requests queued in a dispatcher")
         for channel, _ in stubs:
             await channel.close()
         up.send_signal(signal.SIGTERM)
         answers = []
         for reply in await asyncio.gather(*queued):  # each answered, none hangs (the test's timeout bounds it)
             answers.append((reply.status, (await reply.json())["error"]["message"], reply.headers.get("Retry-After")))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await queued_grpc
+        await gateway.close()
+        grpc_said = failed.value.details()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (failed.value.code(), grpc_said)
+        assert "the dispatcher is shutting down" in grpc_said and "queued-grpc" in grpc_said, grpc_said
         done_before = running.content.at_eof()
         finish, tokens = "", 0
         async for line in running.content:

@@ -866,6 +866,8 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
     --max-body-bytes is 413 (a small compressed body must not expand without bound)."""
     import zlib
 
+    from multidict import CIMultiDict
+
     http_port = free_port()
     start_service("gateway", "--http-port", str(http_port), "--dispatcher-wait", "0", "--max-body-bytes", "4096")
     url = f"http://127.0.0.1:{http_port}/v1/completions"
@@ -885,6 +887,10 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
             async with http.post(url, data=data, headers=headers) as reply:
                 error = (await reply.json())["error"]
                 assert reply.status == 400 and error["param"] == "prompt", (encoding, error)
+        twice = CIMultiDict([("Content-Type", "application/json"), ("Content-Encoding", "deflate")])
+        twice.add("Content-Encoding", "gzip")  # two headers list the codings as one would
+        async with http.post(url, data=gzip.compress(zlib.compress(body)), headers=twice) as reply:
+            assert reply.status == 400 and (await reply.json())["error"]["param"] == "prompt"
         refusals = [
             ("gzip", gzip.compress(body)[:-12], 400, "the request body ends before its gzip stream does"),
             ("gzip", gzip.compress(b" " * 100_000), 413, "decodes (gzip) to more than 4096 bytes (--max-body-bytes)"),
@@ -897,15 +903,17 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
                 assert reply.status == status and said in error["message"], (encoding, reply.status, error)
 
 
-async def test_a_chunked_body_broken_after_the_headers_is_408_saying_it_may_be_malformed(start_service):
+@pytest.mark.parametrize("parser", ["c", "python"])
+async def test_a_chunked_body_broken_after_the_headers_is_refused_saying_it_may_be_malformed(start_service, parser):
     """A chunked body whose framing breaks after the headers arrived (a chunk size that is not hex)
-    is dropped by aiohttp's parser without a word to the gateway, whose read then waits: it ends at
+    is dropped by aiohttp's C parser without a word to the gateway, whose read then waits: it ends at
     --http-body-timeout, and the 408 no longer says only that the body "did not arrive" but that it
-    may have stopped short or be malformed, so the client looks at what it sent."""
+    may have stopped short or be malformed, so the client looks at what it sent. aiohttp's
+    pure-Python parser (AIOHTTP_NO_EXTENSIONS=1) does tell: a 400 at once naming the framing."""
     http_port = free_port()
     start_service(
         "gateway", "--http-port", str(http_port), "--dispatcher-wait", "0", "--http-body-timeout", "5",
-        "--max-concurrent-streams", "1",
+        "--max-concurrent-streams", "1", env={"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else {},
     )  # fmt: skip
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -924,8 +932,12 @@ async def test_a_chunked_body_broken_after_the_headers_is_408_saying_it_may_be_m
     answer = await asyncio.wait_for(reader.read(), 30)  # to EOF: answered, then closed
     writer.close()
     status, _, reply = answer.partition(b"\r\n\r\n")
-    assert status.startswith(b"HTTP/1.1 408"), answer
     message = json.loads(reply)["error"]["message"]
+    if parser == "python":
+        assert status.startswith(b"HTTP/1.1 400"), answer
+        assert message == "the request body's chunked framing is broken (Transfer-Encoding: chunked): 'zz'", message
+        return
+    assert status.startswith(b"HTTP/1.1 408"), answer
     assert message == (
         "the request body did not arrive whole within 5 s (--http-body-timeout): it was sent too slowly, stopped "
         "short of its Content-Length, or its chunked framing is malformed"

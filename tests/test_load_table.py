@@ -228,10 +228,14 @@ def test_follow_bootstrap_room():
     with pytest.raises(RoutingError) as err:
         policy.select(ctx(room=None), table.candidates())
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # A room whose rank has no live worker goes to a live rank instead of failing: the
+    # (room // dp_size)-th of them, so a dead rank's rooms spread over all the live ones.
     table.remove("w3")
-    with pytest.raises(RoutingError) as err:
-        policy.select(ctx(room=7), table.candidates())
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert policy.select(ctx(room=7), table.candidates()).dp_rank == 1  # 7 // 4 = 1: ranks 0, 1, 2
+    assert policy.select(ctx(room=10), table.candidates()).dp_rank == 2  # its own rank is live: kept
+    table.remove("w1")
+    rooms = [1, 3, 5, 7, 9, 11, 13, 15]  # ranks 1 and 3, both gone
+    assert [policy.select(ctx(room=r), table.candidates()).dp_rank for r in rooms] == [0, 0, 2, 2, 0, 0, 2, 2]
 
 
 def test_kv_aware_starves_nothing_but_gives_full_ranks_nothing():

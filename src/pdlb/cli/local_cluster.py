@@ -76,14 +76,23 @@ class Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
+# the gateway's flags pdlb up sets itself: its addresses, and where it finds the rest of the cluster
+GATEWAY_SET_BY_UP = (
+    "--port", "--http-port", "--etcd", "--etcd-prefix", "--model", "--dispatcher", "--prefill-dispatcher",
+    "--decode-dispatcher", "--bootstrap",
+)  # fmt: skip
 # flags that size or configure one mode's roles: given with the other mode they would act on nothing
 MODE_FLAGS = {"pd": ("prefill", "decode", "prefill_method", "decode_method"), "mixed": ("workers", "method")}
 
 
 def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     """The flags given on the command line that only the mode not chosen reads, as typed (--workers)."""
+    # a variable set for every run is no contradiction; a different value on the line is
+    from_env = getattr(args, "env_flags", {})
     given = getattr(args, "given", set()) | {
-        d for d in ("prefill_method", "decode_method", "method") if hasattr(args, d)
+        d
+        for d in ("prefill_method", "decode_method", "method")
+        if hasattr(args, d) and (d not in from_env or getattr(args, d) != os.environ.get(from_env[d]))
     }
     other = "mixed" if args.mode == "pd" else "pd"
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
@@ -201,6 +210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra flag for every dispatcher (repeatable), e.g. --dispatcher-arg=--max-queued-requests=64",
     )
     parser.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="extra flag for the gateway (repeatable), e.g. --gateway-arg=--http-body-timeout=10 (not the "
+        "addresses pdlb up sets: --port, --http-port, --etcd...)",
+    )
+    parser.add_argument(
         "--flow-control",
         action="store_true",
         help="dispatchers hold requests in their admission queue until a rank has room (pdlb-dispatcher "
@@ -227,9 +243,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pass_through_hint(unknown: list[str]) -> str | None:
     """For flags `pdlb up` does not take (`unknown`, as argparse leaves them): when the first is a
-    flag of the dispatchers or the schedulers (`--tenant-share 0.5`), one line saying how to pass
-    it on (`--dispatcher-arg=--tenant-share=0.5`); None when it is neither's."""
+    flag of the dispatchers, the schedulers or the gateway (`--tenant-share 0.5`), one line saying
+    how to pass it on (`--dispatcher-arg=--tenant-share=0.5`); None when it is none of theirs."""
     from pdlb.services.dispatcher.main import build_parser as dispatcher_parser
+    from pdlb.services.gateway.main import build_parser as gateway_parser
     from pdlb.services.scheduler.main import build_parser as scheduler_parser  # imports torch: only here
 
     flag = next((arg for arg in unknown if arg.startswith("--")), None)
@@ -245,6 +262,7 @@ def pass_through_hint(unknown: list[str]) -> str | None:
         for service, option, parser in (
             ("pdlb-dispatcher", "--dispatcher-arg", dispatcher_parser()),
             ("pdlb-scheduler", "--scheduler-arg", scheduler_parser()),
+            ("pdlb-gateway", "--gateway-arg", gateway_parser()),
         )
         if name in parser._option_string_actions  # argparse's table of the flags it takes
     ]
@@ -372,6 +390,12 @@ class LocalCluster:
                         f"--dispatcher-arg={arg} acts only with --flow-control, which is off: add --flow-control or "
                         "drop it"
                     )
+        for arg in getattr(args, "gateway_arg", []):
+            if arg.split("=", 1)[0] in GATEWAY_SET_BY_UP:
+                raise StartRefused(
+                    f"--gateway-arg={arg}: pdlb up sets {arg.split('=', 1)[0]} itself (the gateway must be where the "
+                    "other commands look); use pdlb up's own --port, --http-port or --etcd-port"
+                )
         other = state.running().get(args.name)
         if other is not None:
             raise StartRefused(
@@ -497,6 +521,8 @@ class LocalCluster:
         model = ["--model", self.args.model] if kind in ("dispatcher", "gateway") else []
         if kind == "dispatcher":
             extra = [*(extra or []), *(["--flow-control"] if self.args.flow_control else []), *self.args.dispatcher_arg]
+        if kind == "gateway":
+            extra = [*(extra or []), *getattr(self.args, "gateway_arg", [])]
         self._check_stop()
         proc = self._service(name or kind, [*script(f"pdlb-{kind}"), *common, *model, *flags, *(extra or [])])
         proc.spawn()

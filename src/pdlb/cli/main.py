@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 import grpc
@@ -13,6 +12,7 @@ from pdlb.cli import state
 from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
+from pdlb.common.config import FlagRefused, env_fallbacks
 from pdlb.common.plurals import counted
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
@@ -74,15 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address", help="host:port of any pdlb service")
     health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    # Every flag falls back to an environment variable, as the services' do: PDLB_CLUSTER,
+    # PDLB_DISPATCHER... for the connection flags, PDLB_<COMMAND>_<FLAG> for a command's own.
+    env_fallbacks(parser, "PDLB_")
+    shared = {action.dest for action in connection._actions}
+    for name, subparser in sub.choices.items():
+        # `up` has no connection flags (its --prefill and --decode count ranks)
+        skip = () if name == "up" else shared
+        found = env_fallbacks(subparser, f"PDLB_{name.upper().replace('-', '_')}_", skip=skip)
+        subparser.set_defaults(env_flags=found)
     return parser
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """The flags saying which cluster or services a command talks to (accepted before or after it)."""
     parser.add_argument(
-        "--cluster",
-        default=os.environ.get("PDLB_CLUSTER", ""),
-        help="which `pdlb up` cluster to talk to, by --name (default: the only one running) [env: PDLB_CLUSTER]",
+        "--cluster", default="", help="which `pdlb up` cluster to talk to, by --name (default: the only one running)"
     )
     parser.add_argument("--dispatcher", default="", help="mixed dispatcher host:port (default: from `pdlb up`)")
     parser.add_argument("--prefill", default="", help="prefill dispatcher host:port (default: from `pdlb up`)")
@@ -252,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
     (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except FlagRefused as exc:  # an environment variable a flag's type or choices refuse
+        print(f"pdlb: {exc.message}", file=sys.stderr, flush=True)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         from pdlb.cli.local_cluster import pass_through_hint
@@ -261,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         if hint:  # a service's flag given to `pdlb up`, which passes it on only through --*-arg
             print(f"pdlb up: {hint}", file=sys.stderr, flush=True)
             return 2
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own refusal, exit 2
+        # argparse's own refusal, exit 2, from the command's parser: its usage and `pdlb up: error: ...`
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Collection
 from typing import Any
 
 
@@ -84,8 +85,48 @@ def _parse_env(raw: str, type_: Any, env: str) -> Any:
         raise SystemExit(f"{env}={raw!r}: expected true/false")
     try:
         return type_(raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise SystemExit(f"{env}={raw!r}: {exc}") from exc
+
+
+# repeatable or informational flags take no single value from one variable
+_NO_ENV = (argparse._HelpAction, argparse._VersionAction, argparse._AppendAction, argparse._CountAction)
+
+
+def env_fallbacks(parser: argparse.ArgumentParser, prefix: str, skip: Collection[str] = ()) -> dict[str, str]:
+    """Give each `--foo-bar` flag of a plain argparse parser (the `pdlb` command's, whose
+    subcommands are not FlagParsers) the fallback FlagParser gives services: the default comes from
+    `<prefix>FOO_BAR` when that variable is set, and --help names the variable.
+
+    Skipped: flags whose dest is in `skip`, help/version, and repeatable flags (append, count).
+    An on/off flag reads true/false (1/0, yes/no, on/off). A value the flag's type or choices
+    refuse raises FlagRefused naming the variable. Returns dest -> variable of the flags whose
+    default the environment set (a command line flag still wins)."""
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if not long or action.dest in skip or isinstance(action, _NO_ENV):
+            continue
+        env = prefix + long[0][2:].replace("-", "_").upper()
+        if action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} [env: {env}]".lstrip()
+        raw = os.environ.get(env)
+        if raw is None:
+            continue
+        try:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                value = _parse_env(raw, bool, env)
+            elif action.nargs == 0:  # store_true / store_false / store_const: set means given
+                value = action.const if _parse_env(raw, bool, env) else action.default
+            else:
+                value = _parse_env(raw, action.type, env) if action.type is not None else raw
+        except SystemExit as exc:
+            raise FlagRefused(str(exc.code)) from None
+        if action.choices is not None and value not in action.choices:
+            raise FlagRefused(f"{env}={raw!r}: expected one of {', '.join(map(str, action.choices))}")
+        action.default = value
+        found[action.dest] = env
+    return found
 
 
 def csv_list(raw: str) -> list[str]:

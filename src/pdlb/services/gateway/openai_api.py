@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, TransferEncodingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
 from pdlb.services.gateway.body_encoding import ACCEPTED, BodyEncodingError, codings, decode
@@ -163,14 +163,18 @@ class OpenAIApi:
         its coding does not decode it, or it is not JSON, nests too deeply or holds text that is not
         valid Unicode, 413 when it decodes past --max-body-bytes."""
         try:
-            applied = codings(http.headers.get("Content-Encoding"))
+            applied = codings(", ".join(http.headers.getall("Content-Encoding", ())))  # repeated: one list
         except BodyEncodingError as exc:  # refused before reading: the rest of the body is not read
             raise ApiError(exc.status, exc.message, close=True, headers={"Accept-Encoding": ACCEPTED}) from None
         try:
             raw = await self.read_body(http)
-        except web.RequestPayloadError as exc:  # aiohttp could not read it (its framing)
-            cause = exc.__cause__
+        except (web.RequestPayloadError, HttpProcessingError) as exc:  # aiohttp could not read it (its framing)
+            # the parser's error, wrapped or (aiohttp's pure-Python parser, at times) as it is
+            cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
             reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+            if isinstance(cause, TransferEncodingError):  # aiohttp's pure-Python parser tells; its C one does not
+                message = f"the request body's chunked framing is broken (Transfer-Encoding: chunked): {reason[:120]!r}"
+                raise ApiError(400, message, close=True) from None
             raise ApiError(400, f"the request body could not be read: {reason[:200]}", close=True) from None
         if applied:
             try:  # a large body decodes off the event loop (about 1 ms per 100 KiB)

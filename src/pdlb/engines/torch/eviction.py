@@ -17,7 +17,9 @@ recently used leaf first. Orders are registered in `EVICTIONS` (the scheduler's
   from a one-off prompt when it is cached; when turns come back after more new prompt tokens than
   the cache holds (the Mooncake trace at 16k tokens of KV a rank: 15-25 s, 19-25k tokens), LRU
   drops every first turn before its second arrives, while a random order keeps some whole and
-  trims others, so fewer second turns lose a long prefix (docs/BENCHMARKS.md). Seeded: a rank's
+  trims others, so fewer second turns lose a long prefix when each returns to its prefix's rank.
+  Behind a dispatcher that weighs cache hits against load it measured worse than LRU: a trimmed
+  prefix draws fewer conversations back to their rank (docs/BENCHMARKS.md). Seeded: a rank's
   order is reproducible.
 """
 

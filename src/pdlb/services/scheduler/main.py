@@ -114,8 +114,9 @@ def build_parser() -> FlagParser:
         default=DEFAULT_EVICTION,
         help="which unlocked prefix-cache blocks go first when KV is short: lru (least recently used); slru "
         "(blocks a later request reused are kept over blocks seen once, LRU in each segment); slru-random "
-        "(slru, blocks seen once in random order: keeps some conversations' first turns until their next turn "
-        "when turns come back after more new prompt tokens than the KV holds); slru:SHARE, slru-random:SHARE "
+        "(slru, blocks seen once in random order: keeps some conversations' first turns that LRU drops when turns "
+        "come back after more new prompt tokens than the KV holds, but leaves many prefixes partial; behind a "
+        "cache-aware dispatcher it measured worse than lru, docs/BENCHMARKS.md); slru:SHARE, slru-random:SHARE "
         "cap the reused blocks' share of the cache (default 0.8). pdlb's engines only (vLLM evicts LRU itself)",
     )
     p.flag(

@@ -132,21 +132,29 @@ METHOD_OPTIONS = {
     "sttl": "--sheddable-queue-ttl",
     "ttl": "--queue-ttl",
     "reserve": "--reserved-slots",
+    "headroom": "--lend-headroom",
 }
+# `method:key=0|1` turns these boolean dispatcher flags off or on, e.g. `+flow:lend=0` (a hard share).
+METHOD_SWITCHES = {"lend": "--work-conserving"}
 
 
 def method_flags(method: str) -> list[str]:
     """Dispatcher flags of a benchmarked method: `least_wait+flow` is least_wait with late binding
     (the dispatcher's admission queue, its default room test); `least_wait+flow@0.25` the same with
     `--max-prefill-ahead-chunks 0.25`; `least_wait+flow-slots` with room judged by free batch slots
-    and KV alone; without a suffix, flow control is off. Options after `:` (METHOD_OPTIONS), e.g.
-    `least_wait+flow:share=0:sttl=2`, add their flags."""
+    and KV alone; without a suffix, flow control is off. Options after `:` (METHOD_OPTIONS,
+    METHOD_SWITCHES), e.g. `least_wait+flow:share=0:sttl=2` or `least_wait+flow:lend=0`, add their flags."""
     method, *options = method.split(":")
     extra = []
     for option in options:
         key, sep, value = option.partition("=")
+        if sep and key in METHOD_SWITCHES and value in ("0", "1"):
+            flag = METHOD_SWITCHES[key]
+            extra.append(flag if value == "1" else "--no-" + flag[2:])
+            continue
         if not sep or key not in METHOD_OPTIONS:
-            raise SystemExit(f"method option {option!r}: expected one of {sorted(METHOD_OPTIONS)} as key=value")
+            known = sorted(METHOD_OPTIONS) + [f"{k} (0 or 1)" for k in sorted(METHOD_SWITCHES)]
+            raise SystemExit(f"method option {option!r}: expected one of {known} as key=value")
         extra += [METHOD_OPTIONS[key], value]
     return _base_flags(method) + extra
 

@@ -637,15 +637,16 @@ def plot(results: list[dict], path: Path) -> None:
 
 def flood_report(results: list[dict]) -> str:
     """Per method, the steady tenant's TTFT p99 under the flood over its value when both tenants
-    send their share (same seed and load), median over seeds and spread; the goal is <= 1.2."""
+    send their share (same seed and load), median over seeds and spread; the goal is <= 1.2. Also
+    the requests served per second under the flood (median, spread): what a share leaves idle."""
     lines = [
         "| load | method | steady TTFT p99 flood / fair (spread) | steady p99 fair, flood ms | flood p99 ms | "
-        "shed (flood tenant) | runs |",
-        "|---|---|---|---|---|---|---|",
+        "shed (flood tenant) | served req/s under the flood (spread) | runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in results if r.get("variant") == "flood"}):
         for method in dict.fromkeys(r["method"] for r in results):
-            ratios, fair_ms, flood_ms, flood_p99, shed = [], [], [], [], []
+            ratios, fair_ms, flood_ms, flood_p99, shed, served = [], [], [], [], [], []
             for r in results:
                 if (r["load"], r["method"], r.get("variant")) != (load, method, "flood"):
                     continue
@@ -665,11 +666,13 @@ def flood_report(results: list[dict]) -> str:
                 flood_ms.append(a)
                 flood_p99.append(r["tenant_flood"]["ttft_p99_ms"])
                 shed.append(r["tenant_flood"]["shed"])
+                served.append(r["all"]["requests_per_s"])
             if ratios:
                 lines.append(
                     f"| {load:g} | {method} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
                     f"{statistics.median(fair_ms):.0f}, {statistics.median(flood_ms):.0f} | "
-                    f"{statistics.median(flood_p99):.0f} | {statistics.median(shed):.0f} | {len(ratios)} |"
+                    f"{statistics.median(flood_p99):.0f} | {statistics.median(shed):.0f} | "
+                    f"{statistics.median(served):.1f} ({min(served):.1f}-{max(served):.1f}) | {len(ratios)} |"
                 )
     return "\n".join(lines)
 

@@ -938,6 +938,11 @@ async def _sigterm_with_queued_requests(up: subprocess.Popen, state: dict) -> tu
             ["--flow-control", "--tenant-share=-1"],
             "--tenant-share and --tenant-active-window must",
         ),
+        (
+            "pdlb.services.dispatcher.main",
+            ["--flow-control", "--lend-headroom=-1"],
+            "--reserved-slots, --reserve-window and --lend-headroom must be >= 0",
+        ),
     ],
 )
 def test_a_flag_refused_while_starting_prints_its_message_alone(module, flags, message):

@@ -215,6 +215,73 @@ async def test_tenant_past_its_share_is_held_while_another_tenant_is_bound_at_on
         await channel.close()
 
 
+async def test_work_conserving_share_lends_idle_slots_and_keeps_headroom(etcd, prefix, start_service):
+    """Two ranks of 4 slots, the work-conserving share. A lone flood takes all 8 slots.
+    Steady's first request waits for the first slot to free and takes it before the flood's queued
+    one; the next freed slot stays idle as steady's headroom (its peak, 1, plus 1) while the flood
+    waits, and steady's second request binds into it at once. Room past steady's peak plus 1 is lent
+    again as flood requests end (the hard share would hold the flood to 4). Cancelling requests
+    held and lent loses nothing: the ranks and the queue end empty and both tenants are served."""
+    metrics_port = free_port()
+    channel, stub, _, _ = await start_cluster(
+        etcd, prefix, start_service, 2, "--work-conserving", "--metrics-port", str(metrics_port), slots=4
+    )
+    client = Client(stub)
+
+    async def busy_slots(n: int) -> None:
+        async def check() -> bool:
+            snap = await load_snapshot(stub)
+            return sum(w.reported.running_requests + w.inflight_requests for w in snap.workers) == n
+
+        await wait_until(check, what=f"{n} batch slots busy")
+
+    try:
+        for i in range(8):
+            client.send(f"flood-{i}", tokens=BLOCK, timeout=300, tenant="flood")
+        for i in range(8):
+            await client.started(f"flood-{i}")
+        client.send("flood-8", tokens=BLOCK, timeout=300, tenant="flood")
+        await wait_queued(stub, 1)
+        client.send("steady-0", tokens=BLOCK, timeout=300, tenant="steady")
+        await wait_queued(stub, 2)
+        client.tasks.pop("flood-0").cancel()
+        await client.started("steady-0")
+        assert await queued(stub) == 1, "the freed slot went to steady, within its share"
+        client.tasks.pop("flood-1").cancel()
+        await busy_slots(7)
+        assert await queued(stub) == 1, "a slot is free, yet the flood waits: it is steady's headroom"
+        client.send("steady-1", tokens=BLOCK, timeout=300, tenant="steady")
+        await client.started("steady-1")
+        assert "flood-8" not in client.first_token_at
+        for rid in ("flood-2", "flood-3"):  # flood 4 (its share), steady 2: 2 free, 1 kept, 1 lent
+            client.tasks.pop(rid).cancel()
+        await client.started("flood-8")
+        await wait_queued(stub, 0)
+        client.send("flood-9", tokens=BLOCK, timeout=300, tenant="flood")
+        await wait_queued(stub, 1)
+        client.tasks.pop("flood-9").cancel()  # cancelled while held
+        await wait_queued(stub, 0)
+        client.tasks.pop("flood-8").cancel()  # cancelled while lent
+        await busy_slots(6)
+        scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        counters = dict(line.split() for line in scrape.splitlines() if line.startswith("pdlb_queue_share_"))
+        assert float(counters["pdlb_queue_share_lent_total"]) == 1.0, "flood-8 was bound on lent room"
+        assert float(counters["pdlb_queue_share_held_total"]) == 2.0, "flood-8 and flood-9 were held"
+        for task in list(client.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*client.tasks.values(), return_exceptions=True)
+        await busy_slots(0)
+        client.tasks.clear()
+        for rid, tenant in (("after-flood", "flood"), ("after-steady", "steady")):
+            client.send(rid, tokens=3, timeout=60, tenant=tenant)
+        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
+        assert client.outcome["after-flood"] == client.outcome["after-steady"] == grpc.StatusCode.OK, client.errors
+        snap = await load_snapshot(stub)
+        assert snap.flow.queued_requests == 0 and snap.flow.shed_total == 0
+    finally:
+        await channel.close()
+
+
 async def test_full_queue_a_flood_does_not_lock_out_another_tenant(etcd, prefix, start_service):
     """The user trial's case: a tenant floods a bounded queue (8) past its bound. Another tenant's
     requests of equal priority are not refused: each displaces the flood's newest queued request

@@ -1,6 +1,7 @@
 """Each tenant's share of the cluster's room, as pure logic: the cap holds only while others are
 active, follows the weights, always allows one request, frees on release, and stays bounded; and
-flow control, over a load table, holds a tenant past its share while binding another's at once."""
+flow control, over a load table, holds a tenant past its share while binding another's at once
+(the hard share, `work_conserving=False`; lending: test_share_lending.py)."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def flow_on(slots_per_rank: int, ranks: int, **options) -> FlowControl:
 
 
 async def test_flow_control_holds_the_flood_past_its_share_and_binds_another_tenant_at_once():
-    flow = flow_on(slots_per_rank=4, ranks=2, sheddable_ttl_s=0.05)
+    flow = flow_on(slots_per_rank=4, ranks=2, sheddable_ttl_s=0.05, work_conserving=False)  # the hard share
     steady = await flow.decide(RouteContext("steady-0", 10), tenant="steady")
     flood = [await flow.decide(RouteContext(f"flood-{i}", 10), tenant="flood") for i in range(4)]
     assert len(flood) == 4 and steady.entry is not None
@@ -182,7 +183,7 @@ async def test_flow_control_shares_the_prefill_room_until_the_first_token():
         table.upsert(Worker(f"w{rank}", Role.MIXED, rank, f"h:{rank}"))
         table.apply_report(f"w{rank}", ReportedLoad(max_running_requests=8, prefill_tokens_per_step=1024), 0)
     router = Router(Role.MIXED, table, create_policy("least_wait", Role.MIXED, PolicyOptions()))
-    flow = FlowControl(router, FlowOptions(enabled=True, max_prefill_ahead_chunks=0))
+    flow = FlowControl(router, FlowOptions(enabled=True, max_prefill_ahead_chunks=0, work_conserving=False))
     await flow.decide(RouteContext("steady-0", 100), tenant="steady")
     await flow.decide(RouteContext("flood-0", 600), tenant="flood")
     held = asyncio.create_task(flow.decide(RouteContext("flood-1", 600), tenant="flood"))
@@ -196,7 +197,7 @@ async def test_flow_control_shares_the_prefill_room_until_the_first_token():
 async def test_flow_control_holds_a_tenant_past_max_tenants_by_the_overflow_class_share():
     """With --max-tenants 2 and tenants a and b in flight, tenants c and d are counted and capped
     as the overflow class: its third request waits while a's is bound at once."""
-    flow = flow_on(slots_per_rank=4, ranks=2, max_tenants=2)
+    flow = flow_on(slots_per_rank=4, ranks=2, max_tenants=2, work_conserving=False)  # the hard share
     for tenant in ("a", "b", "c", "d"):
         assert (await flow.decide(RouteContext(f"{tenant}-0", 10), tenant=tenant)).entry is not None
     assert flow.shares.in_flight("") == (2, 20)

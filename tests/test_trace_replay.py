@@ -1,6 +1,7 @@
 """The trace replay's goodput: the highest load of a ladder at which >= 99% of requests met their
 TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. The requests
-that meet the SLO only with their cached prefix. The breakdown of the worst queueing."""
+that meet the SLO only with their cached prefix. The breakdown of the worst queueing. The tenant
+flood's report, and the method options that set dispatcher flags."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 
 import pytest
 
-from bench.balance_bench import ttft_floor
+from bench.balance_bench import method_flags, ttft_floor
 from bench.trace_replay import (
     breakdown,
     breakdown_report,
     cache_critical,
     eviction_losses,
+    flood_report,
     followed,
     goodput,
     goodput_report,
@@ -160,3 +162,24 @@ def test_followed_counts_continued_turns_sent_to_their_prefixs_rank(tmp_path):
     run = {"requests": [(0, 0, 0, 0, 0, 0, 1024, 0), (1, 1, 0, 0, 1, 0, 1024, 512), (2, 2, 0, 0, 0, 0, 1536, 1024),
                         (3, 3, 0, 0, 0, 0, 1536, 1024)]}  # fmt: skip
     assert followed(run, items, page=16, system=32) == (2, 1)  # request 1 shares only the 512-token system block
+
+
+def test_method_switches_turn_boolean_dispatcher_flags_on_and_off():
+    assert method_flags("least_wait+flow:lend=0")[-1] == "--no-work-conserving"
+    assert method_flags("least_wait+flow:lend=1:headroom=2")[-3:] == ["--work-conserving", "--lend-headroom", "2"]
+    with pytest.raises(SystemExit, match="lend"):
+        method_flags("least_wait+flow:lend=yes")
+
+
+def test_flood_report_gives_steady_ratios_and_the_requests_served_under_the_flood():
+    def run(method: str, seed: int, variant: str, steady_ms: float, served: float) -> dict:
+        tenant = {"ttft_p99_ms": steady_ms, "shed": 0}
+        return {
+            "method": method, "seed": seed, "load": 1.5, "variant": variant, "all": {"requests_per_s": served},
+            "tenant_steady": tenant, "tenant_flood": {"ttft_p99_ms": 2 * steady_ms, "shed": 0},
+        }  # fmt: skip
+
+    runs = [run("lent", s, "fair", 500, 4) for s in (1, 2, 3)]
+    runs += [run("lent", 1, "flood", 600, 20.0), run("lent", 2, "flood", 700, 21.0), run("lent", 3, "flood", 550, 20.5)]
+    line = next(x for x in flood_report(runs).splitlines() if x.startswith("| 1.5 | lent "))
+    assert "| 1.20 (1.10-1.40) |" in line and "| 20.5 (20.0-21.0) | 3 |" in line, line

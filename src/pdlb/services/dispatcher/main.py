@@ -222,6 +222,23 @@ def build_parser() -> FlagParser:
         help="flow control: seconds the --reserved-slots reserve holds after the last request of non-sheddable "
         "priority arrived",
     )
+    parser.flag(
+        "--work-conserving",
+        default=flow.work_conserving,
+        type=bool,
+        help="flow control: lend the room --tenant-share and --reserved-slots keep for others while they leave it "
+        "unused (a tenant past its share, a sheddable request in the reserve, is still bound if the room left free "
+        "covers the others' headroom, --lend-headroom); they get it back as lent requests end. "
+        "--no-work-conserving: the share and the reserve are hard, their unused room idles",
+    )
+    parser.flag(
+        "--lend-headroom",
+        default=flow.lend_headroom,
+        type=int,
+        help="flow control, --work-conserving: requests of room kept free beyond each other tenant's (or, for the "
+        "reserve, the better classes') recent peak in flight, so their arrivals bind at once; for a tenant's prompt "
+        "room, this many ranks' worth of it",
+    )
     return parser
 
 
@@ -255,8 +272,8 @@ def flow_options(args) -> FlowOptions:
         raise FlagRefused("--queue-ttl and --sheddable-queue-ttl must be > 0, --max-wait-ms >= 0")
     if not args.tenant_share >= 0 or not args.tenant_active_window >= 0:
         raise FlagRefused("--tenant-share and --tenant-active-window must be >= 0")
-    if args.reserved_slots < 0 or not args.reserve_window >= 0:
-        raise FlagRefused("--reserved-slots and --reserve-window must be >= 0")
+    if args.reserved_slots < 0 or not args.reserve_window >= 0 or args.lend_headroom < 0:
+        raise FlagRefused("--reserved-slots, --reserve-window and --lend-headroom must be >= 0")
     if not args.max_prefill_ahead_chunks >= 0:
         raise FlagRefused(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
@@ -274,6 +291,8 @@ def flow_options(args) -> FlowOptions:
         tenant_active_window_s=args.tenant_active_window,
         reserved_slots=args.reserved_slots,
         reserve_window_s=args.reserve_window,
+        work_conserving=args.work_conserving,
+        lend_headroom=args.lend_headroom,
     )
 
 

@@ -72,9 +72,9 @@ class DispatcherMetrics:
             child = self._dispatch_children[(method, dp_rank)] = self.dispatches.labels(method, str(dp_rank))
         child.inc()
 
-    def watch_queue(self, depth: Callable[[], tuple[int, int, int, int]]) -> None:
+    def watch_queue(self, depth: Callable[[], tuple[int, int, int, int, int]]) -> None:
         """Export the admission queue's (requests, prompt tokens, tenants, requests held past their
-        tenant's share so far), read at scrape time."""
+        tenant's share so far, requests bound on room lent past it so far), read at scrape time."""
         self.registry.register(QueueCollector(depth))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
@@ -109,11 +109,11 @@ class LoadCollector(Collector):
 
 
 class QueueCollector(Collector):
-    def __init__(self, depth: Callable[[], tuple[int, int, int, int]]) -> None:
+    def __init__(self, depth: Callable[[], tuple[int, int, int, int, int]]) -> None:
         self.depth = depth
 
     def collect(self):
-        requests, tokens, tenants, share_held = self.depth()
+        requests, tokens, tenants, share_held, share_lent = self.depth()
         yield GaugeMetricFamily("pdlb_queue_requests", "Requests held in the admission queue", value=requests)
         yield GaugeMetricFamily("pdlb_queue_tokens", "Prompt tokens of the queued requests", value=tokens)
         yield GaugeMetricFamily("pdlb_queue_tenants", "Tenants with queued requests", value=tenants)
@@ -121,6 +121,11 @@ class QueueCollector(Collector):
             "pdlb_queue_share_held",
             "Requests held in the admission queue because their tenant held its share of the ranks (--tenant-share)",
             value=share_held,
+        )
+        yield CounterMetricFamily(
+            "pdlb_queue_share_lent",
+            "Requests bound past their tenant's share on room the other tenants left unused (--work-conserving)",
+            value=share_lent,
         )
 
 

@@ -182,7 +182,7 @@ class DispatchCore:
             router, flow or FlowOptions(enabled=False), on_shed=metrics.count_shed, on_wait=metrics.queue_wait.observe
         )
         queue, shares = self.flow.queue, self.flow.shares
-        metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants, shares.held_total))
+        metrics.watch_queue(lambda: (len(queue), queue.tokens, queue.tenants, shares.held_total, shares.lent_total))
 
     def drain(self) -> None:
         """Shutting down: refuse new requests, and fail now (UNAVAILABLE, naming the shutdown) every

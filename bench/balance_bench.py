@@ -211,6 +211,8 @@ class Cluster:
             "--hidden-size", "64", "--num-layers", "2", "--num-heads", "4",
             "--kv-events" if self.args.kv_events else "--no-kv-events",
         ]  # fmt: skip
+        eviction = getattr(self.args, "prefix_eviction", "")  # the schedulers' default when unset
+        flags += ["--prefix-eviction", eviction] if eviction else []
         modes = ["prefill", "decode"] if pd else ["null"]
         size = self.args.group_size
         rendezvous = {(mode, g): f"127.0.0.1:{free_port()}" for mode in modes for g in range(self.args.ranks // size)}

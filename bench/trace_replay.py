@@ -37,7 +37,6 @@ import math
 import random
 import statistics
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,10 +44,13 @@ import grpc
 
 from bench import balance_bench, mooncake_trace
 from pdlb.client import PDLBClient
+from pdlb.engines.torch.eviction import eviction_order
+from pdlb.engines.torch.prefix_cache import PrefixCache
 from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem, percentile_fields, salted
 
 DEFAULT_METHODS = "round_robin,predicted_latency,peer_dynamo_kv,predicted_latency+flow"
+EVICTION_SEP = "~"  # METHOD~ORDER: the method on ranks whose prefix caches evict in ORDER
 SLO_FLOOR_FACTOR, SLO_SLACK_S = 3.0, 0.2  # the TTFT SLO: 3 x the request's own floor + 200 ms
 
 
@@ -108,32 +110,138 @@ def cache_critical(args: argparse.Namespace, cost: CostModel) -> tuple[int, int]
     return critical, len(items)
 
 
-def eviction_losses(args: argparse.Namespace, cost: CostModel, capacity_tokens: int) -> list[float]:
-    """What each request of the window loses over its floor (seconds, >= 0) when the best cache it
-    could have is one least-recently-used prefix cache of `capacity_tokens` (the ranks' whole KV
-    pooled, none of it held by running requests) instead of a cache that never evicts: its TTFT
-    alone on an idle rank with the leading blocks that cache still holds, less its floor. Load-free.
-    The ranks evict least recently used blocks and each holds an eighth of that, so a method whose
-    requests lose this much to eviction here is not expected to lose less on them; an eviction that
-    knew the future would lose none on this window (the pooled KV holds its working set)."""
+class _Slots:
+    """A rank's KV slots for the offline replay: counts only (the cache's release hands them back)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.free = tokens
+
+    def take(self, n: int) -> list[int]:
+        self.free -= n
+        return [0] * n
+
+    def release(self, slots: list[int]) -> None:
+        self.free += len(slots)
+
+
+PLACEMENTS = ("pooled", "round_robin", "affinity")
+
+
+def block_names(ids: list[int], page: int) -> list[int]:
+    """The names of the prompt's full blocks of `page` tokens, each chained over those before it."""
+    names, name = [], 0
+    for start in range(0, len(ids) - len(ids) % page, page):
+        name = hash((name, tuple(ids[start : start + page])))
+        names.append(name)
+    return names
+
+
+def eviction_losses(
+    args: argparse.Namespace,
+    cost: CostModel,
+    eviction: str,
+    placement: str = "pooled",
+    seed: int = 0,
+    recorded: list[tuple[int, int]] | None = None,
+) -> list[float]:
+    """What each request of the window loses over its floor (seconds, >= 0) to eviction, offline and
+    load-free: the window's prompts go in order through the ranks' prefix caches
+    (`pdlb.engines.torch.prefix_cache`, `--page-size` blocks, evicting by `eviction`, a random order
+    seeded with `seed` + rank), each request locking its cached prefix, computing and caching the
+    rest, then unlocking; its loss is its TTFT alone on an idle rank with the prefix its cache still
+    held, less its floor (which assumes a cache that never evicts). `placement`: `pooled`, one cache
+    of all ranks' KV (`--ranks` x `--kv-tokens`, no duplicates, none held by running requests: more
+    than eight separate caches give any method); `round_robin`, request i on rank i mod ranks (a
+    continued conversation rarely lands where its prefix is); `affinity`, the rank an earlier request
+    sharing its longest prefix beyond the trace's first block (the system prompt) went to, whether or
+    not that rank still caches it, else the rank given the fewest prompt tokens over the last
+    `--ranks` requests: a stand-in for the cache-aware methods, and a placement that does not depend
+    on the eviction order, so orders compare on the same placement; `recorded`, the (request, DP
+    rank) pairs of a real run in the order they were sent (`--placements-from`)."""
     items = scale(args, args.capacity, cost, seed=0)  # lengths and caches do not depend on the rate
-    block = mooncake_trace.TRACE_BLOCK_TOKENS // args.length_divisor
-    cache: OrderedDict[int, None] = OrderedDict()  # block chain name -> (LRU order)
+    pooled = placement == "pooled" and recorded is None
+    ranks = 1 if pooled else args.ranks
+    kv = args.kv_tokens * (args.ranks if pooled else 1)
+    banks = [_Slots(kv) for _ in range(ranks)]
+    caches = [
+        PrefixCache(args.page_size, bank.release, eviction=eviction_order(eviction, seed + rank))
+        for rank, bank in enumerate(banks)
+    ]
+    system = (mooncake_trace.TRACE_BLOCK_TOKENS // args.length_divisor) // args.page_size  # blocks of it
+    recent: list[tuple[int, int]] = []  # (rank, prompt tokens), the last `ranks` requests
+    placed: dict[int, int] = {}  # block chain name -> the rank the last request with it went to
     losses = []
-    for t in items:
-        ids, names, name = t.item.input_ids, [], 0
-        for start in range(0, len(ids), block):
-            name = hash((name, tuple(ids[start : start + block])))
-            names.append(name)
-        hit = next((k for k, n in enumerate(names) if n not in cache), len(names))
-        cached = min(hit * block, t.cached)
-        losses.append(max(0.0, balance_bench.ttft_floor(t.item, cached, cost) - t.floor))
-        for n in names:
-            cache[n] = None
-            cache.move_to_end(n)
-        while len(cache) * block > capacity_tokens:
-            cache.popitem(last=False)
+    for index, given in recorded or [(i, -1) for i in range(len(items))]:
+        t = items[index]
+        ids = t.item.input_ids
+        names = block_names(ids, args.page_size)
+        rank = given if given >= 0 else index % ranks
+        if placement == "affinity" and given < 0:
+            shared = next((placed[n] for n in reversed(names[system:]) if n in placed), None)
+            if shared is None:
+                work = [0] * ranks
+                for r, tokens in recent:
+                    work[r] += tokens
+                shared = min(range(ranks), key=lambda r: work[r])
+            rank = shared
+            recent = [*recent[-(ranks - 1) :], (rank, len(ids))]
+            placed.update((n, rank) for n in names)
+        cache, bank = caches[rank], banks[rank]
+        path = cache.match(ids, len(ids) - 1)  # the last token is computed for its logits, as the engine does
+        hit = sum(len(node.slots) for node in path)
+        losses.append(max(0.0, balance_bench.ttft_floor(t.item, min(hit, t.cached), cost) - t.floor))
+        cache.lock(path)
+        new = len(ids) - hit
+        if new > bank.free:
+            cache.evict(new - bank.free)
+        path, duplicates = cache.insert(ids, [0] * hit + bank.take(new), path)
+        bank.release(duplicates)
+        bank.release([0] * (len(ids) - sum(len(node.slots) for node in path)))  # the uncached tail, freed
+        cache.unlock(path)
     return losses
+
+
+RANDOM_SEEDS = (1, 2, 3, 4, 5)  # an order that draws at random is replayed with each
+
+
+def eviction_report(args: argparse.Namespace, cost: CostModel) -> str:
+    """Per placement and eviction order: requests losing > 200 ms to eviction and the p99 loss (for
+    a random order the median over `RANDOM_SEEDS`, min-max in brackets)."""
+    lines = [
+        f"Offline eviction replay: requests {args.offset}..{args.offset + args.num_requests - 1} of the trace, "
+        f"lengths / {args.length_divisor}, {args.ranks} ranks x {args.kv_tokens} tokens of KV, blocks of "
+        f"{args.page_size} tokens; loss = TTFT alone on an idle rank with the prefix still cached - floor",
+        "",
+        f"| placement | eviction | requests losing > {SLO_SLACK_S * 1000:.0f} ms (of {args.num_requests}) "
+        "| loss p99 ms | mean loss ms |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(values: list[float], fmt: str) -> str:
+        if len(values) == 1:
+            return format(values[0], fmt)
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    placements = [(p, None) for p in args.placements.split(",") if p]
+    for name in [n for n in args.placements_from.split(",") if n]:  # real runs' placements
+        for run in json.loads((Path(args.out) / f"{name}.json").read_text())["runs"]:
+            if run.get("requests") and not run.get("variant"):
+                label = f"{run['method']} at {run['load']:g}, seed {run['seed']} (ranks: {run.get('eviction', 'lru')})"
+                sent = [(r[0], r[4]) for r in sorted(run["requests"], key=lambda r: r[1])]
+                placements.append((label, sent))
+    for placement, recorded in placements:
+        for eviction in args.evictions.split(","):
+            seeds = RANDOM_SEEDS if "random" in eviction else (0,)
+            over, worst, mean = [], [], []
+            for seed in seeds:
+                losses = sorted(eviction_losses(args, cost, eviction, placement, seed, recorded))
+                worst.append(losses[-max(1, math.ceil(0.01 * len(losses)))] * 1000)
+                over.append(sum(loss > SLO_SLACK_S for loss in losses))
+                mean.append(statistics.fmean(losses) * 1000)
+            lines.append(
+                f"| {placement} | {eviction} | {cell(over, '.0f')} | {cell(worst, '.0f')} | {cell(mean, '.1f')} |"
+            )
+    return "\n".join(lines)
 
 
 async def one(
@@ -309,14 +417,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eviction-bound",
         action="store_true",
-        help="only print what the requests of the window lose over their floors to eviction when the best cache "
-        "they could have is one LRU cache of the ranks' whole KV (--ranks x --kv-tokens), and exit",
+        help="only print what the requests of the window lose over their floors to eviction, replayed offline "
+        "through the ranks' prefix caches with each of --evictions and --placements, and exit",
     )
+    parser.add_argument(
+        "--evictions", default="lru,slru,slru-random", help="--eviction-bound: prefix-cache eviction orders to compare"
+    )
+    parser.add_argument(
+        "--placements",
+        default=",".join(PLACEMENTS),
+        help="--eviction-bound: pooled (one cache of all ranks' KV), round_robin, affinity (longest cached prefix)",
+    )
+    parser.add_argument(
+        "--placements-from",
+        default="",
+        help="--eviction-bound: also replay the placements of these earlier runs (comma separated names of their "
+        "JSON under --out, run with --per-request): each run's requests on the ranks they went to, in send order",
+    )
+    parser.add_argument("--page-size", type=int, default=16, help="--eviction-bound: the ranks' cache block, tokens")
     parser.add_argument(
         "--per-request",
         action="store_true",
         help="keep each request's rank, cache hit and times, and break the worst queueing of each run down "
         "(cache shortfall, prefills sharing its rank; see breakdown_report)",
+    )
+    parser.add_argument(
+        "--prefix-eviction",
+        default="",
+        help="the ranks' prefix-cache eviction order (pdlb-scheduler --prefix-eviction; default: theirs). A method "
+        f"written METHOD{EVICTION_SEP}ORDER runs on a second set of ranks evicting in ORDER, in the same invocation",
     )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=10.0)
@@ -342,23 +471,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.eviction_bound:
-        losses = sorted(eviction_losses(args, CostModel().scaled(args.slowdown), args.ranks * args.kv_tokens))
-        worst = losses[-max(1, math.ceil(0.01 * len(losses)))]
-        over = sum(loss > SLO_SLACK_S for loss in losses)
-        print(
-            f"one LRU prefix cache of {args.ranks} x {args.kv_tokens} tokens: {over} of {len(losses)} requests lose "
-            f"more than {SLO_SLACK_S * 1000:.0f} ms of their floor to eviction; the worst 1% lose >= "
-            f"{worst * 1000:.0f} ms (p99 of the loss)"
-        )
+        print(eviction_report(args, CostModel().scaled(args.slowdown)))
         return 0
     methods = args.methods.split(",")
-    cluster_args = argparse.Namespace(
-        mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
-        max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1,
-    )  # fmt: skip
+    evictions: dict[str, str] = {}  # method -> its ranks' eviction order ("" for the schedulers' default)
+    for method in methods:
+        evictions[method] = method.partition(EVICTION_SEP)[2] or args.prefix_eviction
     cost = CostModel().scaled(args.slowdown)
-    cluster = balance_bench.Cluster(cluster_args, methods)
-    cluster.start()
+    clusters, dispatchers = [], {}
+    for eviction in dict.fromkeys(evictions.values()):  # one set of ranks per order, each started once
+        mine = [m for m in methods if evictions[m] == eviction]
+        cluster_args = argparse.Namespace(
+            mode="mixed", replicas=1, runner="sim", slowdown=args.slowdown, kv_tokens=args.kv_tokens,
+            max_running=args.max_running, kv_events=True, ranks=args.ranks, group_size=1, prefix_eviction=eviction,
+        )  # fmt: skip
+        cluster = balance_bench.Cluster(cluster_args, list(dict.fromkeys(m.partition(EVICTION_SEP)[0] for m in mine)))
+        clusters.append(cluster)
+        cluster.start()
+        dispatchers.update({m: cluster.dispatchers[m.partition(EVICTION_SEP)[0]] for m in mine})
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -375,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                         out, span = asyncio.run(
                             run(
-                                cluster.dispatchers[method],
+                                dispatchers[method],
                                 salted_items,
                                 args.ranks,
                                 f"{method}-{seed}-{load}-{salt}",
@@ -387,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seed": seed,
                             "load": load,
                             "variant": variant,
+                            "eviction": evictions[method] or "default",
                             "sent": len(salted_items),
                             "all": summary(out, span),
                         }
@@ -401,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(run_line(row), flush=True)
                         write(results, args, out_dir)
     finally:
-        cluster.stop()
+        for cluster in clusters:
+            cluster.stop()
     print(report(results))
     if args.flood_tenant > 0:
         print(flood_report(results))
@@ -411,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         print(goodput_report(results, args.capacity))
     if args.per_request:
         print(breakdown_report(results, cost))
+        print(cache_report(results, cost, window(args)))
     return 0
 
 
@@ -419,7 +552,10 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
     results = []
     for name in args.combine.split(","):
         saved = json.loads((out_dir / f"{name}.json").read_text())
-        for key in ("flood_tenant", "high_share", "num_requests", "capacity", "goodput", "per_request", "slowdown"):
+        for key in (
+            "flood_tenant", "high_share", "num_requests", "capacity", "goodput", "per_request", "slowdown", "offset",
+            "length_divisor", "max_input",
+        ):  # fmt: skip
             setattr(args, key, saved["settings"].get(key, getattr(args, key)))
         results += saved["runs"]
     args.combine = ""
@@ -436,6 +572,7 @@ def combine(args: argparse.Namespace, out_dir: Path) -> int:
         print(goodput_report(results, args.capacity))
     if args.per_request:
         print(breakdown_report(results, CostModel().scaled(args.slowdown)))
+        print(cache_report(results, CostModel().scaled(args.slowdown), window(args)))
     return 0
 
 
@@ -462,6 +599,8 @@ def write(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
         + (
             f"## The worst 1% of requests by queueing, broken down\n\n"
             f"{breakdown_report(results, CostModel().scaled(args.slowdown))}\n\n"
+            f"## Cache shortfall of every request\n\n"
+            f"{cache_report(results, CostModel().scaled(args.slowdown), window(args))}\n\n"
             if args.per_request
             else ""
         )
@@ -652,6 +791,81 @@ def breakdown_report(results: list[dict], cost: CostModel) -> str:
                 f"{sum(b['cached'] < b['best_cached'] for b in worst) / n:.0%} | "
                 f"{sum(b['ahead'] > 0 for b in worst) / n:.0%} | {sum(b['idle_ranks'] > 0 for b in worst) / n:.0%} | "
                 f"{med('prompt'):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def window(args: argparse.Namespace) -> list[TraceItem] | None:
+    """The run's window of the trace (token ids as the runs had them before salting), or None when
+    the trace is not there (a report from saved runs elsewhere)."""
+    try:
+        return scale(args, args.capacity, CostModel().scaled(args.slowdown), seed=0)
+    except (FileNotFoundError, SystemExit):
+        return None
+
+
+def shortfalls(row: dict, cost: CostModel) -> list[float]:
+    """Per answered request of a run (--per-request rows): what its cache shortfall cost, seconds
+    (its TTFT alone on an idle rank with the cache it got, less its floor), as the offline eviction
+    replay counts a request's loss, here with the placement and the eviction the run had."""
+    return [
+        max(0.0, balance_bench.ttft_floor(WorkItem(index, 0.0, [0] * prompt, 1), max(cached, 0), cost) - floor)
+        for index, _, _, floor, _, cached, prompt, _ in row.get("requests") or []
+    ]
+
+
+def followed(row: dict, items: list[TraceItem], page: int, system: int) -> tuple[int, int]:
+    """(requests of a run that continue an earlier request's prompt beyond the system prompt's
+    `system` blocks, by at least 512 tokens, those of them sent to the DP rank that earlier request
+    went to): how often a method followed a conversation to the rank that computed its prefix."""
+    placed: dict[int, int] = {}
+    continued = same = 0
+    for index, _, _, _, rank, _, _, best in sorted(row.get("requests") or [], key=lambda r: r[1]):
+        names = block_names(items[index].item.input_ids, page)
+        earlier = next((placed[n] for n in reversed(names[system:]) if n in placed), None)
+        if earlier is not None and best >= 512:
+            continued += 1
+            same += earlier == rank
+        placed.update((n, rank) for n in names)
+    return continued, same
+
+
+def cache_report(results: list[dict], cost: CostModel, items: list[TraceItem] | None = None, page: int = 16) -> str:
+    """Per load and method: requests whose cache shortfall cost > 200 ms, the p99 of that cost,
+    the prompt tokens served from cache over those the best cache would have served, and (given the
+    window's `items`) how many continued conversations went to the rank of their prefix, per seed
+    (medians over seeds first). Needs --per-request rows."""
+    lines = [
+        f"| load | method | ranks' eviction | requests short of their cache by > {SLO_SLACK_S * 1000:.0f} ms, median "
+        "(per seed) | shortfall p99 ms, median (per seed) | cached / best cached tokens | continued turns on their "
+        "prefix's rank (per seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    system = 32 // page  # the trace's first block (its system prompt) at the benchmark's scaling
+    for load in sorted({r["load"] for r in results}):
+        for method in dict.fromkeys(r["method"] for r in results):
+            runs = [
+                r
+                for r in results
+                if (r["load"], r["method"]) == (load, method) and not r.get("variant") and r.get("requests")
+            ]
+            if not runs:
+                continue
+            over, p99, got, best, follow = [], [], 0, 0, []
+            for r in sorted(runs, key=lambda r: r["seed"]):
+                if items is not None:
+                    continued, same = followed(r, items, page, system)
+                    follow.append(f"{same}/{continued}")
+                costs = sorted(shortfalls(r, cost))
+                over.append(sum(c > SLO_SLACK_S for c in costs))
+                p99.append(costs[-max(1, math.ceil(0.01 * len(costs)))] * 1000)
+                got += sum(max(q[5], 0) for q in r["requests"])
+                best += sum(q[7] for q in r["requests"])
+            lines.append(
+                f"| {load:g} | {method} | {runs[0].get('eviction', 'default')} | {statistics.median(over):g} "
+                f"({', '.join(str(n) for n in over)}) | {statistics.median(p99):.0f} "
+                f"({', '.join(f'{v:.0f}' for v in p99)}) | {got / best if best else 0:.1%} | "
+                f"{', '.join(follow) or '-'} |"
             )
     return "\n".join(lines)
 

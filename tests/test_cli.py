@@ -593,11 +593,13 @@ def test_a_numeric_flag_out_of_range_is_refused_in_one_line(argv, said):
 
 
 def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
-    """--dispatcher-arg reaches the dispatchers, and --gateway-arg the gateway (pdlb up had no way
-    to set a gateway flag: here its body bound, which a request over it meets)."""
+    """--dispatcher-arg reaches the dispatchers, --prefix-eviction the schedulers, and --gateway-arg
+    the gateway (pdlb up had no way to set a gateway flag: here its body bound, which a request over
+    it meets)."""
     up, state, env = start_up(
         tmp_path, "--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random",
         "--flow-control", "--dispatcher-arg=--max-queued-requests=7", "--gateway-arg=--max-body-bytes=1000",
+        "--prefix-eviction", "slru-random",
     )  # fmt: skip
     try:
         assert any("(mixed, flow control on); logs in" in line for line in up.start_lines), up.start_lines  # banner
@@ -610,6 +612,8 @@ def test_up_turns_flow_control_on_and_passes_dispatcher_flags(tmp_path):
         argvs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in state["pids"] if alive(pid)]
         dispatcher = next(a for a in argvs if any(part.endswith(b"pdlb-dispatcher") for part in a))
         assert b"--flow-control" in dispatcher and b"--max-queued-requests=7" in dispatcher, dispatcher
+        scheduler = next(a for a in argvs if any(part.endswith(b"pdlb-scheduler") for part in a))
+        assert scheduler[scheduler.index(b"--prefix-eviction") + 1] == b"slru-random", scheduler
         big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
         request = urllib.request.Request(
             f"{state['http']}/v1/completions", data=big, headers={"Content-Type": "application/json"}
@@ -784,6 +788,24 @@ def test_engine_vllm_without_vllm_installed_is_refused_before_anything_starts(tm
     said = f"pdlb up: --engine vllm: vLLM is not installed at {tmp_path / 'no-vllm'} (make install-vllm"
     assert refused.stderr.startswith(said) and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert not refused.stdout and not [p for p in tmp_path.iterdir() if p.name.startswith("pdlb-")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--prefix-eviction", "lfu"], "pdlb up: --prefix-eviction: unknown prefix-cache eviction 'lfu'; known: lru"),
+        (
+            ["--prefix-eviction", "slru", "--engine", "vllm", "--vllm-url", "http://127.0.0.1:1"],
+            "pdlb up: --prefix-eviction is for pdlb's engines; vLLM servers evict their prefix cache",
+        ),
+    ],
+)
+def test_a_prefix_eviction_pdlb_up_cannot_use_is_refused_before_anything_starts(tmp_path, flags, said):
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    up = pdlb("up", "--port", "0", "--etcd-port", "0", "--http-port", "0", *flags, env=env)
+    assert up.returncode == 2, up.stdout + up.stderr
+    assert up.stderr.startswith(said) and len(up.stderr.strip().splitlines()) == 1, up.stderr
+    assert "starting cluster" not in up.stdout
 
 
 def test_flow_flags_without_flow_control_are_refused_before_anything_starts(tmp_path):

@@ -17,8 +17,10 @@ from bench.trace_replay import (
     cache_critical,
     eviction_losses,
     flood_report,
+    followed,
     goodput,
     goodput_report,
+    scale,
 )
 from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem
@@ -98,11 +100,16 @@ def test_breakdown_splits_the_worst_queueing_into_cache_shortfall_and_the_rest()
     assert table[-1].startswith("| 0.6 | m | 1 |") and "| 100% | 100% | 100% | 1100 |" in table[-1]
 
 
-def test_eviction_losses_count_the_prefixes_an_lru_cache_of_the_ranks_kv_no_longer_holds(tmp_path):
+def _evicting(args: argparse.Namespace, ranks: int, kv_tokens: int) -> argparse.Namespace:
+    return argparse.Namespace(**vars(args), ranks=ranks, kv_tokens=kv_tokens, page_size=16)
+
+
+def test_eviction_losses_count_the_prefixes_the_ranks_caches_no_longer_hold(tmp_path):
     """Request 2 repeats request 0's 2,048-token prefix. With room for 3,072 tokens, request 1's
-    2,048 unrelated tokens evict the least recently used blocks, request 0's leading ones, so
-    request 2 prefills cold: it loses its cold TTFT less its floor. With room for all, it loses
-    nothing, and neither do requests with nothing cached to lose."""
+    2,048 unrelated tokens evict the least recently used leaves: the last 1,024 tokens of request
+    0's prompt (the real cache evicts leaves only, so its first half stays), and request 2 prefills
+    the rest: it loses that over its floor. With room for all it loses nothing, and neither do
+    requests with nothing cached to lose. On a rank other than request 0's it loses everything."""
     rows = [
         {"timestamp": 0, "input_length": 2048, "output_length": 4, "hash_ids": [0, 1, 2, 3]},
         {"timestamp": 100, "input_length": 2048, "output_length": 4, "hash_ids": [4, 5, 6, 7]},
@@ -111,9 +118,50 @@ def test_eviction_losses_count_the_prefixes_an_lru_cache_of_the_ranks_kv_no_long
     args = _trace_args(tmp_path, rows)
     cost = CostModel().scaled(10)
     cold = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 0, cost)
+    half = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 1024, cost)
     warm = ttft_floor(WorkItem(2, 0.0, [0] * 2560, 1), 2048, cost)
-    assert eviction_losses(args, cost, capacity_tokens=3072) == pytest.approx([0.0, 0.0, cold - warm])
-    assert eviction_losses(args, cost, capacity_tokens=8192) == [0.0, 0.0, 0.0]
+    assert eviction_losses(_evicting(args, 1, 3072), cost, "lru") == pytest.approx([0.0, 0.0, half - warm])
+    assert eviction_losses(_evicting(args, 1, 8192), cost, "lru") == [0.0, 0.0, 0.0]
+    roomy = _evicting(args, 2, 8192)
+    assert eviction_losses(roomy, cost, "lru", "round_robin") == pytest.approx([0.0, 0.0, 0.0])  # 0 and 2: rank 0
+    moved = [(0, 0), (1, 0), (2, 1)]  # a real run's placement: request 2 went to the other rank
+    assert eviction_losses(roomy, cost, "lru", recorded=moved) == pytest.approx([0.0, 0.0, cold - warm])
+
+
+def test_slru_keeps_a_reused_prefix_that_lru_evicts_in_the_replay(tmp_path):
+    """Request 1 continues request 0 (a hit: request 0's 1,024 tokens are protected under slru);
+    request 2 is a newer one-off; request 3's 1,536 tokens need 1,024 more of a 3,072-token cache;
+    request 4 continues request 0 again. LRU evicts request 1's tail and then request 0's last 512
+    tokens (the least recently used); slru evicts what was seen once, request 1's tail and request
+    2's last 512 tokens, and request 4 finds request 0's whole prefix."""
+    rows = [
+        {"timestamp": 0, "input_length": 1024, "output_length": 4, "hash_ids": [0, 1]},
+        {"timestamp": 100, "input_length": 1536, "output_length": 4, "hash_ids": [0, 1, 2]},
+        {"timestamp": 200, "input_length": 1024, "output_length": 4, "hash_ids": [3, 4]},
+        {"timestamp": 300, "input_length": 1536, "output_length": 4, "hash_ids": [5, 6, 7]},
+        {"timestamp": 400, "input_length": 1536, "output_length": 4, "hash_ids": [0, 1, 9]},
+    ]
+    args = _evicting(_trace_args(tmp_path, rows), 1, 3072)
+    cost = CostModel().scaled(10)
+    half = ttft_floor(WorkItem(4, 0.0, [0] * 1536, 1), 512, cost)
+    warm = ttft_floor(WorkItem(4, 0.0, [0] * 1536, 1), 1024, cost)
+    assert eviction_losses(args, cost, "lru") == pytest.approx([0.0, 0.0, 0.0, 0.0, half - warm])
+    assert eviction_losses(args, cost, "slru") == [0.0] * 5
+
+
+def test_followed_counts_continued_turns_sent_to_their_prefixs_rank(tmp_path):
+    rows = [
+        {"timestamp": 0, "input_length": 1024, "output_length": 4, "hash_ids": [0, 1]},
+        {"timestamp": 100, "input_length": 1024, "output_length": 4, "hash_ids": [0, 2]},
+        {"timestamp": 200, "input_length": 1536, "output_length": 4, "hash_ids": [0, 1, 3]},
+        {"timestamp": 300, "input_length": 1536, "output_length": 4, "hash_ids": [0, 2, 4]},
+    ]
+    args = _evicting(_trace_args(tmp_path, rows), 2, 8192)
+    items = scale(args, 1.0, CostModel().scaled(10), seed=0)
+    # (index, sent, TTFT, floor, rank, cached, prompt, best cached): 2 follows 0 to rank 0, 3 leaves 1's rank
+    run = {"requests": [(0, 0, 0, 0, 0, 0, 1024, 0), (1, 1, 0, 0, 1, 0, 1024, 512), (2, 2, 0, 0, 0, 0, 1536, 1024),
+                        (3, 3, 0, 0, 0, 0, 1536, 1024)]}  # fmt: skip
+    assert followed(run, items, page=16, system=32) == (2, 1)  # request 1 shares only the 512-token system block
 
 
 def test_method_switches_turn_boolean_dispatcher_flags_on_and_off():

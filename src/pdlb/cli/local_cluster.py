@@ -33,6 +33,7 @@ from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
 from pdlb.common.plurals import counted
 from pdlb.common.processes import ServiceFailed, ServiceProcess, script
+from pdlb.engines.torch.eviction import eviction_order
 from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
@@ -222,6 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flow-control; its other flow flags through --dispatcher-arg, refused without this)",
     )
     parser.add_argument(
+        "--prefix-eviction",
+        default="",
+        help="pdlb's engines: the order the ranks' prefix caches evict in (pdlb-scheduler --prefix-eviction: lru, "
+        "slru, slru-random; default: the schedulers' own, lru). vLLM servers evict LRU themselves",
+    )
+    parser.add_argument(
         "--lockstep",
         action="store_true",
         help="each role's ranks form one lockstep DP-attention group (request waves), as with DP attention",
@@ -333,6 +340,10 @@ class LocalCluster:
         """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
         return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
 
+    def _eviction_flags(self) -> list[str]:
+        name = getattr(self.args, "prefix_eviction", "")
+        return ["--prefix-eviction", name] if name else []
+
     def _port(self, offset: int) -> str:
         return str(self.args.port + offset) if self.args.port else "0"
 
@@ -360,6 +371,16 @@ class LocalCluster:
                 f"{', '.join(stray)} {verb} for --mode {wanted}, and this cluster is --mode {args.mode} "
                 f"(its ranks: {sizes}); add --mode {wanted}, or drop {them}"
             )
+        if getattr(args, "prefix_eviction", ""):
+            if getattr(args, "engine", "pdlb") == "vllm":
+                raise StartRefused(
+                    "--prefix-eviction is for pdlb's engines; vLLM servers evict their prefix cache least recently "
+                    "used themselves: drop it, or use --engine pdlb"
+                )
+            try:
+                eviction_order(args.prefix_eviction)
+            except ValueError as exc:
+                raise StartRefused(f"--prefix-eviction: {exc}") from None
         if not self.flow_control():
             from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
 
@@ -539,6 +560,7 @@ class LocalCluster:
                     *self._vllm_flags(mode, rank),
                     *TINY_MODEL,
                     *group,
+                    *self._eviction_flags(),
                     *self.args.scheduler_arg,
                 ]
                 procs.append(self._service(f"scheduler-{'mixed' if mode == 'null' else mode}-{rank}", argv))

@@ -42,6 +42,7 @@ from pdlb.engines.request import (
 )
 from pdlb.engines.room_waits import RoomWaits
 from pdlb.engines.torch.cpu_binding import bind_current_team
+from pdlb.engines.torch.eviction import DEFAULT_EVICTION, EvictionOrder
 from pdlb.engines.torch.model import SeqChunk
 from pdlb.engines.torch.prefix_cache import CacheNode, PrefixCache
 from pdlb.engines.torch.runners import Runner, StepItem
@@ -111,11 +112,13 @@ class Engine:
         kv_hold_ttl_s: float = 60.0,
         page_size: int = 0,
         executor: ThreadPoolExecutor | None = None,
+        eviction: str | EvictionOrder = DEFAULT_EVICTION,
     ) -> None:
-        """`page_size` > 0 turns the prefix cache on, with blocks of that many tokens."""
+        """`page_size` > 0 turns the prefix cache on, with blocks of that many tokens, evicted in
+        the `eviction` order (eviction.py)."""
         self.runner, self.limits, self.kv_hold_ttl_s = runner, limits, kv_hold_ttl_s
         self.kv_events = KVEventLog() if page_size > 0 else None
-        self.cache = PrefixCache(page_size, runner.release, self.kv_events) if page_size > 0 else None
+        self.cache = PrefixCache(page_size, runner.release, self.kv_events, eviction) if page_size > 0 else None
         self.cache_hit_tokens = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

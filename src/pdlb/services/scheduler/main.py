@@ -27,6 +27,7 @@ from pdlb.engines.torch.batching import BURST_QUIET_S, compute_thread
 from pdlb.engines.torch.batching import Engine as BatchingEngine
 from pdlb.engines.torch.cpu_binding import cpus_to_bind
 from pdlb.engines.torch.dp_group import DPGroup, GroupBroken, GroupSpec
+from pdlb.engines.torch.eviction import DEFAULT_EVICTION, eviction_order
 from pdlb.engines.torch.llama import LlamaModel
 from pdlb.engines.torch.lockstep import LockstepEngine
 from pdlb.engines.torch.model import ModelConfig, TinyTransformer
@@ -108,6 +109,16 @@ def build_parser() -> FlagParser:
     p.flag("--max-prompt-tokens", default=4096, type=int, help="longest prompt accepted")
     p.flag("--prefix-cache", default=True, type=bool, help="share the KV of common prompt prefixes (radix cache)")
     p.flag("--page-size", default=16, type=int, help="prefix-cache block size in tokens")
+    p.flag(
+        "--prefix-eviction",
+        default=DEFAULT_EVICTION,
+        help="which unlocked prefix-cache blocks go first when KV is short: lru (least recently used); slru "
+        "(blocks a later request reused are kept over blocks seen once, LRU in each segment); slru-random "
+        "(slru, blocks seen once in random order: keeps some conversations' first turns that LRU drops when turns "
+        "come back after more new prompt tokens than the KV holds, but leaves many prefixes partial; behind a "
+        "cache-aware dispatcher it measured worse than lru, docs/BENCHMARKS.md); slru:SHARE, slru-random:SHARE "
+        "cap the reused blocks' share of the cache (default 0.8). pdlb's engines only (vLLM evicts LRU itself)",
+    )
     p.flag(
         "--kv-events",
         default=True,
@@ -403,6 +414,10 @@ async def serve(args, stop_event: asyncio.Event) -> None:
     if args.page_size < 1:
         raise FlagRefused("--page-size must be >= 1")
     page_size = args.page_size if args.prefix_cache else 0
+    try:  # seeded by the rank, so a rank's random order is reproducible and ranks differ
+        eviction = eviction_order(args.prefix_eviction, seed=args.dp_rank)
+    except ValueError as exc:
+        raise FlagRefused(f"--prefix-eviction: {exc}") from None
     # Torch computes on the runner thread only (loading included); this thread's small ops (KV
     # hand-off copies) stay single-threaded so that no second OpenMP team competes for the cores.
     torch.set_num_threads(1)
@@ -442,10 +457,18 @@ async def serve(args, stop_event: asyncio.Event) -> None:
             compute.shutdown()
             raise SystemExit(str(exc)) from None
         engine = LockstepEngine(
-            runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, group=group
+            runner,
+            limits,
+            kv_hold_ttl_s=args.kv_hold_ttl,
+            page_size=page_size,
+            executor=compute,
+            group=group,
+            eviction=eviction,
         )
     else:
-        engine = BatchingEngine(runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute)
+        engine = BatchingEngine(
+            runner, limits, kv_hold_ttl_s=args.kv_hold_ttl, page_size=page_size, executor=compute, eviction=eviction
+        )
     worker_id = args.worker_id or f"{role}-{args.dp_rank}-{uuid.uuid4().hex[:8]}"
     host = ServiceHost(args.host, args.port, [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     address = advertised(args.host, host.port, args.advertise_address)
@@ -546,6 +569,11 @@ def _check_vllm_args(args, role: str) -> None:
         raise FlagRefused("--engine vllm: the vLLM server serves /metrics itself; leave --metrics-port at 0")
     if args.vllm_server_ranks < 1:
         raise FlagRefused("--vllm-server-ranks must be >= 1")
+    if args.prefix_eviction != DEFAULT_EVICTION:
+        raise FlagRefused(
+            f"--engine vllm: the vLLM server evicts its prefix cache least recently used itself; "
+            f"--prefix-eviction {args.prefix_eviction} is for pdlb's engines, leave it at {DEFAULT_EVICTION}"
+        )
 
 
 def _group(args, role: str, runner: Runner, limits: EngineLimits) -> DPGroup:

@@ -261,7 +261,8 @@ def test_the_paged_kernel_runs_on_torchs_own_threads():
 
 def test_the_kernel_build_is_cached_by_everything_that_changes_the_binary(tmp_path):
     """cxx_build: a second build of the same source and flags is the cached file; a changed
-    source or flag builds anew; a compile error is BuildFailed with the compiler's words."""
+    source, header beside it or flag builds anew; a compile error is BuildFailed with the
+    compiler's words."""
     if not cxx_build.available():
         pytest.skip("no C++ compiler")
     source = tmp_path / "k.cpp"
@@ -272,6 +273,13 @@ def test_the_kernel_build_is_cached_by_everything_that_changes_the_binary(tmp_pa
     source.write_text('extern "C" int answer() { return 43; }\n')
     second = cxx_build.build(source, ["-O1"], tmp_path / "cache")
     assert second != first and ctypes.CDLL(str(second)).answer() == 43
+    # a header beside the source, which it includes, is part of what the cache is keyed by
+    (tmp_path / "value.h").write_text("#define VALUE 7\n")
+    source.write_text('#include "value.h"\nextern "C" int answer() { return VALUE; }\n')
+    seven = cxx_build.build(source, ["-O1"], tmp_path / "cache")
+    (tmp_path / "value.h").write_text("#define VALUE 8\n")
+    eight = cxx_build.build(source, ["-O1"], tmp_path / "cache")
+    assert eight != seven and ctypes.CDLL(str(eight)).answer() == 8
     source.write_text("this is not C++\n")
     with pytest.raises(cxx_build.BuildFailed, match=r"could not build k\.cpp"):
         cxx_build.build(source, ["-O1"], tmp_path / "cache")

@@ -5,7 +5,8 @@ kernels (paged_attention_cpu.py). Both ask `compiler()` here, so a worker is ref
 same check and message (`missing_compiler_message`), before any model loads.
 
 `build` compiles one source file into `<cache>/<stem>-<key>-<digest>.so`. The key hashes everything
-that changes the binary (the source, the compiler and its version, the flags, and with -march=native
+that changes the binary (the source and the headers beside it, which it may include, the compiler
+and its version, the flags, and with -march=native
 this CPU's feature flags), so a changed source or another machine sharing the cache never loads a
 stale or foreign library. The digest is the library's own SHA-256 (first 16 hex digits): a cached
 file whose bytes no longer match its name (truncated, overwritten) is removed and built again, since
@@ -110,7 +111,9 @@ def build(source: Path, flags: list[str], cache_dir: Path | None = None) -> Path
         raise BuildFailed(f"{cxx} --version failed: {exc}") from None
     all_flags = [*flags, "-shared", "-fPIC"]
     key = hashlib.sha256()
-    for part in (source.read_bytes(), cxx.encode(), version.encode(), " ".join(all_flags).encode()):
+    # the headers beside the source (shared helpers it includes) change the binary as it does
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, cxx.encode(), version.encode(), " ".join(all_flags).encode()):
         key.update(part)
         key.update(b"\0")
     if "-march=native" in all_flags:

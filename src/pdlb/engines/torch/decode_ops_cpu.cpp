@@ -5,12 +5,17 @@
 // own runtime). Eager torch runs each of these as several ops, each a pass over the tensor and a
 // dispatch; at a decode batch of 16 the dispatch is most of their cost.
 #include <immintrin.h>
+
+#include "avx2_math.h"
 #include <omp.h>
 
 #include <cmath>
 #include <cstdint>
 
 namespace {
+
+using pdlb_avx2::exp8;
+using pdlb_avx2::hsum;
 
 enum Status : int { OK = 0, SLOT_OUT_OF_RANGE = 1, BAD_SHAPE = 3 };
 
@@ -23,32 +28,6 @@ inline int team(int threads, int64_t rows, int64_t elements) {
   return static_cast<int>(threads < rows ? threads : rows);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// e^x for 8 floats (as in paged_attention_cpu.cpp): x = n ln2 + r, e^r by its degree-6 Taylor
-// polynomial (relative error < 2e-7), 2^n through the exponent bits; x clamped to [-87, 88].
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 // Row r: x += delta (when given), then out = x / sqrt(mean(x^2) + eps) * weight.
 void add_rms_norm_row(float* x, const float* delta, const float* weight, float* out, int64_t dim, float eps) {

@@ -566,6 +566,36 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
         refused = pdlb("up", "--help", env={**env, variable: value})
         assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb: {said}"), refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+    # a subcommand's --help names the connection flags' variables too
+    assert "[env: PDLB_CLUSTER]" in " ".join(pdlb("top", "--help", env=env).stdout.split())
+    # checked when pdlb up starts, not by the flag's type: still named as the variable that set it
+    ports = ("--port", "0", "--etcd-port", "0", "--http-port", "0")
+    refused = pdlb("up", *ports, env={**env, "PDLB_UP_PREFIX_EVICTION": "fifo"})
+    said = "pdlb up: PDLB_UP_PREFIX_EVICTION='fifo': unknown prefix-cache eviction 'fifo'"
+    assert refused.returncode == 2 and refused.stderr.startswith(said), refused.stderr
+
+
+def test_a_services_variable_its_flag_refuses_is_one_line_naming_it_exit_2():
+    """A service's PDLB_<SERVICE>_<FLAG> holding a value its flag refuses (a choice it does not
+    have, a word for a number) stops the start in one line naming the variable, exit 2, as the same
+    value on the command line does; it was exit 1, a traceback, or (a choice) started anyway."""
+    for program, variable, value, said in (
+        ("pdlb-gateway", "PDLB_GATEWAY_MAX_BODY_BYTES", "abc", "_MAX_BODY_BYTES='abc': expected an integer"),
+        ("pdlb-dispatcher", "PDLB_DISPATCHER_LOAD_BALANCE_METHOD", "bogus", "='bogus': expected one of auto, "),
+        ("pdlb-scheduler", "PDLB_SCHEDULER_CPU_DECODE_OPS", "bogus", "='bogus': expected one of auto, eager, fused"),
+        ("pdlb-bootstrap", "PDLB_BOOTSTRAP_SHUTDOWN_GRACE", "soon", "PDLB_BOOTSTRAP_SHUTDOWN_GRACE='soon': expected a"),
+    ):
+        ran = subprocess.run(
+            [program, "--port", "0"], env={**os.environ, variable: value}, capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 2, (program, ran.returncode, ran.stderr)
+        line = ran.stderr.strip()
+        assert line.startswith(f"{program}: ") and said in line and len(line.splitlines()) == 1, line
+        # --help still answers
+        helped = subprocess.run(
+            [program, "--help"], env={**os.environ, variable: value}, capture_output=True, text=True, timeout=60
+        )
+        assert helped.returncode == 0 and variable in " ".join(helped.stdout.split())
 
 
 @pytest.mark.parametrize(

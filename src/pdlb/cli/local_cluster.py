@@ -380,7 +380,10 @@ class LocalCluster:
             try:
                 eviction_order(args.prefix_eviction)
             except ValueError as exc:
-                raise StartRefused(f"--prefix-eviction: {exc}") from None
+                # named as the user gave it: the flag, or the variable when that set it
+                env = getattr(args, "env_flags", {}).get("prefix_eviction")
+                given = f"{env}={args.prefix_eviction!r}" if env and os.environ.get(env) == args.prefix_eviction else ""
+                raise StartRefused(f"{given or '--prefix-eviction'}: {exc}") from None
         if not self.flow_control():
             from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
 

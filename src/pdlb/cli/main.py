@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     rooms = command("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")
     rooms.add_argument("room", nargs="*", type=int_in(0, UINT64_MAX))
     top = command("top", help="live load dashboard")
-    top.add_argument("--interval-ms", type=int_in(1, UINT32_MAX), default=250)
+    top.add_argument(
+        "--interval-ms", type=int_in(1, UINT32_MAX), default=250, help="how often to redraw, in ms (default: 250)"
+    )
     top.add_argument(
         "--once", action="store_true", help="print one frame and exit (also when stdout is not a terminal)"
     )
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Every flag falls back to an environment variable, as the services' do: PDLB_CLUSTER,
     # PDLB_DISPATCHER... for the connection flags, PDLB_<COMMAND>_<FLAG> for a command's own.
     env_fallbacks(parser, "PDLB_")
+    named = {a.dest: a for a in parser._actions}
+    for action in connection._actions:  # the subcommands' copies: their --help names the variable too
+        action.help = named[action.dest].help
     shared = {action.dest for action in connection._actions}
     for name, subparser in sub.choices.items():
         # `up` has no connection flags (its --prefill and --decode count ranks)

@@ -37,9 +37,14 @@ class FlagParser(argparse.ArgumentParser):
         )
         self.env_prefix = f"PDLB_{service.upper()}_"
         self.env_set: dict[str, str] = {}  # dest -> the variable that set its default
+        # variables whose value the flag refuses: reported when the flags are parsed (after
+        # --help, which still works), one line after the program's name, exit 2
+        self.env_errors: list[str] = []
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, rest = super().parse_known_args(args, namespace)
+        if self.env_errors:
+            self.exit(2, f"{self.prog}: {self.env_errors[0]}\n")
         # Parsed again with every default suppressed: what remains was given on the command line.
         defaults = [(action, action.default) for action in self._actions]
         try:
@@ -61,8 +66,17 @@ class FlagParser(argparse.ArgumentParser):
         env = self.env_name(name)
         raw = os.environ.get(env)
         if raw is not None:
-            default = _parse_env(raw, type, env)
-            self.env_set[name.lstrip("-").replace("-", "_")] = env
+            try:
+                value = _parse_env(raw, type, env)
+            except SystemExit as exc:
+                self.env_errors.append(str(exc.code))
+            else:
+                choices = kw.get("choices")
+                if choices is not None and value not in choices:
+                    self.env_errors.append(f"{env}={raw!r}: expected one of {', '.join(map(str, choices))}")
+                else:
+                    default = value
+                    self.env_set[name.lstrip("-").replace("-", "_")] = env
         if type is bool:
             self.add_argument(
                 name,
@@ -86,7 +100,9 @@ def _parse_env(raw: str, type_: Any, env: str) -> Any:
     try:
         return type_(raw)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise SystemExit(f"{env}={raw!r}: {exc}") from exc
+        # int()'s and float()'s own words ("invalid literal for int() with base 10") say less
+        plain = {int: "expected an integer", float: "expected a number"}.get(type_)
+        raise SystemExit(f"{env}={raw!r}: {plain or exc}") from exc
 
 
 # repeatable or informational flags take no single value from one variable

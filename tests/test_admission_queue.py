@@ -108,13 +108,16 @@ def test_full_queue_refuses_when_nothing_is_worse():
     q = AdmissionQueue(capacity=2)
     q.push(waiter("a", priority=1))
     q.push(waiter("b", priority=1))
-    with pytest.raises(QueueFull, match=r"^2 requests are queued \(the bound\)"):
+    with pytest.raises(QueueFull, match=r"^2 requests are queued \(the bound\)") as refused:
         q.push(waiter("c", priority=1))
+    # no tenant given: not "tenant ''", which reads like a bug
+    assert str(refused.value).endswith("requests without a tenant hold their fair share of the queue")
     assert len(q) == 2
     one = AdmissionQueue(capacity=1)  # its refusal read "1 requests are queued"
     one.push(waiter("a", tenant="t"))
-    with pytest.raises(QueueFull, match=r"^1 request is queued \(the bound\), none of lower priority"):
+    with pytest.raises(QueueFull, match=r"^1 request is queued \(the bound\), none of lower priority") as refused:
         one.push(waiter("b", tenant="t"))
+    assert str(refused.value).endswith("tenant 't' holds its fair share of the queue")
 
 
 def test_remove_cancelled_and_bounded_tenants():

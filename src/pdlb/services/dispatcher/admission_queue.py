@@ -163,7 +163,11 @@ class AdmissionQueue:
                     raise QueueFull(
                         f"{counted(self.size, 'request')} {'is' if self.size == 1 else 'are'} queued (the bound), "
                         "none of lower priority, and "
-                        f"tenant {waiter.tenant!r} holds its fair share of the queue"
+                        + (
+                            f"tenant {waiter.tenant!r} holds its fair share of the queue"
+                            if waiter.tenant
+                            else "requests without a tenant hold their fair share of the queue"
+                        )
                     )
             self.remove(displaced)
             # Its tenant's entry may have just been dropped: the key is taken again below.

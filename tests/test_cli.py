@@ -557,15 +557,20 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())
     for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
         assert f"[env: {variable}]" in shown, variable
-    for variable, value, said in (
-        ("PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
-        ("PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
-        ("PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
-        ("PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
+    for command, variable, value, said in (
+        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
+        ("up", "PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
+        ("up", "PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
+        ("top", "PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
     ):
-        refused = pdlb("up", "--help", env={**env, variable: value})
-        assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb: {said}"), refused.stderr
+        argv = ["--once"] if command == "top" else ["--runner", "sim", "--port", "0", "--etcd-port", "0"]
+        refused = pdlb(command, *argv, env={**env, variable: value})
+        assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb {command}: {said}"), refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+        assert pdlb(command, "--help", env={**env, variable: value}).returncode == 0  # help still answers
+    # a variable of another command's flag does not stop this one
+    other = pdlb("workers", "--dispatcher", "127.0.0.1:1", env={**env, "PDLB_TOP_INTERVAL_MS": "abc"})
+    assert "PDLB_TOP_INTERVAL_MS" not in other.stderr and "UNAVAILABLE" in other.stderr, other.stderr
     # a subcommand's --help names the connection flags' variables too
     assert "[env: PDLB_CLUSTER]" in " ".join(pdlb("top", "--help", env=env).stdout.split())
     # checked when pdlb up starts, not by the flag's type: still named as the variable that set it

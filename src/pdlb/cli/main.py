@@ -12,7 +12,7 @@ from pdlb.cli import state
 from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
-from pdlb.common.config import FlagRefused, env_fallbacks
+from pdlb.common.config import env_fallbacks
 from pdlb.common.plurals import counted
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     # Every flag falls back to an environment variable, as the services' do: PDLB_CLUSTER,
     # PDLB_DISPATCHER... for the connection flags, PDLB_<COMMAND>_<FLAG> for a command's own.
-    env_fallbacks(parser, "PDLB_")
+    # a variable's value its flag refuses is reported once the command is known (refused_variables)
+    parser.set_defaults(env_errors={})
+    connection_errors: list[str] = []
+    env_fallbacks(parser, "PDLB_", errors=connection_errors)
     named = {a.dest: a for a in parser._actions}
     for action in connection._actions:  # the subcommands' copies: their --help names the variable too
         action.help = named[action.dest].help
@@ -86,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, subparser in sub.choices.items():
         # `up` has no connection flags (its --prefill and --decode count ranks)
         skip = () if name == "up" else shared
-        found = env_fallbacks(subparser, f"PDLB_{name.upper().replace('-', '_')}_", skip=skip)
-        subparser.set_defaults(env_flags=found)
+        errors = list(connection_errors)  # every command reads the connection flags too
+        found = env_fallbacks(subparser, f"PDLB_{name.upper().replace('-', '_')}_", skip=skip, errors=errors)
+        subparser.set_defaults(env_flags=found, env_errors=errors)
     return parser
 
 
@@ -264,12 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     program's name (`pdlb top: ...`), as argparse's own refusals read: a SystemExit with a message
     (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
-    try:
-        parser = build_parser()
-    except FlagRefused as exc:  # an environment variable a flag's type or choices refuse
-        print(f"pdlb: {exc.message}", file=sys.stderr, flush=True)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # --help answers even with a variable refused below
+    if args.env_errors:  # a variable of this command's flags holding a value the flag refuses
+        print(f"pdlb {args.command}: {args.env_errors[0]}", file=sys.stderr, flush=True)
         return 2
-    args, unknown = parser.parse_known_args(argv)
     if unknown:
         from pdlb.cli.local_cluster import pass_through_hint
 

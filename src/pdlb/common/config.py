@@ -109,14 +109,17 @@ def _parse_env(raw: str, type_: Any, env: str) -> Any:
 _NO_ENV = (argparse._HelpAction, argparse._VersionAction, argparse._AppendAction, argparse._CountAction)
 
 
-def env_fallbacks(parser: argparse.ArgumentParser, prefix: str, skip: Collection[str] = ()) -> dict[str, str]:
+def env_fallbacks(
+    parser: argparse.ArgumentParser, prefix: str, skip: Collection[str] = (), errors: list[str] | None = None
+) -> dict[str, str]:
     """Give each `--foo-bar` flag of a plain argparse parser (the `pdlb` command's, whose
     subcommands are not FlagParsers) the fallback FlagParser gives services: the default comes from
     `<prefix>FOO_BAR` when that variable is set, and --help names the variable.
 
     Skipped: flags whose dest is in `skip`, help/version, and repeatable flags (append, count).
     An on/off flag reads true/false (1/0, yes/no, on/off). A value the flag's type or choices
-    refuse raises FlagRefused naming the variable. Returns dest -> variable of the flags whose
+    refuse raises FlagRefused naming the variable, or with `errors` is appended to it (for a caller
+    that refuses after parsing, so that --help still answers). Returns dest -> variable of the flags whose
     default the environment set (a command line flag still wins)."""
     found: dict[str, str] = {}
     for action in parser._actions:
@@ -137,9 +140,17 @@ def env_fallbacks(parser: argparse.ArgumentParser, prefix: str, skip: Collection
             else:
                 value = _parse_env(raw, action.type, env) if action.type is not None else raw
         except SystemExit as exc:
-            raise FlagRefused(str(exc.code)) from None
-        if action.choices is not None and value not in action.choices:
-            raise FlagRefused(f"{env}={raw!r}: expected one of {', '.join(map(str, action.choices))}")
+            refused = str(exc.code)
+        else:
+            choices = action.choices
+            refused = ""
+            if choices is not None and value not in choices:
+                refused = f"{env}={raw!r}: expected one of {', '.join(map(str, choices))}"
+        if refused:
+            if errors is None:
+                raise FlagRefused(refused)
+            errors.append(refused)
+            continue
         action.default = value
         found[action.dest] = env
     return found

@@ -136,7 +136,7 @@ def test_every_order_keeps_paths_whole_locks_held_and_events_exact(order, ops):
         cache.lock(path)
         slots = [s for n in path for s in n.slots] + bank.take(len(tokens) - 3 * len(path))
         path, dup = cache.insert(tokens, slots, path)
-        bank.release(dup + slots[3 * len(path) :])
+        bank.release(dup + slots[3 * len(path) :])  # duplicates and the uncached tail are the caller's
         held.append(path) if keep else cache.unlock(path)
         cache.evict(evict)
         alive, stack = set(), [cache.root]
@@ -147,6 +147,9 @@ def test_every_order_keeps_paths_whole_locks_held_and_events_exact(order, ops):
                 alive.add(child.name)
                 stack.append(child)
         assert events.live == alive  # the dispatchers' exact index sees exactly what is cached
+        locked = {id(n): n for p in held for n in p}
+        assert cache.locked_tokens == sum(len(n.slots) for n in locked.values())
+        assert cache.cached_tokens == 3 * cache.node_count()
         assert all(n.alive for p in held for n in p)  # locked: never evicted
         assert sum(cache.segment_tokens(s) for s in range(cache.eviction.segments)) == cache.cached_tokens
     for path in held:

@@ -10,12 +10,11 @@ import asyncio
 
 import pytest
 
-from pdlb.services.dispatcher.flow_control import FlowControl, FlowOptions
+from pdlb.services.dispatcher.flow_control import FlowControl
 from pdlb.services.dispatcher.lending import RecentPeak, headroom
-from pdlb.services.dispatcher.load_table import LoadTable, ReportedLoad, Role, Worker
-from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, create_policy
-from pdlb.services.dispatcher.router import Router
+from pdlb.services.dispatcher.policies import RouteContext
 from pdlb.services.dispatcher.tenant_share import Room, TenantShares, Verdict
+from tests.test_tenant_share import flow_on as tenant_share_flow_on
 
 
 class Clock:
@@ -165,13 +164,8 @@ def test_totals_follow_acquire_release_and_prefill():
 
 
 def flow_on(slots_per_rank: int, ranks: int, **options) -> FlowControl:
-    table = LoadTable()
-    for rank in range(ranks):
-        table.upsert(Worker(f"w{rank}", Role.MIXED, rank, f"h:{rank}"))
-        table.apply_report(f"w{rank}", ReportedLoad(max_running_requests=slots_per_rank), 0)
-    router = Router(Role.MIXED, table, create_policy("least_wait", Role.MIXED, PolicyOptions()))
-    options = {"work_conserving": True, **options}  # lending, unless a test turns it off
-    return FlowControl(router, FlowOptions(enabled=True, max_prefill_ahead_chunks=0, **options))
+    """test_tenant_share's flow control over sim ranks, lending unless a test turns it off."""
+    return tenant_share_flow_on(slots_per_rank, ranks, **{"work_conserving": True, **options})
 
 
 def finish(flow: FlowControl, request_id: str, decision) -> None:

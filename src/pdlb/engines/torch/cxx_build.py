@@ -1,8 +1,9 @@
 """The system C++ compiler: finding it, and building a kernel's shared library once into a cache.
 
 Two CPU options need a compiler: torch.compile's inductor (compiled_ops.py) and pdlb's own C++
-kernels (paged_attention_cpu.py). Both ask `compiler()` here, so a worker is refused at start with the
-same check and message (`missing_compiler_message`), before any model loads.
+kernels (paged_attention_cpu.py, decode_ops_cpu.py, built and loaded through `load`). Both ask
+`compiler()` here, so a worker is refused at start with the same check and message
+(`missing_compiler_message`), before any model loads.
 
 `build` compiles one source file into `<cache>/<stem>-<key>-<digest>.so`. The key hashes everything
 that changes the binary (the source and the headers beside it, which it may include, the compiler
@@ -31,7 +32,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,28 @@ BUILD_TIMEOUT_S = 300.0
 
 class BuildFailed(RuntimeError):
     """The compiler did not produce the library; the message holds its last lines of output."""
+
+
+Loaded = TypeVar("Loaded")
+
+
+def load(
+    what: str,
+    source: Path,
+    flags: list[str],
+    wrap: Callable[[Path], Loaded],
+    unavailable: type[Exception],
+    reason: str | None,
+) -> Loaded:
+    """`wrap(library)` for the library of `source` built with `flags` (`build`). `reason`: why the
+    kernel cannot run on this machine, None when it can. Raises `unavailable` naming `what` and why:
+    that reason, or a build or load failure (BuildFailed, OSError from the loader)."""
+    if reason is not None:
+        raise unavailable(f"{what} cannot run here: {reason}")
+    try:
+        return wrap(build(source, flags))
+    except (BuildFailed, OSError) as exc:
+        raise unavailable(f"{what} could not be built or loaded: {exc}") from None
 
 
 FALLBACKS = ("c++", "g++", "clang++")

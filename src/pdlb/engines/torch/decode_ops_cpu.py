@@ -213,10 +213,4 @@ def for_model(mode: str) -> tuple[DecodeOps | None, str]:
 def shared() -> DecodeOps:
     """The ops, built (or found in the cache) and loaded once per process. Raises Unavailable when
     this machine cannot build or run them."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise Unavailable(f"{WHAT} cannot run here: {reason}")
-    try:
-        return DecodeOps(cxx_build.build(SOURCE, FLAGS))
-    except (cxx_build.BuildFailed, OSError) as exc:
-        raise Unavailable(f"{WHAT} could not be built or loaded: {exc}") from None
+    return cxx_build.load(WHAT, SOURCE, FLAGS, DecodeOps, Unavailable, unavailable_reason())

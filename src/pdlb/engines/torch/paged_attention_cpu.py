@@ -177,10 +177,4 @@ def for_model(mode: str, heads: int, kv_heads: int, head_dim: int) -> tuple[Page
 def shared() -> PagedDecodeAttention:
     """The kernel, built (or found in the cache) and loaded once per process. Raises Unavailable
     when this machine cannot build or run it."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise Unavailable(f"{WHAT} cannot run here: {reason}")
-    try:
-        return PagedDecodeAttention(cxx_build.build(SOURCE, FLAGS))
-    except (cxx_build.BuildFailed, OSError) as exc:
-        raise Unavailable(f"{WHAT} could not be built or loaded: {exc}") from None
+    return cxx_build.load(WHAT, SOURCE, FLAGS, PagedDecodeAttention, Unavailable, unavailable_reason())

@@ -522,6 +522,21 @@ def test_connection_flags_are_taken_before_or_after_the_subcommand():
     assert parser.parse_args(["generate", "hi"]).dispatcher == ""  # the defaults still apply
 
 
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
+    """`pdlb workers | head -1`: a command whose stdout reader has gone gets EPIPE on its next
+    print; it exits 1 with nothing on stderr, not a BrokenPipeError traceback (any command:
+    export-tokenizer needs no cluster)."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pdlb.cli.main", "export-tokenizer", str(tmp_path / "tok")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    run.stdout.close()  # the reader is gone before the command prints
+    stderr = run.stderr.read().decode()
+    assert run.wait(timeout=120) == 1 and stderr == "", stderr
+    assert (tmp_path / "tok" / "tokenizer.json").exists()  # the work itself was done
+
+
 def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path):
     """As the services' flags do: PDLB_<COMMAND>_<FLAG> (PDLB_<FLAG> for the connection flags)
     sets a default, the command line still wins, --help names the variable, and a value the flag
@@ -685,7 +700,10 @@ def test_a_refused_start_is_one_line_after_the_programs_name(service, flags, sta
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (["top", "--once"], "pdlb top: no running cluster named 'nosuch' (running: none); start it with `pdlb up`"),
+        (
+            ["top", "--once"],
+            "pdlb top: no running cluster named 'nosuch' (running: none); start it with `pdlb up --name nosuch`",
+        ),
         (["workers"], "pdlb workers: no running cluster named 'nosuch'"),
         (["generate", "hi"], "pdlb generate: no running cluster named 'nosuch'"),
         (["route", "hi"], "pdlb route: no running cluster named 'nosuch'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import grpc
@@ -288,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr, flush=True)  # end the line the ^C was echoed on
         return 130
+    except BrokenPipeError:
+        # the reader went away (`pdlb workers | head -1`): stop quietly, as the shell's tools do; the
+        # rest of stdout goes nowhere, so the interpreter's final flush raises no second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except SystemExit as exc:
         if not isinstance(exc.code, str):
             raise

@@ -86,7 +86,9 @@ def load(name: str = "") -> dict:
         state = running().get(check_name(name))
         if state is None:
             others = ", ".join(running()) or "none"
-            raise StateError(f"no running cluster named {name!r} (running: {others}); start it with `pdlb up`")
+            raise StateError(
+                f"no running cluster named {name!r} (running: {others}); start it with `pdlb up --name {name}`"
+            )
         return state
     clusters = running()
     if len(clusters) > 1:

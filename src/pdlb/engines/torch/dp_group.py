@@ -45,25 +45,33 @@ class WaveState:
     wave is over); a request for an earlier wave still runs (its work is real) and the rank's report
     of running at its own wave makes the dispatcher wake the others. Ranks adopt the group's highest
     wave at every step, so a rank that joined at wave 0 or missed a wave agrees after one step.
+
+    A start for a later wave that reaches a running rank is kept until its step ends (`restart`):
+    that step may be the one that pauses the group, and the other ranks, already past it, will wait
+    for this one in the later wave's first step exchange.
     """
 
     wave: int = 0
     running: bool = False
+    restart: int = -1  # a later wave this rank was asked to run while running an earlier one
 
     def on_request(self, wave: int | None) -> bool:
         """A request arrived (stamped with the dispatcher's wave, if any). True if it woke this rank."""
-        if wave is not None and wave > self.wave:
-            self.wave = wave
-        woke, self.running = not self.running, True
-        return woke
+        return self._start(wave if wave is not None else self.wave)
 
     def on_start_wave(self, wave: int) -> bool:
         """The dispatcher asks this rank to run `wave`. True if it woke this rank."""
         if wave < self.wave:
             return False
-        self.wave = wave
-        woke, self.running = not self.running, True
-        return woke
+        return self._start(wave)
+
+    def _start(self, wave: int) -> bool:
+        if self.running:
+            if wave > self.wave:
+                self.restart = max(self.restart, wave)
+            return False
+        self.wave, self.running = max(self.wave, wave), True
+        return True
 
     def on_step(self, any_work: bool, max_wave: int) -> None:
         """The outcome of a group step, identical on every rank."""
@@ -71,6 +79,10 @@ class WaveState:
         if not any_work:
             self.running = False
             self.wave += 1
+            if self.restart >= self.wave:
+                self.wave, self.running = self.restart, True
+        if self.restart <= self.wave:
+            self.restart = -1
 
 
 @dataclass(frozen=True)

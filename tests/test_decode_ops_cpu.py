@@ -142,8 +142,13 @@ def test_auto_falls_back_to_eager_where_the_ops_cannot_build_and_fused_says_why(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--cpu-decode-ops", "fused"], ["--cpu-decode-attention", "paged"], ["--cpu-compiled-ops"]],
-    ids=["ops", "paged", "compiled"],
+    [
+        ["--cpu-decode-ops", "fused"],
+        ["--cpu-prefill-ops", "fused"],
+        ["--cpu-decode-attention", "paged"],
+        ["--cpu-compiled-ops"],
+    ],
+    ids=["ops", "prefill-ops", "paged", "compiled"],
 )
 def test_the_scheduler_refuses_a_mistyped_cxx_in_one_line(flags):
     """CXX naming no executable: refused at start (exit 2), the line naming the flag and $CXX, before
@@ -158,7 +163,9 @@ def test_the_scheduler_refuses_a_mistyped_cxx_in_one_line(flags):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--cpu-decode-ops", "fused"], ["--cpu-decode-attention", "paged"]], ids=["ops", "paged"]
+    "flags",
+    [["--cpu-decode-ops", "fused"], ["--cpu-prefill-ops", "fused"], ["--cpu-decode-attention", "paged"]],
+    ids=["ops", "prefill-ops", "paged"],
 )
 def test_the_scheduler_refuses_kernels_for_the_tiny_model_instead_of_ignoring_them(flags):
     """tiny-random has its own attention and layers: an explicit paged/fused is refused in one line

@@ -130,8 +130,8 @@ NEEDS_FUSED_OPS = pytest.mark.skipif(
 def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False, fused: bool = False) -> None:
     """Give a CPU runner's model the compiled element-wise ops (as its compiled_ops flag would),
     compiled now, for steps of any size; `paged`: the paged decode attention kernel (as
-    --cpu-decode-attention paged would); `fused`: the fused decode element-wise ops (as
-    --cpu-decode-ops fused would)."""
+    --cpu-decode-attention paged would); `fused`: the fused element-wise ops in decode and prefill
+    steps (as --cpu-decode-ops fused with --cpu-prefill-ops auto would)."""
     if ops:
         c = runner.config
         compiled = compiled_ops.shared()
@@ -141,23 +141,25 @@ def _compile_into(runner: TorchRunner, ops: bool, paged: bool = False, fused: bo
     if paged:
         runner.model.decode_attention = paged_attention_cpu.shared()
     if fused:
-        runner.model.decode_ops = decode_ops_cpu.shared()
+        runner.model.decode_ops = runner.model.prefill_ops = decode_ops_cpu.shared()
 
 
 def _back_to_defaults(runner: TorchRunner) -> None:
     runner.model.compiled_ops = None
     runner.model.decode_attention = None
-    runner.model.decode_ops = None
+    runner.model.decode_ops = runner.model.prefill_ops = None
     runner.model.__dict__.pop("compiled_ops_min_tokens", None)  # back to the class default
 
 
-@pytest.mark.parametrize("ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER)])
+@pytest.mark.parametrize(
+    "ops", ["eager", pytest.param("compiled", marks=NEEDS_COMPILER), pytest.param("fused", marks=NEEDS_FUSED_OPS)]
+)
 def test_smollm2_logits_match_transformers(smollm2, smollm2_reference, smollm2_runner, ops):
-    """Prefill logits within the tolerance of transformers', eager and with the compiled element-wise
-    ops (compiled_ops.py)."""
+    """Prefill logits within the tolerance of transformers', eager, with the compiled element-wise
+    ops (compiled_ops.py) and with pdlb's fused C++ ones (decode_ops_cpu.py)."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
-    _compile_into(smollm2_runner, ops == "compiled")
+    _compile_into(smollm2_runner, ops == "compiled", fused=ops == "fused")
     try:
         for text in TEXTS[:3]:
             ids = tokenizer.encode(text)
@@ -199,8 +201,8 @@ async def test_smollm2_greedy_tokens_match_transformers_through_the_engine(
     """Chunked prefill (7-token chunks), three requests batched, then the same prompts again with
     their prefixes in the prefix cache: every run's tokens equal transformers' greedy generation,
     with the element-wise ops eager or compiled (compiled_ops.py), or the decode rows attending
-    through the paged kernel (paged_attention_cpu.py), the decode steps' element-wise ops fused in
-    C++ (decode_ops_cpu.py), or both (as the CPU worker's defaults)."""
+    through the paged kernel (paged_attention_cpu.py), the element-wise ops of every step fused in
+    C++ (decode_ops_cpu.py), or both."""
     _, tokenizer = smollm2
     reference, _ = smollm2_reference
     prompts = [
@@ -402,9 +404,11 @@ async def test_random_hf_checkpoint_matches_transformers(tmp_path, kind, fixed_p
         decode_graphs=fixed_plans,
         paged_attention=attention.startswith("paged"),
         decode_ops=attention.endswith("fused"),
+        prefill_ops=attention.endswith("fused"),
     )
     assert (runner.model.decode_attention is not None) == attention.startswith("paged")
     assert (runner.model.decode_ops is not None) == attention.endswith("fused")
+    assert (runner.model.prefill_ops is not None) == attention.endswith("fused")
     assert runner.pool.k.shape[2] == 2  # the pool holds the 2 KV heads only, not the 4 query heads
     ids = tokenizer.encode("Hello world! The year 2024")
     with torch.no_grad():

@@ -46,8 +46,8 @@ def maps_library(pid: int, stem: str) -> bool:
 )
 async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, prefix, attention):
     """Both workers' decode attention as --cpu-decode-attention says and their decode element-wise
-    ops as --cpu-decode-ops says (sdpa with eager ops; paged with the fused ops: both kernels' libraries
-    are loaded in the worker processes)."""
+    ops as --cpu-decode-ops and --cpu-prefill-ops say (sdpa with eager ops; paged with the fused ops:
+    both kernels' libraries are loaded in the worker processes)."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
     start_service("bootstrap", *common)
     prefill = start_service("dispatcher", *common, *SMOLLM2, "--disaggregation-mode", "prefill", name="d-prefill")
@@ -64,6 +64,8 @@ async def test_smollm2_answers_through_the_whole_pd_path(start_service, etcd, pr
             "--cpu-decode-attention",
             attention,
             "--cpu-decode-ops",
+            "fused" if attention == "paged" else "eager",
+            "--cpu-prefill-ops",
             "fused" if attention == "paged" else "eager",
             name=mode,
         )

@@ -5,6 +5,8 @@ pow, mean, rsqrt and multiplies, rotary's multiply, roll and add, the K/V index_
 SiLU and the multiply), each a dispatch and a pass over its tensor. At a decode batch of 16 on 2
 cores they take ~12 ms of a ~90 ms SmolLM2 step, mostly dispatch; vLLM's compiled CPU model fuses
 them. torch.compile's versions (compiled_ops.py) cost more in guards than they save at that size.
+Prefill and mixed steps take the same ops (--cpu-prefill-ops): at thousands of rows the passes,
+not the dispatch, are the cost.
 Here three calls per layer, through ctypes into `decode_ops_cpu.cpp` beside this file:
 
 - `add_rms_norm(x, delta, weight, eps)` -> h: x += delta in place (delta None: no add), h =

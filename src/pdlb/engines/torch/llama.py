@@ -170,6 +170,8 @@ class LlamaModel(nn.Module):
     # the plain-torch path's element-wise ops of float32 decode steps fused in C++ (decode_ops_cpu.py);
     # None: eager
     decode_ops: DecodeOps | None = None
+    # the same kernels for float32 prefill and mixed steps (any step with a prompt chunk); None: eager
+    prefill_ops: DecodeOps | None = None
 
     def uses_fused(self) -> bool:
         if self.fused is not None:
@@ -223,8 +225,9 @@ class LlamaModel(nn.Module):
     def _run_torch(self, plan: BatchPlan | DecodePlan, pool: KVPool) -> torch.Tensor:
         c = self.config
         x = self.embed_tokens(plan.tokens)
-        if self.decode_ops is not None and plan.decode_only and x.dtype == pool.k.dtype == torch.float32:
-            return self._run_decode_fused(plan, pool, x, self.decode_ops)
+        element_ops = self.decode_ops if plan.decode_only else self.prefill_ops
+        if element_ops is not None and x.dtype == pool.k.dtype == torch.float32:
+            return self._run_cpu_fused(plan, pool, x, element_ops)
         cos, sin = self._rotary_tables(plan)
         # rotate_half(x) * sin == roll(x, half) * (-sin, sin): one roll instead of a neg and a cat
         cos = torch.cat((cos, cos), -1).to(x.dtype).unsqueeze(1)  # [T, 1, hd]
@@ -262,24 +265,27 @@ class LlamaModel(nn.Module):
             return self._logits(h[plan.last_index])
         return self._logits(self.norm(x[plan.last_index]))
 
-    def _run_decode_fused(
+    def _run_cpu_fused(
         self, plan: BatchPlan | DecodePlan, pool: KVPool, x: torch.Tensor, ops: DecodeOps
     ) -> torch.Tensor:
-        """A float32 decode step on a CPU with the element-wise ops in pdlb's C++ kernels
-        (decode_ops_cpu.py): per layer three calls between the GEMMs and attention instead of ~20
-        torch ops. `x` [B, D] is the step's embeddings, added to in place as the residual stream."""
+        """A float32 step on a CPU (decode, prefill or mixed) with the element-wise ops in pdlb's C++
+        kernels (decode_ops_cpu.py): per layer three calls between the GEMMs and attention instead of
+        ~20 torch ops. `x` [T, D] is the step's embeddings, added to in place as the residual stream."""
         c = self.config
-        cos, sin = self._rotary_tables(plan)  # [B, hd / 2] each
+        cos, sin = self._rotary_tables(plan)  # [T, hd / 2] each
         layout = plan.attention_layout()
         h = ops.add_rms_norm(x, None, self.layers[0].input_layernorm.weight, c.rms_norm_eps)
-        q_width = c.num_heads * c.head_dim
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv_proj(h)
             k_pool, v_pool = pool.k[index], pool.v[index]
             ops.rotary_kv_write(qkv, cos, sin, plan.write_slots, k_pool, v_pool, c.num_heads, c.num_kv_heads)
+            # views of the rotated rows: prompt chunks attend to their own K/V through them, decode
+            # rows read the pool
             q = qkv[:, :q_width].view(-1, c.num_heads, c.head_dim)
-            # decode rows only: attend reads K/V from the pool, never the new rows passed beside it
-            attended = pool_attention.attend(layout, q, q, q, k_pool, v_pool, self.decode_attention)
+            k = qkv[:, q_width : q_width + kv_width].view(-1, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_width + kv_width :].view(-1, c.num_kv_heads, c.head_dim)
+            attended = pool_attention.attend(layout, q, k, v, k_pool, v_pool, self.decode_attention)
             h = ops.add_rms_norm(x, layer.o_proj(attended), layer.post_attention_layernorm.weight, c.rms_norm_eps)
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             h = ops.add_rms_norm(

@@ -84,6 +84,7 @@ class TorchRunner(Runner):
         compiled_ops: bool = False,
         paged_attention: paged_attention_cpu.PagedDecodeAttention | bool = False,
         decode_ops: decode_ops_cpu.DecodeOps | bool = False,
+        prefill_ops: decode_ops_cpu.DecodeOps | bool = False,
     ) -> None:
         """`decode_graphs`: replay decode steps from CUDA graphs (None: on CUDA devices, for models
         that support it); True on a CPU runs the same fixed-shape decode plans without capture.
@@ -97,7 +98,9 @@ class TorchRunner(Runner):
         here (or loaded from its cache); raises paged_attention_cpu.Unavailable naming why it cannot run.
         `decode_ops`: on a CPU, a float32 Llama model's decode steps run their element-wise ops in
         pdlb's fused C++ kernels (decode_ops_cpu.py; True, or the ops already loaded); raises
-        decode_ops_cpu.Unavailable naming why they cannot run."""
+        decode_ops_cpu.Unavailable naming why they cannot run.
+        `prefill_ops`: the same kernels for its float32 prefill and mixed steps (any step with a
+        prompt chunk); the same forms and errors as `decode_ops`."""
         self.device = torch.device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
         self.packed_linears = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
@@ -120,10 +123,15 @@ class TorchRunner(Runner):
                 c = model.config
                 kernel, _ = paged_attention_cpu.for_model("paged", c.num_heads, c.num_kv_heads, c.head_dim)
             self.model.decode_attention = kernel
-        self.decode_ops = bool(decode_ops) and self.device.type == "cpu" and isinstance(model, LlamaModel)
+        fusable = self.device.type == "cpu" and isinstance(model, LlamaModel)
+        self.decode_ops = bool(decode_ops) and fusable
         if self.decode_ops:
             ops = decode_ops if isinstance(decode_ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()
             self.model.decode_ops = ops
+        self.prefill_ops = bool(prefill_ops) and fusable
+        if self.prefill_ops:
+            ops = prefill_ops if isinstance(prefill_ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()
+            self.model.prefill_ops = ops
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)

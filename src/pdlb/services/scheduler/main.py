@@ -234,8 +234,18 @@ def build_parser() -> FlagParser:
         "the Llama model's float32 decode steps on a CPU. eager: one torch op each; auto: fused where they "
         "can be built (a C++ compiler, an AVX2 CPU), else eager (logged); fused: pdlb's C++ kernels, three "
         "calls per layer on torch's OpenMP threads, built at start into the paged kernel's cache (needs a "
-        "C++ compiler; ~3 s once). Prefill steps, other dtypes and tiny-random stay eager. Default eager: "
-        "~8%% off the decode step in process, but no gain shown end to end yet (docs/BENCHMARKS.md)",
+        "C++ compiler; ~3 s once). Prefill steps (--cpu-prefill-ops), other dtypes and tiny-random stay "
+        "eager. Default eager: ~8%% off the decode step in process, but no gain shown end to end yet "
+        "(docs/BENCHMARKS.md)",
+    )
+    p.flag(
+        "--cpu-prefill-ops",
+        default="auto",
+        choices=list(decode_ops_cpu.MODES),
+        help="the same fused C++ kernels as --cpu-decode-ops (same choices and needs) for the float32 steps "
+        "that carry a prompt chunk (prefill and mixed steps), where eager torch makes a pass over every "
+        "prompt token per op. Default auto: ~9%% off a 2,048-token SmolLM2 prefill step in process "
+        "(docs/BENCHMARKS.md)",
     )
     p.flag("--model-path", default="", help=f"{TINY}: safetensors file with weights of the configured shape")
     p.flag("--vocab-size", default=320, type=int, help=f"{TINY}: vocabulary (>= 257: bytes and EOS)")
@@ -316,7 +326,8 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         graph_max_batch=args.cuda_graph_max_batch,
         compiled_ops=args.cpu_compiled_ops,
         paged_attention=_paged_kernel(args, config) if source.kind != "tiny" else False,
-        decode_ops=_decode_ops(args, dtype) if source.kind != "tiny" else False,
+        decode_ops=_element_ops(args, dtype, "decode") if source.kind != "tiny" else False,
+        prefill_ops=_element_ops(args, dtype, "prefill") if source.kind != "tiny" else False,
     )
     if runner.compiled_ops:
         log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
@@ -324,10 +335,12 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         log.info("decode attention: paged kernel %s", runner.model.decode_attention.library)
     if runner.decode_ops:
         log.info("decode element-wise ops: fused kernels %s", runner.model.decode_ops.library)
+    if runner.prefill_ops:
+        log.info("prefill element-wise ops: fused kernels %s", runner.model.prefill_ops.library)
     if source.kind == "tiny" and args.device == "cpu":
         log.info(
             "tiny-random has its own attention and ops: decode attention through SDPA and eager element-wise ops "
-            "(--cpu-decode-attention and --cpu-decode-ops apply to Llama-family models)"
+            "(--cpu-decode-attention, --cpu-decode-ops and --cpu-prefill-ops apply to Llama-family models)"
         )
     if runner.graphs is not None and runner.graphs.capture and args.cuda_graph_warmup:
         started = time.perf_counter()
@@ -349,18 +362,22 @@ def _paged_kernel(args, config) -> paged_attention_cpu.PagedDecodeAttention | No
     return kernel
 
 
-def _decode_ops(args, dtype: torch.dtype) -> decode_ops_cpu.DecodeOps | None:
-    """The fused decode element-wise ops per --cpu-decode-ops for a Llama model on a CPU, or None
-    (logged, when auto falls back to eager). Raises decode_ops_cpu.Unavailable for an explicit fused."""
+def _element_ops(args, dtype: torch.dtype, steps: str) -> decode_ops_cpu.DecodeOps | None:
+    """The fused element-wise ops of `steps` ("decode" or "prefill") per --cpu-decode-ops or
+    --cpu-prefill-ops for a Llama model on a CPU, or None (logged, when auto falls back to eager).
+    Raises decode_ops_cpu.Unavailable for an explicit fused."""
+    mode = args.cpu_decode_ops if steps == "decode" else args.cpu_prefill_ops
     if args.device != "cpu":
         return None
     if dtype != torch.float32:
-        if args.cpu_decode_ops == "fused":
-            log.warning("--cpu-decode-ops fused: the kernels take float32 only; %s decode steps stay eager", dtype)
+        if mode == "fused":
+            log.warning(
+                "--cpu-%s-ops fused: the kernels take float32 only; %s %s steps stay eager", steps, dtype, steps
+            )
         return None
-    ops, why = decode_ops_cpu.for_model(args.cpu_decode_ops)
-    if ops is None and args.cpu_decode_ops == "auto":
-        log.warning("--cpu-decode-ops auto: eager element-wise ops in decode steps: %s", why)
+    ops, why = decode_ops_cpu.for_model(mode)
+    if ops is None and mode == "auto":
+        log.warning("--cpu-%s-ops auto: eager element-wise ops in %s steps: %s", steps, steps, why)
     return ops
 
 
@@ -385,15 +402,17 @@ def refuse_cpu_options_that_cannot_run(args) -> None:
                 "--cpu-decode-attention paged: tiny-random has its own attention and never takes the kernel "
                 "(it serves Llama-family models); use auto or sdpa"
             )
-    if args.cpu_decode_ops == "fused" and args.device == "cpu":
+    for flag, mode in (("--cpu-decode-ops", args.cpu_decode_ops), ("--cpu-prefill-ops", args.cpu_prefill_ops)):
+        if mode != "fused" or args.device != "cpu":
+            continue
         if not cxx_build.available():
-            raise FlagRefused(cxx_build.missing_compiler_message("--cpu-decode-ops fused", decode_ops_cpu.WHAT))
+            raise FlagRefused(cxx_build.missing_compiler_message(f"{flag} fused", decode_ops_cpu.WHAT))
         reason = decode_ops_cpu.unavailable_reason()
         if reason is not None:
-            raise FlagRefused(f"--cpu-decode-ops fused: {reason}")
+            raise FlagRefused(f"{flag} fused: {reason}")
         if args.model == TINY:
             raise FlagRefused(
-                "--cpu-decode-ops fused: tiny-random has its own layers and never takes the kernels "
+                f"{flag} fused: tiny-random has its own layers and never takes the kernels "
                 "(they serve Llama-family models); use auto or eager"
             )
 
@@ -436,9 +455,10 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         raise SystemExit(f"cannot serve --model {args.model}: {exc}") from None
     except paged_attention_cpu.Unavailable as exc:  # decode_ops_cpu.Unavailable is a subclass
         compute.shutdown()
-        flag = (
-            "--cpu-decode-ops fused" if isinstance(exc, decode_ops_cpu.Unavailable) else "--cpu-decode-attention paged"
-        )
+        if isinstance(exc, decode_ops_cpu.Unavailable):
+            flag = "--cpu-decode-ops fused" if args.cpu_decode_ops == "fused" else "--cpu-prefill-ops fused"
+        else:
+            flag = "--cpu-decode-attention paged"
         raise FlagRefused(f"{flag}: {exc}") from None
     if args.engine == "vllm":
         _check_vllm_args(args, role)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -305,11 +306,21 @@ async def _replica_view(a: str, b: str) -> None:
 
 def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
-    for flag in ("--prefill", "--decode", "--workers", "--dispatchers"):
+    for flag in ("--prefill", "--decode", "--workers"):
         refused = pdlb("up", flag, "0", env=env)
-        assert refused.returncode == 2 and f"argument {flag}: 0: at least 1 is needed" in refused.stderr
+        said = f"argument {flag}: 0 ranks: expected an integer of 1 or more"
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    # named as what it counts, with the range it takes (it said "ranks" for --dispatchers too)
+    said = "0 dispatchers per role: expected an integer of 1 or more"
+    refused = pdlb("up", "--dispatchers", "0", env=env)
+    assert refused.returncode == 2 and f"argument --dispatchers: {said}" in refused.stderr, refused.stderr
+    refused = pdlb("up", env={**env, "PDLB_UP_DISPATCHERS": "0"})
+    assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb up: PDLB_UP_DISPATCHERS='0': {said}")
+    assert "rank" not in refused.stderr
     negative = pdlb("up", "--max-restarts", "-1", env=env)
-    assert negative.returncode == 2 and "argument --max-restarts: -1: 0 (never restart) or more" in negative.stderr
+    assert negative.returncode == 2 and "argument --max-restarts: -1 restarts: expected an integer of 0 or more" in (
+        negative.stderr
+    )
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
     assert "see above" not in shown
     for default in (
@@ -573,7 +584,7 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
         assert f"[env: {variable}]" in shown, variable
     for command, variable, value, said in (
-        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
+        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0 ranks: expected an integer of 1 or more"),
         ("up", "PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
         ("up", "PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
         ("top", "PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
@@ -593,6 +604,46 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     refused = pdlb("up", *ports, env={**env, "PDLB_UP_PREFIX_EVICTION": "fifo"})
     said = "pdlb up: PDLB_UP_PREFIX_EVICTION='fifo': unknown prefix-cache eviction 'fifo'"
     assert refused.returncode == 2 and refused.stderr.startswith(said), refused.stderr
+
+
+def test_a_word_for_a_number_in_any_commands_variable_or_flag_says_what_was_expected(monkeypatch):
+    """Every numeric flag of every `pdlb` command, from its variable or from the command line, says
+    `expected an integer` / `expected a number` as the services' flags do; the variables of pdlb
+    up's own types (ranks, ports, restarts) showed int()'s `invalid literal for int() with base 10`,
+    and the flag itself argparse's `invalid positive value`."""
+    from pdlb.cli.main import build_parser
+
+    positional = {"generate": ["hi"], "route": ["hi"], "export-tokenizer": ["d"], "health": ["h:1"]}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for command, subparser in commands.items():
+        for action in subparser._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if not long or action.type is None or action.choices is not None or action.dest == "rooms":
+                continue
+            try:
+                action.type("0.5")  # every float flag takes a half; no integer flag does
+                expected = "expected a number"
+            except (ValueError, argparse.ArgumentTypeError):
+                expected = "expected an integer"
+            prefix = "PDLB_" if action.dest in ("cluster", "dispatcher", "bootstrap") and command != "up" else ""
+            variable = prefix or f"PDLB_{command.upper().replace('-', '_')}_"
+            variable += long[0][2:].replace("-", "_").upper()
+            monkeypatch.setenv(variable, "abc")
+            args, _ = build_parser().parse_known_args([command, *positional.get(command, [])])
+            monkeypatch.delenv(variable)
+            assert args.env_errors == [f"{variable}='abc': {expected}"], (command, long[0], args.env_errors)
+            checked += 1
+    assert checked >= 15  # the walk found pdlb up's ranks, ports and restarts and the other commands' numbers
+
+
+def test_the_words_on_the_command_line_for_a_word_in_a_numeric_flag(tmp_path):
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    for flag, said in (("--prefill", "'abc': expected an integer"), ("--port", "'abc': expected an integer")):
+        refused = pdlb("up", flag, "abc", env=env)
+        assert refused.returncode == 2 and f"argument {flag}: {said}" in refused.stderr, refused.stderr
+    refused = pdlb("bench-client", "--rate", "abc", "--dispatcher", "127.0.0.1:1", env=env)
+    assert "argument --rate: 'abc': expected a number" in refused.stderr, refused.stderr
 
 
 def test_a_services_variable_its_flag_refuses_is_one_line_naming_it_exit_2():

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from pdlb.cli import state
+from pdlb.cli.flag_types import int_from
 from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
@@ -46,22 +47,12 @@ PROGRESS_EVERY_S = 15.0
 DECODE_OFFSET, GATEWAY_OFFSET, BOOTSTRAP_OFFSET, REPLICA_OFFSET = 1, 8, 9, 10
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1 is needed (a role without ranks serves nothing)")
-    return value
-
-
-def restarts(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: 0 (never restart) or more")
-    return value
+ranks = int_from(1, "ranks", "a role without ranks serves nothing")
+restarts = int_from(0, "restarts", "0: never restart")
 
 
 def port(text: str) -> int:
-    value = int(text)
+    value = int_from(-(2**63), "")(text)  # only its "expected an integer", as every numeric flag says
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535; 0: any free port)")
     return value
@@ -110,9 +101,9 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = DefaultsShown
     parser.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="PD disaggregated, or mixed workers")
-    parser.add_argument("--prefill", type=positive, default=2, action=Given, help="PD: prefill ranks")
-    parser.add_argument("--decode", type=positive, default=2, action=Given, help="PD: decode ranks")
-    parser.add_argument("--workers", type=positive, default=2, action=Given, help="mixed: DP ranks")
+    parser.add_argument("--prefill", type=ranks, default=2, action=Given, help="PD: prefill ranks")
+    parser.add_argument("--decode", type=ranks, default=2, action=Given, help="PD: decode ranks")
+    parser.add_argument("--workers", type=ranks, default=2, action=Given, help="mixed: DP ranks")
     # Defaults follow the benchmarks (docs/BENCHMARKS.md): predicted_latency for mixed and prefill
     # dispatchers of independent workers, least_wait for decode; in lockstep groups cache_aware for
     # mixed and prefill, total_requests for decode.
@@ -158,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vllm-server-ranks",
-        type=int,
+        type=int_from(0, "ranks per vLLM server", "0: the role's ranks"),
         default=0,
         help="vllm: DP ranks per server (default: the role's ranks (--workers, --prefill, --decode) when pdlb "
         "starts the servers, else 1)",
@@ -192,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dispatchers",
-        type=positive,
+        type=int_from(1, "dispatchers per role", "each role needs one to route its requests"),
         default=1,
         help="dispatcher replicas per role (the gateway spreads requests over them)",
     )

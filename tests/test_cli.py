@@ -150,6 +150,59 @@ def test_the_start_summary_names_the_cluster_and_how_to_reach_it():
     assert "--cluster" not in lines[-1]  # the default cluster is found without it
 
 
+def test_variables_of_the_other_mode_are_named_on_stderr_and_the_banner_shows_the_settings(tmp_path, monkeypatch):
+    """PDLB_UP_WORKERS in a PD cluster was ignored in silence (the flag is refused; a variable may
+    be set for both modes, so the start goes on): one line on stderr names it and why. The ready
+    banner showed flow control's on/off alone, never lending (--work-conserving through
+    --dispatcher-arg), the prefix cache's eviction order or the methods: now every setting that
+    changes how requests are routed, held or served."""
+    monkeypatch.setenv("PDLB_UP_WORKERS", "4")
+    monkeypatch.setenv("PDLB_UP_METHOD", "round_robin")
+    flags = ["--runner", "sim", "--model", "tiny-random", "--prefill", "1", "--decode", "1", "--flow-control"]
+    flags += ["--dispatcher-arg=--work-conserving", "--dispatcher-arg=--queue-ttl=10", "--prefix-eviction", "slru"]
+    up, state, _ = start_up(tmp_path, *flags)
+    try:
+        said = [line for line in up.start_lines if "PDLB_UP_" in line]
+        assert said == [
+            "pdlb up: PDLB_UP_WORKERS=4, PDLB_UP_METHOD=round_robin are ignored: they set flags of --mode mixed, "
+            "and this cluster is --mode pd (its ranks: --prefill and --decode); unset them, or add --mode mixed\n"
+        ], up.start_lines
+        assert sorted(state["workers"]) == ["scheduler-decode-0", "scheduler-prefill-0"]  # as the flags said
+        banner = "".join(up.start_lines)
+        for shown in (
+            "  method               prefill predicted_latency, decode least_wait\n",
+            "  flow control         on, work-conserving (idle share lent), --queue-ttl=10\n",
+            "  prefix eviction      slru\n",
+            "  lockstep             off\n",
+            "  engine               pdlb (sim runner)\n",
+        ):
+            assert shown in banner, banner
+    finally:
+        stop_up(up)
+
+
+def test_the_banner_settings_follow_what_is_passed_on_and_the_mode(monkeypatch):
+    from pdlb.cli.local_cluster import LocalCluster, variables_of_the_other_mode
+    from pdlb.cli.main import build_parser
+
+    monkeypatch.setenv("PDLB_UP_PREFILL", "3")
+    monkeypatch.setenv("PDLB_UP_DECODE", "5")
+    args = build_parser().parse_args(["up", "--mode", "mixed", "--scheduler-arg=--prefix-eviction=slru-random"])
+    said = variables_of_the_other_mode(args)
+    assert said is not None and said.startswith("PDLB_UP_PREFILL=3, PDLB_UP_DECODE=5 are ignored: they set flags")
+    assert "this cluster is --mode mixed (its ranks: --workers)" in said
+    monkeypatch.delenv("PDLB_UP_DECODE")
+    assert variables_of_the_other_mode(build_parser().parse_args(["up", "--mode", "pd"])) is None  # its own mode's
+    settings = LocalCluster(args).settings("cache_aware", "", "")
+    assert settings["method"] == "cache_aware" and settings["flow control"] == "off"
+    assert settings["prefix eviction"] == "slru-random"  # passed on to the schedulers: still shown
+    args = build_parser().parse_args(["up", "--dispatcher-arg=--flow-control", "--dispatcher-arg=--no-work-conserving"])
+    settings = LocalCluster(args).settings("", "cache_aware", "total_requests")
+    assert settings["flow control"] == "on, hard shares (no lending)"
+    assert settings["method"] == "prefill cache_aware, decode total_requests"
+    assert settings["prefix eviction"] == "lru (the schedulers' default)"
+
+
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
     assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk

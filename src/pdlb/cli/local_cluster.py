@@ -73,7 +73,10 @@ GATEWAY_SET_BY_UP = (
     "--decode-dispatcher", "--bootstrap",
 )  # fmt: skip
 # flags that size or configure one mode's roles: given with the other mode they would act on nothing
-MODE_FLAGS = {"pd": ("prefill", "decode", "prefill_method", "decode_method"), "mixed": ("workers", "method")}
+MODE_FLAGS = {
+    "pd": ("prefill", "decode", "prefill_method", "decode_method", "vllm_decode_url"),
+    "mixed": ("workers", "method"),
+}
 
 
 def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
@@ -87,6 +90,30 @@ def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     }
     other = "mixed" if args.mode == "pd" else "pd"
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
+
+
+def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
+    """One line for stderr naming the PDLB_UP_* variables that set a flag only the mode not chosen
+    reads (PDLB_UP_WORKERS in a PD cluster), or None. Not a refusal, as the same flag on the
+    command line is: a variable may be set for every run, of either mode, so the start goes on;
+    but a cluster sized otherwise than its user thought is told of, not left silent."""
+    from_env = getattr(args, "env_flags", {})
+    on_line = set(flags_of_the_other_mode(args))
+    other = "mixed" if args.mode == "pd" else "pd"
+    ignored = [
+        f"{from_env[dest]}={os.environ.get(from_env[dest], '')}"
+        for dest in MODE_FLAGS[other]
+        if dest in from_env and "--" + dest.replace("_", "-") not in on_line
+    ]
+    if not ignored:
+        return None
+    sizes = "--prefill and --decode" if args.mode == "pd" else "--workers"
+    one = len(ignored) == 1
+    return (
+        f"{', '.join(ignored)} {'is' if one else 'are'} ignored: {'it sets a flag' if one else 'they set flags'} of "
+        f"--mode {other}, and this cluster is --mode {args.mode} (its ranks: {sizes}); "
+        f"unset {'it' if one else 'them'}, or add --mode {other}"
+    )
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-decode-url",
         default="",
+        action=Given,
         help="vllm, PD: the decode servers to attach to (URL[,URL...]), on the same KV connector as --vllm-url's",
     )
     parser.add_argument(
@@ -271,6 +299,20 @@ def _flow_flags() -> tuple[str, ...]:
     return FLOW_FLAGS
 
 
+def passed_on(extra: list[str], flag: str, negated: str = "") -> str:
+    """The value the last `flag` in `extra` (a service's flags as --*-arg passed them on) gives:
+    `--flag=V` or `--flag V` -> V; an on/off `flag` -> "on", its `negated` form -> "off"; "" when absent."""
+    found = ""
+    for at, arg in enumerate(extra):
+        name, _, value = arg.partition("=")
+        if name == flag:
+            following = extra[at + 1] if at + 1 < len(extra) else ""
+            found = value or ("on" if negated or not following or following.startswith("--") else following)
+        elif negated and name == negated:
+            found = "off"
+    return found
+
+
 def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(port, what listens there) for every port the cluster binds that was not left to chance."""
     found = [(args.etcd_port, "--etcd-port: etcd"), (args.http_port, "--http-port: the gateway's HTTP API")]
@@ -330,6 +372,35 @@ class LocalCluster:
     def flow_control(self) -> bool:
         """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
         return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
+
+    def settings(self, method: str, prefill_method: str, decode_method: str) -> dict[str, str]:
+        """What the ready banner shows beside the addresses: every setting that changes how requests
+        are routed, held or served, set by pdlb up's own flags or passed on through --*-arg (the
+        later flag wins there, as in the service's parser). Label -> value, in banner order."""
+        args = self.args
+        engine = getattr(args, "engine", "pdlb")
+        methods = f"{method}" if args.mode == "mixed" else f"prefill {prefill_method}, decode {decode_method}"
+        found = {
+            "model": args.model,
+            "engine": "vLLM servers" if engine == "vllm" else f"pdlb ({args.runner} runner)",
+            "method": passed_on(args.dispatcher_arg, "--load-balance-method") or methods,
+            "flow control": "off",
+            "lockstep": "on (one DP group per role)" if args.lockstep else "off",
+        }
+        if self.flow_control():
+            # the dispatchers' flow flags as passed on; lending is named either way (it changes
+            # who gets room a tenant share or the slot reserve keeps)
+            flow = [a for a in args.dispatcher_arg if a.split("=", 1)[0] in _flow_flags()]
+            lending = passed_on(args.dispatcher_arg, "--work-conserving", "--no-work-conserving")
+            shares = "work-conserving (idle share lent)" if lending == "on" else "hard shares (no lending)"
+            others = [a for a in flow if a.split("=", 1)[0] not in ("--work-conserving", "--no-work-conserving")]
+            found["flow control"] = ", ".join(["on", shares, *others])
+        if engine != "vllm":
+            order = passed_on(args.scheduler_arg, "--prefix-eviction") or getattr(args, "prefix_eviction", "")
+            found["prefix eviction"] = order or "lru (the schedulers' default)"
+        else:
+            found["prefix eviction"] = "the vLLM servers' own (LRU)"
+        return found
 
     def _eviction_flags(self) -> list[str]:
         name = getattr(self.args, "prefix_eviction", "")
@@ -433,6 +504,7 @@ class LocalCluster:
             "name": args.name,
             "mode": args.mode,
             "flow_control": self.flow_control(),
+            "settings": self.settings(method, prefill_method, decode_method),
             "etcd": self.etcd.endpoint,
             "log_dir": self.log_dir,
         }
@@ -833,6 +905,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         cluster.check()
+        ignored = variables_of_the_other_mode(args)
+        if ignored:  # after check: a refused start says only why it was refused
+            print(f"pdlb up: {ignored}", file=sys.stderr, flush=True)
     except (StartRefused, state.StateError) as exc:
         print(f"pdlb up: {exc}", file=sys.stderr, flush=True)  # nothing started: a refusal, on stderr
         return 2
@@ -861,6 +936,8 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
     flow = ", flow control on" if info.get("flow_control") else ""
     name = info.get("name", "local")
     say(f"pdlb local cluster {name!r} ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
+    for label, value in info.get("settings", {}).items():  # how requests are routed, held and served
+        say(f"  {label:<20} {value}")
     say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:

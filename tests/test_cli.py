@@ -282,6 +282,36 @@ def test_killed_up_leaves_no_orphans(cluster):
     assert not [pid for pid in state["pids"] if alive(pid)]
 
 
+def test_a_later_up_removes_the_etcd_data_a_killed_up_left_and_no_live_ones(tmp_path, monkeypatch):
+    """kill -9 of `pdlb up` left its etcd data directory in the temp dir for good; the next
+    `pdlb up` removes those of `pdlb up`s that no longer run, never a live one's (nor other kinds)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    flags = ["--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random"]
+    up, state, _ = start_up(tmp_path, *flags)
+    up.kill()  # kill -9
+    up.wait()
+    deadline = time.monotonic() + 30
+    while [pid for pid in state["pids"] if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the children end on the parent-death signal: only observable by polling
+    left = sorted(p.name for p in temp.iterdir() if p.name.startswith("pdlb-up-etcd-"))
+    assert left and left[0].startswith(f"pdlb-up-etcd-{up.pid}-"), left
+    live = temp / f"pdlb-up-etcd-{os.getpid()}-abc"  # a live process's (this test's): kept
+    other = temp / "pdlb-etcd-xyz"  # not pdlb up's kind: kept
+    live.mkdir()
+    other.mkdir()
+    up2, _, _ = start_up(tmp_path / "second", *flags)
+    try:
+        assert any("removed the etcd data of 1 killed pdlb up" in line for line in up2.start_lines), up2.start_lines
+        now = sorted(p.name for p in temp.iterdir() if p.name.startswith("pdlb-up-etcd-"))
+        assert left[0] not in now and live.name in now and other.exists()
+        assert any(name.startswith(f"pdlb-up-etcd-{up2.pid}-") for name in now), now  # the running one's
+    finally:
+        stop_up(up2)
+    assert not [p for p in temp.iterdir() if p.name.startswith(f"pdlb-up-etcd-{up2.pid}-")]  # stopped: removed
+
+
 def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
     """`pdlb up --lockstep`: each role's two ranks step as one group; PD requests flow through both
     groups, `pdlb top` shows their waves, and SIGINT stops both groups without breaking them."""

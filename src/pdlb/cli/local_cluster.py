@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from pdlb.cli import state
+from pdlb.cli import stale_dirs, state
 from pdlb.cli.flag_types import int_from
 from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
@@ -495,7 +495,10 @@ class LocalCluster:
         self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}{flow}); logs in {self.log_dir}")
         if args.engine == "vllm":
             self._vllm_targets()
-        self.etcd = EtcdProcess(client_port=args.etcd_port)
+        gone = stale_dirs.remove_dead_owners()
+        if gone:  # a killed pdlb up's: its etcd died with it, its data dir stayed
+            self.say(f"  removed the etcd data of {counted(len(gone), 'killed pdlb up')}: {', '.join(map(str, gone))}")
+        self.etcd = EtcdProcess(client_port=args.etcd_port, dir_prefix=stale_dirs.etcd_dir_prefix())
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
         self._ready("etcd", self.etcd.endpoint)

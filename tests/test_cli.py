@@ -201,6 +201,13 @@ def test_the_banner_settings_follow_what_is_passed_on_and_the_mode(monkeypatch):
     assert settings["flow control"] == "on, hard shares (no lending)"
     assert settings["method"] == "prefill cache_aware, decode total_requests"
     assert settings["prefix eviction"] == "lru (the schedulers' default)"
+    # the children inherit pdlb up's environment: their own variables count too
+    monkeypatch.setenv("PDLB_DISPATCHER_FLOW_CONTROL", "1")
+    monkeypatch.setenv("PDLB_DISPATCHER_WORK_CONSERVING", "true")
+    monkeypatch.setenv("PDLB_SCHEDULER_PREFIX_EVICTION", "slru")
+    settings = LocalCluster(build_parser().parse_args(["up"])).settings("", "a", "b")
+    assert settings["flow control"] == "on, work-conserving (idle share lent)"
+    assert settings["prefix eviction"] == "slru"
 
 
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():

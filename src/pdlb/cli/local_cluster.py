@@ -370,8 +370,23 @@ class LocalCluster:
     _t0: float = field(default_factory=time.monotonic)
 
     def flow_control(self) -> bool:
-        """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
-        return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
+        """Whether the dispatchers run flow control (--flow-control, passed through --dispatcher-arg,
+        or set by PDLB_DISPATCHER_FLOW_CONTROL, which the dispatchers inherit)."""
+        return self.args.flow_control or self._child_setting("dispatcher", "--flow-control", on_off=True) == "on"
+
+    def _child_setting(self, kind: str, flag: str, on_off: bool = False) -> str:
+        """What a child of `kind` (dispatcher, scheduler) takes for `flag` from what pdlb up passes
+        on to it (--dispatcher-arg, --scheduler-arg), else from its variable, which it inherits from
+        pdlb up's environment: the value, "on"/"off" for an `on_off` flag, "" when neither sets it."""
+        extra = self.args.dispatcher_arg if kind == "dispatcher" else self.args.scheduler_arg
+        negated = "--no-" + flag[2:] if on_off else ""
+        value = passed_on(extra, flag, negated)
+        raw = os.environ.get(f"PDLB_{kind.upper()}_{flag[2:].replace('-', '_').upper()}")
+        if value or raw is None:
+            return value
+        if on_off:
+            return "on" if raw.strip().lower() in ("1", "true", "yes", "on") else "off"
+        return raw
 
     def settings(self, method: str, prefill_method: str, decode_method: str) -> dict[str, str]:
         """What the ready banner shows beside the addresses: every setting that changes how requests
@@ -383,7 +398,7 @@ class LocalCluster:
         found = {
             "model": args.model,
             "engine": "vLLM servers" if engine == "vllm" else f"pdlb ({args.runner} runner)",
-            "method": passed_on(args.dispatcher_arg, "--load-balance-method") or methods,
+            "method": passed_on(args.dispatcher_arg, "--load-balance-method") or methods,  # pdlb up passes its own
             "flow control": "off",
             "lockstep": "on (one DP group per role)" if args.lockstep else "off",
         }
@@ -391,12 +406,14 @@ class LocalCluster:
             # the dispatchers' flow flags as passed on; lending is named either way (it changes
             # who gets room a tenant share or the slot reserve keeps)
             flow = [a for a in args.dispatcher_arg if a.split("=", 1)[0] in _flow_flags()]
-            lending = passed_on(args.dispatcher_arg, "--work-conserving", "--no-work-conserving")
+            lending = self._child_setting("dispatcher", "--work-conserving", on_off=True)
             shares = "work-conserving (idle share lent)" if lending == "on" else "hard shares (no lending)"
             others = [a for a in flow if a.split("=", 1)[0] not in ("--work-conserving", "--no-work-conserving")]
             found["flow control"] = ", ".join(["on", shares, *others])
         if engine != "vllm":
+            # pdlb up's own flag comes before --scheduler-arg on the schedulers' command line
             order = passed_on(args.scheduler_arg, "--prefix-eviction") or getattr(args, "prefix_eviction", "")
+            order = order or self._child_setting("scheduler", "--prefix-eviction")
             found["prefix eviction"] = order or "lru (the schedulers' default)"
         else:
             found["prefix eviction"] = "the vLLM servers' own (LRU)"

@@ -13,15 +13,20 @@ from collections.abc import Callable
 UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 
 
+def integer(text: str) -> int:
+    """Any integer; a word is refused as `'abc': expected an integer`."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+
+
 def int_in(low: int, high: int) -> Callable[[str], int]:
     """An integer in [low, high]; the bounds are the protobuf field's (uint32, uint64) or what the
     command needs to make progress (a concurrency of 0 would never send anything)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        value = integer(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is out of range: an integer from {low} to {high}")
         return value
@@ -49,10 +54,7 @@ def int_from(low: int, what: str, why: str = "") -> Callable[[str], int]:
     number counts (`dispatchers per role`), the accepted range and, when given, `why` it is so."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        value = integer(text)
         if value < low:
             because = f" ({why})" if why else ""
             raise argparse.ArgumentTypeError(f"{value} {what}: expected an integer of {low} or more{because}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from pdlb.cli import stale_dirs, state
-from pdlb.cli.flag_types import int_from
+from pdlb.cli.flag_types import int_from, integer
 from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
@@ -52,7 +52,7 @@ restarts = int_from(0, "restarts", "0: never restart")
 
 
 def port(text: str) -> int:
-    value = int_from(-(2**63), "")(text)  # only its "expected an integer", as every numeric flag says
+    value = integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535; 0: any free port)")
     return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -149,6 +150,66 @@ def test_the_start_summary_names_the_cluster_and_how_to_reach_it():
     assert "--cluster" not in lines[-1]  # the default cluster is found without it
 
 
+def test_variables_of_the_other_mode_are_named_on_stderr_and_the_banner_shows_the_settings(tmp_path, monkeypatch):
+    """PDLB_UP_WORKERS in a PD cluster was ignored in silence (the flag is refused; a variable may
+    be set for both modes, so the start goes on): one line on stderr names it and why. The ready
+    banner showed flow control's on/off alone, never lending (--work-conserving through
+    --dispatcher-arg), the prefix cache's eviction order or the methods: now every setting that
+    changes how requests are routed, held or served."""
+    monkeypatch.setenv("PDLB_UP_WORKERS", "4")
+    monkeypatch.setenv("PDLB_UP_METHOD", "round_robin")
+    flags = ["--runner", "sim", "--model", "tiny-random", "--prefill", "1", "--decode", "1", "--flow-control"]
+    flags += ["--dispatcher-arg=--work-conserving", "--dispatcher-arg=--queue-ttl=10", "--prefix-eviction", "slru"]
+    up, state, _ = start_up(tmp_path, *flags)
+    try:
+        said = [line for line in up.start_lines if "PDLB_UP_" in line]
+        assert said == [
+            "pdlb up: PDLB_UP_WORKERS=4, PDLB_UP_METHOD=round_robin are ignored: they set flags of --mode mixed, "
+            "and this cluster is --mode pd (its ranks: --prefill and --decode); unset them, or add --mode mixed\n"
+        ], up.start_lines
+        assert sorted(state["workers"]) == ["scheduler-decode-0", "scheduler-prefill-0"]  # as the flags said
+        banner = "".join(up.start_lines)
+        for shown in (
+            "  method               prefill predicted_latency, decode least_wait\n",
+            "  flow control         on, work-conserving (idle share lent), --queue-ttl=10\n",
+            "  prefix eviction      slru\n",
+            "  lockstep             off\n",
+            "  engine               pdlb (sim runner)\n",
+        ):
+            assert shown in banner, banner
+    finally:
+        stop_up(up)
+
+
+def test_the_banner_settings_follow_what_is_passed_on_and_the_mode(monkeypatch):
+    from pdlb.cli.local_cluster import LocalCluster, variables_of_the_other_mode
+    from pdlb.cli.main import build_parser
+
+    monkeypatch.setenv("PDLB_UP_PREFILL", "3")
+    monkeypatch.setenv("PDLB_UP_DECODE", "5")
+    args = build_parser().parse_args(["up", "--mode", "mixed", "--scheduler-arg=--prefix-eviction=slru-random"])
+    said = variables_of_the_other_mode(args)
+    assert said is not None and said.startswith("PDLB_UP_PREFILL=3, PDLB_UP_DECODE=5 are ignored: they set flags")
+    assert "this cluster is --mode mixed (its ranks: --workers)" in said
+    monkeypatch.delenv("PDLB_UP_DECODE")
+    assert variables_of_the_other_mode(build_parser().parse_args(["up", "--mode", "pd"])) is None  # its own mode's
+    settings = LocalCluster(args).settings("cache_aware", "", "")
+    assert settings["method"] == "cache_aware" and settings["flow control"] == "off"
+    assert settings["prefix eviction"] == "slru-random"  # passed on to the schedulers: still shown
+    args = build_parser().parse_args(["up", "--dispatcher-arg=--flow-control", "--dispatcher-arg=--no-work-conserving"])
+    settings = LocalCluster(args).settings("", "cache_aware", "total_requests")
+    assert settings["flow control"] == "on, hard shares (no lending)"
+    assert settings["method"] == "prefill cache_aware, decode total_requests"
+    assert settings["prefix eviction"] == "lru (the schedulers' default)"
+    # the children inherit pdlb up's environment: their own variables count too
+    monkeypatch.setenv("PDLB_DISPATCHER_FLOW_CONTROL", "1")
+    monkeypatch.setenv("PDLB_DISPATCHER_WORK_CONSERVING", "true")
+    monkeypatch.setenv("PDLB_SCHEDULER_PREFIX_EVICTION", "slru")
+    settings = LocalCluster(build_parser().parse_args(["up"])).settings("", "a", "b")
+    assert settings["flow control"] == "on, work-conserving (idle share lent)"
+    assert settings["prefix eviction"] == "slru"
+
+
 def test_generate_prints_text_and_renders_what_would_not_print_as_ids():
     assert rendered("Paris.\n", [12, 13, 14]) == "Paris.\n"
     assert rendered("", [5]) == ""  # a character still incomplete: printed with a later chunk
@@ -228,6 +289,36 @@ def test_killed_up_leaves_no_orphans(cluster):
     assert not [pid for pid in state["pids"] if alive(pid)]
 
 
+def test_a_later_up_removes_the_etcd_data_a_killed_up_left_and_no_live_ones(tmp_path, monkeypatch):
+    """kill -9 of `pdlb up` left its etcd data directory in the temp dir for good; the next
+    `pdlb up` removes those of `pdlb up`s that no longer run, never a live one's (nor other kinds)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    flags = ["--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random"]
+    up, state, _ = start_up(tmp_path, *flags)
+    up.kill()  # kill -9
+    up.wait()
+    deadline = time.monotonic() + 30
+    while [pid for pid in state["pids"] if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the children end on the parent-death signal: only observable by polling
+    left = sorted(p.name for p in temp.iterdir() if p.name.startswith("pdlb-up-etcd-"))
+    assert left and left[0].startswith(f"pdlb-up-etcd-{up.pid}-"), left
+    live = temp / f"pdlb-up-etcd-{os.getpid()}-abc"  # a live process's (this test's): kept
+    other = temp / "pdlb-etcd-xyz"  # not pdlb up's kind: kept
+    live.mkdir()
+    other.mkdir()
+    up2, _, _ = start_up(tmp_path / "second", *flags)
+    try:
+        assert any("removed the etcd data of 1 killed pdlb up" in line for line in up2.start_lines), up2.start_lines
+        now = sorted(p.name for p in temp.iterdir() if p.name.startswith("pdlb-up-etcd-"))
+        assert left[0] not in now and live.name in now and other.exists()
+        assert any(name.startswith(f"pdlb-up-etcd-{up2.pid}-") for name in now), now  # the running one's
+    finally:
+        stop_up(up2)
+    assert not [p for p in temp.iterdir() if p.name.startswith(f"pdlb-up-etcd-{up2.pid}-")]  # stopped: removed
+
+
 def test_up_lockstep_pd_groups_serve_and_stop_cleanly(tmp_path):
     """`pdlb up --lockstep`: each role's two ranks step as one group; PD requests flow through both
     groups, `pdlb top` shows their waves, and SIGINT stops both groups without breaking them."""
@@ -305,11 +396,21 @@ async def _replica_view(a: str, b: str) -> None:
 
 def test_up_refuses_zero_ranks_and_help_shows_every_default(tmp_path):
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
-    for flag in ("--prefill", "--decode", "--workers", "--dispatchers"):
+    for flag in ("--prefill", "--decode", "--workers"):
         refused = pdlb("up", flag, "0", env=env)
-        assert refused.returncode == 2 and f"argument {flag}: 0: at least 1 is needed" in refused.stderr
+        said = f"argument {flag}: 0 ranks: expected an integer of 1 or more"
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    # named as what it counts, with the range it takes (it said "ranks" for --dispatchers too)
+    said = "0 dispatchers per role: expected an integer of 1 or more"
+    refused = pdlb("up", "--dispatchers", "0", env=env)
+    assert refused.returncode == 2 and f"argument --dispatchers: {said}" in refused.stderr, refused.stderr
+    refused = pdlb("up", env={**env, "PDLB_UP_DISPATCHERS": "0"})
+    assert refused.returncode == 2 and refused.stderr.startswith(f"pdlb up: PDLB_UP_DISPATCHERS='0': {said}")
+    assert "rank" not in refused.stderr
     negative = pdlb("up", "--max-restarts", "-1", env=env)
-    assert negative.returncode == 2 and "argument --max-restarts: -1: 0 (never restart) or more" in negative.stderr
+    assert negative.returncode == 2 and "argument --max-restarts: -1 restarts: expected an integer of 0 or more" in (
+        negative.stderr
+    )
     shown = " ".join(pdlb("up", "--help", env=env).stdout.split())  # unwrapped
     assert "see above" not in shown
     for default in (
@@ -573,7 +674,7 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
         assert f"[env: {variable}]" in shown, variable
     for command, variable, value, said in (
-        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0: at least 1 is needed"),
+        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0 ranks: expected an integer of 1 or more"),
         ("up", "PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
         ("up", "PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
         ("top", "PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),
@@ -593,6 +694,46 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     refused = pdlb("up", *ports, env={**env, "PDLB_UP_PREFIX_EVICTION": "fifo"})
     said = "pdlb up: PDLB_UP_PREFIX_EVICTION='fifo': unknown prefix-cache eviction 'fifo'"
     assert refused.returncode == 2 and refused.stderr.startswith(said), refused.stderr
+
+
+def test_a_word_for_a_number_in_any_commands_variable_or_flag_says_what_was_expected(monkeypatch):
+    """Every numeric flag of every `pdlb` command, from its variable or from the command line, says
+    `expected an integer` / `expected a number` as the services' flags do; the variables of pdlb
+    up's own types (ranks, ports, restarts) showed int()'s `invalid literal for int() with base 10`,
+    and the flag itself argparse's `invalid positive value`."""
+    from pdlb.cli.main import build_parser
+
+    positional = {"generate": ["hi"], "route": ["hi"], "export-tokenizer": ["d"], "health": ["h:1"]}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for command, subparser in commands.items():
+        for action in subparser._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if not long or action.type is None or action.choices is not None or action.dest == "rooms":
+                continue
+            try:
+                action.type("0.5")  # every float flag takes a half; no integer flag does
+                expected = "expected a number"
+            except (ValueError, argparse.ArgumentTypeError):
+                expected = "expected an integer"
+            prefix = "PDLB_" if action.dest in ("cluster", "dispatcher", "bootstrap") and command != "up" else ""
+            variable = prefix or f"PDLB_{command.upper().replace('-', '_')}_"
+            variable += long[0][2:].replace("-", "_").upper()
+            monkeypatch.setenv(variable, "abc")
+            args, _ = build_parser().parse_known_args([command, *positional.get(command, [])])
+            monkeypatch.delenv(variable)
+            assert args.env_errors == [f"{variable}='abc': {expected}"], (command, long[0], args.env_errors)
+            checked += 1
+    assert checked >= 15  # the walk found pdlb up's ranks, ports and restarts and the other commands' numbers
+
+
+def test_the_words_on_the_command_line_for_a_word_in_a_numeric_flag(tmp_path):
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state")}
+    for flag, said in (("--prefill", "'abc': expected an integer"), ("--port", "'abc': expected an integer")):
+        refused = pdlb("up", flag, "abc", env=env)
+        assert refused.returncode == 2 and f"argument {flag}: {said}" in refused.stderr, refused.stderr
+    refused = pdlb("bench-client", "--rate", "abc", "--dispatcher", "127.0.0.1:1", env=env)
+    assert "argument --rate: 'abc': expected a number" in refused.stderr, refused.stderr
 
 
 def test_a_services_variable_its_flag_refuses_is_one_line_naming_it_exit_2():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import urllib.request
 
@@ -369,6 +370,41 @@ async def test_ttl_deadline_and_displacement_shed_with_retry_after(etcd, prefix,
         snap = await load_snapshot(stub)
         assert snap.flow.shed_total == 4 and snap.flow.queued_requests == 0
     finally:
+        await channel.close()
+
+
+async def test_the_retry_hint_of_a_ttl_shed_covers_the_wait_a_client_would_meet(etcd, prefix, start_service):
+    """An overloaded dispatcher (its only rank busy, every request shed at the queue TTL) hinted
+    `retry-after: 1` although each request had waited the whole 1.5 s TTL: a client obeying it came
+    back into the same overload. The hint is the recent median queue wait (TTL sheds count: they
+    waited that long too), rounded up, at most the TTL; over HTTP it is the 429's Retry-After."""
+    ttl = 1.5
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--queue-ttl", str(ttl))
+    http_port = free_port()
+    start_service("gateway", "--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--http-port", str(http_port))
+    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    client = Client(stub)
+    try:
+        await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
+        client.send("busy", tokens=BLOCK)
+        await client.started("busy")
+        shed = [f"over-{i}" for i in range(3)]
+        t0 = time.monotonic()
+        await asyncio.gather(*(client.send(rid) for rid in shed))
+        waited = time.monotonic() - t0
+        assert waited >= ttl and {client.outcome[r] for r in shed} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        for rid in shed:
+            err = client.errors[rid]
+            hint = int(dict(err.trailing_metadata())[RETRY_AFTER_KEY])
+            assert "queue TTL" in err.details() and f"retry after {hint} s" in err.details(), err.details()
+            assert hint == math.ceil(ttl), (rid, hint)  # the 1.5 s each waited, in whole seconds; not past the TTL
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as over_http:
+            await api.completions.create(model="tiny-random", prompt="hello", max_tokens=2)
+        assert time.monotonic() - started >= ttl and "queue TTL" in over_http.value.body["message"]
+        assert int(over_http.value.response.headers["Retry-After"]) == math.ceil(ttl)
+    finally:
+        await api.close()
         await channel.close()
 
 

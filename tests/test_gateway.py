@@ -862,7 +862,8 @@ async def test_a_content_encoding_not_supported_is_415_naming_the_supported_ones
 
 async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_service):
     """The gateway decodes gzip (and x-gzip, several members), deflate (zlib-wrapped or raw, as
-    clients send it) and both in a row; a body cut short is 400 saying so, and one that decodes past
+    clients send it) and both in a row; a body cut short, or with bytes after the end of its stream,
+    is 400 saying so, and one that decodes past
     --max-body-bytes is 413 (a small compressed body must not expand without bound)."""
     import zlib
 
@@ -895,6 +896,10 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
             ("gzip", gzip.compress(body)[:-12], 400, "the request body ends before its gzip stream does"),
             ("gzip", gzip.compress(b" " * 100_000), 413, "decodes (gzip) to more than 4096 bytes (--max-body-bytes)"),
             ("deflate", b"\x78\x9c not deflate", 400, "the request body is not valid deflate"),
+            # junk after the stream was read as a next member: "not valid gzip: incorrect header check"
+            ("gzip", gzip.compress(body) + b"junk", 400, "has 4 bytes after the end of its gzip stream"),
+            ("gzip", gzip.compress(body) + b"\0\0", 400, "has 2 bytes after the end of its gzip stream"),
+            ("deflate", zlib.compress(body) + b"junk", 400, "has 4 bytes after the end of its deflate stream"),
         ]
         for encoding, data, status, said in refusals:
             headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}

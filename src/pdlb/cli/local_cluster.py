@@ -26,7 +26,8 @@ from pathlib import Path
 
 import grpc
 
-from pdlb.cli import state
+from pdlb.cli import stale_dirs, state
+from pdlb.cli.flag_types import int_from, integer
 from pdlb.cli.supervisor import Supervisor
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
@@ -46,22 +47,12 @@ PROGRESS_EVERY_S = 15.0
 DECODE_OFFSET, GATEWAY_OFFSET, BOOTSTRAP_OFFSET, REPLICA_OFFSET = 1, 8, 9, 10
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1 is needed (a role without ranks serves nothing)")
-    return value
-
-
-def restarts(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: 0 (never restart) or more")
-    return value
+ranks = int_from(1, "ranks", "a role without ranks serves nothing")
+restarts = int_from(0, "restarts", "0: never restart")
 
 
 def port(text: str) -> int:
-    value = int(text)
+    value = integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535; 0: any free port)")
     return value
@@ -82,7 +73,10 @@ GATEWAY_SET_BY_UP = (
     "--decode-dispatcher", "--bootstrap",
 )  # fmt: skip
 # flags that size or configure one mode's roles: given with the other mode they would act on nothing
-MODE_FLAGS = {"pd": ("prefill", "decode", "prefill_method", "decode_method"), "mixed": ("workers", "method")}
+MODE_FLAGS = {
+    "pd": ("prefill", "decode", "prefill_method", "decode_method", "vllm_decode_url"),
+    "mixed": ("workers", "method"),
+}
 
 
 def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
@@ -98,6 +92,30 @@ def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
 
 
+def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
+    """One line for stderr naming the PDLB_UP_* variables that set a flag only the mode not chosen
+    reads (PDLB_UP_WORKERS in a PD cluster), or None. Not a refusal, as the same flag on the
+    command line is: a variable may be set for every run, of either mode, so the start goes on;
+    but a cluster sized otherwise than its user thought is told of, not left silent."""
+    from_env = getattr(args, "env_flags", {})
+    on_line = set(flags_of_the_other_mode(args))
+    other = "mixed" if args.mode == "pd" else "pd"
+    ignored = [
+        f"{from_env[dest]}={os.environ.get(from_env[dest], '')}"
+        for dest in MODE_FLAGS[other]
+        if dest in from_env and "--" + dest.replace("_", "-") not in on_line
+    ]
+    if not ignored:
+        return None
+    sizes = "--prefill and --decode" if args.mode == "pd" else "--workers"
+    one = len(ignored) == 1
+    return (
+        f"{', '.join(ignored)} {'is' if one else 'are'} ignored: {'it sets a flag' if one else 'they set flags'} of "
+        f"--mode {other}, and this cluster is --mode {args.mode} (its ranks: {sizes}); "
+        f"unset {'it' if one else 'them'}, or add --mode {other}"
+    )
+
+
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """Every default in --help, except empty ones and those the help text already explains."""
 
@@ -110,9 +128,9 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = DefaultsShown
     parser.add_argument("--mode", choices=["pd", "mixed"], default="pd", help="PD disaggregated, or mixed workers")
-    parser.add_argument("--prefill", type=positive, default=2, action=Given, help="PD: prefill ranks")
-    parser.add_argument("--decode", type=positive, default=2, action=Given, help="PD: decode ranks")
-    parser.add_argument("--workers", type=positive, default=2, action=Given, help="mixed: DP ranks")
+    parser.add_argument("--prefill", type=ranks, default=2, action=Given, help="PD: prefill ranks")
+    parser.add_argument("--decode", type=ranks, default=2, action=Given, help="PD: decode ranks")
+    parser.add_argument("--workers", type=ranks, default=2, action=Given, help="mixed: DP ranks")
     # Defaults follow the benchmarks (docs/BENCHMARKS.md): predicted_latency for mixed and prefill
     # dispatchers of independent workers, least_wait for decode; in lockstep groups cache_aware for
     # mixed and prefill, total_requests for decode.
@@ -148,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-decode-url",
         default="",
+        action=Given,
         help="vllm, PD: the decode servers to attach to (URL[,URL...]), on the same KV connector as --vllm-url's",
     )
     parser.add_argument(
@@ -158,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vllm-server-ranks",
-        type=int,
+        type=int_from(0, "ranks per vLLM server", "0: the role's ranks"),
         default=0,
         help="vllm: DP ranks per server (default: the role's ranks (--workers, --prefill, --decode) when pdlb "
         "starts the servers, else 1)",
@@ -192,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dispatchers",
-        type=positive,
+        type=int_from(1, "dispatchers per role", "each role needs one to route its requests"),
         default=1,
         help="dispatcher replicas per role (the gateway spreads requests over them)",
     )
@@ -280,6 +299,20 @@ def _flow_flags() -> tuple[str, ...]:
     return FLOW_FLAGS
 
 
+def passed_on(extra: list[str], flag: str, negated: str = "") -> str:
+    """The value the last `flag` in `extra` (a service's flags as --*-arg passed them on) gives:
+    `--flag=V` or `--flag V` -> V; an on/off `flag` -> "on", its `negated` form -> "off"; "" when absent."""
+    found = ""
+    for at, arg in enumerate(extra):
+        name, _, value = arg.partition("=")
+        if name == flag:
+            following = extra[at + 1] if at + 1 < len(extra) else ""
+            found = value or ("on" if negated or not following or following.startswith("--") else following)
+        elif negated and name == negated:
+            found = "off"
+    return found
+
+
 def fixed_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(port, what listens there) for every port the cluster binds that was not left to chance."""
     found = [(args.etcd_port, "--etcd-port: etcd"), (args.http_port, "--http-port: the gateway's HTTP API")]
@@ -337,8 +370,54 @@ class LocalCluster:
     _t0: float = field(default_factory=time.monotonic)
 
     def flow_control(self) -> bool:
-        """Whether the dispatchers run flow control (--flow-control, or passed through --dispatcher-arg)."""
-        return self.args.flow_control or "--flow-control" in self.args.dispatcher_arg
+        """Whether the dispatchers run flow control (--flow-control, passed through --dispatcher-arg,
+        or set by PDLB_DISPATCHER_FLOW_CONTROL, which the dispatchers inherit)."""
+        return self.args.flow_control or self._child_setting("dispatcher", "--flow-control", on_off=True) == "on"
+
+    def _child_setting(self, kind: str, flag: str, on_off: bool = False) -> str:
+        """What a child of `kind` (dispatcher, scheduler) takes for `flag` from what pdlb up passes
+        on to it (--dispatcher-arg, --scheduler-arg), else from its variable, which it inherits from
+        pdlb up's environment: the value, "on"/"off" for an `on_off` flag, "" when neither sets it."""
+        extra = self.args.dispatcher_arg if kind == "dispatcher" else self.args.scheduler_arg
+        negated = "--no-" + flag[2:] if on_off else ""
+        value = passed_on(extra, flag, negated)
+        raw = os.environ.get(f"PDLB_{kind.upper()}_{flag[2:].replace('-', '_').upper()}")
+        if value or raw is None:
+            return value
+        if on_off:
+            return "on" if raw.strip().lower() in ("1", "true", "yes", "on") else "off"
+        return raw
+
+    def settings(self, method: str, prefill_method: str, decode_method: str) -> dict[str, str]:
+        """What the ready banner shows beside the addresses: every setting that changes how requests
+        are routed, held or served, set by pdlb up's own flags or passed on through --*-arg (the
+        later flag wins there, as in the service's parser). Label -> value, in banner order."""
+        args = self.args
+        engine = getattr(args, "engine", "pdlb")
+        methods = f"{method}" if args.mode == "mixed" else f"prefill {prefill_method}, decode {decode_method}"
+        found = {
+            "model": args.model,
+            "engine": "vLLM servers" if engine == "vllm" else f"pdlb ({args.runner} runner)",
+            "method": passed_on(args.dispatcher_arg, "--load-balance-method") or methods,  # pdlb up passes its own
+            "flow control": "off",
+            "lockstep": "on (one DP group per role)" if args.lockstep else "off",
+        }
+        if self.flow_control():
+            # the dispatchers' flow flags as passed on; lending is named either way (it changes
+            # who gets room a tenant share or the slot reserve keeps)
+            flow = [a for a in args.dispatcher_arg if a.split("=", 1)[0] in _flow_flags()]
+            lending = self._child_setting("dispatcher", "--work-conserving", on_off=True)
+            shares = "work-conserving (idle share lent)" if lending == "on" else "hard shares (no lending)"
+            others = [a for a in flow if a.split("=", 1)[0] not in ("--work-conserving", "--no-work-conserving")]
+            found["flow control"] = ", ".join(["on", shares, *others])
+        if engine != "vllm":
+            # pdlb up's own flag comes before --scheduler-arg on the schedulers' command line
+            order = passed_on(args.scheduler_arg, "--prefix-eviction") or getattr(args, "prefix_eviction", "")
+            order = order or self._child_setting("scheduler", "--prefix-eviction")
+            found["prefix eviction"] = order or "lru (the schedulers' default)"
+        else:
+            found["prefix eviction"] = "the vLLM servers' own (LRU)"
+        return found
 
     def _eviction_flags(self) -> list[str]:
         name = getattr(self.args, "prefix_eviction", "")
@@ -433,7 +512,10 @@ class LocalCluster:
         self.say(f"pdlb up: starting cluster {args.name!r} ({args.mode}{flow}); logs in {self.log_dir}")
         if args.engine == "vllm":
             self._vllm_targets()
-        self.etcd = EtcdProcess(client_port=args.etcd_port)
+        gone = stale_dirs.remove_dead_owners()
+        if gone:  # a killed pdlb up's: its etcd died with it, its data dir stayed
+            self.say(f"  removed the etcd data of {counted(len(gone), 'killed pdlb up')}: {', '.join(map(str, gone))}")
+        self.etcd = EtcdProcess(client_port=args.etcd_port, dir_prefix=stale_dirs.etcd_dir_prefix())
         self.etcd.start()
         threading.Thread(target=self._watch_etcd, daemon=True).start()
         self._ready("etcd", self.etcd.endpoint)
@@ -442,6 +524,7 @@ class LocalCluster:
             "name": args.name,
             "mode": args.mode,
             "flow_control": self.flow_control(),
+            "settings": self.settings(method, prefill_method, decode_method),
             "etcd": self.etcd.endpoint,
             "log_dir": self.log_dir,
         }
@@ -842,6 +925,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         cluster.check()
+        ignored = variables_of_the_other_mode(args)
+        if ignored:  # after check: a refused start says only why it was refused
+            print(f"pdlb up: {ignored}", file=sys.stderr, flush=True)
     except (StartRefused, state.StateError) as exc:
         print(f"pdlb up: {exc}", file=sys.stderr, flush=True)  # nothing started: a refusal, on stderr
         return 2
@@ -870,6 +956,8 @@ def print_summary(info: dict, say: Callable[[str], None] = print) -> None:
     flow = ", flow control on" if info.get("flow_control") else ""
     name = info.get("name", "local")
     say(f"pdlb local cluster {name!r} ({info['mode']}{flow}) is up; logs in {info['log_dir']}")
+    for label, value in info.get("settings", {}).items():  # how requests are routed, held and served
+        say(f"  {label:<20} {value}")
     say(f"  etcd                 {info['etcd']}")
     for key in ("bootstrap", "dispatcher", "prefill_dispatcher", "decode_dispatcher", "gateway"):
         if key in info:

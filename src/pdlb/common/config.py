@@ -102,7 +102,8 @@ def _parse_env(raw: str, type_: Any, env: str) -> Any:
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         # int()'s and float()'s own words ("invalid literal for int() with base 10") say less
         plain = {int: "expected an integer", float: "expected a number"}.get(type_)
-        raise SystemExit(f"{env}={raw!r}: {plain or exc}") from exc
+        said = str(exc).removeprefix(f"{raw!r}: ")  # a flag type's own words repeat the value: once is enough
+        raise SystemExit(f"{env}={raw!r}: {plain or said}") from exc
 
 
 # repeatable or informational flags take no single value from one variable

@@ -46,15 +46,22 @@ class EtcdProcess:
     """A single-member etcd on loopback with its own data directory."""
 
     def __init__(
-        self, host: str = "127.0.0.1", client_port: int = 0, data_dir: str | None = None, tls: EtcdTLS | None = None
+        self,
+        host: str = "127.0.0.1",
+        client_port: int = 0,
+        data_dir: str | None = None,
+        tls: EtcdTLS | None = None,
+        dir_prefix: str = "pdlb-etcd-",
     ) -> None:
+        """`data_dir`: kept on close(); else a new temp dir named `dir_prefix...`, removed on close()
+        (an owner that can be killed names itself in the prefix, so that a later one can find it)."""
         self.host = host
         self.client_port = client_port or free_port(host)
         self.peer_port = free_port(host)
         self.metrics_port = free_port(host)  # plaintext /health, whatever the client URL speaks
         self.tls = tls
         self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="pdlb-etcd-")
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix=dir_prefix)
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.data_dir, "etcd.log")
 

@@ -58,6 +58,7 @@ from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.tenant_share import DEFAULT_ACTIVE_WINDOW_S, Room, TenantShares, Verdict
 
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
+RECENT_LEFT = 64  # queue waits (bound or shed at the TTL) the retry hint is the median of: recent ones only
 # The dispatcher flags that act only with --flow-control (pdlb-dispatcher refuses them without it).
 FLOW_FLAGS = (
     "--max-queued-requests",
@@ -162,6 +163,7 @@ class FlowControl:
         self.shed_total = 0
         self.shed_by_reason: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # sums to shed_total
         self.recent_waits: deque[float] = deque(maxlen=RECENT_WAITS)  # seconds, of bound requests
+        self._left_waits: deque[float] = deque(maxlen=RECENT_LEFT)  # seconds, of bound and TTL-shed ones
         self._kicking = False
         self._better_seen_at = -math.inf  # when a request of non-sheddable priority last arrived
         self._better_in_flight: set[str] = set()  # ids of requests of non-sheddable priority bound here
@@ -246,6 +248,8 @@ class FlowControl:
         held.future.cancel()
         reason = "deadline" if waiter.expires_at >= min(deadline_at, expires_by) else "ttl"
         waited = self.clock() - waiter.enqueued_at
+        if reason == "ttl":  # the queue's own doing (a deadline is the client's): its hint counts it
+            self._left_waits.append(waited)
         raise self._shed(
             reason,
             f"request {ctx.request_id}: no rank had room within "
@@ -316,6 +320,7 @@ class FlowControl:
         self.admitted_total += 1
         waited = self.clock() - waiter.enqueued_at
         self.recent_waits.append(waited)
+        self._left_waits.append(waited)
         self.on_wait(waited)
         held.future.set_result(decision)
 
@@ -433,9 +438,20 @@ class FlowControl:
 
     # shedding --------------------------------------------------------------------------------
     def retry_after_s(self) -> int:
-        """Seconds a refused client should wait: the recent median queue wait, at least 1."""
-        waits = sorted(self.recent_waits)
-        return max(1, math.ceil(waits[len(waits) // 2])) if waits else 1
+        """Whole seconds a refused client should wait before it sends again: the median queue wait
+        of the last RECENT_LEFT requests that left the queue, bound or shed at their TTL, rounded
+        up; at least 1, at most the queue TTL (rounded up).
+
+        Why the waits: a client that comes back joins the same queue, and while the load holds,
+        its wait is about what the requests before it waited; after less than that it meets the
+        same overload. TTL sheds count (they waited their whole TTL: leaving them out, as the hint
+        did, said 1 s while every request was shed after 1.5 s); requests refused at once or shed
+        at their own deadline tell nothing of the queue. Why the cap: a request queued now is
+        bound or shed within the TTL, so later than that the queue holds other requests entirely
+        and a longer hint only idles the client."""
+        waits = sorted(self._left_waits)
+        median = waits[len(waits) // 2] if waits else 0.0
+        return min(max(1, math.ceil(median)), max(1, math.ceil(self.options.queue_ttl_s)))
 
     def _count_shed(self, reason: str) -> None:
         self.shed_total += 1

@@ -21,6 +21,7 @@ ALIASES = {"x-gzip": "gzip"}
 # Accept-Encoding of a 415 (RFC 9110 15.5.16: what the server accepts)
 ACCEPTED = "gzip, deflate, identity"
 WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip member (RFC 1952 2.3.1)
 MAX_CODINGS = 4  # codings applied in a row: more is no client's doing
 
 
@@ -58,7 +59,8 @@ def codings(header: str | None) -> list[str]:
 
 def decode(raw: bytes, applied: list[str], limit: int) -> bytes:
     """`raw` with the codings `applied` (as codings() returns them) undone, last applied first.
-    BodyEncodingError 400 when a coding does not decode it (corrupt, or cut short), 413 when the
+    BodyEncodingError 400 when a coding does not decode it (corrupt, cut short, or bytes after the
+    end of its stream that are not a further gzip member), 413 when the
     decoded body exceeds `limit` bytes. CPU: about 1 ms per 100 KiB decoded."""
     body = raw
     for name in reversed(applied):
@@ -90,7 +92,12 @@ def _undo(data: bytes, name: str, limit: int) -> bytes:
         data = inflater.unused_data
         if not data:
             return out
-        if name != "gzip":
+        # Another gzip member starts with the magic bytes; anything else after a stream's end (junk,
+        # zero padding) is refused by name, as Python's gzip module and Go's gzip reader refuse it:
+        # read as a next member, it was a misleading "not valid gzip: incorrect header check".
+        if name != "gzip" or data[:2] != GZIP_MAGIC:
             raise BodyEncodingError(
-                400, f"the request body has bytes after its {name} stream (Content-Encoding: {name})"
+                400,
+                f"the request body has {len(data)} bytes after the end of its {name} stream (Content-Encoding: "
+                f"{name}): send the compressed stream alone",
             )

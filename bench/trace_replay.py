@@ -931,54 +931,76 @@ def best_peer(results: list[dict], seed: int, slo: str = GOAL) -> tuple[str, flo
     return max(ranked, key=lambda p: p[1]) if ranked else None
 
 
-def _ratio_cell(ratios: list[float]) -> str:
-    if not ratios:
+def goodput_bounds(results: list[dict], method: str, seed: int, slo: str = GOAL) -> tuple[float, float] | None:
+    """What `method`'s goodput of `seed` under `slo` is known to lie in, in loads, both ends closed:
+    (g, g) when the ladder brackets it; (0, lowest rung) when even the lowest rung missed (it is
+    below it); (top rung, inf) when the top rung met it (it is at least that); None without runs."""
+    g = goodput(results, method, seed, slo)
+    if g is None:
+        return None
+    mine = sorted(r["load"] for r in results if (r["method"], r["seed"]) == (method, seed))
+    if g == 0:
+        return 0.0, mine[0]
+    return (g, math.inf) if g == mine[-1] else (g, g)
+
+
+def ratio_cell(num: tuple[float, float] | None, den: tuple[float, float] | None) -> str:
+    """The ratio of two goodputs given as `goodput_bounds`: `x.xx` when both are bracketed, `>= x`
+    or `<= x` when one end is open, `a-b` for a range, `?` when nothing is known, `-` without runs."""
+    if num is None or den is None:
         return "-"
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    lo = num[0] / den[1] if den[1] > 0 else math.inf
+    hi = num[1] / den[0] if den[0] > 0 else math.inf
+    if lo == hi:
+        return f"{lo:.2f}"
+    if hi == math.inf:
+        return f">= {lo:.2f}" if lo > 0 else "?"
+    return f"<= {hi:.2f}" if lo == 0 else f"{lo:.2f}-{hi:.2f}"
 
 
 def goodput_report(results: list[dict], capacity: float) -> str:
     """Per method and SLO (the goal's, then the stand-in's): goodput (req/s) per seed, written
     `< x` when the ladder's lowest rung missed and `>= x` when its top rung met it (not bracketed);
-    its ratio to round robin's and to the best peer's of the same seed (median and spread; only
-    seeds where both goodputs are above the ladder's bottom); and the attainment at each load of the
-    ladder (median over seeds)."""
+    its ratio to round robin's and to the best peer's of the same seed, per seed (bounds where a
+    goodput is not bracketed, see `ratio_cell`); and the attainment at each load of the ladder
+    (median over seeds)."""
     plain = [r for r in results if not r.get("variant")]
     loads = sorted({r["load"] for r in plain})
     seeds = sorted({r["seed"] for r in plain})
     lines = [
-        "| method | SLO | goodput req/s per seed | / round_robin (spread) | / best peer (spread) | "
+        "| method | SLO | goodput req/s per seed | / round_robin per seed | / best peer per seed (which) | "
         + " | ".join(f"attained at {x:g}" for x in loads)
         + " | seeds |",
         "|---|---|---|---|---|" + "---|" * len(loads) + "---|",
     ]
 
-    def rate(g: float | None, seed: int, method: str) -> str:
-        if g is None:
+    def rate(bounds: tuple[float, float] | None) -> str:
+        if bounds is None:
             return "-"
-        mine = sorted(r["load"] for r in plain if (r["method"], r["seed"]) == (method, seed))
-        if g == 0:
-            return f"< {mine[0] * capacity:.1f}"
-        return f"{'>= ' if g == mine[-1] else ''}{g * capacity:.1f}"
+        lo, hi = bounds
+        if lo == 0:
+            return f"< {hi * capacity:.1f}"
+        return f"{'>= ' if hi == math.inf else ''}{lo * capacity:.1f}"
 
     for slo in (GOAL, STAND_IN):
         for method in dict.fromkeys(r["method"] for r in plain):
-            own = {s: goodput(plain, method, s, slo) for s in seeds}
+            own = {s: goodput_bounds(plain, method, s, slo) for s in seeds}
             to_rr, to_peer = [], []
             for s in seeds:
-                rr, peer = goodput(plain, "round_robin", s, slo), best_peer(plain, s, slo)
-                if own[s] and rr:
-                    to_rr.append(own[s] / rr)
-                if own[s] and peer and peer[1] and not method.startswith(PEER_PREFIX):
-                    to_peer.append(own[s] / peer[1])
+                to_rr.append(ratio_cell(own[s], goodput_bounds(plain, "round_robin", s, slo)))
+                peer = best_peer(plain, s, slo)
+                if peer and not method.startswith(PEER_PREFIX):
+                    to_peer.append(f"{ratio_cell(own[s], goodput_bounds(plain, peer[0], s, slo))} ({peer[0]})")
             attained = []
             for x in loads:
                 values = [r["all"].get(slo) for r in plain if (r["method"], r["load"]) == (method, x)]
                 values = [v for v in values if v is not None]
                 attained.append(f"{statistics.median(values):.1%}" if values else "-")
             lines.append(
-                f"| {method} | {SLO_NAMES[slo]} | {', '.join(rate(own[s], s, method) for s in seeds)} | "
-                f"{_ratio_cell(to_rr)} | {_ratio_cell(to_peer)} | " + " | ".join(attained) + f" | {len(seeds)} |"
+                f"| {method} | {SLO_NAMES[slo]} | {', '.join(rate(own[s]) for s in seeds)} | "
+                f"{', '.join(to_rr) if method != 'round_robin' else '-'} | {', '.join(to_peer) or '-'} | "
+                + " | ".join(attained)
+                + f" | {len(seeds)} |"
             )
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
@@ -23,7 +24,9 @@ from bench.trace_replay import (
     flood_report,
     followed,
     goodput,
+    goodput_bounds,
     goodput_report,
+    ratio_cell,
     scale,
     slo_limit,
     stand_in_misses,
@@ -60,7 +63,8 @@ def test_goodput_report_gives_rates_and_ratios_to_round_robin_per_seed():
     )
     table = goodput_report(runs, capacity=10.0).splitlines()
     fast = next(line for line in table if line.startswith("| fast | goal"))
-    assert "| >= 6.0, 4.0 | 2.00 (1.00-3.00) | - |" in fast, fast
+    # seed 1: 0.6 met at the top rung over round robin's 0.2; seed 2: 0.4 over 0.4
+    assert "| >= 6.0, 4.0 | >= 3.00, 1.00 | - |" in fast, fast
     stand_in = next(line for line in table if line.startswith("| fast | stand-in"))
     assert "| -, - |" in stand_in, "runs without the stand-in's attainment have no goodput under it"
 
@@ -77,13 +81,25 @@ def test_goodput_under_the_stand_in_slo_compares_with_round_robin_and_the_best_p
     )
     assert goodput(runs, "fast", 1, STAND_IN) == 0.6 and goodput(runs, "fast", 1) == 0.0
     assert best_peer(runs, 1, STAND_IN) == ("peer_a", 0.4)
+    assert goodput_bounds(runs, "fast", 1, STAND_IN) == (0.6, math.inf), "the top rung met: at least 0.6"
+    assert goodput_bounds(runs, "fast", 1) == (0.0, 0.2), "the lowest rung missed: below 0.2"
     table = goodput_report(runs, capacity=10.0).splitlines()
     goal = next(line for line in table if line.startswith("| fast | goal"))
-    assert "| < 2.0 | - | - | 95.0% | 95.0% | 95.0% |" in goal, goal
+    assert "| < 2.0 | ? | ? (peer_a) | 95.0% | 95.0% | 95.0% |" in goal, goal
     stand_in = next(line for line in table if line.startswith("| fast | stand-in"))
-    assert "| >= 6.0 | 3.00 (3.00-3.00) | 1.50 (1.50-1.50) | 100.0% | 99.9% | 99.0% |" in stand_in, stand_in
+    assert "| >= 6.0 | >= 3.00 | >= 1.50 (peer_a) | 100.0% | 99.9% | 99.0% |" in stand_in, stand_in
     peer = next(line for line in table if line.startswith("| peer_a | stand-in"))
-    assert "| 4.0 | 2.00 (2.00-2.00) | - |" in peer, "a peer is not compared with the best peer"
+    assert "| 4.0 | 2.00 | - |" in peer, "a peer is not compared with the best peer"
+
+
+def test_ratio_cell_bounds_a_ratio_of_goodputs_the_ladder_does_not_bracket():
+    assert ratio_cell((0.6, 0.6), (0.2, 0.2)) == "3.00"
+    assert ratio_cell((0.6, 0.6), (0.0, 0.2)) == ">= 3.00", "over a goodput below the ladder: a lower bound"
+    assert ratio_cell((0.4, 0.4), (0.85, math.inf)) == "<= 0.47", "over one above the ladder: an upper bound"
+    assert ratio_cell((0.85, math.inf), (0.4, math.inf)) == "?"
+    assert ratio_cell((0.0, 0.2), (0.0, 0.2)) == "?"
+    assert ratio_cell((0.0, 0.2), (0.4, 0.4)) == "<= 0.50"
+    assert ratio_cell(None, (0.4, 0.4)) == "-"
 
 
 def test_floors_and_slos_follow_the_cost_model(tmp_path):

@@ -1,17 +1,22 @@
 """The trace replay's goodput: the highest load of a ladder at which >= 99% of requests met their
-TTFT SLO, every lower rung meeting it too; ratios to round robin of the same seed. The requests
-that meet the SLO only with their cached prefix. The breakdown of the worst queueing. The tenant
-flood's report, and the method options that set dispatcher flags."""
+TTFT SLO, every lower rung meeting it too; ratios to round robin and the best peer of the same
+seed, under the goal's SLO and the stand-in's (from the cold floor). The floors and SLOs from the
+cost model. The requests that meet the SLO only with their cached prefix. The breakdown of the
+worst queueing. The tenant flood's report, and the method options that set dispatcher flags."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
 from bench.balance_bench import method_flags, ttft_floor
 from bench.trace_replay import (
+    GOAL,
+    STAND_IN,
+    best_peer,
     breakdown,
     breakdown_report,
     cache_critical,
@@ -19,17 +24,25 @@ from bench.trace_replay import (
     flood_report,
     followed,
     goodput,
+    goodput_bounds,
     goodput_report,
+    ratio_cell,
     scale,
+    slo_limit,
+    stand_in_misses,
 )
 from pdlb.engines.torch.runners import CostModel
 from pdlb.workload import WorkItem
 
 
-def rows(method: str, seed: int, attainment: list[float], loads=(0.2, 0.4, 0.6)) -> list[dict]:
+def rows(
+    method: str, seed: int, attainment: list[float], loads=(0.2, 0.4, 0.6), stand_in: list[float] | None = None
+) -> list[dict]:
+    """Runs of a ladder: the goal's SLO attained as `attainment`, the stand-in's as `stand_in`
+    (absent, as in runs that predate it, when None)."""
     return [
-        {"method": method, "seed": seed, "load": x, "all": {"slo_attainment": a}}
-        for x, a in zip(loads, attainment, strict=True)
+        {"method": method, "seed": seed, "load": x, "all": {GOAL: a, **({STAND_IN: c} if stand_in else {})}}
+        for x, a, c in zip(loads, attainment, stand_in or attainment, strict=True)
     ]
 
 
@@ -49,8 +62,72 @@ def test_goodput_report_gives_rates_and_ratios_to_round_robin_per_seed():
         + rows("fast", 2, [1.0, 1.0, 0.95])
     )
     table = goodput_report(runs, capacity=10.0).splitlines()
-    fast = next(line for line in table if line.startswith("| fast "))
-    assert "| 6.0, 4.0 |" in fast and "2.00 (1.00-3.00)" in fast
+    fast = next(line for line in table if line.startswith("| fast | goal"))
+    # seed 1: 0.6 met at the top rung over round robin's 0.2; seed 2: 0.4 over 0.4
+    assert "| >= 6.0, 4.0 | >= 3.00, 1.00 | - |" in fast, fast
+    stand_in = next(line for line in table if line.startswith("| fast | stand-in"))
+    assert "| -, - |" in stand_in, "runs without the stand-in's attainment have no goodput under it"
+
+
+def test_goodput_under_the_stand_in_slo_compares_with_round_robin_and_the_best_peer():
+    """Under the goal's SLO nobody reaches 99% (every goodput is below the ladder); under the
+    stand-in the method's goodput is 0.6, round robin's 0.2 and the better peer's 0.4."""
+    low = [0.95, 0.95, 0.95]
+    runs = (
+        rows("round_robin", 1, low, stand_in=[0.995, 0.98, 0.9])
+        + rows("peer_a", 1, low, stand_in=[0.999, 0.991, 0.97])
+        + rows("peer_b", 1, low, stand_in=[0.98, 1.0, 1.0])
+        + rows("fast", 1, low, stand_in=[1.0, 0.999, 0.99])
+    )
+    assert goodput(runs, "fast", 1, STAND_IN) == 0.6 and goodput(runs, "fast", 1) == 0.0
+    assert best_peer(runs, 1, STAND_IN) == ("peer_a", 0.4)
+    assert goodput_bounds(runs, "fast", 1, STAND_IN) == (0.6, math.inf), "the top rung met: at least 0.6"
+    assert goodput_bounds(runs, "fast", 1) == (0.0, 0.2), "the lowest rung missed: below 0.2"
+    table = goodput_report(runs, capacity=10.0).splitlines()
+    goal = next(line for line in table if line.startswith("| fast | goal"))
+    assert "| < 2.0 | ? | ? (peer_a) | 95.0% | 95.0% | 95.0% |" in goal, goal
+    stand_in = next(line for line in table if line.startswith("| fast | stand-in"))
+    assert "| >= 6.0 | >= 3.00 | >= 1.50 (peer_a) | 100.0% | 99.9% | 99.0% |" in stand_in, stand_in
+    peer = next(line for line in table if line.startswith("| peer_a | stand-in"))
+    assert "| 4.0 | 2.00 | - |" in peer, "a peer is not compared with the best peer"
+
+
+def test_ratio_cell_bounds_a_ratio_of_goodputs_the_ladder_does_not_bracket():
+    assert ratio_cell((0.6, 0.6), (0.2, 0.2)) == "3.00"
+    assert ratio_cell((0.6, 0.6), (0.0, 0.2)) == ">= 3.00", "over a goodput below the ladder: a lower bound"
+    assert ratio_cell((0.4, 0.4), (0.85, math.inf)) == "<= 0.47", "over one above the ladder: an upper bound"
+    assert ratio_cell((0.85, math.inf), (0.4, math.inf)) == "?"
+    assert ratio_cell((0.0, 0.2), (0.0, 0.2)) == "?"
+    assert ratio_cell((0.0, 0.2), (0.4, 0.4)) == "<= 0.50"
+    assert ratio_cell(None, (0.4, 0.4)) == "-"
+
+
+def test_floors_and_slos_follow_the_cost_model(tmp_path):
+    """A 2,048-token prompt, then one that repeats it and adds 512 tokens. With the cost model x 10
+    (40 ms a step, 0.2 ms a prefill token, 2 us an attended token) and 1,024-token chunks, the first
+    prefills in two chunks cold (its floor is its cold floor: nothing cached before it); the second
+    in one 512-token chunk over 2,048 cached tokens, or in three chunks cold. Its goal SLO (3 x that
+    one chunk + 200 ms) is under its cold floor, so it needs its prefix; the stand-in SLO (3 x the
+    cold floor + 200 ms) it meets alone cold, as does every request."""
+    rows = [
+        {"timestamp": 0, "input_length": 2048, "output_length": 4, "hash_ids": [0, 1, 2, 3]},
+        {"timestamp": 100, "input_length": 2560, "output_length": 4, "hash_ids": [0, 1, 2, 3, 4]},
+    ]
+    args = _trace_args(tmp_path, rows)
+    cost = CostModel().scaled(10)
+    first, second = scale(args, 1.0, cost, seed=0)
+
+    def chunk(new: int, end: int) -> float:  # one prefill step of `new` tokens ending at position `end`
+        return 0.04 + new * 0.0002 + end * 0.000002
+
+    assert first.floor == pytest.approx(chunk(1024, 1024) + chunk(1024, 2048))
+    assert first.cold_floor == pytest.approx(first.floor) and first.cached == 0
+    assert second.cached == 2048 and second.floor == pytest.approx(chunk(512, 2560))
+    assert second.cold_floor == pytest.approx(chunk(1024, 1024) + chunk(1024, 2048) + chunk(512, 2560))
+    assert slo_limit(second.floor) == pytest.approx(3 * chunk(512, 2560) + 0.2)
+    assert slo_limit(second.floor) < second.cold_floor < slo_limit(second.cold_floor)
+    assert cache_critical(args, cost) == (1, 2)
+    assert stand_in_misses(args, cost) == (0, 2)
 
 
 def _trace_args(tmp_path, trace_rows: list[dict]) -> argparse.Namespace:

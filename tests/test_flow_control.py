@@ -380,9 +380,7 @@ async def test_the_retry_hint_of_a_ttl_shed_covers_the_wait_a_client_would_meet(
     waited that long too), rounded up, at most the TTL; over HTTP it is the 429's Retry-After."""
     ttl = 1.5
     channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--queue-ttl", str(ttl))
-    http_port = free_port()
-    start_service("gateway", "--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--http-port", str(http_port))
-    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    api = _gateway_api(etcd, prefix, start_service)
     client = Client(stub)
     try:
         await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
@@ -500,10 +498,7 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
     channel, stub, _, _ = await start_cluster(
         etcd, prefix, start_service, 1, "--sheddable-queue-ttl", "0.3", "--metrics-port", str(metrics_port)
     )
-    http_port = free_port()
-    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix]
-    start_service("gateway", *common, "--http-port", str(http_port))
-    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    api = _gateway_api(etcd, prefix, start_service)
     client = Client(stub)
     try:
         await wait_until(lambda: _models_ready(api), timeout=30, what="the gateway serving its model")
@@ -529,7 +524,7 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
             )
         )
         await wait_queued(stub, 1)  # held while the rank is busy, bound when its slot frees
-        gateway_metrics = f"http://127.0.0.1:{http_port}/metrics"  # where users scrape: no dispatcher port needed
+        gateway_metrics = f"{_root(api)}/metrics"  # where users scrape: no dispatcher port needed
 
         async def gateway_shows_queued() -> bool:
             scrape = await asyncio.to_thread(_get, gateway_metrics)
@@ -570,7 +565,7 @@ async def test_http_priority_deadline_and_429_with_retry_after_through_the_gatew
         assert "queue 0 (0 tokens, 0 tenants)" in frame and "shed 2" in frame
 
         async def dashboard_shows_shed() -> bool:
-            state = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/dashboard/state"))
+            state = json.loads(await asyncio.to_thread(_get, f"{_root(api)}/dashboard/state"))
             return [r["queue"]["shed"] for r in state["roles"]] == [2]
 
         await wait_until(dashboard_shows_shed, what="the dashboard's queue counts")
@@ -594,6 +589,18 @@ def _sample(scrape: str, name: str, reason: str = "") -> float | None:
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.read().decode()
+
+
+def _gateway_api(etcd, prefix, start_service) -> openai.AsyncOpenAI:
+    """A gateway over the cluster under `prefix`, and an OpenAI client of its HTTP API that never retries."""
+    http_port = free_port()
+    start_service("gateway", "--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--http-port", str(http_port))
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+
+
+def _root(api: openai.AsyncOpenAI) -> str:
+    """The gateway's own address (http://host:port) behind an OpenAI client of its /v1 API."""
+    return str(api.base_url).rstrip("/").removesuffix("/v1")
 
 
 async def _models_ready(api) -> bool:

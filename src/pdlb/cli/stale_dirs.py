@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pdlb.cli import state
+
 PREFIX = "pdlb-up-etcd-"
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[A-Za-z0-9_]+$")
 
@@ -23,16 +25,6 @@ _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[A-Za-z0-9_]+$")
 def etcd_dir_prefix() -> str:
     """The temp directory prefix of this process's etcd data."""
     return f"{PREFIX}{os.getpid()}-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def remove_dead_owners(directory: str | None = None) -> list[Path]:
@@ -49,7 +41,7 @@ def remove_dead_owners(directory: str | None = None) -> list[Path]:
         if not found or not path.is_dir() or path.is_symlink():
             continue
         owner = int(found.group(1))
-        if owner == os.getpid() or _alive(owner):
+        if owner == os.getpid() or state.pid_alive(owner):
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():

@@ -41,7 +41,8 @@ def path_of(name: str) -> Path:
     return state_dir() / f"{check_name(name)}.json"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +65,7 @@ def running() -> dict[str, dict]:
     found = {}
     for path in sorted(state_dir().glob("*.json")):
         state = _read(path)
-        if isinstance(state.get("up_pid"), int) and _alive(state["up_pid"]):
+        if isinstance(state.get("up_pid"), int) and pid_alive(state["up_pid"]):
             found[path.stem] = state
     return found
 

@@ -201,6 +201,10 @@ def test_the_banner_settings_follow_what_is_passed_on_and_the_mode(monkeypatch):
     assert settings["flow control"] == "on, hard shares (no lending)"
     assert settings["method"] == "prefill cache_aware, decode total_requests"
     assert settings["prefix eviction"] == "lru (the schedulers' default)"
+    # pdlb up's --flow-control comes first on the dispatchers' command line: a later --no- wins there
+    args = build_parser().parse_args(["up", "--flow-control", "--dispatcher-arg=--no-flow-control"])
+    assert LocalCluster(args).settings("", "a", "b")["flow control"] == "off"
+    assert not LocalCluster(args).flow_control()
     # the children inherit pdlb up's environment: their own variables count too
     monkeypatch.setenv("PDLB_DISPATCHER_FLOW_CONTROL", "1")
     monkeypatch.setenv("PDLB_DISPATCHER_WORK_CONSERVING", "true")
@@ -725,6 +729,27 @@ def test_a_word_for_a_number_in_any_commands_variable_or_flag_says_what_was_expe
             assert args.env_errors == [f"{variable}='abc': {expected}"], (command, long[0], args.env_errors)
             checked += 1
     assert checked >= 15  # the walk found pdlb up's ranks, ports and restarts and the other commands' numbers
+
+
+def test_a_bad_value_in_a_variable_of_the_other_mode_is_ignored_with_it(monkeypatch, capsys):
+    """A variable of the other mode's flags is ignored with one line at the start (it may be set
+    for runs of either mode); its value was still checked, so PDLB_UP_WORKERS=abc stopped a PD
+    cluster while PDLB_UP_WORKERS=4 did not. Now neither does; a bad value of this mode's still does."""
+    from pdlb.cli.local_cluster import variables_of_the_other_mode
+    from pdlb.cli.main import build_parser, main
+
+    monkeypatch.setenv("PDLB_UP_WORKERS", "abc")
+    monkeypatch.setenv("PDLB_UP_METHOD", "bogus")
+    with pytest.raises(SystemExit) as refused:  # reaches the next check: the unknown flag's refusal
+        main(["up", "--mode", "pd", "--no-such-flag"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "PDLB_UP_WORKERS" not in err and "--no-such-flag" in err, err
+    args, _ = build_parser().parse_known_args(["up", "--mode", "pd"])
+    said = variables_of_the_other_mode(args)
+    assert said is not None and said.startswith("PDLB_UP_WORKERS=abc, PDLB_UP_METHOD=bogus are ignored"), said
+    assert main(["up", "--mode", "mixed"]) == 2  # its own mode's variable: refused, in one line
+    assert capsys.readouterr().err == "pdlb up: PDLB_UP_WORKERS='abc': expected an integer\n"
 
 
 def test_the_words_on_the_command_line_for_a_word_in_a_numeric_flag(tmp_path):

@@ -899,6 +899,7 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
             # junk after the stream was read as a next member: "not valid gzip: incorrect header check"
             ("gzip", gzip.compress(body) + b"junk", 400, "has 4 bytes after the end of its gzip stream"),
             ("gzip", gzip.compress(body) + b"\0\0", 400, "has 2 bytes after the end of its gzip stream"),
+            ("gzip", gzip.compress(body) + b"\0", 400, "has 1 byte after the end of its gzip stream"),
             ("deflate", zlib.compress(body) + b"junk", 400, "has 4 bytes after the end of its deflate stream"),
         ]
         for encoding, data, status, said in refusals:

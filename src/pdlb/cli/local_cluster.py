@@ -92,19 +92,22 @@ def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
 
 
+def ignored_variables(args: argparse.Namespace) -> list[str]:
+    """The PDLB_UP_* variables set for flags only the mode not chosen reads (and not given on the
+    command line), whatever their values: an ignored variable's value is not checked either."""
+    on_line = set(flags_of_the_other_mode(args))
+    other = "mixed" if args.mode == "pd" else "pd"
+    names = [(dest, f"PDLB_UP_{dest.upper()}") for dest in MODE_FLAGS[other]]
+    return [name for dest, name in names if name in os.environ and "--" + dest.replace("_", "-") not in on_line]
+
+
 def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
     """One line for stderr naming the PDLB_UP_* variables that set a flag only the mode not chosen
     reads (PDLB_UP_WORKERS in a PD cluster), or None. Not a refusal, as the same flag on the
     command line is: a variable may be set for every run, of either mode, so the start goes on;
     but a cluster sized otherwise than its user thought is told of, not left silent."""
-    from_env = getattr(args, "env_flags", {})
-    on_line = set(flags_of_the_other_mode(args))
     other = "mixed" if args.mode == "pd" else "pd"
-    ignored = [
-        f"{from_env[dest]}={os.environ.get(from_env[dest], '')}"
-        for dest in MODE_FLAGS[other]
-        if dest in from_env and "--" + dest.replace("_", "-") not in on_line
-    ]
+    ignored = [f"{name}={os.environ[name]}" for name in ignored_variables(args)]
     if not ignored:
         return None
     sizes = "--prefill and --decode" if args.mode == "pd" else "--workers"
@@ -371,7 +374,11 @@ class LocalCluster:
 
     def flow_control(self) -> bool:
         """Whether the dispatchers run flow control (--flow-control, passed through --dispatcher-arg,
-        or set by PDLB_DISPATCHER_FLOW_CONTROL, which the dispatchers inherit)."""
+        or set by PDLB_DISPATCHER_FLOW_CONTROL, which the dispatchers inherit). A flag passed on comes
+        after pdlb up's own --flow-control on their command line, so it wins, as in their parser."""
+        passed = passed_on(self.args.dispatcher_arg, "--flow-control", "--no-flow-control")
+        if passed:
+            return passed == "on"
         return self.args.flow_control or self._child_setting("dispatcher", "--flow-control", on_off=True) == "on"
 
     def _child_setting(self, kind: str, flag: str, on_off: bool = False) -> str:

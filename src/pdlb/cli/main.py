@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)  # --help answers even with a variable refused below
+    if args.command == "up" and args.env_errors:
+        from pdlb.cli.local_cluster import ignored_variables
+
+        # a variable of the other mode's flags is ignored with one line at the start, its value too
+        ignored = set(ignored_variables(args))
+        args.env_errors = [error for error in args.env_errors if error.split("=", 1)[0] not in ignored]
     if args.env_errors:  # a variable of this command's flags holding a value the flag refuses
         print(f"pdlb {args.command}: {args.env_errors[0]}", file=sys.stderr, flush=True)
         return 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import zlib
 
+from pdlb.common.plurals import counted
+
 # Codings this gateway decodes (RFC 9110 8.4.1; x-gzip is gzip's old name); "identity" is no coding.
 DECODED = ("gzip", "deflate")
 ALIASES = {"x-gzip": "gzip"}
@@ -98,6 +100,6 @@ def _undo(data: bytes, name: str, limit: int) -> bytes:
         if name != "gzip" or data[:2] != GZIP_MAGIC:
             raise BodyEncodingError(
                 400,
-                f"the request body has {len(data)} bytes after the end of its {name} stream (Content-Encoding: "
-                f"{name}): send the compressed stream alone",
+                f"the request body has {counted(len(data), 'byte')} after the end of its {name} stream "
+                f"(Content-Encoding: {name}): send the compressed stream alone",
             )

@@ -782,6 +782,13 @@ def test_a_services_variable_its_flag_refuses_is_one_line_naming_it_exit_2():
             [program, "--help"], env={**os.environ, variable: value}, capture_output=True, text=True, timeout=60
         )
         assert helped.returncode == 0 and variable in " ".join(helped.stdout.split())
+    # the same word on the command line, in the same words (it was argparse's `invalid float value`)
+    for program, flag, said in (
+        ("pdlb-dispatcher", "--queue-ttl", "argument --queue-ttl: 'abc': expected a number"),
+        ("pdlb-gateway", "--max-body-bytes", "argument --max-body-bytes: 'abc': expected an integer"),
+    ):
+        ran = subprocess.run([program, flag, "abc"], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 2 and said in ran.stderr, ran.stderr
 
 
 @pytest.mark.parametrize(

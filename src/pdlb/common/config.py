@@ -86,7 +86,27 @@ class FlagParser(argparse.ArgumentParser):
                 **kw,
             )
             return
-        self.add_argument(name, default=default, type=type, help=f"{help} [env: {env}]", **kw)
+        self.add_argument(name, default=default, type=_worded(type), help=f"{help} [env: {env}]", **kw)
+
+
+_PLAIN = {int: "expected an integer", float: "expected a number"}
+
+
+def _worded(type_: Any) -> Any:
+    """int and float as flag types that refuse a word as their variables do (`'abc': expected a
+    number`), not in argparse's `invalid float value: 'abc'`; other types as they are."""
+    plain = _PLAIN.get(type_)
+    if plain is None:
+        return type_
+
+    def parse(text: str) -> Any:
+        try:
+            return type_(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {plain}") from None
+
+    parse.__name__ = type_.__name__
+    return parse
 
 
 def _parse_env(raw: str, type_: Any, env: str) -> Any:
@@ -101,7 +121,7 @@ def _parse_env(raw: str, type_: Any, env: str) -> Any:
         return type_(raw)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         # int()'s and float()'s own words ("invalid literal for int() with base 10") say less
-        plain = {int: "expected an integer", float: "expected a number"}.get(type_)
+        plain = _PLAIN.get(type_)
         said = str(exc).removeprefix(f"{raw!r}: ")  # a flag type's own words repeat the value: once is enough
         raise SystemExit(f"{env}={raw!r}: {plain or said}") from exc
 

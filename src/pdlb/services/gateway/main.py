@@ -196,9 +196,28 @@ def http_app(
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def expect_within_bound(request: web.Request) -> web.Response | None:
+        """`Expect: 100-continue` with a Content-Length past --max-body-bytes: 413 at once instead
+        of 100 Continue, so the client never sends the body (RFC 9110 10.1.1 lets a server answer
+        with a final status); otherwise aiohttp's own answer, 100 Continue or 417."""
+        expect = request.headers.get("Expect", "").lower()
+        if expect == "100-continue" and request.content_length is not None and request.content_length > max_body:
+            metrics.done("http", "413")
+            response = error_response(
+                413, f"the request body ({request.content_length} bytes) exceeds {max_body} bytes (--max-body-bytes)"
+            )
+            response.force_close()  # the client may send the body anyway: nothing here reads it
+            return response
+        if expect != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
+
     app = web.Application(client_max_size=max_body, middlewares=[errors])
-    app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
-    app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
+    app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False), expect_handler=expect_within_bound)
+    app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True), expect_handler=expect_within_bound)
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/v1/models/{model:.+}", api.get_model)  # ids may hold a slash (org/name)
     app.router.add_get("/health", health)

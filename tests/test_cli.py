@@ -678,7 +678,8 @@ def test_every_flag_falls_back_to_an_environment_variable(monkeypatch, tmp_path)
     for variable in ("PDLB_UP_FLOW_CONTROL", "PDLB_UP_ENGINE", "PDLB_UP_PREFILL_METHOD", "PDLB_UP_MAX_RESTARTS"):
         assert f"[env: {variable}]" in shown, variable
     for command, variable, value, said in (
-        ("up", "PDLB_UP_PREFILL", "0", "PDLB_UP_PREFILL='0': 0 ranks: expected an integer of 1 or more"),
+        # PDLB_UP_MODE=mixed above: --workers is this mode's (the other mode's variables are ignored)
+        ("up", "PDLB_UP_WORKERS", "0", "PDLB_UP_WORKERS='0': 0 ranks: expected an integer of 1 or more"),
         ("up", "PDLB_UP_MODE", "both", "PDLB_UP_MODE='both': expected one of pd, mixed"),
         ("up", "PDLB_UP_FLOW_CONTROL", "maybe", "PDLB_UP_FLOW_CONTROL='maybe': expected true/false"),
         ("top", "PDLB_TOP_INTERVAL_MS", "abc", "PDLB_TOP_INTERVAL_MS='abc'"),

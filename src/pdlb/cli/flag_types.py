@@ -10,15 +10,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+from pdlb.common.config import integer, number
+
 UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
-
-
-def integer(text: str) -> int:
-    """Any integer; a word is refused as `'abc': expected an integer`."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
 
 
 def int_in(low: int, high: int) -> Callable[[str], int]:
@@ -38,10 +32,7 @@ def float_in(low: float, high: float) -> Callable[[str], float]:
     """A finite number in [low, high]."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+        value = number(text)
         if not (math.isfinite(value) and low <= value <= high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: a number from {low:g} to {high:g}")
         return value

@@ -27,8 +27,9 @@ from pathlib import Path
 import grpc
 
 from pdlb.cli import stale_dirs, state
-from pdlb.cli.flag_types import int_from, integer
+from pdlb.cli.flag_types import int_from
 from pdlb.cli.supervisor import Supervisor
+from pdlb.common.config import TRUE_WORDS, integer
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
@@ -392,7 +393,7 @@ class LocalCluster:
         if value or raw is None:
             return value
         if on_off:
-            return "on" if raw.strip().lower() in ("1", "true", "yes", "on") else "off"
+            return "on" if raw.strip().lower() in TRUE_WORDS else "off"
         return raw
 
     def settings(self, method: str, prefill_method: str, decode_method: str) -> dict[str, str]:

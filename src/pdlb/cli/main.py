@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     # Every flag falls back to an environment variable, as the services' do: PDLB_CLUSTER,
     # PDLB_DISPATCHER... for the connection flags, PDLB_<COMMAND>_<FLAG> for a command's own.
-    # a variable's value its flag refuses is reported once the command is known (refused_variables)
-    parser.set_defaults(env_errors={})
+    # a variable's value its flag refuses is reported once the command is known (in main)
+    parser.set_defaults(env_errors=[])
     connection_errors: list[str] = []
     env_fallbacks(parser, "PDLB_", errors=connection_errors)
     named = {a.dest: a for a in parser._actions}

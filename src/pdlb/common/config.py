@@ -90,31 +90,39 @@ class FlagParser(argparse.ArgumentParser):
 
 
 _PLAIN = {int: "expected an integer", float: "expected a number"}
+# what an on/off flag's variable reads as on or off (case and surrounding spaces ignored)
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+def integer(text: str) -> int:
+    """Any integer, as a flag type: a word is refused as `'abc': expected an integer`."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {_PLAIN[int]}") from None
+
+
+def number(text: str) -> float:
+    """Any float, as a flag type: a word is refused as `'abc': expected a number`."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {_PLAIN[float]}") from None
 
 
 def _worded(type_: Any) -> Any:
     """int and float as flag types that refuse a word as their variables do (`'abc': expected a
     number`), not in argparse's `invalid float value: 'abc'`; other types as they are."""
-    plain = _PLAIN.get(type_)
-    if plain is None:
-        return type_
-
-    def parse(text: str) -> Any:
-        try:
-            return type_(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {plain}") from None
-
-    parse.__name__ = type_.__name__
-    return parse
+    return {int: integer, float: number}.get(type_, type_)
 
 
 def _parse_env(raw: str, type_: Any, env: str) -> Any:
     if type_ is bool:
         lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
+        if lowered in TRUE_WORDS:
             return True
-        if lowered in ("0", "false", "no", "off", ""):
+        if lowered in FALSE_WORDS:
             return False
         raise SystemExit(f"{env}={raw!r}: expected true/false")
     try:

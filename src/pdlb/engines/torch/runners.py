@@ -126,12 +126,10 @@ class TorchRunner(Runner):
         fusable = self.device.type == "cpu" and isinstance(model, LlamaModel)
         self.decode_ops = bool(decode_ops) and fusable
         if self.decode_ops:
-            ops = decode_ops if isinstance(decode_ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()
-            self.model.decode_ops = ops
+            self.model.decode_ops = _loaded(decode_ops)
         self.prefill_ops = bool(prefill_ops) and fusable
         if self.prefill_ops:
-            ops = prefill_ops if isinstance(prefill_ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()
-            self.model.prefill_ops = ops
+            self.model.prefill_ops = _loaded(prefill_ops)
         self.graphs: DecodeGraphs | None = None
         if hasattr(model, "run_plan") and (decode_graphs or (decode_graphs is None and on_cuda)):
             self.graphs = DecodeGraphs(model, self.pool, graph_max_batch, model.config.max_position, capture=on_cuda)
@@ -266,3 +264,9 @@ class SimRunner(Runner):
     def write_kv(self, slots: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         for slot, value in zip(slots, k[0, :, 0, 0].tolist(), strict=True):
             self._slot_token[slot] = int(value)
+
+
+def _loaded(ops: decode_ops_cpu.DecodeOps | bool) -> decode_ops_cpu.DecodeOps:
+    """The fused element-wise ops a runner was given: those already loaded, or (True) the process's
+    shared ones, built here if need be (raises decode_ops_cpu.Unavailable naming why not)."""
+    return ops if isinstance(ops, decode_ops_cpu.DecodeOps) else decode_ops_cpu.shared()

@@ -333,8 +333,8 @@ def build_runner(args, source: ModelSource, tokenizer: Tokenizer) -> Runner:
         log.info("element-wise ops compiled (torch.compile); runner ready in %.1f s", time.perf_counter() - started)
     if runner.paged_attention:
         log.info("decode attention: paged kernel %s", runner.model.decode_attention.library)
-    for steps, ops in (("decode", runner.model.decode_ops), ("prefill", runner.model.prefill_ops)):
-        if source.kind != "tiny" and args.device == "cpu":  # either way, so a log shows which ran
+    if source.kind != "tiny" and args.device == "cpu":  # either way, so a log shows which ran
+        for steps, ops in (("decode", runner.model.decode_ops), ("prefill", runner.model.prefill_ops)):
             log.info("%s element-wise ops: %s", steps, f"fused kernels {ops.library}" if ops else "eager torch ops")
     if source.kind == "tiny" and args.device == "cpu":
         log.info(

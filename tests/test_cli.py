@@ -181,6 +181,35 @@ def test_variables_of_the_other_mode_are_named_on_stderr_and_the_banner_shows_th
         stop_up(up)
 
 
+def test_variables_of_the_other_engine_are_named_and_their_values_not_checked(tmp_path, monkeypatch):
+    """PDLB_UP_VLLM_* variables with pdlb's own engine (and PDLB_UP_RUNNER with --engine vllm) were
+    ignored in silence; a variable may be set for several setups, so one line names them instead of
+    a refusal, and a value the flag would refuse does not stop the start either."""
+    from pdlb.cli.local_cluster import ignored_variables, variables_of_the_other_engine
+    from pdlb.cli.main import build_parser
+
+    monkeypatch.setenv("PDLB_UP_VLLM_PORT", "abc")
+    monkeypatch.setenv("PDLB_UP_VLLM_DTYPE", "float16")
+    args = build_parser().parse_args(["up"])
+    assert variables_of_the_other_engine(args) == (
+        "PDLB_UP_VLLM_PORT=abc, PDLB_UP_VLLM_DTYPE=float16 are ignored: they set flags of --engine vllm, and this "
+        "cluster runs --engine pdlb; unset them, or add --engine vllm"
+    )
+    assert variables_of_the_other_engine(build_parser().parse_args(["up", "--engine", "vllm"])) is None
+    monkeypatch.setenv("PDLB_UP_RUNNER", "sim")
+    monkeypatch.setenv("PDLB_UP_VLLM_DECODE_URL", "http://d")  # of mixed mode and vLLM: named once, by the mode
+    args = build_parser().parse_args(["up", "--mode", "mixed", "--engine", "vllm"])
+    assert variables_of_the_other_engine(args) == (
+        "PDLB_UP_RUNNER=sim is ignored: it sets a flag of --engine pdlb, and this cluster runs --engine vllm; "
+        "unset it, or add --engine pdlb"
+    )
+    assert ignored_variables(args) == ["PDLB_UP_VLLM_DECODE_URL", "PDLB_UP_RUNNER"]
+    # the bad port is not what stops this start: the model is (checked before anything starts)
+    env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "PDLB_UP_VLLM_PORT": "abc"}
+    refused = pdlb("up", "--model", "smolm2", "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env)
+    assert refused.returncode == 2 and refused.stderr.startswith("pdlb up: --model 'smolm2'"), refused.stderr
+
+
 def test_the_banner_settings_follow_what_is_passed_on_and_the_mode(monkeypatch):
     from pdlb.cli.local_cluster import LocalCluster, variables_of_the_other_mode
     from pdlb.cli.main import build_parser
@@ -948,12 +977,24 @@ def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
         # a --model naming nothing started etcd and bootstrap, then failed in the first dispatcher
         (["--model", "/nonexistent/m.gguf"], "pdlb up: --model '/nonexistent/m.gguf': no such file or directory"),
         (["--model", "smolm2"], "pdlb up: --model 'smolm2': not smollm2-135m-instruct, tiny-random, a .gguf file"),
+        # the engine's flags alike: --vllm-* with pdlb's own engine (the default) started it in silence
+        (
+            ["--vllm-port", "9000", "--no-vllm-eager"],
+            "pdlb up: --vllm-port, --vllm-eager are for --engine vllm, and this cluster runs --engine pdlb; add "
+            "--engine vllm, or drop them",
+        ),
+        (["--vllm-url", "http://127.0.0.1:1"], "pdlb up: --vllm-url is for --engine vllm"),
+        (
+            ["--engine", "vllm", "--vllm-url", "http://127.0.0.1:1", "--runner", "torch"],
+            "pdlb up: --runner is for --engine pdlb, and this cluster runs --engine vllm; add --engine pdlb, or drop "
+            "it",
+        ),
     ],
 )
 def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):
     """`pdlb up --workers 4` started the default PD cluster of 2 + 2 ranks, the 4 ignored in silence
     (and --prefill with --mode mixed alike): a flag only the other mode reads is one line, exit 2.
-    A --model that names no model alike."""
+    A --model that names no model alike, and a flag only the other engine reads."""
     env = {**os.environ, "PDLB_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path)}
     refused = pdlb("up", *flags, "--port", "0", "--etcd-port", "0", "--http-port", "0", env=env, timeout=30)
     assert refused.returncode == 2, refused.stdout + refused.stderr
@@ -1023,7 +1064,7 @@ def test_engine_vllm_without_vllm_installed_is_refused_before_anything_starts(tm
         (["--prefix-eviction", "lfu"], "pdlb up: --prefix-eviction: unknown prefix-cache eviction 'lfu'; known: lru"),
         (
             ["--prefix-eviction", "slru", "--engine", "vllm", "--vllm-url", "http://127.0.0.1:1"],
-            "pdlb up: --prefix-eviction is for pdlb's engines; vLLM servers evict their prefix cache",
+            "pdlb up: --prefix-eviction is for --engine pdlb, and this cluster runs --engine vllm",
         ),
     ],
 )

@@ -68,6 +68,14 @@ class Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
+class GivenSwitch(argparse.BooleanOptionalAction):
+    """An on/off flag (`--x` / `--no-x`) that records itself in `namespace.given` as Given does."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 # the gateway's flags pdlb up sets itself: its addresses, and where it finds the rest of the cluster
 GATEWAY_SET_BY_UP = (
     "--port", "--http-port", "--etcd", "--etcd-prefix", "--model", "--dispatcher", "--prefill-dispatcher",
@@ -78,6 +86,22 @@ MODE_FLAGS = {
     "pd": ("prefill", "decode", "prefill_method", "decode_method", "vllm_decode_url"),
     "mixed": ("workers", "method"),
 }
+# flags only one engine reads: given with the other engine they would act on nothing
+ENGINE_FLAGS = {
+    "vllm": (
+        "vllm_url", "vllm_decode_url", "vllm_kv_connector", "vllm_server_ranks", "vllm_port", "vllm_dtype",
+        "vllm_eager",
+    ),
+    "pdlb": ("runner", "prefix_eviction"),
+}  # fmt: skip
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _other_engine(args: argparse.Namespace) -> str:
+    return "pdlb" if getattr(args, "engine", "pdlb") == "vllm" else "vllm"
 
 
 def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
@@ -93,13 +117,32 @@ def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
 
 
-def ignored_variables(args: argparse.Namespace) -> list[str]:
-    """The PDLB_UP_* variables set for flags only the mode not chosen reads (and not given on the
-    command line), whatever their values: an ignored variable's value is not checked either."""
+def flags_of_the_other_engine(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line that only the engine not chosen reads, as typed
+    (--vllm-port with --engine pdlb, --runner with --engine vllm)."""
+    given = getattr(args, "given", set())
+    return [_flag(dest) for dest in ENGINE_FLAGS[_other_engine(args)] if dest in given]
+
+
+def _variables_of_the_other_mode(args: argparse.Namespace) -> list[str]:
     on_line = set(flags_of_the_other_mode(args))
     other = "mixed" if args.mode == "pd" else "pd"
     names = [(dest, f"PDLB_UP_{dest.upper()}") for dest in MODE_FLAGS[other]]
-    return [name for dest, name in names if name in os.environ and "--" + dest.replace("_", "-") not in on_line]
+    return [name for dest, name in names if name in os.environ and _flag(dest) not in on_line]
+
+
+def _variables_of_the_other_engine(args: argparse.Namespace) -> list[str]:
+    # a variable of both the other mode and the other engine (PDLB_UP_VLLM_DECODE_URL) is named once, by the mode
+    of_mode = set(_variables_of_the_other_mode(args))
+    on_line = set(flags_of_the_other_engine(args))
+    names = [(dest, f"PDLB_UP_{dest.upper()}") for dest in ENGINE_FLAGS[_other_engine(args)]]
+    return [n for dest, n in names if n in os.environ and n not in of_mode and _flag(dest) not in on_line]
+
+
+def ignored_variables(args: argparse.Namespace) -> list[str]:
+    """The PDLB_UP_* variables set for flags only the mode or the engine not chosen reads (and not
+    given on the command line), whatever their values: an ignored variable's value is not checked either."""
+    return _variables_of_the_other_mode(args) + _variables_of_the_other_engine(args)
 
 
 def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
@@ -108,7 +151,7 @@ def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
     command line is: a variable may be set for every run, of either mode, so the start goes on;
     but a cluster sized otherwise than its user thought is told of, not left silent."""
     other = "mixed" if args.mode == "pd" else "pd"
-    ignored = [f"{name}={os.environ[name]}" for name in ignored_variables(args)]
+    ignored = [f"{name}={os.environ[name]}" for name in _variables_of_the_other_mode(args)]
     if not ignored:
         return None
     sizes = "--prefill and --decode" if args.mode == "pd" else "--workers"
@@ -117,6 +160,20 @@ def variables_of_the_other_mode(args: argparse.Namespace) -> str | None:
         f"{', '.join(ignored)} {'is' if one else 'are'} ignored: {'it sets a flag' if one else 'they set flags'} of "
         f"--mode {other}, and this cluster is --mode {args.mode} (its ranks: {sizes}); "
         f"unset {'it' if one else 'them'}, or add --mode {other}"
+    )
+
+
+def variables_of_the_other_engine(args: argparse.Namespace) -> str | None:
+    """One line for stderr naming the PDLB_UP_* variables that set a flag only the engine not
+    chosen reads (PDLB_UP_VLLM_PORT with --engine pdlb), or None; not a refusal, as for the mode's."""
+    ignored = [f"{name}={os.environ[name]}" for name in _variables_of_the_other_engine(args)]
+    if not ignored:
+        return None
+    other, one = _other_engine(args), len(ignored) == 1
+    return (
+        f"{', '.join(ignored)} {'is' if one else 'are'} ignored: {'it sets a flag' if one else 'they set flags'} of "
+        f"--engine {other}, and this cluster runs --engine {args.engine}; unset {'it' if one else 'them'}, or add "
+        f"--engine {other}"
     )
 
 
@@ -153,7 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="mixed dispatcher's method (default: predicted_latency; cache_aware with --lockstep)",
     )
-    parser.add_argument("--runner", choices=["torch", "sim"], default="torch", help="scheduler runner")
+    parser.add_argument(
+        "--runner", choices=["torch", "sim"], default="torch", action=Given, help="pdlb: the schedulers' runner"
+    )
     parser.add_argument(
         "--engine",
         choices=["pdlb", "vllm"],
@@ -164,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-url",
         default="",
+        action=Given,
         help="vllm: attach to these running servers (URL[,URL...]) instead of starting one; each holds "
         "--vllm-server-ranks DP ranks (PD: the prefill servers)",
     )
@@ -176,6 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-kv-connector",
         default="ExampleConnector",
+        action=Given,
         help="vllm, PD: the KV connector of the vLLM servers (pdlb up starts its own with vLLM's shared-storage "
         "ExampleConnector, on one directory per cluster; attached servers must already run it)",
     )
@@ -183,19 +244,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vllm-server-ranks",
         type=int_from(0, "ranks per vLLM server", "0: the role's ranks"),
         default=0,
+        action=Given,
         help="vllm: DP ranks per server (default: the role's ranks (--workers, --prefill, --decode) when pdlb "
         "starts the servers, else 1)",
     )
-    parser.add_argument("--vllm-port", type=port, default=8100, help="vllm: port of the server pdlb starts (0: free)")
+    parser.add_argument(
+        "--vllm-port", type=port, default=8100, action=Given, help="vllm: port of the server pdlb starts (0: free)"
+    )
     parser.add_argument(
         "--vllm-dtype",
         default="auto",
+        action=Given,
         help="vllm: --dtype of the server pdlb starts (auto: bfloat16 on CPUs with native bfloat16, AVX512-BF16 or "
         "AMX, else float32, as pdlb's own engine)",
     )
     parser.add_argument(
         "--vllm-eager",
-        action=argparse.BooleanOptionalAction,
+        action=GivenSwitch,
         default=False,
         help="vllm: start the server with --enforce-eager (no torch.compile: faster start, slower steps)",
     )
@@ -248,6 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix-eviction",
         default="",
+        action=Given,
         help="pdlb's engines: the order the ranks' prefix caches evict in (pdlb-scheduler --prefix-eviction: lru, "
         "slru, slru-random; default: the schedulers' own, lru). vLLM servers evict LRU themselves",
     )
@@ -428,6 +494,8 @@ class LocalCluster:
         return found
 
     def _eviction_flags(self) -> list[str]:
+        if getattr(self.args, "engine", "pdlb") == "vllm":  # PDLB_UP_PREFIX_EVICTION, ignored: vLLM evicts itself
+            return []
         name = getattr(self.args, "prefix_eviction", "")
         return ["--prefix-eviction", name] if name else []
 
@@ -444,6 +512,14 @@ class LocalCluster:
             resolve(args.model)
         except UnsupportedModel as exc:
             raise StartRefused(str(exc)) from None
+        stray = flags_of_the_other_engine(args)
+        if stray:
+            other = _other_engine(args)
+            verb, them = ("is", "it") if len(stray) == 1 else ("are", "them")
+            raise StartRefused(
+                f"{', '.join(stray)} {verb} for --engine {other}, and this cluster runs --engine {args.engine}; "
+                f"add --engine {other}, or drop {them}"
+            )
         if getattr(args, "engine", "pdlb") == "vllm" and not args.vllm_url:
             from pdlb.engines.vllm.server import find_venv, missing_reason
 
@@ -458,12 +534,8 @@ class LocalCluster:
                 f"{', '.join(stray)} {verb} for --mode {wanted}, and this cluster is --mode {args.mode} "
                 f"(its ranks: {sizes}); add --mode {wanted}, or drop {them}"
             )
-        if getattr(args, "prefix_eviction", ""):
-            if getattr(args, "engine", "pdlb") == "vllm":
-                raise StartRefused(
-                    "--prefix-eviction is for pdlb's engines; vLLM servers evict their prefix cache least recently "
-                    "used themselves: drop it, or use --engine pdlb"
-                )
+        # with --engine vllm it came from its variable, which is ignored (the line is refused above)
+        if getattr(args, "prefix_eviction", "") and getattr(args, "engine", "pdlb") != "vllm":
             try:
                 eviction_order(args.prefix_eviction)
             except ValueError as exc:
@@ -933,9 +1005,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         cluster.check()
-        ignored = variables_of_the_other_mode(args)
-        if ignored:  # after check: a refused start says only why it was refused
-            print(f"pdlb up: {ignored}", file=sys.stderr, flush=True)
+        for ignored in (variables_of_the_other_mode(args), variables_of_the_other_engine(args)):
+            if ignored:  # after check: a refused start says only why it was refused
+                print(f"pdlb up: {ignored}", file=sys.stderr, flush=True)
     except (StartRefused, state.StateError) as exc:
         print(f"pdlb up: {exc}", file=sys.stderr, flush=True)  # nothing started: a refusal, on stderr
         return 2

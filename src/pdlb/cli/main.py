@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up" and args.env_errors:
         from pdlb.cli.local_cluster import ignored_variables
 
-        # a variable of the other mode's flags is ignored with one line at the start, its value too
+        # a variable of the other mode's or engine's flags is ignored with one line at the start, its value too
         ignored = set(ignored_variables(args))
         args.env_errors = [error for error in args.env_errors if error.split("=", 1)[0] not in ignored]
     if args.env_errors:  # a variable of this command's flags holding a value the flag refuses

@@ -791,6 +791,39 @@ def test_the_words_on_the_command_line_for_a_word_in_a_numeric_flag(tmp_path):
     assert "argument --rate: 'abc': expected a number" in refused.stderr, refused.stderr
 
 
+def test_every_commands_numeric_flag_says_its_words_on_the_command_line_and_has_a_help_text(capsys):
+    """`pdlb generate --temperature abc` was argparse's `invalid float value: 'abc'` (bench-client
+    --seed and health --timeout alike), and generate's --help said nothing of --max-new-tokens and
+    --temperature: every numeric flag of every command now refuses a word as its variable does, and
+    says in --help what it takes (its range or unit and its default)."""
+    from pdlb.cli.main import build_parser
+
+    positional = {"generate": ["hi"], "route": ["hi"], "export-tokenizer": ["d"], "health": ["h:1"]}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = []
+    for command, subparser in commands.items():
+        for action in subparser._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if not long or action.type is None or action.choices is not None:
+                continue
+            help_text = (action.help or "").split(" [env: ")[0]
+            assert help_text, f"pdlb {command} {long[0]} has no help text"
+            with pytest.raises(SystemExit):
+                build_parser().parse_args([command, *positional.get(command, []), long[0], "abc"])
+            err = capsys.readouterr().err
+            assert f"argument {long[0]}: 'abc': expected " in err and "invalid" not in err, (command, err)
+            checked.append(f"{command} {long[0]}")
+    assert {"generate --temperature", "generate --max-new-tokens", "bench-client --seed", "health --timeout"} <= set(
+        checked
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--temperature", "3"])
+    assert "argument --temperature: 3 is out of range: a number from 0 to 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--max-new-tokens", "20000"])
+    assert "20000 is out of range: an integer from 1 to 16384" in capsys.readouterr().err
+
+
 def test_a_services_variable_its_flag_refuses_is_one_line_naming_it_exit_2():
     """A service's PDLB_<SERVICE>_<FLAG> holding a value its flag refuses (a choice it does not
     have, a word for a number) stops the start in one line naming the variable, exit 2, as the same

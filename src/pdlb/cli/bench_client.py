@@ -15,21 +15,57 @@ from rich.table import Table
 
 from pdlb.cli.flag_types import UINT32_MAX, float_in, int_in
 from pdlb.client import PDLBClient
+from pdlb.common.config import integer
 from pdlb.v1 import common_pb2
 from pdlb.workload import WorkItem, WorkloadSpec, generate, percentile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-requests", type=int_in(1, 10**7), default=100)
-    parser.add_argument("--rate", type=float_in(0, 1e6), default=10.0, help="mean requests per second (0: all at once)")
-    parser.add_argument("--arrival", choices=["poisson", "bursty", "all-at-once"], default="poisson")
-    parser.add_argument("--input-median", type=int_in(1, UINT32_MAX), default=128)
-    parser.add_argument("--output-median", type=int_in(1, UINT32_MAX), default=32)
-    parser.add_argument("--long-tail-fraction", type=float_in(0, 1), default=0.05)
-    parser.add_argument("--max-input", type=int_in(1, UINT32_MAX), default=1024)
-    parser.add_argument("--max-output", type=int_in(1, UINT32_MAX), default=256)
-    parser.add_argument("--max-concurrency", type=int_in(1, 10**6), default=256, help="bound on requests in flight")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-requests", type=int_in(1, 10**7), default=100, help="requests to send in all (default: 100)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float_in(0, 1e6),
+        default=10.0,
+        help="mean requests per second (0: all at once; default: 10)",
+    )
+    parser.add_argument(
+        "--arrival",
+        choices=["poisson", "bursty", "all-at-once"],
+        default="poisson",
+        help="how arrivals spread around --rate (default: poisson)",
+    )
+    parser.add_argument(
+        "--input-median", type=int_in(1, UINT32_MAX), default=128, help="median prompt length, tokens (default: 128)"
+    )
+    parser.add_argument(
+        "--output-median", type=int_in(1, UINT32_MAX), default=32, help="median tokens to generate (default: 32)"
+    )
+    parser.add_argument(
+        "--long-tail-fraction",
+        type=float_in(0, 1),
+        default=0.05,
+        help="fraction of requests 8x as long in and out, 0 to 1 (default: 0.05)",
+    )
+    parser.add_argument(
+        "--max-input", type=int_in(1, UINT32_MAX), default=1024, help="longest prompt, tokens (default: 1024)"
+    )
+    parser.add_argument(
+        "--max-output", type=int_in(1, UINT32_MAX), default=256, help="most tokens to generate (default: 256)"
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int_in(1, 10**6),
+        default=256,
+        help="bound on requests in flight (default: 256)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=integer,
+        default=0,
+        help="seed of the workload's draws: the same seed, the same requests (default: 0)",
+    )
 
 
 @dataclass

@@ -10,11 +10,12 @@ import sys
 import grpc
 
 from pdlb.cli import state
-from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, int_in
+from pdlb.cli.flag_types import UINT32_MAX, UINT64_MAX, float_in, int_in
 from pdlb.client import PDLBClient
 from pdlb.common import security
 from pdlb.common.config import env_fallbacks
 from pdlb.common.plurals import counted
+from pdlb.common.requests import MAX_NEW_TOKENS_LIMIT
 from pdlb.common.security import open_channel
 from pdlb.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc
 
@@ -42,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
     )
     gen.add_argument("--system", default="", help="with --chat: a system message first")
-    gen.add_argument("--max-new-tokens", type=int_in(1, UINT32_MAX), default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int_in(1, MAX_NEW_TOKENS_LIMIT),
+        default=64,
+        help=f"tokens to generate at most, 1 to {MAX_NEW_TOKENS_LIMIT} (default: 64)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float_in(0.0, 2.0),
+        default=0.0,
+        help="sampling temperature, 0 to 2 as in the OpenAI API (0: greedy, the most likely token; default: 0)",
+    )
     gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes")
     gen.add_argument(
         "--token-ids", action="store_true", help="print the generated token ids (as <id>) instead of their text"
@@ -76,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("address", help="host:port of any pdlb service")
     health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    health.add_argument(
+        "--timeout",
+        type=float_in(0.001, 3600.0),
+        default=3.0,
+        help="seconds to wait for an answer, 0.001 to 3600 (default: 3)",
+    )
     # Every flag falls back to an environment variable, as the services' do: PDLB_CLUSTER,
     # PDLB_DISPATCHER... for the connection flags, PDLB_<COMMAND>_<FLAG> for a command's own.
     # a variable's value its flag refuses is reported once the command is known (in main)

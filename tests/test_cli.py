@@ -1064,6 +1064,22 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "other commands look); use pdlb up's own --port, --http-port or --etcd-port",
         ),
         (["--no-such-flag", "1"], "pdlb up: error: unrecognized arguments: --no-such-flag 1"),
+        # a --*-arg value after a space was argparse's bare "expected one argument"
+        (
+            ["--flow-control", "--dispatcher-arg", "--queue-ttl=4"],
+            "pdlb up: --dispatcher-arg --queue-ttl=4: a value starting with '-' is read as a flag of pdlb up unless "
+            "joined with '=': write --dispatcher-arg=--queue-ttl=4",
+        ),
+        (
+            ["--scheduler-arg", "--max-running-requests", "2", "--mode", "mixed"],
+            "pdlb up: --scheduler-arg --max-running-requests: a value starting with '-' is read as a flag of pdlb up "
+            "unless joined with '=': write --scheduler-arg=--max-running-requests=2",
+        ),
+        (
+            ["--gateway-arg", "--request-log"],
+            "pdlb up: --gateway-arg --request-log: a value starting with '-' is read as a flag of pdlb up unless "
+            "joined with '=': write --gateway-arg=--request-log",
+        ),
     ],
 )
 def test_a_services_flag_given_to_up_says_how_to_pass_it_on(tmp_path, flags, said):

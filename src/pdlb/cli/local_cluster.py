@@ -363,6 +363,36 @@ def pass_through_hint(unknown: list[str]) -> str | None:
     return f"{name} is a flag of {services}, not of pdlb up: pass it on as {how}{flow}"
 
 
+PASS_THROUGH = ("--scheduler-arg", "--dispatcher-arg", "--gateway-arg")
+
+
+def spaced_pass_through(argv: list[str]) -> str | None:
+    """For `pdlb up`'s command line: when a --*-arg flag is followed by its value after a space and
+    the value starts with '-' (`--dispatcher-arg --queue-ttl=4`), argparse takes that value for a
+    flag and says only "expected one argument"; one line saying how to write it joined with '='
+    (`--dispatcher-arg=--queue-ttl=4`), else None."""
+    for at, arg in enumerate(argv[:-1]):
+        value = argv[at + 1]
+        if arg not in PASS_THROUGH or not value.startswith("-") or value == "--" or _is_number(value):
+            continue
+        following = argv[at + 2] if at + 2 < len(argv) else "-"
+        # `--dispatcher-arg --queue-ttl 4`: the 4 is the passed-on flag's value (pdlb up takes no words)
+        typed = value if "=" in value or following.startswith("-") else f"{value}={following}"
+        return (
+            f"{arg} {value}: a value starting with '-' is read as a flag of pdlb up unless joined with '=': "
+            f"write {arg}={typed}"
+        )
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True  # argparse takes "-1" for a value, not a flag
+
+
 def _flow_flags() -> tuple[str, ...]:
     from pdlb.services.dispatcher.flow_control import FLOW_FLAGS
 

@@ -286,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     (no such cluster, no dispatcher, a TLS flag without its pair...) exits 1, a failed RPC 1.
     Ctrl-C cancels the command's calls (their servers abort them) and exits 130, without a traceback."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if "up" in argv:
+        from pdlb.cli.local_cluster import spaced_pass_through
+
+        spaced = spaced_pass_through(argv)
+        if spaced:  # found before argparse, whose own refusal would say only "expected one argument"
+            print(f"pdlb up: {spaced}", file=sys.stderr, flush=True)
+            return 2
     args, unknown = parser.parse_known_args(argv)  # --help answers even with a variable refused below
     if args.command == "up" and args.env_errors:
         from pdlb.cli.local_cluster import ignored_variables

@@ -312,6 +312,39 @@ def test_up_generate_workers_route_and_clean_shutdown(cluster):
     assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
 
 
+def test_a_second_ctrl_c_while_stopping_kills_the_children_at_once(tmp_path):
+    """The "stopping:" line did not say that pdlb up waits up to --shutdown-grace for running
+    requests, and a second Ctrl-C during that wait did nothing visible: now the line names the
+    wait, and a second SIGINT says in one line that it stops now, kills the children within a
+    couple of seconds (not the 120 s grace a request in flight holds the dispatcher for) and exits 130."""
+    flags = ["--mode", "mixed", "--workers", "1", "--runner", "sim", "--model", "tiny-random"]
+    flags += ["--dispatcher-arg=--shutdown-grace=120", "--scheduler-arg=--sim-slowdown=50"]
+    up, state, env = start_up(tmp_path, *flags)
+    argv = [sys.executable, "-m", "pdlb.cli.main", "generate", "hi", "--max-new-tokens", "2000", "--ignore-eos"]
+    generate = subprocess.Popen([*argv, "--token-ids"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert generate.stdout is not None and generate.stdout.read(1) == b"<"  # its first token came: it runs
+        up.send_signal(signal.SIGINT)
+        line = next((line for line in up.stdout if line.startswith("stopping:")), "")
+        assert line.rstrip("\n").endswith(
+            "etcd ... (running requests get up to 120 s to finish, their --shutdown-grace; Ctrl-C again stops at once)"
+        ), line
+        asked = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        rest = up.stdout.read()
+        assert up.wait(timeout=60) == 130, rest
+        assert time.monotonic() - asked < 30, rest  # not the dispatcher's 120 s grace
+        assert rest.startswith("pdlb up: Ctrl-C again: stopping now, requests still running are cut"), rest
+        assert "stopped at once (second Ctrl-C)" in rest and "logs of the failed start" not in rest, rest
+        assert not [pid for pid in state["pids"] if alive(pid)], "orphan processes"
+        assert generate.wait(timeout=30) == 1  # its stream was cut, not finished
+    finally:
+        for proc in (generate, up):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_killed_up_leaves_no_orphans(cluster):
     up, state, _ = cluster
     up.kill()  # kill -9: children get SIGTERM from the kernel (parent-death signal)

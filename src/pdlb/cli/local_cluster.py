@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +30,7 @@ import grpc
 from pdlb.cli import stale_dirs, state
 from pdlb.cli.flag_types import int_from
 from pdlb.cli.supervisor import Supervisor
-from pdlb.common.config import TRUE_WORDS, integer
+from pdlb.common.config import SHUTDOWN_GRACE_S, TRUE_WORDS, integer
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
@@ -43,6 +44,8 @@ from pdlb.v1 import dispatch_pb2, dispatch_pb2_grpc
 TINY_MODEL = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4"]
 START_TIMEOUT_S = 600.0  # a child that has not announced itself by then is stuck (one that exits is seen at once)
 PROGRESS_EVERY_S = 15.0
+TERMINATE_WAIT_S = 30.0  # a child not gone this long after SIGTERM (or its grace and a third of this) is killed
+HALT_WAIT_S = 2.0  # after a second Ctrl-C: how long children get to exit before SIGKILL
 # Port offsets from --port: prefill (or mixed) dispatcher, decode dispatcher, gateway (gRPC), bootstrap;
 # replicas from REPLICA_OFFSET on.
 DECODE_OFFSET, GATEWAY_OFFSET, BOOTSTRAP_OFFSET, REPLICA_OFFSET = 1, 8, 9, 10
@@ -482,7 +485,9 @@ class LocalCluster:
         """What a child of `kind` (dispatcher, scheduler) takes for `flag` from what pdlb up passes
         on to it (--dispatcher-arg, --scheduler-arg), else from its variable, which it inherits from
         pdlb up's environment: the value, "on"/"off" for an `on_off` flag, "" when neither sets it."""
-        extra = self.args.dispatcher_arg if kind == "dispatcher" else self.args.scheduler_arg
+        extra = {"dispatcher": self.args.dispatcher_arg, "gateway": getattr(self.args, "gateway_arg", [])}.get(
+            kind, self.args.scheduler_arg
+        )
         negated = "--no-" + flag[2:] if on_off else ""
         value = passed_on(extra, flag, negated)
         raw = os.environ.get(f"PDLB_{kind.upper()}_{flag[2:].replace('-', '_').upper()}")
@@ -491,6 +496,36 @@ class LocalCluster:
         if on_off:
             return "on" if raw.strip().lower() in TRUE_WORDS else "off"
         return raw
+
+    def shutdown_grace(self) -> float:
+        """Seconds the gateway and the dispatchers give running requests when the cluster stops (they
+        drain side by side): the larger of their --shutdown-grace, as passed on through --*-arg or
+        set by their variables, else the services' default."""
+        found = []
+        for kind in ("gateway", "dispatcher"):
+            raw = self._child_setting(kind, "--shutdown-grace")
+            try:
+                found.append(float(raw) if raw else SHUTDOWN_GRACE_S)
+            except ValueError:  # the service refuses it at its start: nothing runs to wait for
+                found.append(SHUTDOWN_GRACE_S)
+        return max(found)
+
+    def halt_now(self) -> None:
+        """A second Ctrl-C while stopping: SIGTERM to every child still running (again, for those
+        already told), SIGKILL to any still alive HALT_WAIT_S later. Blocks up to about that long;
+        the `stop` under way then finds its children gone and ends."""
+        deadline = time.monotonic() + HALT_WAIT_S
+        procs = [s.proc for s in self.services] + ([self.etcd.proc] if self.etcd else [])
+        procs = [p for p in procs if p is not None and p.poll() is None]
+        for proc in procs:
+            proc.terminate()
+        for server in self.vllm_servers:  # their own process groups (API server and engine cores)
+            server.stop(timeout=max(deadline - time.monotonic(), 0.1))
+        for proc in procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     def settings(self, method: str, prefill_method: str, decode_method: str) -> dict[str, str]:
         """What the ready banner shows beside the addresses: every setting that changes how requests
@@ -927,13 +962,15 @@ class LocalCluster:
         schedulers (they deregister), bootstrap, vLLM servers and etcd.
         Returns the etcd keys left behind (none when every service deregistered)."""
         stages = dict(self._stop_stages())
+        wait_s = max(TERMINATE_WAIT_S, self.shutdown_grace() + TERMINATE_WAIT_S / 3)  # a drain runs its whole grace
         for gateway in stages.get("gateway", []):
             gateway.signal_stop()
             gateway.wait_draining()
         for dispatcher in stages.get("dispatchers", []):
             dispatcher.signal_stop()
         for services in stages.values():
-            threads = [threading.Thread(target=s.terminate) for s in services]  # side by side within a kind
+            # side by side within a kind
+            threads = [threading.Thread(target=s.terminate, args=(wait_s,)) for s in services]
             for t in threads:
                 t.start()
             for t in threads:
@@ -1026,8 +1063,21 @@ def run(args: argparse.Namespace) -> int:
 
     cluster = LocalCluster(args, say)
     stop = cluster.stopping
+    draining = threading.Event()  # the stop has begun (by a signal, a failed start or the supervisor giving up)
+    hurried = threading.Event()  # a second Ctrl-C: the children are being killed
 
-    def on_signal(*_: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and (stop.is_set() or draining.is_set()) and not hurried.is_set():
+            hurried.set()
+            try:  # os.write: print() may be half-way through a line in the main thread, and is not reentrant
+                os.write(
+                    sys.stdout.fileno(),
+                    f"pdlb up: Ctrl-C again: stopping now, requests still running are cut (children killed "
+                    f"after {HALT_WAIT_S:g} s)\n".encode(),
+                )
+            except (OSError, ValueError):  # stdout closed: the stop goes on all the same
+                pass
+            threading.Thread(target=cluster.halt_now, daemon=True).start()
         stop.set()
         cluster.wake.set()
 
@@ -1054,12 +1104,19 @@ def run(args: argparse.Namespace) -> int:
             print_summary(info, say)
             Supervisor(cluster, say, args.max_restarts).run(stop)
     finally:
-        say(f"\nstopping: {', '.join(cluster.stop_order())} ...")
+        draining.set()
+        say(
+            f"\nstopping: {', '.join(cluster.stop_order())} ... (running requests get up to "
+            f"{cluster.shutdown_grace():g} s to finish, their --shutdown-grace; Ctrl-C again stops at once)"
+        )
         leftover = cluster.stop()
-        say("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"))
+        if hurried.is_set():
+            say("stopped at once (second Ctrl-C); requests still running were cut")
+        else:
+            say("stopped; etcd keys left behind: " + (", ".join(leftover) if leftover else "none"))
         if status and os.path.isdir(cluster.log_dir):
             say(f"logs of the failed start: {cluster.log_dir}")
-    return status
+    return status or (130 if hurried.is_set() else 0)  # 130: 128 + SIGINT, as shells report a command Ctrl-C ended
 
 
 def print_summary(info: dict, say: Callable[[str], None] = print) -> None:

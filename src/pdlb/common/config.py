@@ -190,6 +190,9 @@ def csv_list(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+SHUTDOWN_GRACE_S = 10.0  # every service's --shutdown-grace default (pdlb up names it when it stops)
+
+
 def add_common_flags(parser: FlagParser, *, default_port: int) -> None:
     """Flags every service has: listen address, etcd, shutdown grace and log level."""
     parser.flag("--host", default="127.0.0.1", help="address to listen on")
@@ -208,7 +211,7 @@ def add_common_flags(parser: FlagParser, *, default_port: int) -> None:
     parser.flag("--lease-ttl", default=5, type=int, help="etcd lease TTL in seconds")
     parser.flag(
         "--shutdown-grace",
-        default=10.0,
+        default=SHUTDOWN_GRACE_S,
         type=float,
         help="seconds to drain in-flight work on SIGTERM before cancelling it",
     )

@@ -931,12 +931,54 @@ async def test_gzip_and_deflate_bodies_decode_within_the_body_bound(start_servic
             ("gzip", gzip.compress(body) + b"\0\0", 400, "has 2 bytes after the end of its gzip stream"),
             ("gzip", gzip.compress(body) + b"\0", 400, "has 1 byte after the end of its gzip stream"),
             ("deflate", zlib.compress(body) + b"junk", 400, "has 4 bytes after the end of its deflate stream"),
+            # a label that does not match the body got the library's words: zlib's "incorrect header
+            # check", or a JSON / UTF-8 decoding error about compressed bytes
+            (
+                "gzip",
+                body,
+                400,
+                "the body is not gzip data (Content-Encoding: gzip): it starts with '{\"prompt', not gzip's magic "
+                "bytes 1f 8b; check the Content-Encoding header (leave it out for a body sent uncompressed)",
+            ),
+            (
+                "deflate",
+                body,
+                400,
+                "the body is not deflate data (Content-Encoding: deflate): it starts with '{\"prompt'",
+            ),
+            (
+                "identity",
+                gzip.compress(body),
+                400,
+                "the body starts with a gzip header but Content-Encoding is 'identity': check the Content-Encoding "
+                "header (send Content-Encoding: gzip with it, or the body uncompressed)",
+            ),
+            (
+                "",
+                gzip.compress(body),
+                400,
+                "the body starts with a gzip header but there is no Content-Encoding header",
+            ),
+            (
+                "",
+                zlib.compress(body),
+                400,
+                "starts with a zlib (deflate) header but there is no Content-Encoding header",
+            ),
+            (
+                "gzip",
+                gzip.compress(gzip.compress(body)),
+                400,
+                "with its Content-Encoding ('gzip') undone, the body still starts with a gzip header: check the "
+                "Content-Encoding header (list gzip once for each time the body was compressed)",
+            ),
         ]
         for encoding, data, status, said in refusals:
-            headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+            headers = {"Content-Type": "application/json", **({"Content-Encoding": encoding} if encoding else {})}
             async with http.post(url, data=data, headers=headers) as reply:
                 error = (await reply.json())["error"]
                 assert reply.status == status and said in error["message"], (encoding, reply.status, error)
+                assert error["type"] == "invalid_request_error" and error["param"] is None, error
 
 
 @pytest.mark.parametrize("parser", ["c", "python"])

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, TransferEncodingError
 
 from pdlb.common.requests import InvalidRequest, TooLong
-from pdlb.services.gateway.body_encoding import ACCEPTED, BodyEncodingError, codings, decode
+from pdlb.services.gateway.body_encoding import ACCEPTED, BodyEncodingError, check_decoded, codings, decode
 from pdlb.services.gateway.frontend import SHUTTING_DOWN, Chunk, Frontend, Prepared, RequestFailed
 from pdlb.services.gateway.metrics import Timer
 from pdlb.services.gateway.request_params import ParamError, ascii_int, check_names, sampling_from
@@ -162,8 +162,9 @@ class OpenAIApi:
         gzip and deflate); ApiError 415 for a coding not supported (with Accept-Encoding), 400 when
         its coding does not decode it, or it is not JSON, nests too deeply or holds text that is not
         valid Unicode, 413 when it decodes past --max-body-bytes."""
+        header = ", ".join(http.headers.getall("Content-Encoding", ()))  # repeated: one list
         try:
-            applied = codings(", ".join(http.headers.getall("Content-Encoding", ())))  # repeated: one list
+            applied = codings(header)
         except BodyEncodingError as exc:  # refused before reading: the rest of the body is not read
             raise ApiError(exc.status, exc.message, close=True, headers={"Accept-Encoding": ACCEPTED}) from None
         try:
@@ -185,6 +186,10 @@ class OpenAIApi:
                 )
             except BodyEncodingError as exc:  # closed after, as README promises of a body that does not decode
                 raise ApiError(exc.status, exc.message, close=True) from None
+        try:
+            check_decoded(raw, header, applied)
+        except BodyEncodingError as exc:  # read whole: the connection serves on
+            raise ApiError(exc.status, exc.message) from None
         try:
             body = json.loads(raw)
         except RecursionError:

@@ -796,21 +796,32 @@ async def test_a_malformed_http_request_is_refused_400_and_logged_in_one_line(st
 async def test_a_declared_body_past_the_bound_with_expect_100_continue_is_413_at_once(start_service):
     """`Expect: 100-continue` with a Content-Length past --max-body-bytes got 100 Continue, then (no
     body coming) a 408 after --http-body-timeout: now 413 in OpenAI error JSON before any body, and
-    the connection closes; a body within the bound still gets its 100 Continue and is served."""
+    the connection closes; a body within the bound still gets its 100 Continue and is served. Every
+    route that reads a body alike: the render routes and SGLang's /generate answered 100 Continue."""
     http_port = free_port()
     start_service("gateway", "--http-port", str(http_port), "--max-body-bytes", "4096", "--http-body-timeout", "30")
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
-    try:
-        writer.write(head + b"Content-Length: 999999999\r\n\r\n")
-        await writer.drain()
-        status = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
-        assert status.startswith("HTTP/1.1 413") and "Connection: close" in status, status
-        length = int(re.search(r"Content-Length: (\d+)", status).group(1))
-        error = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))["error"]
-        assert "999999999 bytes) exceeds 4096 bytes (--max-body-bytes)" in error["message"], error
-    finally:
-        writer.close()
+    routes = [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions/render"),
+        ("POST", "/v1/chat/completions/render"),
+        ("POST", "/generate"),
+        ("PUT", "/generate"),
+    ]
+    for method, path in routes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        try:
+            writer.write(head.replace(b"POST /v1/completions", f"{method} {path}".encode()))
+            writer.write(b"Content-Length: 999999999\r\n\r\n")
+            await writer.drain()
+            status = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+            assert status.startswith("HTTP/1.1 413") and "Connection: close" in status, (path, status)
+            length = int(re.search(r"Content-Length: (\d+)", status).group(1))
+            error = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))["error"]
+            assert "999999999 bytes) exceeds 4096 bytes (--max-body-bytes)" in error["message"], error
+        finally:
+            writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
     try:
         writer.write(head + b"Content-Length: 2\r\nConnection: close\r\n\r\n")

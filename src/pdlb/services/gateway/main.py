@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -21,12 +22,12 @@ from pdlb.models.catalog import SMOLLM2, TINY, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.gateway.dashboard import Dashboard
 from pdlb.services.gateway.frontend import CUT_SETTLE_S, DISPATCHER_WAIT_S, SHUTTING_DOWN, Frontend, RequestFailed
-from pdlb.services.gateway.metrics import API_KEY, GatewayMetrics
+from pdlb.services.gateway.metrics import API_KEY, RENDER_API, GatewayMetrics
 from pdlb.services.gateway.openai_api import ApiError, OpenAIApi, error_response
 from pdlb.services.gateway.protocol_log import ProtocolLog
 from pdlb.services.gateway.readiness import Readiness
 from pdlb.services.gateway.render_api import RenderApi
-from pdlb.services.gateway.sglang_api import SGLangApi
+from pdlb.services.gateway.sglang_api import SGLANG_API, SGLangApi
 from pdlb.services.gateway.upstreams import Upstreams
 from pdlb.services.gateway.worker_api import WorkerApi
 from pdlb.v1 import gateway_pb2, gateway_pb2_grpc
@@ -199,10 +200,11 @@ def http_app(
     async def expect_within_bound(request: web.Request) -> web.Response | None:
         """`Expect: 100-continue` with a Content-Length past --max-body-bytes: 413 at once instead
         of 100 Continue, so the client never sends the body (RFC 9110 10.1.1 lets a server answer
-        with a final status); otherwise aiohttp's own answer, 100 Continue or 417."""
+        with a final status); otherwise aiohttp's own answer, 100 Continue or 417. Every route of a
+        method with a body gets it (`bound_every_body`), whichever module added the route."""
         expect = request.headers.get("Expect", "").lower()
         if expect == "100-continue" and request.content_length is not None and request.content_length > max_body:
-            metrics.done("http", "413")
+            metrics.done(api_of(request.path), "413")  # its handler, which names its API, never runs
             response = error_response(
                 413, f"the request body ({request.content_length} bytes) exceeds {max_body} bytes (--max-body-bytes)"
             )
@@ -216,8 +218,8 @@ def http_app(
         return None
 
     app = web.Application(client_max_size=max_body, middlewares=[errors])
-    app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False), expect_handler=expect_within_bound)
-    app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True), expect_handler=expect_within_bound)
+    app.router.add_post("/v1/completions", lambda r: bounded(r, chat=False))
+    app.router.add_post("/v1/chat/completions", lambda r: bounded(r, chat=True))
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/v1/models/{model:.+}", api.get_model)  # ids may hold a slash (org/name)
     app.router.add_get("/health", health)
@@ -228,7 +230,28 @@ def http_app(
     SGLangApi(api, streams, metrics).routes(app)
     app.router.add_get("/metrics", metrics.http)
     dashboard.routes(app)
+    bound_every_body(app, expect_within_bound)
     return app
+
+
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def bound_every_body(app: web.Application, expect_handler: Callable[[web.Request], Awaitable[Any]]) -> None:
+    """Give every route of `app` whose method carries a body `expect_handler` for `Expect:` headers,
+    once all routes are added: one place, so a route added by any module (render, SGLang's
+    /generate, the OpenAI ones) gets the body bound before its body is sent, and none is forgotten."""
+    for route in app.router.routes():
+        if route.method in BODY_METHODS:
+            # aiohttp takes an expect handler only as add_route's argument, kept here; no public setter
+            route._expect_handler = expect_handler  # type: ignore[attr-defined]
+
+
+def api_of(path: str) -> str:
+    """The API label (metrics) of a request to `path`, as its handler would note it."""
+    if path.endswith("/render"):
+        return RENDER_API
+    return SGLANG_API if path == "/generate" else "http"
 
 
 async def serve(args, stop_event: asyncio.Event) -> None:

@@ -89,7 +89,8 @@ class Outcome:
     retry_after_missing: int = 0
     output_tokens: int = 0
     # With --per-request, one row per answered request: (index, sent s from the run's start, TTFT s,
-    # floor s, DP rank, cached prompt tokens, prompt tokens, tokens the floor took as cached).
+    # floor s, DP rank, cached prompt tokens, prompt tokens, tokens the floor took as cached,
+    # predicted_latency's predicted TTFT ms on the rank it chose, 0 for other methods).
     records: list[tuple] = field(default_factory=list)
 
 
@@ -289,11 +290,12 @@ async def one(
     sent = time.perf_counter()
     first = None
     rank = cached = -1
+    predicted = 0.0
     try:
         async for chunk in client.generate(req, timeout=600):
             if chunk.token_ids and first is None:
                 first = time.perf_counter() - sent
-                rank, cached = chunk.dp_rank, chunk.cached_tokens
+                rank, cached, predicted = chunk.dp_rank, chunk.cached_tokens, chunk.predicted_ms
             res.output_tokens += len(chunk.token_ids)
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -311,7 +313,7 @@ async def one(
         res.slo_cold_met += first <= slo_limit(t.cold_floor)
         if per_request:
             res.records.append(
-                (t.item.index, sent - start, first, t.floor, rank, cached, len(t.item.input_ids), t.cached)
+                (t.item.index, sent - start, first, t.floor, rank, cached, len(t.item.input_ids), t.cached, predicted)
             )
 
 
@@ -771,7 +773,7 @@ def breakdown(row: dict, cost: CostModel, worst: float = 0.01) -> list[dict]:
     ranks = sorted(by_rank)
     out = []
     count = max(1, math.ceil(worst * len(rows)))
-    for index, sent, ttft, floor, rank, cached, prompt, best in sorted(rows, key=lambda r: r[3] - r[2])[:count]:
+    for index, sent, ttft, floor, rank, cached, prompt, best, *_ in sorted(rows, key=lambda r: r[3] - r[2])[:count]:
         got = balance_bench.ttft_floor(WorkItem(index, 0.0, [0] * prompt, 1), max(cached, 0), cost)
         cold = max(0.0, got - floor)
         first = sent + ttft
@@ -844,7 +846,7 @@ def shortfalls(row: dict, cost: CostModel) -> list[float]:
     replay counts a request's loss, here with the placement and the eviction the run had."""
     return [
         max(0.0, balance_bench.ttft_floor(WorkItem(index, 0.0, [0] * prompt, 1), max(cached, 0), cost) - floor)
-        for index, _, _, floor, _, cached, prompt, _ in row.get("requests") or []
+        for index, _, _, floor, _, cached, prompt, _, *_ in row.get("requests") or []
     ]
 
 
@@ -854,7 +856,7 @@ def followed(row: dict, items: list[TraceItem], page: int, system: int) -> tuple
     went to): how often a method followed a conversation to the rank that computed its prefix."""
     placed: dict[int, int] = {}
     continued = same = 0
-    for index, _, _, _, rank, _, _, best in sorted(row.get("requests") or [], key=lambda r: r[1]):
+    for index, _, _, _, rank, _, _, best, *_ in sorted(row.get("requests") or [], key=lambda r: r[1]):
         names = block_names(items[index].item.input_ids, page)
         earlier = next((placed[n] for n in reversed(names[system:]) if n in placed), None)
         if earlier is not None and best >= 512:

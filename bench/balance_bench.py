@@ -133,6 +133,7 @@ METHOD_OPTIONS = {
     "ttl": "--queue-ttl",
     "reserve": "--reserved-slots",
     "headroom": "--lend-headroom",
+    "gather": "--gather-ms",
 }
 # `method:key=0|1` turns these boolean dispatcher flags off or on, e.g. `+flow:lend=0` (a hard share).
 METHOD_SWITCHES = {"lend": "--work-conserving"}

@@ -187,3 +187,18 @@ def test_a_free_batch_slot_comes_before_a_cache_hit():
     router.table.apply_report(entry.worker.worker_id, full, acked_seq=entry.next_seq)
     assert route(router, "b", [*prompt, 2]) != home  # home has no free slot: queueing there costs more
     assert router.policy.reasons[cache_aware.CACHE_HIT] == 0
+
+
+def test_uncached_tokens_is_the_prompt_less_the_longest_prefix_any_rank_holds():
+    # what flow control's gather window orders by: 256 shared tokens sent to one rank, then a prompt
+    # extending them by 100 has 100 left (256 is whole blocks); an unseen prompt has all of it left;
+    # a prompt held whole still computes its last token
+    router = make_router(4)
+    head = system_prompt(1)
+    route(router, "first", head)
+    policy = router.policy
+    extended = head + system_prompt(2, 100)
+    assert policy.uncached_tokens(RouteContext("r", len(extended), input_ids=extended)) == len(extended) - 256
+    fresh = system_prompt(3, 300)
+    assert policy.uncached_tokens(RouteContext("f", 300, input_ids=fresh)) == 300
+    assert policy.uncached_tokens(RouteContext("h", 256, input_ids=head)) == 1

@@ -65,12 +65,13 @@ class Client:
         self.errors: dict[str, grpc.aio.AioRpcError] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
-    def send(self, rid: str, tokens: int = 10, timeout: float = 60, **fields) -> asyncio.Task:
-        self.tasks[rid] = asyncio.create_task(self._run(rid, tokens, timeout, fields))
+    def send(self, rid: str, tokens: int = 10, timeout: float = 60, prompt: int = 32, **fields) -> asyncio.Task:
+        self.tasks[rid] = asyncio.create_task(self._run(rid, tokens, timeout, prompt, fields))
         return self.tasks[rid]
 
-    async def _run(self, rid: str, tokens: int, timeout: float, fields: dict) -> None:
-        req = request(rid, input_ids=[(hash(rid) + i) % 200 + 1 for i in range(32)], max_new_tokens=tokens, **fields)
+    async def _run(self, rid: str, tokens: int, timeout: float, prompt: int, fields: dict) -> None:
+        ids = [(hash(rid) + i) % 200 + 1 for i in range(prompt)]
+        req = request(rid, input_ids=ids, max_new_tokens=tokens, **fields)
         try:
             async for chunk in self.stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=timeout):
                 if chunk.token_ids and rid not in self.first_token_at:
@@ -128,6 +129,25 @@ async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, pr
         snap = await load_snapshot(stub)
         assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 4 and snap.flow.shed_total == 0
         assert snap.flow.wait_p99_ms > 0
+    finally:
+        await channel.close()
+
+
+async def test_a_gather_window_decides_the_least_prompt_work_first(etcd, prefix, start_service):
+    # One rank with one batch slot runs requests one at a time, in the order they were decided. Sent
+    # longest prompt first within one gather window (1 s: far longer than sending takes), they start
+    # shortest first; without the window the longest would be bound first and the rest queue after it.
+    channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--gather-ms", "1000")
+    client = Client(stub)
+    try:
+        prompts = {"long": 1500, "middle": 600, "short": 40}
+        for rid, n in prompts.items():
+            client.send(rid, tokens=2, prompt=n)
+        await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
+        assert set(client.outcome.values()) == {grpc.StatusCode.OK}, client.errors
+        assert sorted(prompts, key=client.first_token_at.get) == ["short", "middle", "long"]
+        snap = await load_snapshot(stub)
+        assert snap.flow.queued_requests == 0 and all(w.inflight_requests == 0 for w in snap.workers)
     finally:
         await channel.close()
 

@@ -58,6 +58,7 @@ from pdlb.services.dispatcher.router import Decision, Router
 from pdlb.services.dispatcher.tenant_share import DEFAULT_ACTIVE_WINDOW_S, Room, TenantShares, Verdict
 
 RECENT_WAITS = 512  # queue waits kept for the percentiles WatchLoad shows
+MAX_GATHER_MS = 1000.0  # the longest gather window --gather-ms takes: it adds to every first token
 RECENT_LEFT = 64  # queue waits (bound or shed at the TTL) the retry hint is the median of: recent ones only
 # The dispatcher flags that act only with --flow-control (pdlb-dispatcher refuses them without it).
 FLOW_FLAGS = (
@@ -76,6 +77,7 @@ FLOW_FLAGS = (
     "--reserve-window",
     "--work-conserving",
     "--lend-headroom",
+    "--gather-ms",
 )
 
 
@@ -111,6 +113,9 @@ class FlowOptions:
     # p99 rose 1.3-1.5x, past the 1.2x goal the hard share meets (docs/BENCHMARKS.md).
     work_conserving: bool = False
     lend_headroom: int = 1
+    # > 0: requests arriving within this many seconds of each other are decided together, the ones
+    # with the least prompt work left on their best-cached rank first (see FlowControl._gather).
+    gather_s: float = 0.0
 
 
 class Shed(Exception):
@@ -168,6 +173,10 @@ class FlowControl:
         self._better_seen_at = -math.inf  # when a request of non-sheddable priority last arrived
         self._better_in_flight: set[str] = set()  # ids of requests of non-sheddable priority bound here
         self._better_peak = RecentPeak()  # their recent peak, the reserve's lending headroom
+        # requests in the current gather window: (order key, future released when their turn comes)
+        self._gathered: list[tuple[tuple[int, int, int], asyncio.Future[None]]] = []
+        self._gather_timer: asyncio.TimerHandle | None = None
+        self._gather_seq = 0
 
     # admission -------------------------------------------------------------------------------
     async def decide(
@@ -189,6 +198,8 @@ class FlowControl:
         100 ms at 60 s), which would reorder requests of one client sent close together."""
         if not self.options.enabled:
             return self.router.decide(ctx)
+        if self.options.gather_s > 0:
+            await self._gather(ctx, priority)
         sheddable = priority >= self.options.sheddable_priority
         if not sheddable:
             self._better_seen_at = self.clock()
@@ -259,6 +270,40 @@ class FlowControl:
                 else f"the queue TTL ({ttl:g} s)"
             ),
         )
+
+    async def _gather(self, ctx: RouteContext, priority: int) -> None:
+        """Wait until the gather window that `ctx` arrived in closes (`gather_s` after its first
+        request), then return in the window's order: priority, then the prompt tokens the request
+        still has to compute on the rank caching most of it (`Policy.uncached_tokens`), then arrival.
+
+        Why: requests arriving together (a client's fan-out, a burst) are otherwise decided one by
+        one in arrival order, so a cold long prompt decided first can take the rank that caches
+        another request's whole prefix, or queue a short prompt behind its prefill. Deciding the
+        least work first places the cache hits on their ranks and the short prompts on the ranks
+        without prefill ahead, and leaves the long cold prompts the rest (shortest-job-first within
+        the window; the queue's own order applies to what is held after it). The price is up to
+        `gather_s` added to every request's time to first token. The window is bounded by
+        `max_queued_requests` requests (a fuller window closes at once). The continuations of the
+        released requests run in release order (asyncio runs ready callbacks first in, first out),
+        and each decides without awaiting, so decisions follow the window's order."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._gathered.append(((priority, self.router.policy.uncached_tokens(ctx), self._gather_seq), future))
+        self._gather_seq += 1
+        if len(self._gathered) >= self.options.max_queued_requests:
+            self._release_gathered()
+        elif self._gather_timer is None:
+            self._gather_timer = loop.call_later(self.options.gather_s, self._release_gathered)
+        await future  # a cancelled caller cancels it; the release skips it
+
+    def _release_gathered(self) -> None:
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
+        window, self._gathered = sorted(self._gathered, key=lambda pair: pair[0]), []
+        for _, future in window:
+            if not future.done():
+                future.set_result(None)
 
     def kick(self) -> None:
         """Bind queued requests, in queue order, while the head fits somewhere; then, when every
@@ -470,7 +515,16 @@ class FlowControl:
 
     def fail_all(self, why: str) -> None:
         """Shutting down: every queued request fails now, UNAVAILABLE with `why` (not shed with a
-        retry hint: this dispatcher will not take it again), instead of waiting out its TTL."""
+        retry hint: this dispatcher will not take it again), instead of waiting out its TTL. So do
+        the requests of a gather window not closed yet."""
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
+        window, self._gathered = self._gathered, []
+        for _, future in window:
+            if not future.done():
+                self._count_shed("shutdown")
+                future.set_exception(RoutingError(grpc.StatusCode.UNAVAILABLE, f"{why}; nothing ran: send it again"))
         for waiter in list(self.queue):
             self.queue.remove(waiter)
             held: _Held = waiter.payload

@@ -14,7 +14,7 @@ from pdlb.common.modes import role_of_mode
 from pdlb.models.catalog import SMOLLM2, resolve
 from pdlb.models.config import UnsupportedModel
 from pdlb.services.dispatcher.bootstrap_client import BootstrapRecorder
-from pdlb.services.dispatcher.flow_control import FLOW_FLAGS, FlowOptions
+from pdlb.services.dispatcher.flow_control import FLOW_FLAGS, MAX_GATHER_MS, FlowOptions
 from pdlb.services.dispatcher.load_table import LoadTable, Role
 from pdlb.services.dispatcher.members import Members, parse_static_workers
 from pdlb.services.dispatcher.metrics import DispatcherMetrics
@@ -178,6 +178,14 @@ def build_parser() -> FlagParser:
         "within about a step (0: batch slots and KV only)",
     )
     parser.flag(
+        "--gather-ms",
+        default=flow.gather_s * 1000,
+        type=float,
+        help="flow control: requests arriving within this many ms of each other are decided together, the ones with "
+        "the fewest prompt tokens left to compute on their best-cached rank first (0: each at once, in arrival "
+        f"order; at most {MAX_GATHER_MS:g})",
+    )
+    parser.flag(
         "--fair-share-quantum",
         default=flow.quantum_tokens,
         type=int,
@@ -274,6 +282,8 @@ def flow_options(args) -> FlowOptions:
         raise FlagRefused("--tenant-share and --tenant-active-window must be >= 0")
     if args.reserved_slots < 0 or not args.reserve_window >= 0 or args.lend_headroom < 0:
         raise FlagRefused("--reserved-slots, --reserve-window and --lend-headroom must be >= 0")
+    if not 0 <= args.gather_ms <= MAX_GATHER_MS:
+        raise FlagRefused(f"--gather-ms must be within 0..{MAX_GATHER_MS:g} (ms), not {args.gather_ms}")
     if not args.max_prefill_ahead_chunks >= 0:
         raise FlagRefused(f"--max-prefill-ahead-chunks must be >= 0, not {args.max_prefill_ahead_chunks}")
     return FlowOptions(
@@ -293,6 +303,7 @@ def flow_options(args) -> FlowOptions:
         reserve_window_s=args.reserve_window,
         work_conserving=args.work_conserving,
         lend_headroom=args.lend_headroom,
+        gather_s=args.gather_ms / 1000,
     )
 
 

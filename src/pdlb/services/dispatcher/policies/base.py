@@ -89,6 +89,11 @@ class Policy(ABC):
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:  # noqa: B027 - optional hook
         """Called after a decision is recorded."""
 
+    def uncached_tokens(self, ctx: RouteContext) -> int:
+        """Prompt tokens the request would still compute on the rank believed to cache most of its
+        prompt (flow control's gather window decides the least first). Without a prefix index: all."""
+        return ctx.num_tokens
+
     def on_worker_removed(self, worker_id: str) -> None:  # noqa: B027 - optional hook
         """Called when a worker leaves the cluster."""
 
@@ -159,6 +164,12 @@ class PrefixIndexPolicy(RotatingPolicy):
         known = {w: depth for w, depth in guessed.items() if not self.exact.synced(w)}
         known.update(self.exact.match(names))
         return known
+
+    def uncached_tokens(self, ctx: RouteContext) -> int:
+        """The prompt less the longest prefix any rank holds (exact index where synced, else what
+        this policy sent where), at least 1 token: the last one is always computed."""
+        depths = self.matches(ctx.blocks(self.index))
+        return max(ctx.num_tokens - max(depths.values(), default=0) * self.index.block_size, 1)
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
         worker_id = chosen.worker.worker_id

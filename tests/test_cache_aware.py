@@ -189,16 +189,17 @@ def test_a_free_batch_slot_comes_before_a_cache_hit():
     assert router.policy.reasons[cache_aware.CACHE_HIT] == 0
 
 
-def test_uncached_tokens_is_the_prompt_less_the_longest_prefix_any_rank_holds():
+def test_cached_tokens_is_the_longest_prefix_any_rank_holds():
     # what flow control's gather window orders by: 256 shared tokens sent to one rank, then a prompt
-    # extending them by 100 has 100 left (256 is whole blocks); an unseen prompt has all of it left;
-    # a prompt held whole still computes its last token
+    # extending them by 100 has those 256 cached somewhere; an unseen prompt none; a prompt held
+    # whole still computes its last token
     router = make_router(4)
     head = system_prompt(1)
     route(router, "first", head)
     policy = router.policy
     extended = head + system_prompt(2, 100)
-    assert policy.uncached_tokens(RouteContext("r", len(extended), input_ids=extended)) == len(extended) - 256
+    assert policy.cached_tokens(RouteContext("r", len(extended), input_ids=extended)) == 256
     fresh = system_prompt(3, 300)
-    assert policy.uncached_tokens(RouteContext("f", 300, input_ids=fresh)) == 300
-    assert policy.uncached_tokens(RouteContext("h", 256, input_ids=head)) == 1
+    assert policy.cached_tokens(RouteContext("f", 300, input_ids=fresh)) == 0
+    assert policy.cached_tokens(RouteContext("h", 256, input_ids=head)) == 255
+    assert create_policy("round_robin", Role.MIXED, PolicyOptions()).cached_tokens(RouteContext("r", 9)) == 0

@@ -137,6 +137,7 @@ async def test_a_gather_window_decides_the_least_prompt_work_first(etcd, prefix,
     # One rank with one batch slot runs requests one at a time, in the order they were decided. Sent
     # longest prompt first within one gather window (1 s: far longer than sending takes), they start
     # shortest first; without the window the longest would be bound first and the rest queue after it.
+    # (What a rank caches counts as work done: test_gather_window.py.)
     channel, stub, _, _ = await start_cluster(etcd, prefix, start_service, 1, "--gather-ms", "1000")
     client = Client(stub)
     try:

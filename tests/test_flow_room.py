@@ -4,6 +4,7 @@ KV capacity (decode admission), the predicted-wait bound, and binding in queue o
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -13,12 +14,12 @@ from pdlb.services.dispatcher.policies import PolicyOptions, RouteContext, creat
 from pdlb.services.dispatcher.router import Router
 
 
-def cluster(role: Role, loads: list[ReportedLoad], **options) -> FlowControl:
+def cluster(role: Role, loads: list[ReportedLoad], method: str = "least_wait", **options) -> FlowControl:
     table = LoadTable()
     for rank, load in enumerate(loads):
         table.upsert(Worker(f"w{rank}", role, rank, f"h:{rank}"))
         table.apply_report(f"w{rank}", load, 0)
-    router = Router(role, table, create_policy("least_wait", role, PolicyOptions()))
+    router = Router(role, table, create_policy(method, role, PolicyOptions()))
     return FlowControl(router, FlowOptions(enabled=True, **options))
 
 
@@ -114,3 +115,20 @@ async def test_binding_in_queue_order_as_room_frees_and_ttl():
     decision = await high
     assert decision.entry.dp_rank == 0 and len(flow.queue) == 0 and flow.admitted_total == 1
     assert flow.shed_total == 1
+
+
+def test_a_rank_caching_the_prompt_has_room_for_that_much_more_work_ahead():
+    # Both ranks have 1,500 prompt tokens ahead (chunk 1,024): no room for a cold prompt. Rank 1 was
+    # sent the first 640 tokens of this prompt (the approximate index of a rank without block
+    # events), so the request computes 640 fewer there: 1,500 < 1,024 + 640 leaves it room on rank 1.
+    load = ReportedLoad(
+        running_requests=1, max_running_requests=8, prefill_pending_tokens=1500, prefill_tokens_per_step=1024
+    )
+    flow = cluster(Role.MIXED, [load, replace(load)], "cache_aware")
+    prompt = list(range(1000))
+    flow.router.policy.on_dispatch(RouteContext("earlier", 640, input_ids=prompt[:640]), flow.router.table.for_rank(1))
+    assert flow.router.policy.cached_by_rank(RouteContext("r", 1000, input_ids=prompt)) == {"w1": 640}
+    assert [e.dp_rank for e in flow.roomy(RouteContext("r", 1000, input_ids=prompt))] == [1]
+    assert flow.roomy(RouteContext("cold", 1000, input_ids=[7] * 1000)) == []
+    # a decode rank admits by KV and slots: what it caches does not change that
+    assert ranks(cluster(Role.DECODE, [load]), 100) == [0]

@@ -1,7 +1,7 @@
 """Flow control's gather window as pure logic: release order, cancellation inside the window, a
 full window, shutdown. (The order's effect on a real dispatcher and sim rank is in
-test_flow_control.py; this drives FlowControl with a stand-in router whose policy only counts
-prompt tokens.)"""
+test_flow_control.py; this drives FlowControl with a stand-in router whose policy says from a table
+how much of each request some rank caches.)"""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import pytest
 from pdlb.services.dispatcher.flow_control import FlowControl, FlowOptions
 from pdlb.services.dispatcher.policies import RouteContext, RoutingError
 
+CACHED = {"c300": 300, "c100": 100, "c100-longer": 100}  # request id -> tokens some rank caches
+
 
 class _Policy:
-    def uncached_tokens(self, ctx: RouteContext) -> int:
-        return ctx.num_tokens
+    def cached_tokens(self, ctx: RouteContext) -> int:
+        return CACHED.get(ctx.request_id, 0)
 
 
 class _Router:
@@ -27,7 +29,7 @@ def flow(**options) -> FlowControl:
     return FlowControl(_Router(), FlowOptions(enabled=True, **options))  # type: ignore[arg-type]
 
 
-async def test_the_window_releases_by_priority_then_prompt_work_then_arrival() -> None:
+async def test_the_window_releases_by_priority_then_work_left_then_arrival() -> None:
     fc = flow(gather_s=0.05)
     released: list[str] = []
 
@@ -35,9 +37,13 @@ async def test_the_window_releases_by_priority_then_prompt_work_then_arrival() -
         await fc._gather(RouteContext(rid, tokens), priority)
         released.append(rid)
 
-    sizes = [("a", 900, 0), ("b", 50, 1), ("c", 50, 0), ("d", 10, 0), ("e", 50, 0)]
-    await asyncio.wait_for(asyncio.gather(*(arrive(*s) for s in sizes)), 5)
-    assert released == ["d", "c", "e", "a", "b"]
+    arrivals = [
+        ("short", 50, 0), ("late-class", 900, 1), ("long", 900, 0), ("c100", 400, 0), ("short-2", 50, 0),
+        ("c300", 400, 0), ("c100-longer", 800, 0),
+    ]  # fmt: skip
+    await asyncio.wait_for(asyncio.gather(*(arrive(*a) for a in arrivals)), 5)
+    # work left: c300 100, c100 300, c100-longer 700; short and short-2 50 each, in arrival order
+    assert released == ["short", "short-2", "c300", "c100", "c100-longer", "long", "late-class"]
 
 
 async def test_a_request_cancelled_in_the_window_does_not_hold_the_others() -> None:

@@ -114,7 +114,7 @@ class FlowOptions:
     work_conserving: bool = False
     lend_headroom: int = 1
     # > 0: requests arriving within this many seconds of each other are decided together, the ones
-    # with the least prompt work left on their best-cached rank first (see FlowControl._gather).
+    # with the least prompt work left on the rank caching most of it first (FlowControl._gather).
     gather_s: float = 0.0
 
 
@@ -273,22 +273,27 @@ class FlowControl:
 
     async def _gather(self, ctx: RouteContext, priority: int) -> None:
         """Wait until the gather window that `ctx` arrived in closes (`gather_s` after its first
-        request), then return in the window's order: priority, then the prompt tokens the request
-        still has to compute on the rank caching most of it (`Policy.uncached_tokens`), then arrival.
+        request), then return in the window's order: priority, then the fewest prompt tokens left to
+        compute on the rank caching most of the prompt (`Policy.cached_tokens`), then arrival.
 
         Why: requests arriving together (a client's fan-out, a burst) are otherwise decided one by
-        one in arrival order, so a cold long prompt decided first can take the rank that caches
-        another request's whole prefix, or queue a short prompt behind its prefill. Deciding the
-        least work first places the cache hits on their ranks and the short prompts on the ranks
-        without prefill ahead, and leaves the long cold prompts the rest (shortest-job-first within
-        the window; the queue's own order applies to what is held after it). The price is up to
-        `gather_s` added to every request's time to first token. The window is bounded by
-        `max_queued_requests` requests (a fuller window closes at once). The continuations of the
-        released requests run in release order (asyncio runs ready callbacks first in, first out),
-        and each decides without awaiting, so decisions follow the window's order."""
+        one in arrival order, so a cold long prompt decided first can take the one rank that caches
+        another request's whole prefix, or fill the ranks' prefill room so that short prompts wait
+        behind it. Least work first (shortest-job-first within the window) places the cache hits on
+        their ranks and the short prompts on the ranks with the least prefill ahead, and leaves the
+        long cold prompts the rest. (Longest first, which list scheduling favours for the makespan,
+        queued longer at the p99 in a trial on the trace replay, one seed: 408 against 305 ms at 0.6
+        of capacity; the short prompts decided last found the
+        ranks' prefill room taken and waited for a long prompt's chunk.) The queue's own order
+        applies to what is held after the window. The price is up to `gather_s` added to every
+        request's time to first token. The window is bounded by `max_queued_requests` requests (a
+        fuller window closes at once). The released requests' continuations run in release order
+        (asyncio runs ready callbacks first in, first out) and each decides without awaiting, so
+        decisions follow it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._gathered.append(((priority, self.router.policy.uncached_tokens(ctx), self._gather_seq), future))
+        left = ctx.num_tokens - self.router.policy.cached_tokens(ctx)
+        self._gathered.append(((priority, left, self._gather_seq), future))
         self._gather_seq += 1
         if len(self._gathered) >= self.options.max_queued_requests:
             self._release_gathered()
@@ -418,7 +423,10 @@ class FlowControl:
         reserve = self.reserve_slots() if sheddable else 0
         if reserve and self.options.work_conserving and self._reserve_lendable(candidates, reserve):
             reserve = 0
-        roomy = [entry for entry in candidates if self._fits(entry, tokens, reserve)]
+        # A rank caching part of the prompt may have that many more tokens of prompt work ahead: the
+        # request computes that much less there, so it still starts about as soon as a cold one would.
+        cached = self.router.policy.cached_by_rank(ctx) if self.router.role is not Role.DECODE else {}
+        roomy = [e for e in candidates if self._fits(e, tokens, reserve, cached.get(e.worker.worker_id, 0))]
         if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
             return candidates  # it fits no rank's KV even when idle: the worker says so at once
         # The table's own list when every rank fits: policies keep per-list state across decisions.
@@ -450,7 +458,7 @@ class FlowControl:
         running = max(0, r.running_requests - entry.finished_unreported)
         return max(0, r.max_running_requests - running - r.waiting_requests - entry.inflight_requests)
 
-    def _fits(self, entry: WorkerEntry, tokens: int, reserve: int = 0) -> bool:
+    def _fits(self, entry: WorkerEntry, tokens: int, reserve: int = 0, cached: int = 0) -> bool:
         r = entry.reported
         if r.kv_tokens_capacity and entry.kv_free < tokens:
             return False
@@ -458,7 +466,7 @@ class FlowControl:
             if self.options.max_wait_ms > 0:
                 return self._predicted_wait_ms(entry) <= self.options.max_wait_ms
             chunks, chunk = self.options.max_prefill_ahead_chunks, r.prefill_tokens_per_step
-            if chunks > 0 and chunk > 0 and entry.queued_tokens >= chunks * chunk:
+            if chunks > 0 and chunk > 0 and entry.queued_tokens >= chunks * chunk + cached:
                 return False
         if r.max_running_requests:
             if reserve:  # free slots after this one

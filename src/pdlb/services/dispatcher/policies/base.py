@@ -89,10 +89,14 @@ class Policy(ABC):
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:  # noqa: B027 - optional hook
         """Called after a decision is recorded."""
 
-    def uncached_tokens(self, ctx: RouteContext) -> int:
-        """Prompt tokens the request would still compute on the rank believed to cache most of its
-        prompt (flow control's gather window decides the least first). Without a prefix index: all."""
-        return ctx.num_tokens
+    def cached_by_rank(self, ctx: RouteContext) -> dict[str, int]:
+        """Worker id -> prompt tokens of the request it is believed to cache, for the workers that
+        cache some (flow control's room test and gather window read it). Without a prefix index: none."""
+        return {}
+
+    def cached_tokens(self, ctx: RouteContext) -> int:
+        """Prompt tokens of the longest prefix of the request some rank is believed to cache."""
+        return max(self.cached_by_rank(ctx).values(), default=0)
 
     def on_worker_removed(self, worker_id: str) -> None:  # noqa: B027 - optional hook
         """Called when a worker leaves the cluster."""
@@ -165,11 +169,11 @@ class PrefixIndexPolicy(RotatingPolicy):
         known.update(self.exact.match(names))
         return known
 
-    def uncached_tokens(self, ctx: RouteContext) -> int:
-        """The prompt less the longest prefix any rank holds (exact index where synced, else what
-        this policy sent where), at least 1 token: the last one is always computed."""
-        depths = self.matches(ctx.blocks(self.index))
-        return max(ctx.num_tokens - max(depths.values(), default=0) * self.index.block_size, 1)
+    def cached_by_rank(self, ctx: RouteContext) -> dict[str, int]:
+        """From the exact index where synced, else from what this policy sent where; at most the
+        prompt less its last token, which is always computed."""
+        block, cap = self.index.block_size, max(ctx.num_tokens - 1, 0)
+        return {w: min(depth * block, cap) for w, depth in self.matches(ctx.blocks(self.index)).items()}
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
         worker_id = chosen.worker.worker_id

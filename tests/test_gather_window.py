@@ -21,8 +21,17 @@ class _Policy:
         return CACHED.get(ctx.request_id, 0)
 
 
+class _Table:
+    def candidates(self) -> list:
+        return []  # no live rank: flow control hands the request straight to the router
+
+
 class _Router:
     policy = _Policy()
+    table = _Table()
+
+    def decide(self, ctx: RouteContext, among=None) -> str:
+        return f"decided {ctx.request_id}"
 
 
 def flow(**options) -> FlowControl:
@@ -73,3 +82,15 @@ async def test_shutdown_fails_the_window_unavailable() -> None:
         await asyncio.wait_for(task, 5)
     assert err.value.code is grpc.StatusCode.UNAVAILABLE and "shutting down" in str(err.value)
     assert fc.shed_by_reason["shutdown"] == 1
+
+
+async def test_a_request_due_within_the_window_is_decided_at_once() -> None:
+    # The window would hold it 60 s; its TTFT deadline (or its call's deadline) is 50 ms away
+    fc = flow(gather_s=60.0)
+    soon = fc.clock() + 0.05
+    assert await asyncio.wait_for(fc.decide(RouteContext("urgent", 10), deadline_at=soon), 5) == "decided urgent"
+    assert await asyncio.wait_for(fc.decide(RouteContext("call", 10), expires_by=soon), 5) == "decided call"
+    relaxed = asyncio.create_task(fc.decide(RouteContext("relaxed", 10), deadline_at=fc.clock() + 120))
+    await asyncio.sleep(0)  # one loop turn: it entered the window and waits there
+    assert not relaxed.done() and len(fc._gathered) == 1
+    relaxed.cancel()

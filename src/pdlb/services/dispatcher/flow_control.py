@@ -198,8 +198,8 @@ class FlowControl:
         100 ms at 60 s), which would reorder requests of one client sent close together."""
         if not self.options.enabled:
             return self.router.decide(ctx)
-        if self.options.gather_s > 0:
-            await self._gather(ctx, priority)
+        if self.options.gather_s > 0 and min(deadline_at, expires_by) > self.clock() + self.options.gather_s:
+            await self._gather(ctx, priority)  # (a request due within the window is decided at once)
         sheddable = priority >= self.options.sheddable_priority
         if not sheddable:
             self._better_seen_at = self.clock()

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from pdlb.cli.top import render
 from pdlb.common.free_port import free_port
-from pdlb.common.requests import RETRY_AFTER_KEY, SHED_REASONS
+from pdlb.common.requests import BOUND_KEY, RETRY_AFTER_KEY, SHED_REASONS
 from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 
@@ -113,6 +113,14 @@ async def test_late_binding_serves_priority_then_deadline_as_slots_free(etcd, pr
         await wait_queued(stub, 3)
         client.send("urgent", priority=-1)
         await wait_queued(stub, 4)
+        # A held request's stream has no initial metadata until it is bound (a PD client starts its
+        # prefill half only then); bound, it names the rank.
+        early = stub.Generate(dispatch_pb2.GenerateRequest(request=request("peek", input_ids=[5] * 8)), timeout=60)
+        bound = asyncio.ensure_future(early.initial_metadata())
+        await wait_queued(stub, 5)
+        assert not bound.done()
+        early.cancel()
+        await wait_queued(stub, 4)
         snap = await load_snapshot(stub)
         assert snap.flow.enabled and snap.flow.queued_tokens == 4 * 32
         assert all(w.reported.waiting_requests == 0 for w in snap.workers), "nothing waits at a worker"
@@ -147,6 +155,10 @@ async def test_a_gather_window_decides_the_least_prompt_work_first(etcd, prefix,
         await asyncio.wait_for(asyncio.gather(*client.tasks.values()), 60)
         assert set(client.outcome.values()) == {grpc.StatusCode.OK}, client.errors
         assert sorted(prompts, key=client.first_token_at.get) == ["short", "middle", "long"]
+        # bound, a stream's initial metadata names its rank before any token
+        call = stub.Generate(dispatch_pb2.GenerateRequest(request=request("named", input_ids=[5] * 8)), timeout=60)
+        assert dict(await call.initial_metadata())[BOUND_KEY] == "0"
+        assert [chunk async for chunk in call][-1].finish_reason
         snap = await load_snapshot(stub)
         assert snap.flow.queued_requests == 0 and all(w.inflight_requests == 0 for w in snap.workers)
     finally:

@@ -46,10 +46,12 @@ class PDClient:
 async def test_pd_decode_dispatcher_holds_requests_until_kv_frees(etcd, prefix, start_service):
     """The decode rank's KV (1,024 tokens) holds a running 800-token request: PD requests of 300
     prompt tokens wait in the decode dispatcher's queue (not at the worker), one cancelled there
-    leaves it, and the others are bound, and served, when the running request's KV frees."""
+    leaves it, and the others are bound, and served, when the running request's KV frees; the
+    cancelled one's prefill never ran."""
     common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "5"]
     start_service("bootstrap", *common, name="bootstrap")
-    disp_p = start_service("dispatcher", *common, "--disaggregation-mode", "prefill", "--flow-control", name="disp-p")
+    # the prefill dispatcher binds at once (no flow control): the prefill half's timing is the client's
+    disp_p = start_service("dispatcher", *common, "--disaggregation-mode", "prefill", name="disp-p")
     disp_d = start_service("dispatcher", *common, "--disaggregation-mode", "decode", "--flow-control", name="disp-d")
     workers = [
         start_service("scheduler", *common, *SIM_PD, "--disaggregation-mode", "prefill", name="prefill-0", wait=False),
@@ -96,8 +98,15 @@ async def test_pd_decode_dispatcher_holds_requests_until_kv_frees(etcd, prefix, 
         assert "held-1" not in client.outcome and "held-1" not in client.first_token
         snap = await load_snapshot(stub_d)
         assert snap.flow.queued_requests == 0 and snap.flow.admitted_total == 2 and snap.flow.shed_total == 0
-        # The prefill half may wait too (the prefill rank's prompt work ahead past one chunk); it drained.
-        assert (await load_snapshot(stub_p)).flow.queued_requests == 0
+
+        # A prefill half is sent only once its decode half is bound, so the request cancelled while
+        # its decode half was queued never prefilled: no KV is held for it (held KV waits for its
+        # decode side up to --kv-hold-ttl, 60 s; a burst of sheds once filled the prefill ranks so).
+        async def no_prefill_kv_held() -> bool:
+            load = (await load_snapshot(stub_p)).workers[0].reported
+            return load.kv_tokens_used - load.kv_tokens_evictable == 0
+
+        await wait_until(no_prefill_kv_held, what="no prefill KV held for the request cancelled while queued")
 
         async def settled() -> bool:
             rows = (await load_snapshot(stub_d)).workers

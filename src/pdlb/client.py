@@ -42,8 +42,9 @@ class PDLBClient:
         self, request: common_pb2.InferenceRequest, timeout: float = 600
     ) -> AsyncIterator[dispatch_pb2.GenerateResponse]:
         """Stream a request's tokens. PD: the prefill half runs beside the decode stream, same room,
-        and the last chunk's cached_tokens are the prefill worker's (the decode worker computes no
-        prompt), as is the first token's logprob when logprobs are asked for."""
+        once the decode half is bound to a rank; the last chunk's cached_tokens are the prefill
+        worker's (the decode worker computes no prompt), as is the first token's logprob when
+        logprobs are asked for."""
         if self.mixed is not None:
             async for chunk in self.mixed.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
                 yield chunk
@@ -52,7 +53,7 @@ class PDLBClient:
             request.bootstrap_room = new_room()
         call = self.decode.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout)
         prefilled: list[dispatch_pb2.GenerateResponse] = []  # the prefill half's last message
-        prefill = asyncio.ensure_future(self._prefill(request, timeout, prefilled))
+        prefill = asyncio.ensure_future(self._prefill(request, timeout, prefilled, call))
         failure: list[BaseException] = []
 
         def stop_decode_on_prefill_failure(task: asyncio.Future) -> None:
@@ -86,8 +87,13 @@ class PDLBClient:
                 prefill.cancel()
 
     async def _prefill(
-        self, request: common_pb2.InferenceRequest, timeout: float, out: list[dispatch_pb2.GenerateResponse]
+        self, request: common_pb2.InferenceRequest, timeout: float, out: list[dispatch_pb2.GenerateResponse], decode
     ) -> None:
+        """The prefill half, sent once the decode half is bound to a rank (its dispatcher's initial
+        metadata), so a decode half queued or shed by flow control leaves no prefill KV held."""
+        await decode.initial_metadata()
+        if decode.done():  # failed before binding: the decode stream raises its error
+            return
         async for response in self.prefill.Generate(dispatch_pb2.GenerateRequest(request=request), timeout=timeout):
             out[:] = [response]
 

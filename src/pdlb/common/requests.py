@@ -27,6 +27,11 @@ MAX_ROUTING_KEY_LEN = 256
 # Trailing metadata of a RESOURCE_EXHAUSTED from a dispatcher's admission queue: whole seconds a
 # refused client should wait (the gateway sends it as HTTP Retry-After).
 RETRY_AFTER_KEY = "retry-after"
+# Initial metadata a dispatcher's Generate sends as soon as it has bound the request to a rank (its
+# value: the DP rank), before any token. A PD gateway starts the prefill half only then, so a decode
+# half that is queued or shed by flow control never leaves prefill KV held for a decode that will
+# not come.
+BOUND_KEY = "pdlb-bound-rank"
 # Why a dispatcher's admission queue failed a request (FlowControlState.shed_by_reason's keys, the
 # `reason` label of the queue's shed counters): a fixed set, so metric labels stay bounded.
 SHED_REASONS = ("ttl", "deadline", "full", "displaced", "shutdown")

@@ -12,7 +12,13 @@ from contextlib import aclosing
 
 import grpc
 
-from pdlb.common.requests import RETRY_AFTER_KEY, InvalidRequest, check_request_off_loop, prompt_chars_limit
+from pdlb.common.requests import (
+    BOUND_KEY,
+    RETRY_AFTER_KEY,
+    InvalidRequest,
+    check_request_off_loop,
+    prompt_chars_limit,
+)
 from pdlb.common.roles import role_from_proto, role_to_proto
 from pdlb.common.shutdown_cut import Cut, ShutdownCut
 from pdlb.common.slots import Slots
@@ -458,6 +464,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
             else:  # pinned by a router, or re-dispatched after a failure: never held
                 decision = await self._decide(ctx, external, excluded, context, deadline)
             await self._refuse_held_room(ctx, decision, holder, context)
+            if not excluded:  # bound: a PD gateway waits for this before it sends the prefill half
+                await context.send_initial_metadata(((BOUND_KEY, str(decision.entry.dp_rank)),))
             worker = decision.entry.worker
             sent_any = False
             try:

@@ -1,8 +1,9 @@
 """One request end to end, as the gateway serves it (gRPC and HTTP alike).
 
 Mixed mode forwards to a mixed dispatcher. PD mode allocates a bootstrap room and sends the same
-request to a prefill and a decode dispatcher; the decode stream carries the tokens, and a failed
-prefill half cancels the decode half (which would otherwise wait for KV that never comes).
+request to a prefill and a decode dispatcher, the prefill half once the decode half is bound to a
+rank; the decode stream carries the tokens, and a failed prefill half cancels the decode half (which
+would otherwise wait for KV that never comes).
 
 No request is lost to a dying worker: the gateway holds the client's stream, so when an attempt
 fails for a reason that is not the request's own (UNAVAILABLE, a lost KV hand-off...), it runs the
@@ -404,6 +405,13 @@ class Frontend:
             async def prefill() -> None:
                 nonlocal prefill_rank, prefill_cached
                 try:
+                    # Only once the decode half is bound to a rank (the dispatcher's initial
+                    # metadata): a decode half that flow control queues or sheds would otherwise
+                    # leave the prefill worker holding KV for a decode that never comes, and a
+                    # burst of sheds could fill the prefill ranks' KV until --kv-hold-ttl.
+                    await call.initial_metadata()
+                    if call.done():  # failed before binding: its error is the request's
+                        return
                     async for response in stubs["prefill"].Generate(message, timeout=timeout):
                         prefill_rank, prefill_cached = response.dp_rank, response.cached_tokens
                         first_logprobs[:] = response.logprobs

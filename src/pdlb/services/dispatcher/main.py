@@ -181,9 +181,9 @@ def build_parser() -> FlagParser:
         "--gather-ms",
         default=flow.gather_s * 1000,
         type=float,
-        help="flow control: requests arriving within this many ms of each other are decided together, the ones with "
-        "the fewest prompt tokens left to compute on the rank caching most of their prompt first (0: each at once, "
-        f"in arrival order; at most {MAX_GATHER_MS:g})",
+        help="flow control: requests arriving within this many ms of a window's first request are decided together "
+        "when it closes, the ones with the fewest prompt tokens left to compute on the rank caching most of their "
+        f"prompt first (0: each at once, in arrival order; at most {MAX_GATHER_MS:g})",
     )
     parser.flag(
         "--fair-share-quantum",

@@ -298,8 +298,9 @@ async def test_a_killed_dispatcher_deregistered_and_not_back_fails_after_the_bou
         started = asyncio.Event()
         run = asyncio.create_task(greedy_gateway_stream(gateway_pb2_grpc.GatewayStub(channel), "gone", [8, 9], started))
         await asyncio.wait_for(started.wait(), 30)
-        dispatchers["mixed"].kill()
+        # the time before the kill: the gateway may see the stream break while kill() reaps the process
         killed = asyncio.get_running_loop().time()
+        dispatchers["mixed"].kill()
         await asyncio.to_thread(etcd.etcdctl, "del", "--prefix", f"{prefix}/dispatchers/")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(run, 30)

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdlb.common.free_port import free_port
+from pdlb.common.processes import ServiceFailed
 from pdlb.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.browser import Browser, chromium_path
 from tests.helpers import greedy_gateway_stream, rest_of, wait_until
@@ -1168,3 +1170,15 @@ async def test_a_text_header_that_is_not_utf8_is_refused_400_naming_it(start_ser
     error = json.loads(reply)["error"]
     said = f"the {header} header must be UTF-8 text, not the bytes b'\\xff\\xfe'"
     assert error["param"] == header and said in error["message"], error
+
+
+def test_an_http_port_in_use_is_one_line_naming_the_flag(start_service):
+    # what a second gateway, or a test beside a running `pdlb up`, meets on the default port 8000:
+    # exit 1 with one line, not a traceback
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = rf"exited with status 1: .*127\.0\.0\.1:{port} \(--http-port\).*in use"
+        with pytest.raises(ServiceFailed, match=refused):
+            start_service("gateway", "--http-port", str(port), "--dispatcher", "127.0.0.1:1")

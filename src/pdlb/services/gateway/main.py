@@ -320,7 +320,15 @@ async def serve(args, stop_event: asyncio.Event) -> None:
         await host.start()
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.http_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken (another gateway, a `pdlb up`), or not an address of this host
+            await host.stop(0)
+            await runner.cleanup()
+            raise SystemExit(
+                f"cannot serve HTTP on {args.host}:{args.http_port} (--http-port): {exc.strerror or exc}; stop what "
+                "uses it or pick another port (0: any free one)"
+            ) from None
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         http_address = f"{address.rsplit(':', 1)[0]}:{port}"
         dashboard.start()

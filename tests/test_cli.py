@@ -1097,6 +1097,15 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "other commands look); use pdlb up's own --port, --http-port or --etcd-port",
         ),
         (["--no-such-flag", "1"], "pdlb up: error: unrecognized arguments: --no-such-flag 1"),
+        # a value the dispatchers refuse is refused before etcd starts, not by the dispatchers after it
+        (
+            ["--flow-control", "--dispatcher-arg=--gather-ms=-1"],
+            "pdlb up: --dispatcher-arg: --gather-ms must be within 0..1000 (ms), not -1.0",
+        ),
+        (
+            ["--flow-control", "--dispatcher-arg=--queue-ttl=abc"],
+            "pdlb up: --dispatcher-arg: argument --queue-ttl: 'abc': expected a number",
+        ),
         # a --*-arg value after a space was argparse's bare "expected one argument"
         (
             ["--flow-control", "--dispatcher-arg", "--queue-ttl=4"],

@@ -24,13 +24,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
 from pdlb.cli import stale_dirs, state
 from pdlb.cli.flag_types import int_from
 from pdlb.cli.supervisor import Supervisor
-from pdlb.common.config import SHUTDOWN_GRACE_S, TRUE_WORDS, integer
+from pdlb.common.config import SHUTDOWN_GRACE_S, TRUE_WORDS, FlagRefused, integer
 from pdlb.common.etcd_process import EtcdProcess
 from pdlb.common.free_port import free_port
 from pdlb.common.membership import connect_client
@@ -388,6 +389,37 @@ def spaced_pass_through(argv: list[str]) -> str | None:
     return None
 
 
+class _ParseRefused(Exception):
+    pass
+
+
+def dispatcher_args_refused(passed: list[str]) -> str | None:
+    """What the dispatchers would refuse of the flags `pdlb up` passes them (`passed`: its
+    `--dispatcher-arg` values, with --flow-control when it is on), checked with their own parser and
+    option checks, so a bad value (`--gather-ms=-1`, `--queue-ttl=abc`) stops the start before etcd
+    and the other services start; None when they take them. The dispatchers' own variables count,
+    as they would for the children, which inherit the environment."""
+    from pdlb.services.dispatcher.main import build_parser, flow_options, policy_options
+
+    parser = build_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise _ParseRefused(message)
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse's usage-and-exit, as an exception
+    try:
+        parsed = parser.parse_args(passed)
+        flow_options(parsed)
+        policy_options(parsed)
+    except _ParseRefused as exc:
+        return str(exc)
+    except FlagRefused as exc:
+        return exc.message
+    except SystemExit as exc:  # a refused variable: the parser wrote its line already
+        return str(exc.code) if isinstance(exc.code, str) else "refused (see the line above)"
+    return None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -617,6 +649,11 @@ class LocalCluster:
                         f"--dispatcher-arg={arg} acts only with --flow-control, which is off: add --flow-control or "
                         "drop it"
                     )
+        if args.dispatcher_arg:
+            passed = [*(["--flow-control"] if self.flow_control() else []), *args.dispatcher_arg]
+            refused = dispatcher_args_refused(passed)
+            if refused:
+                raise StartRefused(f"--dispatcher-arg: {refused}")
         for arg in getattr(args, "gateway_arg", []):
             if arg.split("=", 1)[0] in GATEWAY_SET_BY_UP:
                 raise StartRefused(

@@ -1,7 +1,8 @@
 """Late binding: requests wait in the dispatcher, not in a rank's queue, until some rank has room.
 
 A request that arrives while every rank would make it queue (no free batch slot, not enough free
-KV for its prompt, more prompt work ahead of it than the rank prefills in one step, or, with a wait
+KV for its prompt, more prompt work ahead of it than the rank prefills in one step plus what the
+rank caches of its prompt, or, with a wait
 threshold, a predicted prefill wait above it) is held in the
 `AdmissionQueue`. Whenever room may have freed (a load report, a finished or failed request, a
 cancellation, a worker joining), `kick()` binds queued requests in queue order, choosing the rank
@@ -113,8 +114,8 @@ class FlowOptions:
     # p99 rose 1.3-1.5x, past the 1.2x goal the hard share meets (docs/BENCHMARKS.md).
     work_conserving: bool = False
     lend_headroom: int = 1
-    # > 0: requests arriving within this many seconds of each other are decided together, the ones
-    # with the least prompt work left on the rank caching most of it first (FlowControl._gather).
+    # > 0: requests arriving within this many seconds of a window's first are decided together, the
+    # ones with the least prompt work left on the rank caching most of it first (FlowControl._gather).
     gather_s: float = 0.0
 
 
@@ -283,13 +284,12 @@ class FlowControl:
         their ranks and the short prompts on the ranks with the least prefill ahead, and leaves the
         long cold prompts the rest. (Longest first, which list scheduling favours for the makespan,
         queued longer at the p99 in a trial on the trace replay, one seed: 408 against 305 ms at 0.6
-        of capacity; the short prompts decided last found the
-        ranks' prefill room taken and waited for a long prompt's chunk.) The queue's own order
-        applies to what is held after the window. The price is up to `gather_s` added to every
-        request's time to first token. The window is bounded by `max_queued_requests` requests (a
-        fuller window closes at once). The released requests' continuations run in release order
-        (asyncio runs ready callbacks first in, first out) and each decides without awaiting, so
-        decisions follow it."""
+        of capacity; the short prompts decided last found the ranks' prefill room taken and waited
+        for a long prompt's chunk.) The queue's own order applies to what is held after the window.
+        The price is up to `gather_s` added to every request's time to first token. The window is
+        bounded by `max_queued_requests` requests (a fuller window closes at once). The released
+        requests' continuations run in release order (asyncio runs ready callbacks first in, first
+        out) and each decides without awaiting, so decisions follow it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         left = ctx.num_tokens - self.router.policy.cached_tokens(ctx)
@@ -425,7 +425,9 @@ class FlowControl:
             reserve = 0
         # A rank caching part of the prompt may have that many more tokens of prompt work ahead: the
         # request computes that much less there, so it still starts about as soon as a cold one would.
-        cached = self.router.policy.cached_by_rank(ctx) if self.router.role is not Role.DECODE else {}
+        counted = self.router.role is not Role.DECODE and not self.options.max_wait_ms > 0
+        counted = counted and self.options.max_prefill_ahead_chunks > 0
+        cached = self.router.policy.cached_by_rank(ctx) if counted else {}
         roomy = [e for e in candidates if self._fits(e, tokens, reserve, cached.get(e.worker.worker_id, 0))]
         if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
             return candidates  # it fits no rank's KV even when idle: the worker says so at once

@@ -123,13 +123,15 @@ async def test_every_rank_fits_the_group_step_to_the_busiest_ranks_tokens(group)
             await _collect(stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=30))
         await paused_group(stub)
         rates = {row.worker.dp_rank: row.reported.prefill_tokens_per_s for row in (await load_snapshot(stub)).workers}
-        assert len(rates) == GROUP
-        # A fit over six prompts moves by up to ~±40% with the step-timing noise of a loaded machine
-        # (35k tokens/s seen for the busy rank). The faults this rules out lie far outside these
-        # bounds: a dummy rank fitting its own zero tokens reports no rate, one fitting the group's
-        # mean tokens a third of it.
+        assert len(rates) == GROUP and all(rate > 0 for rate in rates.values()), rates
+        # Every rank times the same group steps against the same (busiest rank's) tokens, so the
+        # ranks agree closely; the faults this rules out do not: a dummy rank fitting its own zero
+        # tokens reports no rate, one fitting the group's mean tokens a third of the busy rank's.
+        assert max(rates.values()) < 1.5 * min(rates.values()), rates
+        # The fit's absolute value moves with the machine's step-timing noise over six prompts
+        # (35k and 55-59k tokens/s seen in full runs against the cost model's 25k): a loose band.
         for rank, rate in rates.items():
-            assert 25_000 * 0.5 < rate < 25_000 * 2.0, (rank, rates)
+            assert 25_000 * 0.4 < rate < 25_000 * 3.0, (rank, rates)
     finally:
         await channel.close()
 

@@ -118,7 +118,7 @@ def flags_of_the_other_mode(args: argparse.Namespace) -> list[str]:
         if hasattr(args, d) and (d not in from_env or getattr(args, d) != os.environ.get(from_env[d]))
     }
     other = "mixed" if args.mode == "pd" else "pd"
-    return ["--" + dest.replace("_", "-") for dest in MODE_FLAGS[other] if dest in given]
+    return [_flag(dest) for dest in MODE_FLAGS[other] if dest in given]
 
 
 def flags_of_the_other_engine(args: argparse.Namespace) -> list[str]:

@@ -55,6 +55,10 @@ class RunResult:
     group: GroupCounters | None = None  # lockstep groups: what this run added to the counters
     floors: list[float] = field(default_factory=list)  # sim: each request's TTFT alone on an idle rank
     queued: list[float] = field(default_factory=list)  # sim: TTFT less that floor, per served request
+    # One row per request that got a first token: (index, arrival s from the run's start, TTFT s,
+    # floor s or -1, DP rank, cached prompt tokens, prompt tokens, output tokens asked, the
+    # predicted-latency method's predicted TTFT ms on its rank or 0): where the tail came from.
+    records: list[tuple] = field(default_factory=list)
 
     def row(self) -> dict:
         active = [v for _, v in self.imbalance]
@@ -308,6 +312,10 @@ async def one_request(
                     result.ttft.append(now - sent)
                     if floor is not None:
                         result.queued.append(now - sent - floor)
+                    result.records.append(
+                        (item.index, item.arrival_s, now - sent, -1.0 if floor is None else floor, chunk.dp_rank,
+                         chunk.cached_tokens, len(item.input_ids), item.max_new_tokens, chunk.predicted_ms)
+                    )  # fmt: skip
                 else:  # tokens that arrive together share the gap since the previous message
                     result.itl.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
                 tokens += len(chunk.token_ids)

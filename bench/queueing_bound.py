@@ -21,9 +21,19 @@ idle rank. For such a group (arrivals within `--window` of its first, at time a)
   p99 counts from the top (`pdlb.workload.percentile`: 7 of 600, 3 of 200), then every method's
   queueing p99 on these requests and ranks is >= X. The largest such X is printed.
 
-Everything the bound leaves out only adds queueing: ranks busy with earlier groups' prefills and
-decodes, batch slots, KV, the chunk limit, the report lag. Groups are taken alone, so the bound does
-not depend on the load; Poisson arrivals give it little to work with (groups of one), bursts a lot.
+Everything that bound leaves out only adds queueing: ranks busy with earlier groups' prefills and
+decodes, batch slots, KV, the chunk limit, the report lag. Groups are taken alone, so it does not
+depend on the load; Poisson arrivals give it little to work with (groups of one), bursts a lot.
+
+A second bound counts batch slots (`slot_bound`): the ranks run at most `ranks x max_running`
+requests at once, and a request holds its slot from its start until its last token, at least its
+floor plus one decode step (the cost model's base plus one sequence) per further output token. So a
+request is unfinished from its arrival a until at least a + floor + (output - 1) x decode step,
+whatever any method does; at a time t when more requests are unfinished than there are slots, the
+excess have not started, and those of them that arrived before t - X have queued more than X (the
+floor counts from the start). Bursts that follow each other within a request's decode time fill the
+slots; the largest X for which enough requests (the p99's count from the top) must wait is printed
+beside the first bound, and the larger of the two is the bound.
 
   python -m bench.queueing_bound                      # the workload set's seeds 1-3, and the trace
   python -m bench.queueing_bound --workloads bursts_32 --seeds 1 --num-requests 600
@@ -51,6 +61,7 @@ class Arrival:
     at_s: float
     tokens: int
     floor_s: float
+    output_tokens: int = 1  # tokens it generates (its first comes with its floor)
 
 
 def groups(requests: Sequence[Arrival], window_s: float) -> list[list[Arrival]]:
@@ -107,6 +118,30 @@ def p99_bound(requests: Sequence[Arrival], ranks: int, cost: CostModel, window_s
     return lo
 
 
+def slot_bound(requests: Sequence[Arrival], slots: int, decode_step_s: float) -> float:
+    """The largest X (seconds) such that, at some time t, at least as many requests as the
+    nearest-rank p99 counts from the top have not started by t although they arrived by t - X, because
+    more requests than `slots` are unfinished at t (module doc): a lower bound of any method's
+    queueing p99 on ranks with that many batch slots in all. 0.0 when the slots never run short.
+
+    A request is unfinished over [at_s, at_s + floor_s + (output_tokens - 1) x decode_step_s). The
+    bound is read at the right end of each interval over which the unfinished set is constant (just
+    before an arrival or a forced finish), where it is largest: with U the unfinished requests there,
+    q = |U| - slots - need, it is t less the arrival of the (q+1)-th latest of U."""
+    if not requests:
+        return 0.0
+    need = len(requests) - math.ceil(0.99 * len(requests)) + 1
+    spans = sorted((r.at_s, r.at_s + r.floor_s + (r.output_tokens - 1) * decode_step_s) for r in requests)
+    best = 0.0
+    for t in sorted({a for a, _ in spans} | {e for _, e in spans}):
+        unfinished = [a for a, e in spans if a < t <= e]  # arrived before t, not finished before t
+        q = len(unfinished) - slots - need
+        if q >= 0:
+            unfinished.sort(reverse=True)
+            best = max(best, t - unfinished[q])
+    return best
+
+
 def suite_requests(workload: str, load: str, seed: int, num_requests: int, cost: CostModel) -> list[Arrival]:
     """The requests `bench.balance_suite` sends for one (workload, load, seed), with the floors it
     uses (a grouped request's shared prefix counted as cached)."""
@@ -119,7 +154,7 @@ def suite_requests(workload: str, load: str, seed: int, num_requests: int, cost:
     for item in items:
         cached = args.prefix_len if item.group >= 0 else 0
         tokens = len(item.input_ids) - min(cached, len(item.input_ids) - 1)
-        out.append(Arrival(item.arrival_s, tokens, balance_bench.ttft_floor(item, cached, cost)))
+        out.append(Arrival(item.arrival_s, tokens, balance_bench.ttft_floor(item, cached, cost), item.max_new_tokens))
     return out
 
 
@@ -132,7 +167,12 @@ def trace_requests(rate: float, num_requests: int, cost: CostModel) -> list[Arri
     )  # fmt: skip
     items = trace_replay.scale(args, rate, cost, seed=0)
     return [
-        Arrival(t.item.arrival_s, len(t.item.input_ids) - min(t.cached, len(t.item.input_ids) - 1), t.floor)
+        Arrival(
+            t.item.arrival_s,
+            len(t.item.input_ids) - min(t.cached, len(t.item.input_ids) - 1),
+            t.floor,
+            t.item.max_new_tokens,
+        )
         for t in items
     ]
 
@@ -149,26 +189,31 @@ def main(argv: list[str] | None = None) -> int:
         "--trace-capacity", type=float, default=23.0, help="requests/s: the trace's loads are shares of it"
     )
     parser.add_argument("--window", type=float, default=0.005, help="seconds: arrivals this close form a group")
+    parser.add_argument("--max-running", type=int, default=8, help="batch slots of each rank (the benchmarks' default)")
     args = parser.parse_args(argv)
     cost = CostModel().scaled(args.slowdown)
     print(
         f"Queueing p99 no dispatcher can beat ({args.ranks} sim ranks, cost model x {args.slowdown:g}, "
         f"{args.num_requests} requests, arrivals within {args.window * 1000:g} ms grouped)\n"
     )
-    print("| workload | load | bound per seed, ms | groups of more than the ranks |")
-    print("|---|---|---|---|")
+    slots, decode_step_s = args.ranks * args.max_running, cost.base_s + cost.per_decode_seq_s
+    print("| workload | load | bound per seed, ms | from bursts | from batch slots | groups of more than the ranks |")
+    print("|---|---|---|---|---|---|")
     for workload in args.workloads.split(","):
         for load in args.loads.split(","):
-            bounds, big = [], 0
+            bounds, bursts, short, big = [], [], [], 0
             seeds = [0] if workload == TRACE else [int(s) for s in args.seeds.split(",")]
             for seed in seeds:
                 if workload == TRACE:
                     requests = trace_requests(balance_suite.LOADS[load] * args.trace_capacity, args.num_requests, cost)
                 else:
                     requests = suite_requests(workload, load, seed, args.num_requests, cost)
-                bounds.append(p99_bound(requests, args.ranks, cost, args.window) * 1000)
+                bursts.append(p99_bound(requests, args.ranks, cost, args.window) * 1000)
+                short.append(slot_bound(requests, slots, decode_step_s) * 1000)
+                bounds.append(max(bursts[-1], short[-1]))
                 big = max(big, sum(len(g) > args.ranks for g in groups(requests, args.window)))
-            print(f"| {workload} | {load} | {', '.join(f'{b:.0f}' for b in bounds)} | {big} |")
+            cells = [", ".join(f"{b:.0f}" for b in values) for values in (bounds, bursts, short)]
+            print(f"| {workload} | {load} | {' | '.join(cells)} | {big} |")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import os
 import re
@@ -799,7 +800,9 @@ async def test_a_declared_body_past_the_bound_with_expect_100_continue_is_413_at
     """`Expect: 100-continue` with a Content-Length past --max-body-bytes got 100 Continue, then (no
     body coming) a 408 after --http-body-timeout: now 413 in OpenAI error JSON before any body, and
     the connection closes; a body within the bound still gets its 100 Continue and is served. Every
-    route that reads a body alike: the render routes and SGLang's /generate answered 100 Continue."""
+    route that reads a body alike: the render routes and SGLang's /generate answered 100 Continue.
+    Without `Expect` the same: such a request waited for its body until --http-body-timeout (408);
+    an unknown path keeps its 404."""
     http_port = free_port()
     start_service("gateway", "--http-port", str(http_port), "--max-body-bytes", "4096", "--http-body-timeout", "30")
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
@@ -811,10 +814,11 @@ async def test_a_declared_body_past_the_bound_with_expect_100_continue_is_413_at
         ("POST", "/generate"),
         ("PUT", "/generate"),
     ]
-    for method, path in routes:
+    for (method, path), expect in itertools.product(routes, (True, False)):
         reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
         try:
-            writer.write(head.replace(b"POST /v1/completions", f"{method} {path}".encode()))
+            first = head.replace(b"POST /v1/completions", f"{method} {path}".encode())
+            writer.write(first if expect else first.replace(b"Expect: 100-continue\r\n", b""))
             writer.write(b"Content-Length: 999999999\r\n\r\n")
             await writer.drain()
             status = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
@@ -824,6 +828,13 @@ async def test_a_declared_body_past_the_bound_with_expect_100_continue_is_413_at
             assert "999999999 bytes) exceeds 4096 bytes (--max-body-bytes)" in error["message"], error
         finally:
             writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    try:  # an unknown path keeps its 404 (the head is enough: the connection waits for the body)
+        writer.write(b"POST /v1/nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 404")
+    finally:
+        writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
     try:
         writer.write(head + b"Content-Length: 2\r\nConnection: close\r\n\r\n")

@@ -137,8 +137,24 @@ def http_app(
     readiness: Readiness,
     workers: WorkerApi,
 ):
+    def too_large(request: web.Request) -> web.Response:
+        """413 for a declared Content-Length past --max-body-bytes, before any of the body is read:
+        the connection closes, since nothing here reads what the client may still send."""
+        metrics.done(api_of(request.path), "413")  # its handler, which names its API, never runs
+        response = error_response(
+            413, f"the request body ({request.content_length} bytes) exceeds {max_body} bytes (--max-body-bytes)"
+        )
+        response.force_close()
+        return response
+
     @web.middleware
     async def errors(request: web.Request, handler):
+        # A declared length past the bound is refused before the handler waits for a body that
+        # would be refused anyway (without this, a slow or absent body held the request until
+        # --http-body-timeout, then got 408).
+        matched = request.match_info.http_exception is None  # an unknown path keeps its 404 / 405
+        if matched and request.method in BODY_METHODS and (request.content_length or 0) > max_body:
+            return too_large(request)
         try:
             return await handler(request)
         except ApiError as exc:
@@ -204,12 +220,7 @@ def http_app(
         method with a body gets it (`bound_every_body`), whichever module added the route."""
         expect = request.headers.get("Expect", "").lower()
         if expect == "100-continue" and request.content_length is not None and request.content_length > max_body:
-            metrics.done(api_of(request.path), "413")  # its handler, which names its API, never runs
-            response = error_response(
-                413, f"the request body ({request.content_length} bytes) exceeds {max_body} bytes (--max-body-bytes)"
-            )
-            response.force_close()  # the client may send the body anyway: nothing here reads it
-            return response
+            return too_large(request)
         if expect != "100-continue":
             raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
         if request.version >= (1, 1):

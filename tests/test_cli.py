@@ -1055,6 +1055,16 @@ def test_top_says_which_dispatcher_it_cannot_reach_in_one_line():
             "pdlb up: --runner is for --engine pdlb, and this cluster runs --engine vllm; add --engine pdlb, or drop "
             "it",
         ),
+        # --lockstep with vLLM reached the schedulers, which refuse DP groups for vLLM's engine
+        (
+            ["--engine", "vllm", "--vllm-url", "http://127.0.0.1:1", "--lockstep"],
+            "pdlb up: --lockstep is for --engine pdlb, and this cluster runs --engine vllm",
+        ),
+        # found only after etcd and the bootstrap had started
+        (
+            ["--engine", "vllm", "--vllm-url", "http://127.0.0.1:1"],
+            "pdlb up: --mode pd --engine vllm --vllm-url needs --vllm-decode-url too",
+        ),
     ],
 )
 def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, flags, said):

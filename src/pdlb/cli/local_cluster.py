@@ -72,6 +72,18 @@ class Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
+class GivenTrue(argparse.Action):
+    """A flag without a value (`--x`) that sets True and records itself in `namespace.given` as
+    Given does."""
+
+    def __init__(self, option_strings, dest, default=False, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        setattr(namespace, self.dest, True)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 class GivenSwitch(argparse.BooleanOptionalAction):
     """An on/off flag (`--x` / `--no-x`) that records itself in `namespace.given` as Given does."""
 
@@ -96,7 +108,7 @@ ENGINE_FLAGS = {
         "vllm_url", "vllm_decode_url", "vllm_kv_connector", "vllm_server_ranks", "vllm_port", "vllm_dtype",
         "vllm_eager",
     ),
-    "pdlb": ("runner", "prefix_eviction"),
+    "pdlb": ("runner", "prefix_eviction", "lockstep"),  # vLLM runs its own DP waves
 }  # fmt: skip
 
 
@@ -323,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lockstep",
-        action="store_true",
+        action=GivenTrue,
         help="each role's ranks form one lockstep DP-attention group (request waves), as with DP attention",
     )
     parser.add_argument(
@@ -616,6 +628,16 @@ class LocalCluster:
             raise StartRefused(
                 f"{', '.join(stray)} {verb} for --engine {other}, and this cluster runs --engine {args.engine}; "
                 f"add --engine {other}, or drop {them}"
+            )
+        if (
+            getattr(args, "engine", "pdlb") == "vllm"
+            and args.vllm_url
+            and args.mode == "pd"
+            and not args.vllm_decode_url
+        ):
+            # found now, not after etcd and the bootstrap have started
+            raise StartRefused(
+                "--mode pd --engine vllm --vllm-url needs --vllm-decode-url too (the decode ranks' server)"
             )
         if getattr(args, "engine", "pdlb") == "vllm" and not args.vllm_url:
             from pdlb.engines.vllm.server import find_venv, missing_reason

@@ -1132,6 +1132,17 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "pdlb up: --gateway-arg --request-log: a value starting with '-' is read as a flag of pdlb up unless "
             "joined with '=': write --gateway-arg=--request-log",
         ),
+        # joined, then a space: argparse's usage and "unrecognized arguments: 4"
+        (
+            ["--flow-control", "--dispatcher-arg=--queue-ttl", "4"],
+            "pdlb up: --dispatcher-arg=--queue-ttl 4: the passed-on flag's value goes after '=', not a space: write "
+            "--dispatcher-arg=--queue-ttl=4",
+        ),
+        (
+            ["--flow-control", "--dispatcher-arg=--queue-ttl 4"],
+            "pdlb up: --dispatcher-arg='--queue-ttl 4': the passed-on flag's value goes after '=', not a space: write "
+            "--dispatcher-arg=--queue-ttl=4",
+        ),
     ],
 )
 def test_a_services_flag_given_to_up_says_how_to_pass_it_on(tmp_path, flags, said):

@@ -387,7 +387,19 @@ def spaced_pass_through(argv: list[str]) -> str | None:
     the value starts with '-' (`--dispatcher-arg --queue-ttl=4`), argparse takes that value for a
     flag and says only "expected one argument"; one line saying how to write it joined with '='
     (`--dispatcher-arg=--queue-ttl=4`), else None."""
-    for at, arg in enumerate(argv[:-1]):
+    for at, arg in enumerate(argv):
+        flag, joined, value = arg.partition("=")
+        if joined and flag in PASS_THROUGH and value.startswith("-") and "=" not in value:
+            # `--dispatcher-arg=--queue-ttl 4` (the 4 a word of its own, which pdlb up refuses) or
+            # `--dispatcher-arg="--queue-ttl 4"` (one word the service would not know)
+            name, space, rest = value.partition(" ")
+            following = argv[at + 1] if at + 1 < len(argv) else "-"
+            typed = f"{name}={rest}" if space else None if following.startswith("-") else f"{value}={following}"
+            if typed:
+                shown = f"{arg} {following}" if not space else f"{flag}='{value}'"
+                return f"{shown}: the passed-on flag's value goes after '=', not a space: write {flag}={typed}"
+        if at + 1 == len(argv):
+            break
         value = argv[at + 1]
         if arg not in PASS_THROUGH or not value.startswith("-") or value == "--" or _is_number(value):
             continue

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     local_cluster.add_arguments(sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)"))
     gen = command("generate", help="stream the completion of a prompt")
-    gen.add_argument("text")
+    gen.add_argument("text", help="the prompt (tokenised by the cluster's model; with --chat, the user's message)")
     gen.add_argument(
         "--chat", action="store_true", help="send TEXT as a user message (the model's chat template applies)"
     )
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-ids", action="store_true", help="print the generated token ids (as <id>) instead of their text"
     )
     route = command("route", help="ask which rank would serve a prompt (counts as a dispatch)")
-    route.add_argument("text")
+    route.add_argument("text", help="the prompt whose rank to ask for (tokenised as generate would)")
     route.add_argument("--room", type=int_in(0, UINT64_MAX), default=None, help="bootstrap room")
     command("workers", help="list the workers of each dispatcher")
     rooms = command("rooms", help="look rooms up in bootstrap (no room: list prefill KV endpoints)")

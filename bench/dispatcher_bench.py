@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(m, False, False) for m in methods]
     runs += [(m, True, False) for m in args.exact_methods.split(",") if m in methods]
     runs += [(m, False, True) for m in args.flow_methods.split(",") if m in methods]
+    # flow control's room test reads the prefix index (what each rank caches of the prompt)
+    runs += [(m, True, True) for m in args.flow_methods.split(",") if m in methods and m in args.exact_methods]
     for method, exact, flow in runs:
         decisions, repeats = (500, 3) if args.quick else (2000, 5)
         times = [decision_times(r, method, decisions, repeats, exact, flow) for r in ranks]

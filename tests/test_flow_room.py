@@ -132,3 +132,68 @@ def test_a_rank_caching_the_prompt_has_room_for_that_much_more_work_ahead():
     assert flow.roomy(RouteContext("cold", 1000, input_ids=[7] * 1000)) == []
     # a decode rank admits by KV and slots: what it caches does not change that
     assert ranks(cluster(Role.DECODE, [load]), 100) == [0]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_inlined_room_pass_agrees_with_fits_on_random_tables(seed):
+    """roomy() checks the common case (no slot reserve, not decode, no wait bound) in one inlined
+    pass for speed; `_fits` is the rule. They must agree on every rank, cache or not."""
+    import random
+
+    rng = random.Random(seed)
+    loads = [
+        ReportedLoad(
+            running_requests=rng.randrange(10),
+            waiting_requests=rng.randrange(3),
+            max_running_requests=rng.choice([0, 4, 8]),
+            kv_tokens_used=rng.randrange(12_000),
+            kv_tokens_capacity=rng.choice([0, 12_000]),
+            prefill_pending_tokens=rng.randrange(3000),
+            prefill_tokens_per_step=rng.choice([0, 512, 1024]),
+        )
+        for _ in range(rng.randrange(1, 12))
+    ]
+    flow = cluster(Role.MIXED, loads, method="predicted_latency", max_prefill_ahead_chunks=rng.choice([0, 1, 2]))
+    prompt = [rng.randrange(256) for _ in range(rng.randrange(1, 1500))]
+    policy = flow.router.policy
+    for n, entry in enumerate(flow.router.table.candidates()):  # some ranks cache part of the prompt
+        if rng.random() < 0.4:
+            head = prompt[: rng.randrange(1, len(prompt) + 1)]
+            policy.index.insert(
+                entry.worker.worker_id, RouteContext(f"c{n}", len(head), input_ids=head).blocks(policy.index)
+            )
+    ctx = RouteContext("r", len(prompt), input_ids=prompt)
+    cached = flow.router.policy.cached_by_rank(ctx)
+    tokens = len(prompt)
+    expected = [
+        e for e in flow.router.table.candidates() if flow._fits(e, tokens, 0, cached.get(e.worker.worker_id, 0))
+    ]
+    got = flow.roomy(ctx)
+    if not expected and all(0 < e.reported.kv_tokens_capacity < tokens for e in flow.router.table.candidates()):
+        expected = flow.router.table.candidates()
+    assert [e.dp_rank for e in got] == [e.dp_rank for e in expected]
+
+
+def test_the_same_ranks_with_room_are_the_same_list_and_predictions_follow_each_rank():
+    """A decision over the ranks with room gets the same list object while the same ranks have
+    room (a policy indexes a list once), and predicted_latency predicts each rank from its own row
+    whichever subset it is given."""
+    busy = ReportedLoad(running_requests=8, max_running_requests=8, kv_tokens_capacity=10_000,
+                        prefill_tokens_per_s=10_000, step_ms=20, prefill_tokens_per_step=1024)  # fmt: skip
+    loads = [replace(busy, running_requests=n) for n in (8, 2, 5, 8)]
+    flow = cluster(Role.MIXED, loads, method="predicted_latency")
+    for entry in flow.router.table.candidates():  # as the dispatcher does after each report
+        flow.router.policy.on_report(entry)
+    first = flow.roomy(RouteContext("a", 10))
+    assert [e.dp_rank for e in first] == [1, 2]
+    assert flow.roomy(RouteContext("b", 10)) is first
+    policy = flow.router.policy
+    alone = {e.dp_rank: policy.select(RouteContext("c", 100), [e]) and policy.last_prediction_s for e in first}
+    chosen = policy.select(RouteContext("d", 100), first)
+    assert policy.last_prediction_s == pytest.approx(min(alone.values()))
+    assert alone[chosen.dp_rank] == pytest.approx(min(alone.values()))
+    flow.router.decide(RouteContext("e", 10), among=first)  # rank 1 or 2 takes it: its row changes
+    after = flow.roomy(RouteContext("f", 10))
+    assert [e.dp_rank for e in after] == [1, 2] and after is first  # both still have a free slot
+    taken = next(e for e in first if e.inflight_requests)
+    assert taken.policy_state is None or taken.policy_state == policy.coefficients(taken)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -172,6 +173,10 @@ class FlowControl:
         self._left_waits: deque[float] = deque(maxlen=RECENT_LEFT)  # seconds, of bound and TTL-shed ones
         self._kicking = False
         self._better_seen_at = -math.inf  # when a request of non-sheddable priority last arrived
+        self._last_roomy: list[WorkerEntry] = []  # roomy()'s last partial answer, handed out again while it holds
+        self._room_of: list[WorkerEntry] | None = None  # _room()'s ranks, capacity version and answer
+        self._room_version = -1
+        self._room_cached = Room(requests=0, tokens=0, ranks=0)
         self._better_in_flight: set[str] = set()  # ids of requests of non-sheddable priority bound here
         self._better_peak = RecentPeak()  # their recent peak, the reserve's lending headroom
         # requests in the current gather window: (order key, future released when their turn comes)
@@ -398,7 +403,16 @@ class FlowControl:
         """Whether `tenant` is within its share for `ctx`, past it on lent room, or held."""
         if not self.shares.enabled:
             return Verdict.WITHIN
-        candidates = self.router.table.candidates()
+        return self.shares.verdict(tenant, max(ctx.num_tokens, 1), self._room(), self.queue.tenant_names())
+
+    def _room(self) -> Room:
+        """The room all live ranks offer together, summed again only when the ranks or their
+        capacities changed (a sum over every rank per decision was most of flow control's cost at
+        a thousand ranks)."""
+        table = self.router.table
+        candidates = table.candidates()
+        if self._room_of is candidates and self._room_version == table.capacity_version:
+            return self._room_cached
         if self.router.role is Role.DECODE:  # admission by KV: a request holds its KV until it ends
             tokens = sum(e.reported.kv_tokens_capacity for e in candidates)
         else:  # the prefill work the room test lets queue on each rank (at least one chunk)
@@ -407,7 +421,8 @@ class FlowControl:
         room = Room(
             requests=sum(e.reported.max_running_requests for e in candidates), tokens=tokens, ranks=len(candidates)
         )
-        return self.shares.verdict(tenant, max(ctx.num_tokens, 1), room, self.queue.tenant_names())
+        self._room_of, self._room_version, self._room_cached = candidates, table.capacity_version, room
+        return room
 
     # room ------------------------------------------------------------------------------------
     def roomy(self, ctx: RouteContext, sheddable: bool = False) -> list[WorkerEntry] | None:
@@ -427,12 +442,35 @@ class FlowControl:
         # request computes that much less there, so it still starts about as soon as a cold one would.
         counted = self.router.role is not Role.DECODE and not self.options.max_wait_ms > 0
         counted = counted and self.options.max_prefill_ahead_chunks > 0
-        cached = self.router.policy.cached_by_rank(ctx) if counted else {}
-        roomy = [e for e in candidates if self._fits(e, tokens, reserve, cached.get(e.worker.worker_id, 0))]
+        cached = self.router.policy.cached_by_rank(ctx, remember=True) if counted else {}
+        if reserve or self.router.role is Role.DECODE or self.options.max_wait_ms > 0:
+            roomy = [e for e in candidates if self._fits(e, tokens, reserve, cached.get(e.worker.worker_id, 0))]
+        else:  # the common case, `_fits` inlined: one pass over the rows' plain numbers
+            chunks, roomy = self.options.max_prefill_ahead_chunks, []
+            for e in candidates:
+                r = e.reported
+                if r.kv_tokens_capacity and e.kv_free < tokens:
+                    continue
+                chunk = r.prefill_tokens_per_step
+                if (
+                    chunks > 0
+                    and chunk > 0
+                    and e.queued_tokens >= chunks * chunk + (cached.get(e.worker.worker_id, 0) if cached else 0)
+                ):
+                    continue
+                if not e.slot_excess if r.max_running_requests else not e.total_requests:
+                    roomy.append(e)
         if not roomy and all(0 < e.reported.kv_tokens_capacity < tokens for e in candidates):
             return candidates  # it fits no rank's KV even when idle: the worker says so at once
-        # The table's own list when every rank fits: policies keep per-list state across decisions.
-        return candidates if len(roomy) == len(candidates) else roomy
+        # The table's own list when every rank fits, and the last answer when the same ranks fit
+        # again: policies index a list once and keep that index while it is the one they get.
+        if len(roomy) == len(candidates):
+            return candidates
+        last = self._last_roomy
+        if len(last) == len(roomy) and all(map(operator.is_, roomy, last)):
+            return last
+        self._last_roomy = roomy
+        return roomy
 
     def reserve_slots(self) -> int:
         """Batch slots per rank sheddable requests leave free now: `reserved_slots` while a request of

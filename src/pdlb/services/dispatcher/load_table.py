@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pdlb.common.plurals import counted
 
@@ -102,6 +103,10 @@ class WorkerEntry:
     # Requests this dispatcher saw end on the worker since its last report (which still counts them
     # as running): their batch slots are free now, a report interval before the worker says so.
     finished_unreported: int = 0
+    # What the table's policy derives from this row and keeps with it (predicted_latency: its
+    # prediction's coefficients), so a decision over any subset of the ranks reads it at C speed;
+    # None after every change of the row (recount), so it is derived afresh when next read.
+    policy_state: Any = None
 
     @property
     def dp_rank(self) -> int:
@@ -117,6 +122,7 @@ class WorkerEntry:
         return self.reported.kv_tokens_used - self.reported.kv_tokens_evictable + self.inflight_tokens
 
     def recount(self) -> None:
+        self.policy_state = None
         r = self.reported
         running = max(0, r.running_requests - self.finished_unreported)
         self.total_requests = running + r.waiting_requests + len(self.inflight)
@@ -161,6 +167,9 @@ class LoadTable:
         self.clock = clock
         self.entries: dict[str, WorkerEntry] = {}
         self._members_version = 0  # bumped when membership or a state changes
+        # bumped when a report changes a worker's batch size, prefill chunk or KV capacity: what
+        # flow control sums over the ranks to size each tenant's share of the room
+        self.capacity_version = 0
         self._candidates: list[WorkerEntry] = []
         self._candidates_version = -1
         self._states_checked_at = float("-inf")
@@ -216,6 +225,13 @@ class LoadTable:
         entry.acked_seq = acked_seq
         entry.finished_unreported = 0  # the report counts what ended before it
         entry.drop_through(acked_seq)
+        old = entry.reported
+        if (old.max_running_requests, old.prefill_tokens_per_step, old.kv_tokens_capacity) != (
+            load.max_running_requests,
+            load.prefill_tokens_per_step,
+            load.kv_tokens_capacity,
+        ):
+            self.capacity_version += 1
         entry.reported = load
         entry.last_report_at = self.clock()
         entry.recount()

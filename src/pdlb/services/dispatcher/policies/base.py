@@ -89,9 +89,10 @@ class Policy(ABC):
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:  # noqa: B027 - optional hook
         """Called after a decision is recorded."""
 
-    def cached_by_rank(self, ctx: RouteContext) -> dict[str, int]:
+    def cached_by_rank(self, ctx: RouteContext, remember: bool = False) -> dict[str, int]:
         """Worker id -> prompt tokens of the request it is believed to cache, for the workers that
-        cache some (flow control's room test and gather window read it). Without a prefix index: none."""
+        cache some (flow control's room test and gather window read it). Without a prefix index: none.
+        `remember`: the decision on `ctx` follows at once and may reuse the lookup."""
         return {}
 
     def cached_tokens(self, ctx: RouteContext) -> int:
@@ -155,6 +156,8 @@ class PrefixIndexPolicy(RotatingPolicy):
         super().__init__(options)
         self.index = PrefixIndex(options.cache_block_size, options.cache_index_blocks)
         self.exact: ExactPrefixIndex | None = None  # set by the dispatcher
+        # cached_by_rank's lookup, for the decision on the same request that follows it at once
+        self._matched: tuple[RouteContext, dict[str, int]] | None = None
 
     def matches(self, names: Sequence[int]) -> dict[str, int]:
         """Worker -> cached prefix length in blocks: exact where known, else approximate."""
@@ -169,13 +172,25 @@ class PrefixIndexPolicy(RotatingPolicy):
         known.update(self.exact.match(names))
         return known
 
-    def cached_by_rank(self, ctx: RouteContext) -> dict[str, int]:
+    def matches_of(self, ctx: RouteContext) -> dict[str, int]:
+        """`matches` of the request's prompt blocks; the lookup `cached_by_rank(ctx, remember=True)`
+        just made is taken instead (flow control's room test asks right before the decision, with
+        nothing run in between that could change an index)."""
+        memo, self._matched = self._matched, None
+        if memo is not None and memo[0] is ctx:
+            return memo[1]
+        return self.matches(ctx.blocks(self.index))
+
+    def cached_by_rank(self, ctx: RouteContext, remember: bool = False) -> dict[str, int]:
         """From the exact index where synced, else from what this policy sent where; at most the
         prompt less its last token, which is always computed."""
         block, cap = self.index.block_size, max(ctx.num_tokens - 1, 0)
-        return {w: min(depth * block, cap) for w, depth in self.matches(ctx.blocks(self.index)).items()}
+        matched = self.matches(ctx.blocks(self.index))
+        self._matched = (ctx, matched) if remember else None
+        return {w: min(depth * block, cap) for w, depth in matched.items()}
 
     def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
+        self._matched = None  # the index changes from here on
         worker_id = chosen.worker.worker_id
         if self.exact is not None and self.exact.synced(worker_id):
             return  # its own block events say what it caches: guessing would only cost time

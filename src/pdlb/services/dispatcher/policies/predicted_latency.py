@@ -22,8 +22,10 @@ added. A worker that has not reported rates yet is predicted with the average of
 when none has, ranks are ordered as `least_wait` orders them.
 
 Both predictions are linear in the request's tokens, a + c x tokens, with a and c of each rank
-updated when it reports or receives a request; a decision is then one pass over two arrays (and
-the few ranks with a cache hit), which keeps it fast at a thousand ranks.
+updated when it reports or receives a request and kept with its row of the load table; a decision
+is then one pass over the candidate ranks' pairs (and the few ranks with a cache hit), whichever
+subset of the ranks it is given (flow control offers those with room), which keeps it fast at a
+thousand ranks.
 
 `last_prediction_s` holds the prediction for the chosen rank (the dispatcher returns it to clients).
 """
@@ -52,10 +54,8 @@ class PredictedLatency(PrefixIndexPolicy):
         self.role = role
         self.last_prediction_s: float | None = None
         self.prior = [0.0, 0.0, 0.0, 0.0]  # prefill tokens/s, step seconds, mean output tokens, step base
-        self._list: Sequence[WorkerEntry] = ()
+        self._list: Sequence[WorkerEntry] = ()  # the candidates `_position` indexes
         self._position: dict[str, int] = {}
-        self._a: list[float] = []
-        self._c: list[float] = []
 
     # the model -----------------------------------------------------------------------------------
     def coefficients(self, entry: WorkerEntry) -> tuple[float, float]:
@@ -82,19 +82,12 @@ class PredictedLatency(PrefixIndexPolicy):
         return a + c * (tokens - (0 if self.role is Role.DECODE else hit))
 
     # keeping a and c current -------------------------------------------------------------------
-    def _sync(self, candidates: Sequence[WorkerEntry]) -> None:
-        if self._list is candidates:
-            return
-        self._list = candidates
-        self._position = {e.worker.worker_id: i for i, e in enumerate(candidates)}
-        pairs = [self.coefficients(e) for e in candidates]
-        self._a = [a for a, _ in pairs]
-        self._c = [c for _, c in pairs]
-
-    def _refresh(self, entry: WorkerEntry) -> None:
-        i = self._position.get(entry.worker.worker_id)
-        if i is not None and self._list[i] is entry:
-            self._a[i], self._c[i] = self.coefficients(entry)
+    def _refresh(self, entry: WorkerEntry) -> tuple[float, float]:
+        """(a, c) of `entry`, kept with its row until the row changes (a report, a dispatch, a
+        finish: `WorkerEntry.recount` drops it), so only the rows that changed since the last
+        decision are computed again."""
+        entry.policy_state = pair = self.coefficients(entry)
+        return pair
 
     def on_report(self, entry: WorkerEntry) -> None:
         super().on_report(entry)
@@ -103,30 +96,30 @@ class PredictedLatency(PrefixIndexPolicy):
         for k, value in enumerate(measured):
             if value > 0:
                 self.prior[k] = value if self.prior[k] <= 0 else self.prior[k] + PRIOR_WEIGHT * (value - self.prior[k])
-        self._refresh(entry)
-
-    def on_dispatch(self, ctx: RouteContext, chosen: WorkerEntry) -> None:
-        super().on_dispatch(ctx, chosen)
-        self._refresh(chosen)
 
     # the decision ----------------------------------------------------------------------------------
     def select(self, ctx: RouteContext, candidates: Sequence[WorkerEntry]) -> WorkerEntry:
         if self.prior[0] <= 0 and self.prior[1] <= 0:
             self.last_prediction_s = None  # nothing measured yet anywhere
             return self._least(candidates, SLOT_EXCESS_THEN_TOKENS)
-        self._sync(candidates)
         tokens = ctx.num_tokens
-        predictions = [a + c * tokens for a, c in zip(self._a, self._c, strict=True)]
+        refresh = self._refresh
+        pairs = [e.policy_state or refresh(e) for e in candidates]
+        predictions = [a + c * tokens for a, c in pairs]
         hits: dict[int, int] = {}
         if self.role is not Role.DECODE:
-            names = ctx.blocks(self.index)
-            block, cap, position, c = self.index.block_size, max(tokens - 1, 0), self._position, self._c
-            for worker_id, blocks in self.matches(names).items():  # once per rank holding the prefix
-                i = position.get(worker_id)
-                if i is not None:
-                    hit = blocks * block
-                    hit = hits[i] = hit if hit < cap else cap
-                    predictions[i] -= c[i] * hit
+            matches = self.matches_of(ctx)
+            if matches:
+                if self._list is not candidates:  # indexed only when some rank holds the prefix
+                    self._list = candidates
+                    self._position = {e.worker.worker_id: i for i, e in enumerate(candidates)}
+                block, cap, position = self.index.block_size, max(tokens - 1, 0), self._position
+                for worker_id, blocks in matches.items():  # once per rank holding the prefix
+                    i = position.get(worker_id)
+                    if i is not None:
+                        hit = blocks * block
+                        hit = hits[i] = hit if hit < cap else cap
+                        predictions[i] -= pairs[i][1] * hit
         limit = min(predictions) + TIE_S
         tied = [i for i, p in enumerate(predictions) if p <= limit]
         if len(tied) > 1:

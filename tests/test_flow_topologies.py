@@ -11,6 +11,8 @@ import grpc
 
 from pdlb.client import PDLBClient
 from pdlb.common.free_port import free_port
+from pdlb.common.requests import BOUND_KEY
+from pdlb.v1 import dispatch_pb2
 from tests.helpers import dispatch_stub, load_snapshot, request, wait_for_workers, wait_until
 from tests.test_flow_control import BLOCK, SIM, Client, queued, wait_queued
 
@@ -212,3 +214,35 @@ async def test_replicas_each_hold_their_own_queue(etcd, prefix, start_service):
     finally:
         for channel in channels:
             await channel.close()
+
+
+async def test_a_pd_request_cancelled_during_its_kv_pull_leaves_no_load_behind(etcd, prefix, start_service):
+    """A decode worker acknowledges a request (counts it in its load) only once its KV has arrived.
+    A client that went away while the decode half waited for the KV left the decode dispatcher
+    counting it in flight, on a worker that ran nothing, until --inflight-timeout (60 s): every
+    method and flow control read that ghost load. It is dropped when the client goes."""
+    common = ["--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--lease-ttl", "5"]
+    start_service("bootstrap", *common, name="bootstrap")
+    disp_d = start_service("dispatcher", *common, "--disaggregation-mode", "decode", name="disp-d")
+    start_service("scheduler", *common, *SIM_PD, "--disaggregation-mode", "decode", name="decode-0")
+    channel, stub = dispatch_stub(disp_d.address)
+    try:
+        await wait_for_workers(stub, 1)
+        # A decode half whose prefill never comes: its worker waits for the KV of room 77.
+        req = request("orphan", input_ids=list(range(1, 301)), max_new_tokens=5, bootstrap_room=77)
+        call = stub.Generate(dispatch_pb2.GenerateRequest(request=req), timeout=60)
+        assert dict(await call.initial_metadata()).get(BOUND_KEY) == "0"  # bound to the only rank
+
+        async def counted() -> bool:
+            return (await load_snapshot(stub)).workers[0].inflight_requests == 1
+
+        await wait_until(counted, what="the decode half counted in flight while its KV is awaited")
+        call.cancel()
+
+        async def released() -> bool:
+            row = (await load_snapshot(stub)).workers[0]
+            return row.inflight_requests == 0 and row.reported.running_requests == 0
+
+        await wait_until(released, timeout=10, what="the cancelled decode half no longer counted in flight")
+    finally:
+        await channel.close()

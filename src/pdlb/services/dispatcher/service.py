@@ -477,8 +477,10 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                 self.core.table.record_finish(worker.worker_id, decision.seq)  # its slot is free now
                 return
             except (asyncio.CancelledError, GeneratorExit):
-                if sent_any:  # the client went away mid-stream: the worker drops it now
-                    self.core.table.record_finish(worker.worker_id, decision.seq)
+                # The client went away: the worker drops the request now. Before its first token
+                # too: a decode worker acknowledges a request only once its KV has arrived, so one
+                # cancelled during the pull stayed counted in flight until --inflight-timeout.
+                self.core.table.record_finish(worker.worker_id, decision.seq)
                 raise
             except grpc.aio.AioRpcError as err:
                 if not sent_any:

@@ -1139,6 +1139,11 @@ def test_flags_of_the_other_mode_are_refused_before_anything_starts(tmp_path, fl
             "--dispatcher-arg=--queue-ttl=4",
         ),
         (
+            ["--flow-control", "--dispatcher-arg=--queue-ttl", "-4"],
+            "pdlb up: --dispatcher-arg=--queue-ttl -4: the passed-on flag's value goes after '=', not a space: write "
+            "--dispatcher-arg=--queue-ttl=-4",
+        ),
+        (
             ["--flow-control", "--dispatcher-arg=--queue-ttl 4"],
             "pdlb up: --dispatcher-arg='--queue-ttl 4': the passed-on flag's value goes after '=', not a space: write "
             "--dispatcher-arg=--queue-ttl=4",

@@ -394,7 +394,9 @@ def spaced_pass_through(argv: list[str]) -> str | None:
             # `--dispatcher-arg="--queue-ttl 4"` (one word the service would not know)
             name, space, rest = value.partition(" ")
             following = argv[at + 1] if at + 1 < len(argv) else "-"
-            typed = f"{name}={rest}" if space else None if following.startswith("-") else f"{value}={following}"
+            # a following word that is a number (`-4`) is the value too, not a flag of pdlb up
+            bare = not following.startswith("-") or _is_number(following)
+            typed = f"{name}={rest}" if space else f"{value}={following}" if bare else None
             if typed:
                 shown = f"{arg} {following}" if not space else f"{flag}='{value}'"
                 return f"{shown}: the passed-on flag's value goes after '=', not a space: write {flag}={typed}"

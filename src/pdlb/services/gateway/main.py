@@ -138,8 +138,9 @@ def http_app(
     workers: WorkerApi,
 ):
     def too_large(request: web.Request) -> web.Response:
-        """413 for a declared Content-Length past --max-body-bytes, before any of the body is read:
-        the connection closes, since nothing here reads what the client may still send."""
+        """413 for a declared Content-Length past --max-body-bytes, before any of the body is read,
+        with `Connection: close`: nothing here reads what the client may still send (aiohttp closes
+        the socket once the client stops sending, or after its lingering time)."""
         metrics.done(api_of(request.path), "413")  # its handler, which names its API, never runs
         response = error_response(
             413, f"the request body ({request.content_length} bytes) exceeds {max_body} bytes (--max-body-bytes)"
